@@ -1,0 +1,55 @@
+# Two commands matter: `make demo` and `make test`. Both set everything up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Debian packages the tests use (a real Kafka client for interop, the real Prometheus, a browser).
+APT_PACKAGES := kcat prometheus chromium
+
+.PHONY: demo test install system-deps lint unit bench-joiner bench-models bench-train bench-stream bench-chaos clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU wheel of torch 2.13.0 (an unpinned torch would pull a multi-GB CUDA build)
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+lint: install
+	$(VENV)/bin/ruff check stream aitm simulators tests
+	$(VENV)/bin/mypy stream aitm simulators
+
+test: install system-deps lint
+	$(VENV)/bin/pytest -q tests
+
+unit: install
+	$(VENV)/bin/pytest -q tests/unit
+
+demo: install system-deps
+	$(VENV)/bin/aitm-stream demo
+
+bench-joiner: install
+	$(VENV)/bin/aitm-stream bench joiner --json reports/bench_joiner.json
+bench-models: install
+	$(VENV)/bin/aitm-stream bench models --json reports/bench_models.json
+bench-train: install
+	$(VENV)/bin/aitm-stream bench train --json reports/bench_train.json
+bench-stream: install system-deps
+	$(VENV)/bin/aitm-stream bench stream --json reports/bench_stream.json
+bench-chaos: install system-deps
+	$(VENV)/bin/aitm-stream bench chaos --json reports/bench_chaos.json
+
+clean:
+	rm -rf $(VENV) .data reports .pytest_cache .mypy_cache .ruff_cache

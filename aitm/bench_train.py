@@ -1,0 +1,120 @@
+"""``aitm-stream bench train``: AITM training samples/s and batch-1 scoring latency, as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aitm.features import FeatureEncoder
+from aitm.model import AITM, AITMConfig
+from aitm.train import make_optimizer, train_step
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="aitm-stream bench train", description=__doc__)
+    p.add_argument("--json", type=Path, default=Path("reports/bench_train.json"))
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
+    p.add_argument("--batch", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=150, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--score-calls", type=int, default=3000, help="timed batch-1 scoring calls")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time AITM (paper sizes) on simulator features; write the JSON report."""
+    from simulators.funnel import TASKS, FunnelSimulator, SimConfig
+
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    sim = FunnelSimulator(SimConfig(seed=args.seed))
+    data = sim.dataset(2)
+    caps = [c + 1 for c in sim.cardinalities]  # room for every value plus the OOV id
+    encoder = FeatureEncoder(sim.field_names, capacity=caps, min_count=10)
+    ids_np = encoder.encode_array(data.features, update=True)  # (N, F)
+    ids = torch.as_tensor(ids_np, device=device)  # (N, F)
+    labels = torch.as_tensor(data.labels, dtype=torch.float32, device=device)  # (N, T)
+    model = AITM(AITMConfig(vocab_sizes=encoder.vocab_sizes, n_tasks=len(TASKS))).to(device)
+    optimizer = make_optimizer(model)
+    n = len(ids)
+    batches = [
+        torch.randint(0, n, (args.batch,), device=device) for _ in range(16)
+    ]  # 16 x (B,) index sets, drawn up front so timing covers the step only
+
+    def run(steps: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            idx = batches[i % len(batches)]
+            train_step(model, optimizer, ids[idx], labels[idx])
+        _sync(device)
+        return time.perf_counter() - start
+
+    run(args.warmup)
+    elapsed = run(args.steps)
+    samples_per_s = args.steps * args.batch / elapsed
+
+    model.eval()
+    rows = ids_np[: args.score_calls]  # (C, F)
+    dicts = sim.feature_dicts(data)[: args.score_calls]
+    lat_ms, lat_dict_ms = [], []
+    with torch.inference_mode():
+        for i in range(len(rows)):
+            t0 = time.perf_counter_ns()
+            x = torch.as_tensor(rows[i : i + 1], device=device)  # (1, F)
+            torch.sigmoid(model(x)).cpu()  # (1, T)
+            lat_ms.append((time.perf_counter_ns() - t0) / 1e6)
+        for row in dicts:  # the scorer's path: a feature dict in, probabilities out
+            t0 = time.perf_counter_ns()
+            x = torch.as_tensor(encoder.encode_dicts([row]), device=device)  # (1, F)
+            torch.sigmoid(model(x)).cpu()  # (1, T)
+            lat_dict_ms.append((time.perf_counter_ns() - t0) / 1e6)
+    skip = min(100, len(lat_ms) // 10)  # warm-up calls
+    lat = np.array(lat_ms[skip:])
+    lat_dict = np.array(lat_dict_ms[skip:])
+    report = {
+        "train_samples_per_s": round(samples_per_s, 1),
+        "score_batch1_p99_ms": round(float(np.percentile(lat, 99)), 4),
+        "score_batch1_p50_ms": round(float(np.percentile(lat, 50)), 4),
+        "score_dict_batch1_p99_ms": round(float(np.percentile(lat_dict, 99)), 4),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch,
+        "steps": args.steps,
+        "model": "AITM",
+        "params": sum(p.numel() for p in model.parameters()),
+        "torch": torch.__version__,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""Blocks shared by AITM and the baselines: fused embedding, fused towers, fast dropout."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+_INT16_SPAN = 65536
+
+
+class FastDropout(nn.Module):
+    """Inverted dropout whose Bernoulli mask comes from 16-bit random integers.
+
+    ``torch.rand`` draws 4 bytes per element and ``F.dropout``'s Bernoulli kernel is slower still;
+    here one int64 draw gives four int16 uniforms, compared with a threshold. The keep
+    probability is exact up to 1/65536, the mask is fresh every call and inference is identity.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout p must be in [0, 1), got {p}")
+        self.p = p
+        # drop when the int16 uniform (range -32768..32767) is below this threshold
+        self.threshold = -32768 + round(p * _INT16_SPAN)
+        self.scale = 1.0 / (1.0 - p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+        words.random_(-(2**63), None)  # full 64-bit range: every int16 lane is uniform
+        keep = words.view(torch.int16)[:n].view(x.shape) >= self.threshold  # (*x.shape) bool
+        return x * (keep.to(x.dtype) * self.scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class FusedEmbedding(nn.Module):
+    """All categorical fields in one table: field ``i``'s local id ``j`` is row offset[i] + j."""
+
+    def __init__(self, vocab_sizes: Sequence[int], dim: int, copies: int = 1) -> None:
+        super().__init__()
+        if not vocab_sizes or min(vocab_sizes) < 1:
+            raise ValueError(f"every field needs a vocabulary of at least 1, got {vocab_sizes}")
+        self.n_fields = len(vocab_sizes)
+        self.dim = dim
+        self.copies = copies  # >1 gives each task its own embedding (single-task baselines)
+        offsets = torch.tensor([0, *list(vocab_sizes)[:-1]], dtype=torch.int64).cumsum(0)
+        self.register_buffer("offsets", offsets, persistent=False)  # (F,)
+        self.table = nn.Embedding(int(sum(vocab_sizes)), dim * copies)
+        nn.init.normal_(self.table.weight, std=0.1)
+
+    @property
+    def out_dim(self) -> int:
+        """Width of one copy of the concatenated field embeddings."""
+        return self.n_fields * self.dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Local ids (B, F) -> (B, F*d), or (copies, B, F*d) when copies > 1."""
+        offsets: torch.Tensor = self.offsets  # type: ignore[assignment]
+        emb = self.table(ids + offsets)  # (B, F, d*copies)
+        if self.copies == 1:
+            return emb.flatten(1)  # (B, F*d)
+        b = ids.shape[0]
+        emb = emb.view(b, self.n_fields, self.copies, self.dim)  # (B, F, C, d)
+        return emb.permute(2, 0, 1, 3).reshape(self.copies, b, self.out_dim)  # (C, B, F*d)
+
+
+class FusedTowers(nn.Module):
+    """``n`` independent MLP towers (Linear, ReLU, dropout per layer) run as batched matmuls.
+
+    Input is either shared (B, in) or one per tower (n, B, in); output is (n, B, dims[-1]).
+    """
+
+    def __init__(self, in_dim: int, n: int, dims: Sequence[int], dropouts: Sequence[float]) -> None:
+        super().__init__()
+        if len(dims) != len(dropouts):
+            raise ValueError(f"one dropout per layer: dims={dims}, dropouts={dropouts}")
+        self.n = n
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.drops = nn.ModuleList(FastDropout(p) for p in dropouts)
+        fan_in = in_dim
+        for width in dims:
+            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init
+            self.weights.append(nn.Parameter(torch.empty(n, fan_in, width).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(n, 1, width).uniform_(-bound, bound)))
+            fan_in = width
+        self.out_dim = fan_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for i, (w, b, drop) in enumerate(zip(self.weights, self.biases, self.drops, strict=True)):
+            if i == 0 and h.dim() == 2:
+                # shared input: one wide matmul instead of n copies of the input
+                n, fan_in, width = w.shape
+                wide = w.permute(1, 0, 2).reshape(fan_in, n * width)  # (in, n*w)
+                h = (h @ wide).view(-1, n, width).transpose(0, 1) + b  # (n, B, w)
+            else:
+                h = torch.baddbmm(b, h, w)  # (n, B, w)
+            h = drop(torch.relu(h))
+        return h

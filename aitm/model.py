@@ -1,0 +1,100 @@
+"""AITM (Xi et al., KDD'21): multi-step conversions with Adaptive Information Transfer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from aitm.layers import FastDropout, FusedEmbedding, FusedTowers
+
+
+@dataclass(frozen=True)
+class AITMConfig:
+    """Sizes of an AITM model; defaults are the paper's (Table 4 and the original code)."""
+
+    vocab_sizes: tuple[int, ...]  # per field, including the out-of-vocabulary id 0
+    n_tasks: int = 4  # click, application, approval, activation
+    emb_dim: int = 5  # d: small because most fields have few values
+    tower_dims: tuple[int, ...] = (128, 64, 32)  # f_t; the last width is k of the AIT module
+    dropouts: tuple[float, ...] = (0.1, 0.3, 0.3)  # one per tower layer
+    transfer_dim: int = 32  # g_{t-1}: one ReLU layer; must equal k so p and q can be mixed
+
+    def __post_init__(self) -> None:
+        if self.n_tasks < 1:
+            raise ValueError(f"n_tasks must be >= 1, got {self.n_tasks}")
+        if self.transfer_dim != self.tower_dims[-1]:
+            raise ValueError(
+                f"transfer_dim ({self.transfer_dim}) must equal the last tower width "
+                f"({self.tower_dims[-1]}): AIT mixes p_(t-1) and q_t in one space"
+            )
+
+
+class AIT(nn.Module):
+    """Adaptive Information Transfer: attention over (q_t, p_{t-1}), bias-free q/k/v maps."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(k, 3 * k, bias=False)  # h2 (query), h3 (key), h1 (value) fused
+        self.k = k
+
+    def forward(self, q_t: torch.Tensor, p_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, k), (B, k) -> z_t (B, k) and the weights (B, 2) on (q_t, p_{t-1})."""
+        u = torch.stack((q_t, p_prev), dim=1)  # (B, 2, k)
+        query, key, value = self.qkv(u).split(self.k, dim=-1)  # 3 x (B, 2, k)
+        scores = (query * key).sum(-1) / math.sqrt(self.k)  # (B, 2): each input's own q.k
+        w = torch.softmax(scores, dim=1)  # (B, 2)
+        z = (w.unsqueeze(-1) * value).sum(1)  # (B, k)
+        return z, w
+
+
+class AITM(nn.Module):
+    """Shared embedding, a tower per task, AIT from task t-1 to t, a logit head per task.
+
+    ``forward`` returns end-to-end logits (B, T); ``forward_with_weights`` also returns the
+    AIT weight on p_{t-1} for tasks 2..T, shape (B, T-1).
+    """
+
+    def __init__(self, config: AITMConfig) -> None:
+        super().__init__()
+        self.config = config
+        t, k = config.n_tasks, config.tower_dims[-1]
+        self.embedding = FusedEmbedding(config.vocab_sizes, config.emb_dim)
+        self.towers = FusedTowers(self.embedding.out_dim, t, config.tower_dims, config.dropouts)
+        self.transfers = nn.ModuleList(
+            nn.Sequential(nn.Linear(k, config.transfer_dim), nn.ReLU(), FastDropout(config.dropouts[-1]))
+            for _ in range(t - 1)
+        )
+        self.aits = nn.ModuleList(AIT(k) for _ in range(t - 1))
+        self.head_w = nn.Parameter(torch.empty(t, k).uniform_(-1 / math.sqrt(k), 1 / math.sqrt(k)))
+        self.head_b = nn.Parameter(torch.zeros(t))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Local feature ids (B, F) int64 -> logits (B, T)."""
+        return self.forward_with_weights(ids)[0]
+
+    def forward_with_weights(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T) and the AIT weight on p_{t-1} for t = 2..T, (B, T-1)."""
+        v = self.embedding(ids)  # (B, F*d)
+        q = self.towers(v)  # (T, B, k)
+        zs = [q[0]]  # z_1 = q_1
+        weights = []
+        for i, (transfer, ait) in enumerate(zip(self.transfers, self.aits, strict=True)):
+            p_prev = transfer(zs[-1])  # (B, k)
+            z, w = ait(q[i + 1], p_prev)  # (B, k), (B, 2)
+            zs.append(z)
+            weights.append(w[:, 1])  # (B,)
+        z_all = torch.stack(zs, dim=1)  # (B, T, k)
+        logits = (z_all * self.head_w).sum(-1) + self.head_b  # (B, T)
+        no_weights = logits.new_zeros(logits.shape[0], 0)  # (B, 0) when T = 1
+        w_prev = torch.stack(weights, dim=1) if weights else no_weights  # (B, T-1)
+        return logits, w_prev
+
+    def regularized_parameters(self) -> list[torch.Tensor]:
+        """Parameters under L2 in the original code: the embeddings and the attention maps."""
+        return [
+            self.embedding.table.weight,
+            *(m.qkv.weight for m in self.aits if isinstance(m, AIT)),
+        ]

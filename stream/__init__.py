@@ -1,0 +1,1 @@
+"""Streaming side of aitm-stream: broker, event contract, joiner, trainer, scorer."""

@@ -1,0 +1,226 @@
+"""The event contract: funnel events on five topics, keyed by impression id.
+
+Every value is a JSON object::
+
+    {"schema_version": 1, "event_type": "click", "event_id": "c-42", "impression_id": "i-42",
+     "event_time_ms": 1767225600000, "bank_id": "bank_2"}
+
+Impressions also carry ``"features": {field: value}`` (string -> string). ``parse_event``
+validates a raw record and raises ``InvalidEvent`` (a reason code plus a sentence saying what is
+wrong and how to fix it); workers send such records to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+SCHEMA_VERSION: Final = 1
+STEPS: Final = ("impression", "click", "application", "approval", "activation")
+TASKS: Final = STEPS[1:]
+STEP_INDEX: Final = {name: i for i, name in enumerate(STEPS)}
+
+MAX_ID_LEN: Final = 128
+MAX_FEATURES: Final = 256
+MAX_FEATURE_LEN: Final = 256
+MAX_EVENT_TIME_MS: Final = 2**53
+MAX_RECORD_BYTES: Final = 64 * 1024
+
+# Reason codes of parse errors (also the dead-letter reasons and a metrics label).
+MALFORMED_JSON: Final = "malformed_json"
+MISSING_FIELD: Final = "missing_field"
+INVALID_FIELD: Final = "invalid_field"
+UNSUPPORTED_SCHEMA: Final = "unsupported_schema"
+WRONG_TOPIC: Final = "wrong_topic"
+PARSE_REASONS: Final = (
+    MALFORMED_JSON,
+    MISSING_FIELD,
+    INVALID_FIELD,
+    UNSUPPORTED_SCHEMA,
+    WRONG_TOPIC,
+)
+
+
+class InvalidEvent(ValueError):
+    """A record that breaks the event contract; ``reason`` is a short code, the message says why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One funnel event. ``step`` indexes ``STEPS`` (0 = impression ... 4 = activation)."""
+
+    step: int
+    event_id: str
+    impression_id: str
+    event_time_ms: int
+    bank_id: str
+    features: Mapping[str, str] | None = None
+
+    @property
+    def event_type(self) -> str:
+        return STEPS[self.step]
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "event_type": STEPS[self.step],
+            "event_id": self.event_id,
+            "impression_id": self.impression_id,
+            "event_time_ms": self.event_time_ms,
+            "bank_id": self.bank_id,
+        }
+        if self.features is not None:
+            d["features"] = dict(self.features)
+        return d
+
+
+def encode_event(event: Event) -> bytes:
+    """The record value for ``event`` (compact JSON, UTF-8)."""
+    return json.dumps(event.to_dict(), separators=(",", ":")).encode()
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise InvalidEvent(MALFORMED_JSON, f"duplicate key {key!r} in the JSON object")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidEvent(MALFORMED_JSON, f"{name} is not valid JSON; send a finite number")
+
+
+def loads_strict(raw: bytes | str, what: str = "record") -> Any:
+    """``json.loads`` that refuses NaN/Infinity, duplicate keys, bad UTF-8 and huge inputs."""
+    if len(raw) > MAX_RECORD_BYTES:
+        raise InvalidEvent(MALFORMED_JSON, f"{what} is {len(raw)} bytes; at most {MAX_RECORD_BYTES} allowed")
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+    except InvalidEvent:
+        raise
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(MALFORMED_JSON, f"{what} is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    except RecursionError:
+        raise InvalidEvent(MALFORMED_JSON, f"{what} is nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidEvent(MALFORMED_JSON, f"{what} is not valid JSON: {exc}") from None
+
+
+def _str_field(obj: Mapping[str, Any], name: str, max_len: int = MAX_ID_LEN) -> str:
+    if name not in obj:
+        raise InvalidEvent(MISSING_FIELD, f"field {name!r} is missing; every event needs it")
+    value = obj[name]
+    if not isinstance(value, str) or not value:
+        raise InvalidEvent(INVALID_FIELD, f"field {name!r} must be a non-empty string, got {value!r:.60}")
+    if len(value) > max_len:
+        raise InvalidEvent(INVALID_FIELD, f"field {name!r} is {len(value)} characters; at most {max_len}")
+    if not value.isprintable():
+        raise InvalidEvent(INVALID_FIELD, f"field {name!r} has non-printable characters")
+    return value
+
+
+def _features(obj: Mapping[str, Any]) -> dict[str, str]:
+    if "features" not in obj:
+        raise InvalidEvent(MISSING_FIELD, "field 'features' is missing; impressions carry their feature map")
+    feats = obj["features"]
+    if not isinstance(feats, dict):
+        raise InvalidEvent(INVALID_FIELD, "field 'features' must be an object of string -> string")
+    if len(feats) > MAX_FEATURES:
+        raise InvalidEvent(INVALID_FIELD, f"'features' has {len(feats)} fields; at most {MAX_FEATURES}")
+    for key, value in feats.items():
+        if not isinstance(value, str):
+            raise InvalidEvent(
+                INVALID_FIELD, f"feature {key!r:.40} must be a string, got {type(value).__name__}"
+            )
+        if len(key) > MAX_FEATURE_LEN or len(value) > MAX_FEATURE_LEN or not key:
+            raise InvalidEvent(INVALID_FIELD, f"feature {key!r:.40} name or value is empty or too long")
+    return feats
+
+
+def parse_event(raw: bytes | str, expected_type: str | None = None) -> Event:
+    """Validate one record value; ``expected_type`` is the step its topic carries.
+
+    >>> parse_event(b'{"schema_version":1,"event_type":"click","event_id":"e","impression_id":"i",'
+    ...             b'"event_time_ms":5,"bank_id":"b"}').step
+    1
+    """
+    obj = loads_strict(raw, "event")
+    if not isinstance(obj, dict):
+        raise InvalidEvent(MALFORMED_JSON, f"event must be a JSON object, got {type(obj).__name__}")
+    if "schema_version" not in obj:
+        raise InvalidEvent(MISSING_FIELD, "field 'schema_version' is missing; set it to 1")
+    version = obj["schema_version"]
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise InvalidEvent(
+            UNSUPPORTED_SCHEMA,
+            f"schema_version {version!r:.20} is not supported; this reader knows 1",
+        )
+    event_type = _str_field(obj, "event_type")
+    step = STEP_INDEX.get(event_type)
+    if step is None:
+        raise InvalidEvent(INVALID_FIELD, f"event_type {event_type!r:.40} is not one of {', '.join(STEPS)}")
+    if expected_type is not None and event_type != expected_type:
+        raise InvalidEvent(WRONG_TOPIC, f"a {event_type} event on the {expected_type} topic")
+    if "event_time_ms" not in obj:
+        raise InvalidEvent(MISSING_FIELD, "field 'event_time_ms' is missing; send epoch milliseconds")
+    ts = obj["event_time_ms"]
+    if type(ts) is not int:
+        if isinstance(ts, float) and math.isfinite(ts) and ts.is_integer():
+            ts = int(ts)
+        else:
+            raise InvalidEvent(INVALID_FIELD, f"event_time_ms must be integer epoch ms, got {ts!r:.40}")
+    if not 0 <= ts < MAX_EVENT_TIME_MS:
+        raise InvalidEvent(INVALID_FIELD, f"event_time_ms {ts} is out of range [0, 2^53)")
+    return Event(
+        step=step,
+        event_id=_str_field(obj, "event_id"),
+        impression_id=_str_field(obj, "impression_id"),
+        event_time_ms=ts,
+        bank_id=_str_field(obj, "bank_id"),
+        features=_features(obj) if step == 0 else None,
+    )
+
+
+def dead_letter(
+    raw: bytes | None,
+    *,
+    source_topic: str,
+    reason: str,
+    detail: str,
+    partition: int | None = None,
+    offset: int | None = None,
+    key: bytes | None = None,
+    time_ms: int | None = None,
+) -> bytes:
+    """A dead-letter record: the raw value (UTF-8 text, or base64 when not text) and why."""
+    text: str | None
+    encoding = "utf-8"
+    try:
+        text = raw.decode("utf-8") if raw is not None else None
+    except UnicodeDecodeError:
+        text, encoding = base64.b64encode(raw or b"").decode(), "base64"
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "source_topic": source_topic,
+        "partition": partition,
+        "offset": offset,
+        "key": key.decode("utf-8", "replace") if key is not None else None,
+        "reason": reason,
+        "detail": detail,
+        "raw": text,
+        "raw_encoding": encoding,
+        "time_ms": time_ms,
+    }
+    return json.dumps(record, separators=(",", ":")).encode()

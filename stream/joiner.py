@@ -1,0 +1,239 @@
+"""``aitm-stream joiner``: the faust app that joins the five event topics into training samples.
+
+One agent reads the co-partitioned event topics; per-impression funnel state lives in a faust
+Table (``store="rocksdb://"``, rocksdict) whose changelog restores it after a restart. The
+agent drives ``stream.join.FunnelJoin``: one table write per event at most, state values in a
+compact marshal codec, samples and dead letters produced with the raw producer only when due.
+The expiry index is in memory per partition (rebuilt from the local RocksDB on the first
+record of a partition) and swept inside stream iteration every ``JOINER_SWEEP_INTERVAL_MS`` -
+faust allows table writes nowhere else. See docs/joiner.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from stream.clock import Clock, SystemClock
+from stream.funnel import NO_WATERMARK, FunnelConfig, decode_state, next_due
+from stream.join import SWEPT_KEY, FunnelJoin, JoinTopics, Output
+from stream.metrics import JoinerMetrics
+from stream.settings import Settings, load_settings
+from stream.store import DueIndex
+
+log = logging.getLogger(__name__)
+META_PREFIX = b"\x00"  # table keys of metadata; impression ids are printable
+
+
+def funnel_config(settings: Settings) -> FunnelConfig:
+    return FunnelConfig(
+        windows_ms=(
+            settings.joiner_window_click_ms,
+            settings.joiner_window_application_ms,
+            settings.joiner_window_approval_ms,
+            settings.joiner_window_activation_ms,
+        ),
+        grace_ms=settings.joiner_grace_ms,
+        observe_ms=settings.joiner_observe_ms,
+        retention_ms=settings.joiner_retention_ms,
+        policy=settings.joiner_policy,
+    )
+
+
+def join_topics(settings: Settings) -> JoinTopics:
+    ev = tuple(settings.event_topics().values())
+    return JoinTopics((ev[0], ev[1], ev[2], ev[3], ev[4]), settings.topic_samples, settings.topic_dead_letters)
+
+
+class FaustTableStore:
+    """``LabelStore`` over one partition of a faust Table (changelogged writes, local reads).
+
+    Reads go straight to the partition's rocksdict (faust writes it before the changelog);
+    writes go through the Table so that they reach the changelog. The due index is in memory,
+    rebuilt from the partition's local RocksDB when the store is created.
+    """
+
+    def __init__(self, table: Any, partition: int, due_of: Callable[[bytes, int], int | None]) -> None:
+        self._table = table
+        self._db = table.data._db_for_partition(partition)
+        self._index = DueIndex()
+        raw = self.get_meta(SWEPT_KEY)
+        swept = int.from_bytes(raw, "big", signed=True) if raw else NO_WATERMARK
+        for key, value in self._db.items():
+            if key.startswith(META_PREFIX) or key.startswith(b"__faust"):
+                continue
+            self._index.set(bytes(key), due_of(bytes(value), swept))
+
+    def get(self, key: bytes) -> bytes | None:
+        v = self._db.get(key)
+        return None if v is None else bytes(v)
+
+    def put(self, key: bytes, value: bytes, due_ms: int | None) -> None:
+        self._table[key] = value
+        self._index.set(key, due_ms)
+
+    def reschedule(self, key: bytes, due_ms: int | None) -> None:
+        self._index.set(key, due_ms)
+
+    def delete(self, key: bytes) -> None:
+        del self._table[key]
+        self._index.set(key, None)
+
+    def pop_due(self, until_ms: int) -> list[bytes]:
+        return self._index.pop_due(until_ms)
+
+    def get_meta(self, name: bytes) -> bytes | None:
+        return self.get(META_PREFIX + name)
+
+    def put_meta(self, name: bytes, value: bytes) -> None:
+        self._table[META_PREFIX + name] = value
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def _faust_broker_kwargs(settings: Settings) -> dict[str, Any]:
+    import faust
+
+    urls = ";".join(f"kafka://{h.strip()}" for h in settings.bootstrap().split(","))
+    kw: dict[str, Any] = {"broker": urls}
+    proto = settings.kafka_security_protocol
+    if proto == "PLAINTEXT":
+        return kw
+    cfg = settings.aiokafka_config()
+    if proto.startswith("SASL"):
+        kw["broker_credentials"] = faust.SASLCredentials(
+            username=cfg["sasl_plain_username"],
+            password=cfg["sasl_plain_password"],
+            mechanism=cfg["sasl_mechanism"],
+            ssl_context=cfg.get("ssl_context"),
+        )
+    else:
+        kw["broker_credentials"] = faust.SSLCredentials(cfg["ssl_context"])
+    return kw
+
+
+def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | None = None) -> tuple[Any, FunnelJoin]:
+    """The faust app with its table, agent and gauge timer, and the join it drives."""
+    import faust
+
+    clock = clock or SystemClock()
+    metrics = JoinerMetrics(registry)
+    cfg = funnel_config(settings)
+    topics = join_topics(settings)
+    datadir = Path(settings.data_dir) / "joiner"
+    session_s = settings.kafka_session_timeout_ms / 1000.0
+    app = faust.App(
+        settings.joiner_app_id,
+        **_faust_broker_kwargs(settings),
+        store="rocksdb://",
+        datadir=str(datadir),
+        topic_partitions=settings.event_partitions,
+        topic_replication_factor=settings.topic_replication_factor,
+        broker_session_timeout=session_s,
+        broker_heartbeat_interval=max(0.5, session_s / 4),
+        broker_request_timeout=max(30.0, session_s * 2),
+        recovery_consistency_check=settings.recovery_consistency_check(),
+        consumer_auto_offset_reset="earliest",
+        table_standby_replicas=0,
+        stream_wait_empty=False,
+        web_enabled=settings.joiner_web_port > 0,
+        web_port=settings.joiner_web_port or 6066,
+        web_host=settings.metrics_host,
+    )
+    table = app.Table(
+        "funnels",
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.event_partitions,
+    )
+
+    def due_of(value: bytes, swept: int) -> int | None:
+        return next_due(decode_state(value), swept, cfg)
+
+    join = FunnelJoin(
+        cfg,
+        topics,
+        lambda partition: FaustTableStore(table, partition, due_of),
+        clock,
+        metrics,
+        lateness_ms=settings.joiner_allowed_lateness_ms,
+        sweep_interval_s=settings.joiner_sweep_interval_ms / 1000.0,
+        warmup_s=settings.joiner_warmup_ms / 1000.0,
+    )
+    source = app.topic(
+        *topics.events, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
+
+    @app.agent(source)
+    async def funnel_join(stream: Any) -> None:
+        producer = app.producer
+        consumer = app.consumer
+        async for event in stream.events():
+            msg = event.message
+            out: list[Output] = []
+            hw = consumer.highwater(msg.tp)
+            behind = hw is not None and msg.offset + 1 < hw
+            join.on_record(msg.topic, msg.partition, msg.key, msg.value, behind, out, msg.offset)
+            if join.sweep_due(msg.partition):
+                join.sweep(msg.partition, out)
+                futs = [await producer.send(o.topic, o.key, o.value, None, None, None) for o in out]
+                if futs:
+                    await asyncio.gather(*futs)  # samples out before the swept watermark moves
+                join.commit_sweep(msg.partition)
+            else:
+                for o in out:
+                    await producer.send(o.topic, o.key, o.value, None, None, None)
+
+    @app.timer(1.0)
+    async def refresh_gauges() -> None:
+        metrics.open_funnels.set(join.open_funnels())
+        metrics.watermark_lag.set(join.watermark_lag_ms() / 1000.0)
+        metrics.store_size.set(_dir_bytes(datadir))
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        for tp in revoked:
+            join.forget(tp.partition)
+
+    return app, join
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the joiner worker until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(prog="aitm-stream joiner", description=__doc__)
+    parser.add_argument("--loglevel", default="warning")
+    args = parser.parse_args(argv)
+    import faust
+
+    settings = load_settings()
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s joiner %(levelname)s %(message)s")
+    from stream.broker import ensure_topics
+
+    ensure_topics(settings.kafka_python_config(), settings.topic_specs(), settings.topic_replication_factor)
+    registry = CollectorRegistry()
+    start_http_server(settings.metrics_port_joiner, addr=settings.metrics_host, registry=registry)
+    app, _ = build_app(settings, registry)
+    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
+    worker.execute_from_commandline()
+    return 0

@@ -1,0 +1,187 @@
+"""The one settings object, read from the environment once at the process edge.
+
+Every field has an environment variable of the same name in upper case (e.g.
+``KAFKA_BOOTSTRAP_SERVERS``); secrets are ``SecretStr`` so they never print.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+class TopicSpec(BaseModel):
+    """A topic's name and partition count."""
+
+    name: str
+    partitions: int = Field(ge=1)
+
+
+class Settings(BaseSettings):
+    """Configuration of every process; see the README's Configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # --- Kafka connection: unset bootstrap servers means "start the embedded broker"
+    kafka_bootstrap_servers: str | None = None
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_password: SecretStr | None = None
+    # consumer-group session timeout: short, because the embedded broker holds a JoinGroup
+    # for half of it (BROKER.md); raise it against a real cluster.
+    kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
+
+    # --- topics (names and partition counts)
+    topic_impressions: str = "impressions"
+    topic_clicks: str = "clicks"
+    topic_applications: str = "applications"
+    topic_approvals: str = "approvals"
+    topic_activations: str = "activations"
+    topic_samples: str = "samples"
+    topic_dead_letters: str = "dead-letters"
+    topic_scores: str = "scores"
+    topic_model_versions: str = "model-versions"
+    event_partitions: int = Field(default=4, ge=1)
+    samples_partitions: int = Field(default=4, ge=1)
+    scores_partitions: int = Field(default=4, ge=1)
+    topic_replication_factor: int = Field(default=1, ge=1)
+
+    # --- local state
+    data_dir: Path = Path(".data")
+
+    # --- metrics: every process serves its own /metrics port, on loopback by default
+    metrics_host: str = "127.0.0.1"
+    metrics_port_broker: int = 9400
+    metrics_port_simulator: int = 9401
+    metrics_port_joiner: int = 9402
+    metrics_port_trainer: int = 9403
+    metrics_port_scorer: int = 9404
+    scorer_http_host: str = "127.0.0.1"
+    scorer_http_port: int = 8080
+
+    # --- embedded broker
+    embedded_broker_port: int = 9092
+
+    # --- joiner (stream/joiner.py): event-time windows, emission policy, watermark; docs/joiner.md
+    joiner_app_id: str = "aitm-joiner"
+    joiner_policy: Literal["early", "matured"] = "early"
+    # each task's window, from its predecessor's event time (the paper's T+14 for activation)
+    joiner_window_click_ms: int = Field(default=3_600_000, gt=0)
+    joiner_window_application_ms: int = Field(default=3 * 86_400_000, gt=0)
+    joiner_window_approval_ms: int = Field(default=86_400_000, gt=0)
+    joiner_window_activation_ms: int = Field(default=14 * 86_400_000, gt=0)
+    # early policy: first sample this long (event time) after the impression
+    joiner_observe_ms: int = Field(default=30 * 60_000, ge=0)
+    # how long an event whose predecessor is missing is held before it is illegal_sequence
+    joiner_grace_ms: int = Field(default=10 * 60_000, ge=0)
+    # watermark = newest event time (or the slowest backlogged topic) minus this: absorbs the skew
+    # between the five topics while live; larger = fewer "late" dead letters, later samples
+    joiner_allowed_lateness_ms: int = Field(default=30 * 60_000, ge=0)
+    # final funnels are kept this long so replays and after-window events are "late"
+    joiner_retention_ms: int = Field(default=27 * 86_400_000, ge=0)
+    # sweep the expiry index at most this often (wall time), and only once a partition has
+    # had this long since its first record (so every backlogged topic has been seen)
+    joiner_sweep_interval_ms: int = Field(default=250, ge=0)
+    joiner_warmup_ms: int = Field(default=1000, ge=0)
+    # faust's recovery offset check: None = on against a real Kafka, off for the embedded
+    # broker (its ListOffsets is wrong, see BROKER.md)
+    joiner_recovery_consistency_check: bool | None = None
+    # faust's own web server: 0 = off
+    joiner_web_port: int = Field(default=0, ge=0)
+
+    def bootstrap(self) -> str:
+        """The bootstrap servers; unset means the embedded broker's loopback address."""
+        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.embedded_broker_port}"
+
+    def recovery_consistency_check(self) -> bool:
+        """Faust's changelog consistency check: on for a real Kafka, off for the embedded broker."""
+        if self.joiner_recovery_consistency_check is not None:
+            return self.joiner_recovery_consistency_check
+        return self.kafka_bootstrap_servers is not None
+
+    def event_topics(self) -> dict[str, str]:
+        """Funnel step name -> topic name, in funnel order."""
+        return {
+            "impression": self.topic_impressions,
+            "click": self.topic_clicks,
+            "application": self.topic_applications,
+            "approval": self.topic_approvals,
+            "activation": self.topic_activations,
+        }
+
+    def topic_specs(self) -> list[TopicSpec]:
+        """Every topic the project uses, with its partition count."""
+        events = [TopicSpec(name=t, partitions=self.event_partitions) for t in self.event_topics().values()]
+        return [
+            *events,
+            TopicSpec(name=self.topic_samples, partitions=self.samples_partitions),
+            TopicSpec(name=self.topic_dead_letters, partitions=1),
+            TopicSpec(name=self.topic_scores, partitions=self.scores_partitions),
+            TopicSpec(name=self.topic_model_versions, partitions=1),
+        ]
+
+    def kafka_python_config(self) -> dict[str, Any]:
+        """Connection settings for kafka-python clients (security passed through)."""
+        return kafka_client_config(self, style="kafka-python")
+
+    def aiokafka_config(self) -> dict[str, Any]:
+        """Connection settings for aiokafka / faust clients."""
+        return kafka_client_config(self, style="aiokafka")
+
+
+def kafka_client_config(settings: Settings, style: Literal["kafka-python", "aiokafka"]) -> dict[str, Any]:
+    """Build client keyword arguments: bootstrap plus SASL/TLS, secrets revealed only here."""
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap(),
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol.startswith("SASL"):
+        if settings.kafka_sasl_mechanism is None or settings.kafka_sasl_username is None:
+            raise ValueError(
+                "KAFKA_SECURITY_PROTOCOL is SASL_*: set KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME "
+                "and KAFKA_SASL_PASSWORD"
+            )
+        password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
+        cfg["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        cfg["sasl_plain_username"] = settings.kafka_sasl_username
+        cfg["sasl_plain_password"] = password
+    if settings.kafka_security_protocol.endswith("SSL"):
+        files = {
+            "cafile": settings.kafka_ssl_cafile,
+            "certfile": settings.kafka_ssl_certfile,
+            "keyfile": settings.kafka_ssl_keyfile,
+        }
+        if style == "kafka-python":
+            for key, path in files.items():
+                if path is not None:
+                    cfg[f"ssl_{key}"] = str(path)
+            if settings.kafka_ssl_password is not None:
+                cfg["ssl_password"] = settings.kafka_ssl_password.get_secret_value()
+        else:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=str(files["cafile"]) if files["cafile"] else None)
+            if files["certfile"] is not None:
+                ctx.load_cert_chain(
+                    str(files["certfile"]),
+                    str(files["keyfile"]) if files["keyfile"] else None,
+                    settings.kafka_ssl_password.get_secret_value() if settings.kafka_ssl_password else None,
+                )
+            cfg["ssl_context"] = ctx
+    return cfg
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment (the only place that does so)."""
+    return Settings(**overrides)
