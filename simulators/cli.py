@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aliccp", type=Path, default=None, help="replay Ali-CCP files from this directory")
     p.add_argument("--split", default="train", choices=("train", "test"), help="Ali-CCP split")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     return p
 
 
@@ -99,9 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         progress = None if args.quiet else Progress(epoch_ms=EPOCH_MS)
+        metrics = None
+        if not args.no_metrics:
+            from prometheus_client import CollectorRegistry, start_http_server
+
+            from stream.metrics import SimulatorMetrics
+
+            registry = CollectorRegistry()
+            metrics = SimulatorMetrics(registry)
+            start_http_server(settings.metrics_port_simulator, addr=settings.metrics_host, registry=registry)
         counts = produce(
             records, settings, speedup=args.speedup, max_rate=args.rate, progress=progress,
-            should_stop=lambda: stopping,
+            should_stop=lambda: stopping, metrics=metrics,
         )  # fmt: skip
         where = settings.bootstrap()
     elapsed = time.monotonic() - t0

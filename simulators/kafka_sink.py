@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 
 from simulators.faults import Record
 from simulators.sinks import Progress
+from stream.metrics import SimulatorMetrics
 from stream.settings import Settings
 
 
@@ -18,6 +19,7 @@ def produce(
     max_rate: float = 0.0,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    metrics: SimulatorMetrics | None = None,
 ) -> dict[str, int]:
     """Send records to Kafka in delivery order, paced by ``speedup`` (simulated s per wall s)
     and/or ``max_rate`` (records per wall second); 0 means as fast as possible."""
@@ -54,6 +56,9 @@ def produce(
             producer.send(topic, key=rec.key, value=rec.value, timestamp_ms=rec.timestamp_ms)
             counts[topic] += 1
             sent += 1
+            if metrics is not None:
+                metrics.records.labels(topic=topic).inc()
+                metrics.sim_time.set(rec.deliver_ms / 1000.0)
             if progress is not None and sent % 256 == 0:
                 progress.update(sent, rec.deliver_ms, counts)
         producer.flush()

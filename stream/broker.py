@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="listen port (default EMBEDDED_BROKER_PORT)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s broker %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
     settings: Settings = load_settings()
     if settings.kafka_bootstrap_servers:
         print(f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} is set: no embedded broker needed")
@@ -179,8 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from stream.metrics import BrokerMetrics
+
+        registry = CollectorRegistry()
+        metrics = BrokerMetrics(registry)
+        start_http_server(settings.metrics_port_broker, addr=settings.metrics_host, registry=registry)
+        metrics.up.set_function(lambda: 1.0 if broker.alive() else 0.0)
         cfg = load_settings(kafka_bootstrap_servers=broker.bootstrap)
         ensure_topics(cfg.kafka_python_config(), cfg.topic_specs())
+        metrics.topics.set(len(cfg.topic_specs()))
         print(f"broker ready: KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}", flush=True)
         print(
             "topics: " + ", ".join(f"{s.name}({s.partitions})" for s in cfg.topic_specs()),

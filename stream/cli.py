@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "joiner": ("stream.joiner", "join funnel events into training samples (faust + RocksDB)"),
     "trainer": ("stream.trainer", "train AITM incrementally on samples, test-then-train"),
     "scorer": ("stream.scorer", "score impressions and serve HTTP scoring"),
+    "prometheus": ("stream.prometheus", "run Prometheus on the processes' metrics ports"),
     "demo": ("stream.demo", "run the whole pipeline on the embedded broker"),
 }
 BENCHES: dict[str, tuple[str, str]] = {

@@ -46,3 +46,125 @@ class JoinerMetrics:
         self.store_size = Gauge(
             "aitm_joiner_store_size_bytes", "Bytes on disk of the joiner's local state", registry=registry,
         )
+
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+WINDOWS = ("sliding", "lifetime")
+
+
+class TrainerMetrics:
+    """The streaming trainer's metrics; quality is computed on final labels only."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.auc = Gauge(
+            "aitm_trainer_auc_ratio", "Test-then-train conversion AUC per task on final labels",
+            ["task", "window"], registry=registry,
+        )
+        self.frozen_auc = Gauge(
+            "aitm_trainer_frozen_auc_ratio",
+            "AUC per task of a copy of the model frozen after the first days, on the same batches",
+            ["task", "window"], registry=registry,
+        )
+        self.log_loss = Gauge(
+            "aitm_trainer_log_loss", "Test-then-train log loss per task on final labels",
+            ["task", "window"], registry=registry,
+        )
+        self.calibration = Gauge(
+            "aitm_trainer_calibration_ratio", "Mean predicted / observed positive rate per task",
+            ["task", "window"], registry=registry,
+        )
+        self.positive_rate = Gauge(
+            "aitm_trainer_positive_rate_ratio", "Observed positive rate per task on final labels",
+            ["task", "window"], registry=registry,
+        )
+        self.samples = Counter(
+            "aitm_trainer_samples", "Samples consumed, by kind", ["kind"], registry=registry,
+        )
+        self.trained = Counter(
+            "aitm_trainer_trained_samples", "Samples the model was updated on", registry=registry,
+        )
+        self.throughput = Gauge(
+            "aitm_trainer_train_samples_per_second", "Training throughput over the last interval",
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "aitm_trainer_dead_letters", "Sample records refused, by reason", ["reason"], registry=registry,
+        )
+        self.model_version = Gauge(
+            "aitm_trainer_model_version", "Latest model version published", registry=registry,
+        )
+        self.last_update = Gauge(
+            "aitm_trainer_last_model_update_timestamp_seconds", "Unix time of the last published version",
+            registry=registry,
+        )
+        self.checkpoints = Counter(
+            "aitm_trainer_checkpoints", "Checkpoints written", registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "aitm_trainer_consumer_lag_records", "Records behind the high watermark on samples",
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "aitm_trainer_batch_seconds", "Wall time of one test-then-train batch",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), registry=registry,
+        )
+
+
+class ScorerMetrics:
+    """The scorer's metrics (stream path and HTTP endpoint)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.scores = Counter(
+            "aitm_scorer_scores", "Scores published to the scores topic", registry=registry,
+        )
+        self.latency = Histogram(
+            "aitm_scorer_latency_seconds", "Scoring latency by path (stream batch per record, http request)",
+            ["path"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.model_version = Gauge(
+            "aitm_scorer_model_version", "Model version in use", registry=registry,
+        )
+        self.last_update = Gauge(
+            "aitm_scorer_last_model_update_timestamp_seconds", "Unix time the version in use was published",
+            registry=registry,
+        )
+        self.swaps = Counter(
+            "aitm_scorer_model_swaps", "Model versions swapped in", registry=registry,
+        )
+        self.refused_models = Counter(
+            "aitm_scorer_refused_models", "Announced versions refused (corrupt or unreadable)", registry=registry,
+        )
+        self.http_requests = Counter(
+            "aitm_scorer_http_requests", "HTTP scoring requests by status code", ["code"], registry=registry,
+        )
+        self.dead_letters = Counter(
+            "aitm_scorer_dead_letters", "Impression records refused, by reason", ["reason"], registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "aitm_scorer_consumer_lag_records", "Records behind the high watermark on impressions",
+            registry=registry,
+        )
+
+
+class SimulatorMetrics:
+    """The simulator's metrics: what it sent where, and how far simulated time has come."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.records = Counter(
+            "aitm_simulator_records", "Records produced, by topic", ["topic"], registry=registry,
+        )
+        self.sim_time = Gauge(
+            "aitm_simulator_time_seconds", "Simulated time reached (Unix seconds)", registry=registry,
+        )
+
+
+class BrokerMetrics:
+    """The embedded broker wrapper's metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.up = Gauge("aitm_broker_up", "1 while the embedded broker process runs", registry=registry)
+        self.topics = Gauge("aitm_broker_topics", "Topics created by the project", registry=registry)

@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     metrics_port_scorer: int = 9404
     scorer_http_host: str = "127.0.0.1"
     scorer_http_port: int = 8080
+    prometheus_port: int = 9090
 
     # --- embedded broker
     embedded_broker_port: int = 9092
@@ -99,6 +100,44 @@ class Settings(BaseSettings):
     joiner_recovery_consistency_check: bool | None = None
     # faust's own web server: 0 = off
     joiner_web_port: int = Field(default=0, ge=0)
+
+    # --- trainer (stream/trainer.py): test-then-train on samples; docs/streaming.md
+    # delayed feedback: "fnw" (fake-negative weighting, trains at the first sample) or
+    # "final-only" (trains on final, correct but late labels)
+    trainer_mode: Literal["fnw", "final-only"] = "fnw"
+    trainer_batch_size: int = Field(default=2000, ge=1)  # the paper's batch
+    # a partial batch is trained after this long without filling up (keeps freshness when idle)
+    trainer_linger_ms: int = Field(default=500, ge=0)
+    trainer_lr: float = Field(default=1e-3, gt=0)
+    trainer_device: str = "auto"  # auto = cuda when present, else cpu
+    trainer_threads: int = Field(default=2, ge=1)  # torch intra-op threads on CPU
+    # a checkpoint (= a model version) every this many batches or seconds, whichever first
+    trainer_checkpoint_batches: int = Field(default=200, ge=1)
+    trainer_checkpoint_interval_ms: int = Field(default=3000, ge=100)
+    # exact sliding evaluation window, in final-labelled predictions per task
+    trainer_eval_window: int = Field(default=20_000, ge=10)
+    # feature encoder: rows per field (OOV included) and sightings before a value gets an id
+    trainer_feature_capacity: int = Field(default=60_000, ge=2)
+    trainer_feature_min_count: int = Field(default=10, ge=1)
+    # offline checkpoint (aitm.checkpoint format) to start from when the store is empty
+    trainer_warm_start: Path | None = None
+    # model store: a directory of versions; keep this many newest
+    model_store_dir: Path | None = None  # default: DATA_DIR/models
+    model_store_keep: int = Field(default=20, ge=2)
+
+    # --- scorer (stream/scorer.py): scores topic and HTTP endpoint
+    scorer_group_id: str = "aitm-scorer"
+    scorer_batch_size: int = Field(default=500, ge=1)
+    scorer_threads: int = Field(default=1, ge=1)  # torch threads: batch-1 latency is best on one
+    # the bank's objective (Eq. 1 selector) and ranking weight; banks not listed use the defaults
+    scorer_default_objective: Literal["approval", "activation"] = "approval"
+    scorer_bank_objectives: dict[str, Literal["approval", "activation"]] = Field(default_factory=dict)
+    scorer_default_weight: float = Field(default=1.0, ge=0)
+    scorer_bank_weights: dict[str, float] = Field(default_factory=dict)
+
+    def model_store_path(self) -> Path:
+        """The model store directory (``MODEL_STORE_DIR``, else ``DATA_DIR/models``)."""
+        return self.model_store_dir if self.model_store_dir is not None else Path(self.data_dir) / "models"
 
     def bootstrap(self) -> str:
         """The bootstrap servers; unset means the embedded broker's loopback address."""

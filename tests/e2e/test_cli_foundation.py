@@ -38,7 +38,8 @@ def test_broker_command_starts_and_stops_cleanly() -> None:
     port = free_port()
     proc = subprocess.Popen(
         [*CLI, "broker", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"},
+        env={**{k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"},
+             "METRICS_PORT_BROKER": str(free_port())},
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -62,7 +63,7 @@ def test_broker_command_starts_and_stops_cleanly() -> None:
 def test_simulate_streams_to_kafka_with_counts(broker: EmbeddedBroker) -> None:
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "TOPIC_IMPRESSIONS": "cli-impressions"}
     r = subprocess.run(
-        [*CLI, "simulate", "--days", "1", "--impressions-per-day", "1000", "--speedup", "0"],
+        [*CLI, "simulate", "--days", "1", "--impressions-per-day", "1000", "--speedup", "0", "--no-metrics"],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
