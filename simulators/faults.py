@@ -3,8 +3,8 @@
 Faults are drawn per impression (at most one each), among the kinds its events allow:
 
 - ``duplicate``: one event is delivered twice (same event id) - harmless if dedupe works;
-- ``out_of_order``: an event is delivered before its predecessor (a click before its
-  impression) - harmless if the joiner holds it;
+- ``out_of_order``: an event's predecessor is held up and delivered after it (a click before
+  its impression) - harmless if the joiner holds it;
 - ``malformed``: one event's bytes are broken (expected reason: the parse error code);
 - ``illegal``: a predecessor is dropped, so the next step is illegal (``illegal_sequence``);
 - ``late``: one event is delivered 20 days after it happened (``late``).
@@ -30,6 +30,7 @@ STEPS = ("impression", *TASKS)
 FAULT_KINDS = ("duplicate", "out_of_order", "malformed", "illegal", "late")
 CORRUPTING = frozenset({"malformed", "illegal", "late"})
 LATE_DELIVERY_MS = 20 * DAY_MS
+OUT_OF_ORDER_MAX_GAP_MS = 10 * 60_000
 
 
 @dataclass(frozen=True)
@@ -188,12 +189,15 @@ class SimulatedStream:
             ]
             raws: list[bytes | None] = [_dumps(v) for v in values]
             deliver = [int(times[s] + jitter[i, s]) for s in range(n_events)]
-            kind = self._pick_fault(fault_draw[i], rates, n_events)
+            kind: str | None = self._pick_fault(fault_draw[i], rates, n_events)
             kinds: tuple[str, ...] = ()
             extra: list[tuple[int, bytes, int]] = []
             if kind is not None:
-                kinds = (kind,)
-                extra = self._apply_fault(kind, rng, iid, values, raws, deliver)
+                applied = self._apply_fault(kind, rng, iid, values, raws, deliver)
+                if applied is None:
+                    kind = None  # no event of this impression allows that fault
+                else:
+                    kinds, extra = (kind,), applied
             if n_events == 5 and not labels[i][3] and kind not in CORRUPTING:
                 self.faults.append(FaultRow("after_window", iid, "activation", f"{iid}/activation", "late"))
             key = iid.encode()
@@ -236,11 +240,18 @@ class SimulatedStream:
         values: list[dict],
         raws: list[bytes | None],
         deliver: list[int],
-    ) -> list[tuple[int, bytes, int]]:
-        """Mutate the impression's records in place; return extra records (step, raw, deliver_ms)."""
+    ) -> list[tuple[int, bytes, int]] | None:
+        """Mutate the impression's records in place; return extra records (step, raw, deliver_ms),
+        or None when no event allows the fault."""
         n = len(values)
         first = 0 if kind in ("duplicate", "malformed") else 1
         s = int(rng.integers(first, n))
+        if kind == "out_of_order":
+            # the step that follows its predecessor most closely, if within 10 minutes
+            gaps = [values[k]["event_time_ms"] - values[k - 1]["event_time_ms"] for k in range(1, n)]
+            s = 1 + min(range(len(gaps)), key=gaps.__getitem__)
+            if gaps[s - 1] > OUT_OF_ORDER_MAX_GAP_MS:
+                return None
         event_id = values[s]["event_id"]
         reason: str | None = None
         extra: list[tuple[int, bytes, int]] = []
@@ -249,7 +260,8 @@ class SimulatedStream:
             assert raw is not None
             extra.append((s, raw, deliver[s] + int(rng.integers(1_000, 600_000))))
         elif kind == "out_of_order":
-            deliver[s] = deliver[s - 1] - int(rng.integers(1_000, 30_000))
+            # the predecessor is held up and arrives after this event (never before it happened)
+            deliver[s - 1] = deliver[s] + int(rng.integers(1_000, 30_000))
         elif kind == "malformed":
             raws[s], reason = _malform(values[s], rng)
         elif kind == "illegal":

@@ -153,9 +153,7 @@ def mature(state: FunnelState, wm: int, cfg: FunnelConfig) -> tuple[bool, bool, 
     out: list[bool] = []
     settled_negative = False
     for k in range(4):
-        if state.times[k] != NONE:
-            out.append(True)
-        elif settled_negative:
+        if state.times[k] != NONE or settled_negative:
             out.append(True)
         else:
             pred = step_time(state, k)

@@ -125,8 +125,8 @@ class FunnelJoin:
         except InvalidEvent as exc:
             self._dead(out, raw if value is not None else None, topic, exc.reason, exc.message, partition, offset, key)
             return
+        wm = p.wm.event_watermark(step)
         p.wm.observe(step, event.event_time_ms, behind, self.clock.monotonic())
-        wm = p.wm.value
         store = p.store
         ikey = event.impression_id.encode()
         old = store.get(ikey)
@@ -243,11 +243,7 @@ class FunnelJoin:
         p.pending_swept = None
 
     def watermark_lag_ms(self) -> int:
-        lags = [
-            m - p.wm.value
-            for p in self.parts.values()
-            if (m := p.wm.max_seen()) is not None and p.wm.value > NO_WATERMARK
-        ]
+        lags = [lag for p in self.parts.values() if (lag := p.wm.lag_ms()) is not None]
         return max(lags, default=0)
 
     def open_funnels(self) -> int:

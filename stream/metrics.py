@@ -6,6 +6,8 @@ Tests build a fresh registry and read values with ``registry.get_sample_value(..
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # label delay spans seconds (a click) to weeks (an activation at T+14)
@@ -168,3 +170,22 @@ class BrokerMetrics:
         self.registry = registry
         self.up = Gauge("aitm_broker_up", "1 while the embedded broker process runs", registry=registry)
         self.topics = Gauge("aitm_broker_topics", "Topics created by the project", registry=registry)
+
+
+
+class RefreshMetrics:
+    """Model refresh metrics of the trainer or the scorer (``process``): seconds since the model
+    version in use (or last published) was created, and sample-to-model freshness."""
+
+    def __init__(self, registry: CollectorRegistry, process: str, age_seconds: Callable[[], float]) -> None:
+        self.model_age = Gauge(
+            f"aitm_{process}_model_age_seconds", "Seconds since the last model update (NaN before the first)",
+            registry=registry,
+        )
+        self.model_age.set_function(age_seconds)
+        self.freshness = Histogram(
+            f"aitm_{process}_model_freshness_seconds",
+            "Wall time from the trainer consuming the oldest sample new in a version to its publication "
+            "(trainer) or swap-in (scorer)",
+            buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 300), registry=registry,
+        )

@@ -54,8 +54,8 @@ class RocksDBStore:
 
     def _scan_count(self) -> int:
         n = 0
-        for k in self._db.keys(from_key=b"s"):
-            if not k.startswith(b"s"):
+        for item in self._db.keys(from_key=b"s"):
+            if not bytes(item).startswith(b"s"):  # type: ignore[arg-type]
                 break
             n += 1
         return n
@@ -106,7 +106,8 @@ class RocksDBStore:
         end = b"x" + _U64.pack(until_ms + _BIAS) + b"\xff" * 8
         keys: list[bytes] = []
         wb = WriteBatch(raw_mode=True)
-        for ik in self._db.keys(from_key=b"x"):
+        for item in self._db.keys(from_key=b"x"):
+            ik = bytes(item)  # type: ignore[arg-type]  # raw mode: keys are bytes
             if not ik.startswith(b"x") or ik > end:
                 break
             key = bytes(ik[9:])

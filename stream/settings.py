@@ -117,8 +117,10 @@ class Settings(BaseSettings):
     # exact sliding evaluation window, in final-labelled predictions per task
     trainer_eval_window: int = Field(default=20_000, ge=10)
     # feature encoder: rows per field (OOV included) and sightings before a value gets an id
-    trainer_feature_capacity: int = Field(default=60_000, ge=2)
+    trainer_feature_capacity: int = Field(default=8192, ge=2)
     trainer_feature_min_count: int = Field(default=10, ge=1)
+    # per-field overrides of the capacity, e.g. {"user_id": 50001} (JSON in the environment)
+    trainer_feature_capacities: dict[str, int] = Field(default_factory=dict)
     # offline checkpoint (aitm.checkpoint format) to start from when the store is empty
     trainer_warm_start: Path | None = None
     # model store: a directory of versions; keep this many newest

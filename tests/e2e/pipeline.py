@@ -20,6 +20,7 @@ def pipeline_env(data_dir: Path) -> dict[str, str]:
     env.update({k: str(free_port()) for k in PORT_VARS})
     env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{env['EMBEDDED_BROKER_PORT']}"
     env["DATA_DIR"] = str(data_dir)
+    env["JOINER_RECOVERY_CONSISTENCY_CHECK"] = "false"  # the embedded broker (BROKER.md)
     return env
 
 

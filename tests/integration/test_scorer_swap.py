@@ -1,0 +1,98 @@
+"""The scorer on the embedded broker: versions hot-swapped while impressions stream, none lost or
+scored twice; a corrupted announced version is refused and the previous one stays in use."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+from prometheus_client import CollectorRegistry
+
+from aitm.checkpoint import make_checkpoint
+from aitm.features import FeatureEncoder
+from aitm.model import AITM, AITMConfig
+from stream.events import Event, encode_event
+from stream.model_store import ModelStore, ModelVersion, encode_version
+from stream.scorer import Scorer
+from stream.settings import Settings
+
+FIELDS = ("a", "b")
+BURSTS = 6
+PER_BURST = 400
+
+
+def publish(store: ModelStore, producer: KafkaProducer, settings: Settings, version: int,
+            sha: str | None = None) -> ModelVersion:
+    torch.manual_seed(version)
+    enc = FeatureEncoder(FIELDS, capacity=8, min_count=1)
+    cfg = AITMConfig(vocab_sizes=enc.vocab_sizes)
+    path, digest = store.publish(version, make_checkpoint(AITM(cfg), cfg, enc.state_dict(), version))
+    now = int(time.time() * 1000)
+    ann = ModelVersion(version, str(path), sha or digest, version * 100, now, now, now)
+    producer.send(settings.topic_model_versions, value=encode_version(ann))
+    producer.flush()
+    return ann
+
+
+def test_hot_swap_loses_and_repeats_no_impression(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(kafka_session_timeout_ms=2000, scorer_batch_size=50)
+    producer = KafkaProducer(**settings.kafka_python_config(), linger_ms=2)
+    store = ModelStore(settings.model_store_path())
+    publish(store, producer, settings, 1)
+    registry = CollectorRegistry()
+    scorer = Scorer(settings, registry)
+    stop = threading.Event()
+    threads = [threading.Thread(target=scorer.watch_versions, args=(stop,), daemon=True),
+               threading.Thread(target=scorer.run, args=(stop,), daemon=True)]
+    for t in threads:
+        t.start()
+    sent: list[str] = []
+    bad_version = None
+    try:
+        for burst in range(BURSTS):
+            for i in range(PER_BURST):
+                iid = f"imp-{burst}-{i}"
+                ev = Event(0, f"e-{iid}", iid, 1_767_225_600_000 + i, f"bank_{i % 3}", {"a": str(i % 5), "b": "x"})
+                producer.send(settings.topic_impressions, key=iid.encode(), value=encode_event(ev))
+                sent.append(iid)
+            if burst == 2:
+                producer.send(settings.topic_impressions, key=b"junk", value=b"{broken")
+            producer.flush()
+            time.sleep(0.3)
+            if burst == 3:  # an announced version whose file does not match: refused
+                bad_version = publish(store, producer, settings, burst + 2, sha="0" * 64).version
+            else:
+                publish(store, producer, settings, burst + 2)
+        consumer = KafkaConsumer(settings.topic_scores, **settings.kafka_python_config(),
+                                 auto_offset_reset="earliest", group_id=None, consumer_timeout_ms=1000)
+        scores: list[dict] = []
+        deadline = time.monotonic() + 60
+        while len(scores) < len(sent) and time.monotonic() < deadline:
+            scores += [json.loads(r.value) for r in consumer]
+        time.sleep(1.0)
+        scores += [json.loads(r.value) for r in consumer]  # anything extra would be a double score
+        consumer.close()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        producer.close()
+    ids = [s["impression_id"] for s in scores]
+    assert len(ids) == len(set(ids)), "an impression was scored twice"
+    assert set(ids) == set(sent), f"{len(set(sent) - set(ids))} impressions were never scored"
+    versions = {s["model_version"] for s in scores}
+    assert len(versions) >= 3, f"expected hot swaps while streaming, saw versions {versions}"
+    assert bad_version not in versions
+    assert registry.get_sample_value("aitm_scorer_refused_models_total") == 1
+    assert registry.get_sample_value("aitm_scorer_dead_letters_total", {"reason": "malformed_json"}) == 1
+    assert registry.get_sample_value("aitm_scorer_scores_total") == len(sent)
+    first = scores[0]
+    assert set(first) == {"schema_version", "impression_id", "bank_id", "model_version", "probabilities",
+                          "objective", "weight", "score", "event_time_ms", "scored_at_ms"}
+    # one scorer: in scoring order, the version in use never goes back
+    in_order = [s["model_version"] for s in sorted(scores, key=lambda s: s["scored_at_ms"])]
+    assert in_order == sorted(in_order)

@@ -1,0 +1,118 @@
+"""The trainer process on the embedded broker: kill -9, a corrupted newest checkpoint, and resume.
+
+The restarted trainer must refuse the corrupted version, resume from the previous one and its
+offsets, and train again on every sample after it: the final version's lineage has trained on
+each sample exactly once (its row count equals a single uninterrupted pass) and its offsets
+cover every record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from kafka import KafkaProducer
+
+from stream.delayed_feedback import train_rows
+from stream.model_store import ModelStore
+from stream.samples import Sample, encode_sample
+from stream.settings import Settings
+
+N_IMPRESSIONS = 6000
+N_MALFORMED = 3
+
+
+def make_samples(n: int) -> list[Sample]:
+    rng = np.random.default_rng(5)
+    out = []
+    for i in range(n):
+        feats = {f"f{j}": str(int(rng.integers(0, 30))) for j in range(6)}
+        click = int(rng.random() < 0.3)
+        app = click * int(rng.random() < 0.3)
+        first = (click, 0, 0, 0)
+        final = (click, app, 0, 0)
+        iid = f"imp-{i}"
+        out.append(Sample(iid, "bank_1", i, feats, first, (bool(click), False, False, False), "first", 1800000, 0))
+        if app:
+            out.append(Sample(iid, "bank_1", i, feats, final, (True, True, False, False), "correction", 2000000, 2))
+        out.append(Sample(iid, "bank_1", i, feats, final, (True,) * 4, "final", 3600000, 5))
+    return out
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    env = {k.upper(): str(v) for k, v in settings.model_dump().items() if k.startswith("topic_") and isinstance(v, str)}
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=settings.bootstrap(),
+        DATA_DIR=str(settings.data_dir),
+        TRAINER_MODE="fnw",
+        TRAINER_BATCH_SIZE="200",
+        TRAINER_LINGER_MS="100",
+        TRAINER_CHECKPOINT_BATCHES="3",
+        TRAINER_CHECKPOINT_INTERVAL_MS="600000",
+        TRAINER_FEATURE_MIN_COUNT="1",
+        TRAINER_FEATURE_CAPACITY="64",
+        TRAINER_THREADS="1",
+        MODEL_STORE_KEEP="1000",
+    )
+    return {**os.environ, **env}
+
+
+def trainer(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "stream.cli", "trainer", "--no-metrics", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def test_kill_9_then_resume_from_the_last_good_checkpoint(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings(samples_partitions=4)
+    samples = make_samples(N_IMPRESSIONS)
+    producer = KafkaProducer(**settings.kafka_python_config(), linger_ms=5)
+    for s in samples:
+        producer.send(settings.topic_samples, key=s.impression_id.encode(), value=encode_sample(s))
+    for i in range(N_MALFORMED):  # bad records go to dead letters; the trainer keeps going
+        producer.send(settings.topic_samples, key=f"bad-{i}".encode(), value=b'{"schema_version": 1, "kind"')
+    producer.flush()
+    producer.close()
+    total_records = len(samples) + N_MALFORMED
+    expected_rows = len(train_rows("fnw", samples, np.zeros((len(samples), 4))))
+
+    env = env_for(settings)
+    log = tmp_path / "trainer.log"
+    store = ModelStore(settings.model_store_path())
+    first = trainer(env, log)
+    deadline = time.monotonic() + 60
+    while len(store.versions()) < 2 and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    versions = store.versions()
+    assert len(versions) >= 2, log.read_text()[-3000:]
+    newest = store.path_of(versions[-1])
+    data = bytearray(newest.read_bytes())
+    data[-1000] ^= 0xFF  # the newest checkpoint is damaged on disk
+    newest.write_bytes(bytes(data))
+
+    summary_path = tmp_path / "summary.json"
+    second = trainer(env, log, "--exit-when-idle", "3", "--summary-json", str(summary_path))
+    assert second.wait(timeout=120) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert f"skipping model version {versions[-1]}" in text
+    assert f"resumed from model version {versions[-2]}" in text
+    summary = json.loads(summary_path.read_text())
+    assert summary["dead_letters"] == N_MALFORMED
+
+    v, ckpt = store.load_latest()  # type: ignore[misc]
+    assert v > versions[-1]  # numbering moves past the damaged version, never overwrites it
+    extra = ckpt["extra"]
+    assert sum(extra["offsets"].values()) == total_records  # every record consumed ...
+    assert extra["learner"]["trained_samples"] == expected_rows  # ... and trained on exactly once
+    n_finals = sum(s.kind == "final" for s in samples)
+    assert summary["quality"]["lifetime"][0]["count"] == n_finals  # each final evaluated once
