@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -89,16 +89,24 @@ def encode_event(event: Event) -> bytes:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise InvalidEvent(MALFORMED_JSON, f"duplicate key {key!r} in the JSON object")
-        out[key] = value
+    out = dict(pairs)  # in C; a shorter dict means a key was repeated
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InvalidEvent(MALFORMED_JSON, f"duplicate key {key!r} in the JSON object")
+            seen.add(key)
     return out
 
 
 def _reject_constant(name: str) -> Any:
     raise InvalidEvent(MALFORMED_JSON, f"{name} is not valid JSON; send a finite number")
+
+
+# Built once: ``json.loads`` with a hook builds a new decoder (and scanner) on every call.
+_DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+# the C scanner behind decode(): (text, index) -> (value, end); typeshed does not declare it
+_scan_once: Final[Callable[[str, int], tuple[Any, int]]] = vars(_DECODER)["scan_once"]
 
 
 def loads_strict(raw: bytes | str, what: str = "record") -> Any:
@@ -107,7 +115,13 @@ def loads_strict(raw: bytes | str, what: str = "record") -> Any:
         raise InvalidEvent(MALFORMED_JSON, f"{what} is {len(raw)} bytes; at most {MAX_RECORD_BYTES} allowed")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+        try:  # fast path: a value that starts at 0 and fills the text (what producers send)
+            obj, end = _scan_once(text, 0)
+        except StopIteration:  # leading whitespace, or no value at all: the full decoder judges
+            return _DECODER.decode(text)
+        if end != len(text):  # trailing whitespace or extra data
+            return _DECODER.decode(text)
+        return obj
     except InvalidEvent:
         raise
     except UnicodeDecodeError as exc:
@@ -139,6 +153,14 @@ def _features(obj: Mapping[str, Any]) -> dict[str, str]:
         raise InvalidEvent(INVALID_FIELD, "field 'features' must be an object of string -> string")
     if len(feats) > MAX_FEATURES:
         raise InvalidEvent(INVALID_FIELD, f"'features' has {len(feats)} fields; at most {MAX_FEATURES}")
+    values = feats.values()
+    if (  # fast path (in C): all strings, no empty name, nothing too long
+        _STR_ONLY.issuperset(map(type, values))
+        and "" not in feats
+        and max(map(len, feats), default=0) <= MAX_FEATURE_LEN
+        and max(map(len, values), default=0) <= MAX_FEATURE_LEN
+    ):
+        return feats
     for key, value in feats.items():
         if not isinstance(value, str):
             raise InvalidEvent(
@@ -147,6 +169,9 @@ def _features(obj: Mapping[str, Any]) -> dict[str, str]:
         if len(key) > MAX_FEATURE_LEN or len(value) > MAX_FEATURE_LEN or not key:
             raise InvalidEvent(INVALID_FIELD, f"feature {key!r:.40} name or value is empty or too long")
     return feats
+
+
+_STR_ONLY: Final = frozenset({str})
 
 
 def parse_event(raw: bytes | str, expected_type: str | None = None) -> Event:

@@ -16,7 +16,9 @@ so that replays and after-window events are recognised as ``late``).
 
 from __future__ import annotations
 
+import json
 import marshal
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
@@ -68,11 +70,16 @@ class Held:
 
 @dataclass(frozen=True, slots=True)
 class FunnelState:
-    """One impression's funnel. ``imp_ms == NONE`` is a stub: events held, impression not seen."""
+    """One impression's funnel. ``imp_ms == NONE`` is a stub: events held, impression not seen.
+
+    ``features_json`` is the impression's feature map as compact JSON, encoded once when the
+    impression arrives: the state stays small and cheap to (de)code, and every sample splices
+    the bytes in instead of encoding the map again (``stream.samples.sample_bytes``).
+    """
 
     bank_id: str
     imp_ms: int
-    features: dict[str, str] | None
+    features_json: bytes | None
     times: tuple[int, int, int, int] = (NONE, NONE, NONE, NONE)  # click..activation event times
     held: tuple[Held, ...] = ()
 
@@ -123,24 +130,21 @@ def step_time(state: FunnelState, step: int) -> int:
 
 def reached(state: FunnelState) -> int:
     """The last step reached in order (0 = impression only, 4 = activated); -1 for a stub."""
-    if state.is_stub:
+    if state.imp_ms == NONE:
         return -1
-    r = 0
-    for t in state.times:
-        if t == NONE:
-            break
-        r += 1
-    return r
+    t = state.times
+    return t.index(NONE) if NONE in t else 4  # steps reached in order = leading recorded times
 
 
 def final_at(state: FunnelState, cfg: FunnelConfig) -> int:
     """Event time at which the labels become final (NEVER for a stub)."""
-    r = reached(state)
-    if r < 0:
+    if state.imp_ms == NONE:
         return NEVER
-    if r == 4:
-        return state.times[3]
-    return step_time(state, r) + cfg.windows_ms[r]
+    t = state.times
+    if NONE not in t:
+        return t[3]
+    r = t.index(NONE)
+    return (state.imp_ms if r == 0 else t[r - 1]) + cfg.windows_ms[r]
 
 
 def labels(state: FunnelState) -> tuple[int, int, int, int]:
@@ -164,20 +168,32 @@ def mature(state: FunnelState, wm: int, cfg: FunnelConfig) -> tuple[bool, bool, 
 
 def first_due(state: FunnelState, cfg: FunnelConfig) -> int:
     """When the early policy's first sample is due (NEVER if not applicable)."""
-    if cfg.policy != "early" or state.is_stub:
+    if cfg.policy != "early" or state.imp_ms == NONE:
         return NEVER
+    return _first_due(state, final_at(state, cfg), cfg)
+
+
+def _first_due(state: FunnelState, fa: int, cfg: FunnelConfig) -> int:
+    """``first_due`` for a non-stub state whose ``final_at`` is ``fa``."""
     due = state.imp_ms + cfg.observe_ms
-    return due if due < final_at(state, cfg) else NEVER
+    return due if cfg.policy == "early" and due < fa else NEVER
 
 
 def next_due(state: FunnelState, after: int, cfg: FunnelConfig) -> int | None:
     """The next watermark value > ``after`` at which ``sweep`` has something to do."""
-    dues = [h.event_time_ms + cfg.grace_ms for h in state.held]
-    if not state.is_stub:
+    best = NEVER
+    for h in state.held:
+        d = h.event_time_ms + cfg.grace_ms
+        if after < d < best:
+            best = d
+    if state.imp_ms != NONE:
         fa = final_at(state, cfg)
-        dues += [first_due(state, cfg), fa, fa + cfg.retention_ms]
-    future = [d for d in dues if after < d < NEVER]
-    return min(future) if future else None
+        for d in (_first_due(state, fa, cfg), fa, fa + cfg.retention_ms):  # increasing, but for NEVER
+            if after < d < NEVER:
+                if d < best:
+                    best = d
+                break
+    return best if best < NEVER else None
 
 
 # --- transitions ---------------------------------------------------------------------------
@@ -212,6 +228,14 @@ def _apply_in_order(state: FunnelState, cfg: FunnelConfig, res: Result) -> Funne
     return state
 
 
+_FEATURES_ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
+
+
+def features_json(features: Mapping[str, str] | None) -> bytes:
+    """The compact JSON of a feature map, as ``json.dumps(..., separators=(",", ":"))`` writes it."""
+    return _FEATURES_ENCODER.encode(dict(features or {})).encode()
+
+
 def advance(
     state: FunnelState | None, event: Event, raw: bytes, wm: int, swept: int, cfg: FunnelConfig
 ) -> Result:
@@ -225,7 +249,7 @@ def advance(
         if s == 0:
             if t + cfg.windows_ms[0] <= wm:
                 return Result(None, rejects=[Reject(LATE, 0, raw, "impression came after its click window closed")])
-            new = FunnelState(event.bank_id, t, dict(event.features or {}))
+            new = FunnelState(event.bank_id, t, features_json(event.features))
             return Result(new, changed=True)
         if t + cfg.grace_ms <= wm:
             return Result(None, rejects=[Reject(LATE, s, raw, f"{STEPS[s]} for an unknown impression, past grace")])
@@ -233,7 +257,7 @@ def advance(
 
     if any(h.step == s for h in state.held):
         return Result(state, duplicate=True)
-    if state.is_stub:
+    if state.imp_ms == NONE:
         if s != 0:
             if t + cfg.grace_ms <= wm:
                 return Result(state, rejects=[Reject(LATE, s, raw, f"{STEPS[s]} for an unknown impression, past grace")])
@@ -241,7 +265,7 @@ def advance(
         if t + cfg.windows_ms[0] <= wm:
             return Result(state, rejects=[Reject(LATE, 0, raw, "impression came after its click window closed")])
         res = Result(None, changed=True)
-        new = FunnelState(event.bank_id, t, dict(event.features or {}), held=state.held)
+        new = FunnelState(event.bank_id, t, features_json(event.features), held=state.held)
         res.state = _apply_in_order(new, cfg, res)
         return res
 
@@ -287,7 +311,7 @@ def sweep(state: FunnelState, prev: int, wm: int, cfg: FunnelConfig) -> Result:
         if not state.held:
             res.state, res.changed = None, True
         return res
-    fd = first_due(state, cfg)
+    fd = _first_due(state, fa, cfg)
     if prev < fd <= wm and fa > wm:
         res.samples.append(_sample(state, "first", FIRST_SEQ, wm, wm, cfg))
     if prev < fa <= wm:
@@ -299,17 +323,23 @@ def sweep(state: FunnelState, prev: int, wm: int, cfg: FunnelConfig) -> Result:
 
 # --- compact codec (marshal: fast, small; version byte first) ------------------------------
 
-_CODEC_VERSION: Final = 1
+# version 2 stores the features as JSON bytes; version 1 (a dict) is still read
+_CODEC_VERSION: Final = 2
 
 
 def encode_state(state: FunnelState) -> bytes:
-    held = tuple((h.step, h.event_time_ms, h.event_id, h.raw) for h in state.held)
-    return marshal.dumps((_CODEC_VERSION, state.bank_id, state.imp_ms, state.features, state.times, held))
+    held = tuple((h.step, h.event_time_ms, h.event_id, h.raw) for h in state.held) if state.held else ()
+    return marshal.dumps((_CODEC_VERSION, state.bank_id, state.imp_ms, state.features_json, state.times, held))
 
 
 def decode_state(data: bytes) -> FunnelState:
-    v = marshal.loads(data)
-    if not isinstance(v, tuple) or not v or v[0] != _CODEC_VERSION:
+    try:
+        v = marshal.loads(data)
+    except (EOFError, ValueError, TypeError):
+        v = None
+    if not isinstance(v, tuple) or len(v) != 6 or v[0] not in (1, _CODEC_VERSION):
         raise ValueError("funnel state was written by an unknown codec version; clear the store")
-    _, bank, imp, feats, times, held = v
-    return FunnelState(bank, imp, feats, tuple(times), tuple(Held(*h) for h in held))
+    version, bank, imp, feats, times, held = v
+    if version == 1 and feats is not None:
+        feats = features_json(feats)
+    return FunnelState(bank, imp, feats, times, tuple(Held(*h) for h in held) if held else ())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from stream.clock import Clock
 from stream.events import STEPS, InvalidEvent, dead_letter, parse_event
@@ -29,7 +29,7 @@ from stream.funnel import (
     sweep,
 )
 from stream.metrics import JoinerMetrics
-from stream.samples import Sample, encode_sample
+from stream.samples import KINDS, sample_bytes
 from stream.store import LabelStore
 from stream.watermark import PartitionWatermark
 
@@ -90,7 +90,11 @@ class FunnelJoin:
         self.sweep_interval_s = sweep_interval_s
         self.warmup_s = warmup_s
         self.parts: dict[int, _Partition] = {}
+        # metric children bound once: ``labels(...)`` is a locked dict lookup per call
         self._events_by_type = [metrics.events.labels(type=s) for s in STEPS] if metrics else None
+        self._dups_by_type = [metrics.duplicates.labels(type=s) for s in STEPS] if metrics else None
+        self._samples_by_kind = {k: metrics.samples.labels(kind=k) for k in KINDS} if metrics else None
+        self._dead_by_reason: dict[str, Any] = {}
 
     def part(self, partition: int) -> _Partition:
         p = self.parts.get(partition)
@@ -133,8 +137,8 @@ class FunnelJoin:
         state = decode_state(old) if old is not None else None
         res = advance(state, event, raw, wm, p.swept, self.cfg)
         self._apply(p, ikey, event.impression_id, res, old is not None, wm, out, partition, key)
-        if res.duplicate and self.metrics:
-            self.metrics.duplicates.labels(type=STEPS[step]).inc()
+        if res.duplicate and self._dups_by_type is not None:
+            self._dups_by_type[step].inc()
 
     def _apply(
         self,
@@ -166,23 +170,15 @@ class FunnelJoin:
             st = res.state if res.state is not None else prior
             if st is None:
                 raise AssertionError("a sample needs the funnel it describes")
+            feats = st.features_json or b"{}"
             for s in res.samples:
-                sample = Sample(
-                    impression_id=iid,
-                    bank_id=st.bank_id,
-                    event_time_ms=st.imp_ms,
-                    features=st.features or {},
-                    labels=s.labels,
-                    mature=s.mature,
-                    kind=s.kind,
-                    elapsed_ms=s.elapsed_ms,
-                    seq=s.seq,
-                    watermark_ms=wm,
-                    policy=self.cfg.policy,
+                value = sample_bytes(
+                    iid, st.bank_id, st.imp_ms, feats, s.labels, s.mature, s.kind, s.elapsed_ms, s.seq, wm,
+                    self.cfg.policy,
                 )
-                out.append(Output(self.topics.samples, ikey, encode_sample(sample)))
-                if self.metrics:
-                    self.metrics.samples.labels(kind=s.kind).inc()
+                out.append(Output(self.topics.samples, ikey, value))
+                if self.metrics and self._samples_by_kind is not None:
+                    self._samples_by_kind[s.kind].inc()
                     if s.kind == "final":
                         self.metrics.label_delay.observe(s.elapsed_ms / 1000.0)
 
@@ -203,7 +199,10 @@ class FunnelJoin:
         )
         out.append(Output(self.topics.dead_letters, key or b"", value))
         if self.metrics:
-            self.metrics.dead_letters.labels(reason=reason).inc()
+            child = self._dead_by_reason.get(reason)
+            if child is None:
+                child = self._dead_by_reason[reason] = self.metrics.dead_letters.labels(reason=reason)
+            child.inc()
 
     # --- time-driven ------------------------------------------------------------------------
 

@@ -27,12 +27,13 @@ from stream.clock import Clock, SystemClock
 from stream.funnel import NO_WATERMARK, FunnelConfig, decode_state, next_due
 from stream.join import SWEPT_KEY, FunnelJoin, JoinTopics, Output
 from stream.metrics import JoinerMetrics
+from stream.sender import BatchSender
 from stream.settings import Settings, load_settings
 from stream.store import DueIndex
 
 log = logging.getLogger(__name__)
-META_PREFIX = b"\x00"
-  # table keys of metadata; impression ids are printable
+META_PREFIX = b"\x00"  # table keys of metadata; impression ids are printable
+MAX_PENDING = 20_000  # records queued between two flushes, at most
 
 
 def funnel_config(settings: Settings) -> FunnelConfig:
@@ -72,7 +73,9 @@ class FaustTableStore:
         self.partition = partition
         self._db = table.data._db_for_partition(partition)
         self._index = DueIndex()
-        self.outbox: list[tuple[bytes, bytes | None]] = []
+        # changelog records not yet sent: the latest value per key (None: delete). A compacted
+        # changelog only needs the last write of a key, so writes between two sends coalesce.
+        self.outbox: dict[bytes, bytes | None] = {}
         raw = self.get_meta(SWEPT_KEY)
         swept = int.from_bytes(raw, "big", signed=True) if raw else NO_WATERMARK
         for key, value in self._db.items():
@@ -86,7 +89,7 @@ class FaustTableStore:
 
     def put(self, key: bytes, value: bytes, due_ms: int | None) -> None:
         self._db.put(key, value)
-        self.outbox.append((key, value))
+        self.outbox[key] = value
         self._index.set(key, due_ms)
 
     def reschedule(self, key: bytes, due_ms: int | None) -> None:
@@ -94,7 +97,7 @@ class FaustTableStore:
 
     def delete(self, key: bytes) -> None:
         self._db.delete(key)
-        self.outbox.append((key, None))
+        self.outbox[key] = None
         self._index.set(key, None)
 
     def pop_due(self, until_ms: int) -> list[bytes]:
@@ -193,51 +196,84 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
     )
 
     changelog = table.changelog_topic.get_topic_name()
-    unacked: dict[int, list[Any]] = {}
+    interval_s = settings.joiner_sweep_interval_ms / 1000.0
 
-    async def send_changelog(store: FaustTableStore) -> None:
-        futs = unacked.setdefault(store.partition, [])
-        for key, value in store.outbox:
-            futs.append(await app.producer.send(changelog, key, value, store.partition, None, None))
-        store.outbox.clear()
+    senders: list[BatchSender] = []  # the one sender, made once the producer has started
+    flush_lock = asyncio.Lock()
+    last_flush = [0.0]  # monotonic time of the agent's last flush
 
-    async def settle(partition: int) -> None:
-        """Wait for this partition's changelog writes; record the acked offset for recovery."""
-        futs = unacked.pop(partition, [])
-        if futs:
-            acked = await asyncio.gather(*futs)
-            store_backend: Any = table.data
-            store_backend.set_persisted_offset(TP(changelog, partition), max(r.offset for r in acked))
+    def get_sender() -> BatchSender:
+        if not senders:
+            producer: Any = app.producer  # faust's; its aiokafka producer makes the record batches
+            senders.append(BatchSender(producer._ensure_producer(), lambda t, k: producer.key_partition(t, k).partition))
+        return senders[0]
+
+    async def sweep_and_flush(sender: BatchSender) -> None:
+        """Sweep every partition whose watermark moved, send everything queued, wait for the acks,
+        then move the swept watermarks (the samples are out by then). The agent holds off new
+        records while this runs (see ``flush_lock``), so no record sees a half-committed sweep."""
+        async with flush_lock:
+            swept = [p for p in list(join.parts) if join.sweep_due(p, force=True)]
+            for p in swept:
+                out: list[Output] = []
+                join.sweep(p, out)
+                for o in out:
+                    sender.add(o.topic, o.key, o.value)
+            await _flush(sender)
+            for p in swept:
+                if p in join.parts:  # not revoked meanwhile
+                    join.commit_sweep(p)  # its changelog record goes out with the next flush
+            last_flush[0] = clock.monotonic()
+
+    async def _flush(sender: BatchSender) -> None:
+        """Send every queued output and changelog record and wait for the acks; then record the
+        acked changelog offsets as the partitions' persisted offsets (for faust's recovery)."""
+
+        for p in list(join.parts):
+            store = join.parts[p].store
+            assert isinstance(store, FaustTableStore)
+            for key, value in store.outbox.items():
+                sender.add(changelog, key, value, p)
+            store.outbox.clear()
+        if not sender.pending:
+            return
+        acked: dict[int, int] = {}
+        for sent in await sender.flush():
+            last = await sent.last_offset()
+            if sent.topic == changelog and last > acked.get(sent.partition, -1):
+                acked[sent.partition] = last
+        backend: Any = table.data
+        for p, offset in acked.items():
+            backend.set_persisted_offset(TP(changelog, p), offset)
 
     @app.agent(source)
     async def funnel_join(stream: Any) -> None:
         for name in ("aiokafka", "faust", "mode"):
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
-        producer = app.producer
-        consumer = app.consumer
+        sender = get_sender()
+        highwater = app.consumer.highwater
+        on_record = join.on_record
+        add = sender.add
         async for event in stream.events():
+            if flush_lock.locked():  # a timer's sweep is waiting for acks: let it finish first
+                async with flush_lock:
+                    pass
             msg = event.message
-            p = msg.partition
             out: list[Output] = []
-            hw = consumer.highwater(msg.tp)
-            behind = hw is not None and msg.offset + 1 < hw
-            join.on_record(msg.topic, p, msg.key, msg.value, behind, out, msg.offset)
-            store = join.part(p).store
-            assert isinstance(store, FaustTableStore)
-            if join.sweep_due(p):
-                join.sweep(p, out)
-                futs = [await producer.send(o.topic, o.key, o.value, None, None, None) for o in out]
-                await send_changelog(store)
-                if futs:
-                    await asyncio.gather(*futs)  # samples out before the swept watermark moves
-                await settle(p)
-                join.commit_sweep(p)
-                await send_changelog(store)
-            else:
-                if store.outbox:
-                    await send_changelog(store)
-                for o in out:
-                    await producer.send(o.topic, o.key, o.value, None, None, None)
+            hw = highwater(msg.tp)
+            on_record(msg.topic, msg.partition, msg.key, msg.value, hw is not None and msg.offset + 1 < hw, out, msg.offset)
+            for o in out:
+                add(o.topic, o.key, o.value)
+            if sender.pending >= MAX_PENDING or clock.monotonic() - last_flush[0] >= interval_s:
+                # once per interval, all partitions together: one flush and one wait for acks
+                await sweep_and_flush(sender)
+
+    @app.timer(interval_s)
+    async def sweep_when_idle() -> None:
+        """The agent sweeps as records arrive; this covers quiet spells (the warm-up ending, the
+        last records of a burst), so their samples and changelog records still go out."""
+        if senders and clock.monotonic() - last_flush[0] >= interval_s:
+            await sweep_and_flush(senders[0])
 
     @app.timer(1.0)
     async def refresh_gauges() -> None:

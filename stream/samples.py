@@ -53,6 +53,40 @@ def encode_sample(s: Sample) -> bytes:
     return json.dumps(d, separators=(",", ":")).encode()
 
 
+_json_str = json.encoder.encode_basestring_ascii  # C: quoted and escaped as json.dumps does
+_BOOL = (b"false", b"true")
+_SAMPLE_TEMPLATE: Final = (
+    b'{"schema_version":%d,"impression_id":%b,"bank_id":%b,"event_time_ms":%d,"features":%b,'
+    b'"labels":[%d,%d,%d,%d],"mature":[%b,%b,%b,%b],"kind":%b,"elapsed_ms":%d,"seq":%d,'
+    b'"watermark_ms":%d,"policy":%b}'
+)
+
+
+def sample_bytes(
+    impression_id: str,
+    bank_id: str,
+    event_time_ms: int,
+    features_json: bytes,
+    labels: tuple[int, int, int, int],
+    mature: tuple[bool, bool, bool, bool],
+    kind: str,
+    elapsed_ms: int,
+    seq: int,
+    watermark_ms: int,
+    policy: str,
+) -> bytes:
+    """``encode_sample`` byte for byte, with the features already encoded (the joiner's hot path).
+
+    ``features_json`` must be the compact JSON of the feature map (``stream.funnel.features_json``).
+    """
+    return _SAMPLE_TEMPLATE % (
+        SAMPLE_SCHEMA_VERSION, _json_str(impression_id).encode(), _json_str(bank_id).encode(), event_time_ms,
+        features_json, labels[0], labels[1], labels[2], labels[3],
+        _BOOL[mature[0]], _BOOL[mature[1]], _BOOL[mature[2]], _BOOL[mature[3]],
+        _json_str(kind).encode(), elapsed_ms, seq, watermark_ms, _json_str(policy).encode(),
+    )  # fmt: skip
+
+
 def _four(obj: dict[str, Any], name: str, kind: type) -> tuple[Any, Any, Any, Any]:
     v = obj.get(name)
     if not isinstance(v, list) or len(v) != 4 or not all(type(x) is kind for x in v):

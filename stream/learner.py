@@ -1,0 +1,200 @@
+"""The Kafka-free online learner: encode a batch of samples, score it, evaluate, then train on it.
+
+``OnlineLearner.step`` is test-then-train: the whole batch is scored with the current model in
+eval mode *before* any update, so no evaluated prediction comes from a model that saw the label.
+Evaluation uses final labels only, against the prediction made when the impression was first seen
+(its first sample; kept in ``pending``), so a mode that trains on a first sample (``fnw``) is not
+evaluated on a model that already trained on that impression. A final with no first sample seen
+is evaluated with the batch's pre-training prediction (no mode has trained on it yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import torch
+
+from aitm.features import FeatureEncoder
+from aitm.loss import ALPHA
+from aitm.model import AITM, AITMConfig
+from aitm.train import make_optimizer, train_step
+from stream.delayed_feedback import MODES, N_TASKS, train_rows
+from stream.evaluation import PrequentialEvaluator
+from stream.samples import Sample
+
+PENDING_CAP: Final = 500_000  # first-sample predictions awaiting their final label
+SEEN_CAP: Final = 500_000  # (impression id, seq) keys remembered for deduplication
+
+
+@dataclass
+class StepResult:
+    """What one ``step`` did; ``eval_*`` are the final-labelled pairs it added to the evaluator."""
+
+    samples: int
+    duplicates: int
+    trained_rows: int
+    eval_ids: list[str]
+    eval_labels: np.ndarray  # (E, T) final labels
+    eval_probs: np.ndarray  # (E, T) predictions made before any training on those impressions
+    scored_probs: np.ndarray  # (N, T) the batch's pre-training predictions
+    seconds: float
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def config_from_dict(d: Mapping[str, Any]) -> AITMConfig:
+    """An ``AITMConfig`` back from the plain dict a checkpoint holds (lists become tuples)."""
+    names = {f.name for f in dataclasses.fields(AITMConfig)}
+    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+    return AITMConfig(**kwargs)
+
+
+class OnlineLearner:
+    """AITM + feature encoder + optimizer + prequential evaluator, stepped one batch at a time."""
+
+    def __init__(
+        self,
+        encoder: FeatureEncoder,
+        mode: str = "fnw",
+        lr: float = 1e-3,
+        device: str | torch.device = "cpu",
+        eval_window: int = 20_000,
+        alpha: float = ALPHA,
+        model: AITM | None = None,
+        seed: int = 0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown delayed-feedback mode {mode!r}; one of {MODES}")
+        torch.manual_seed(seed)
+        self.device = torch.device(device)
+        self.encoder = encoder
+        self.mode = mode
+        self.alpha = alpha
+        self.model = (model or AITM(AITMConfig(vocab_sizes=encoder.vocab_sizes, n_tasks=N_TASKS))).to(self.device)
+        self.optimizer = make_optimizer(self.model, lr=lr)
+        self.evaluator = PrequentialEvaluator(N_TASKS, eval_window)
+        self.pending: dict[str, np.ndarray] = {}  # impression id -> first-sample prediction (T,)
+        self._seen: dict[tuple[str, int], None] = {}
+        self.trained_samples = 0  # rows the optimizer stepped on, lifetime
+        self.samples_seen = 0
+
+    # --- the step -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def predict(self, ids: np.ndarray) -> np.ndarray:
+        """End-to-end probabilities (N, T) in eval mode."""
+        self.model.eval()
+        x = torch.as_tensor(ids, device=self.device)  # (N, F)
+        out: np.ndarray = torch.sigmoid(self.model(x)).float().cpu().numpy()
+        return out
+
+    def _dedupe(self, samples: Sequence[Sample]) -> list[Sample]:
+        out = []
+        for s in samples:
+            key = (s.impression_id, s.seq)
+            if key in self._seen:
+                continue
+            self._seen[key] = None
+            out.append(s)
+        while len(self._seen) > SEEN_CAP:
+            del self._seen[next(iter(self._seen))]
+        return out
+
+    def step(self, batch: Sequence[Sample], train: bool = True) -> StepResult:
+        """Score ``batch``, evaluate its finals, then (``train``) update on it. Test-then-train."""
+        t0 = time.perf_counter()
+        samples = self._dedupe(batch)
+        n = len(samples)
+        if n == 0:
+            empty = np.zeros((0, N_TASKS))
+            return StepResult(0, len(batch), 0, [], empty, empty, empty, time.perf_counter() - t0)
+        ids = self.encoder.encode_dicts([s.features for s in samples], update=train)  # (N, F)
+        probs = self.predict(ids)  # (N, T): test first, with the model as it is now
+        eval_ids: list[str] = []
+        eval_labels: list[tuple[int, int, int, int]] = []
+        eval_probs: list[np.ndarray] = []
+        first_seen = [True] * n
+        for i, s in enumerate(samples):
+            if s.kind == "first":
+                self.pending[s.impression_id] = probs[i]
+            elif s.kind == "final":
+                eval_ids.append(s.impression_id)
+                eval_labels.append(s.labels)
+                at_first = self.pending.pop(s.impression_id, None)
+                first_seen[i] = at_first is not None
+                eval_probs.append(probs[i] if at_first is None else at_first)
+        while len(self.pending) > PENDING_CAP:
+            del self.pending[next(iter(self.pending))]
+        y_eval = np.asarray(eval_labels, np.float64).reshape(-1, N_TASKS)
+        p_eval = np.asarray(eval_probs, np.float64).reshape(-1, N_TASKS)
+        self.evaluator.update(y_eval, p_eval)
+        rows = 0
+        if train:  # ... and only then train
+            tr = train_rows(self.mode, samples, probs, first_seen)
+            rows = len(tr)
+            if rows:
+                dev = self.device
+                train_step(
+                    self.model,
+                    self.optimizer,
+                    torch.as_tensor(ids[tr.index], device=dev),  # (R, F)
+                    torch.as_tensor(tr.labels, device=dev),  # (R, T)
+                    torch.as_tensor(tr.mask, device=dev),
+                    torch.as_tensor(tr.weight, device=dev),
+                    alpha=self.alpha,
+                )
+            self.trained_samples += rows
+        self.samples_seen += n
+        return StepResult(n, len(batch) - n, rows, eval_ids, y_eval, p_eval, probs, time.perf_counter() - t0)
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restart needs besides the model (which ``make_checkpoint`` stores)."""
+        ids = list(self.pending)
+        probs = np.stack(list(self.pending.values())) if ids else np.zeros((0, N_TASKS), np.float32)
+        return {
+            "mode": self.mode,
+            "optimizer": self.optimizer.state_dict(),
+            "evaluator": self.evaluator.state_dict(),
+            "pending_ids": ids,
+            "pending_probs": torch.from_numpy(np.asarray(probs, np.float32)),
+            "trained_samples": self.trained_samples,
+            "samples_seen": self.samples_seen,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.evaluator.load_state_dict(list(state["evaluator"]))
+        probs = np.asarray(state["pending_probs"], np.float32).reshape(-1, N_TASKS)
+        self.pending = dict(zip(state["pending_ids"], probs, strict=True))
+        self.trained_samples = int(state["trained_samples"])
+        self.samples_seen = int(state["samples_seen"])
+
+    def metric_values(self) -> dict[str, list[dict[str, float]]]:
+        return self.evaluator.values()
+
+
+def fields_of(samples: Sequence[Sample]) -> tuple[str, ...]:
+    """The feature fields of a cold start: every field name in the first batch, sorted."""
+    names: set[str] = set()
+    for s in samples:
+        names.update(s.features)
+    if not names:
+        raise ValueError("the first batch of samples has no features: cannot fix the field list")
+    return tuple(sorted(names))
+
+
+def finite_or_none(x: float) -> float | None:
+    return None if math.isnan(x) or math.isinf(x) else x

@@ -1,0 +1,331 @@
+"""``aitm-stream trainer``: consume ``samples``, test-then-train AITM, checkpoint, announce versions.
+
+A kafka-python consumer with no group: it assigns every partition of the samples topic and seeks
+to the offsets stored in the last good checkpoint (the beginning when there is none), so a
+restarted trainer - even after ``kill -9`` - trains again on every sample after that checkpoint
+and never trusts a group commit. Each checkpoint is a model version in the model store
+(``stream.model_store``) and is announced on ``model-versions``. CPU-heavy torch work runs in this
+process only. See docs/streaming.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry, start_http_server
+
+from aitm.checkpoint import load_checkpoint, make_checkpoint
+from aitm.features import FeatureEncoder
+from aitm.model import AITM
+from stream.clock import Clock, SystemClock
+from stream.delayed_feedback import N_TASKS
+from stream.events import TASKS, InvalidEvent, dead_letter
+from stream.learner import OnlineLearner, config_from_dict, fields_of, pick_device
+from stream.metrics import WINDOWS, RefreshMetrics, TrainerMetrics
+from stream.model_store import ModelStore, ModelVersion, encode_version
+from stream.samples import Sample, parse_sample
+from stream.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """The trainer process's state: consumer, learner, store, producer and metrics."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry, clock: Clock | None = None,
+                 mode: str | None = None) -> None:
+        self.s = settings
+        self.clock = clock or SystemClock()
+        self.mode = mode or settings.trainer_mode
+        self.metrics = TrainerMetrics(registry)
+        self.refresh = RefreshMetrics(registry, "trainer", self._model_age)
+        self.store = ModelStore(settings.model_store_path(), settings.model_store_keep)
+        self.device = pick_device(settings.trainer_device)
+        self.learner: OnlineLearner | None = None
+        self.offsets: dict[int, int] = {}  # partition -> next offset to consume (trained or dead-lettered)
+        self.version = 0
+        self.published_at_s = 0.0
+        self.new_min_ms: int | None = None  # consumed-at of the oldest sample not yet in a version
+        self.new_max_ms = 0
+        self.batches_since = 0
+        self.consumed = 0
+        self.dead = 0
+        self.busy_s = 0.0  # seconds inside test-then-train steps
+        self.first_record_s: float | None = None
+        self.last_train_s = 0.0
+        self._consumer: Any = None
+        self._producer: Any = None
+
+    # --- start-up: resume, warm start or cold ---------------------------------------------------
+
+    def _model_age(self) -> float:
+        return time.time() - self.published_at_s if self.published_at_s else float("nan")
+
+    def _learner_from(self, ckpt: dict[str, Any]) -> OnlineLearner:
+        model = AITM(config_from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["model_state"])
+        encoder = FeatureEncoder.from_state_dict(ckpt["feature_maps"])
+        return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
+                             model=model)
+
+    def restore(self) -> None:
+        """Resume from the newest good version in the store, else warm-start, else wait for data."""
+        versions = self.store.versions()
+        self.version = versions[-1] if versions else 0
+        latest = self.store.load_latest()
+        if latest is not None:
+            v, ckpt = latest
+            extra = ckpt.get("extra", {})
+            self.learner = self._learner_from(ckpt)
+            if extra.get("topic") == self.s.topic_samples and "learner" in extra:
+                self.learner.load_state_dict(extra["learner"])
+                self.offsets = {int(p): int(o) for p, o in extra.get("offsets", {}).items()}
+                log.info("resumed from model version %d at offsets %s", v, self.offsets)
+            else:
+                log.info("model version %d is from another topic: used as a warm start", v)
+            return
+        if self.s.trainer_warm_start is not None:
+            self.learner = self._learner_from(load_checkpoint(self.s.trainer_warm_start))
+            log.info("warm start from %s", self.s.trainer_warm_start)
+
+    def _cold_start(self, batch: list[Sample]) -> OnlineLearner:
+        fields = fields_of(batch)
+        caps = [self.s.trainer_feature_capacities.get(f, self.s.trainer_feature_capacity) for f in fields]
+        encoder = FeatureEncoder(fields, capacity=caps, min_count=self.s.trainer_feature_min_count)
+        log.info("cold start: %d feature fields %s", len(fields), ", ".join(fields))
+        return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window)
+
+    # --- Kafka ----------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+        cfg = self.s.kafka_python_config()
+        self._producer = KafkaProducer(client_id="aitm-trainer", acks="all", linger_ms=5, **cfg)
+        consumer = KafkaConsumer(
+            client_id="aitm-trainer", group_id=None, enable_auto_commit=False,
+            max_partition_fetch_bytes=4 << 20, fetch_max_bytes=16 << 20, **cfg,
+        )
+        topic = self.s.topic_samples
+        deadline = time.monotonic() + 30
+        parts = consumer.partitions_for_topic(topic)
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.2)
+            parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise RuntimeError(f"topic {topic!r} has no partitions: create it (aitm-stream broker does)")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        for tp in tps:
+            if tp.partition in self.offsets:
+                consumer.seek(tp, self.offsets[tp.partition])
+            else:
+                consumer.seek_to_beginning(tp)
+        self._consumer = consumer
+
+    def close(self) -> None:
+        for c in (self._consumer, self._producer):
+            if c is not None:
+                c.close()
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, exit_when_idle_s: float | None = None) -> None:
+        batch: list[Sample] = []
+        batch_offsets: dict[int, int] = {}
+        first_at_ms: int | None = None
+        first_mono = 0.0
+        last_ckpt = last_gauges = idle_since = time.monotonic()
+        trained_at_last_gauge = self.learner.trained_samples if self.learner else 0
+        while not stop.is_set():
+            polled = self._consumer.poll(timeout_ms=100, max_records=max(1, self.s.trainer_batch_size - len(batch)))
+            now_ms = self.clock.now_ms()
+            if polled and self.first_record_s is None:
+                self.first_record_s = time.monotonic()
+            for tp, records in polled.items():
+                for rec in records:
+                    batch_offsets[tp.partition] = rec.offset + 1
+                    self.consumed += 1
+                    try:
+                        s = parse_sample(rec.value or b"")
+                    except InvalidEvent as exc:
+                        self._dead_letter(rec, exc)
+                        continue
+                    self.metrics.samples.labels(kind=s.kind).inc()
+                    if not batch:
+                        first_at_ms, first_mono = now_ms, time.monotonic()
+                    batch.append(s)
+            now = time.monotonic()
+            full = len(batch) >= self.s.trainer_batch_size
+            lingered = bool(batch) and (now - first_mono) * 1000 >= self.s.trainer_linger_ms
+            if full or lingered:
+                self._train(batch, first_at_ms or now_ms, now_ms)
+                batch = []
+            if not batch:  # every consumed record is trained on or dead-lettered
+                self.offsets.update(batch_offsets)
+                batch_offsets = {}
+            if polled or batch:
+                idle_since = now
+            due = (now - last_ckpt) * 1000 >= self.s.trainer_checkpoint_interval_ms
+            if self.new_min_ms is not None and not batch and (due or self.batches_since >= self.s.trainer_checkpoint_batches):
+                self.checkpoint()
+                last_ckpt = time.monotonic()
+            if now - last_gauges >= 1.0 and self.learner is not None:
+                done = self.learner.trained_samples
+                self.metrics.throughput.set((done - trained_at_last_gauge) / (now - last_gauges))
+                trained_at_last_gauge, last_gauges = done, now
+                self.update_quality_gauges()
+            if exit_when_idle_s is not None and self.consumed and not batch and now - idle_since >= exit_when_idle_s:
+                break  # armed by the first record, so a slow upstream start is not "idle"
+        if batch:
+            self._train(batch, first_at_ms or self.clock.now_ms(), self.clock.now_ms())
+            self.offsets.update(batch_offsets)
+        if self.new_min_ms is not None:
+            self.checkpoint()
+        self.update_quality_gauges()
+
+    def _train(self, batch: list[Sample], first_at_ms: int, last_at_ms: int) -> None:
+        if self.learner is None:
+            self.learner = self._cold_start(batch)
+        t0 = time.perf_counter()
+        res = self.learner.step(batch)
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        self.last_train_s = time.monotonic()
+        self.metrics.batch_seconds.observe(dt)
+        self.metrics.trained.inc(res.trained_rows)
+        self.batches_since += 1
+        self.new_min_ms = first_at_ms if self.new_min_ms is None else self.new_min_ms
+        self.new_max_ms = last_at_ms
+
+    def _dead_letter(self, rec: Any, exc: InvalidEvent) -> None:
+        self.dead += 1
+        self.metrics.dead_letters.labels(reason=exc.reason).inc()
+        value = dead_letter(rec.value, source_topic=rec.topic, reason=exc.reason, detail=exc.message,
+                            partition=rec.partition, offset=rec.offset, key=rec.key, time_ms=self.clock.now_ms())
+        self._producer.send(self.s.topic_dead_letters, key=rec.key or b"", value=value)
+
+    def checkpoint(self) -> ModelVersion:
+        """Write the next version (model, encoder, optimizer, evaluator, offsets) and announce it."""
+        learner = self.learner
+        if learner is None:
+            raise RuntimeError("nothing to checkpoint before the first batch")
+        self.version += 1
+        extra = {
+            "topic": self.s.topic_samples,
+            "offsets": dict(self.offsets),
+            "learner": learner.state_dict(),
+            "mode": self.mode,
+        }
+        ckpt = make_checkpoint(learner.model, learner.model.config, learner.encoder.state_dict(), self.version, extra)
+        path, digest = self.store.publish(self.version, ckpt)
+        now_ms = self.clock.now_ms()
+        v = ModelVersion(
+            version=self.version, path=str(path.resolve()), sha256=digest, trained_samples=learner.trained_samples,
+            created_at_ms=now_ms, max_sample_consumed_at_ms=self.new_max_ms,
+            min_new_sample_consumed_at_ms=self.new_min_ms or now_ms,
+        )
+        self._producer.send(self.s.topic_model_versions, key=b"model", value=encode_version(v))
+        self._producer.flush()
+        self.refresh.freshness.observe(max(0.0, (now_ms - v.min_new_sample_consumed_at_ms) / 1000))
+        self.new_min_ms, self.batches_since = None, 0
+        self.published_at_s = time.time()
+        self.metrics.checkpoints.inc()
+        self.metrics.model_version.set(self.version)
+        self.metrics.last_update.set(self.published_at_s)
+        return v
+
+    def update_quality_gauges(self) -> None:
+        if self.learner is None:
+            return
+        values = self.learner.metric_values()
+        for window in WINDOWS:
+            for t, task in enumerate(TASKS[:N_TASKS]):
+                vals = values[window][t]
+                self.metrics.auc.labels(task=task, window=window).set(vals["auc"])
+                self.metrics.log_loss.labels(task=task, window=window).set(vals["log_loss"])
+                self.metrics.calibration.labels(task=task, window=window).set(vals["calibration"])
+                self.metrics.positive_rate.labels(task=task, window=window).set(vals["positive_rate"])
+
+    def summary(self, wall_s: float) -> dict[str, Any]:
+        learner = self.learner
+        return {
+            "mode": self.mode,
+            "records_consumed": self.consumed,
+            "dead_letters": self.dead,
+            "samples_processed": learner.samples_seen if learner else 0,
+            "trained_rows": learner.trained_samples if learner else 0,
+            "busy_seconds": round(self.busy_s, 3),
+            # from the first record consumed to the last batch trained: the throughput denominator
+            "active_seconds": round(self.last_train_s - self.first_record_s, 3) if self.first_record_s else 0.0,
+            "wall_seconds": round(wall_s, 3),
+            "version": self.version,
+            "device": str(self.device),
+            "quality": learner.metric_values() if learner else None,
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the trainer until SIGTERM/SIGINT (or until idle, with ``--exit-when-idle``)."""
+    p = argparse.ArgumentParser(prog="aitm-stream trainer", description=__doc__)
+    p.add_argument("--mode", choices=("fnw", "final-only"), default=None, help="default TRAINER_MODE")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default TRAINER_DEVICE)")
+    p.add_argument("--warm-start", type=Path, default=None, help="offline checkpoint (default TRAINER_WARM_START)")
+    p.add_argument("--exit-when-idle", type=float, default=None, metavar="S",
+                   help="checkpoint and exit after S seconds without new samples (benches, batch runs)")
+    p.add_argument("--summary-json", type=Path, default=None, help="write a run summary here on exit")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument("--loglevel", default="info")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s trainer %(levelname)s %(message)s")
+    overrides: dict[str, Any] = {}
+    if args.device:
+        overrides["trainer_device"] = args.device
+    if args.warm_start:
+        overrides["trainer_warm_start"] = args.warm_start
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    settings = load_settings(**overrides)
+    torch.set_num_threads(settings.trainer_threads)
+    from stream.broker import ensure_topics
+
+    ensure_topics(settings.kafka_python_config(), settings.topic_specs(), settings.topic_replication_factor)
+    registry = CollectorRegistry()
+    if not args.no_metrics:
+        start_http_server(settings.metrics_port_trainer, addr=settings.metrics_host, registry=registry)
+    trainer = Trainer(settings, registry, mode=args.mode)
+    trainer.restore()
+    trainer.connect()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    t0 = time.monotonic()
+    log.info("trainer: mode %s, device %s, model store %s", trainer.mode, trainer.device, trainer.store.root)
+    try:
+        trainer.run(stop, args.exit_when_idle)
+    finally:
+        trainer.close()
+    if args.summary_json is not None:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary = _finite(trainer.summary(time.monotonic() - t0))
+        args.summary_json.write_text(json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
+def _finite(o: Any) -> Any:
+    """JSON-safe copy: NaN and infinities become null."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    return o

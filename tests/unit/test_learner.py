@@ -1,0 +1,150 @@
+"""The online learner: test-then-train ordering, delayed-feedback rows, prequential evaluation."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from aitm.evaluate import auc, calibration_ratio, log_loss
+from aitm.features import FeatureEncoder
+from stream.delayed_feedback import train_rows
+from stream.evaluation import PrequentialEvaluator, TaskWindow, binned_auc
+from stream.learner import OnlineLearner
+from stream.samples import Sample
+
+FIELDS = ("a", "b", "c")
+ALL = (True, True, True, True)
+
+
+def sample(i: int, kind: str = "final", labels: tuple[int, int, int, int] = (0, 0, 0, 0),
+           mature: tuple[bool, bool, bool, bool] = ALL, seq: int | None = None) -> Sample:
+    rng = np.random.default_rng(i)
+    feats = {f: str(int(rng.integers(0, 5))) for f in FIELDS}
+    seq = {"first": 0, "final": 5}.get(kind, 1) if seq is None else seq
+    return Sample(f"i{i}", "bank_1", 0, feats, labels, mature, kind, 1000, seq)  # type: ignore[arg-type]
+
+
+def learner(mode: str = "final-only", lr: float = 0.05) -> OnlineLearner:
+    torch.manual_seed(0)
+    return OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode=mode, lr=lr, eval_window=100)
+
+
+def test_a_batch_is_scored_before_it_is_trained_on() -> None:
+    ln = learner()
+    batch = [sample(i, labels=(1, 1, 1, 1) if i % 2 else (0, 0, 0, 0)) for i in range(64)]
+    before = copy.deepcopy(ln.model)
+    res = ln.step(batch)
+    ids = torch.as_tensor(ln.encoder.encode_dicts([s.features for s in batch]))  # ids the step used
+    before.eval()
+    with torch.no_grad():
+        expected = torch.sigmoid(before(ids)).numpy()  # the model as it was before the step
+    # every evaluated prediction is the untrained model's, in the evaluator too
+    np.testing.assert_allclose(res.eval_probs, expected, rtol=1e-5, atol=1e-7)
+    _, p = ln.evaluator.tasks[0].window_pairs()
+    np.testing.assert_allclose(np.sort(p), np.sort(expected[:, 0]), rtol=1e-5, atol=1e-7)
+    # ... and the step did train: the model now predicts differently (so the order matters)
+    assert res.trained_rows == 64
+    assert np.abs(ln.predict(ids.numpy()) - expected).max() > 1e-3
+
+
+def test_fnw_evaluates_the_prediction_made_at_the_first_sample() -> None:
+    ln = learner("fnw", lr=0.1)
+    firsts = [sample(i, "first", labels=(0, 0, 0, 0), mature=(False,) * 4) for i in range(32)]
+    at_first = ln.step(firsts).scored_probs  # trained on them as fake negatives afterwards
+    corrections = [sample(i, "correction", labels=(1, 0, 0, 0), seq=1) for i in range(0, 32, 2)]
+    assert ln.step(corrections).trained_rows == 16
+    finals = [sample(i, "final", labels=(1, 0, 0, 0) if i % 2 == 0 else (0, 0, 0, 0)) for i in range(32)]
+    res = ln.step(finals)
+    assert res.trained_rows == 0  # fnw never trains on finals
+    np.testing.assert_allclose(res.eval_probs, at_first, rtol=1e-6)  # not the trained model's
+    assert not np.allclose(res.scored_probs, at_first)
+    assert not ln.pending
+
+
+def test_duplicates_are_neither_trained_nor_evaluated_twice() -> None:
+    ln = learner()
+    batch = [sample(i, labels=(1, 0, 0, 0)) for i in range(10)]
+    assert ln.step(batch).trained_rows == 10
+    res = ln.step(batch)
+    assert (res.samples, res.duplicates, res.trained_rows) == (0, 10, 0)
+    assert ln.evaluator.tasks[0].count == 10
+
+
+def test_final_only_rows_use_the_mature_mask() -> None:
+    samples = [
+        sample(0, "first", labels=(1, 0, 0, 0), mature=(True, False, False, False)),
+        sample(1, "final", labels=(1, 1, 0, 0), mature=(True, True, True, False)),
+        sample(2, "correction", labels=(1, 1, 0, 0), seq=2),
+    ]
+    rows = train_rows("final-only", samples, np.full((3, 4), 0.2))
+    assert rows.index.tolist() == [1]
+    assert rows.mask.tolist() == [[1, 1, 1, 0]]  # an immature task stays out of the loss
+    assert rows.weight.tolist() == [[1, 1, 1, 1]]
+
+
+def test_fnw_rows_and_importance_weights() -> None:
+    p = np.array([[0.5, 0.2, 0.1, 0.05], [0.4, 0.3, 0.2, 0.1], [0.9, 0.5, 0.3, 0.2]])
+    samples = [
+        sample(0, "first", labels=(1, 0, 0, 0), mature=(True, False, False, False)),
+        sample(1, "correction", labels=(1, 1, 1, 0), seq=3),
+        sample(2, "final", labels=(1, 1, 1, 1)),
+    ]
+    rows = train_rows("fnw", samples, p)
+    assert rows.index.tolist() == [0, 0, 1]
+    np.testing.assert_allclose(rows.labels, [[0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0]])
+    np.testing.assert_allclose(rows.mask, [[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 1, 0]])
+    np.testing.assert_allclose(rows.weight[0], (1 - p[0]) * (1 + p[0]), rtol=1e-6)  # fake negative
+    np.testing.assert_allclose(rows.weight[1], 1 + p[0], rtol=1e-6)  # positive copy
+    assert rows.weight[2][2] == pytest.approx(1 + p[1][2])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sliding_window_equals_a_batch_computation_on_the_same_window(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    window = 500
+    ev = PrequentialEvaluator(2, window)
+    all_y, all_p = [], []
+    for _ in range(40):
+        n = int(rng.integers(1, 120)) if rng.random() < 0.9 else 700  # some batches overflow the window
+        p = rng.random((n, 2))
+        y = (rng.random((n, 2)) < p * 0.5).astype(int)
+        ev.update(y, p)
+        all_y.append(y)
+        all_p.append(p)
+        ys, ps = np.concatenate(all_y), np.concatenate(all_p)
+        vals = ev.values()
+        for t in range(2):
+            yw, pw = ys[-window:, t], ps[-window:, t]
+            got = vals["sliding"][t]
+            assert got["auc"] == pytest.approx(auc(yw, pw), abs=1e-12)
+            assert got["log_loss"] == pytest.approx(log_loss(yw, pw), rel=1e-9)
+            assert got["calibration"] == pytest.approx(calibration_ratio(yw, pw), rel=1e-9)
+            assert got["positive_rate"] == pytest.approx(yw.mean())
+            life = vals["lifetime"][t]
+            assert life["count"] == len(ys)
+            assert life["auc"] == pytest.approx(auc(ys[:, t], ps[:, t]), abs=2e-3)
+            assert life["log_loss"] == pytest.approx(log_loss(ys[:, t], ps[:, t]), rel=1e-6)
+
+
+def test_window_state_round_trips() -> None:
+    rng = np.random.default_rng(3)
+    w = TaskWindow(50)
+    w.update((rng.random(80) < 0.3).astype(int), rng.random(80))
+    w2 = TaskWindow(50)
+    w2.load_state_dict(w.state_dict())
+    assert w2.window_values() == w.window_values()
+    assert w2.lifetime_values() == w.lifetime_values()
+
+
+def test_binned_auc_counts_ties_as_half() -> None:
+    assert binned_auc(np.array([0, 1]), np.array([0, 1])) == pytest.approx(0.5)
+    assert binned_auc(np.array([0, 1]), np.array([1, 0])) == pytest.approx(1.0)
+
+
+def test_fnw_trains_a_final_whose_first_sample_never_came() -> None:
+    ln = learner("fnw")
+    res = ln.step([sample(i, "final", labels=(1, 0, 0, 0)) for i in range(8)])
+    assert res.trained_rows == 8 and ln.evaluator.tasks[0].count == 8

@@ -1,0 +1,73 @@
+"""Model store versions and announcements: atomic, verified, corrupted versions refused."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from aitm.checkpoint import make_checkpoint
+from aitm.features import FeatureEncoder
+from aitm.model import AITM, AITMConfig
+from stream.events import InvalidEvent
+from stream.model_store import ModelStore, ModelStoreError, ModelVersion, encode_version, parse_version
+
+
+def checkpoint(seed: int) -> dict:
+    torch.manual_seed(seed)
+    enc = FeatureEncoder(("a", "b"), capacity=8, min_count=1)
+    cfg = AITMConfig(vocab_sizes=enc.vocab_sizes)
+    return make_checkpoint(AITM(cfg), cfg, enc.state_dict(), step=seed)
+
+
+def test_publish_load_and_keep_newest(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path, keep=3)
+    digests = {}
+    for v in range(1, 6):
+        _, digests[v] = store.publish(v, checkpoint(v))
+    assert store.versions() == [3, 4, 5]
+    got = store.load(5, sha256=digests[5])
+    assert got["step"] == 5
+    assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+
+
+def test_a_corrupted_version_is_refused_and_the_previous_one_loads(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    store.publish(1, checkpoint(1))
+    path, digest = store.publish(2, checkpoint(2))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelStoreError, match="checksum mismatch"):
+        store.load(2)
+    with pytest.raises(ModelStoreError, match="sha256"):
+        store.load(2, sha256=digest)
+    latest = store.load_latest()
+    assert latest is not None and latest[0] == 1
+
+
+def test_truncated_version_is_refused(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    path, _ = store.publish(1, checkpoint(1))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ModelStoreError):
+        store.load(1)
+    assert store.load_latest() is None
+
+
+def test_announcement_round_trip_and_validation() -> None:
+    v = ModelVersion(3, "/m/v00000003.ckpt", "a" * 64, 100, 1, 2, 1)
+    assert parse_version(encode_version(v)) == v
+    bad = [
+        b"not json",
+        b"[]",
+        encode_version(dataclasses.replace(v, sha256="xyz")),
+        encode_version(dataclasses.replace(v, version=-1)),
+        encode_version(v).replace(b'"schema_version":1', b'"schema_version":2'),
+        encode_version(v).replace(b'"path"', b'"pth"'),
+    ]
+    for raw in bad:
+        with pytest.raises(InvalidEvent):
+            parse_version(raw)
