@@ -20,9 +20,12 @@ def produce(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     metrics: SimulatorMetrics | None = None,
+    max_idle_s: float = 1.0,
 ) -> dict[str, int]:
     """Send records to Kafka in delivery order, paced by ``speedup`` (simulated s per wall s)
-    and/or ``max_rate`` (records per wall second); 0 means as fast as possible."""
+    and/or ``max_rate`` (records per wall second); 0 means as fast as possible. Stretches with
+    no record for over ``max_idle_s`` wall seconds (the sparse tail of late activations) are cut
+    short."""
     from kafka import KafkaProducer
 
     topics = settings.event_topics()
@@ -49,6 +52,9 @@ def produce(
             if max_rate > 0:
                 due = max(due, sent / max_rate)
             wait = t0 + due - time.monotonic()
+            if wait > max_idle_s:  # an empty stretch of simulated time: skip it
+                t0 -= wait - max_idle_s
+                wait = max_idle_s
             if wait > 0:
                 producer.flush()
                 time.sleep(wait)

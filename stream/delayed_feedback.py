@@ -38,6 +38,8 @@ from stream.samples import Sample
 Mode = Literal["final-only", "fnw"]
 MODES: Final = ("final-only", "fnw")
 N_TASKS: Final = 4
+_FIRST, _CORRECTION, _FINAL = 0, 1, 2
+_KIND_CODE: Final = {"first": _FIRST, "correction": _CORRECTION, "final": _FINAL}
 
 
 @dataclass(frozen=True)
@@ -53,66 +55,62 @@ class TrainRows:
         return int(self.index.shape[0])
 
 
-def _rows(index: list[int], labels: list[np.ndarray], mask: list[np.ndarray], weight: list[np.ndarray]) -> TrainRows:
-    if not index:
-        empty = np.zeros((0, N_TASKS), np.float32)
-        return TrainRows(np.zeros(0, np.int64), empty, empty, empty)
+def _columns(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The batch as arrays: kind codes (N,) (0 first, 1 correction, 2 final), labels (N, T),
+    mature (N, T) and seq (N,)."""
+    n = len(samples)
+    kind = np.fromiter((_KIND_CODE.get(s.kind, -1) for s in samples), np.int8, count=n)
+    labels = np.array([s.labels for s in samples], np.float32).reshape(n, N_TASKS)
+    mature = np.array([s.mature for s in samples], np.float32).reshape(n, N_TASKS)
+    seq = np.fromiter((s.seq for s in samples), np.int64, count=n)
+    return kind, labels, mature, seq
+
+
+def _rows(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> TrainRows:
+    """Concatenate (index, labels, mask, weight) blocks, then order rows by batch index (stable,
+    so a first sample's fake negative stays before its positive copy)."""
+    index = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    order = np.argsort(index, kind="stable")
     return TrainRows(
-        np.asarray(index, np.int64),
-        np.stack(labels).astype(np.float32),
-        np.stack(mask).astype(np.float32),
-        np.stack(weight).astype(np.float32),
+        index[order],
+        np.concatenate([p[1] for p in parts]).astype(np.float32)[order].reshape(-1, N_TASKS),
+        np.concatenate([p[2] for p in parts]).astype(np.float32)[order].reshape(-1, N_TASKS),
+        np.concatenate([p[3] for p in parts]).astype(np.float32)[order].reshape(-1, N_TASKS),
     )
 
 
 def train_rows(mode: str, samples: Sequence[Sample], probs: np.ndarray,
-               first_seen: Sequence[bool] | None = None) -> TrainRows:
+               first_seen: Sequence[bool] | np.ndarray | None = None) -> TrainRows:
     """The rows of ``samples`` to train on under ``mode``; ``probs`` (N, T) are the pre-training
     predictions (used by ``fnw``'s importance weights). ``first_seen[i]``: was the first sample of
     final ``i``'s impression trained on? ``fnw`` trains a final whose first it never saw (the
-    joiner skips the first sample when an impression is already final) as a labelled row."""
-    if probs.shape != (len(samples), N_TASKS):
-        raise ValueError(f"probs must be ({len(samples)}, {N_TASKS}), got {probs.shape}")
-    index: list[int] = []
-    labels: list[np.ndarray] = []
-    mask: list[np.ndarray] = []
-    weight: list[np.ndarray] = []
-    ones = np.ones(N_TASKS)
-    if mode == "final-only":
-        for i, s in enumerate(samples):
-            if s.kind == "final":
-                index.append(i)
-                labels.append(np.asarray(s.labels, np.float64))
-                mask.append(np.asarray(s.mature, np.float64))
-                weight.append(ones)
-        return _rows(index, labels, mask, weight)
-    if mode != "fnw":
+    joiner skips the first sample when an impression is already final) as a labelled row.
+    Vectorised: no Python work per sample beyond reading its fields once."""
+    n = len(samples)
+    if probs.shape != (n, N_TASKS):
+        raise ValueError(f"probs must be ({n}, {N_TASKS}), got {probs.shape}")
+    if mode not in MODES:
         raise ValueError(f"unknown delayed-feedback mode {mode!r}; one of {MODES}")
+    kind, y, mature, seq = _columns(samples)
+    ones = np.ones((1, N_TASKS), np.float32)
+    final = np.flatnonzero(kind == _FINAL)
+    if mode == "final-only":
+        return _rows([(final, y[final], mature[final], np.broadcast_to(ones, (final.size, N_TASKS)))])
     p = np.clip(probs.astype(np.float64), 0.0, 1.0)
     w_pos = 1.0 + p  # (N, T)
     w_neg = (1.0 - p) * (1.0 + p)  # (N, T)
-    for i, s in enumerate(samples):
-        if s.kind == "first":
-            index.append(i)  # the fake negative of every task
-            labels.append(np.zeros(N_TASKS))
-            mask.append(ones)
-            weight.append(w_neg[i])
-            y = np.asarray(s.labels, np.float64)
-            if y.any():  # tasks already positive: their positive copy, now
-                index.append(i)
-                labels.append(y)
-                mask.append(y)
-                weight.append(w_pos[i])
-        elif s.kind == "correction" and 1 <= s.seq <= N_TASKS and s.labels[s.seq - 1] == 1:
-            onehot = np.zeros(N_TASKS)
-            onehot[s.seq - 1] = 1.0
-            index.append(i)
-            labels.append(onehot)
-            mask.append(onehot)
-            weight.append(w_pos[i])
-        elif s.kind == "final" and first_seen is not None and not first_seen[i]:
-            index.append(i)
-            labels.append(np.asarray(s.labels, np.float64))
-            mask.append(np.asarray(s.mature, np.float64))
-            weight.append(ones)
-    return _rows(index, labels, mask, weight)
+    first = np.flatnonzero(kind == _FIRST)
+    zeros = np.zeros((first.size, N_TASKS), np.float32)
+    parts = [(first, zeros, np.broadcast_to(ones, zeros.shape), w_neg[first])]  # every task's fake negative
+    pos = first[y[first].any(axis=1)]  # tasks already positive at the first sample: their positive copy
+    parts.append((pos, y[pos], y[pos], w_pos[pos]))
+    step = np.clip(seq, 1, N_TASKS) - 1  # (N,) the task a correction credits
+    credited = (kind == _CORRECTION) & (seq >= 1) & (seq <= N_TASKS) & (y[np.arange(n), step] == 1)
+    corr = np.flatnonzero(credited)
+    onehot = np.zeros((corr.size, N_TASKS), np.float32)
+    onehot[np.arange(corr.size), step[corr]] = 1.0
+    parts.append((corr, onehot, onehot, w_pos[corr]))
+    if first_seen is not None:
+        unseen = final[~np.asarray(first_seen, bool)[final]]
+        parts.append((unseen, y[unseen], mature[unseen], np.broadcast_to(ones, (unseen.size, N_TASKS))))
+    return _rows(parts)

@@ -109,13 +109,17 @@ def main(argv: list[str] | None = None) -> int:
             f"streaming {days} simulated days x {args.impressions_per_day} impressions at {speedup:.0f}x ..."
         )
         sup.start("simulator", procfile["simulator"])
+        tty = sys.stdout.isatty()
         drained_since: float | None = None
         last_trained = -1.0
         while not stop["now"]:
             time.sleep(2.0)
             snap = {name: scrape(u) for name, u in url.items()}
             timeline.add(time.monotonic() - t_start, snap)
-            print("\r" + timeline.progress_line(days), end="", flush=True)
+            if tty:
+                print("\r" + timeline.progress_line(days), end="", flush=True)
+            elif len(timeline.times) % 5 == 1:
+                print(timeline.progress_line(days), flush=True)
             for name in ("joiner", "trainer", "scorer"):
                 if not sup.alive(name):
                     raise RuntimeError(f"{name} exited:\n{sup.tail(name)}")

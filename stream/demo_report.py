@@ -52,6 +52,13 @@ class Timeline:
                 return v
         return math.nan
 
+    def latest(self, proc: str) -> Snapshot:
+        """The last snapshot in which ``proc`` answered (it may have exited since)."""
+        for snap in reversed(self.snaps):
+            if snap.get(proc):
+                return snap
+        return {}
+
     def sim_day(self, snap: Snapshot) -> float:
         v = pick(snap, "simulator", "aitm_simulator_time_seconds")
         return (v * 1000 - EPOCH_MS) / DAY_MS if not math.isnan(v) else math.nan
@@ -80,7 +87,7 @@ class Timeline:
     def summary(self, wall_s: float) -> str:
         if not self.snaps:
             return "no metrics were scraped"
-        snap = self.snaps[-1]
+        snap = self.latest("trainer")
         rows = [f"{'task':<12}{'AUC window':>11}{'AUC life':>10}{'frozen':>9}{'log loss':>10}{'calib':>8}"]
         for t in TASKS:
             vals = [
@@ -94,9 +101,9 @@ class Timeline:
                 )
             ]
             rows.append(f"{t:<12}{vals[0]:>11.4f}{vals[1]:>10.4f}{vals[2]:>9.4f}{vals[3]:>10.4f}{vals[4]:>8.3f}")
-        sent = by_label(snap, "simulator", "aitm_simulator_records_total", "topic")
-        dead = by_label(snap, "joiner", "aitm_joiner_dead_letters_total", "reason")
-        samples = by_label(snap, "joiner", "aitm_joiner_samples_total", "kind")
+        sent = by_label(self.latest("simulator"), "simulator", "aitm_simulator_records_total", "topic")
+        dead = by_label(self.latest("joiner"), "joiner", "aitm_joiner_dead_letters_total", "reason")
+        samples = by_label(self.latest("joiner"), "joiner", "aitm_joiner_samples_total", "kind")
         total = sum(sent.values())
         rows += [
             "",

@@ -233,7 +233,7 @@ _FEATURES_ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
 
 def features_json(features: Mapping[str, str] | None) -> bytes:
     """The compact JSON of a feature map, as ``json.dumps(..., separators=(",", ":"))`` writes it."""
-    return _FEATURES_ENCODER.encode(dict(features or {})).encode()
+    return _FEATURES_ENCODER.encode(features if type(features) is dict else dict(features or {})).encode()
 
 
 def advance(

@@ -3,10 +3,11 @@
 One agent reads the co-partitioned event topics; per-impression funnel state lives in a faust
 Table (``store="rocksdb://"``, rocksdict) whose changelog restores it after a restart. The
 agent drives ``stream.join.FunnelJoin``: one table write per event at most, state values in a
-compact marshal codec, samples and dead letters produced with the raw producer only when due.
-The expiry index is in memory per partition (rebuilt from the local RocksDB on the first
-record of a partition) and swept inside stream iteration every ``JOINER_SWEEP_INTERVAL_MS`` -
-faust allows table writes nowhere else. See docs/joiner.md.
+compact marshal codec, samples and dead letters only when due. Outputs and changelog records
+are produced as record batches (``stream.sender.BatchSender``) once per
+``JOINER_SWEEP_INTERVAL_MS``, when every partition whose watermark moved is swept; a timer
+does the same in quiet spells. The expiry index is in memory per partition (rebuilt from the
+local RocksDB on the first record of a partition). See docs/joiner.md.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class FaustTableStore:
 
     def get(self, key: bytes) -> bytes | None:
         v = self._db.get(key)
-        return None if v is None else bytes(v)
+        return v if v is None or type(v) is bytes else bytes(v)
 
     def put(self, key: bytes, value: bytes, due_ms: int | None) -> None:
         self._db.put(key, value)

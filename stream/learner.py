@@ -42,7 +42,8 @@ class StepResult:
     eval_ids: list[str]
     eval_labels: np.ndarray  # (E, T) final labels
     eval_probs: np.ndarray  # (E, T) predictions made before any training on those impressions
-    scored_probs: np.ndarray  # (N, T) the batch's pre-training predictions
+    scored_probs: np.ndarray  # (N, T) the batch's pre-training predictions; NaN for finals whose
+    # first-sample prediction was held (they are evaluated with that one and need no new score)
     seconds: float
 
 
@@ -120,20 +121,33 @@ class OnlineLearner:
             empty = np.zeros((0, N_TASKS))
             return StepResult(0, len(batch), 0, [], empty, empty, empty, time.perf_counter() - t0)
         ids = self.encoder.encode_dicts([s.features for s in samples], update=train)  # (N, F)
-        probs = self.predict(ids)  # (N, T): test first, with the model as it is now
+        pending = self.pending
+        # test first, with the model as it is now - but only the rows whose prediction is used:
+        # a final whose first-sample prediction is held is evaluated with that one, and no mode
+        # needs its current prediction (fnw weights come from firsts and corrections)
+        need = np.fromiter((s.kind != "final" or s.impression_id not in pending for s in samples), bool, count=n)
+        if need.all():
+            probs = self.predict(ids)  # (N, T)
+        else:
+            probs = np.full((n, N_TASKS), np.nan, np.float32)  # (N, T), NaN where not scored
+            if need.any():
+                probs[need] = self.predict(ids[need])
         eval_ids: list[str] = []
         eval_labels: list[tuple[int, int, int, int]] = []
         eval_probs: list[np.ndarray] = []
-        first_seen = [True] * n
+        first_seen = np.ones(n, bool)
         for i, s in enumerate(samples):
             if s.kind == "first":
-                self.pending[s.impression_id] = probs[i]
+                pending[s.impression_id] = probs[i]
             elif s.kind == "final":
                 eval_ids.append(s.impression_id)
                 eval_labels.append(s.labels)
-                at_first = self.pending.pop(s.impression_id, None)
-                first_seen[i] = at_first is not None
-                eval_probs.append(probs[i] if at_first is None else at_first)
+                at_first = pending.pop(s.impression_id, None)
+                if at_first is None:
+                    first_seen[i] = False
+                    eval_probs.append(probs[i])
+                else:
+                    eval_probs.append(at_first)
         while len(self.pending) > PENDING_CAP:
             del self.pending[next(iter(self.pending))]
         y_eval = np.asarray(eval_labels, np.float64).reshape(-1, N_TASKS)

@@ -147,3 +147,40 @@ def test_dead_letter_keeps_raw_bytes_and_reason() -> None:
     assert rec["source_topic"] == "clicks" and rec["offset"] == 3
     text = json.loads(dead_letter(b"{oops", source_topic="clicks", reason=MALFORMED_JSON, detail="bad"))
     assert text["raw"] == "{oops" and text["raw_encoding"] == "utf-8"
+
+
+COMPACT_IMPRESSION = (
+    b'{"schema_version":1,"event_type":"impression","event_id":"i-1/impression","impression_id":"i-1",'
+    b'"event_time_ms":1767225600000,"bank_id":"bank_2","features":{"hour":"3","slot":"1"}}'
+)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # compact records take the fast path (value at offset 0 filling the text)
+        COMPACT_IMPRESSION.replace(b'"bank_id":"bank_2"', b'"bank_id":"bank_2","bank_id":"bank_3"'),
+        COMPACT_IMPRESSION.replace(b'"slot":"1"', b'"slot":"1","hour":"4"'),  # in the features object
+        COMPACT_IMPRESSION.replace(b'"slot":"1"', b'"slot":"1","slot":"1"'),  # even with equal values
+        COMPACT_IMPRESSION.replace(b'"slot":"1"', b'"slot":{"a":1,"a":2}'),  # deeper down
+        # leading / trailing whitespace takes the full decoder: still refused
+        b"  " + COMPACT_IMPRESSION.replace(b'"slot":"1"', b'"slot":"1","hour":"4"'),
+        COMPACT_IMPRESSION.replace(b'"slot":"1"', b'"slot":"1","hour":"4"') + b"\n",
+    ],
+)
+def test_duplicate_keys_are_refused_on_every_path(payload: bytes) -> None:
+    with pytest.raises(InvalidEvent, match="duplicate key") as err:
+        parse_event(payload)
+    assert err.value.reason == MALFORMED_JSON
+
+
+@pytest.mark.parametrize("payload", [b"  " + COMPACT_IMPRESSION, COMPACT_IMPRESSION + b" \n", COMPACT_IMPRESSION])
+def test_surrounding_whitespace_is_accepted(payload: bytes) -> None:
+    assert parse_event(payload).features == {"hour": "3", "slot": "1"}
+
+
+@pytest.mark.parametrize("tail", [b"x", b" {}", b"}", b"\x00"])
+def test_extra_data_after_the_object_is_refused(tail: bytes) -> None:
+    with pytest.raises(InvalidEvent) as err:
+        parse_event(COMPACT_IMPRESSION + tail)
+    assert err.value.reason == MALFORMED_JSON

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
@@ -170,3 +171,27 @@ def test_codec_roundtrip_is_compact() -> None:
     assert decode_state(data) == state
     with pytest.raises(ValueError, match="codec"):
         decode_state(b"\xe9\x00\x00\x00\x00")
+
+
+def test_codec_reads_version_1_states() -> None:
+    import marshal
+
+    from stream.funnel import features_json
+
+    state, _ = run([ev(0, T0), ev(1, T0 + MIN)], wm=T0)
+    assert state is not None and state.features_json == b'{"f":"v"}'
+    v1 = marshal.dumps((1, state.bank_id, state.imp_ms, {"f": "v"}, state.times, ()))
+    assert decode_state(v1) == state
+    assert features_json({"é": "\"x\""}) == json.dumps({"é": "\"x\""}, separators=(",", ":")).encode()
+
+
+def test_sample_bytes_is_encode_sample_byte_for_byte() -> None:
+    from stream.funnel import features_json
+    from stream.samples import Sample, encode_sample, parse_sample, sample_bytes
+
+    for feats, iid in (({}, "i-1"), ({"a": "1", "é\n": "\"q\\"}, "i-\u00e9/\"2")):
+        for mature in itertools.product((False, True), repeat=4):
+            s = Sample(iid, "bank_1", T0, feats, (1, 0, 1, 0), mature, "correction", 7, 2, T0 + 9, "early")  # type: ignore[arg-type]
+            got = sample_bytes(iid, "bank_1", T0, features_json(feats), s.labels, s.mature, s.kind, 7, 2, T0 + 9, "early")
+            assert got == encode_sample(s)
+            assert parse_sample(got) == s
