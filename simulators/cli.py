@@ -109,10 +109,16 @@ def main(argv: list[str] | None = None) -> int:
             registry = CollectorRegistry()
             metrics = SimulatorMetrics(registry)
             start_http_server(settings.metrics_port_simulator, addr=settings.metrics_host, registry=registry)
-        counts = produce(
-            records, settings, speedup=args.speedup, max_rate=args.rate, progress=progress,
-            should_stop=lambda: stopping, metrics=metrics,
-        )  # fmt: skip
+        from kafka.errors import KafkaError
+
+        try:
+            counts = produce(
+                records, settings, speedup=args.speedup, max_rate=args.rate, progress=progress,
+                should_stop=lambda: stopping, metrics=metrics,
+            )  # fmt: skip
+        except KafkaError as exc:
+            print(f"error: cannot produce to Kafka at {settings.bootstrap()}: {exc}", file=sys.stderr)
+            return 1
         where = settings.bootstrap()
     elapsed = time.monotonic() - t0
     total = sum(counts.values())

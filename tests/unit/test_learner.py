@@ -60,7 +60,7 @@ def test_fnw_evaluates_the_prediction_made_at_the_first_sample() -> None:
     res = ln.step(finals)
     assert res.trained_rows == 0  # fnw never trains on finals
     np.testing.assert_allclose(res.eval_probs, at_first, rtol=1e-6)  # not the trained model's
-    assert not np.allclose(res.scored_probs, at_first)
+    assert np.isnan(res.scored_probs).all()  # held first-sample predictions: no second scoring
     assert not ln.pending
 
 
@@ -148,3 +148,69 @@ def test_fnw_trains_a_final_whose_first_sample_never_came() -> None:
     ln = learner("fnw")
     res = ln.step([sample(i, "final", labels=(1, 0, 0, 0)) for i in range(8)])
     assert res.trained_rows == 8 and ln.evaluator.tasks[0].count == 8
+
+
+def timed(i: int, day: float, kind: str = "final", labels: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Sample:
+    s = sample(i, kind, labels)
+    return Sample(s.impression_id, s.bank_id, int(day * 86_400_000), s.features, s.labels, s.mature, s.kind,
+                  s.elapsed_ms, s.seq)
+
+
+def test_the_frozen_copy_never_changes_and_scores_only_later_impressions() -> None:
+    torch.manual_seed(0)
+    ln = OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="final-only", lr=0.05,
+                       eval_window=100, freeze_after_ms=2 * 86_400_000)
+    early = [timed(i, 0.5, labels=(1, 1, 0, 0) if i % 2 else (0, 0, 0, 0)) for i in range(64)]
+    ln.step(early)
+    assert ln.frozen is None and ln.frozen_metric_values() is None
+    later = [timed(100 + i, 2.5, labels=(1, 0, 0, 0) if i % 3 else (0, 0, 0, 0)) for i in range(64)]
+    before = copy.deepcopy(ln.model.state_dict())
+    ln.step(later)  # event time passed day 2: frozen before this batch trains
+    assert ln.frozen is not None
+    frozen_state = copy.deepcopy(ln.frozen.state_dict())
+    for k, v in before.items():
+        assert torch.equal(frozen_state[k], v), k  # the model as it was before the batch
+    for day in (3, 4, 5):
+        ln.step([timed(1000 * day + i, day, labels=(i % 2, 0, 0, 0)) for i in range(64)])
+    for k, v in ln.frozen.state_dict().items():
+        assert torch.equal(v, frozen_state[k]), k  # never trained
+    assert any(not torch.equal(v, frozen_state[k]) for k, v in ln.model.state_dict().items())
+    assert all(not p.requires_grad for p in ln.frozen.parameters())
+    # evaluated on impressions from the cutoff on only: 4 batches of 64, not the first one
+    assert ln.frozen_evaluator.tasks[0].count == 4 * 64
+    values = ln.frozen_metric_values()
+    assert values is not None and 0.0 <= values["lifetime"][0]["auc"] <= 1.0
+    # a restart restores the copy and its evaluator
+    ln2 = OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="final-only", lr=0.05,
+                        eval_window=100, freeze_after_ms=2 * 86_400_000, model=copy.deepcopy(ln.model))
+    ln2.load_state_dict(ln.state_dict())
+    assert ln2.frozen is not None and ln2.frozen_evaluator.tasks[0].count == 4 * 64
+    for k, v in ln2.frozen.state_dict().items():
+        assert torch.equal(v, frozen_state[k]), k
+
+
+def test_no_freeze_when_off() -> None:
+    ln = learner()
+    ln.step([timed(i, 10.0) for i in range(8)])
+    assert ln.frozen is None and ln.state_dict()["frozen"] is None
+
+
+def test_frozen_copy_sees_values_admitted_after_the_freeze_as_out_of_vocabulary() -> None:
+    ln = OnlineLearner(FeatureEncoder(("a",), capacity=8, min_count=1), mode="final-only",
+                       freeze_after_ms=1)
+    ln.step([Sample("x", "b", 0, {"a": "v1"}, (0, 0, 0, 0), ALL, "final", 0, 5)])
+    ln.step([Sample("y", "b", 5, {"a": "v1"}, (1, 0, 0, 0), ALL, "final", 0, 5)])  # freezes: v1 known
+    assert ln.frozen_vocab_sizes == [1]
+    ln.step([Sample("z", "b", 9, {"a": "v2"}, (1, 0, 0, 0), ALL, "final", 0, 5)])  # v2 admitted later
+    assert ln.encoder.vocab[0] == {"v1": 1, "v2": 2}
+    x = np.where(np.array([[2]]) > np.asarray(ln.frozen_vocab_sizes), 0, 2)
+    assert x.tolist() == [[0]]
+
+
+def test_finals_with_a_held_first_prediction_are_not_scored_again() -> None:
+    ln = learner("fnw", lr=0.1)
+    ln.step([sample(i, "first", mature=(False,) * 4) for i in range(8)])
+    res = ln.step([sample(i, "final") for i in range(8)] + [sample(50, "final")])
+    assert np.isnan(res.scored_probs[:8]).all()  # evaluated with the first-sample prediction
+    assert np.isfinite(res.scored_probs[8]).all()  # no first seen: scored now
+    assert np.isfinite(res.eval_probs).all()
