@@ -150,9 +150,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", type=Path, default=None, help="AUC plot (default: JSON path .png)")
     p.add_argument("--curve-plot", type=Path, default=None, help="learning curve PNG")
     p.add_argument("--quick", action="store_true", help="small run, under 5 min on 2 cores")
-    p.add_argument("--days", type=int, default=None, help="simulated days (default 30, quick 10)")
+    p.add_argument("--days", type=int, default=None, help="simulated days (default 20, quick 10)")
     p.add_argument("--seeds", type=int, default=None, help="training seeds (default 5, quick 2)")
-    p.add_argument("--max-epochs", type=int, default=None, help="default 8, quick 3")
+    p.add_argument("--max-epochs", type=int, default=None, help="default 10, quick 6")
     p.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated subset")
     p.add_argument("--sim-seed", type=int, default=0, help="seed of the simulated world")
     p.add_argument("--min-count", type=int, default=10, help="rarer values map to OOV")
@@ -168,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; write JSON, markdown and plots."""
     args = _parse(argv)
     torch.set_num_threads(args.threads)
-    days = args.days or (10 if args.quick else 30)
+    days = args.days or (10 if args.quick else 20)
     n_seeds = args.seeds or (2 if args.quick else 5)
-    cfg = TrainConfig(max_epochs=args.max_epochs or (3 if args.quick else 8), patience=2)
+    cfg = TrainConfig(max_epochs=args.max_epochs or (6 if args.quick else 10), patience=2)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(models) - set(ALL_MODELS)
     if unknown:

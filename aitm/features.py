@@ -16,6 +16,8 @@ from __future__ import annotations
 import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -89,12 +91,20 @@ class FeatureEncoder:
             ids = np.fromiter((self._lookup(f, k) for k in keys), np.int64, count=len(keys))
             return ids[inverse.reshape(-1)]  # (N,)
         if update and self.mode == "threshold":
-            for key, c in sorted(Counter(values).items()):
-                self._admit(f, key, c)
+            self._admit_counts(f, Counter(values))
         if self.mode == "hash":
             return np.fromiter((self._lookup(f, v) for v in values), np.int64, count=len(values))
+        # map() with a repeated default runs the look-ups in C: no Python frame per value
         vocab = self.vocab[f]
-        return np.fromiter((vocab.get(v, OOV) for v in values), np.int64, count=len(values))
+        return np.fromiter(map(vocab.get, values, repeat(OOV)), np.int64, count=len(values))
+
+    def _admit_counts(self, f: int, counts: Mapping[str, int]) -> None:
+        """``_admit`` each counted value not yet in the vocabulary, in lexicographic order."""
+        vocab = self.vocab[f]
+        if len(vocab) + 1 >= self.capacities[f]:
+            return  # full: nothing more can be admitted (or counted)
+        for key in sorted(k for k in counts if k not in vocab):
+            self._admit(f, key, counts[key])
 
     def encode_array(self, values: np.ndarray, update: bool = False) -> np.ndarray:
         """Encode a value matrix (N, F) (strings or codes, str() of each is the value) -> (N, F)."""
@@ -106,8 +116,16 @@ class FeatureEncoder:
     def encode_dicts(self, rows: Sequence[Mapping[str, str]], update: bool = False) -> np.ndarray:
         """Encode feature dicts ``{field: value_str}`` -> (N, F); a missing field is ``""``."""
         out = np.empty((len(rows), len(self.fields)), dtype=np.int64)
-        for f, name in enumerate(self.fields):
-            out[:, f] = self.encode_column(f, [r.get(name, "") for r in rows], update)
+        if not self.fields:
+            return out
+        try:  # one C-level pass per row; a row missing a field falls back to .get
+            getter = itemgetter(*self.fields)
+            table = [getter(r) for r in rows]  # (N,) tuples of F values (a bare value if F = 1)
+            columns = list(zip(*table, strict=True)) if len(self.fields) > 1 else [table]
+        except KeyError:
+            columns = [[r.get(name, "") for r in rows] for name in self.fields]
+        for f, col in enumerate(columns):
+            out[:, f] = self.encode_column(f, col, update)
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -183,13 +183,17 @@ def _wait_http(port: int, timeout: float) -> None:
 
 def _replay(samples: list[Sample], fields: tuple[str, ...], caps: list[int], mode: str,
             train_until_ms: int | None = None, batch: int = 500, lr: float = 0.01,
+            batches: list[list[Sample]] | None = None,
             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Test-then-train over ``samples``; returns impression id -> (final labels, prediction)."""
+    """Test-then-train over ``samples`` in batches of ``batch`` (or over the given ``batches``);
+    returns impression id -> (final labels, prediction)."""
     torch.manual_seed(0)
     learner = OnlineLearner(FeatureEncoder(fields, capacity=caps, min_count=10), mode=mode, lr=lr)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for i in range(0, len(samples), batch):
-        chunk = samples[i : i + batch]
+    chunks = batches if batches is not None else [samples[i : i + batch] for i in range(0, len(samples), batch)]
+    for chunk in chunks:
+        if not chunk:
+            continue
         train = train_until_ms is None or chunk[0].watermark_ms < train_until_ms
         res = learner.step(chunk, train=train)
         for j, iid in enumerate(res.eval_ids):
@@ -197,18 +201,26 @@ def _replay(samples: list[Sample], fields: tuple[str, ...], caps: list[int], mod
     return out
 
 
-def _oracle_stream(samples: list[Sample]) -> list[Sample]:
-    """Each impression once, with its final labels, as early as the stream shows it: at its first
-    sample (or at its final when the joiner sent no first - those are final within the hour)."""
+def _oracle_batches(samples: list[Sample], batch: int) -> list[list[Sample]]:
+    """The stream as an oracle without label delay sees it, cut at the same batch boundaries as
+    the real stream: each impression's first sample carries its final labels (all mature) and is
+    trained on and evaluated there; its corrections and final are dropped (an impression the
+    joiner sent no first for keeps its final, which came within the hour). Same model, batch, lr
+    and optimizer steps at the same points in time as the delayed modes - only the labels differ."""
     finals = {s.impression_id: s for s in samples if s.kind == "final"}
     has_first = {s.impression_id for s in samples if s.kind == "first"}
     out = []
-    for s in samples:
-        f = finals.get(s.impression_id)
-        if f is None:
-            continue
-        if s.kind == "first" or (s.kind == "final" and s.impression_id not in has_first):
-            out.append(replace(s, kind="final", labels=f.labels, mature=(True,) * 4, seq=5))
+    for i in range(0, len(samples), batch):
+        chunk = []
+        for s in samples[i : i + batch]:
+            f = finals.get(s.impression_id)
+            if f is None:
+                continue
+            if s.kind == "first":
+                chunk.append(replace(s, kind="final", labels=f.labels, mature=(True,) * 4, seq=5))
+            elif s.kind == "final" and s.impression_id not in has_first:
+                chunk.append(s)
+        out.append(chunk)
     return out
 
 
@@ -340,8 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         backlog = json.loads((work / "trainer_backlog.json").read_text())
         from aitm import bench_train
 
-        bench_train.main(["--json", str(work / "bench_train.json"), "--steps", "80", "--score-calls", "500"])
+        # like with like: the trainer's batch and torch threads
+        bench_train.main(["--json", str(work / "bench_train.json"), "--steps", "80", "--score-calls", "500",
+                          "--batch", str(args.batch), "--threads", str(settings.trainer_threads)])
         offline = json.loads((work / "bench_train.json").read_text())["train_samples_per_s"]
+        report["offline_train_batch"] = args.batch
+        report["offline_train_threads"] = settings.trainer_threads
         active = backlog["active_seconds"] or float("nan")
         sps = backlog["samples_processed"] / active
         rps = backlog["trained_rows"] / active
@@ -368,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             "incremental": _replay(samples, fields, cap_list, settings.trainer_mode, **kw),
             "frozen": _replay(samples, fields, cap_list, settings.trainer_mode, cutoff, **kw),
             "final_only": _replay(samples, fields, cap_list, "final-only", **kw),
-            "oracle_learner": _replay(_oracle_stream(samples), fields, cap_list, "final-only", **kw),
+            "oracle_learner": _replay(samples, fields, cap_list, "final-only",
+                                      batches=_oracle_batches(samples, args.batch), **kw),
         }
         pairs["fnw"] = (pairs["incremental"] if settings.trainer_mode == "fnw"
                         else _replay(samples, fields, cap_list, "fnw", **kw))

@@ -10,6 +10,7 @@ is evaluated with the batch's pre-training prediction (no mode has trained on it
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -74,6 +75,7 @@ class OnlineLearner:
         alpha: float = ALPHA,
         model: AITM | None = None,
         seed: int = 0,
+        freeze_after_ms: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown delayed-feedback mode {mode!r}; one of {MODES}")
@@ -89,6 +91,15 @@ class OnlineLearner:
         self._seen: dict[tuple[str, int], None] = {}
         self.trained_samples = 0  # rows the optimizer stepped on, lifetime
         self.samples_seen = 0
+        # a copy of the model frozen once event time passes the stream's start + freeze_after_ms:
+        # it only scores (finals of later impressions), never trains - the baseline that shows
+        # what continuous training buys under drift
+        self.freeze_after_ms = freeze_after_ms if freeze_after_ms else None
+        self.stream_start_ms: int | None = None
+        self.frozen: AITM | None = None
+        self.frozen_cutoff_ms = 0  # impressions from here on are the frozen model's evaluation set
+        self.frozen_vocab_sizes: list[int] | None = None  # per field, ids admitted by the freeze
+        self.frozen_evaluator = PrequentialEvaluator(N_TASKS, eval_window)
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -120,6 +131,8 @@ class OnlineLearner:
         if n == 0:
             empty = np.zeros((0, N_TASKS))
             return StepResult(0, len(batch), 0, [], empty, empty, empty, time.perf_counter() - t0)
+        if self.freeze_after_ms is not None and self.frozen is None:
+            self._maybe_freeze(samples)  # before this batch is trained on
         ids = self.encoder.encode_dicts([s.features for s in samples], update=train)  # (N, F)
         pending = self.pending
         # test first, with the model as it is now - but only the rows whose prediction is used:
@@ -136,10 +149,12 @@ class OnlineLearner:
         eval_labels: list[tuple[int, int, int, int]] = []
         eval_probs: list[np.ndarray] = []
         first_seen = np.ones(n, bool)
+        final_rows: list[int] = []
         for i, s in enumerate(samples):
             if s.kind == "first":
                 pending[s.impression_id] = probs[i]
             elif s.kind == "final":
+                final_rows.append(i)
                 eval_ids.append(s.impression_id)
                 eval_labels.append(s.labels)
                 at_first = pending.pop(s.impression_id, None)
@@ -153,6 +168,8 @@ class OnlineLearner:
         y_eval = np.asarray(eval_labels, np.float64).reshape(-1, N_TASKS)
         p_eval = np.asarray(eval_probs, np.float64).reshape(-1, N_TASKS)
         self.evaluator.update(y_eval, p_eval)
+        if self.frozen is not None and final_rows:
+            self._evaluate_frozen(samples, ids, final_rows, y_eval)
         rows = 0
         if train:  # ... and only then train
             tr = train_rows(self.mode, samples, probs, first_seen)
@@ -172,6 +189,48 @@ class OnlineLearner:
         self.samples_seen += n
         return StepResult(n, len(batch) - n, rows, eval_ids, y_eval, p_eval, probs, time.perf_counter() - t0)
 
+    # --- the frozen copy ------------------------------------------------------------------------
+
+    def _maybe_freeze(self, samples: Sequence[Sample]) -> None:
+        times = [s.event_time_ms for s in samples]
+        if self.stream_start_ms is None:
+            self.stream_start_ms = min(times)
+        cutoff = self.stream_start_ms + (self.freeze_after_ms or 0)
+        if max(times) >= cutoff:
+            self.freeze(cutoff)
+
+    def freeze(self, cutoff_ms: int) -> None:
+        """Keep a copy of the model as it is now; it scores impressions from ``cutoff_ms`` on."""
+        frozen = copy.deepcopy(self.model).eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        self.frozen = frozen
+        self.frozen_cutoff_ms = cutoff_ms
+        # threshold ids are given in order, so a value admitted later has an id above these sizes
+        # and the frozen model (whose vocabulary stopped here) sees it as out-of-vocabulary
+        self.frozen_vocab_sizes = [len(v) for v in self.encoder.vocab] if self.encoder.mode == "threshold" else None
+
+    def _evaluate_frozen(self, samples: Sequence[Sample], ids: np.ndarray, final_rows: list[int],
+                         y_eval: np.ndarray) -> None:
+        """Score the finals of impressions from the cutoff on with the frozen copy. It never
+        trains, so its prediction now is the one it made at the first sample (test-then-train)."""
+        assert self.frozen is not None
+        rows = np.asarray(final_rows)
+        later = np.fromiter((samples[i].event_time_ms >= self.frozen_cutoff_ms for i in final_rows), bool,
+                            count=len(final_rows))
+        if not later.any():
+            return
+        x = ids[rows[later]]  # (E, F)
+        if self.frozen_vocab_sizes is not None:
+            x = np.where(x > np.asarray(self.frozen_vocab_sizes), 0, x)
+        with torch.inference_mode():
+            p = torch.sigmoid(self.frozen(torch.as_tensor(x, device=self.device))).float().cpu().numpy()
+        self.frozen_evaluator.update(y_eval[later], p.astype(np.float64))
+
+    def frozen_metric_values(self) -> dict[str, list[dict[str, float]]] | None:
+        """The frozen copy's evaluator values, None before the freeze."""
+        return self.frozen_evaluator.values() if self.frozen is not None else None
+
     # --- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -186,6 +245,13 @@ class OnlineLearner:
             "pending_probs": torch.from_numpy(np.asarray(probs, np.float32)),
             "trained_samples": self.trained_samples,
             "samples_seen": self.samples_seen,
+            "stream_start_ms": self.stream_start_ms,
+            "frozen": None if self.frozen is None else {
+                "model": self.frozen.state_dict(),
+                "cutoff_ms": self.frozen_cutoff_ms,
+                "vocab_sizes": self.frozen_vocab_sizes,
+                "evaluator": self.frozen_evaluator.state_dict(),
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -195,6 +261,14 @@ class OnlineLearner:
         self.pending = dict(zip(state["pending_ids"], probs, strict=True))
         self.trained_samples = int(state["trained_samples"])
         self.samples_seen = int(state["samples_seen"])
+        self.stream_start_ms = state.get("stream_start_ms")
+        frozen = state.get("frozen")
+        if frozen is not None:
+            self.freeze(int(frozen["cutoff_ms"]))
+            assert self.frozen is not None
+            self.frozen.load_state_dict(frozen["model"])
+            self.frozen_vocab_sizes = frozen["vocab_sizes"]
+            self.frozen_evaluator.load_state_dict(list(frozen["evaluator"]))
 
     def metric_values(self) -> dict[str, list[dict[str, float]]]:
         return self.evaluator.values()

@@ -144,6 +144,10 @@ class ScorerMetrics:
         self.dead_letters = Counter(
             "aitm_scorer_dead_letters", "Impression records refused, by reason", ["reason"], registry=registry,
         )
+        self.commit_failures = Counter(
+            "aitm_scorer_commit_failures", "Offset commits refused by a rebalance (records may be rescored)",
+            registry=registry,
+        )
         self.consumer_lag = Gauge(
             "aitm_scorer_consumer_lag_records", "Records behind the high watermark on impressions",
             registry=registry,

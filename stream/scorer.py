@@ -35,6 +35,7 @@ from typing import Any, Final
 
 import numpy as np
 import torch
+from kafka import ConsumerRebalanceListener
 from prometheus_client import CollectorRegistry, start_http_server
 
 from aitm.features import FeatureEncoder
@@ -104,6 +105,25 @@ class BankPolicy:
         objective = self.objectives.get(bank_id, self.default_objective)
         weight = float(self.weights.get(bank_id, self.default_weight))
         return objective, weight, weight * float(probs[TASKS.index(objective)])
+
+
+def consumer_lag(consumer: Any) -> int | None:
+    """Records behind the high watermark over a kafka-python consumer's assigned partitions: the
+    high watermark from the last fetch response minus the position; None before any fetch. (Not
+    the broker's end offsets: the embedded broker's ListOffsets is wrong, its fetch answer is not.)"""
+    total, known = 0, False
+    for tp in consumer.assignment():
+        hw = consumer.highwater(tp)
+        if hw is None:
+            continue
+        try:
+            pos = consumer.position(tp, timeout_ms=0)
+        except Exception:  # position unknown yet (being reset): skip this partition for now
+            continue
+        if pos is not None:
+            total += max(0, hw - pos)
+            known = True
+    return total if known else None
 
 
 def score_fields(m: ScoringModel, policy: BankPolicy, bank_id: str, probs: np.ndarray) -> dict[str, Any]:
@@ -262,6 +282,7 @@ class Scorer:
 
     def run(self, stop: threading.Event) -> None:
         from kafka import KafkaConsumer, KafkaProducer
+        from kafka.errors import CommitFailedError
 
         cfg = self.s.kafka_python_config()
         producer = KafkaProducer(client_id="aitm-scorer", acks="all", linger_ms=2, **cfg)
@@ -272,6 +293,7 @@ class Scorer:
             max_poll_records=self.s.scorer_batch_size, **cfg,
         )
         subscribed = False
+        lag_at = 0.0
         try:
             while not stop.is_set():
                 self.swap_if_ready()  # between batches only
@@ -280,10 +302,15 @@ class Scorer:
                     stop.wait(0.05)
                     continue
                 if not subscribed:
-                    consumer.subscribe([self.s.topic_impressions])
+                    consumer.subscribe([self.s.topic_impressions], listener=_CommitOnRevoke(consumer))
                     subscribed = True
                 polled = consumer.poll(timeout_ms=100)
                 records = [r for recs in polled.values() for r in recs]
+                if time.monotonic() - lag_at >= 1.0:
+                    lag_at = time.monotonic()
+                    lag = consumer_lag(consumer)
+                    if lag is not None:
+                        self.metrics.consumer_lag.set(lag)
                 if not records:
                     continue
                 t0 = time.perf_counter()
@@ -296,7 +323,11 @@ class Scorer:
                         rec.value, source_topic=rec.topic, reason=exc.reason, detail=exc.message,
                         partition=rec.partition, offset=rec.offset, key=rec.key, time_ms=self.clock.now_ms()))
                 producer.flush()
-                consumer.commit()  # offsets only after the scores are out
+                try:
+                    consumer.commit()  # offsets only after the scores are out
+                except CommitFailedError as exc:  # the group rebalanced meanwhile: these may be rescored
+                    log.warning("offset commit failed (%s): %d records may be scored again", exc, len(records))
+                    self.metrics.commit_failures.inc()
                 per_record = (time.perf_counter() - t0) / len(records)
                 for _ in out:
                     self._stream_latency.observe(per_record)
@@ -431,3 +462,22 @@ def main(argv: list[str] | None = None) -> int:
         scorer.close()
         watcher.join(timeout=5)
     return 0
+
+
+class _CommitOnRevoke(ConsumerRebalanceListener):
+    """Commits what was scored before partitions move to another scorer, so none is rescored."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        from kafka.errors import KafkaError
+
+        if revoked:
+            try:
+                self.consumer.commit()
+            except KafkaError as exc:
+                log.warning("commit before rebalance failed: %s", exc)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("scoring partitions %s", sorted(tp.partition for tp in assigned))

@@ -28,14 +28,16 @@ from aitm.features import FeatureEncoder
 from aitm.model import AITM
 from stream.clock import Clock, SystemClock
 from stream.delayed_feedback import N_TASKS
-from stream.events import TASKS, InvalidEvent, dead_letter
+from stream.events import TASKS, dead_letter
 from stream.learner import OnlineLearner, config_from_dict, fields_of, pick_device
 from stream.metrics import WINDOWS, RefreshMetrics, TrainerMetrics
 from stream.model_store import ModelStore, ModelVersion, encode_version
-from stream.samples import Sample, parse_sample
+from stream.sample_feed import Invalid, SampleFeed
+from stream.samples import Sample
 from stream.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
+DAY_MS = 86_400_000
 
 
 class Trainer:
@@ -62,7 +64,7 @@ class Trainer:
         self.busy_s = 0.0  # seconds inside test-then-train steps
         self.first_record_s: float | None = None
         self.last_train_s = 0.0
-        self._consumer: Any = None
+        self._feed: SampleFeed | None = None
         self._producer: Any = None
 
     # --- start-up: resume, warm start or cold ---------------------------------------------------
@@ -75,7 +77,7 @@ class Trainer:
         model.load_state_dict(ckpt["model_state"])
         encoder = FeatureEncoder.from_state_dict(ckpt["feature_maps"])
         return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
-                             model=model)
+                             model=model, freeze_after_ms=self._freeze_after_ms())
 
     def restore(self) -> None:
         """Resume from the newest good version in the store, else warm-start, else wait for data."""
@@ -102,44 +104,42 @@ class Trainer:
         caps = [self.s.trainer_feature_capacities.get(f, self.s.trainer_feature_capacity) for f in fields]
         encoder = FeatureEncoder(fields, capacity=caps, min_count=self.s.trainer_feature_min_count)
         log.info("cold start: %d feature fields %s", len(fields), ", ".join(fields))
-        return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window)
+        return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
+                             freeze_after_ms=self._freeze_after_ms())
+
+    def _freeze_after_ms(self) -> int | None:
+        days = self.s.trainer_freeze_after_days
+        return round(days * DAY_MS) if days > 0 else None
 
     # --- Kafka ----------------------------------------------------------------------------------
 
     def connect(self) -> None:
-        from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+        """The producer (announcements, dead letters) and the samples feed, positioned at ``offsets``."""
+        from kafka import KafkaProducer
 
-        cfg = self.s.kafka_python_config()
-        self._producer = KafkaProducer(client_id="aitm-trainer", acks="all", linger_ms=5, **cfg)
-        consumer = KafkaConsumer(
-            client_id="aitm-trainer", group_id=None, enable_auto_commit=False,
-            max_partition_fetch_bytes=4 << 20, fetch_max_bytes=16 << 20, **cfg,
-        )
-        topic = self.s.topic_samples
-        deadline = time.monotonic() + 30
-        parts = consumer.partitions_for_topic(topic)
-        while not parts and time.monotonic() < deadline:
-            time.sleep(0.2)
-            parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise RuntimeError(f"topic {topic!r} has no partitions: create it (aitm-stream broker does)")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        for tp in tps:
-            if tp.partition in self.offsets:
-                consumer.seek(tp, self.offsets[tp.partition])
-            else:
-                consumer.seek_to_beginning(tp)
-        self._consumer = consumer
+        self._producer = KafkaProducer(client_id="aitm-trainer", acks="all", linger_ms=5, **self.s.kafka_python_config())
+        feed = SampleFeed(self.s.aiokafka_config(), self.s.topic_samples, self.offsets,
+                          chunk_size=self.s.trainer_batch_size)
+        feed.start_and_wait()
+        self._feed = feed
 
     def close(self) -> None:
-        for c in (self._consumer, self._producer):
-            if c is not None:
-                c.close()
+        if self._feed is not None:
+            self._feed.close()
+        if self._producer is not None:
+            self._producer.close()
 
     # --- the loop -------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, exit_when_idle_s: float | None = None) -> None:
+        """Batch the feed's chunks, test-then-train each batch, checkpoint, refresh the gauges.
+
+        The feed fetches and parses in its own thread while this one trains; a chunk holds at
+        most one batch of records, so batches are full while there is a backlog."""
+        feed = self._feed
+        if feed is None:
+            raise RuntimeError("connect() first")
+        size = self.s.trainer_batch_size
         batch: list[Sample] = []
         batch_offsets: dict[int, int] = {}
         first_at_ms: int | None = None
@@ -147,25 +147,27 @@ class Trainer:
         last_ckpt = last_gauges = idle_since = time.monotonic()
         trained_at_last_gauge = self.learner.trained_samples if self.learner else 0
         while not stop.is_set():
-            polled = self._consumer.poll(timeout_ms=100, max_records=max(1, self.s.trainer_batch_size - len(batch)))
+            chunk = feed.get(timeout_s=0.1)
             now_ms = self.clock.now_ms()
-            if polled and self.first_record_s is None:
-                self.first_record_s = time.monotonic()
-            for tp, records in polled.items():
-                for rec in records:
-                    batch_offsets[tp.partition] = rec.offset + 1
-                    self.consumed += 1
-                    try:
-                        s = parse_sample(rec.value or b"")
-                    except InvalidEvent as exc:
-                        self._dead_letter(rec, exc)
-                        continue
-                    self.metrics.samples.labels(kind=s.kind).inc()
-                    if not batch:
-                        first_at_ms, first_mono = now_ms, time.monotonic()
-                    batch.append(s)
+            if chunk is not None:
+                if self.first_record_s is None:
+                    self.first_record_s = chunk.fetched_at_s
+                if batch and len(batch) + len(chunk.samples) > size:  # it would overflow: train what we have
+                    self._train(batch, first_at_ms or now_ms, now_ms)
+                    batch = []
+                    self.offsets.update(batch_offsets)
+                    batch_offsets = {}
+                self.consumed += len(chunk)
+                for kind, n in chunk.kinds.items():
+                    self.metrics.samples.labels(kind=kind).inc(n)
+                for bad in chunk.invalid:
+                    self._dead_letter(bad)
+                if chunk.samples and not batch:
+                    first_at_ms, first_mono = now_ms, time.monotonic()
+                batch += chunk.samples
+                batch_offsets.update(chunk.offsets)
             now = time.monotonic()
-            full = len(batch) >= self.s.trainer_batch_size
+            full = len(batch) >= size
             lingered = bool(batch) and (now - first_mono) * 1000 >= self.s.trainer_linger_ms
             if full or lingered:
                 self._train(batch, first_at_ms or now_ms, now_ms)
@@ -173,17 +175,20 @@ class Trainer:
             if not batch:  # every consumed record is trained on or dead-lettered
                 self.offsets.update(batch_offsets)
                 batch_offsets = {}
-            if polled or batch:
+            if chunk is not None or batch:
                 idle_since = now
             due = (now - last_ckpt) * 1000 >= self.s.trainer_checkpoint_interval_ms
             if self.new_min_ms is not None and not batch and (due or self.batches_since >= self.s.trainer_checkpoint_batches):
                 self.checkpoint()
                 last_ckpt = time.monotonic()
-            if now - last_gauges >= 1.0 and self.learner is not None:
-                done = self.learner.trained_samples
-                self.metrics.throughput.set((done - trained_at_last_gauge) / (now - last_gauges))
-                trained_at_last_gauge, last_gauges = done, now
-                self.update_quality_gauges()
+            if now - last_gauges >= 1.0:
+                if self.learner is not None:
+                    done = self.learner.trained_samples
+                    self.metrics.throughput.set((done - trained_at_last_gauge) / (now - last_gauges))
+                    trained_at_last_gauge = done
+                    self.update_quality_gauges()
+                last_gauges = now
+                self.update_lag_gauge()
             if exit_when_idle_s is not None and self.consumed and not batch and now - idle_since >= exit_when_idle_s:
                 break  # armed by the first record, so a slow upstream start is not "idle"
         if batch:
@@ -192,6 +197,13 @@ class Trainer:
         if self.new_min_ms is not None:
             self.checkpoint()
         self.update_quality_gauges()
+        self.update_lag_gauge()
+
+    def update_lag_gauge(self) -> None:
+        """Samples behind the high watermark (from fetch responses), not yet trained on."""
+        lag = self._feed.lag(self.offsets) if self._feed is not None else None
+        if lag is not None:
+            self.metrics.consumer_lag.set(lag)
 
     def _train(self, batch: list[Sample], first_at_ms: int, last_at_ms: int) -> None:
         if self.learner is None:
@@ -207,8 +219,9 @@ class Trainer:
         self.new_min_ms = first_at_ms if self.new_min_ms is None else self.new_min_ms
         self.new_max_ms = last_at_ms
 
-    def _dead_letter(self, rec: Any, exc: InvalidEvent) -> None:
+    def _dead_letter(self, rec: Invalid) -> None:
         self.dead += 1
+        exc = rec.error
         self.metrics.dead_letters.labels(reason=exc.reason).inc()
         value = dead_letter(rec.value, source_topic=rec.topic, reason=exc.reason, detail=exc.message,
                             partition=rec.partition, offset=rec.offset, key=rec.key, time_ms=self.clock.now_ms())
@@ -255,6 +268,11 @@ class Trainer:
                 self.metrics.log_loss.labels(task=task, window=window).set(vals["log_loss"])
                 self.metrics.calibration.labels(task=task, window=window).set(vals["calibration"])
                 self.metrics.positive_rate.labels(task=task, window=window).set(vals["positive_rate"])
+        frozen = self.learner.frozen_metric_values()
+        if frozen is not None:
+            for window in WINDOWS:
+                for t, task in enumerate(TASKS[:N_TASKS]):
+                    self.metrics.frozen_auc.labels(task=task, window=window).set(frozen[window][t]["auc"])
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         learner = self.learner
@@ -271,6 +289,7 @@ class Trainer:
             "version": self.version,
             "device": str(self.device),
             "quality": learner.metric_values() if learner else None,
+            "frozen_quality": learner.frozen_metric_values() if learner else None,
         }
 
 
@@ -295,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     settings = load_settings(**overrides)
     torch.set_num_threads(settings.trainer_threads)
+    _warm_up_torch()
     from stream.broker import ensure_topics
 
     ensure_topics(settings.kafka_python_config(), settings.topic_specs(), settings.topic_replication_factor)
@@ -318,6 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         summary = _finite(trainer.summary(time.monotonic() - t0))
         args.summary_json.write_text(json.dumps(summary, indent=1) + "\n")
     return 0
+
+
+def _warm_up_torch() -> None:
+    """Pay torch's one-off costs before the first record: the first optimizer imports
+    ``torch._dynamo`` (over a second), the first backward starts autograd."""
+    w = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.Adam([w], fused=True)
+    (w * 2).sum().backward()
+    opt.step()
 
 
 def _finite(o: Any) -> Any:
