@@ -209,6 +209,9 @@ def summarise(
         "impressions_unscored": len(unscored),
         "scores_records": sum(ledger.scored.values()),
         "scores_rescored": sum(ledger.scored.values()) - len(ledger.scored),
+        "impressions_delivered_twice": len(
+            {f.impression_id for f in stream.faults if f.kind == "duplicate" and f.step == "impression"}
+        ),
         "wall_s": round(wall_s, 1),
         "examples": {
             "lost": lost[:5],

@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import numpy as np
 import torch
-from kafka import ConsumerRebalanceListener
+from kafka import AsyncConsumerRebalanceListener
 from prometheus_client import CollectorRegistry, start_http_server
 
 from aitm.features import FeatureEncoder
@@ -464,20 +464,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _CommitOnRevoke(ConsumerRebalanceListener):
-    """Commits what was scored before partitions move to another scorer, so none is rescored."""
+class _CommitOnRevoke(AsyncConsumerRebalanceListener):
+    """Commits what was scored before partitions move to another scorer, so none is rescored.
+
+    kafka-python runs rebalance callbacks on its IO thread, where the blocking ``commit()`` is not
+    allowed: this awaits the coordinator's commit coroutine instead.
+    """
 
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
 
-    def on_partitions_revoked(self, revoked: Any) -> None:
+    async def on_partitions_revoked(self, revoked: Any) -> None:
         from kafka.errors import KafkaError
 
-        if revoked:
-            try:
-                self.consumer.commit()
-            except KafkaError as exc:
-                log.warning("commit before rebalance failed: %s", exc)
+        if not revoked:
+            return
+        try:
+            offsets = self.consumer._subscription.all_consumed_offsets()
+            await self.consumer._coordinator._commit_offsets_sync_async(offsets)
+        except (KafkaError, AttributeError) as exc:
+            log.warning("commit before rebalance failed (records may be rescored): %s", exc)
 
-    def on_partitions_assigned(self, assigned: Any) -> None:
+    async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("scoring partitions %s", sorted(tp.partition for tp in assigned))
