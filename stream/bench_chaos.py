@@ -10,6 +10,7 @@ import json
 import random
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the supervisor stops every child it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -215,7 +218,19 @@ def summarise(
         "wall_s": round(wall_s, 1),
         "examples": {
             "lost": lost[:5],
-            "wrong": wrong[:5],
+            "wrong": [
+                {
+                    "impression_id": i,
+                    "truth": list(labelled[i]),
+                    "finals": sorted(map(list, ledger.finals[i])),
+                    "dead_letters": [
+                        (d["source_topic"], d["reason"], d["detail"])
+                        for d in ledger.dead
+                        if d.get("key") == i
+                    ],
+                }
+                for i in wrong[:5]
+            ],
             "unscored": unscored[:5],
             "missing_dead": [f.impression_id for f in missing_dead[:5]],
         },

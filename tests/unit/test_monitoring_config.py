@@ -56,6 +56,8 @@ def all_metric_families() -> list:  # type: ignore[type-arg]
         metrics_module.SimulatorMetrics, metrics_module.BrokerMetrics,
     ):  # fmt: skip
         cls(registry)
+    for process in ("trainer", "scorer"):
+        metrics_module.RefreshMetrics(registry, process, lambda: 0.0)
     return list(registry.collect())
 
 
