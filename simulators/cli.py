@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=0.0, help="max records per wall second (0 = no limit)")
     p.add_argument("--aliccp", type=Path, default=None, help="replay Ali-CCP files from this directory")
     p.add_argument("--split", default="train", choices=("train", "test"), help="Ali-CCP split")
+    p.add_argument(
+        "--stop-at-day",
+        type=float,
+        default=None,
+        help="stop once simulated delivery time passes this day (drops the sparse tail of late events)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     return p
@@ -73,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
             tail_impressions_per_day=args.tail_impressions_per_day,
         )
         records = stream
+    if args.stop_at_day is not None:
+        import itertools
+
+        from simulators.funnel import DAY_MS
+
+        end_ms = EPOCH_MS + int(args.stop_at_day * DAY_MS)
+        records = itertools.takewhile(lambda r: r.deliver_ms < end_ms, records)
     t0 = time.monotonic()
     if args.out is not None:
         if stream is None:

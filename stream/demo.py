@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         *procfile["simulator"][:3], "simulate", "--days", str(days),
         "--impressions-per-day", str(args.impressions_per_day), "--drift", str(args.drift),
         "--fault-rate", str(args.fault_rate), "--speedup", f"{speedup:.0f}", "--quiet",
+        "--stop-at-day", str(days + 0.25),
     ]  # fmt: skip
     stop = {"now": False}
 

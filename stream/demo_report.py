@@ -88,19 +88,24 @@ class Timeline:
         if not self.snaps:
             return "no metrics were scraped"
         snap = self.latest("trainer")
-        rows = [f"{'task':<12}{'AUC window':>11}{'AUC life':>10}{'frozen':>9}{'log loss':>10}{'calib':>8}"]
+        rows = [
+            f"{'task':<12}{'AUC window':>11}{'AUC life':>10}{'since freeze: live':>20}{'frozen':>8}{'log loss':>10}{'calib':>8}"
+        ]
         for t in TASKS:
             vals = [
                 pick(snap, "trainer", name, task=t, window=window)
                 for name, window in (
                     ("aitm_trainer_auc_ratio", "sliding"),
                     ("aitm_trainer_auc_ratio", "lifetime"),
+                    ("aitm_trainer_since_freeze_auc_ratio", "lifetime"),
                     ("aitm_trainer_frozen_auc_ratio", "lifetime"),
                     ("aitm_trainer_log_loss", "sliding"),
                     ("aitm_trainer_calibration_ratio", "sliding"),
                 )
             ]
-            rows.append(f"{t:<12}{vals[0]:>11.4f}{vals[1]:>10.4f}{vals[2]:>9.4f}{vals[3]:>10.4f}{vals[4]:>8.3f}")
+            rows.append(
+                f"{t:<12}{vals[0]:>11.4f}{vals[1]:>10.4f}{vals[2]:>20.4f}{vals[3]:>8.4f}{vals[4]:>10.4f}{vals[5]:>8.3f}"
+            )
         sent = by_label(self.latest("simulator"), "simulator", "aitm_simulator_records_total", "topic")
         dead = by_label(self.latest("joiner"), "joiner", "aitm_joiner_dead_letters_total", "reason")
         samples = by_label(self.latest("joiner"), "joiner", "aitm_joiner_samples_total", "kind")
@@ -136,7 +141,10 @@ def plots(tl: Timeline) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), sharey=True)
     for ax, t in zip(axes, TASKS, strict=True):
-        inc = [pick(s, "trainer", "aitm_trainer_auc_ratio", task=t, window="sliding") for s in tl.snaps]
+        inc = [
+            pick(s, "trainer", "aitm_trainer_since_freeze_auc_ratio", task=t, window="sliding")
+            for s in tl.snaps
+        ]
         frz = [
             pick(s, "trainer", "aitm_trainer_frozen_auc_ratio", task=t, window="sliding") for s in tl.snaps
         ]
@@ -147,7 +155,13 @@ def plots(tl: Timeline) -> list[tuple[str, str]]:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("AUC (sliding window, final labels)")
     axes[0].legend()
-    out.append(("Conversion AUC per step over stream time: incremental vs frozen", _png(fig)))
+    out.append(
+        (
+            "Conversion AUC per step over stream time: incremental vs frozen (sliding window of final labels of"
+            " impressions after the freeze, the same impressions for both)",
+            _png(fig),
+        )
+    )
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for t in TASKS:

@@ -100,6 +100,8 @@ class OnlineLearner:
         self.frozen_cutoff_ms = 0  # impressions from here on are the frozen model's evaluation set
         self.frozen_vocab_sizes: list[int] | None = None  # per field, ids admitted by the freeze
         self.frozen_evaluator = PrequentialEvaluator(N_TASKS, eval_window)
+        # the live model on the very same finals as the frozen copy: the like-for-like comparison
+        self.paired_evaluator = PrequentialEvaluator(N_TASKS, eval_window)
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -169,7 +171,7 @@ class OnlineLearner:
         p_eval = np.asarray(eval_probs, np.float64).reshape(-1, N_TASKS)
         self.evaluator.update(y_eval, p_eval)
         if self.frozen is not None and final_rows:
-            self._evaluate_frozen(samples, ids, final_rows, y_eval)
+            self._evaluate_frozen(samples, ids, final_rows, y_eval, p_eval)
         rows = 0
         if train:  # ... and only then train
             tr = train_rows(self.mode, samples, probs, first_seen)
@@ -211,7 +213,7 @@ class OnlineLearner:
         self.frozen_vocab_sizes = [len(v) for v in self.encoder.vocab] if self.encoder.mode == "threshold" else None
 
     def _evaluate_frozen(self, samples: Sequence[Sample], ids: np.ndarray, final_rows: list[int],
-                         y_eval: np.ndarray) -> None:
+                         y_eval: np.ndarray, p_eval: np.ndarray) -> None:
         """Score the finals of impressions from the cutoff on with the frozen copy. It never
         trains, so its prediction now is the one it made at the first sample (test-then-train)."""
         assert self.frozen is not None
@@ -226,10 +228,15 @@ class OnlineLearner:
         with torch.inference_mode():
             p = torch.sigmoid(self.frozen(torch.as_tensor(x, device=self.device))).float().cpu().numpy()
         self.frozen_evaluator.update(y_eval[later], p.astype(np.float64))
+        self.paired_evaluator.update(y_eval[later], p_eval[later])
 
     def frozen_metric_values(self) -> dict[str, list[dict[str, float]]] | None:
         """The frozen copy's evaluator values, None before the freeze."""
         return self.frozen_evaluator.values() if self.frozen is not None else None
+
+    def paired_metric_values(self) -> dict[str, list[dict[str, float]]] | None:
+        """The live model's values on the frozen copy's evaluation set, None before the freeze."""
+        return self.paired_evaluator.values() if self.frozen is not None else None
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -251,6 +258,7 @@ class OnlineLearner:
                 "cutoff_ms": self.frozen_cutoff_ms,
                 "vocab_sizes": self.frozen_vocab_sizes,
                 "evaluator": self.frozen_evaluator.state_dict(),
+                "paired_evaluator": self.paired_evaluator.state_dict(),
             },
         }
 
@@ -269,6 +277,8 @@ class OnlineLearner:
             self.frozen.load_state_dict(frozen["model"])
             self.frozen_vocab_sizes = frozen["vocab_sizes"]
             self.frozen_evaluator.load_state_dict(list(frozen["evaluator"]))
+            if "paired_evaluator" in frozen:
+                self.paired_evaluator.load_state_dict(list(frozen["paired_evaluator"]))
 
     def metric_values(self) -> dict[str, list[dict[str, float]]]:
         return self.evaluator.values()

@@ -20,33 +20,49 @@ class JoinerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.events = Counter(
-            "aitm_joiner_events", "Event records consumed, by the step their topic carries",
-            ["type"], registry=registry,
+            "aitm_joiner_events",
+            "Event records consumed, by the step their topic carries",
+            ["type"],
+            registry=registry,
         )
         self.duplicates = Counter(
-            "aitm_joiner_duplicate_events", "Events ignored as duplicates (idempotent)", ["type"],
+            "aitm_joiner_duplicate_events",
+            "Events ignored as duplicates (idempotent)",
+            ["type"],
             registry=registry,
         )
         self.dead_letters = Counter(
-            "aitm_joiner_dead_letters", "Records sent to the dead-letter topic, by reason", ["reason"],
+            "aitm_joiner_dead_letters",
+            "Records sent to the dead-letter topic, by reason",
+            ["reason"],
             registry=registry,
         )
         self.samples = Counter(
-            "aitm_joiner_samples", "Training samples emitted, by kind", ["kind"], registry=registry,
+            "aitm_joiner_samples",
+            "Training samples emitted, by kind",
+            ["kind"],
+            registry=registry,
         )
         self.open_funnels = Gauge(
-            "aitm_joiner_open_funnels", "Funnel states held (open or retained after final)", registry=registry,
+            "aitm_joiner_open_funnels",
+            "Funnel states held (open or retained after final)",
+            registry=registry,
         )
         self.label_delay = Histogram(
-            "aitm_joiner_label_delay_seconds", "Event time from impression to final labels",
-            buckets=_DELAY_BUCKETS, registry=registry,
+            "aitm_joiner_label_delay_seconds",
+            "Event time from impression to final labels",
+            buckets=_DELAY_BUCKETS,
+            registry=registry,
         )
         self.watermark_lag = Gauge(
             "aitm_joiner_watermark_lag_seconds",
-            "Newest event time seen minus the watermark (worst partition)", registry=registry,
+            "Newest event time seen minus the watermark (worst partition)",
+            registry=registry,
         )
         self.store_size = Gauge(
-            "aitm_joiner_store_size_bytes", "Bytes on disk of the joiner's local state", registry=registry,
+            "aitm_joiner_store_size_bytes",
+            "Bytes on disk of the joiner's local state",
+            registry=registry,
         )
 
 
@@ -60,56 +76,88 @@ class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.auc = Gauge(
-            "aitm_trainer_auc_ratio", "Test-then-train conversion AUC per task on final labels",
-            ["task", "window"], registry=registry,
+            "aitm_trainer_auc_ratio",
+            "Test-then-train conversion AUC per task on final labels",
+            ["task", "window"],
+            registry=registry,
         )
         self.frozen_auc = Gauge(
             "aitm_trainer_frozen_auc_ratio",
             "AUC per task of a copy of the model frozen after the first days, on the same batches",
-            ["task", "window"], registry=registry,
+            ["task", "window"],
+            registry=registry,
+        )
+        self.paired_auc = Gauge(
+            "aitm_trainer_since_freeze_auc_ratio",
+            "AUC per task of the live model on the frozen copy's evaluation set (impressions after the freeze)",
+            ["task", "window"],
+            registry=registry,
         )
         self.log_loss = Gauge(
-            "aitm_trainer_log_loss", "Test-then-train log loss per task on final labels",
-            ["task", "window"], registry=registry,
+            "aitm_trainer_log_loss",
+            "Test-then-train log loss per task on final labels",
+            ["task", "window"],
+            registry=registry,
         )
         self.calibration = Gauge(
-            "aitm_trainer_calibration_ratio", "Mean predicted / observed positive rate per task",
-            ["task", "window"], registry=registry,
+            "aitm_trainer_calibration_ratio",
+            "Mean predicted / observed positive rate per task",
+            ["task", "window"],
+            registry=registry,
         )
         self.positive_rate = Gauge(
-            "aitm_trainer_positive_rate_ratio", "Observed positive rate per task on final labels",
-            ["task", "window"], registry=registry,
+            "aitm_trainer_positive_rate_ratio",
+            "Observed positive rate per task on final labels",
+            ["task", "window"],
+            registry=registry,
         )
         self.samples = Counter(
-            "aitm_trainer_samples", "Samples consumed, by kind", ["kind"], registry=registry,
+            "aitm_trainer_samples",
+            "Samples consumed, by kind",
+            ["kind"],
+            registry=registry,
         )
         self.trained = Counter(
-            "aitm_trainer_trained_samples", "Samples the model was updated on", registry=registry,
+            "aitm_trainer_trained_samples",
+            "Samples the model was updated on",
+            registry=registry,
         )
         self.throughput = Gauge(
-            "aitm_trainer_train_samples_per_second", "Training throughput over the last interval",
+            "aitm_trainer_train_samples_per_second",
+            "Training throughput over the last interval",
             registry=registry,
         )
         self.dead_letters = Counter(
-            "aitm_trainer_dead_letters", "Sample records refused, by reason", ["reason"], registry=registry,
+            "aitm_trainer_dead_letters",
+            "Sample records refused, by reason",
+            ["reason"],
+            registry=registry,
         )
         self.model_version = Gauge(
-            "aitm_trainer_model_version", "Latest model version published", registry=registry,
+            "aitm_trainer_model_version",
+            "Latest model version published",
+            registry=registry,
         )
         self.last_update = Gauge(
-            "aitm_trainer_last_model_update_timestamp_seconds", "Unix time of the last published version",
+            "aitm_trainer_last_model_update_timestamp_seconds",
+            "Unix time of the last published version",
             registry=registry,
         )
         self.checkpoints = Counter(
-            "aitm_trainer_checkpoints", "Checkpoints written", registry=registry,
+            "aitm_trainer_checkpoints",
+            "Checkpoints written",
+            registry=registry,
         )
         self.consumer_lag = Gauge(
-            "aitm_trainer_consumer_lag_records", "Records behind the high watermark on samples",
+            "aitm_trainer_consumer_lag_records",
+            "Records behind the high watermark on samples",
             registry=registry,
         )
         self.batch_seconds = Histogram(
-            "aitm_trainer_batch_seconds", "Wall time of one test-then-train batch",
-            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), registry=registry,
+            "aitm_trainer_batch_seconds",
+            "Wall time of one test-then-train batch",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            registry=registry,
         )
 
 
@@ -119,37 +167,57 @@ class ScorerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.scores = Counter(
-            "aitm_scorer_scores", "Scores published to the scores topic", registry=registry,
+            "aitm_scorer_scores",
+            "Scores published to the scores topic",
+            registry=registry,
         )
         self.latency = Histogram(
-            "aitm_scorer_latency_seconds", "Scoring latency by path (stream batch per record, http request)",
-            ["path"], buckets=_LATENCY_BUCKETS, registry=registry,
+            "aitm_scorer_latency_seconds",
+            "Scoring latency by path (stream batch per record, http request)",
+            ["path"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.model_version = Gauge(
-            "aitm_scorer_model_version", "Model version in use", registry=registry,
+            "aitm_scorer_model_version",
+            "Model version in use",
+            registry=registry,
         )
         self.last_update = Gauge(
-            "aitm_scorer_last_model_update_timestamp_seconds", "Unix time the version in use was published",
+            "aitm_scorer_last_model_update_timestamp_seconds",
+            "Unix time the version in use was published",
             registry=registry,
         )
         self.swaps = Counter(
-            "aitm_scorer_model_swaps", "Model versions swapped in", registry=registry,
+            "aitm_scorer_model_swaps",
+            "Model versions swapped in",
+            registry=registry,
         )
         self.refused_models = Counter(
-            "aitm_scorer_refused_models", "Announced versions refused (corrupt or unreadable)", registry=registry,
+            "aitm_scorer_refused_models",
+            "Announced versions refused (corrupt or unreadable)",
+            registry=registry,
         )
         self.http_requests = Counter(
-            "aitm_scorer_http_requests", "HTTP scoring requests by status code", ["code"], registry=registry,
+            "aitm_scorer_http_requests",
+            "HTTP scoring requests by status code",
+            ["code"],
+            registry=registry,
         )
         self.dead_letters = Counter(
-            "aitm_scorer_dead_letters", "Impression records refused, by reason", ["reason"], registry=registry,
+            "aitm_scorer_dead_letters",
+            "Impression records refused, by reason",
+            ["reason"],
+            registry=registry,
         )
         self.commit_failures = Counter(
-            "aitm_scorer_commit_failures", "Offset commits refused by a rebalance (records may be rescored)",
+            "aitm_scorer_commit_failures",
+            "Offset commits refused by a rebalance (records may be rescored)",
             registry=registry,
         )
         self.consumer_lag = Gauge(
-            "aitm_scorer_consumer_lag_records", "Records behind the high watermark on impressions",
+            "aitm_scorer_consumer_lag_records",
+            "Records behind the high watermark on impressions",
             registry=registry,
         )
 
@@ -160,10 +228,15 @@ class SimulatorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.records = Counter(
-            "aitm_simulator_records", "Records produced, by topic", ["topic"], registry=registry,
+            "aitm_simulator_records",
+            "Records produced, by topic",
+            ["topic"],
+            registry=registry,
         )
         self.sim_time = Gauge(
-            "aitm_simulator_time_seconds", "Simulated time reached (Unix seconds)", registry=registry,
+            "aitm_simulator_time_seconds",
+            "Simulated time reached (Unix seconds)",
+            registry=registry,
         )
 
 
@@ -176,14 +249,14 @@ class BrokerMetrics:
         self.topics = Gauge("aitm_broker_topics", "Topics created by the project", registry=registry)
 
 
-
 class RefreshMetrics:
     """Model refresh metrics of the trainer or the scorer (``process``): seconds since the model
     version in use (or last published) was created, and sample-to-model freshness."""
 
     def __init__(self, registry: CollectorRegistry, process: str, age_seconds: Callable[[], float]) -> None:
         self.model_age = Gauge(
-            f"aitm_{process}_model_age_seconds", "Seconds since the last model update (NaN before the first)",
+            f"aitm_{process}_model_age_seconds",
+            "Seconds since the last model update (NaN before the first)",
             registry=registry,
         )
         self.model_age.set_function(age_seconds)
@@ -191,5 +264,6 @@ class RefreshMetrics:
             f"aitm_{process}_model_freshness_seconds",
             "Wall time from the trainer consuming the oldest sample new in a version to its publication "
             "(trainer) or swap-in (scorer)",
-            buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 300), registry=registry,
+            buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 300),
+            registry=registry,
         )

@@ -125,8 +125,12 @@ class SampleFeed(threading.Thread):
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         consumer = AIOKafkaConsumer(
-            group_id=None, enable_auto_commit=False, client_id="aitm-trainer",
-            max_partition_fetch_bytes=4 << 20, fetch_max_bytes=16 << 20, **self.client_config,
+            group_id=None,
+            enable_auto_commit=False,
+            client_id="aitm-trainer",
+            max_partition_fetch_bytes=4 << 20,
+            fetch_max_bytes=16 << 20,
+            **self.client_config,
         )
         await consumer.start()
         try:
@@ -138,7 +142,9 @@ class SampleFeed(threading.Thread):
                 if not parts:
                     await asyncio.sleep(0.2)
             if not parts:
-                raise RuntimeError(f"topic {self.topic!r} has no partitions: create it (aitm-stream broker does)")
+                raise RuntimeError(
+                    f"topic {self.topic!r} has no partitions: create it (aitm-stream broker does)"
+                )
             self.partitions = sorted(parts)
             tps = [TopicPartition(self.topic, p) for p in self.partitions]
             consumer.assign(tps)
@@ -148,12 +154,17 @@ class SampleFeed(threading.Thread):
                 else:
                     await consumer.seek_to_beginning(tp)
             self.ready.set()
+            checked_at = time.monotonic()
             while not self._halt.is_set():
                 polled = await consumer.getmany(timeout_ms=100, max_records=self.chunk_size)
                 for tp in tps:
                     hw = consumer.highwater(tp)
                     if hw is not None:
                         self.highwater[tp.partition] = hw
+                if time.monotonic() - checked_at >= 1.0:
+                    checked_at = time.monotonic()
+                    for tp in tps:
+                        await rewind_if_truncated(consumer, tp, self.highwater.get(tp.partition))
                 if polled:
                     self._put(self._parse(polled))
         finally:
@@ -169,7 +180,9 @@ class SampleFeed(threading.Thread):
                 try:
                     s = parse_sample(rec.value or b"")
                 except InvalidEvent as exc:
-                    chunk.invalid.append(Invalid(rec.topic, rec.partition, rec.offset, rec.key, rec.value, exc))
+                    chunk.invalid.append(
+                        Invalid(rec.topic, rec.partition, rec.offset, rec.key, rec.value, exc)
+                    )
                     continue
                 samples.append(s)
             chunk.offsets[tp.partition] = records[-1].offset + 1
@@ -185,3 +198,20 @@ class SampleFeed(threading.Thread):
                 return
             except queue.Full:
                 continue
+
+
+async def rewind_if_truncated(consumer: Any, tp: Any, highwater: int | None) -> bool:
+    """If our position is past the partition's high watermark the topic was recreated (a broker
+    that lost its data, like the embedded one after a restart): read it again from the start.
+    Returns whether it rewound."""
+    if highwater is None:
+        return False
+    position = await consumer.position(tp)
+    if position <= highwater:
+        return False
+    log.warning(
+        "%s[%d]: position %d is past the high watermark %d - the topic was recreated; reading it from the start",
+        tp.topic, tp.partition, position, highwater,
+    )  # fmt: skip
+    await consumer.seek_to_beginning(tp)
+    return True

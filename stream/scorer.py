@@ -97,8 +97,12 @@ class BankPolicy:
 
     @classmethod
     def from_settings(cls, s: Settings) -> BankPolicy:
-        return cls(s.scorer_default_objective, dict(s.scorer_bank_objectives), s.scorer_default_weight,
-                   dict(s.scorer_bank_weights))
+        return cls(
+            s.scorer_default_objective,
+            dict(s.scorer_bank_objectives),
+            s.scorer_default_weight,
+            dict(s.scorer_bank_weights),
+        )
 
     def score(self, bank_id: str, probs: np.ndarray) -> tuple[str, float, float]:
         """(objective, weight, weight x y_hat[objective]) for one row of probabilities (T,)."""
@@ -124,6 +128,26 @@ def consumer_lag(consumer: Any) -> int | None:
             total += max(0, hw - pos)
             known = True
     return total if known else None
+
+
+def rewind_truncated(consumer: Any) -> list[Any]:
+    """Partitions whose position is past their high watermark were recreated (a broker that lost
+    its data, like the embedded one after a restart): read them again from the start."""
+    rewound = []
+    for tp in consumer.assignment():
+        hw = consumer.highwater(tp)
+        if hw is None:
+            continue
+        try:
+            pos = consumer.position(tp, timeout_ms=0)
+        except Exception:
+            continue
+        if pos is not None and pos > hw:
+            log.warning("%s[%d]: position %d past the high watermark %d - topic recreated; reading from the start",
+                        tp.topic, tp.partition, pos, hw)  # fmt: skip
+            consumer.seek_to_beginning(tp)
+            rewound.append(tp)
+    return rewound
 
 
 def score_fields(m: ScoringModel, policy: BankPolicy, bank_id: str, probs: np.ndarray) -> dict[str, Any]:
@@ -154,7 +178,9 @@ def parse_request(body: bytes) -> tuple[str, dict[str, str], str | None]:
         raise BadRequest(400, 'the body must be a JSON object like {"bank_id": "bank_2", "features": {...}}')
     unknown = set(obj) - {"bank_id", "features", "impression_id"}
     if unknown:
-        raise BadRequest(400, f"unknown field(s) {sorted(unknown)}; allowed: bank_id, features, impression_id")
+        raise BadRequest(
+            400, f"unknown field(s) {sorted(unknown)}; allowed: bank_id, features, impression_id"
+        )
     feats = obj.get("features")
     if not isinstance(feats, dict):
         raise BadRequest(400, "'features' is required: an object of feature name -> string value")
@@ -164,7 +190,9 @@ def parse_request(body: bytes) -> tuple[str, dict[str, str], str | None]:
         if not isinstance(v, str):
             raise BadRequest(400, f"feature {k!r:.40} must be a string, got {type(v).__name__}")
         if not k or len(k) > MAX_FEATURE_LEN or len(v) > MAX_FEATURE_LEN:
-            raise BadRequest(400, f"feature {k!r:.40} name or value is empty or longer than {MAX_FEATURE_LEN}")
+            raise BadRequest(
+                400, f"feature {k!r:.40} name or value is empty or longer than {MAX_FEATURE_LEN}"
+            )
     bank = obj.get("bank_id", "")
     if not isinstance(bank, str) or len(bank) > MAX_ID_LEN:
         raise BadRequest(400, f"'bank_id' must be a string of at most {MAX_ID_LEN} characters")
@@ -236,10 +264,16 @@ class Scorer:
         """Follow ``model-versions`` from the start; offer the newest of each poll, newest first."""
         from kafka import KafkaConsumer, TopicPartition
 
-        consumer = KafkaConsumer(client_id="aitm-scorer-versions", group_id=None, enable_auto_commit=False,
-                                 **self.s.kafka_python_config())
-        tps = [TopicPartition(self.s.topic_model_versions, p)
-               for p in sorted(consumer.partitions_for_topic(self.s.topic_model_versions) or {0})]
+        consumer = KafkaConsumer(
+            client_id="aitm-scorer-versions",
+            group_id=None,
+            enable_auto_commit=False,
+            **self.s.kafka_python_config(),
+        )
+        tps = [
+            TopicPartition(self.s.topic_model_versions, p)
+            for p in sorted(consumer.partitions_for_topic(self.s.topic_model_versions) or {0})
+        ]
         consumer.assign(tps)
         for tp in tps:
             consumer.seek_to_beginning(tp)
@@ -261,7 +295,9 @@ class Scorer:
 
     # --- stream path ----------------------------------------------------------------------------
 
-    def score_batch(self, m: ScoringModel, records: Sequence[Any]) -> tuple[list[tuple[bytes, bytes]], list[tuple[Any, InvalidEvent]]]:
+    def score_batch(
+        self, m: ScoringModel, records: Sequence[Any]
+    ) -> tuple[list[tuple[bytes, bytes]], list[tuple[Any, InvalidEvent]]]:
         """Score one polled batch with one model: (key, score record) pairs and bad records."""
         events, bad = [], []
         for rec in records:
@@ -274,9 +310,14 @@ class Scorer:
             probs = m.predict([e.features or {} for e in events])  # (N, T)
             now_ms = self.clock.now_ms()
             for e, p in zip(events, probs, strict=True):
-                rec = {"schema_version": SCORE_SCHEMA, "impression_id": e.impression_id, "bank_id": e.bank_id,
-                       **score_fields(m, self.policy, e.bank_id, p), "event_time_ms": e.event_time_ms,
-                       "scored_at_ms": now_ms}
+                rec = {
+                    "schema_version": SCORE_SCHEMA,
+                    "impression_id": e.impression_id,
+                    "bank_id": e.bank_id,
+                    **score_fields(m, self.policy, e.bank_id, p),
+                    "event_time_ms": e.event_time_ms,
+                    "scored_at_ms": now_ms,
+                }
                 out.append((e.impression_id.encode(), json.dumps(rec, separators=(",", ":")).encode()))
         return out, bad
 
@@ -288,9 +329,14 @@ class Scorer:
         producer = KafkaProducer(client_id="aitm-scorer", acks="all", linger_ms=2, **cfg)
         session = self.s.kafka_session_timeout_ms
         consumer = KafkaConsumer(
-            client_id="aitm-scorer", group_id=self.s.scorer_group_id, enable_auto_commit=False,
-            auto_offset_reset="earliest", session_timeout_ms=session, heartbeat_interval_ms=max(300, session // 4),
-            max_poll_records=self.s.scorer_batch_size, **cfg,
+            client_id="aitm-scorer",
+            group_id=self.s.scorer_group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=session,
+            heartbeat_interval_ms=max(300, session // 4),
+            max_poll_records=self.s.scorer_batch_size,
+            **cfg,
         )
         subscribed = False
         lag_at = 0.0
@@ -308,6 +354,7 @@ class Scorer:
                 records = [r for recs in polled.values() for r in recs]
                 if time.monotonic() - lag_at >= 1.0:
                     lag_at = time.monotonic()
+                    rewind_truncated(consumer)
                     lag = consumer_lag(consumer)
                     if lag is not None:
                         self.metrics.consumer_lag.set(lag)
@@ -319,14 +366,27 @@ class Scorer:
                     producer.send(self.s.topic_scores, key=key, value=value)
                 for rec, exc in bad:
                     self.metrics.dead_letters.labels(reason=exc.reason).inc()
-                    producer.send(self.s.topic_dead_letters, key=rec.key or b"", value=dead_letter(
-                        rec.value, source_topic=rec.topic, reason=exc.reason, detail=exc.message,
-                        partition=rec.partition, offset=rec.offset, key=rec.key, time_ms=self.clock.now_ms()))
+                    producer.send(
+                        self.s.topic_dead_letters,
+                        key=rec.key or b"",
+                        value=dead_letter(
+                            rec.value,
+                            source_topic=rec.topic,
+                            reason=exc.reason,
+                            detail=exc.message,
+                            partition=rec.partition,
+                            offset=rec.offset,
+                            key=rec.key,
+                            time_ms=self.clock.now_ms(),
+                        ),
+                    )
                 producer.flush()
                 try:
                     consumer.commit()  # offsets only after the scores are out
                 except CommitFailedError as exc:  # the group rebalanced meanwhile: these may be rescored
-                    log.warning("offset commit failed (%s): %d records may be scored again", exc, len(records))
+                    log.warning(
+                        "offset commit failed (%s): %d records may be scored again", exc, len(records)
+                    )
                     self.metrics.commit_failures.inc()
                 per_record = (time.perf_counter() - t0) / len(records)
                 for _ in out:
@@ -377,8 +437,10 @@ class Scorer:
             def do_GET(self) -> None:
                 if self.path == "/healthz":
                     m = scorer.model
-                    self._reply(200 if m else 503, {"status": "ok" if m else "no model",
-                                                    "model_version": m.version if m else None})
+                    self._reply(
+                        200 if m else 503,
+                        {"status": "ok" if m else "no model", "model_version": m.version if m else None},
+                    )
                 elif self.path == "/score":
                     self._reply(405, {"error": "use POST /score with a JSON body"})
                 else:

@@ -273,6 +273,11 @@ class Trainer:
             for window in WINDOWS:
                 for t, task in enumerate(TASKS[:N_TASKS]):
                     self.metrics.frozen_auc.labels(task=task, window=window).set(frozen[window][t]["auc"])
+        paired = self.learner.paired_metric_values()
+        if paired is not None:
+            for window in WINDOWS:
+                for t, task in enumerate(TASKS[:N_TASKS]):
+                    self.metrics.paired_auc.labels(task=task, window=window).set(paired[window][t]["auc"])
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         learner = self.learner

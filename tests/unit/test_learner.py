@@ -178,6 +178,9 @@ def test_the_frozen_copy_never_changes_and_scores_only_later_impressions() -> No
     assert all(not p.requires_grad for p in ln.frozen.parameters())
     # evaluated on impressions from the cutoff on only: 4 batches of 64, not the first one
     assert ln.frozen_evaluator.tasks[0].count == 4 * 64
+    # the live model is evaluated on exactly the frozen copy's impressions too (like for like)
+    assert ln.paired_evaluator.tasks[0].count == 4 * 64
+    assert ln.evaluator.tasks[0].count > ln.paired_evaluator.tasks[0].count
     values = ln.frozen_metric_values()
     assert values is not None and 0.0 <= values["lifetime"][0]["auc"] <= 1.0
     # a restart restores the copy and its evaluator
