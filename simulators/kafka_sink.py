@@ -33,6 +33,9 @@ def produce(
     producer = KafkaProducer(
         client_id="aitm-simulator",
         acks="all",
+        # at-least-once with dedupe by event id downstream: kafka-python's idempotent producer
+        # dies for good when a broker forgets its producer id (a restart of the embedded one)
+        enable_idempotence=False,
         linger_ms=5,
         batch_size=256 * 1024,
         retries=10,

@@ -42,12 +42,14 @@ class Ledger:
         self.topics = topics
         self.finals: dict[str, set[tuple[int, ...]]] = defaultdict(set)
         self.final_records = 0
+        self.sampled: set[str] = set()
         self.scored: Counter[str] = Counter()
         self.dead: list[dict[str, Any]] = []
 
     def __call__(self, rec: Any) -> None:
         if rec.topic == self.topics["samples"]:
             s = parse_sample(rec.value)
+            self.sampled.add(s.impression_id)
             if s.kind == "final":
                 self.finals[s.impression_id].add(tuple(s.labels))
                 self.final_records += 1

@@ -78,11 +78,13 @@ def noop_main(argv: list[str]) -> int:
     registry = CollectorRegistry()
     events = Counter("aitm_bench_noop_events", "events", registry=registry)
     start_http_server(port, addr="127.0.0.1", registry=registry)
-    app = faust.App(
+    session_s = settings.kafka_session_timeout_ms / 1000.0
+    app = faust.App(  # the joiner's faust settings (stream.joiner.build_app), less its Table
         "aitm-bench-noop", broker=f"kafka://{settings.bootstrap()}", datadir=datadir,
-        broker_session_timeout=settings.kafka_session_timeout_ms / 1000.0, broker_heartbeat_interval=1.5,
-        consumer_auto_offset_reset="earliest", web_enabled=False, topic_partitions=settings.event_partitions,
-        recovery_consistency_check=False,
+        broker_session_timeout=session_s, broker_heartbeat_interval=max(0.5, session_s / 4),
+        broker_request_timeout=max(30.0, session_s * 2), consumer_auto_offset_reset="earliest",
+        web_enabled=False, topic_partitions=settings.event_partitions, recovery_consistency_check=False,
+        stream_wait_empty=False,
     )
     source = app.topic(*settings.event_topics().values(), key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")

@@ -234,6 +234,23 @@ class FunnelJoin:
         p.pending_swept = wm
         return n
 
+    def take_sweep(self, partition: int) -> int | None:
+        """Judge the records that follow against the sweep just done (in memory), as
+        ``commit_sweep`` would, but leave the stored swept watermark alone: returns the value to
+        store with ``persist_swept`` once the sweep's outputs are acknowledged (None: nothing)."""
+        p = self.part(partition)
+        wm, p.pending_swept = p.pending_swept, None
+        if wm is None or wm <= p.swept:
+            return None
+        p.swept = wm
+        return wm
+
+    def persist_swept(self, partition: int, swept: int) -> None:
+        """Store a swept watermark returned by ``take_sweep`` (its samples are out)."""
+        p = self.parts.get(partition)
+        if p is not None:  # not revoked meanwhile
+            p.store.put_meta(SWEPT_KEY, _I64.pack(swept))
+
     def commit_sweep(self, partition: int) -> None:
         p = self.part(partition)
         if p.pending_swept is not None and p.pending_swept > p.swept:

@@ -34,7 +34,8 @@ from stream.store import DueIndex
 
 log = logging.getLogger(__name__)
 META_PREFIX = b"\x00"  # table keys of metadata; impression ids are printable
-MAX_PENDING = 20_000  # records queued between two flushes, at most
+MAX_PENDING = 20_000  # source records between two flushes, at most
+_MISSING: Any = object()
 
 
 def funnel_config(settings: Settings) -> FunnelConfig:
@@ -62,11 +63,16 @@ class FaustTableStore:
 
     Faust's own ``table[key] = value`` costs about 0.3 ms per write (a FutureMessage through its
     producer buffer, two callbacks and a RocksDB offset write per record), which capped the
-    join near 1.8k events/s. So states are written straight into the partition's rocksdict and
-    the same (key, value) - value None for a delete - is queued in ``outbox``; the agent sends
-    it to the table's changelog topic and partition with the raw producer and records the acked
-    changelog offset as the store's persisted offset. Faust's recovery reads that changelog
-    exactly as if it had written it. The due index is in memory, rebuilt on creation.
+    join near 1.8k events/s. So a write - value None for a delete - goes into ``outbox``; at
+    each flush ``drain()`` hands the outbox over (it stays readable as ``sending``), the agent
+    sends it to the table's changelog topic and partition with the raw producer, and once it is
+    acknowledged ``settle()`` writes it into the partition's rocksdict in one ``WriteBatch`` and
+    the acked changelog offset is recorded as the store's persisted offset. Faust's recovery
+    reads that changelog exactly as if it had written it. The source records behind those
+    writes, and their outputs, are acknowledged in the same step (see ``build_app``): after a
+    kill -9 the local RocksDB holds no write whose outputs may be lost, so the replayed records
+    redo them. Reads look in ``outbox``, then ``sending``, then RocksDB. The due index is in
+    memory, rebuilt on creation.
     """
 
     def __init__(self, table: Any, partition: int, due_of: Callable[[bytes, int], int | None]) -> None:
@@ -77,6 +83,7 @@ class FaustTableStore:
         # changelog records not yet sent: the latest value per key (None: delete). A compacted
         # changelog only needs the last write of a key, so writes between two sends coalesce.
         self.outbox: dict[bytes, bytes | None] = {}
+        self.sending: dict[bytes, bytes | None] = {}  # drained, not yet acknowledged and settled
         raw = self.get_meta(SWEPT_KEY)
         swept = int.from_bytes(raw, "big", signed=True) if raw else NO_WATERMARK
         for key, value in self._db.items():
@@ -85,11 +92,17 @@ class FaustTableStore:
             self._index.set(bytes(key), due_of(bytes(value), swept))
 
     def get(self, key: bytes) -> bytes | None:
+        v = self.outbox.get(key, _MISSING)
+        if v is not _MISSING:
+            return v
+        if self.sending:
+            v = self.sending.get(key, _MISSING)
+            if v is not _MISSING:
+                return v
         v = self._db.get(key)
         return v if v is None or type(v) is bytes else bytes(v)
 
     def put(self, key: bytes, value: bytes, due_ms: int | None) -> None:
-        self._db.put(key, value)
         self.outbox[key] = value
         self._index.set(key, due_ms)
 
@@ -97,9 +110,34 @@ class FaustTableStore:
         self._index.set(key, due_ms)
 
     def delete(self, key: bytes) -> None:
-        self._db.delete(key)
         self.outbox[key] = None
         self._index.set(key, None)
+
+    def drain(self) -> dict[bytes, bytes | None]:
+        """The writes since the last drain, to be sent; ``settle()`` them once acknowledged.
+        One drain is outstanding at a time."""
+        out = self.outbox
+        if out:
+            self.outbox = {}
+            self.sending = out
+        return out
+
+    def settle(self, written: dict[bytes, bytes | None]) -> None:
+        """Write drained writes into the local RocksDB, in one batch (a ``WriteBatch`` costs
+        ~3 us per record against ~5.5 us for single puts)."""
+        if not written:
+            return
+        from rocksdict import WriteBatch
+
+        batch = WriteBatch(raw_mode=True)
+        for key, value in written.items():
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        self._db.write(batch)
+        if self.sending is written:
+            self.sending = {}
 
     def pop_due(self, until_ms: int) -> list[bytes]:
         return self._index.pop_due(until_ms)
@@ -200,8 +238,9 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
     interval_s = settings.joiner_sweep_interval_ms / 1000.0
 
     senders: list[BatchSender] = []  # the one sender, made once the producer has started
-    flush_lock = asyncio.Lock()
-    last_flush = [0.0]  # monotonic time of the agent's last flush
+    unacked: list[Any] = []  # source events processed since the last flush, not yet acknowledged
+    inflight: list[asyncio.Future[None]] = []  # the flush waiting for its acks (one at most)
+    last_flush = [0.0]  # monotonic time of the last flush
 
     def get_sender() -> BatchSender:
         if not senders:
@@ -209,43 +248,74 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
             senders.append(BatchSender(producer._ensure_producer(), lambda t, k: producer.key_partition(t, k).partition))
         return senders[0]
 
-    async def sweep_and_flush(sender: BatchSender) -> None:
-        """Sweep every partition whose watermark moved, send everything queued, wait for the acks,
-        then move the swept watermarks (the samples are out by then). The agent holds off new
-        records while this runs (see ``flush_lock``), so no record sees a half-committed sweep."""
-        async with flush_lock:
-            swept = [p for p in list(join.parts) if join.sweep_due(p, force=True)]
-            for p in swept:
+    async def flush(sender: BatchSender) -> None:
+        """Sweep every partition whose watermark moved, drain every store's writes into the
+        changelog, take everything queued, and submit it; the acks are awaited by a task, while
+        the agent goes on. One flush is in flight at a time (a new one waits for the previous),
+        so batches of a partition stay in order.
+
+        Up to the snapshot this is synchronous, so no record is processed halfway through it.
+        Records after it are judged against the new sweep at once (``take_sweep``), exactly as
+        if the flush had completed; what waits for the acks is what a crash must not get ahead
+        of: the stored swept watermark (``persist_swept``), the persisted changelog offsets, and
+        the acknowledgement of the source records (their offsets are committed only then)."""
+        while inflight and not inflight[0].done():
+            await asyncio.wait(inflight)
+        if inflight:
+            inflight.pop().result()  # a failed flush stops the agent
+        swept: list[tuple[int, int]] = []
+        for p in list(join.parts):
+            if join.sweep_due(p, force=True):
                 out: list[Output] = []
                 join.sweep(p, out)
                 for o in out:
                     sender.add(o.topic, o.key, o.value)
-            await _flush(sender)
-            for p in swept:
-                if p in join.parts:  # not revoked meanwhile
-                    join.commit_sweep(p)  # its changelog record goes out with the next flush
-            last_flush[0] = clock.monotonic()
-
-    async def _flush(sender: BatchSender) -> None:
-        """Send every queued output and changelog record and wait for the acks; then record the
-        acked changelog offsets as the partitions' persisted offsets (for faust's recovery)."""
-
-        for p in list(join.parts):
-            store = join.parts[p].store
+                wm = join.take_sweep(p)
+                if wm is not None:
+                    swept.append((p, wm))
+        written: list[tuple[FaustTableStore, dict[bytes, bytes | None]]] = []
+        for p, part in list(join.parts.items()):
+            store = part.store
             assert isinstance(store, FaustTableStore)
-            for key, value in store.outbox.items():
-                sender.add(changelog, key, value, p)
-            store.outbox.clear()
-        if not sender.pending:
-            return
+            drained = store.drain()
+            if drained:
+                written.append((store, drained))
+                for key, value in drained.items():
+                    sender.add(changelog, key, value, p)
+        batches = sender.take()
+        events = unacked[:]
+        unacked.clear()
+        last_flush[0] = clock.monotonic()
+        if batches or events or swept:
+            inflight.append(asyncio.ensure_future(complete(sender, batches, written, swept, events)))
+
+    async def complete(
+        sender: BatchSender,
+        batches: list[Any],
+        written: list[tuple[FaustTableStore, dict[bytes, bytes | None]]],
+        swept: list[tuple[int, int]],
+        events: list[Any],
+    ) -> None:
+        """Submit a flush's batches and wait for their acks; then write the states into the local
+        RocksDB, record the acked changelog offsets as the partitions' persisted offsets (for
+        faust's recovery), store the swept watermarks and acknowledge the source records."""
         acked: dict[int, int] = {}
-        for sent in await sender.flush():
+        for sent in await sender.submit(batches):
             last = await sent.last_offset()
             if sent.topic == changelog and last > acked.get(sent.partition, -1):
                 acked[sent.partition] = last
+        for store, drained in written:
+            store.settle(drained)
         backend: Any = table.data
         for p, offset in acked.items():
             backend.set_persisted_offset(TP(changelog, p), offset)
+        for p, wm in swept:
+            join.persist_swept(p, wm)  # its changelog record goes out with the next flush
+        if events:
+            assigned = app.consumer.assignment()
+            for event in events:
+                if event.message.tp in assigned:  # a revoked one is read again by its new owner
+                    event.ack()
 
     @app.agent(source)
     async def funnel_join(stream: Any) -> None:
@@ -255,26 +325,30 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         highwater = app.consumer.highwater
         on_record = join.on_record
         add = sender.add
-        async for event in stream.events():
-            if flush_lock.locked():  # a timer's sweep is waiting for acks: let it finish first
-                async with flush_lock:
-                    pass
+        pending = unacked.append
+        monotonic = clock.monotonic
+        manual = stream.noack()  # acknowledged in ``complete``, once the outputs are acked
+        async for _ in manual:
+            event = manual.current_event
+            if event is None:
+                continue
             msg = event.message
             out: list[Output] = []
             hw = highwater(msg.tp)
             on_record(msg.topic, msg.partition, msg.key, msg.value, hw is not None and msg.offset + 1 < hw, out, msg.offset)
             for o in out:
                 add(o.topic, o.key, o.value)
-            if sender.pending >= MAX_PENDING or clock.monotonic() - last_flush[0] >= interval_s:
-                # once per interval, all partitions together: one flush and one wait for acks
-                await sweep_and_flush(sender)
+            pending(event)
+            if len(unacked) >= MAX_PENDING or monotonic() - last_flush[0] >= interval_s:
+                # once per interval, all partitions together: one flush, its acks awaited aside
+                await flush(sender)
 
     @app.timer(interval_s)
     async def sweep_when_idle() -> None:
-        """The agent sweeps as records arrive; this covers quiet spells (the warm-up ending, the
-        last records of a burst), so their samples and changelog records still go out."""
+        """The agent flushes as records arrive; this covers quiet spells (the warm-up ending, the
+        last records of a burst), so their samples, changelog records and acks still go out."""
         if senders and clock.monotonic() - last_flush[0] >= interval_s:
-            await sweep_and_flush(senders[0])
+            await flush(senders[0])
 
     @app.timer(1.0)
     async def refresh_gauges() -> None:
@@ -282,8 +356,31 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         metrics.watermark_lag.set(join.watermark_lag_ms() / 1000.0)
         metrics.store_size.set(_dir_bytes(datadir))
 
+    @app.timer(2.0)
+    async def rewind_recreated_topics() -> None:
+        """A partition whose position is past its high watermark was recreated (a broker that lost
+        its data, like the embedded one after a restart): read it again from the start."""
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            if hw is None:
+                continue
+            pos = await consumer.position(tp)
+            if pos is not None and pos > hw:
+                log.warning("%s[%d]: position %d past the high watermark %d - topic recreated; reading from the start",
+                            tp.topic, tp.partition, pos, hw)  # fmt: skip
+                await consumer.seek(tp, 0)
+
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         for tp in revoked:
+            part = join.parts.get(tp.partition)
+            if part is not None and senders:
+                store = part.store
+                assert isinstance(store, FaustTableStore)
+                drained = store.drain()
+                store.settle(drained)  # kept locally and changelogged
+                for key, value in drained.items():
+                    senders[0].add(changelog, key, value, tp.partition)
             join.forget(tp.partition)
 
     app.on_partitions_revoked.connect(on_revoked)  # type: ignore[arg-type]

@@ -326,7 +326,7 @@ class Scorer:
         from kafka.errors import CommitFailedError
 
         cfg = self.s.kafka_python_config()
-        producer = KafkaProducer(client_id="aitm-scorer", acks="all", linger_ms=2, **cfg)
+        producer = KafkaProducer(client_id="aitm-scorer", acks="all", linger_ms=2, enable_idempotence=False, **cfg)
         session = self.s.kafka_session_timeout_ms
         consumer = KafkaConsumer(
             client_id="aitm-scorer",

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 PartitionOf = Callable[[str, bytes], int]
+PARTITION_CACHE_MAX = 100_000  # keys per topic whose partition is remembered
 
 
 class BatchSender:
@@ -29,12 +30,22 @@ class BatchSender:
         self._partition_of = partition_of
         self._open: dict[tuple[str, int], Any] = {}
         self._full: list[tuple[str, int, Any]] = []
+        # partition of each keyed record's key, per topic: aiokafka's partitioner is a pure-Python
+        # murmur2 (~5 us); a funnel's samples and dead letters share one key. Cleared when large.
+        self._partitions: dict[str, dict[bytes, int]] = {}
         self.pending = 0  # records added since the last flush
 
     def add(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
         """Queue one record (``value=None`` is a tombstone); ``partition`` defaults to the key's."""
         if partition is None:
-            partition = self._partition_of(topic, key)
+            cache = self._partitions.get(topic)
+            if cache is None:
+                cache = self._partitions[topic] = {}
+            partition = cache.get(key)
+            if partition is None:
+                if len(cache) >= PARTITION_CACHE_MAX:
+                    cache.clear()
+                partition = cache[key] = self._partition_of(topic, key)
         tp = (topic, partition)
         builder = self._open.get(tp)
         if builder is None:
@@ -46,11 +57,20 @@ class BatchSender:
                 raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a batch for {topic}")
         self.pending += 1
 
-    async def flush(self) -> list[Sent]:
-        """Submit everything queued, in order per partition; one ``Sent`` per record batch."""
+    def take(self) -> list[tuple[str, int, Any]]:
+        """Everything queued so far, as record batches (topic, partition, builder); the sender
+        starts afresh. Submit them with ``submit()``."""
         batches = self._full
         batches.extend((tp[0], tp[1], b) for tp, b in self._open.items())
         self._full, self._open, self.pending = [], {}, 0
+        return batches
+
+    async def flush(self) -> list[Sent]:
+        """Submit everything queued, in order per partition; one ``Sent`` per record batch."""
+        return await self.submit(self.take())
+
+    async def submit(self, batches: list[tuple[str, int, Any]]) -> list[Sent]:
+        """Submit batches taken with ``take()``, in order; one ``Sent`` per record batch."""
         send = self._producer.send_batch
         return [
             Sent(topic, partition, b.record_count(), await send(b, topic, partition=partition))

@@ -117,7 +117,9 @@ class Trainer:
         """The producer (announcements, dead letters) and the samples feed, positioned at ``offsets``."""
         from kafka import KafkaProducer
 
-        self._producer = KafkaProducer(client_id="aitm-trainer", acks="all", linger_ms=5, **self.s.kafka_python_config())
+        self._producer = KafkaProducer(
+            client_id="aitm-trainer", acks="all", linger_ms=5, enable_idempotence=False, **self.s.kafka_python_config()
+        )
         feed = SampleFeed(self.s.aiokafka_config(), self.s.topic_samples, self.offsets,
                           chunk_size=self.s.trainer_batch_size)
         feed.start_and_wait()

@@ -52,11 +52,14 @@ def test_processes_survive_a_broker_restart(tmp_path: Path) -> None:
         tail.start()
         sent_after = sum(produce(after, settings, speedup=3 * 86_400 / 20).values())
         new_ids = {t.impression_id for t in after.truth if not t.tail}
+        # two tail days mature the impressions without a click (their click window is 1 h)
+        unclicked = {t.impression_id: t.labels for t in after.truth if not t.tail and not t.labels[0]}
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
-            finals = sum(1 for i in new_ids if i in ledger.finals)
+            sampled = sum(1 for i in new_ids if i in ledger.sampled)
+            finals = sum(1 for i in unclicked if i in ledger.finals)
             scored = sum(1 for i in new_ids if i in ledger.scored)
-            if finals == len(new_ids) and scored == len(new_ids):
+            if (sampled, finals, scored) == (len(new_ids), len(unclicked), len(new_ids)):
                 break
             time.sleep(2)
         tail.stop()
@@ -65,7 +68,10 @@ def test_processes_survive_a_broker_restart(tmp_path: Path) -> None:
         report.update(
             event_records_after=sent_after,
             impressions_after=len(new_ids),
-            finals_after=sum(1 for i in new_ids if i in ledger.finals),
+            sampled_after=sum(1 for i in new_ids if i in ledger.sampled),
+            unclicked_after=len(unclicked),
+            unclicked_finals_after=sum(1 for i in unclicked if i in ledger.finals),
+            unclicked_finals_right=sum(1 for i, y in unclicked.items() if ledger.finals.get(i) == {tuple(y)}),
             scored_after=sum(1 for i in new_ids if i in ledger.scored),
             model_versions_after=len(versions_after),
             crashed=crashed,
@@ -75,7 +81,8 @@ def test_processes_survive_a_broker_restart(tmp_path: Path) -> None:
     assert not crashed, logs
     assert report["samples_left_after_restart"] == 0  # the loss is real, and reported above
     # every process carried on with the new traffic
-    assert report["finals_after"] == len(new_ids), report
+    assert report["sampled_after"] == len(new_ids), report
+    assert report["unclicked_finals_right"] == len(unclicked), report
     assert report["scored_after"] == len(new_ids), report
     assert len(versions_after) > 0
     assert max(json.loads(v.value)["version"] for v in versions_after) > newest_before

@@ -113,3 +113,59 @@ def test_settings_from_any_environment(monkeypatch: pytest.MonkeyPatch, env: dic
             assert exc.errors()  # a clear, field-by-field error
             return
         assert s.event_partitions >= 1
+
+
+# --- model-version announcements and HTTP scoring requests ---------------------------------------
+
+from stream.model_store import ModelVersion, encode_version, parse_version  # noqa: E402
+from stream.scorer import BadRequest, parse_request  # noqa: E402
+
+near_versions = st.fixed_dictionaries(
+    {},
+    optional={
+        "schema_version": st.one_of(st.just(1), json_scalars),
+        "version": st.one_of(st.integers(min_value=-3, max_value=2**40), json_scalars),
+        "path": st.one_of(st.text(min_size=1, max_size=50), json_scalars),
+        "sha256": st.one_of(st.text(alphabet="0123456789abcdef", min_size=64, max_size=64), json_scalars),
+        "trained_samples": st.one_of(st.integers(min_value=-3, max_value=2**40), json_scalars),
+        "created_at_ms": st.integers(min_value=-3, max_value=2**50),
+        "max_sample_consumed_at_ms": st.integers(min_value=-3, max_value=2**50),
+        "min_new_sample_consumed_at_ms": st.integers(min_value=-3, max_value=2**50),
+    },
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(near_versions.map(lambda d: json.dumps(d, allow_nan=True).encode()), st.binary(max_size=300)))
+def test_model_version_announcements(raw: bytes) -> None:
+    try:
+        v = parse_version(raw)
+    except InvalidEvent as exc:
+        assert exc.reason in PARSE_REASONS and str(exc)
+        return
+    assert isinstance(v, ModelVersion)
+    assert parse_version(encode_version(v)) == v
+
+
+near_requests = st.fixed_dictionaries(
+    {},
+    optional={
+        "bank_id": st.one_of(st.text(max_size=140), json_scalars),
+        "features": st.one_of(st.dictionaries(st.text(max_size=300), st.text(max_size=300), max_size=6), json_values),
+        "impression_id": st.one_of(st.text(max_size=140), json_scalars),
+        "extra": json_values,
+    },
+)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(near_requests.map(lambda d: json.dumps(d, allow_nan=True).encode()), st.binary(max_size=500)))
+def test_http_scoring_requests(body: bytes) -> None:
+    try:
+        bank, feats, iid = parse_request(body)
+    except BadRequest as exc:
+        assert 400 <= exc.code < 500 and exc.message  # a clear 4xx, never a 500
+        return
+    assert isinstance(bank, str) and isinstance(feats, dict)
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in feats.items())
+    assert iid is None or isinstance(iid, str)
