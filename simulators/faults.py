@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simulators.funnel import DAY_MS, TASKS, FunnelSimulator, ImpressionBatch
+from simulators.funnel import DAY_MS, TASKS, WINDOWS_MS, FunnelSimulator, ImpressionBatch
 
 STEPS = ("impression", *TASKS)
 FAULT_KINDS = ("duplicate", "out_of_order", "malformed", "illegal", "late")
@@ -267,6 +267,10 @@ class SimulatedStream:
         elif kind == "illegal":
             raws[s - 1] = None  # the predecessor never arrives
             reason = "illegal_sequence"
+            # ... unless the funnel is final before this event happens: the dropped step's window
+            # closed first (an activation weeks after an application whose approval was lost)
+            if s >= 2 and values[s]["event_time_ms"] > values[s - 2]["event_time_ms"] + WINDOWS_MS[s - 2]:
+                reason = "late"
         elif kind == "late":
             deliver[s] = values[s]["event_time_ms"] + LATE_DELIVERY_MS
             reason = "late"
