@@ -174,8 +174,9 @@ def plots(tl: Timeline) -> list[tuple[str, str]]:
             label=t,
         )
     ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")  # the untrained first hours over-predict a hundredfold
     ax.set_xlabel("simulated day")
-    ax.set_ylabel("mean predicted / observed")
+    ax.set_ylabel("mean predicted / observed (log scale)")
     ax.legend()
     ax.grid(alpha=0.3)
     out.append(("Calibration", _png(fig)))
