@@ -145,8 +145,8 @@ def write_meta(stream: SimulatedStream, args: argparse.Namespace, out: Path) -> 
     """meta.json: the configuration, counts of faults and the oracle AUC per task."""
     import numpy as np
 
+    from aitm.evaluate import auc
     from simulators.funnel import TASKS
-    from simulators.oracle import auc
 
     rows = [t for t in stream.truth if not t.tail]
     p = np.array([t.p_true for t in rows])

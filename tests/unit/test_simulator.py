@@ -10,9 +10,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from aitm.evaluate import auc
 from simulators.faults import CORRUPTING, FaultConfig, SimulatedStream
 from simulators.funnel import DAY_MS, WINDOWS_MS, FunnelSimulator, SimConfig
-from simulators.oracle import auc
 from stream.events import InvalidEvent, parse_event
 
 
