@@ -1,10 +1,12 @@
 """``aitm-stream joiner``: the faust app that joins the five event topics into training samples.
 
-One agent reads the co-partitioned event topics; per-impression funnel state lives in a faust
-Table (``store="rocksdb://"``, rocksdict) whose changelog restores it after a restart. The
-agent drives ``stream.join.FunnelJoin``: one table write per event at most, state values in a
-compact marshal codec, samples and dead letters only when due. Outputs and changelog records
-are produced as record batches (``stream.sender.BatchSender``) once per
+faust's consumer reads the co-partitioned event topics and hands each record straight to the
+join (``stream.faust_bulk``, past faust's per-event agent path; the agent only subscribes the
+topics). Per-impression funnel state lives in a faust Table (``store="rocksdb://"``,
+rocksdict) whose changelog restores it after a restart. The records drive
+``stream.join.FunnelJoin``: one table write per event at most, state values in a compact
+marshal codec, samples and dead letters only when due. Outputs and changelog records are
+produced as record batches (``stream.sender.BatchSender``) once per
 ``JOINER_SWEEP_INTERVAL_MS``, when every partition whose watermark moved is swept; a timer
 does the same in quiet spells. The expiry index is in memory per partition (rebuilt from the
 local RocksDB on the first record of a partition). See docs/joiner.md.
@@ -25,6 +27,7 @@ from faust.types import TP
 from prometheus_client import CollectorRegistry, start_http_server
 
 from stream.clock import Clock, SystemClock
+from stream.faust_bulk import bulk_consumer
 from stream.funnel import NO_WATERMARK, FunnelConfig, decode_state, next_due
 from stream.join import SWEPT_KEY, FunnelJoin, JoinTopics, Output
 from stream.metrics import JoinerMetrics
@@ -238,7 +241,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
     interval_s = settings.joiner_sweep_interval_ms / 1000.0
 
     senders: list[BatchSender] = []  # the one sender, made once the producer has started
-    unacked: list[Any] = []  # source events processed since the last flush, not yet acknowledged
+    unacked: list[Any] = []  # source records joined since the last flush, not yet acknowledged
     inflight: list[asyncio.Future[None]] = []  # the flush waiting for its acks (one at most)
     last_flush = [0.0]  # monotonic time of the last flush
 
@@ -283,18 +286,18 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
                 for key, value in drained.items():
                     sender.add(changelog, key, value, p)
         batches = sender.take()
-        events = unacked[:]
+        messages = unacked[:]
         unacked.clear()
         last_flush[0] = clock.monotonic()
-        if batches or events or swept:
-            inflight.append(asyncio.ensure_future(complete(sender, batches, written, swept, events)))
+        if batches or messages or swept:
+            inflight.append(asyncio.ensure_future(complete(sender, batches, written, swept, messages)))
 
     async def complete(
         sender: BatchSender,
         batches: list[Any],
         written: list[tuple[FaustTableStore, dict[bytes, bytes | None]]],
         swept: list[tuple[int, int]],
-        events: list[Any],
+        messages: list[Any],
     ) -> None:
         """Submit a flush's batches and wait for their acks; then write the states into the local
         RocksDB, record the acked changelog offsets as the partitions' persisted offsets (for
@@ -311,37 +314,53 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
             backend.set_persisted_offset(TP(changelog, p), offset)
         for p, wm in swept:
             join.persist_swept(p, wm)  # its changelog record goes out with the next flush
-        if events:
-            assigned = app.consumer.assignment()
-            for event in events:
-                if event.message.tp in assigned:  # a revoked one is read again by its new owner
-                    event.ack()
+        if messages:
+            consumer = app.consumer
+            assigned = consumer.assignment()
+            ack = consumer.ack
+            for message in messages:
+                if message.tp in assigned:  # a revoked one is read again by its new owner
+                    ack(message)
+
+    def handle(message: Any, behind: bool) -> bool:
+        """Join one source record (``stream.faust_bulk`` calls this from faust's fetch loop);
+        True when a flush is due. The record is acknowledged in ``complete``."""
+        sender = senders[0] if senders else get_sender()
+        out: list[Output] = []
+        on_record(message.topic, message.partition, message.key, message.value, behind, out, message.offset)
+        add = sender.add
+        for o in out:
+            add(o.topic, o.key, o.value)
+        unacked.append(message)
+        # once per interval, all partitions together: one flush, its acks awaited aside
+        return len(unacked) >= MAX_PENDING or monotonic() - last_flush[0] >= interval_s
+
+    async def flush_from_fetcher() -> None:
+        await flush(senders[0])
+
+    on_record = join.on_record
+    monotonic = clock.monotonic
+    transport: Any = app.transport
+    transport.Consumer = bulk_consumer(transport.Consumer, topics.events, handle, flush_from_fetcher)
 
     @app.agent(source)
     async def funnel_join(stream: Any) -> None:
+        """Subscribes ``source``, so that faust assigns its partitions, tracks their acks and
+        commits them. Its records go from faust's fetcher to ``handle`` (``stream.faust_bulk``)
+        and never come here; should one come (a consumer without the bulk loop), it is joined
+        all the same."""
         for name in ("aiokafka", "faust", "mode"):
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
-        sender = get_sender()
         highwater = app.consumer.highwater
-        on_record = join.on_record
-        add = sender.add
-        pending = unacked.append
-        monotonic = clock.monotonic
         manual = stream.noack()  # acknowledged in ``complete``, once the outputs are acked
         async for _ in manual:
             event = manual.current_event
             if event is None:
                 continue
             msg = event.message
-            out: list[Output] = []
             hw = highwater(msg.tp)
-            on_record(msg.topic, msg.partition, msg.key, msg.value, hw is not None and msg.offset + 1 < hw, out, msg.offset)
-            for o in out:
-                add(o.topic, o.key, o.value)
-            pending(event)
-            if len(unacked) >= MAX_PENDING or monotonic() - last_flush[0] >= interval_s:
-                # once per interval, all partitions together: one flush, its acks awaited aside
-                await flush(sender)
+            if handle(msg, hw is not None and msg.offset + 1 < hw):
+                await flush(senders[0])
 
     @app.timer(interval_s)
     async def sweep_when_idle() -> None:
