@@ -38,6 +38,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--score-calls", type=int, default=3000, help="timed batch-1 scoring calls")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--capacity", type=int, default=0,
+                   help="embedding rows per field, as the streaming trainer's TRAINER_FEATURE_CAPACITY "
+                        "(default 0: each field's cardinality + 1)")
+    p.add_argument("--capacities", type=json.loads, default={},
+                   help='per-field overrides of --capacity, JSON (as TRAINER_FEATURE_CAPACITIES)')
     return p.parse_args(argv)
 
 
@@ -51,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     sim = FunnelSimulator(SimConfig(seed=args.seed))
     data = sim.dataset(2)
-    caps = [c + 1 for c in sim.cardinalities]  # room for every value plus the OOV id
+    if args.capacity:  # the streaming trainer's sizes: like with like in ``bench stream``
+        caps = [args.capacities.get(f, args.capacity) for f in sim.field_names]
+    else:
+        caps = [c + 1 for c in sim.cardinalities]  # room for every value plus the OOV id
     encoder = FeatureEncoder(sim.field_names, capacity=caps, min_count=10)
     ids_np = encoder.encode_array(data.features, update=True)  # (N, F)
     ids = torch.as_tensor(ids_np, device=device)  # (N, F)

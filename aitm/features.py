@@ -90,13 +90,22 @@ class FeatureEncoder:
                     self._admit(f, key, int(c))
             ids = np.fromiter((self._lookup(f, k) for k in keys), np.int64, count=len(keys))
             return ids[inverse.reshape(-1)]  # (N,)
-        if update and self.mode == "threshold":
-            self._admit_counts(f, Counter(values))
         if self.mode == "hash":
             return np.fromiter((self._lookup(f, v) for v in values), np.int64, count=len(values))
         # map() with a repeated default runs the look-ups in C: no Python frame per value
         vocab = self.vocab[f]
-        return np.fromiter(map(vocab.get, values, repeat(OOV)), np.int64, count=len(values))
+        ids = np.fromiter(map(vocab.get, values, repeat(OOV)), np.int64, count=len(values))
+        if update and len(vocab) + 1 < self.capacities[f]:
+            # only values not in the vocabulary are counted towards admission (the rest would be
+            # skipped by _admit_counts anyway); those admitted now are looked up again
+            miss = np.flatnonzero(ids == OOV)
+            if miss.size:
+                missing = [values[i] for i in miss.tolist()]
+                before = len(vocab)
+                self._admit_counts(f, Counter(missing))
+                if len(vocab) != before:
+                    ids[miss] = np.fromiter(map(vocab.get, missing, repeat(OOV)), np.int64, count=len(missing))
+        return ids
 
     def _admit_counts(self, f: int, counts: Mapping[str, int]) -> None:
         """``_admit`` each counted value not yet in the vocabulary, in lexicographic order."""
@@ -125,6 +134,18 @@ class FeatureEncoder:
         except KeyError:
             columns = [[r.get(name, "") for r in rows] for name in self.fields]
         for f, col in enumerate(columns):
+            out[:, f] = self.encode_column(f, col, update)
+        return out
+
+    def encode_columns(self, columns: Mapping[str, Sequence[str]], n: int, update: bool = False) -> np.ndarray:
+        """Encode feature columns ``{field: (N,) values}`` -> (N, F); a missing field is ``""``."""
+        out = np.empty((n, len(self.fields)), dtype=np.int64)
+        for f, name in enumerate(self.fields):
+            col = columns.get(name)
+            if col is None:
+                col = [""] * n
+            elif len(col) != n:
+                raise ValueError(f"column {name!r} has {len(col)} values, expected {n}")
             out[:, f] = self.encode_column(f, col, update)
         return out
 

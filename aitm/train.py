@@ -90,7 +90,8 @@ def train_step(
     alpha: float = ALPHA,
 ) -> torch.Tensor:
     """One optimisation step on a batch (B, F), (B, T); returns the detached loss (no sync)."""
-    model.train()
+    if not model.training:
+        model.train()
     logits = model(ids)  # (B, T)
     loss = aitm_loss(logits, labels, mask, weight, alpha)
     optimizer.zero_grad(set_to_none=True)

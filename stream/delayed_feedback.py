@@ -33,13 +33,12 @@ from typing import Final, Literal
 
 import numpy as np
 
+from stream.sample_batch import CORRECTION, FINAL, FIRST, N_TASKS, SampleBatch, as_batch
 from stream.samples import Sample
 
 Mode = Literal["final-only", "fnw"]
 MODES: Final = ("final-only", "fnw")
-N_TASKS: Final = 4
-_FIRST, _CORRECTION, _FINAL = 0, 1, 2
-_KIND_CODE: Final = {"first": _FIRST, "correction": _CORRECTION, "final": _FINAL}
+__all__ = ["MODES", "N_TASKS", "Mode", "TrainRows", "train_rows"]
 
 
 @dataclass(frozen=True)
@@ -55,17 +54,6 @@ class TrainRows:
         return int(self.index.shape[0])
 
 
-def _columns(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The batch as arrays: kind codes (N,) (0 first, 1 correction, 2 final), labels (N, T),
-    mature (N, T) and seq (N,)."""
-    n = len(samples)
-    kind = np.fromiter((_KIND_CODE.get(s.kind, -1) for s in samples), np.int8, count=n)
-    labels = np.array([s.labels for s in samples], np.float32).reshape(n, N_TASKS)
-    mature = np.array([s.mature for s in samples], np.float32).reshape(n, N_TASKS)
-    seq = np.fromiter((s.seq for s in samples), np.int64, count=n)
-    return kind, labels, mature, seq
-
-
 def _rows(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> TrainRows:
     """Concatenate (index, labels, mask, weight) blocks, then order rows by batch index (stable,
     so a first sample's fake negative stays before its positive copy)."""
@@ -79,33 +67,36 @@ def _rows(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) ->
     )
 
 
-def train_rows(mode: str, samples: Sequence[Sample], probs: np.ndarray,
+def train_rows(mode: str, samples: SampleBatch | Sequence[Sample], probs: np.ndarray,
                first_seen: Sequence[bool] | np.ndarray | None = None) -> TrainRows:
     """The rows of ``samples`` to train on under ``mode``; ``probs`` (N, T) are the pre-training
     predictions (used by ``fnw``'s importance weights). ``first_seen[i]``: was the first sample of
     final ``i``'s impression trained on? ``fnw`` trains a final whose first it never saw (the
     joiner skips the first sample when an impression is already final) as a labelled row.
-    Vectorised: no Python work per sample beyond reading its fields once."""
-    n = len(samples)
+    Vectorised: no Python work per sample."""
+    batch = as_batch(samples)
+    n = len(batch)
     if probs.shape != (n, N_TASKS):
         raise ValueError(f"probs must be ({n}, {N_TASKS}), got {probs.shape}")
     if mode not in MODES:
         raise ValueError(f"unknown delayed-feedback mode {mode!r}; one of {MODES}")
-    kind, y, mature, seq = _columns(samples)
+    kind, seq = batch.kind, batch.seq
+    y = batch.labels.astype(np.float32)  # (N, T)
+    mature = batch.mature.astype(np.float32)  # (N, T)
     ones = np.ones((1, N_TASKS), np.float32)
-    final = np.flatnonzero(kind == _FINAL)
+    final = np.flatnonzero(kind == FINAL)
     if mode == "final-only":
         return _rows([(final, y[final], mature[final], np.broadcast_to(ones, (final.size, N_TASKS)))])
     p = np.clip(probs.astype(np.float64), 0.0, 1.0)
     w_pos = 1.0 + p  # (N, T)
     w_neg = (1.0 - p) * (1.0 + p)  # (N, T)
-    first = np.flatnonzero(kind == _FIRST)
+    first = np.flatnonzero(kind == FIRST)
     zeros = np.zeros((first.size, N_TASKS), np.float32)
     parts = [(first, zeros, np.broadcast_to(ones, zeros.shape), w_neg[first])]  # every task's fake negative
     pos = first[y[first].any(axis=1)]  # tasks already positive at the first sample: their positive copy
     parts.append((pos, y[pos], y[pos], w_pos[pos]))
     step = np.clip(seq, 1, N_TASKS) - 1  # (N,) the task a correction credits
-    credited = (kind == _CORRECTION) & (seq >= 1) & (seq <= N_TASKS) & (y[np.arange(n), step] == 1)
+    credited = (kind == CORRECTION) & (seq >= 1) & (seq <= N_TASKS) & (y[np.arange(n), step] == 1)
     corr = np.flatnonzero(credited)
     onehot = np.zeros((corr.size, N_TASKS), np.float32)
     onehot[np.arange(corr.size), step[corr]] = 1.0

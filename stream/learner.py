@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from aitm.features import FeatureEncoder
-from aitm.loss import ALPHA
+from aitm.loss import ALPHA, aitm_loss
 from aitm.model import AITM, AITMConfig
 from aitm.train import make_optimizer, train_step
 from stream.delayed_feedback import MODES, N_TASKS, train_rows
 from stream.evaluation import PrequentialEvaluator
+from stream.sample_batch import CORRECTION, FINAL, FIRST, SampleBatch, as_batch
 from stream.samples import Sample
 
 PENDING_CAP: Final = 500_000  # first-sample predictions awaiting their final label
@@ -76,6 +77,7 @@ class OnlineLearner:
         model: AITM | None = None,
         seed: int = 0,
         freeze_after_ms: int | None = None,
+        one_pass: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown delayed-feedback mode {mode!r}; one of {MODES}")
@@ -86,6 +88,11 @@ class OnlineLearner:
         self.alpha = alpha
         self.model = (model or AITM(AITMConfig(vocab_sizes=encoder.vocab_sizes, n_tasks=N_TASKS))).to(self.device)
         self.optimizer = make_optimizer(self.model, lr=lr)
+        # one forward pass per batch, dropout off, both scores the batch and carries the gradient
+        # (the scores come from the weights before this batch's update: test-then-train holds).
+        # False: a scoring pass in eval mode, then a training pass with the model's dropout.
+        self.one_pass = one_pass
+        self._modules = list(self.model.modules())
         self.evaluator = PrequentialEvaluator(N_TASKS, eval_window)
         self.pending: dict[str, np.ndarray] = {}  # impression id -> first-sample prediction (T,)
         self._seen: dict[tuple[str, int], None] = {}
@@ -108,58 +115,81 @@ class OnlineLearner:
     @torch.inference_mode()
     def predict(self, ids: np.ndarray) -> np.ndarray:
         """End-to-end probabilities (N, T) in eval mode."""
-        self.model.eval()
+        self._set_training(False)
         x = torch.as_tensor(ids, device=self.device)  # (N, F)
         out: np.ndarray = torch.sigmoid(self.model(x)).float().cpu().numpy()
         return out
 
-    def _dedupe(self, samples: Sequence[Sample]) -> list[Sample]:
-        out = []
-        for s in samples:
-            key = (s.impression_id, s.seq)
-            if key in self._seen:
-                continue
-            self._seen[key] = None
-            out.append(s)
-        while len(self._seen) > SEEN_CAP:
-            del self._seen[next(iter(self._seen))]
-        return out
+    def _set_training(self, flag: bool) -> None:
+        """``model.train(flag)`` without its recursion through ``nn.Module.__setattr__`` (it is
+        switched twice per step: about a microsecond per sample)."""
+        if self.model.training is not flag:
+            for m in self._modules:
+                object.__setattr__(m, "training", flag)
 
-    def step(self, batch: Sequence[Sample], train: bool = True) -> StepResult:
-        """Score ``batch``, evaluate its finals, then (``train``) update on it. Test-then-train."""
+    def _dedupe(self, batch: SampleBatch) -> SampleBatch:
+        seen = self._seen
+        keep: list[int] = []
+        for i, key in enumerate(zip(batch.impression_ids, batch.seq.tolist(), strict=True)):
+            if key in seen:
+                continue
+            seen[key] = None
+            keep.append(i)
+        while len(seen) > SEEN_CAP:
+            del seen[next(iter(seen))]
+        return batch if len(keep) == len(batch) else batch.take(keep)
+
+    def step(self, samples: SampleBatch | Sequence[Sample], train: bool = True) -> StepResult:
+        """Score the batch, evaluate its finals, then (``train``) update on it. Test-then-train."""
         t0 = time.perf_counter()
-        samples = self._dedupe(batch)
-        n = len(samples)
+        given = as_batch(samples)
+        batch = self._dedupe(given)
+        n = len(batch)
         if n == 0:
             empty = np.zeros((0, N_TASKS))
-            return StepResult(0, len(batch), 0, [], empty, empty, empty, time.perf_counter() - t0)
+            return StepResult(0, len(given), 0, [], empty, empty, empty, time.perf_counter() - t0)
         if self.freeze_after_ms is not None and self.frozen is None:
-            self._maybe_freeze(samples)  # before this batch is trained on
-        ids = self.encoder.encode_dicts([s.features for s in samples], update=train)  # (N, F)
+            self._maybe_freeze(batch)  # before this batch is trained on
+        ids = self.encoder.encode_columns(batch.features, n, update=train)  # (N, F)
         pending = self.pending
+        iids = batch.impression_ids
+        kind = batch.kind
         # test first, with the model as it is now - but only the rows whose prediction is used:
         # a final whose first-sample prediction is held is evaluated with that one, and no mode
         # needs its current prediction (fnw weights come from firsts and corrections)
-        need = np.fromiter((s.kind != "final" or s.impression_id not in pending for s in samples), bool, count=n)
-        if need.all():
+        # (or the prediction of its first sample earlier in this batch)
+        need = kind != FINAL
+        firsts_here: set[str] = set()
+        for i in np.flatnonzero(kind != CORRECTION).tolist():
+            if kind[i] == FIRST:
+                firsts_here.add(iids[i])
+            else:
+                need[i] = iids[i] not in pending and iids[i] not in firsts_here
+        logits: torch.Tensor | None = None  # (M, T) with grad, rows ``fwd_rows`` (one pass)
+        fwd_rows = np.zeros(0, np.int64)
+        if train and self.one_pass:
+            fwd = need | (kind == FINAL) if self.mode == "final-only" else need  # + the rows it trains
+            fwd_rows = np.flatnonzero(fwd)
+            self._set_training(False)  # no dropout: this pass scores as well
+            logits = self.model(torch.as_tensor(ids[fwd_rows], device=self.device))  # (M, T)
+            probs = np.full((n, N_TASKS), np.nan, np.float32)  # (N, T), NaN where not scored
+            probs[fwd_rows] = torch.sigmoid(logits.detach()).float().cpu().numpy()
+        elif need.all():
             probs = self.predict(ids)  # (N, T)
         else:
             probs = np.full((n, N_TASKS), np.nan, np.float32)  # (N, T), NaN where not scored
             if need.any():
                 probs[need] = self.predict(ids[need])
-        eval_ids: list[str] = []
-        eval_labels: list[tuple[int, int, int, int]] = []
         eval_probs: list[np.ndarray] = []
         first_seen = np.ones(n, bool)
         final_rows: list[int] = []
-        for i, s in enumerate(samples):
-            if s.kind == "first":
-                pending[s.impression_id] = probs[i]
-            elif s.kind == "final":
+        for i in np.flatnonzero(kind != CORRECTION).tolist():  # in batch order: a first, then its final
+            iid = iids[i]
+            if kind[i] == FIRST:
+                pending[iid] = probs[i]
+            else:
                 final_rows.append(i)
-                eval_ids.append(s.impression_id)
-                eval_labels.append(s.labels)
-                at_first = pending.pop(s.impression_id, None)
+                at_first = pending.pop(iid, None)
                 if at_first is None:
                     first_seen[i] = False
                     eval_probs.append(probs[i])
@@ -167,38 +197,45 @@ class OnlineLearner:
                     eval_probs.append(at_first)
         while len(self.pending) > PENDING_CAP:
             del self.pending[next(iter(self.pending))]
-        y_eval = np.asarray(eval_labels, np.float64).reshape(-1, N_TASKS)
+        y_eval = batch.labels[final_rows].astype(np.float64).reshape(-1, N_TASKS)
         p_eval = np.asarray(eval_probs, np.float64).reshape(-1, N_TASKS)
         self.evaluator.update(y_eval, p_eval)
         if self.frozen is not None and final_rows:
-            self._evaluate_frozen(samples, ids, final_rows, y_eval, p_eval)
+            self._evaluate_frozen(batch, ids, final_rows, y_eval, p_eval)
         rows = 0
         if train:  # ... and only then train
-            tr = train_rows(self.mode, samples, probs, first_seen)
+            tr = train_rows(self.mode, batch, probs, first_seen)
             rows = len(tr)
             if rows:
                 dev = self.device
-                train_step(
-                    self.model,
-                    self.optimizer,
-                    torch.as_tensor(ids[tr.index], device=dev),  # (R, F)
-                    torch.as_tensor(tr.labels, device=dev),  # (R, T)
-                    torch.as_tensor(tr.mask, device=dev),
-                    torch.as_tensor(tr.weight, device=dev),
-                    alpha=self.alpha,
-                )
+                labels = torch.as_tensor(tr.labels, device=dev)  # (R, T)
+                mask = torch.as_tensor(tr.mask, device=dev)
+                weight = torch.as_tensor(tr.weight, device=dev)
+                if logits is not None:  # the scoring pass's rows: every trained row is among them
+                    at = np.minimum(np.searchsorted(fwd_rows, tr.index), fwd_rows.size - 1)  # (R,) positions
+                    if not np.array_equal(fwd_rows[at], tr.index):
+                        raise RuntimeError(f"{self.mode}: a trained row was not in the scoring pass")
+                    loss = aitm_loss(logits[torch.as_tensor(at, device=dev)], labels, mask, weight, self.alpha)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                else:
+                    self._set_training(True)
+                    train_step(self.model, self.optimizer, torch.as_tensor(ids[tr.index], device=dev),
+                               labels, mask, weight, alpha=self.alpha)
             self.trained_samples += rows
         self.samples_seen += n
-        return StepResult(n, len(batch) - n, rows, eval_ids, y_eval, p_eval, probs, time.perf_counter() - t0)
+        eval_ids = [iids[i] for i in final_rows]
+        return StepResult(n, len(given) - n, rows, eval_ids, y_eval, p_eval, probs, time.perf_counter() - t0)
 
     # --- the frozen copy ------------------------------------------------------------------------
 
-    def _maybe_freeze(self, samples: Sequence[Sample]) -> None:
-        times = [s.event_time_ms for s in samples]
+    def _maybe_freeze(self, batch: SampleBatch) -> None:
+        times = batch.event_time_ms
         if self.stream_start_ms is None:
-            self.stream_start_ms = min(times)
+            self.stream_start_ms = int(times.min())
         cutoff = self.stream_start_ms + (self.freeze_after_ms or 0)
-        if max(times) >= cutoff:
+        if int(times.max()) >= cutoff:
             self.freeze(cutoff)
 
     def freeze(self, cutoff_ms: int) -> None:
@@ -212,14 +249,13 @@ class OnlineLearner:
         # and the frozen model (whose vocabulary stopped here) sees it as out-of-vocabulary
         self.frozen_vocab_sizes = [len(v) for v in self.encoder.vocab] if self.encoder.mode == "threshold" else None
 
-    def _evaluate_frozen(self, samples: Sequence[Sample], ids: np.ndarray, final_rows: list[int],
+    def _evaluate_frozen(self, batch: SampleBatch, ids: np.ndarray, final_rows: list[int],
                          y_eval: np.ndarray, p_eval: np.ndarray) -> None:
         """Score the finals of impressions from the cutoff on with the frozen copy. It never
         trains, so its prediction now is the one it made at the first sample (test-then-train)."""
         assert self.frozen is not None
         rows = np.asarray(final_rows)
-        later = np.fromiter((samples[i].event_time_ms >= self.frozen_cutoff_ms for i in final_rows), bool,
-                            count=len(final_rows))
+        later = batch.event_time_ms[rows] >= self.frozen_cutoff_ms
         if not later.any():
             return
         x = ids[rows[later]]  # (E, F)
@@ -284,11 +320,9 @@ class OnlineLearner:
         return self.evaluator.values()
 
 
-def fields_of(samples: Sequence[Sample]) -> tuple[str, ...]:
+def fields_of(samples: SampleBatch | Sequence[Sample]) -> tuple[str, ...]:
     """The feature fields of a cold start: every field name in the first batch, sorted."""
-    names: set[str] = set()
-    for s in samples:
-        names.update(s.features)
+    names = set(as_batch(samples).features)
     if not names:
         raise ValueError("the first batch of samples has no features: cannot fix the field list")
     return tuple(sorted(names))

@@ -94,8 +94,8 @@ def _four(obj: dict[str, Any], name: str, kind: type) -> tuple[Any, Any, Any, An
     return (v[0], v[1], v[2], v[3])
 
 
-def parse_sample(raw: bytes | str) -> Sample:
-    """Validate one ``samples`` record; raises ``InvalidEvent`` saying what is wrong."""
+def validate_sample(raw: bytes | str) -> dict[str, Any]:
+    """Check one ``samples`` record; its JSON object, or ``InvalidEvent`` saying what is wrong."""
     obj = loads_strict(raw, "sample")
     if not isinstance(obj, dict):
         raise InvalidEvent("malformed_json", "a sample must be a JSON object")
@@ -112,19 +112,36 @@ def parse_sample(raw: bytes | str) -> Sample:
     for name in ("event_time_ms", "elapsed_ms", "seq"):
         if type(obj[name]) is not int:
             raise InvalidEvent("invalid_field", f"sample field {name!r} must be an integer")
+    if type(obj.get("watermark_ms", 0)) is not int:
+        raise InvalidEvent("invalid_field", "sample field 'watermark_ms' must be an integer")
+    for name in ("impression_id", "bank_id", "policy"):
+        if not isinstance(obj.get(name, ""), str):
+            raise InvalidEvent("invalid_field", f"sample field {name!r} must be a string")
     labels = _four(obj, "labels", int)
     if any(x not in (0, 1) for x in labels):
         raise InvalidEvent("invalid_field", "sample labels must be 0 or 1")
+    _four(obj, "mature", bool)
+    return obj
+
+
+def sample_from_valid(obj: dict[str, Any]) -> Sample:
+    """The ``Sample`` of an object ``validate_sample`` accepted."""
+    labels, mature = obj["labels"], obj["mature"]
     return Sample(
-        impression_id=str(obj["impression_id"]),
-        bank_id=str(obj["bank_id"]),
+        impression_id=obj["impression_id"],
+        bank_id=obj["bank_id"],
         event_time_ms=obj["event_time_ms"],
-        features=feats,
-        labels=labels,
-        mature=_four(obj, "mature", bool),
+        features=obj["features"],
+        labels=(labels[0], labels[1], labels[2], labels[3]),
+        mature=(mature[0], mature[1], mature[2], mature[3]),
         kind=obj["kind"],
         elapsed_ms=obj["elapsed_ms"],
         seq=obj["seq"],
-        watermark_ms=int(obj.get("watermark_ms", 0)),
-        policy=str(obj.get("policy", "early")),
+        watermark_ms=obj.get("watermark_ms", 0),
+        policy=obj.get("policy", "early"),
     )
+
+
+def parse_sample(raw: bytes | str) -> Sample:
+    """Validate one ``samples`` record into a ``Sample``; raises ``InvalidEvent`` saying what is wrong."""
+    return sample_from_valid(validate_sample(raw))

@@ -113,9 +113,14 @@ class Settings(BaseSettings):
     # a partial batch is trained after this long without filling up (keeps freshness when idle)
     trainer_linger_ms: int = Field(default=500, ge=0)
     trainer_lr: float = Field(default=0.01, gt=0)
+    # one forward pass per batch, with dropout off, both scores it (test) and carries the gradient
+    # (train): a third less torch work. Online, each sample is seen once; dropout made no AUC
+    # difference beyond seed noise (replay, docs/streaming.md). false: a scoring pass in eval
+    # mode, then a training pass with the model's dropout
+    trainer_one_pass: bool = True
     trainer_device: str = "auto"  # auto = cuda when present, else cpu
     # torch intra-op threads on CPU. One: the trainer shares a small machine with the joiner, scorer
-    # and broker, and its fetch thread needs a core; two OpenMP threads that lose a core to another
+    # and broker, and its feed process needs a core; two OpenMP threads that lose a core to another
     # process wait on each other at every op (measured 4-10x slower on a loaded 2-core machine)
     trainer_threads: int = Field(default=1, ge=1)
     # a checkpoint (= a model version) every this many batches or seconds, whichever first

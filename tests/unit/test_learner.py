@@ -27,13 +27,15 @@ def sample(i: int, kind: str = "final", labels: tuple[int, int, int, int] = (0, 
     return Sample(f"i{i}", "bank_1", 0, feats, labels, mature, kind, 1000, seq)  # type: ignore[arg-type]
 
 
-def learner(mode: str = "final-only", lr: float = 0.05) -> OnlineLearner:
+def learner(mode: str = "final-only", lr: float = 0.05, one_pass: bool = True) -> OnlineLearner:
     torch.manual_seed(0)
-    return OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode=mode, lr=lr, eval_window=100)
+    return OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode=mode, lr=lr, eval_window=100,
+                         one_pass=one_pass)
 
 
-def test_a_batch_is_scored_before_it_is_trained_on() -> None:
-    ln = learner()
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_a_batch_is_scored_before_it_is_trained_on(one_pass: bool) -> None:
+    ln = learner(one_pass=one_pass)
     batch = [sample(i, labels=(1, 1, 1, 1) if i % 2 else (0, 0, 0, 0)) for i in range(64)]
     before = copy.deepcopy(ln.model)
     res = ln.step(batch)
@@ -217,3 +219,37 @@ def test_finals_with_a_held_first_prediction_are_not_scored_again() -> None:
     assert np.isnan(res.scored_probs[:8]).all()  # evaluated with the first-sample prediction
     assert np.isfinite(res.scored_probs[8]).all()  # no first seen: scored now
     assert np.isfinite(res.eval_probs).all()
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_fnw_scores_firsts_with_the_model_before_the_step(one_pass: bool) -> None:
+    ln = learner("fnw", lr=0.1, one_pass=one_pass)
+    warm = [sample(100 + i, "first", labels=(i % 2, 0, 0, 0), mature=(False,) * 4) for i in range(32)]
+    ln.step(warm)  # the model is no longer the initial one
+    firsts = [sample(i, "first", labels=(i % 2, 0, 0, 0), mature=(False,) * 4) for i in range(32)]
+    before = copy.deepcopy(ln.model).eval()
+    res = ln.step(firsts)
+    ids = torch.as_tensor(ln.encoder.encode_dicts([s.features for s in firsts]))
+    with torch.no_grad():
+        expected = torch.sigmoid(before(ids)).numpy()
+    np.testing.assert_allclose(res.scored_probs, expected, rtol=1e-5, atol=1e-7)
+    assert res.trained_rows == 32 + 16  # every fake negative, and the positives' copies
+    assert np.abs(ln.predict(ids.numpy()) - expected).max() > 1e-3
+
+
+def test_one_pass_and_two_passes_make_the_same_first_update_without_dropout() -> None:
+    """With no dropout the scoring pass is the training pass: one pass trains exactly as two."""
+    batch = [sample(i, "first", labels=(i % 2, 0, 0, 0), mature=(False,) * 4) for i in range(40)]
+    batch += [sample(i, "correction", labels=(1, 0, 0, 0), seq=1) for i in range(0, 40, 4)]
+    models = []
+    for one_pass in (True, False):
+        torch.manual_seed(0)
+        enc = FeatureEncoder(FIELDS, capacity=8, min_count=1)
+        from aitm.model import AITM, AITMConfig
+
+        model = AITM(AITMConfig(vocab_sizes=enc.vocab_sizes, n_tasks=4, dropouts=(0.0, 0.0, 0.0)))
+        ln = OnlineLearner(enc, mode="fnw", lr=0.05, eval_window=100, model=model, one_pass=one_pass)
+        ln.step(batch)
+        models.append(ln.model.state_dict())
+    for name, value in models[0].items():
+        torch.testing.assert_close(value, models[1][name], rtol=1e-3, atol=1e-4)  # float order only
