@@ -57,7 +57,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--drift", type=float, default=0.05, help="radians/day of concept drift")
     p.add_argument("--frozen-days", type=int, default=4, help="days the frozen model trains on")
     p.add_argument("--batch", type=int, default=500, help="trainer batch (the sim is small: more steps)")
-    p.add_argument("--lr", type=float, default=0.01, help="trainer learning rate for online updates")
+    p.add_argument("--lr", type=float, default=Settings.model_fields["trainer_lr"].default,
+                   help="trainer learning rate for online updates (default TRAINER_LR's)")
     p.add_argument("--speedup", type=float, default=12000.0, help="simulated seconds per wall second")
     p.add_argument("--latency-requests", type=int, default=None, help="default 20000 (quick 5000)")
     p.add_argument("--latency-rate", type=float, default=500.0, help="requests per second")
@@ -182,7 +183,7 @@ def _wait_http(port: int, timeout: float) -> None:
 
 
 def _replay(samples: list[Sample], fields: tuple[str, ...], caps: list[int], mode: str,
-            train_until_ms: int | None = None, batch: int = 500, lr: float = 0.01,
+            train_until_ms: int | None = None, batch: int = 500, lr: float = 0.003,
             batches: list[list[Sample]] | None = None,
             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Test-then-train over ``samples`` in batches of ``batch`` (or over the given ``batches``);
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             offline_train_samples_per_s=offline,
             train_vs_offline=round(sps / offline, 3),
             train_rows_vs_offline=round(rps / offline, 3),
-            train_backlog={k: backlog[k] for k in ("mode", "samples_processed", "trained_rows", "active_seconds",
+            train_backlog={k: backlog[k] for k in ("mode", "samples_processed", "trained_rows", "active_seconds", "lingered_seconds",
                                                    "busy_seconds")},
         )
 

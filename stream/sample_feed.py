@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from stream.sample_batch import SampleBatch
 from stream.samples import validate_sample
 
 log = logging.getLogger(__name__)
+PIPE_BYTES = 1 << 20  # the feed queue's pipe: about a dozen chunks of 500 samples
 ClientConfig = Mapping[str, Any] | Callable[[], Mapping[str, Any]]  # picklable: it goes to the child
 
 
@@ -165,6 +167,7 @@ class SampleFeed:
     def start_and_wait(self, timeout_s: float | None = None) -> None:
         """Start the child and wait until the partitions are assigned (raises on failure)."""
         self._queue = self._ctx.Queue(maxsize=self.max_chunks)
+        _widen_pipe(self._queue)
         self._halt = self._ctx.Event()
         self._proc = self._ctx.Process(
             target=_child_main,
@@ -183,6 +186,18 @@ class SampleFeed:
                 raise RuntimeError("the samples feed sent records before it was ready")
 
 
+def _widen_pipe(q: Any, size: int = PIPE_BYTES) -> None:
+    """Let the queue's pipe hold several chunks (Linux's default 64 KiB holds less than one):
+    the child's queue thread then writes a whole chunk at once, and ``get`` never waits for that
+    thread to win its process's GIL back from the parser to finish a chunk half in the pipe."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(q._reader.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    except (ImportError, AttributeError, OSError) as exc:  # not Linux, or over pipe-max-size
+        log.debug("pipe size left as it is: %s", exc)
+
+
 # --- the child ----------------------------------------------------------------------------------
 
 
@@ -194,6 +209,7 @@ def _child_main(client_config: ClientConfig, topic: str, offsets: Mapping[int, i
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s sample-feed %(levelname)s %(message)s")
     out.cancel_join_thread()  # exiting never waits for the parent to drain the queue
+    sys.setswitchinterval(0.0005)  # the queue thread gets the GIL from the parser within 0.5 ms
     child = _Child(client_config, topic, offsets, chunk_size, start_timeout_s, out, halt, parent_pid)
     try:
         asyncio.run(child.run())

@@ -70,6 +70,7 @@ class Trainer:
         self.busy_s = 0.0  # seconds inside test-then-train steps
         self.first_record_s: float | None = None
         self.last_train_s = 0.0
+        self.lingered_s = 0.0  # seconds partial batches waited (TRAINER_LINGER_MS) with nothing new to read
         self._feed: SampleFeed | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._writing: Future[ModelVersion] | None = None  # the version being written
@@ -155,7 +156,7 @@ class Trainer:
         n_batch = 0
         batch_offsets: dict[int, int] = {}
         first_at_ms: int | None = None
-        first_mono = 0.0
+        first_mono = last_chunk_mono = 0.0
         last_ckpt = last_gauges = idle_since = time.monotonic()
         last_quality = 0.0
         trained_at_last_gauge = self.learner.trained_samples if self.learner else 0
@@ -180,11 +181,14 @@ class Trainer:
                 if len(chunk.samples):
                     parts.append(chunk.samples)
                     n_batch += len(chunk.samples)
+                    last_chunk_mono = time.monotonic()
                 batch_offsets.update(chunk.offsets)
             now = time.monotonic()
             full = n_batch >= size
             lingered = n_batch > 0 and (now - first_mono) * 1000 >= self.s.trainer_linger_ms
             if full or lingered:
+                if not full:  # waited for more samples that did not come: idle, not training time
+                    self.lingered_s += now - last_chunk_mono
                 self._train(parts, first_at_ms or now_ms, now_ms)
                 parts, n_batch = [], 0
             if not n_batch:  # every consumed record is trained on or dead-lettered
@@ -325,7 +329,11 @@ class Trainer:
             "trained_rows": learner.trained_samples if learner else 0,
             "busy_seconds": round(self.busy_s, 3),
             # from the first record consumed to the last batch trained: the throughput denominator
-            "active_seconds": round(self.last_train_s - self.first_record_s, 3) if self.first_record_s else 0.0,
+            # less the lingering of partial batches, idle time (the tail of a backlog waits up to
+            # TRAINER_LINGER_MS for samples that are not coming)
+            "active_seconds": round(self.last_train_s - self.first_record_s - self.lingered_s, 3)
+            if self.first_record_s else 0.0,
+            "lingered_seconds": round(self.lingered_s, 3),
             "wall_seconds": round(wall_s, 3),
             # CPU seconds (user + system) of this process and of its reaped children (the feed)
             "cpu_seconds": {"trainer": _cpu_s(resource.RUSAGE_SELF), "feed": _cpu_s(resource.RUSAGE_CHILDREN)},
