@@ -124,18 +124,15 @@ class FeatureEncoder:
 
     def encode_dicts(self, rows: Sequence[Mapping[str, str]], update: bool = False) -> np.ndarray:
         """Encode feature dicts ``{field: value_str}`` -> (N, F); a missing field is ``""``."""
-        out = np.empty((len(rows), len(self.fields)), dtype=np.int64)
         if not self.fields:
-            return out
+            return np.empty((len(rows), 0), dtype=np.int64)
         try:  # one C-level pass per row; a row missing a field falls back to .get
             getter = itemgetter(*self.fields)
             table = [getter(r) for r in rows]  # (N,) tuples of F values (a bare value if F = 1)
             columns = list(zip(*table, strict=True)) if len(self.fields) > 1 else [table]
         except KeyError:
             columns = [[r.get(name, "") for r in rows] for name in self.fields]
-        for f, col in enumerate(columns):
-            out[:, f] = self.encode_column(f, col, update)
-        return out
+        return self.encode_columns(dict(zip(self.fields, columns, strict=True)), len(rows), update)
 
     def encode_columns(self, columns: Mapping[str, Sequence[str]], n: int, update: bool = False) -> np.ndarray:
         """Encode feature columns ``{field: (N,) values}`` -> (N, F); a missing field is ``""``."""

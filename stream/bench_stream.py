@@ -38,10 +38,10 @@ from simulators.faults import SimulatedStream
 from simulators.funnel import DAY_MS, EPOCH_MS, FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
 from stream.broker import EmbeddedBroker, ensure_topics, free_port
-from stream.delayed_feedback import N_TASKS
 from stream.events import TASKS
 from stream.learner import OnlineLearner
 from stream.model_store import parse_version
+from stream.sample_batch import N_TASKS
 from stream.samples import Sample, parse_sample
 from stream.settings import Settings
 
@@ -183,7 +183,7 @@ def _wait_http(port: int, timeout: float) -> None:
 
 
 def _replay(samples: list[Sample], fields: tuple[str, ...], caps: list[int], mode: str,
-            train_until_ms: int | None = None, batch: int = 500, lr: float = 0.003,
+            train_until_ms: int | None = None, *, lr: float, batch: int = 500,
             batches: list[list[Sample]] | None = None,
             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Test-then-train over ``samples`` in batches of ``batch`` (or over the given ``batches``);
@@ -368,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             offline_train_samples_per_s=offline,
             train_vs_offline=round(sps / offline, 3),
             train_rows_vs_offline=round(rps / offline, 3),
-            train_backlog={k: backlog[k] for k in ("mode", "samples_processed", "trained_rows", "active_seconds", "lingered_seconds",
-                                                   "busy_seconds")},
+            train_backlog={k: backlog[k] for k in ("mode", "samples_processed", "trained_rows", "active_seconds",
+                                                   "lingered_seconds", "busy_seconds")},
         )
 
         # 4. quality: identical samples through the trainer core, per mode

@@ -38,7 +38,6 @@ from stream.samples import Sample
 
 Mode = Literal["final-only", "fnw"]
 MODES: Final = ("final-only", "fnw")
-__all__ = ["MODES", "N_TASKS", "Mode", "TrainRows", "train_rows"]
 
 
 @dataclass(frozen=True)

@@ -325,7 +325,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
     def handle(message: Any, behind: bool) -> bool:
         """Join one source record (``stream.faust_bulk`` calls this from faust's fetch loop);
         True when a flush is due. The record is acknowledged in ``complete``."""
-        sender = senders[0] if senders else get_sender()
+        sender = get_sender()
         out: list[Output] = []
         on_record(message.topic, message.partition, message.key, message.value, behind, out, message.offset)
         add = sender.add

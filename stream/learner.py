@@ -25,9 +25,9 @@ from aitm.features import FeatureEncoder
 from aitm.loss import ALPHA, aitm_loss
 from aitm.model import AITM, AITMConfig
 from aitm.train import make_optimizer, train_step
-from stream.delayed_feedback import MODES, N_TASKS, train_rows
+from stream.delayed_feedback import MODES, train_rows
 from stream.evaluation import PrequentialEvaluator
-from stream.sample_batch import CORRECTION, FINAL, FIRST, SampleBatch, as_batch
+from stream.sample_batch import CORRECTION, FINAL, FIRST, N_TASKS, SampleBatch, as_batch
 from stream.samples import Sample
 
 PENDING_CAP: Final = 500_000  # first-sample predictions awaiting their final label

@@ -9,9 +9,9 @@ rows), so nothing is lost on that side.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any, Final, Literal
 
@@ -45,38 +45,40 @@ class SampleBatch:
 
     @classmethod
     def from_samples(cls, samples: Sequence[Sample]) -> SampleBatch:
-        n = len(samples)
-        features = _columns([s.features for s in samples])
-        return cls(
-            impression_ids=[s.impression_id for s in samples],
-            bank_ids=[s.bank_id for s in samples],
-            event_time_ms=np.fromiter((s.event_time_ms for s in samples), np.int64, count=n),
-            kind=np.fromiter((KIND_CODE[s.kind] for s in samples), np.int8, count=n),
-            seq=np.fromiter((s.seq for s in samples), np.int64, count=n),
-            labels=np.array([s.labels for s in samples], np.int8).reshape(n, N_TASKS),
-            mature=np.array([s.mature for s in samples], bool).reshape(n, N_TASKS),
-            elapsed_ms=np.fromiter((s.elapsed_ms for s in samples), np.int64, count=n),
-            watermark_ms=np.fromiter((s.watermark_ms for s in samples), np.int64, count=n),
-            features=features,
-        )
+        return cls._build(samples, getattr)
 
     @classmethod
     def from_valid(cls, objs: Sequence[dict[str, Any]]) -> SampleBatch:
         """Columns straight from objects ``stream.samples.validate_sample`` accepted (the feed's
-        path: no ``Sample`` in between)."""
-        n = len(objs)
-        feats = [o["features"] for o in objs]
+        path: no ``Sample`` in between; their keys are ``Sample``'s field names)."""
+        return cls._build(objs, dict.__getitem__)
+
+    @classmethod
+    def _build(cls, rows: Sequence[Any], get: Callable[[Any, str], Any]) -> SampleBatch:
+        """``rows`` read by field name with ``get`` (``getattr`` or ``dict.__getitem__``): every
+        look-up is a ``map`` in C, no Python frame per row."""
+        n = len(rows)
+
+        def column(name: str) -> Iterator[Any]:
+            return map(get, rows, repeat(name))
+
+        def ints(name: str) -> np.ndarray:
+            return np.fromiter(column(name), np.int64, count=n)
+
+        def per_task(name: str, dtype: type) -> np.ndarray:
+            return np.fromiter(chain.from_iterable(column(name)), dtype, count=N_TASKS * n).reshape(n, N_TASKS)
+
         return cls(
-            impression_ids=[o["impression_id"] for o in objs],
-            bank_ids=[o["bank_id"] for o in objs],
-            event_time_ms=np.fromiter((o["event_time_ms"] for o in objs), np.int64, count=n),
-            kind=np.fromiter((KIND_CODE[o["kind"]] for o in objs), np.int8, count=n),
-            seq=np.fromiter((o["seq"] for o in objs), np.int64, count=n),
-            labels=np.fromiter(chain.from_iterable([o["labels"] for o in objs]), np.int8, count=4 * n).reshape(n, N_TASKS),
-            mature=np.fromiter(chain.from_iterable([o["mature"] for o in objs]), bool, count=4 * n).reshape(n, N_TASKS),
-            elapsed_ms=np.fromiter((o["elapsed_ms"] for o in objs), np.int64, count=n),
-            watermark_ms=np.fromiter((o.get("watermark_ms", 0) for o in objs), np.int64, count=n),
-            features=_columns(feats),
+            impression_ids=list(column("impression_id")),
+            bank_ids=list(column("bank_id")),
+            event_time_ms=ints("event_time_ms"),
+            kind=np.fromiter(map(KIND_CODE.__getitem__, column("kind")), np.int8, count=n),
+            seq=ints("seq"),
+            labels=per_task("labels", np.int8),
+            mature=per_task("mature", bool),
+            elapsed_ms=ints("elapsed_ms"),
+            watermark_ms=ints("watermark_ms"),
+            features=_columns(list(column("features"))),
         )
 
     @classmethod
@@ -87,18 +89,9 @@ class SampleBatch:
         """The rows at ``index`` (in that order)."""
         idx = np.asarray(index, np.int64)
         rows = idx.tolist()
-        return SampleBatch(
-            impression_ids=[self.impression_ids[i] for i in rows],
-            bank_ids=[self.bank_ids[i] for i in rows],
-            event_time_ms=self.event_time_ms[idx],
-            kind=self.kind[idx],
-            seq=self.seq[idx],
-            labels=self.labels[idx],
-            mature=self.mature[idx],
-            elapsed_ms=self.elapsed_ms[idx],
-            watermark_ms=self.watermark_ms[idx],
-            features={name: [col[i] for i in rows] for name, col in self.features.items()},
-        )
+        columns: dict[str, Any] = {name: [getattr(self, name)[i] for i in rows] for name in _LISTS}
+        columns.update({name: getattr(self, name)[idx] for name in _ARRAYS})
+        return SampleBatch(**columns, features={name: [col[i] for i in rows] for name, col in self.features.items()})
 
     @classmethod
     def concat(cls, batches: Iterable[SampleBatch]) -> SampleBatch:
@@ -115,18 +108,9 @@ class SampleBatch:
                 got = b.features.get(name)
                 col += got if got is not None else [""] * len(b)
             features[name] = col
-        return cls(
-            impression_ids=[i for b in parts for i in b.impression_ids],
-            bank_ids=[i for b in parts for i in b.bank_ids],
-            event_time_ms=np.concatenate([b.event_time_ms for b in parts]),
-            kind=np.concatenate([b.kind for b in parts]),
-            seq=np.concatenate([b.seq for b in parts]),
-            labels=np.concatenate([b.labels for b in parts]),
-            mature=np.concatenate([b.mature for b in parts]),
-            elapsed_ms=np.concatenate([b.elapsed_ms for b in parts]),
-            watermark_ms=np.concatenate([b.watermark_ms for b in parts]),
-            features=features,
-        )
+        columns: dict[str, Any] = {name: [x for b in parts for x in getattr(b, name)] for name in _LISTS}
+        columns.update({name: np.concatenate([getattr(b, name) for b in parts]) for name in _ARRAYS})
+        return cls(**columns, features=features)
 
     def kind_counts(self) -> dict[str, int]:
         counts = np.bincount(self.kind, minlength=len(KINDS))
@@ -149,6 +133,9 @@ class SampleBatch:
             watermark_ms=int(self.watermark_ms[i]),
         )
 
+
+_LISTS: Final = ("impression_ids", "bank_ids")  # the row-wise columns besides ``features``
+_ARRAYS: Final = ("event_time_ms", "kind", "seq", "labels", "mature", "elapsed_ms", "watermark_ms")
 
 
 def as_batch(samples: SampleBatch | Sequence[Sample]) -> SampleBatch:

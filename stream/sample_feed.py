@@ -218,17 +218,16 @@ def _child_main(client_config: ClientConfig, topic: str, offsets: Mapping[int, i
         child.put("error", f"{type(exc).__name__}: {exc}")
 
 
+@dataclass
 class _Child:
-    def __init__(self, client_config: ClientConfig, topic: str, offsets: Mapping[int, int], chunk_size: int,
-                 start_timeout_s: float, out: Any, halt: Any, parent_pid: int) -> None:
-        self.config = dict(client_config() if callable(client_config) else client_config)
-        self.topic = topic
-        self.offsets = offsets
-        self.chunk_size = chunk_size
-        self.start_timeout_s = start_timeout_s
-        self.out = out
-        self.halt = halt
-        self.parent_pid = parent_pid
+    client_config: ClientConfig
+    topic: str
+    offsets: Mapping[int, int]
+    chunk_size: int
+    start_timeout_s: float
+    out: Any  # the queue to the trainer
+    halt: Any  # the trainer's stop event
+    parent_pid: int
 
     def stopping(self) -> bool:
         return bool(self.halt.is_set()) or os.getppid() != self.parent_pid
@@ -248,13 +247,14 @@ class _Child:
     async def run(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
+        config = self.client_config() if callable(self.client_config) else self.client_config
         consumer = AIOKafkaConsumer(
             group_id=None,
             enable_auto_commit=False,
             client_id="aitm-trainer",
             max_partition_fetch_bytes=4 << 20,
             fetch_max_bytes=16 << 20,
-            **self.config,
+            **config,
         )
         await consumer.start()
         try:

@@ -121,6 +121,8 @@ def validate_sample(raw: bytes | str) -> dict[str, Any]:
     if any(x not in (0, 1) for x in labels):
         raise InvalidEvent("invalid_field", "sample labels must be 0 or 1")
     _four(obj, "mature", bool)
+    obj.setdefault("watermark_ms", 0)  # optional fields, filled: every ``Sample`` field is a key
+    obj.setdefault("policy", "early")
     return obj
 
 
@@ -137,8 +139,8 @@ def sample_from_valid(obj: dict[str, Any]) -> Sample:
         kind=obj["kind"],
         elapsed_ms=obj["elapsed_ms"],
         seq=obj["seq"],
-        watermark_ms=obj.get("watermark_ms", 0),
-        policy=obj.get("policy", "early"),
+        watermark_ms=obj["watermark_ms"],
+        policy=obj["policy"],
     )
 
 

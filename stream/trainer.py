@@ -30,12 +30,11 @@ from aitm.checkpoint import load_checkpoint, make_checkpoint
 from aitm.features import FeatureEncoder
 from aitm.model import AITM
 from stream.clock import Clock, SystemClock
-from stream.delayed_feedback import N_TASKS
 from stream.events import TASKS, dead_letter
 from stream.learner import OnlineLearner, config_from_dict, fields_of, pick_device
 from stream.metrics import WINDOWS, RefreshMetrics, TrainerMetrics
 from stream.model_store import ModelStore, ModelVersion, encode_version
-from stream.sample_batch import SampleBatch
+from stream.sample_batch import N_TASKS, SampleBatch
 from stream.sample_feed import Invalid, SampleFeed
 from stream.settings import Settings, kafka_client_config, load_settings
 
