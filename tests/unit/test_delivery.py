@@ -113,10 +113,12 @@ def test_lagging_topic_stall_and_skewed_bank_clocks(sim: FunnelSimulator) -> Non
     assert stalled > 50
     # a bank whose clock is 7 min behind stamps some applications over 5 min before their click:
     # the rules make those illegal_sequence; applications up to 5 min early still count
-    before = [t for t in stream.truth if t.final_labels is not None and t.final_labels != t.labels]
-    assert before and all(t.bank_id == "bank_4" for t in before)
-    reasons = Counter((d.step, d.reason) for d in stream.dead_letters)
-    assert reasons[("application", ILLEGAL_SEQUENCE)] == len(before)
+    # (and a skewed clock can move a step across its window's edge): the answer key follows the
+    # stamps, as the joiner must; banks with a right clock keep the world's labels
+    differ = [t for t in stream.truth if t.final_labels is not None and t.final_labels != t.labels]
+    assert differ and all(skew[int(t.bank_id.split("_")[1])] != 0 for t in differ)
+    illegal = {d.impression_id for d in stream.dead_letters if (d.step, d.reason) == ("application", ILLEGAL_SEQUENCE)}
+    assert illegal and illegal <= {t.impression_id for t in differ if t.bank_id == "bank_4"}
 
 
 def test_truth_lists_every_dead_letter_and_the_finals(sim: FunnelSimulator) -> None:
