@@ -249,7 +249,7 @@ class SimulatedStream:
             ]
             raws: list[bytes | None] = [_dumps(v) for v in values]
             key = iid.encode()
-            part = _partition(key, parts) if stall else 0
+            part = kafka_partition(key, parts) if stall else 0
             deliver = [prof.deliver(s, bank_ix, part, parts, int(times[s]), int(jitter[i, s])) for s in range(n_events)]
             kind: str | None = self._pick_fault(fault_draw[i], rates, n_events)
             applied: _Applied | None = None
@@ -388,7 +388,7 @@ class SimulatedStream:
         return _Applied(kind, s, extra, parse_reason)
 
 
-def _partition(key: bytes, partitions: int) -> int:
+def kafka_partition(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner gives ``key`` (murmur2, as the Java client)."""
     from kafka.partitioner.default import murmur2
 

@@ -82,7 +82,7 @@ def test_batch_feeds_files_per_bank(sim: FunnelSimulator) -> None:
 
 
 def test_lagging_topic_stall_and_skewed_bank_clocks(sim: FunnelSimulator) -> None:
-    from simulators.faults import _partition
+    from simulators.faults import kafka_partition
 
     stream, recs = _stream(sim, "lagging")
     skew = profile("lagging").bank_skew_ms
@@ -105,7 +105,7 @@ def test_lagging_topic_stall_and_skewed_bank_clocks(sim: FunnelSimulator) -> Non
         if step == "impression":
             day = true // DAY_MS
             begin, end = day * DAY_MS + 10 * HOUR_MS, day * DAY_MS + 13 * HOUR_MS
-            if _partition(key, 4) == day % 4 and begin <= true < end - 500:
+            if kafka_partition(key, 4) == day % 4 and begin <= true < end - 500:
                 stalled += 1
                 assert end <= r.deliver_ms  # held until the stall ends
             elif not begin - 500 <= true < end:
