@@ -174,13 +174,14 @@ class FunnelJoin:
         # judged against the lanes swept so far, and its own topic's lane as its records before
         # it put it (an event behind it by more than the allowed lateness arrives too late)
         swept = p.swept
+        now = self.clock.monotonic()
         if step:
-            own = p.wm.lane(step)
+            own = p.wm.lane(step, now)
             if own > swept[step]:
                 lanes = list(swept)
                 lanes[step] = own
                 swept = (lanes[0], lanes[1], lanes[2], lanes[3], lanes[4])
-        p.wm.observe(step, event.event_time_ms, behind, self.clock.monotonic())
+        p.wm.observe(step, event.event_time_ms, behind, now)
         store = p.store
         ikey = event.impression_id.encode()
         old = store.get(ikey)

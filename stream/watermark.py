@@ -77,14 +77,21 @@ class PartitionWatermark:
             return None
         return sorted(recent)[-2]
 
-    def lane(self, step: int) -> int:
-        """Lane ``step`` now, from its topic's records read so far (call it before observing the
-        next one). An arriving event is judged against it: it depends only on the records before
-        it in its own topic partition, so a backlog read fast judges it as live reading would."""
-        f = self.frontier(step)
-        if f is not None and f - self._lateness[step] > self._value[step]:
-            self._value[step] = f - self._lateness[step]
+    def lane(self, step: int, now_s: float) -> int:
+        """Lane ``step`` now (call it before observing the next record of the topic): an arriving
+        event is judged against it. It is what ``advance`` would make of that lane at this moment,
+        so the verdict does not depend on when the last sweep happened; from the topic's own
+        records it depends only on those before it in its partition (a backlog read fast is
+        judged as live reading would)."""
+        self._raise(step, self.frontier(0), now_s)
         return self._value[step]
+
+    def _raise(self, k: int, clock: int | None, now_s: float) -> None:
+        f = self.frontier(k)
+        if k and clock is not None and self.idle(k, now_s):
+            f = clock if f is None or clock > f else f
+        if f is not None and f - self._lateness[k] > self._value[k]:
+            self._value[k] = f - self._lateness[k]
 
     def idle(self, step: int, now_s: float) -> bool:
         """Read to its end and silent for the idle timeout (wall time)."""
@@ -94,14 +101,10 @@ class PartitionWatermark:
     def advance(self, now_s: float) -> Swept:
         """Recompute the lanes (monotone) and return them."""
         clock = self.frontier(0)
-        value, lateness = self._value, self._lateness
         for k in range(LANES):
-            f = self.frontier(k)
-            if k and clock is not None and self.idle(k, now_s):
-                f = clock if f is None or clock > f else f
-            if f is not None and f - lateness[k] > value[k]:
-                value[k] = f - lateness[k]
-        return (value[0], value[1], value[2], value[3], value[4])
+            self._raise(k, clock, now_s)
+        v = self._value
+        return (v[0], v[1], v[2], v[3], v[4])
 
     @property
     def value(self) -> Swept:

@@ -127,20 +127,25 @@ class JoinDriver:
 
         return kafka_partition(key, self.partitions)
 
-    def feed(self, step: int, key: bytes, value: bytes, deliver_ms: int | None = None) -> None:
+    def feed(
+        self, step: int, key: bytes, value: bytes, deliver_ms: int | None = None, behind: bool = False,
+        caught_up: tuple[bool, ...] = (True,) * 5,
+    ) -> None:
+        """One record, delivered at ``deliver_ms`` (the clock moves there). ``behind``: more records
+        of its topic follow (a backlog); ``caught_up``: per topic, is it read to its end."""
         if deliver_ms is not None and deliver_ms > self.clock.now_ms():
             self.clock.advance(deliver_ms - self.clock.now_ms())
         out: list = []
         p = self.partition_of(key)
-        self.join.on_record(TOPICS_5[step], p, key, value, False, out)
+        self.join.on_record(TOPICS_5[step], p, key, value, behind, out)
         self._collect(out)
-        self.tick()
+        self.tick(caught_up)
 
-    def tick(self) -> None:
-        """Report that every topic is read to its end, and sweep what is due."""
+    def tick(self, caught_up: tuple[bool, ...] = (True,) * 5) -> None:
+        """Report what is read to its end, and sweep what is due."""
         for p in range(self.partitions):
             for s in range(5):
-                self.join.caught_up(p, s)
+                self.join.caught_up(p, s, caught_up[s])
             if self.join.sweep_due(p):
                 out: list = []
                 self.join.sweep(p, out)
