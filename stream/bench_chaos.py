@@ -46,7 +46,7 @@ from stream.supervisor import Supervisor, read_procfile, wait_http
 from stream.topic_reader import TopicTail
 
 VICTIMS = ("joiner", "trainer", "scorer")
-LANES = ("impressions", "clicks", "applications", "approvals", "activations")
+LANES = ("activated", "clicks", "applications", "approvals", "activations")  # what each final waits for
 # a final emitted again must have been first emitted this long (wall) before a kill of the joiner
 # or less: its flush was in flight, its acks not yet recorded (generous for a loaded machine)
 REPEAT_WINDOW_S = 15.0
@@ -68,7 +68,8 @@ class Ledger:
         self.sampled: set[str] = set()
         self.scored: Counter[str] = Counter()
         self.dead: list[dict[str, Any]] = []
-        self.clock: list[tuple[int, int, str]] = []  # (wall ms, watermark, impression) of firsts and finals
+        self.final_partition: dict[str, int] = {}
+        self.clock: dict[int, list[tuple[int, int]]] = defaultdict(list)  # partition: (wall ms, lane 0)
 
     def __call__(self, rec: Any) -> None:
         if rec.topic == self.topics["samples"]:
@@ -77,9 +78,10 @@ class Ledger:
             if s.kind == "final":
                 self.final_ms[s.impression_id].append(rec.timestamp)
                 self.finals[s.impression_id].add(tuple(s.labels))
+                self.final_partition[s.impression_id] = rec.partition
                 self.final_records += 1
-            if s.kind != "correction":
-                self.clock.append((rec.timestamp, s.watermark_ms, "" if s.kind == "first" else s.impression_id))
+            elif s.kind == "first":  # its watermark is the partition's impressions lane
+                self.clock[rec.partition].append((rec.timestamp, s.watermark_ms))
         elif rec.topic == self.topics["scores"]:
             self.scored[json.loads(rec.value)["impression_id"]] += 1
         else:
@@ -258,31 +260,30 @@ def repeats_after_kills(ledger: Ledger, joiner_kills_ms: list[int]) -> dict[str,
 
 def final_delays(stream: SimulatedStream, ledger: Ledger, settings: Settings) -> dict[str, Any]:
     """Event time from each funnel's last possible event (its final time) to its final sample, on
-    the joiner's own clock: the furthest event time its topics had reached when it produced the
-    final. Each first and final sample carries its lane's watermark; plus that lane's allowed
-    lateness it is the topic's frontier. So the figure is what the rules cost (allowed lateness,
-    sparse topics, batch files), not how far this run's consumers lagged the simulator."""
+    the joiner's own clock: how far it had read the impressions of that partition when it
+    produced the final (each first sample carries the partition's impressions lane; plus the
+    impressions' allowed lateness that is their frontier). So the figure is what the rules cost
+    (allowed lateness, sparse topics, batch files), not how far this run's consumers lagged the
+    simulator. A final produced while the impressions were read behind the other topics (a
+    backlog after a restart) can come out before the clock reaches its final time (negative)."""
     truth = {t.impression_id: t for t in stream.truth}
-    lateness = settings.joiner_lateness_ms()
-    marks = []
-    for at, wm, iid in sorted(ledger.clock):
-        lane = 0 if not iid else truth[iid].final_lane if iid in truth else None
-        if lane is not None:
-            marks.append((at, wm + lateness[lane]))
-    if not marks:
-        return {}
-    wall = np.array([m[0] for m in marks], dtype=np.int64)
-    event = np.maximum.accumulate(np.array([m[1] for m in marks], dtype=np.int64))
+    clocks: dict[int, tuple[Any, Any]] = {}
+    for partition, marks in list(ledger.clock.items()):
+        marks = sorted(marks)
+        wall = np.array([m[0] for m in marks], dtype=np.int64)
+        event = np.maximum.accumulate(np.array([m[1] for m in marks], dtype=np.int64))
+        clocks[partition] = (wall, event + settings.joiner_allowed_lateness_ms)
     by_lane: dict[str, list[float]] = defaultdict(list)
     every: list[float] = []
     for iid, times in list(ledger.final_ms.items()):
         row = truth.get(iid)
-        if row is None or row.final_at_ms is None or row.final_lane is None or not row.final_required:
+        clock = clocks.get(ledger.final_partition.get(iid, -1))
+        if clock is None or row is None or row.final_at_ms is None or row.final_lane is None or not row.final_required:
             continue
-        i = int(np.searchsorted(wall, min(times), side="right")) - 1
+        i = int(np.searchsorted(clock[0], min(times), side="right")) - 1
         if i < 0:
             continue
-        delay = (int(event[i]) - row.final_at_ms) / 1000.0
+        delay = (int(clock[1][i]) - row.final_at_ms) / 1000.0
         every.append(delay)
         by_lane[LANES[row.final_lane]].append(delay)
 

@@ -7,9 +7,11 @@ rocksdict) whose changelog restores it after a restart. The records drive
 ``stream.join.FunnelJoin``: one table write per event at most, state values in a compact
 marshal codec, samples and dead letters only when due. Outputs and changelog records are
 produced as record batches (``stream.sender.BatchSender``) once per
-``JOINER_SWEEP_INTERVAL_MS``, when every partition whose watermark moved is swept; a timer
-does the same in quiet spells. The expiry index is in memory per partition (rebuilt from the
-local RocksDB on the first record of a partition). See docs/joiner.md.
+``JOINER_SWEEP_INTERVAL_MS``, when every partition whose topic watermarks (lanes) moved is
+swept; a timer does the same in quiet spells. Each flush also tells the join which topic
+partitions are read to their end (so a silent one can be idle). The expiry index is in memory
+per lane and partition (rebuilt from the local RocksDB on the first record of a partition).
+See docs/joiner.md.
 """
 
 from __future__ import annotations

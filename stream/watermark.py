@@ -9,7 +9,10 @@ Flink waits for each input's watermark. Each lane's watermark is::
 
 - A topic's *frontier* is the second-newest event time among its last five records on this
   partition: no single record moves it, however far in the future it is stamped (it needs two
-  records; a record delivered very late does not lower it either).
+  records; a record delivered very late does not lower it either). For the step topics (1..4)
+  their newest record counts too, but only up to the impressions' frontier: a sparse topic
+  (one activation a day on a partition) is not held a record behind, and one record stamped in
+  the future still moves its lane no further than the impressions have gone.
 - ``allowed_lateness[k]`` (``JOINER_ALLOWED_LATENESS_MS_<STEP>``) is how late, in event time, the
   topic's records may arrive behind the newest ones: a partner's hourly export, a daily file. An
   in-window event that arrives within it still counts; finals of that lane wait that much longer.
@@ -88,8 +91,13 @@ class PartitionWatermark:
 
     def _raise(self, k: int, clock: int | None, now_s: float) -> None:
         f = self.frontier(k)
-        if k and clock is not None and self.idle(k, now_s):
-            f = clock if f is None or clock > f else f
+        if k and clock is not None:
+            recent = self._recent[k]
+            if recent:  # a sparse topic's newest record counts too, up to the impressions' clock
+                newest = min(max(recent), clock)
+                f = newest if f is None or newest > f else f
+            if self.idle(k, now_s):
+                f = clock if f is None or clock > f else f
         if f is not None and f - self._lateness[k] > self._value[k]:
             self._value[k] = f - self._lateness[k]
 

@@ -377,3 +377,20 @@ def test_codec_reads_version_2_states_and_keeps_the_arrival_lane() -> None:
                         ((h.step, h.event_time_ms, h.event_id, h.raw),)))  # fmt: skip
     old = decode_state(v2)
     assert old.held[0].lane_ms == NO_WATERMARK and old.held[0].raw == h.raw and old.times == state.times
+
+
+@pytest.mark.parametrize(
+    ("step", "missing", "due"),
+    [
+        (1, 0, T0 + CFG.grace_ms + CFG.skew_ms),  # a click waiting for its impression
+        (2, 1, T0 + CFG.grace_ms + CFG.skew_ms),  # an application waiting for its click
+        # an activation waiting for its click: the click, application and approval may each be
+        # stamped up to the skew after the step that follows them
+        (4, 1, T0 + CFG.grace_ms + 3 * CFG.skew_ms),
+        (4, 0, T0 + CFG.grace_ms + 4 * CFG.skew_ms),
+    ],
+)
+def test_a_held_event_waits_the_grace_plus_the_skew_per_missing_step(step: int, missing: int, due: int) -> None:
+    from stream.funnel import Held, hold_due
+
+    assert hold_due(Held(step, T0, "e", b"raw"), missing, CFG) == due
