@@ -10,8 +10,8 @@ pipeline for the whole run (a loaded machine). Figures (JSON): ``labels_lost``, 
 ``duplicate_finals`` (impressions whose finals disagree), ``repeated_finals`` (identical
 re-emissions: the at-least-once price after a kill -9, deduped downstream on (impression_id,
 seq); each must follow a joiner kill), ``dead_letters_missing`` / ``dead_letters_unexplained``
-(per reason too) and ``final_delay_s`` (event time from a funnel's last possible event to its
-final sample, on the joiner's own clock: p50 / p99, and per lane).
+(per reason too) and ``final_delay_s`` (how far, in event time, the topic a final waited for had
+got past the funnel's last possible event when the final went out: p50 / p99, and per lane).
 """
 
 from __future__ import annotations
@@ -68,8 +68,7 @@ class Ledger:
         self.sampled: set[str] = set()
         self.scored: Counter[str] = Counter()
         self.dead: list[dict[str, Any]] = []
-        self.final_partition: dict[str, int] = {}
-        self.clock: dict[int, list[tuple[int, int]]] = defaultdict(list)  # partition: (wall ms, lane 0)
+        self.final_wm: dict[str, tuple[int, int]] = {}  # (producer time, lane watermark) of the first final
 
     def __call__(self, rec: Any) -> None:
         if rec.topic == self.topics["samples"]:
@@ -78,10 +77,10 @@ class Ledger:
             if s.kind == "final":
                 self.final_ms[s.impression_id].append(rec.timestamp)
                 self.finals[s.impression_id].add(tuple(s.labels))
-                self.final_partition[s.impression_id] = rec.partition
+                first = self.final_wm.get(s.impression_id)
+                if first is None or rec.timestamp < first[0]:
+                    self.final_wm[s.impression_id] = (rec.timestamp, s.watermark_ms)
                 self.final_records += 1
-            elif s.kind == "first":  # its watermark is the partition's impressions lane
-                self.clock[rec.partition].append((rec.timestamp, s.watermark_ms))
         elif rec.topic == self.topics["scores"]:
             self.scored[json.loads(rec.value)["impression_id"]] += 1
         else:
@@ -259,31 +258,20 @@ def repeats_after_kills(ledger: Ledger, joiner_kills_ms: list[int]) -> dict[str,
 
 
 def final_delays(stream: SimulatedStream, ledger: Ledger, settings: Settings) -> dict[str, Any]:
-    """Event time from each funnel's last possible event (its final time) to its final sample, on
-    the joiner's own clock: how far it had read the impressions of that partition when it
-    produced the final (each first sample carries the partition's impressions lane; plus the
-    impressions' allowed lateness that is their frontier). So the figure is what the rules cost
-    (allowed lateness, sparse topics, batch files), not how far this run's consumers lagged the
-    simulator. A final produced while the impressions were read behind the other topics (a
-    backlog after a restart) can come out before the clock reaches its final time (negative)."""
+    """For each final: how far the topic it waited for had got past the funnel's final time
+    when the final went out - the final's lane watermark plus that lane's allowed lateness, minus
+    the final time (for an activated funnel, final at once: how far the impressions had got past
+    the activation). Event time, so it is what the rules cost (the allowed lateness, a sparse or
+    idle topic, a batch file, the sweep interval) and not this run's reading order of the topics."""
     truth = {t.impression_id: t for t in stream.truth}
-    clocks: dict[int, tuple[Any, Any]] = {}
-    for partition, marks in list(ledger.clock.items()):
-        marks = sorted(marks)
-        wall = np.array([m[0] for m in marks], dtype=np.int64)
-        event = np.maximum.accumulate(np.array([m[1] for m in marks], dtype=np.int64))
-        clocks[partition] = (wall, event + settings.joiner_allowed_lateness_ms)
+    lateness = settings.joiner_lateness_ms()
     by_lane: dict[str, list[float]] = defaultdict(list)
     every: list[float] = []
-    for iid, times in list(ledger.final_ms.items()):
+    for iid, (_, wm) in list(ledger.final_wm.items()):
         row = truth.get(iid)
-        clock = clocks.get(ledger.final_partition.get(iid, -1))
-        if clock is None or row is None or row.final_at_ms is None or row.final_lane is None or not row.final_required:
+        if row is None or row.final_at_ms is None or row.final_lane is None or not row.final_required:
             continue
-        i = int(np.searchsorted(clock[0], min(times), side="right")) - 1
-        if i < 0:
-            continue
-        delay = (int(clock[1][i]) - row.final_at_ms) / 1000.0
+        delay = (wm + lateness[row.final_lane] - row.final_at_ms) / 1000.0
         every.append(delay)
         by_lane[LANES[row.final_lane]].append(delay)
 
