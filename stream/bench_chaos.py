@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from simulators.delivery import PROFILES
-from simulators.faults import FaultConfig, SimulatedStream
+from simulators.faults import FaultConfig, Record, SimulatedStream
 from simulators.funnel import FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
 from stream.broker import ensure_topics, free_port
@@ -172,8 +173,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             settings, [settings.topic_samples, settings.topic_scores, settings.topic_dead_letters], ledger
         ).start()
         sent: dict[str, int] = {}
+        delivered: list[Record] = []
+
+        def kept(records: Iterable[Record]) -> Iterator[Record]:
+            for rec in records:
+                delivered.append(rec)
+                yield rec
+
         producer = threading.Thread(
-            target=lambda: sent.update(produce(stream, settings, speedup=speedup)),
+            target=lambda: sent.update(produce(kept(stream), settings, speedup=speedup)),
             name="producer",
             daemon=True,
         )
@@ -218,6 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     result.update(repeats_after_kills(ledger, joiner_kills_ms))
     result["final_delay_s"] = final_delays(stream, ledger, settings)
+    result["final_delay_realtime_s"] = realtime_final_delays(delivered, stream, settings)
     result["delivery"], result["cpu_hog"], result["load_1min"] = args.delivery, args.cpu_hog, load
     result["simulated_s_per_wall_s"] = round(speedup)
     result["joiner_idle_timeout_ms"] = args.idle_timeout_ms
@@ -281,6 +290,72 @@ def final_delays(stream: SimulatedStream, ledger: Ledger, settings: Settings) ->
                 "n": len(xs)}  # fmt: skip
 
     return {**q(every), "by_lane": {lane: q(xs) for lane, xs in sorted(by_lane.items())}} if every else {}
+
+
+def realtime_final_delays(records: list[Record], stream: SimulatedStream, settings: Settings) -> dict[str, Any]:
+    """``final_delay_s`` at real-time pace: the same records through the same ``FunnelJoin``, in
+    process, the clock following their delivery times (wall time = event time, sweeps every
+    ``JOINER_SWEEP_INTERVAL_MS``, idle after ``JOINER_IDLE_TIMEOUT_MS`` as configured for
+    production). The chaos run itself goes hours of simulated time a second, where one sweep
+    interval or a catch-up after a kill is hours of event time."""
+    from simulators.faults import kafka_partition
+    from stream.clock import FakeClock
+    from stream.join import FunnelJoin, Output
+    from stream.joiner import funnel_config, join_topics
+    from stream.store import InMemoryStore
+
+    prod = Settings(kafka_bootstrap_servers=settings.kafka_bootstrap_servers)  # production defaults
+    topics = join_topics(prod)
+    by_step = dict(zip(STEPS, topics.events, strict=True))
+    stores: dict[int, InMemoryStore] = {}
+    clock = FakeClock(records[0].deliver_ms if records else 0)
+    join = FunnelJoin(
+        funnel_config(prod), topics, lambda p: stores.setdefault(p, InMemoryStore()), clock,
+        lateness_ms=prod.joiner_lateness_ms(), sweep_interval_s=prod.joiner_sweep_interval_ms / 1000,
+        idle_timeout_s=prod.joiner_idle_timeout_ms / 1000, max_future_ms=0,
+    )  # fmt: skip
+    parts = prod.event_partitions
+    final_wm: dict[str, int] = {}
+
+    def collect(out: list[Output]) -> None:
+        for o in out:
+            if o.topic == topics.samples and b'"kind":"final"' in o.value:
+                s = parse_sample(o.value)
+                if s.kind == "final":
+                    final_wm.setdefault(s.impression_id, s.watermark_ms)
+
+    for p in range(parts):
+        for k in range(len(STEPS)):
+            join.caught_up(p, k)  # read as delivered: every topic at its end (records say so too)
+
+    def tick(partitions: Iterable[int]) -> None:
+        for p in partitions:
+            if join.sweep_due(p):
+                out: list[Output] = []
+                join.sweep(p, out)
+                join.commit_sweep(p)
+                collect(out)
+
+    every = range(parts)
+    last_all = clock.now_ms()
+    for rec in records:
+        if rec.deliver_ms > clock.now_ms():
+            clock.advance(rec.deliver_ms - clock.now_ms())
+        out: list[Output] = []
+        p = kafka_partition(rec.key, parts)
+        join.on_record(by_step[rec.step], p, rec.key, rec.value, False, out)
+        collect(out)
+        if clock.now_ms() - last_all >= 10_000:  # quiet partitions too (their topics go idle)
+            last_all = clock.now_ms()
+            tick(every)
+        else:
+            tick((p,))
+    for _ in range(120):  # the stream has ended: two minutes, every topic goes idle
+        clock.advance(1000)
+        tick(every)
+    ledger = Ledger({"samples": topics.samples, "scores": ""})
+    ledger.final_wm = {iid: (0, wm) for iid, wm in final_wm.items()}
+    return final_delays(stream, ledger, prod)
 
 
 def summarise(

@@ -44,6 +44,12 @@ def test_chaos_loses_and_invents_nothing(tmp_path: Path) -> None:
     # of the joiner: what was in flight then; without a kill the count is 0 (the in-process tests)
     assert result["repeated_finals_without_a_kill"] == 0
     assert result["repeated_finals"] <= 0.05 * result["labels_checked"]
-    # the delay of a final after its funnel's last possible event is reported per lane
+    # the delay of a final after its funnel's last possible event is reported per lane; at
+    # real-time pace (the same records in process, event time = wall time) a final waits about
+    # its topic's allowed lateness: never less, and not much more
     assert result["final_delay_s"]["n"] == result["labels_checked"]
     assert set(result["final_delay_s"]["by_lane"]) >= {"clicks", "applications"}
+    realtime = result["final_delay_realtime_s"]["by_lane"]
+    hour = 3600.0
+    for lane, lateness_h in (("clicks", 0.5), ("applications", 6), ("activations", 48)):
+        assert lateness_h * hour <= realtime[lane]["p50"] <= (lateness_h + 1) * hour, (lane, realtime[lane])
