@@ -216,26 +216,36 @@ def hold_due(h: Held, missing: int, cfg: FunnelConfig) -> int:
     return h.event_time_ms + cfg.grace_ms + (h.step - missing) * cfg.skew_ms
 
 
+def _lane_and_final(state: FunnelState, cfg: FunnelConfig) -> tuple[int, int]:
+    """(final lane, final time) of a funnel that is not a stub, computed once (the hot path)."""
+    t = state.times
+    if NONE not in t:
+        return 0, t[3]
+    r = t.index(NONE)
+    return r + 1, (state.imp_ms if r == 0 else t[r - 1]) + cfg.windows_ms[r]
+
+
 def next_dues(state: FunnelState, swept: Swept, cfg: FunnelConfig) -> Dues:
     """Per lane, the next watermark value after ``swept`` at which ``sweep`` has work to do."""
-    dues: list[int | None] = [None, None, None, None, None]
     if state.imp_ms == NONE:
-        held = [hold_due(h, 0, cfg) for h in state.held]
-        dues[0] = min(held) if held else None
-        return (dues[0], None, None, None, None)
-    fa = final_at(state, cfg)
-    lane = final_lane(state)
+        return (min(hold_due(h, 0, cfg) for h in state.held) if state.held else None, None, None, None, None)
+    lane, fa = _lane_and_final(state, cfg)
     if lane == 0:  # activated: final already out, only the purge is left
-        dues[0] = fa + cfg.retention_ms
-        return (dues[0], None, None, None, None)
+        return (fa + cfg.retention_ms, None, None, None, None)
+    dues: list[int | None] = [None, None, None, None, None]
     if swept[lane] >= fa:
         dues[lane] = fa + cfg.retention_ms
     else:
-        held = [hold_due(h, lane, cfg) for h in state.held]
-        dues[lane] = min([fa, *(d for d in held if d > swept[lane])])
-        fd = first_due(state, cfg)
-        if swept[0] < fd < NEVER:
-            dues[0] = fd
+        due = fa
+        for h in state.held:
+            d = hold_due(h, lane, cfg)
+            if swept[lane] < d < due:
+                due = d
+        dues[lane] = due
+        if cfg.policy == "early":
+            fd = state.imp_ms + cfg.observe_ms
+            if swept[0] < fd < fa:
+                dues[0] = fd
     return (dues[0], dues[1], dues[2], dues[3], dues[4])
 
 
@@ -399,8 +409,8 @@ def sweep(state: FunnelState, prev: Swept, now: Swept, cfg: FunnelConfig) -> Res
         if len(keep) != len(state.held):
             res.state, res.changed = (replace(state, held=keep) if keep else None), True
         return res
-    lane = final_lane(state)
-    final_now = is_final(state, now, cfg)
+    lane, fa = _lane_and_final(state, cfg)
+    final_now = lane == 0 or now[lane] >= fa
     if state.held and not final_now:
         keep = tuple(h for h in state.held if now[lane] < hold_due(h, lane, cfg))
         if len(keep) != len(state.held):
@@ -409,15 +419,14 @@ def sweep(state: FunnelState, prev: Swept, now: Swept, cfg: FunnelConfig) -> Res
                     res.rejects.append(_reject(state, h.step, h.event_time_ms, h.raw, cfg, False))
             state = replace(state, held=keep)
             res.state, res.changed = state, True
-    fd = first_due(state, cfg)
-    if prev[0] < fd <= now[0] and not final_now:
+    fd = state.imp_ms + cfg.observe_ms
+    if not final_now and cfg.policy == "early" and prev[0] < fd <= now[0] and fd < fa:
         res.samples.append(_sample(state, "first", FIRST_SEQ, now[0], now[0], now, cfg))
-    if final_now and not is_final(state, prev, cfg):
+    if final_now and lane and prev[lane] < fa:  # (an activated funnel's final went out at once)
         held = bool(state.held)
         state = _settle(state, now, cfg, res, False)
         if held:
             res.state, res.changed = state, True
-    fa = final_at(state, cfg)
     if final_now and now[lane] >= fa + cfg.retention_ms:
         res.state, res.changed = None, True
     return res
