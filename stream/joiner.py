@@ -402,7 +402,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
 
     @app.timer(interval_s)
     async def sweep_when_idle() -> None:
-        """The agent flushes as records arrive; this covers quiet spells (the warm-up ending, the
+        """The agent flushes as records arrive; this covers quiet spells (a topic going idle, the
         last records of a burst), so their samples, changelog records and acks still go out."""
         if senders and clock.monotonic() - last_flush[0] >= interval_s:
             await flush(senders[0])
