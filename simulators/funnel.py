@@ -90,6 +90,9 @@ class SimConfig:
     # activation delay after approval: lognormal (median days, sigma); a few exceed 14 days
     activation_median_days: float = 2.0
     activation_sigma: float = 1.1
+    # share of each step's delays drawn at its window's edge (within 15 min either side, a fifth
+    # of them exactly on it or 1 ms past it): the joiner's window rules get exercised at the edge
+    edge_rate: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -221,9 +224,9 @@ class FunnelSimulator:
             )
         logits = self._logits(feats, 0)
         reach = np.ones(len(feats))
-        f14 = self.activation_within_window_prob()
+        within = np.cumprod(self.within_window_probs())
         for t, rate in enumerate(cfg.target_rates):
-            target = rate / (f14 if t == 3 else 1.0)
+            target = rate / within[t]
             lo, hi = -20.0, 20.0
             for _ in range(60):
                 mid = (lo + hi) / 2
@@ -256,6 +259,13 @@ class FunnelSimulator:
         z = math.log(14.0 / cfg.activation_median_days) / cfg.activation_sigma
         return 0.5 * (1 + math.erf(z / math.sqrt(2)))
 
+    def within_window_probs(self) -> np.ndarray:
+        """(T,) P(a step's delay is within its window): the lognormal body (only the activation's
+        reaches past its window) mixed with the edge draws, half of which fall inside."""
+        e = self.config.edge_rate
+        body = np.array([1.0, 1.0, 1.0, self.activation_within_window_prob()])
+        return (1 - e) * body + e * 0.5
+
     # ------------------------------------------------------------------ sampling
     def _draw_features(self, rng: np.random.Generator, n: int, day: int | np.ndarray) -> np.ndarray:
         feats = np.empty((n, len(FIELDS)), dtype=np.int64)
@@ -279,9 +289,7 @@ class FunnelSimulator:
         order = np.argsort(offsets, kind="stable")
         feats, offsets = feats[order], offsets[order]
         cond = self.conditional_probs(feats, day)  # (N, T)
-        f14 = self.activation_within_window_prob()
-        e2e = np.cumprod(cond, axis=1)
-        e2e[:, 3] *= f14
+        e2e = np.cumprod(cond * self.within_window_probs(), axis=1)
         happened = np.cumprod(rng.random((n, len(TASKS))) < cond, axis=1).astype(np.int8)
         delays = self._draw_delays(rng, n)
         within = delays <= np.array(WINDOWS_MS)
@@ -299,18 +307,26 @@ class FunnelSimulator:
         )
 
     def _draw_delays(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """Delays after the predecessor: click s-min, application min-h, approval s-min, activation 0-14+ d."""
+        """Delays after the predecessor: click s-min, application min-h, approval s-min, activation
+        0-14+ d; ``edge_rate`` of each step's delays at its window's edge, on either side."""
         cfg = self.config
 
-        def lognormal_ms(median_s: float, sigma: float, cap_ms: float | None) -> np.ndarray:
+        def lognormal_ms(median_s: float, sigma: float, cap_ms: float) -> np.ndarray:
             d = median_s * 1000 * np.exp(sigma * rng.standard_normal(n))
-            return np.minimum(d, cap_ms) if cap_ms is not None else d
+            return np.minimum(d, cap_ms)
 
-        click = lognormal_ms(20, 1.0, 0.9 * WINDOWS_MS[0])
-        application = lognormal_ms(20 * 60, 1.3, 0.9 * WINDOWS_MS[1])
-        approval = lognormal_ms(60, 1.0, 0.9 * WINDOWS_MS[2])
+        # caps far past the windows: a delay may cross its window (it then counts as a negative)
+        click = lognormal_ms(20, 1.0, 2 * WINDOWS_MS[0])
+        application = lognormal_ms(20 * 60, 1.3, 2 * WINDOWS_MS[1])
+        approval = lognormal_ms(60, 1.0, 2 * WINDOWS_MS[2])
         activation = lognormal_ms(cfg.activation_median_days * 86_400, cfg.activation_sigma, 40 * DAY_MS)
-        return np.stack([click, application, approval, activation], axis=1).astype(np.int64) + 1
+        delays = np.stack([click, application, approval, activation], axis=1).astype(np.int64) + 1
+        windows = np.array(WINDOWS_MS, dtype=np.int64)
+        edge = rng.random((n, len(TASKS))) < cfg.edge_rate
+        offset = rng.integers(-15 * 60_000, 15 * 60_000 + 1, size=(n, len(TASKS)))
+        exact = rng.random((n, len(TASKS))) < 0.2
+        offset = np.where(exact, rng.integers(0, 2, size=(n, len(TASKS))), offset)  # on the edge, or 1 ms past
+        return np.where(edge, np.maximum(windows + offset, 1), delays)
 
     def dataset(self, days: int, start_day: int = 0) -> ImpressionBatch:
         """``days`` consecutive days of impressions, in time order."""

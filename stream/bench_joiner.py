@@ -64,6 +64,7 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JOINER_", "KAFKA_", "TOPIC_"))}
     env["KAFKA_BOOTSTRAP_SERVERS"] = settings.bootstrap()
     env["JOINER_RECOVERY_CONSISTENCY_CHECK"] = "false"
+    env["JOINER_MAX_FUTURE_MS"] = "0"  # simulated event time may run ahead of the wall clock
     env.update(extra)
     return env
 
@@ -120,8 +121,8 @@ async def _plain_join(settings: Settings, total: int, datadir: Path) -> float:
     join = FunnelJoin(
         funnel_config(settings), join_topics(settings),
         lambda p: stores.setdefault(p, RocksDBStore(datadir / f"p{p}")), SystemClock(),
-        lateness_ms=settings.joiner_allowed_lateness_ms, sweep_interval_s=settings.joiner_sweep_interval_ms / 1000,
-        warmup_s=settings.joiner_warmup_ms / 1000,
+        lateness_ms=settings.joiner_lateness_ms(), sweep_interval_s=settings.joiner_sweep_interval_ms / 1000,
+        idle_timeout_s=settings.joiner_idle_timeout_ms / 1000, max_future_ms=0,  # simulated time
     )
     n, t0 = 0, 0.0
     try:

@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "TRAINER_BATCH_SIZE": str(args.batch),
         "TRAINER_LR": str(args.lr),
         "JOINER_SWEEP_INTERVAL_MS": "50",  # 10 simulated minutes per sweep at 12000x
+        "JOINER_MAX_FUTURE_MS": "0",  # simulated event time may run ahead of the wall clock
     }
     procs = Procs(env, work)
     report: dict[str, Any] = {"days": args.days, "impressions_per_day": per_day, "drift": args.drift,

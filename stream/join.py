@@ -1,31 +1,35 @@
 """The join driver: raw records in, store updates and output records out. No Kafka in here.
 
-``FunnelJoin.on_record`` parses a record, moves the partition watermark, applies the pure state
-machine (``stream.funnel``) against a ``LabelStore`` (at most one state write per event) and
-returns what to send. ``sweep`` pops the expiry index up to the watermark (first / final samples,
-held events whose grace ran out, purges); the caller sends those outputs, waits for them, then
-calls ``commit_sweep`` so that the swept watermark is stored only after its samples are out.
-The faust joiner, the plain-loop bench and the tests all drive this one class.
+``FunnelJoin.on_record`` parses a record, feeds the partition's lane watermarks
+(``stream.watermark``), applies the pure state machine (``stream.funnel``) against a
+``LabelStore`` (at most one state write per event) and returns what to send. ``sweep`` pops each
+lane's expiry index up to that lane's watermark (first / final samples, held events that gave
+up, purges); the caller sends those outputs, waits for them, then calls ``commit_sweep`` so that
+the swept watermarks are stored only after their samples are out. ``caught_up`` tells it what
+the consumer knows of a topic's position (read to its end or not), which decides when a silent
+topic is idle. The faust joiner, the plain-loop bench and the tests all drive this one class.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from stream.clock import Clock
 from stream.events import STEPS, InvalidEvent, dead_letter, parse_event
 from stream.funnel import (
-    NO_WATERMARK,
+    LANES,
+    NO_SWEPT,
     FunnelConfig,
     FunnelState,
     Result,
+    Swept,
     advance,
     decode_state,
     encode_state,
-    next_due,
+    next_dues,
     sweep,
 )
 from stream.metrics import JoinerMetrics
@@ -34,7 +38,28 @@ from stream.store import LabelStore
 from stream.watermark import PartitionWatermark
 
 SWEPT_KEY = b"swept"
+FUTURE = "future"
+_SWEPT = struct.Struct(">5q")
 _I64 = struct.Struct(">q")
+# allowed lateness of the impressions, clicks, applications, approvals, activations topics
+DEFAULT_LATENESS_MS: tuple[int, int, int, int, int] = (
+    30 * 60_000, 30 * 60_000, 6 * 3_600_000, 6 * 3_600_000, 2 * 86_400_000,
+)  # fmt: skip
+
+
+def pack_swept(swept: Swept) -> bytes:
+    return _SWEPT.pack(*swept)
+
+
+def unpack_swept(raw: bytes | None) -> Swept:
+    """The stored swept watermarks; a store from before the lanes holds one value for all."""
+    if not raw:
+        return NO_SWEPT
+    if len(raw) == _I64.size:
+        v = _I64.unpack(raw)[0]
+        return (v, v, v, v, v)
+    a, b, c, d, e = _SWEPT.unpack(raw)
+    return (a, b, c, d, e)
 
 
 class Output(NamedTuple):
@@ -57,13 +82,12 @@ class JoinTopics:
 class _Partition:
     __slots__ = ("last_sweep_s", "pending_swept", "store", "swept", "wm")
 
-    def __init__(self, store: LabelStore, lateness_ms: int, warmup_s: float) -> None:
+    def __init__(self, store: LabelStore, lateness_ms: Sequence[int], idle_timeout_s: float, now_s: float) -> None:
         self.store = store
-        raw = store.get_meta(SWEPT_KEY)
-        self.swept = _I64.unpack(raw)[0] if raw else NO_WATERMARK
-        self.wm = PartitionWatermark(lateness_ms, warmup_s, floor_ms=self.swept)
+        self.swept: Swept = unpack_swept(store.get_meta(SWEPT_KEY))
+        self.wm = PartitionWatermark(lateness_ms, idle_timeout_s, self.swept, now_s)
         self.last_sweep_s = float("-inf")
-        self.pending_swept: int | None = None
+        self.pending_swept: Swept | None = None
 
 
 class FunnelJoin:
@@ -76,19 +100,23 @@ class FunnelJoin:
         store_for: Callable[[int], LabelStore],
         clock: Clock,
         metrics: JoinerMetrics | None = None,
-        lateness_ms: int = 30 * 60_000,
+        lateness_ms: Sequence[int] = DEFAULT_LATENESS_MS,
         sweep_interval_s: float = 0.25,
-        warmup_s: float = 1.0,
+        idle_timeout_s: float = 30.0,
+        max_future_ms: int = 3_600_000,
     ) -> None:
+        if len(lateness_ms) != LANES:
+            raise ValueError("lateness_ms: one allowed lateness per event topic (impressions .. activations)")
         self.cfg = cfg
         self.topics = topics
         self.step_of = {t: i for i, t in enumerate(topics.events)}
         self._store_for = store_for
         self.clock = clock
         self.metrics = metrics
-        self.lateness_ms = lateness_ms
+        self.lateness_ms = tuple(lateness_ms)
         self.sweep_interval_s = sweep_interval_s
-        self.warmup_s = warmup_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_future_ms = max_future_ms
         self.parts: dict[int, _Partition] = {}
         # metric children bound once: ``labels(...)`` is a locked dict lookup per call
         self._events_by_type = [metrics.events.labels(type=s) for s in STEPS] if metrics else None
@@ -99,12 +127,19 @@ class FunnelJoin:
     def part(self, partition: int) -> _Partition:
         p = self.parts.get(partition)
         if p is None:
-            p = self.parts[partition] = _Partition(self._store_for(partition), self.lateness_ms, self.warmup_s)
+            p = self.parts[partition] = _Partition(
+                self._store_for(partition), self.lateness_ms, self.idle_timeout_s, self.clock.monotonic()
+            )
         return p
 
     def forget(self, partition: int) -> None:
         """Drop a revoked partition's in-memory state (its store stays where it is)."""
         self.parts.pop(partition, None)
+
+    def caught_up(self, partition: int, step: int, caught_up: bool = True) -> None:
+        """What the consumer knows of topic ``step`` on ``partition``: read to its end (or not).
+        A topic read to its end that stays silent for the idle timeout stops holding its lane."""
+        self.part(partition).wm.report(step, not caught_up)
 
     # --- per record -------------------------------------------------------------------------
 
@@ -118,7 +153,8 @@ class FunnelJoin:
         out: list[Output],
         offset: int | None = None,
     ) -> None:
-        """Process one event record; appends output records to ``out``."""
+        """Process one event record; appends output records to ``out``. ``behind``: the partition
+        has more records of this topic after this one (its offset + 1 < its high watermark)."""
         step = self.step_of[topic]
         if self._events_by_type is not None:
             self._events_by_type[step].inc()
@@ -129,14 +165,29 @@ class FunnelJoin:
         except InvalidEvent as exc:
             self._dead(out, raw if value is not None else None, topic, exc.reason, exc.message, partition, offset, key)
             return
-        wm = p.wm.event_watermark(step)
-        p.wm.observe(step, event.event_time_ms, behind, self.clock.monotonic())
+        if self.max_future_ms and event.event_time_ms > self.clock.now_ms() + self.max_future_ms:
+            ahead_s = (event.event_time_ms - self.clock.now_ms()) // 1000
+            detail = (f"event time is {ahead_s} s ahead of this joiner's clock (JOINER_MAX_FUTURE_MS="
+                      f"{self.max_future_ms}); fix the source's clock, or set 0 for simulated time")  # fmt: skip
+            self._dead(out, raw, topic, FUTURE, detail, partition, offset, key)
+            return
+        # judged against the lanes swept so far, and its own topic's lane as its records before
+        # it put it (an event behind it by more than the allowed lateness arrives too late)
+        swept = p.swept
+        now = self.clock.monotonic()
+        if step:
+            own = p.wm.lane(step, now)
+            if own > swept[step]:
+                lanes = list(swept)
+                lanes[step] = own
+                swept = (lanes[0], lanes[1], lanes[2], lanes[3], lanes[4])
+        p.wm.observe(step, event.event_time_ms, behind, now)
         store = p.store
         ikey = event.impression_id.encode()
         old = store.get(ikey)
         state = decode_state(old) if old is not None else None
-        res = advance(state, event, raw, wm, p.swept, self.cfg)
-        self._apply(p, ikey, event.impression_id, res, old is not None, wm, out, partition, key)
+        res = advance(state, event, raw, swept, self.cfg)
+        self._apply(p, ikey, event.impression_id, res, old is not None, out, partition)
         if res.duplicate and self._dups_by_type is not None:
             self._dups_by_type[step].inc()
 
@@ -147,11 +198,9 @@ class FunnelJoin:
         iid: str,
         res: Result,
         existed: bool,
-        wm: int,
         out: list[Output],
         partition: int,
-        key: bytes | None,
-        swept: int | None = None,
+        swept: Swept | None = None,
         prior: FunnelState | None = None,
     ) -> None:
         store = p.store
@@ -161,9 +210,9 @@ class FunnelJoin:
                 if existed:
                     store.delete(ikey)
             else:
-                store.put(ikey, encode_state(res.state), next_due(res.state, after, self.cfg))
+                store.put(ikey, encode_state(res.state), next_dues(res.state, after, self.cfg))
         elif swept is not None and res.state is not None:
-            store.reschedule(ikey, next_due(res.state, after, self.cfg))
+            store.reschedule(ikey, next_dues(res.state, after, self.cfg))
         for rej in res.rejects:
             self._dead(out, rej.raw, self.topics.events[rej.step], rej.reason, rej.detail, partition, None, ikey)
         if res.samples:
@@ -173,8 +222,8 @@ class FunnelJoin:
             feats = st.features_json or b"{}"
             for s in res.samples:
                 value = sample_bytes(
-                    iid, st.bank_id, st.imp_ms, feats, s.labels, s.mature, s.kind, s.elapsed_ms, s.seq, wm,
-                    self.cfg.policy,
+                    iid, st.bank_id, st.imp_ms, feats, s.labels, s.mature, s.kind, s.elapsed_ms, s.seq,
+                    s.watermark_ms, self.cfg.policy,
                 )
                 out.append(Output(self.topics.samples, ikey, value))
                 if self.metrics and self._samples_by_kind is not None:
@@ -207,55 +256,59 @@ class FunnelJoin:
     # --- time-driven ------------------------------------------------------------------------
 
     def sweep_due(self, partition: int, force: bool = False) -> bool:
-        """Is a sweep of ``partition`` due (interval passed and the watermark moved)?"""
+        """Is a sweep of ``partition`` due (interval passed and a lane moved)?"""
         p = self.part(partition)
         now = self.clock.monotonic()
         if not force and now - p.last_sweep_s < self.sweep_interval_s:
             return False
         p.last_sweep_s = now
-        return p.wm.advance(now) > p.swept
+        wm = p.wm.advance(now)
+        return any(w > s for w, s in zip(wm, p.swept, strict=True))
 
     def sweep(self, partition: int, out: list[Output]) -> int:
-        """Do everything due up to the watermark; returns how many states were visited.
-
-        Call ``commit_sweep(partition)`` once the outputs are safely produced."""
+        """Do everything due on every lane up to its watermark; returns how many states were
+        visited. Call ``commit_sweep(partition)`` once the outputs are safely produced."""
         p = self.part(partition)
         wm = p.wm.value
         prev = p.swept
+        keys: dict[bytes, None] = {}  # in lane, then due order; a key due on two lanes once
+        for lane in range(LANES):
+            for ikey in p.store.pop_due(lane, wm[lane]):
+                keys[ikey] = None
         n = 0
-        for ikey in p.store.pop_due(wm):
+        for ikey in keys:
             old = p.store.get(ikey)
             if old is None:
                 continue
             n += 1
             state = decode_state(old)
             res = sweep(state, prev, wm, self.cfg)
-            self._apply(p, ikey, ikey.decode(), res, True, wm, out, partition, ikey, swept=wm, prior=state)
+            self._apply(p, ikey, ikey.decode(), res, True, out, partition, swept=wm, prior=state)
         p.pending_swept = wm
         return n
 
-    def take_sweep(self, partition: int) -> int | None:
+    def take_sweep(self, partition: int) -> Swept | None:
         """Judge the records that follow against the sweep just done (in memory), as
-        ``commit_sweep`` would, but leave the stored swept watermark alone: returns the value to
+        ``commit_sweep`` would, but leave the stored swept watermarks alone: returns the value to
         store with ``persist_swept`` once the sweep's outputs are acknowledged (None: nothing)."""
         p = self.part(partition)
         wm, p.pending_swept = p.pending_swept, None
-        if wm is None or wm <= p.swept:
+        if wm is None or wm == p.swept:
             return None
         p.swept = wm
         return wm
 
-    def persist_swept(self, partition: int, swept: int) -> None:
-        """Store a swept watermark returned by ``take_sweep`` (its samples are out)."""
+    def persist_swept(self, partition: int, swept: Swept) -> None:
+        """Store swept watermarks returned by ``take_sweep`` (their samples are out)."""
         p = self.parts.get(partition)
         if p is not None:  # not revoked meanwhile
-            p.store.put_meta(SWEPT_KEY, _I64.pack(swept))
+            p.store.put_meta(SWEPT_KEY, pack_swept(swept))
 
     def commit_sweep(self, partition: int) -> None:
         p = self.part(partition)
-        if p.pending_swept is not None and p.pending_swept > p.swept:
+        if p.pending_swept is not None and p.pending_swept != p.swept:
             p.swept = p.pending_swept
-            p.store.put_meta(SWEPT_KEY, _I64.pack(p.swept))
+            p.store.put_meta(SWEPT_KEY, pack_swept(p.swept))
         p.pending_swept = None
 
     def watermark_lag_ms(self) -> int:

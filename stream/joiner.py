@@ -7,9 +7,11 @@ rocksdict) whose changelog restores it after a restart. The records drive
 ``stream.join.FunnelJoin``: one table write per event at most, state values in a compact
 marshal codec, samples and dead letters only when due. Outputs and changelog records are
 produced as record batches (``stream.sender.BatchSender``) once per
-``JOINER_SWEEP_INTERVAL_MS``, when every partition whose watermark moved is swept; a timer
-does the same in quiet spells. The expiry index is in memory per partition (rebuilt from the
-local RocksDB on the first record of a partition). See docs/joiner.md.
+``JOINER_SWEEP_INTERVAL_MS``, when every partition whose topic watermarks (lanes) moved is
+swept; a timer does the same in quiet spells. Each flush also tells the join which topic
+partitions are read to their end (so a silent one can be idle). The expiry index is in memory
+per lane and partition (rebuilt from the local RocksDB on the first record of a partition).
+See docs/joiner.md.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from stream.clock import Clock, SystemClock
 from stream.faust_bulk import bulk_consumer
-from stream.funnel import NO_WATERMARK, FunnelConfig, decode_state, next_due
-from stream.join import SWEPT_KEY, FunnelJoin, JoinTopics, Output
+from stream.funnel import Dues, FunnelConfig, Swept, decode_state, next_dues
+from stream.join import SWEPT_KEY, FunnelJoin, JoinTopics, Output, pack_swept, unpack_swept
 from stream.metrics import JoinerMetrics
 from stream.sender import BatchSender
 from stream.settings import Settings, load_settings
@@ -53,6 +55,7 @@ def funnel_config(settings: Settings) -> FunnelConfig:
         observe_ms=settings.joiner_observe_ms,
         retention_ms=settings.joiner_retention_ms,
         policy=settings.joiner_policy,
+        skew_ms=settings.joiner_clock_skew_ms,
     )
 
 
@@ -74,11 +77,11 @@ class FaustTableStore:
     reads that changelog exactly as if it had written it. The source records behind those
     writes, and their outputs, are acknowledged in the same step (see ``build_app``): after a
     kill -9 the local RocksDB holds no write whose outputs may be lost, so the replayed records
-    redo them. Reads look in ``outbox``, then ``sending``, then RocksDB. The due index is in
-    memory, rebuilt on creation.
+    redo them. Reads look in ``outbox``, then ``sending``, then RocksDB. The due index (a heap
+    per lane) is in memory, rebuilt on creation.
     """
 
-    def __init__(self, table: Any, partition: int, due_of: Callable[[bytes, int], int | None]) -> None:
+    def __init__(self, table: Any, partition: int, due_of: Callable[[bytes, Swept], Dues]) -> None:
         self._table = table
         self.partition = partition
         self._db = table.data._db_for_partition(partition)
@@ -87,8 +90,7 @@ class FaustTableStore:
         # changelog only needs the last write of a key, so writes between two sends coalesce.
         self.outbox: dict[bytes, bytes | None] = {}
         self.sending: dict[bytes, bytes | None] = {}  # drained, not yet acknowledged and settled
-        raw = self.get_meta(SWEPT_KEY)
-        swept = int.from_bytes(raw, "big", signed=True) if raw else NO_WATERMARK
+        swept = unpack_swept(self.get_meta(SWEPT_KEY))
         for key, value in self._db.items():
             if key.startswith(META_PREFIX) or key.startswith(b"__faust"):
                 continue
@@ -105,12 +107,12 @@ class FaustTableStore:
         v = self._db.get(key)
         return v if v is None or type(v) is bytes else bytes(v)
 
-    def put(self, key: bytes, value: bytes, due_ms: int | None) -> None:
+    def put(self, key: bytes, value: bytes, dues: Dues | None) -> None:
         self.outbox[key] = value
-        self._index.set(key, due_ms)
+        self._index.set(key, dues)
 
-    def reschedule(self, key: bytes, due_ms: int | None) -> None:
-        self._index.set(key, due_ms)
+    def reschedule(self, key: bytes, dues: Dues | None) -> None:
+        self._index.set(key, dues)
 
     def delete(self, key: bytes) -> None:
         self.outbox[key] = None
@@ -142,14 +144,21 @@ class FaustTableStore:
         if self.sending is written:
             self.sending = {}
 
-    def pop_due(self, until_ms: int) -> list[bytes]:
-        return self._index.pop_due(until_ms)
+    def pop_due(self, lane: int, until_ms: int) -> list[bytes]:
+        return self._index.pop_due(lane, until_ms)
 
     def get_meta(self, name: bytes) -> bytes | None:
         return self.get(META_PREFIX + name)
 
     def put_meta(self, name: bytes, value: bytes) -> None:
         self.put(META_PREFIX + name, value, None)
+
+    def put_meta_now(self, name: bytes, value: bytes) -> None:
+        """``put_meta``, and straight into the local RocksDB too: for a value whose outputs are
+        already acknowledged (the swept watermarks), so a kill -9 restarts from it rather than
+        from the one of the flush before (fewer finals emitted twice)."""
+        self.put_meta(name, value)
+        self._db[META_PREFIX + name] = value
 
     def __len__(self) -> int:
         return len(self._index)
@@ -220,8 +229,8 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         partitions=settings.event_partitions,
     )
 
-    def due_of(value: bytes, swept: int) -> int | None:
-        return next_due(decode_state(value), swept, cfg)
+    def due_of(value: bytes, swept: Swept) -> Dues:
+        return next_dues(decode_state(value), swept, cfg)
 
     join = FunnelJoin(
         cfg,
@@ -229,9 +238,10 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         lambda partition: FaustTableStore(table, partition, due_of),
         clock,
         metrics,
-        lateness_ms=settings.joiner_allowed_lateness_ms,
+        lateness_ms=settings.joiner_lateness_ms(),
         sweep_interval_s=settings.joiner_sweep_interval_ms / 1000.0,
-        warmup_s=settings.joiner_warmup_ms / 1000.0,
+        idle_timeout_s=settings.joiner_idle_timeout_ms / 1000.0,
+        max_future_ms=settings.joiner_max_future_ms,
     )
     source = app.topic(
         *topics.events, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
@@ -242,6 +252,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
 
     senders: list[BatchSender] = []  # the one sender, made once the producer has started
     unacked: list[Any] = []  # source records joined since the last flush, not yet acknowledged
+    next_offset: dict[Any, int] = {}  # per event topic partition: the offset after the last handled
     inflight: list[asyncio.Future[None]] = []  # the flush waiting for its acks (one at most)
     last_flush = [0.0]  # monotonic time of the last flush
 
@@ -260,13 +271,14 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         Up to the snapshot this is synchronous, so no record is processed halfway through it.
         Records after it are judged against the new sweep at once (``take_sweep``), exactly as
         if the flush had completed; what waits for the acks is what a crash must not get ahead
-        of: the stored swept watermark (``persist_swept``), the persisted changelog offsets, and
-        the acknowledgement of the source records (their offsets are committed only then)."""
+        of: the stored swept watermarks, the persisted changelog offsets, and the
+        acknowledgement of the source records (their offsets are committed only then)."""
         while inflight and not inflight[0].done():
             await asyncio.wait(inflight)
         if inflight:
             inflight.pop().result()  # a failed flush stops the agent
-        swept: list[tuple[int, int]] = []
+        report_positions()
+        swept: list[tuple[int, Swept]] = []
         for p in list(join.parts):
             if join.sweep_due(p, force=True):
                 out: list[Output] = []
@@ -296,12 +308,14 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         sender: BatchSender,
         batches: list[Any],
         written: list[tuple[FaustTableStore, dict[bytes, bytes | None]]],
-        swept: list[tuple[int, int]],
+        swept: list[tuple[int, Swept]],
         messages: list[Any],
     ) -> None:
         """Submit a flush's batches and wait for their acks; then write the states into the local
         RocksDB, record the acked changelog offsets as the partitions' persisted offsets (for
-        faust's recovery), store the swept watermarks and acknowledge the source records."""
+        faust's recovery), store the swept watermarks (locally at once, so a restart after a
+        kill -9 re-emits at most the last flush's finals; their changelog record goes out with
+        the next flush) and acknowledge the source records."""
         acked: dict[int, int] = {}
         for sent in await sender.submit(batches):
             last = await sent.last_offset()
@@ -313,7 +327,11 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         for p, offset in acked.items():
             backend.set_persisted_offset(TP(changelog, p), offset)
         for p, wm in swept:
-            join.persist_swept(p, wm)  # its changelog record goes out with the next flush
+            part = join.parts.get(p)
+            if part is not None:  # not revoked meanwhile
+                tstore = part.store
+                assert isinstance(tstore, FaustTableStore)
+                tstore.put_meta_now(SWEPT_KEY, pack_swept(wm))
         if messages:
             consumer = app.consumer
             assigned = consumer.assignment()
@@ -332,11 +350,31 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         for o in out:
             add(o.topic, o.key, o.value)
         unacked.append(message)
+        next_offset[message.tp] = message.offset + 1
         # once per interval, all partitions together: one flush, its acks awaited aside
         return len(unacked) >= MAX_PENDING or monotonic() - last_flush[0] >= interval_s
 
     async def flush_from_fetcher() -> None:
         await flush(senders[0])
+
+    def report_positions() -> None:
+        """Tell the join, per event topic partition it holds, whether the consumer has read it to
+        its end (the high watermark of the last fetch response): only then can a silent topic
+        be idle. A topic with records fetched but not yet handled is behind."""
+        consumer: Any = app.consumer
+        read_offset = consumer._read_offset  # faust's: after a seek, the committed position
+        step_of = join.step_of
+        for tp in consumer.assignment():
+            step = step_of.get(tp.topic)
+            if step is None or tp.partition not in join.parts:
+                continue
+            hw = consumer.highwater(tp)
+            if hw is None:
+                continue
+            pos = next_offset.get(tp)
+            if pos is None:
+                pos = read_offset.get(tp) or 0
+            join.caught_up(tp.partition, step, pos >= hw)
 
     on_record = join.on_record
     monotonic = clock.monotonic
@@ -364,7 +402,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
 
     @app.timer(interval_s)
     async def sweep_when_idle() -> None:
-        """The agent flushes as records arrive; this covers quiet spells (the warm-up ending, the
+        """The agent flushes as records arrive; this covers quiet spells (a topic going idle, the
         last records of a burst), so their samples, changelog records and acks still go out."""
         if senders and clock.monotonic() - last_flush[0] >= interval_s:
             await flush(senders[0])
@@ -392,6 +430,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
 
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         for tp in revoked:
+            next_offset.pop(tp, None)
             part = join.parts.get(tp.partition)
             if part is not None and senders:
                 store = part.store

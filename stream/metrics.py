@@ -56,7 +56,7 @@ class JoinerMetrics:
         )
         self.watermark_lag = Gauge(
             "aitm_joiner_watermark_lag_seconds",
-            "Newest event time seen minus the watermark (worst partition)",
+            "How far the slowest topic watermark is behind the impressions beyond its allowed lateness (worst partition)",
             registry=registry,
         )
         self.store_size = Gauge(

@@ -2,13 +2,17 @@
 
 Key layout (one DB per partition)::
 
-    b"s" + key                      -> state bytes
-    b"d" + key                      -> due time (8 bytes big-endian): finds the old index entry
-    b"x" + due (8 bytes BE) + key   -> b""   the expiry index, sorted by due event time
-    b"m" + name                     -> metadata (e.g. the swept watermark)
+    b"s" + key                              -> state bytes
+    b"e" + key                              -> the key's due time on each of the 5 lanes (5 x 8
+                                               bytes big-endian; NO_DUE: not scheduled there)
+    b"y" + lane (1 byte) + due (8 BE) + key -> b""   the expiry index, per lane, by due event time
+    b"m" + name                             -> metadata (e.g. the swept watermarks)
 
 Due times are offset by 2**63 so negative values sort correctly. Every update is one
-``WriteBatch``, so a crash never leaves the index and the states out of step.
+``WriteBatch``, so a crash never leaves the index and the states out of step. A store written
+before the lanes (``b"d" + key`` -> one due time, ``b"x" + due + key``) is converted when opened:
+each key is put on every lane at its old due time (early, never late: the sweep then finds its
+real dues).
 """
 
 from __future__ import annotations
@@ -20,13 +24,25 @@ from typing import Final
 
 from rocksdict import Options, Rdict, WriteBatch
 
+from stream.funnel import LANES, NO_DUES, Dues
+
 _BIAS: Final = 2**63
 _U64 = struct.Struct(">Q")
+_DUES = struct.Struct(">5Q")
+_NO_DUE: Final = 0  # biased value meaning "not scheduled on this lane" (-2**63 is never a due time)
 
 
-def due_key(due_ms: int, key: bytes) -> bytes:
-    """Index key that sorts by due time, then key."""
-    return b"x" + _U64.pack(due_ms + _BIAS) + key
+def due_key(lane: int, due_ms: int, key: bytes) -> bytes:
+    """Index key that sorts by lane, due time, then key."""
+    return b"y" + bytes((lane,)) + _U64.pack(due_ms + _BIAS) + key
+
+
+def _pack(dues: Dues) -> bytes:
+    return _DUES.pack(*(_NO_DUE if d is None else d + _BIAS for d in dues))
+
+
+def _unpack(raw: bytes) -> list[int | None]:
+    return [None if d == _NO_DUE else d - _BIAS for d in _DUES.unpack(raw)]
 
 
 @dataclass(frozen=True)
@@ -50,47 +66,79 @@ class RocksDBStore:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._db = Rdict(str(self.path), options=o)
+        self._convert_single_lane_index()
         self._count = self._scan_count()
 
-    def _scan_count(self) -> int:
-        n = 0
-        for item in self._db.keys(from_key=b"s"):
-            if not bytes(item).startswith(b"s"):  # type: ignore[arg-type]
+    def _scan(self, prefix: bytes) -> list[bytes]:
+        out = []
+        for item in self._db.keys(from_key=prefix):
+            k = bytes(item)  # type: ignore[arg-type]  # raw mode: keys are bytes
+            if not k.startswith(prefix):
                 break
-            n += 1
-        return n
+            out.append(k)
+        return out
+
+    def _scan_count(self) -> int:
+        return len(self._scan(b"s"))
+
+    def _convert_single_lane_index(self) -> None:
+        """Index entries of a store written before the lanes: every lane at the old due time."""
+        old = self._scan(b"d")
+        if not old:
+            return
+        wb = WriteBatch(raw_mode=True)
+        for dk in old:
+            key = dk[1:]
+            raw = self._db.get(dk)
+            wb.delete(dk)
+            if raw is None:
+                continue
+            due = _U64.unpack(bytes(raw))[0]
+            wb.delete(b"x" + _U64.pack(due) + key)
+            if self._db.get(b"s" + key) is not None:
+                dues = (due - _BIAS,) * LANES
+                wb.put(b"e" + key, _pack(dues))
+                for lane in range(LANES):
+                    wb.put(due_key(lane, due - _BIAS, key), b"")
+        for xk in self._scan(b"x"):
+            wb.delete(xk)
+        self._db.write(wb)
 
     def get(self, key: bytes) -> bytes | None:
         v = self._db.get(b"s" + key)
         return None if v is None else bytes(v)
 
-    def _schedule(self, wb: WriteBatch, key: bytes, due_ms: int | None) -> None:
-        old = self._db.get(b"d" + key)
-        if old is not None:
-            old_due = _U64.unpack(old)[0] - _BIAS
-            if old_due == due_ms:
-                return
-            wb.delete(due_key(old_due, key))
-        if due_ms is None:
-            if old is not None:
-                wb.delete(b"d" + key)
+    def _schedule(self, wb: WriteBatch, key: bytes, dues: Dues | None) -> None:
+        raw = self._db.get(b"e" + key)
+        old: list[int | None] = _unpack(bytes(raw)) if raw is not None else [None] * LANES
+        new = list(dues) if dues is not None else [None] * LANES
+        if old == new:
+            return
+        for lane in range(LANES):
+            if old[lane] != new[lane]:
+                if old[lane] is not None:
+                    wb.delete(due_key(lane, old[lane], key))  # type: ignore[arg-type]
+                if new[lane] is not None:
+                    wb.put(due_key(lane, new[lane], key), b"")  # type: ignore[arg-type]
+        if dues is None or tuple(dues) == NO_DUES:
+            if raw is not None:
+                wb.delete(b"e" + key)
         else:
-            wb.put(b"d" + key, _U64.pack(due_ms + _BIAS))
-            wb.put(due_key(due_ms, key), b"")
+            wb.put(b"e" + key, _pack(dues))
 
-    def put(self, key: bytes, value: bytes, due_ms: int | None) -> None:
+    def put(self, key: bytes, value: bytes, dues: Dues | None) -> None:
         wb = WriteBatch(raw_mode=True)
         if self._db.get(b"s" + key) is None:
             self._count += 1
         wb.put(b"s" + key, value)
-        self._schedule(wb, key, due_ms)
+        self._schedule(wb, key, dues)
         self._db.write(wb)
 
-    def reschedule(self, key: bytes, due_ms: int | None) -> None:
+    def reschedule(self, key: bytes, dues: Dues | None) -> None:
         if self._db.get(b"s" + key) is None:
             return
         wb = WriteBatch(raw_mode=True)
-        self._schedule(wb, key, due_ms)
+        self._schedule(wb, key, dues)
         self._db.write(wb)
 
     def delete(self, key: bytes) -> None:
@@ -102,18 +150,26 @@ class RocksDBStore:
         self._db.write(wb)
         self._count -= 1
 
-    def pop_due(self, until_ms: int) -> list[bytes]:
-        end = b"x" + _U64.pack(until_ms + _BIAS) + b"\xff" * 8
+    def pop_due(self, lane: int, until_ms: int) -> list[bytes]:
+        prefix = b"y" + bytes((lane,))
+        end = prefix + _U64.pack(until_ms + _BIAS) + b"\xff" * 8
         keys: list[bytes] = []
         wb = WriteBatch(raw_mode=True)
-        for item in self._db.keys(from_key=b"x"):
+        for item in self._db.keys(from_key=prefix):
             ik = bytes(item)  # type: ignore[arg-type]  # raw mode: keys are bytes
-            if not ik.startswith(b"x") or ik > end:
+            if not ik.startswith(prefix) or ik > end:
                 break
-            key = bytes(ik[9:])
+            key = bytes(ik[10:])
             keys.append(key)
             wb.delete(ik)
-            wb.delete(b"d" + key)
+            raw = self._db.get(b"e" + key)
+            if raw is not None:
+                dues = _unpack(bytes(raw))
+                dues[lane] = None
+                if all(d is None for d in dues):
+                    wb.delete(b"e" + key)
+                else:
+                    wb.put(b"e" + key, _pack((dues[0], dues[1], dues[2], dues[3], dues[4])))
         if keys:
             self._db.write(wb)
         return keys

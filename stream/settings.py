@@ -84,17 +84,31 @@ class Settings(BaseSettings):
     joiner_window_activation_ms: int = Field(default=14 * 86_400_000, gt=0)
     # early policy: first sample this long (event time) after the impression
     joiner_observe_ms: int = Field(default=30 * 60_000, ge=0)
-    # how long an event whose predecessor is missing is held before it is illegal_sequence
+    # an event whose predecessor is missing is held until the predecessor's topic is this far
+    # past it (event time), then it is illegal_sequence
     joiner_grace_ms: int = Field(default=10 * 60_000, ge=0)
-    # watermark = newest event time (or the slowest backlogged topic) minus this: absorbs the skew
-    # between the five topics while live; larger = fewer "late" dead letters, later samples
+    # a step stamped up to this long before its predecessor still counts (sources' clocks differ)
+    joiner_clock_skew_ms: int = Field(default=5 * 60_000, ge=0)
+    # allowed lateness of each event topic (event time): how far behind the newest records of
+    # its own topic - or, while the topic is idle, behind the impressions - an event may arrive
+    # and still count. Finals waiting for that topic wait that much longer. The impressions'
+    # lateness delays first samples; partner feeds (an hourly approval export, a daily activation
+    # file at 02:00) need hours and a day
     joiner_allowed_lateness_ms: int = Field(default=30 * 60_000, ge=0)
+    joiner_allowed_lateness_ms_click: int = Field(default=30 * 60_000, ge=0)
+    joiner_allowed_lateness_ms_application: int = Field(default=6 * 3_600_000, ge=0)
+    joiner_allowed_lateness_ms_approval: int = Field(default=6 * 3_600_000, ge=0)
+    joiner_allowed_lateness_ms_activation: int = Field(default=2 * 86_400_000, ge=0)
+    # a topic read to its end that delivers nothing for this long (WALL time) is idle: its lane
+    # follows the impressions less its lateness instead of waiting for it
+    joiner_idle_timeout_ms: int = Field(default=30_000, ge=0)
+    # events stamped more than this ahead of the joiner's wall clock go to dead-letters
+    # ("future"); 0 turns the check off (simulated time, replays: their event times may run ahead)
+    joiner_max_future_ms: int = Field(default=3_600_000, ge=0)
     # final funnels are kept this long so replays and after-window events are "late"
     joiner_retention_ms: int = Field(default=27 * 86_400_000, ge=0)
-    # sweep the expiry index at most this often (wall time), and only once a partition has
-    # had this long since its first record (so every backlogged topic has been seen)
+    # sweep the expiry index at most this often (wall time)
     joiner_sweep_interval_ms: int = Field(default=250, ge=0)
-    joiner_warmup_ms: int = Field(default=1000, ge=0)
     # faust's recovery offset check: None = on against a real Kafka, off for the embedded
     # broker (its ListOffsets is wrong, see BROKER.md)
     joiner_recovery_consistency_check: bool | None = None
@@ -156,6 +170,16 @@ class Settings(BaseSettings):
     scorer_bank_objectives: dict[str, Literal["approval", "activation"]] = Field(default_factory=dict)
     scorer_default_weight: float = Field(default=1.0, ge=0)
     scorer_bank_weights: dict[str, float] = Field(default_factory=dict)
+
+    def joiner_lateness_ms(self) -> tuple[int, int, int, int, int]:
+        """Allowed lateness of the impressions, clicks, applications, approvals, activations topics."""
+        return (
+            self.joiner_allowed_lateness_ms,
+            self.joiner_allowed_lateness_ms_click,
+            self.joiner_allowed_lateness_ms_application,
+            self.joiner_allowed_lateness_ms_approval,
+            self.joiner_allowed_lateness_ms_activation,
+        )
 
     def model_store_path(self) -> Path:
         """The model store directory (``MODEL_STORE_DIR``, else ``DATA_DIR/models``)."""

@@ -24,16 +24,21 @@ PROCFILE = ROOT / "Procfile"
 
 
 def read_procfile(path: Path = PROCFILE) -> dict[str, list[str]]:
-    """``name: command`` lines -> argv lists (``aitm-stream`` runs through this Python)."""
+    """``name: command`` lines -> argv lists (``aitm-stream`` runs through this Python). Leading
+    ``NAME=value`` words set the command's environment, as the shell that honcho runs them in
+    does (the argv then starts with ``env``)."""
     out: dict[str, list[str]] = {}
     for line in path.read_text().splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         name, _, cmd = line.partition(":")
         argv = shlex.split(cmd)
+        assigns = []
+        while argv and "=" in argv[0] and argv[0].partition("=")[0].isidentifier():
+            assigns.append(argv.pop(0))
         if argv and argv[0] == "aitm-stream":
             argv = [sys.executable, "-m", "stream.cli", *argv[1:]]
-        out[name.strip()] = argv
+        out[name.strip()] = ["env", *assigns, *argv] if assigns else argv
     return out
 
 

@@ -1,94 +1,129 @@
-"""Per-partition event-time watermark over the five co-partitioned event topics.
+"""Per-topic event-time watermarks of one partition: one *lane* per event topic.
 
-``wm = min(impression frontier, backlog frontier) - allowed_lateness``. A topic's *frontier* is
-the median event time of its last five records on this partition (one record stamped in the
-future, or delivered very late, does not move it); the backlog frontier is the smallest frontier
-among the topics that still have a backlog (last consumed offset + 1 < high watermark). So:
+A funnel's final waits for the topic of the step it is missing (a click-less impression for the
+clicks topic, an approved application for the activations topic), the way a two-stream join in
+Flink waits for each input's watermark. Each lane's watermark is::
 
-- the impressions topic is the clock: every funnel starts with an impression and it is the
-  densest topic. A later-step event stamped in the future (a producer's clock, or a record
-  delivered before it happened) cannot drag the watermark forward and finalise funnels early;
-- live (every topic caught up): the watermark follows the newest impression; a sparse topic
-  (activations) that is merely quiet does not hold it back;
-- catching up (after a restart, or a bench reading a backlog): a consumer reads topics at
-  similar *record* rates, so sparse topics race ahead in event time; the topics with a backlog
-  hold the watermark back and nothing is finalised before its events were read;
-- ``allowed_lateness`` absorbs the skew that remains while live (topics fetched a little apart,
-  small reorderings). A larger value means fewer ``late`` dead letters and later samples.
+    lane k = max(previous, frontier(k) - allowed_lateness[k])             while topic k is active
+    lane k = max(previous, max(frontier(k), frontier(0)) - allowed_lateness[k])   while it is idle
 
-Before a partition has had ``warmup_s`` of wall time since its first record the watermark is
-undefined: every topic with a backlog delivers a record within that time and gets counted.
-The watermark never goes back.
+- A topic's *frontier* is the second-newest event time among its last five records on this
+  partition: no single record moves it, however far in the future it is stamped (it needs two
+  records; a record delivered very late does not lower it either). For the step topics (1..4)
+  their newest record counts too, but only up to the impressions' frontier: a sparse topic
+  (one activation a day on a partition) is not held a record behind, and one record stamped in
+  the future still moves its lane no further than the impressions have gone.
+- ``allowed_lateness[k]`` (``JOINER_ALLOWED_LATENESS_MS_<STEP>``) is how late, in event time, the
+  topic's records may arrive behind the newest ones: a partner's hourly export, a daily file. An
+  in-window event that arrives within it still counts; finals of that lane wait that much longer.
+- A topic is *idle* when it is read to its end (no backlog: last offset read + 1 = its high
+  watermark) and has delivered nothing for ``idle_timeout_s`` of **wall time** (the injected
+  clock's monotonic seconds, as Flink's ``withIdleness``). An idle topic cannot stall its lane: it
+  follows the impressions topic (the partition's clock, the densest topic) less its own allowed
+  lateness - a source that is silent because nothing happened is then judged by the impressions.
+  A topic with a backlog is never idle (a consumer behind, e.g. under CPU load or after a
+  restart, holds its lane until it has read the records); a topic whose position is unknown
+  (never read, never reported) is not idle either.
+- The impressions lane (0) is never idle-advanced: it is the clock. It drives first samples and
+  gives up on events whose impression never came.
 
-``event_watermark(step)`` is what an arriving event is judged against: the larger of the
-partition watermark and its *own topic's* frontier minus the lateness. While catching up, a
-consumer reads a sparse topic far ahead of the impressions; a record delivered twenty days late
-sits among records twenty days newer in its own topic, and is recognised as ``late`` there.
+Lanes never go back; they start from the swept values stored with the partition's state, so a
+restart resumes where the last sweep was. No warm-up is needed: a lane moves only on its own
+topic's records or once that topic is known to be idle.
 """
 
 from __future__ import annotations
 
-from stream.funnel import NO_WATERMARK
+from collections.abc import Sequence
+
+from stream.funnel import LANES, NO_WATERMARK, Swept
 
 _RECENT = 5
 
 
 class PartitionWatermark:
-    """Watermark of one partition; feed it every record's (step, event time, backlog flag)."""
+    """The five lane watermarks of one partition. Feed it every record (``observe``) and what is
+    known about each topic's position (``report``); ``advance`` recomputes the lanes."""
 
-    __slots__ = ("_behind", "_lateness", "_recent", "_seen", "_since", "_value", "_warmup_s")
+    __slots__ = ("_behind", "_born", "_idle_s", "_last", "_lateness", "_recent", "_value")
 
-    def __init__(self, lateness_ms: int, warmup_s: float = 0.0, floor_ms: int = NO_WATERMARK) -> None:
-        self._lateness = lateness_ms
-        self._warmup_s = warmup_s
-        self._seen: list[int | None] = [None] * 5
-        self._behind = [False] * 5
-        self._recent: list[list[int]] = [[] for _ in range(5)]
-        self._since: float | None = None
-        self._value = floor_ms
+    def __init__(
+        self, lateness_ms: Sequence[int], idle_timeout_s: float, floor: Sequence[int], now_s: float
+    ) -> None:
+        if len(lateness_ms) != LANES or len(floor) != LANES:
+            raise ValueError(f"a partition has {LANES} lanes: give 5 lateness values and 5 floors")
+        self._lateness = tuple(lateness_ms)
+        self._idle_s = idle_timeout_s
+        self._recent: list[list[int]] = [[] for _ in range(LANES)]
+        self._behind: list[bool | None] = [None] * LANES  # None: position unknown
+        self._last: list[float | None] = [None] * LANES  # wall time of the topic's last record
+        self._born = now_s
+        self._value = list(floor)
 
     def observe(self, step: int, event_time_ms: int, behind: bool, now_s: float) -> None:
+        """One record of topic ``step``; ``behind``: more records follow it in the partition."""
         recent = self._recent[step]
         recent.append(event_time_ms)
         if len(recent) > _RECENT:
             del recent[0]
-        self._seen[step] = sorted(recent)[len(recent) // 2]
         self._behind[step] = behind
-        if self._since is None:
-            self._since = now_s
+        self._last[step] = now_s
+
+    def report(self, step: int, behind: bool) -> None:
+        """What the consumer knows of topic ``step``'s position: has it records left to read?"""
+        self._behind[step] = behind
 
     def frontier(self, step: int) -> int | None:
-        """Median event time of the topic's last few records on this partition."""
-        return self._seen[step]
+        """Second-newest event time of the topic's last five records (None before two)."""
+        recent = self._recent[step]
+        if len(recent) < 2:
+            return None
+        return sorted(recent)[-2]
 
-    def event_watermark(self, step: int) -> int:
-        """The watermark an arriving event of ``step`` is judged against (see the module doc)."""
-        f = self._seen[step]
-        if f is None or f - self._lateness <= self._value:
-            return self._value
-        return f - self._lateness
+    def lane(self, step: int, now_s: float) -> int:
+        """Lane ``step`` now (call it before observing the next record of the topic): an arriving
+        event is judged against it. It is what ``advance`` would make of that lane at this moment,
+        so the verdict does not depend on when the last sweep happened; from the topic's own
+        records it depends only on those before it in its partition (a backlog read fast is
+        judged as live reading would)."""
+        self._raise(step, self.frontier(0), now_s)
+        return self._value[step]
 
-    def advance(self, now_s: float) -> int:
-        """Recompute (monotone) and return the watermark."""
-        if self._since is None or now_s - self._since < self._warmup_s:
-            return self._value
-        hi = self._seen[0]
-        if hi is None:
-            return self._value
-        lagging = [s for s, b in zip(self._seen, self._behind, strict=True) if b and s is not None]
-        wm = min(min(lagging), hi) if lagging else hi
-        wm -= self._lateness
-        if wm > self._value:
-            self._value = wm
-        return self._value
+    def _raise(self, k: int, clock: int | None, now_s: float) -> None:
+        f = self.frontier(k)
+        if k and clock is not None:
+            recent = self._recent[k]
+            if recent:  # a sparse topic's newest record counts too, up to the impressions' clock
+                newest = min(max(recent), clock)
+                f = newest if f is None or newest > f else f
+            if self.idle(k, now_s):
+                f = clock if f is None or clock > f else f
+        if f is not None and f - self._lateness[k] > self._value[k]:
+            self._value[k] = f - self._lateness[k]
+
+    def idle(self, step: int, now_s: float) -> bool:
+        """Read to its end and silent for the idle timeout (wall time)."""
+        last = self._last[step]
+        return self._behind[step] is False and now_s - (self._born if last is None else last) >= self._idle_s
+
+    def advance(self, now_s: float) -> Swept:
+        """Recompute the lanes (monotone) and return them."""
+        clock = self.frontier(0)
+        for k in range(LANES):
+            self._raise(k, clock, now_s)
+        v = self._value
+        return (v[0], v[1], v[2], v[3], v[4])
 
     @property
-    def value(self) -> int:
-        return self._value
+    def value(self) -> Swept:
+        v = self._value
+        return (v[0], v[1], v[2], v[3], v[4])
 
     def lag_ms(self) -> int | None:
-        """Impression frontier minus the watermark (None before both exist)."""
-        f = self._seen[0]
-        if f is None or self._value == NO_WATERMARK:
+        """How far the slowest lane is behind the impressions' frontier beyond its allowed lateness
+        (about 0 when every topic keeps up; None before the impressions have a frontier)."""
+        f = self.frontier(0)
+        if f is None:
             return None
-        return f - self._value
+        lags = [f - v - lat for v, lat in zip(self._value, self._lateness, strict=True) if v != NO_WATERMARK]
+        return max(0, *lags) if lags else None

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from simulators.faults import FaultConfig, SimulatedStream
 from simulators.funnel import FunnelSimulator, SimConfig
 from stream.samples import Sample, parse_sample
 
+TOPICS_5 = ("impressions", "clicks", "applications", "approvals", "activations")
 FAULTS = FaultConfig(duplicate=0.01, out_of_order=0.01, malformed=0.005, illegal=0.005, late=0.005)
 
 
-def small_stream(seed: int = 1, per_day: int = 2000, days: int = 2, tail_days: int = 19) -> SimulatedStream:
+def small_stream(seed: int = 1, per_day: int = 2000, days: int = 2, tail_days: int = 21,
+                 delivery: str = "realtime") -> SimulatedStream:
     sim = FunnelSimulator(SimConfig(seed=seed, impressions_per_day=per_day))
-    return SimulatedStream(sim, days=days, faults=FAULTS, tail_days=tail_days, tail_impressions_per_day=200)
+    return SimulatedStream(sim, days=days, faults=FAULTS, tail_days=tail_days, tail_impressions_per_day=200,
+                           delivery=delivery)  # fmt: skip
 
 
 @dataclass
@@ -41,43 +43,150 @@ class Collected:
             out[s.impression_id] = s
         return out
 
+    def repeated_finals(self) -> int:
+        """Final records beyond one per impression (identical re-emissions)."""
+        return sum(1 for s in self.samples if s.kind == "final") - len(self.finals())
 
-def check_against_truth(stream: SimulatedStream, got: Collected) -> None:
+
+STEP_NAMES = ("impression", "click", "application", "approval", "activation")
+
+
+def check_against_truth(stream: SimulatedStream, got: Collected, topics: tuple[str, ...] = TOPICS_5) -> None:
+    """The simulator's answer key (from the documented rules, never from the joiner): every
+    required final with its labels, no final for what has no impression, every required dead
+    letter with its reason, and no dead letter the key does not expect."""
     finals = got.finals()
-    wrong, missing = [], []
+    wrong, missing, invented = [], [], []
     for row in stream.truth:
-        if row.tail or row.corrupted:
-            continue
         s = finals.get(row.impression_id)
-        if s is None:
-            missing.append(row.impression_id)
-        elif tuple(s.labels) != tuple(row.labels):
-            wrong.append((row.impression_id, s.labels, row.labels, row.faults))
-    assert not missing, f"{len(missing)} matured impressions have no final sample, e.g. {missing[:5]}"
-    assert not wrong, f"{len(wrong)} final labels differ from the truth, e.g. {wrong[:5]}"
-    dead = {(d["key"], json.loads(d["raw"])["event_id"] if _is_json(d["raw"]) else None, d["reason"]) for d in got.dead}
-    dead_by_key: dict[str, set[str]] = {}
-    for d in got.dead:
-        dead_by_key.setdefault(d["key"], set()).add(d["reason"])
-    bad = []
-    for f in stream.faults:
-        if f.expected_reason is None:
-            continue
-        if f.expected_reason not in dead_by_key.get(f.impression_id, set()):
-            bad.append((f.kind, f.impression_id, f.step, f.expected_reason, dead_by_key.get(f.impression_id)))
-    # after_window activations of tail or very late impressions may fall beyond the stream's end
-    assert not bad, f"{len(bad)} faults not dead-lettered with the right reason, e.g. {bad[:5]}"
-    del dead
+        if row.final_labels is None:
+            if s is not None:
+                invented.append(row.impression_id)
+        elif s is None:
+            if row.final_required:
+                missing.append(row.impression_id)
+        elif tuple(s.labels) != tuple(row.final_labels):
+            wrong.append((row.impression_id, s.labels, row.final_labels, row.faults))
+    assert not missing, f"{len(missing)} impressions have no final sample, e.g. {missing[:5]}"
+    assert not wrong, f"{len(wrong)} final labels differ from the answer key, e.g. {wrong[:5]}"
+    assert not invented, f"{len(invented)} finals for impressions that never came, e.g. {invented[:5]}"
+    step_of = dict(zip(topics, STEP_NAMES, strict=True))
+    seen = {(d["key"], step_of[d["source_topic"]], d["reason"]) for d in got.dead}
+    expected = {(d.impression_id, d.step, d.reason) for d in stream.dead_letters}
+    required = {(d.impression_id, d.step, d.reason) for d in stream.dead_letters if d.required}
+    absent = sorted(required - seen)
+    unexplained = sorted(seen - expected)
+    assert not absent, f"{len(absent)} expected dead letters missing, e.g. {absent[:5]}"
+    assert not unexplained, f"{len(unexplained)} dead letters the answer key does not expect, e.g. {unexplained[:5]}"
 
 
-def _is_json(raw: object) -> bool:
-    if not isinstance(raw, str):
-        return False
-    try:
-        return isinstance(json.loads(raw), dict)
-    except ValueError:
-        return False
+# --- an in-process driver of FunnelJoin on a fake clock ---------------------------------------
 
 
-def unique(xs: Iterable[str]) -> list[str]:
-    return sorted(set(xs))
+class JoinDriver:
+    """Feeds records to a ``FunnelJoin`` in delivery order, as the joiner does: the clock follows
+    the delivery time (wall time = event time, a real-time pipeline), sweeps when due and commits
+    them, collects samples and dead letters. ``restart()`` drops everything in memory and goes on
+    over the same stores (RocksDB under ``db_dir``, or the same in-memory stores)."""
+
+    def __init__(self, cfg: object | None = None, db_dir: object | None = None, start_ms: int = 0,
+                 partitions: int = 1, **join_kw: object) -> None:
+        from stream.clock import FakeClock
+        from stream.funnel import FunnelConfig
+        from stream.join import JoinTopics
+
+        self.cfg = cfg or FunnelConfig()
+        self.topics = JoinTopics(TOPICS_5, "samples", "dead-letters")
+        self.db_dir = db_dir
+        self.stores: dict[int, object] = {}
+        self.clock = FakeClock(start_ms)
+        self.partitions = partitions
+        self.join_kw = join_kw
+        self.got = Collected()
+        self.restarts = 0
+        self.join = self._new_join()
+
+    def _store(self, p: int):  # type: ignore[no-untyped-def]
+        from pathlib import Path
+
+        from stream.rocksdb_store import RocksDBStore
+        from stream.store import InMemoryStore
+
+        if p not in self.stores:
+            self.stores[p] = InMemoryStore() if self.db_dir is None else RocksDBStore(Path(str(self.db_dir)) / f"p{p}")
+        return self.stores[p]
+
+    def _new_join(self):  # type: ignore[no-untyped-def]
+        from stream.join import FunnelJoin
+
+        return FunnelJoin(self.cfg, self.topics, self._store, self.clock, **self.join_kw)  # type: ignore[arg-type]
+
+    def partition_of(self, key: bytes) -> int:
+        """Kafka's default partition of the key (the simulator's partition stall uses it too)."""
+        from simulators.faults import kafka_partition
+
+        return kafka_partition(key, self.partitions)
+
+    def feed(
+        self, step: int, key: bytes, value: bytes, deliver_ms: int | None = None, behind: bool = False,
+        caught_up: tuple[bool, ...] = (True,) * 5,
+    ) -> None:
+        """One record, delivered at ``deliver_ms`` (the clock moves there). ``behind``: more records
+        of its topic follow (a backlog); ``caught_up``: per topic, is it read to its end."""
+        if deliver_ms is not None and deliver_ms > self.clock.now_ms():
+            self.clock.advance(deliver_ms - self.clock.now_ms())
+        out: list = []
+        p = self.partition_of(key)
+        self.join.on_record(TOPICS_5[step], p, key, value, behind, out)
+        self._collect(out)
+        self.tick(caught_up)
+
+    def tick(self, caught_up: tuple[bool, ...] = (True,) * 5) -> None:
+        """Report what is read to its end, and sweep what is due."""
+        for p in range(self.partitions):
+            for s in range(5):
+                self.join.caught_up(p, s, caught_up[s])
+            if self.join.sweep_due(p):
+                out: list = []
+                self.join.sweep(p, out)
+                self.join.commit_sweep(p)
+                self._collect(out)
+
+    def idle(self, ms: int, step_ms: int = 1000) -> None:
+        """Let wall time pass with nothing delivered (topics go idle)."""
+        end = self.clock.now_ms() + ms
+        while self.clock.now_ms() < end:
+            self.clock.advance(min(step_ms, end - self.clock.now_ms()))
+            self.tick()
+
+    def restart(self) -> None:
+        if self.db_dir is not None:
+            for s in self.stores.values():
+                s.close()  # type: ignore[attr-defined]
+            self.stores.clear()
+        self.restarts += 1
+        self.join = self._new_join()
+
+    def _collect(self, out: list) -> None:
+        for o in out:
+            self.got.add(o.topic, o.value, "samples")
+
+    def finals(self) -> dict[str, list]:
+        """Every final sample per impression, repeats included."""
+        by: dict[str, list] = {}
+        for s in self.got.samples:
+            if s.kind == "final":
+                by.setdefault(s.impression_id, []).append(s)
+        return by
+
+    def dead_reasons(self) -> dict[str, list[str]]:
+        by: dict[str, list[str]] = {}
+        for d in self.got.dead:
+            by.setdefault(d["key"], []).append(d["reason"])
+        return by
+
+
+def event_bytes(step: int, iid: str, t_ms: int, bank: str = "bank_1") -> bytes:
+    from stream.events import Event, encode_event
+
+    return encode_event(Event(step, f"{iid}/{step}", iid, t_ms, bank, {"f": "v"} if step == 0 else None))

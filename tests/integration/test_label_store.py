@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import pytest
 
 from stream.rocksdb_store import RocksDBStore, due_key
 from stream.store import InMemoryStore, LabelStore
+
+
+def on(lane: int, due: int) -> tuple[int | None, ...]:
+    return tuple(due if k == lane else None for k in range(5))
 
 
 @pytest.fixture(params=["memory", "rocksdb"])
@@ -23,33 +28,45 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LabelStore
 
 def test_put_get_delete(store: LabelStore) -> None:
     assert store.get(b"a") is None and len(store) == 0
-    store.put(b"a", b"1", 10)
-    store.put(b"a", b"2", 10)
+    store.put(b"a", b"1", on(0, 10))  # type: ignore[arg-type]
+    store.put(b"a", b"2", on(0, 10))  # type: ignore[arg-type]
     assert store.get(b"a") == b"2" and len(store) == 1
     store.delete(b"a")
     store.delete(b"a")
-    assert store.get(b"a") is None and len(store) == 0 and store.pop_due(100) == []
+    assert store.get(b"a") is None and len(store) == 0 and store.pop_due(0, 100) == []
 
 
 def test_pop_due_in_due_order_and_only_once(store: LabelStore) -> None:
-    store.put(b"late", b"x", 30)
-    store.put(b"early", b"x", -5)
-    store.put(b"mid", b"x", 20)
+    store.put(b"late", b"x", on(1, 30))  # type: ignore[arg-type]
+    store.put(b"early", b"x", on(1, -5))  # type: ignore[arg-type]
+    store.put(b"mid", b"x", on(1, 20))  # type: ignore[arg-type]
     store.put(b"never", b"x", None)
-    assert store.pop_due(20) == [b"early", b"mid"]
-    assert store.pop_due(20) == []
-    assert store.pop_due(10**15) == [b"late"]
+    assert store.pop_due(1, 20) == [b"early", b"mid"]
+    assert store.pop_due(1, 20) == []
+    assert store.pop_due(0, 10**15) == []  # another lane
+    assert store.pop_due(1, 10**15) == [b"late"]
     assert len(store) == 4  # popping the index keeps the values
 
 
+def test_lanes_are_independent(store: LabelStore) -> None:
+    store.put(b"a", b"v", (10, None, 50, None, None))
+    assert store.pop_due(2, 49) == [] and store.pop_due(0, 10) == [b"a"]
+    assert store.pop_due(0, 10**15) == []  # popped from lane 0 only
+    assert store.pop_due(2, 50) == [b"a"]
+    store.put(b"a", b"v", (10, None, 50, None, None))  # scheduled again after the pops: due again
+    assert store.pop_due(0, 10) == [b"a"] and store.pop_due(2, 50) == [b"a"]
+
+
 def test_reschedule_moves_the_index_only(store: LabelStore) -> None:
-    store.put(b"a", b"v", 10)
-    store.reschedule(b"a", 50)
-    assert store.pop_due(49) == [] and store.get(b"a") == b"v"
+    store.put(b"a", b"v", on(3, 10))  # type: ignore[arg-type]
+    store.reschedule(b"a", on(3, 50))  # type: ignore[arg-type]
+    assert store.pop_due(3, 49) == [] and store.get(b"a") == b"v"
+    store.reschedule(b"a", (None, 60, None, None, None))
+    assert store.pop_due(3, 10**15) == [] and store.pop_due(1, 60) == [b"a"]
     store.reschedule(b"a", None)
-    assert store.pop_due(10**15) == []
-    store.reschedule(b"missing", 1)
-    assert store.pop_due(10**15) == []
+    assert all(store.pop_due(lane, 10**15) == [] for lane in range(5))
+    store.reschedule(b"missing", on(0, 1))  # type: ignore[arg-type]
+    assert store.pop_due(0, 10**15) == []
 
 
 def test_meta(store: LabelStore) -> None:
@@ -60,16 +77,40 @@ def test_meta(store: LabelStore) -> None:
 
 def test_rocksdb_survives_reopen(tmp_path: Path) -> None:
     s = RocksDBStore(tmp_path / "db")
-    s.put(b"a", b"1", 7)
-    s.put(b"b", b"2", 3)
+    s.put(b"a", b"1", on(4, 7))  # type: ignore[arg-type]
+    s.put(b"b", b"2", (3, None, None, None, 9))
     s.put_meta(b"m", b"x")
     s.close()
     s = RocksDBStore(tmp_path / "db")
     assert len(s) == 2 and s.get(b"a") == b"1" and s.get_meta(b"m") == b"x"
-    assert s.pop_due(10) == [b"b", b"a"]
+    assert s.pop_due(4, 10) == [b"a", b"b"] and s.pop_due(0, 10) == [b"b"]
     s.close()
 
 
-def test_due_key_sorts_by_time_including_negative() -> None:
-    keys = [due_key(t, b"k") for t in (-(2**40), -1, 0, 1, 2**50)]
+def test_rocksdb_store_of_the_single_lane_layout_is_converted(tmp_path: Path) -> None:
+    """A store written before the lanes (``d`` + key -> due, ``x`` + due + key): each key is
+    put on every lane at its old due time, so nothing due is missed after an upgrade."""
+    from rocksdict import Options, Rdict
+
+    bias, u64 = 2**63, struct.Struct(">Q")
+    o = Options(raw_mode=True)
+    o.create_if_missing(True)
+    db = Rdict(str(tmp_path / "old"), options=o)
+    for key, due in ((b"a", 30), (b"b", -5)):
+        db[b"s" + key] = b"state-" + key
+        db[b"d" + key] = u64.pack(due + bias)
+        db[b"x" + u64.pack(due + bias) + key] = b""
+    db[b"mswept"] = struct.pack(">q", 12)
+    db.close()
+    s = RocksDBStore(tmp_path / "old")
+    assert len(s) == 2 and s.get(b"a") == b"state-a" and s.get_meta(b"swept") == struct.pack(">q", 12)
+    for lane in range(5):
+        assert s.pop_due(lane, 30) == [b"b", b"a"]
+    s.put(b"a", b"new", on(2, 40))  # type: ignore[arg-type]
+    assert s.pop_due(2, 40) == [b"a"] and s.pop_due(0, 10**15) == []
+    s.close()
+
+
+def test_due_key_sorts_by_lane_then_time_including_negative() -> None:
+    keys = [due_key(lane, t, b"k") for lane in (0, 1) for t in (-(2**40), -1, 0, 1, 2**50)]
     assert keys == sorted(keys)

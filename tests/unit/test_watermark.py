@@ -1,0 +1,103 @@
+"""The per-topic lanes of one partition (stream/watermark.py), expected values written by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from stream.funnel import NO_WATERMARK
+from stream.watermark import PartitionWatermark
+
+T0 = 1_767_225_600_000
+MIN, HOUR = 60_000, 3_600_000
+LATE = (30 * MIN, 30 * MIN, 6 * HOUR, 6 * HOUR, 48 * HOUR)
+NO = (NO_WATERMARK,) * 5
+YEAR_2100 = 4_102_444_800_000
+
+
+def wm(idle_s: float = 30.0, floor: tuple[int, ...] = NO) -> PartitionWatermark:
+    return PartitionWatermark(LATE, idle_s, floor, now_s=0.0)
+
+
+def feed(w: PartitionWatermark, step: int, times: list[int], now: float = 0.0, behind: bool = False) -> None:
+    for t in times:
+        w.observe(step, t, behind, now)
+
+
+def test_frontier_is_the_second_newest_of_the_last_five() -> None:
+    w = wm()
+    feed(w, 0, [T0])
+    assert w.frontier(0) is None  # one record is no frontier
+    feed(w, 0, [T0 + MIN])
+    assert w.frontier(0) == T0
+    feed(w, 0, [T0 + 5 * MIN, T0 + 2 * MIN, T0 + 3 * MIN, T0 + 4 * MIN])
+    assert w.frontier(0) == T0 + 4 * MIN  # last five: 1,5,2,3,4 min -> second newest 4 min
+
+
+@pytest.mark.parametrize("step", [0, 1, 4])
+def test_one_record_from_the_year_2100_moves_no_lane(step: int) -> None:
+    w = wm()
+    feed(w, 0, [T0, T0 + MIN, T0 + 2 * MIN])
+    feed(w, step, [YEAR_2100])
+    lanes = w.advance(0.0)
+    assert max(lanes) < T0 + 3 * MIN
+    # nor as the very first record of a partition
+    fresh = wm()
+    feed(fresh, step, [YEAR_2100])
+    assert fresh.advance(100.0) == NO
+
+
+def test_a_step_topic_follows_its_newest_record_up_to_the_impressions() -> None:
+    w = wm()
+    feed(w, 0, [T0 + 10 * HOUR, T0 + 11 * HOUR, T0 + 12 * HOUR])  # impressions frontier 11 h
+    feed(w, 3, [T0 + 8 * HOUR], behind=True)  # one approval: its newest counts
+    assert w.advance(0.0)[3] == T0 + 8 * HOUR - 6 * HOUR
+    feed(w, 3, [T0 + 20 * HOUR], behind=True)  # ahead of the impressions: capped by them
+    assert w.advance(0.0)[3] == T0 + 11 * HOUR - 6 * HOUR
+
+
+def test_an_idle_topic_follows_the_impressions_and_a_backlog_holds_its_lane() -> None:
+    w = wm(idle_s=30.0)
+    feed(w, 0, [T0, T0 + HOUR, T0 + 2 * HOUR], now=0.0)
+    assert w.advance(0.0)[1:] == NO[1:]  # clicks never seen, position unknown: not idle
+    w.report(1, behind=True)
+    assert w.advance(100.0)[1] == NO_WATERMARK  # a backlog is never idle
+    w.report(1, behind=False)
+    assert w.advance(29.0)[1] == NO_WATERMARK  # read to its end, silent less than 30 s
+    assert w.advance(30.0)[1] == T0 + HOUR - 30 * MIN  # idle: impressions frontier - its lateness
+    feed(w, 4, [T0], now=31.0)
+    w.report(4, behind=False)
+    assert w.advance(60.0)[4] == T0 - 48 * HOUR  # a record 29 s ago: not idle, its own records
+    assert w.advance(61.0)[4] == T0 + HOUR - 48 * HOUR  # 30 s after it: idle
+
+
+def test_lanes_never_go_back_and_start_from_the_stored_swept_values() -> None:
+    floor = (T0, T0 - 1, T0 - 2, T0 - 3, T0 - 4)
+    w = wm(floor=floor)
+    assert w.value == floor and w.advance(0.0) == floor
+    feed(w, 0, [T0 + 2 * HOUR, T0 + 3 * HOUR])
+    assert w.advance(0.0)[0] == T0 + 2 * HOUR - 30 * MIN
+    feed(w, 0, [T0 - HOUR] * 5)  # a burst of old records (a replay) lowers the frontier ...
+    assert w.advance(0.0)[0] == T0 + 2 * HOUR - 30 * MIN  # ... but not the lane
+
+
+def test_an_arriving_event_sees_its_own_topic_as_it_is_now() -> None:
+    w = wm(idle_s=30.0)
+    feed(w, 0, [T0, T0 + 4 * HOUR, T0 + 5 * HOUR])
+    w.report(1, behind=False)
+    # no sweep ran: the clicks topic has been idle for 40 s, so its lane is already far on
+    assert w.lane(1, 40.0) == T0 + 4 * HOUR - 30 * MIN
+    assert w.value[1] == T0 + 4 * HOUR - 30 * MIN  # and it stays there
+
+
+def test_lag_beyond_the_allowed_lateness() -> None:
+    w = wm(idle_s=30.0)
+    assert w.lag_ms() is None
+    feed(w, 0, [T0, T0 + HOUR, T0 + 2 * HOUR])
+    for step in range(1, 5):
+        w.report(step, behind=False)
+    w.advance(100.0)
+    assert w.lag_ms() == 0  # every topic idle: each lane exactly its lateness behind
+    feed(w, 0, [T0 + 5 * HOUR, T0 + 6 * HOUR], now=100.0)
+    w.report(2, behind=True)  # the applications topic has a backlog: its lane is held
+    w.advance(100.0)
+    assert w.lag_ms() == 4 * HOUR  # impressions at 5 h; applications lane at 1 h - 6 h
