@@ -143,6 +143,30 @@ class Settings(BaseSettings):
     trainer_feature_capacities: dict[str, int] = Field(default_factory=dict)
     # offline checkpoint (aitm.checkpoint format) to start from when the store is empty
     trainer_warm_start: Path | None = None
+    # --- what keeps the served scores right and steady (docs/serving.md)
+    # an optimizer step needs this many rows: a quiet stream gathers small batches (a real-time
+    # trainer at a few thousand impressions a day would otherwise take a full Adam step per sample)
+    trainer_min_step_rows: int = Field(default=256, ge=1)
+    # late positives (corrections) are released at most at this multiple of their usual rate per
+    # first sample, so a burst (a daily activation file, the tail after the last impression) is
+    # spread over the impressions that follow it; 0 = at once (as before)
+    trainer_positive_slack: float = Field(default=2.0, ge=0)
+    # the served model is an average of the trained weights with this half-life in trained rows
+    # (about a day of rows at 4,000 impressions a day); 0 = serve the trained weights
+    trainer_ema_half_life_rows: float = Field(default=4000.0, ge=0)
+    # a cold-started model's output biases start at the log-odds of these end-to-end rates (the
+    # AITM paper's credit-card funnel); set your funnel's own, or [] to start at 0 (50%)
+    trainer_prior_rates: list[float] = Field(default_factory=lambda: [0.2329, 0.0184, 0.0130, 0.0100])
+    # share of impressions (by a hash of the id) never trained on: their finals judge the served
+    # versions (the publication gate and the served-version gauges)
+    trainer_holdout_share: float = Field(default=0.05, ge=0, lt=1)
+    trainer_holdout_window: int = Field(default=5000, ge=10)  # newest held-back finals kept
+    # the gate judges a candidate once the window holds this many finals; it refuses one whose log
+    # loss on a task is worse by more than this share (and 3 standard errors), or whose calibration
+    # error is more than this factor worse (and beyond 3 standard errors)
+    trainer_gate_min_rows: int = Field(default=500, ge=1)
+    trainer_gate_log_loss_margin: float = Field(default=0.05, ge=0)
+    trainer_gate_calibration_margin: float = Field(default=1.5, ge=1)
     # model store: a directory of versions; keep this many newest
     model_store_dir: Path | None = None  # default: DATA_DIR/models
     model_store_keep: int = Field(default=20, ge=2)
