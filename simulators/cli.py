@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from simulators.delivery import PROFILES
 from simulators.faults import FaultConfig, Record, SimulatedStream
 from simulators.funnel import EPOCH_MS, FunnelSimulator, SimConfig
 from simulators.sinks import Progress, write_files
@@ -27,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-rate", type=float, default=0.0, help="rate of every fault kind per impression")
     for kind in ("duplicate", "out-of-order", "malformed", "illegal", "late"):
         p.add_argument(f"--{kind}", type=float, default=None, help=f"rate of {kind} faults")
+    p.add_argument(
+        "--delivery",
+        default="realtime",
+        choices=PROFILES,
+        help="when events reach Kafka: realtime, batch-feeds (hourly approval and daily activation files "
+        "per bank) or lagging (a topic hours behind, a stalling partition, bank clocks off)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write NDJSON files here instead of Kafka")
     p.add_argument("--speedup", type=float, default=0.0, help="simulated seconds per wall second (0 = max)")
     p.add_argument("--rate", type=float, default=0.0, help="max records per wall second (0 = no limit)")
@@ -77,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             fault_config(args),
             tail_days=args.tail_days,
             tail_impressions_per_day=args.tail_impressions_per_day,
+            delivery=args.delivery,
+            partitions=settings.event_partitions,
         )
         records = stream
     if args.stop_at_day is not None:
@@ -154,12 +164,18 @@ def write_meta(stream: SimulatedStream, args: argparse.Namespace, out: Path) -> 
     faults: dict[str, int] = {}
     for f in stream.faults:
         faults[f.kind] = faults.get(f.kind, 0) + 1
+    dead: dict[str, int] = {}
+    for d in stream.dead_letters:
+        dead[d.reason] = dead.get(d.reason, 0) + 1
     meta = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "impressions": len(rows),
         "positive_rate": dict(zip(TASKS, y.mean(axis=0).tolist(), strict=True)),
         "oracle_auc": {t: auc(y[:, i], p[:, i]) for i, t in enumerate(TASKS)},
         "faults": faults,
+        "delivery": stream.delivery.name,
+        "expected_dead_letters": dead,
+        "finals_expected": sum(1 for t in stream.truth if t.final_required),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 

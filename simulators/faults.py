@@ -9,9 +9,15 @@ Faults are drawn per impression (at most one each), among the kinds its events a
 - ``illegal``: a predecessor is dropped, so the next step is illegal (``illegal_sequence``);
 - ``late``: one event is delivered 20 days after it happened (``late``).
 
-The last three corrupt the impression: its labels cannot be recovered and are not compared.
-Activations that really happen more than 14 days after approval are not faults but are
-listed as ``after_window`` (expected reason ``late``); their label is 0 in the truth.
+The last three corrupt the impression: its world labels (``TruthRow.labels``) are not what the
+joiner can see. Steps that really happen after their window (an activation more than 14 days
+after approval) are not faults but are listed as ``after_window`` (expected reason ``late``).
+
+Records are delivered as a ``DeliveryProfile`` says (``simulators.delivery``: real time, partner
+batch files, lagging sources). The answer key is computed from the delivered records with the
+joiner's documented rules (``simulators.rules``), never from the joiner: each truth row has the
+final labels the joiner must emit (``final_labels``) and ``dead_letters`` lists every record the
+joiner must dead-letter, with its reason.
 """
 
 from __future__ import annotations
@@ -24,13 +30,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simulators.funnel import DAY_MS, TASKS, WINDOWS_MS, FunnelSimulator, ImpressionBatch
+from simulators.delivery import DeliveryProfile, profile
+from simulators.funnel import DAY_MS, EPOCH_MS, HOUR_MS, TASKS, FunnelSimulator, ImpressionBatch
+from simulators.rules import Delivered, JoinRules, Outcome, outcome
 
 STEPS = ("impression", *TASKS)
 FAULT_KINDS = ("duplicate", "out_of_order", "malformed", "illegal", "late")
 CORRUPTING = frozenset({"malformed", "illegal", "late"})
 LATE_DELIVERY_MS = 20 * DAY_MS
 OUT_OF_ORDER_MAX_GAP_MS = 10 * 60_000
+# an impression's final is certainly out once the impressions are this much past its final time
+# plus its lane's allowed lateness (the topic's frontier, sweeps, the last impressions' spacing)
+END_MARGIN_MS = 3 * HOUR_MS
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,11 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class TruthRow:
+    """One impression. ``labels``: what happened in the world, within the windows. ``final_labels``:
+    what the joiner must emit, by the documented rules, from the records as delivered (None: no
+    impression to label); the final is due once the ``final_lane`` step's topic has passed
+    ``final_at_ms`` by its allowed lateness."""
+
     impression_id: str
     bank_id: str
     event_time_ms: int
@@ -72,6 +88,10 @@ class TruthRow:
     corrupted: bool
     faults: tuple[str, ...]
     tail: bool
+    final_labels: tuple[int, ...] | None = None
+    final_at_ms: int | None = None
+    final_lane: int | None = None
+    final_required: bool = False  # the stream runs long enough for the final to be due
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +101,29 @@ class FaultRow:
     step: str
     event_id: str
     expected_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    """A record the joiner must dead-letter (``required``: the stream runs long enough that it must
+    have done so by the end; otherwise it may still be waiting for its funnel's final)."""
+
+    impression_id: str
+    step: str
+    reason: str
+    cause: str  # the impression's fault kind, or "rules" (a window edge, clock skew, ...)
+    event_time_ms: int
+    required: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Applied:
+    """A fault applied to an impression's records."""
+
+    kind: str
+    step: int
+    extra: list[tuple[int, bytes, int]]  # extra records (step, raw, deliver_ms)
+    parse_reason: str | None = None
 
 
 def _event_value(
@@ -133,6 +176,9 @@ class SimulatedStream:
         tail_days: int = 0,
         tail_impressions_per_day: int = 200,
         start_day: int = 0,
+        delivery: DeliveryProfile | str = "realtime",
+        partitions: int = 4,
+        rules: JoinRules | None = None,
     ) -> None:
         self.sim = sim
         self.days = days
@@ -140,9 +186,15 @@ class SimulatedStream:
         self.tail_days = tail_days
         self.tail_impressions_per_day = tail_impressions_per_day
         self.start_day = start_day
+        self.delivery = profile(delivery) if isinstance(delivery, str) else delivery
+        self.partitions = partitions  # of the event topics: where a partition stall applies
+        self.rules = rules or JoinRules()
         self.truth: list[TruthRow] = []
         self.faults: list[FaultRow] = []
+        self.dead_letters: list[DeadLetterRow] = []
         self._seq = itertools.count()
+        # the impressions' event time at the end of the stream: the joiner's clock stops there
+        self.clock_end_ms = self.sim_start_ms(start_day + days + tail_days)
 
     def __iter__(self) -> Iterator[Record]:
         heap: list[tuple[int, int, Record]] = []
@@ -159,9 +211,13 @@ class SimulatedStream:
 
     @staticmethod
     def sim_start_ms(day: int) -> int:
-        from simulators.funnel import EPOCH_MS
-
         return EPOCH_MS + day * DAY_MS
+
+    def final_due_ms(self, final_at_ms: int, lane: int) -> int:
+        """The impressions' event time by which a final is certainly out, once every record has
+        been delivered: its lane's topic is then idle and follows the impressions, less its
+        allowed lateness."""
+        return final_at_ms + self.rules.lateness_ms[lane] + END_MARGIN_MS
 
     def _push_day(
         self, heap: list[tuple[int, int, Record]], batch: ImpressionBatch, day: int, tail: bool
@@ -177,47 +233,98 @@ class SimulatedStream:
             batch.delays_ms.tolist(),
             batch.labels.tolist(),
         )
+        prof, parts = self.delivery, self.partitions
+        stall = prof.stall is not None
         for i, iid in enumerate(batch.impression_ids):
-            bank = self.sim.bank_name(int(batch.bank[i]))
+            bank_ix = int(batch.bank[i])
+            bank = self.sim.bank_name(bank_ix)
             n_events = 1 + sum(happened[i])
             times[0] = batch.event_time_ms[i]
             for t in range(1, n_events):
                 times[t] = times[t - 1] + delays[i][t - 1]
+            stamped = [prof.stamp(s, bank_ix, int(times[s])) for s in range(n_events)]
             values = [
-                _event_value(s, f"{iid}/{STEPS[s]}", iid, int(times[s]), bank, feats[i] if s == 0 else None)
+                _event_value(s, f"{iid}/{STEPS[s]}", iid, stamped[s], bank, feats[i] if s == 0 else None)
                 for s in range(n_events)
             ]
             raws: list[bytes | None] = [_dumps(v) for v in values]
-            deliver = [int(times[s] + jitter[i, s]) for s in range(n_events)]
+            key = iid.encode()
+            part = _partition(key, parts) if stall else 0
+            deliver = [prof.deliver(s, bank_ix, part, parts, int(times[s]), int(jitter[i, s])) for s in range(n_events)]
             kind: str | None = self._pick_fault(fault_draw[i], rates, n_events)
-            kinds: tuple[str, ...] = ()
-            extra: list[tuple[int, bytes, int]] = []
+            applied: _Applied | None = None
             if kind is not None:
-                applied = self._apply_fault(kind, rng, iid, values, raws, deliver)
+                applied = self._apply_fault(kind, rng, values, raws, deliver, [int(x) for x in times[:n_events]])
                 if applied is None:
                     kind = None  # no event of this impression allows that fault
-                else:
-                    kinds, extra = (kind,), applied
-            if n_events == 5 and not labels[i][3] and kind not in CORRUPTING:
-                self.faults.append(FaultRow("after_window", iid, "activation", f"{iid}/activation", "late"))
-            key = iid.encode()
+            delivered = [
+                Delivered(
+                    s, stamped[s], deliver[s],
+                    applied.parse_reason if applied is not None and applied.step == s else None,
+                    applied is not None and applied.kind == "late" and applied.step == s,
+                )
+                for s in range(n_events)
+                if raws[s] is not None
+            ]
+            extra = applied.extra if applied is not None else []
+            delivered += [Delivered(s, stamped[s], at) for s, _, at in extra]
+            out = outcome(delivered, self.rules)
+            fates = dict(zip(((d.step, d.deliver_ms) for d in delivered), out.fates, strict=True))
+            if applied is not None:
+                # the reason the rules give the faulted record (for ``illegal``: the record whose
+                # predecessor was dropped)
+                reason = fates.get((applied.step, deliver[applied.step]))
+                event_id = values[applied.step]["event_id"]
+                self.faults.append(FaultRow(applied.kind, iid, STEPS[applied.step], event_id, reason))
+            for s in range(1, n_events):  # steps that happened after their window (not a fault)
+                if kind not in CORRUPTING and not labels[i][s - 1] and (s == 1 or labels[i][s - 2]):
+                    reason = fates.get((s, deliver[s]))
+                    self.faults.append(FaultRow("after_window", iid, STEPS[s], f"{iid}/{STEPS[s]}", reason))
+            self._expect(iid, out, delivered, kind)
             for s, raw in enumerate(raws):
                 if raw is not None:
-                    rec = Record(STEPS[s], key, raw, int(times[s]), deliver[s])
+                    rec = Record(STEPS[s], key, raw, stamped[s], deliver[s])
                     heapq.heappush(heap, (deliver[s], next(self._seq), rec))
             for s, raw, at in extra:
-                heapq.heappush(heap, (at, next(self._seq), Record(STEPS[s], key, raw, int(times[s]), at)))
+                heapq.heappush(heap, (at, next(self._seq), Record(STEPS[s], key, raw, stamped[s], at)))
             self.truth.append(
                 TruthRow(
                     impression_id=iid,
                     bank_id=bank,
-                    event_time_ms=int(times[0]),
+                    event_time_ms=stamped[0],
                     p_true=tuple(float(p) for p in batch.p_true[i]),
                     labels=tuple(labels[i]),
                     corrupted=kind in CORRUPTING,
-                    faults=kinds,
+                    faults=(kind,) if kind is not None else (),
                     tail=tail,
+                    final_labels=out.labels,
+                    final_at_ms=out.final_at_ms,
+                    final_lane=out.lane,
+                    final_required=(
+                        out.final_at_ms is not None
+                        and out.lane is not None
+                        and self.final_due_ms(out.final_at_ms, out.lane) <= self.clock_end_ms
+                    ),
                 )
+            )
+
+    def _expect(self, iid: str, out: Outcome, delivered: list[Delivered], kind: str | None) -> None:
+        """The impression's expected dead letters, from the rules' outcome."""
+        rules = self.rules
+        seen: set[tuple[int, str]] = set()
+        for rec, reason, at in zip(delivered, out.fates, out.resolved_at, strict=True):
+            if reason is None or (rec.step, reason) in seen:
+                continue
+            seen.add((rec.step, reason))
+            if at is not None:
+                required = True  # decided when it (and its predecessors) arrive
+            elif out.final_at_ms is not None and out.lane is not None:
+                required = self.final_due_ms(out.final_at_ms, out.lane) <= self.clock_end_ms
+            else:  # no impression: dead-lettered once the impressions' topic is past its grace
+                wait = rules.grace_ms + rec.step * rules.skew_ms + rules.lateness_ms[0]
+                required = rec.time_ms + wait + self.delivery.max_delay_ms(0) + END_MARGIN_MS <= self.clock_end_ms
+            self.dead_letters.append(
+                DeadLetterRow(iid, STEPS[rec.step], reason, kind or "rules", rec.time_ms, required)
             )
 
     @staticmethod
@@ -236,13 +343,12 @@ class SimulatedStream:
         self,
         kind: str,
         rng: np.random.Generator,
-        iid: str,
         values: list[dict],
         raws: list[bytes | None],
         deliver: list[int],
-    ) -> list[tuple[int, bytes, int]] | None:
-        """Mutate the impression's records in place; return extra records (step, raw, deliver_ms),
-        or None when no event allows the fault."""
+        true_ms: list[int],
+    ) -> _Applied | None:
+        """Mutate the impression's records in place; None when no event allows the fault."""
         n = len(values)
         first = 0 if kind in ("duplicate", "malformed") else 1
         s = int(rng.integers(first, n))
@@ -252,9 +358,8 @@ class SimulatedStream:
             s = 1 + min(range(len(gaps)), key=gaps.__getitem__)
             if gaps[s - 1] > OUT_OF_ORDER_MAX_GAP_MS:
                 return None
-        event_id = values[s]["event_id"]
-        reason: str | None = None
         extra: list[tuple[int, bytes, int]] = []
+        parse_reason: str | None = None
         if kind == "duplicate":
             raw = raws[s]
             assert raw is not None
@@ -263,16 +368,28 @@ class SimulatedStream:
             # the predecessor is held up and arrives after this event (never before it happened)
             deliver[s - 1] = deliver[s] + int(rng.integers(1_000, 30_000))
         elif kind == "malformed":
-            raws[s], reason = _malform(values[s], rng)
+            raws[s], parse_reason = _malform(values[s], rng)
         elif kind == "illegal":
             raws[s - 1] = None  # the predecessor never arrives
-            reason = "illegal_sequence"
-            # ... unless the funnel is final before this event happens: the dropped step's window
-            # closed first (an activation weeks after an application whose approval was lost)
-            if s >= 2 and values[s]["event_time_ms"] > values[s - 2]["event_time_ms"] + WINDOWS_MS[s - 2]:
-                reason = "late"
         elif kind == "late":
-            deliver[s] = values[s]["event_time_ms"] + LATE_DELIVERY_MS
-            reason = "late"
-        self.faults.append(FaultRow(kind, iid, STEPS[s], event_id, reason))
-        return extra
+            # delivered 20 days after it happened: only where the stream runs long enough that the
+            # funnel's final (without this event) is certainly out before it arrives
+            at = true_ms[s] + LATE_DELIVERY_MS
+            without = outcome(
+                [Delivered(k, values[k]["event_time_ms"], deliver[k], after_final=k == s) for k in range(n)],
+                self.rules,
+            )
+            if without.final_at_ms is None or without.lane is None:
+                return None
+            sure = self.final_due_ms(without.final_at_ms, without.lane) + self.delivery.max_delay_ms(without.lane)
+            if sure > min(at, self.clock_end_ms):
+                return None
+            deliver[s] = at
+        return _Applied(kind, s, extra, parse_reason)
+
+
+def _partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives ``key`` (murmur2, as the Java client)."""
+    from kafka.partitioner.default import murmur2
+
+    return (murmur2(key) & 0x7FFFFFFF) % partitions

@@ -44,7 +44,9 @@ def read_events_file(path: Path) -> Iterator[tuple[str, Record]]:
 
 
 def write_files(stream: SimulatedStream, out: Path, topics: dict[str, str]) -> dict[str, int]:
-    """Write events.ndjson, truth.ndjson and faults.ndjson under ``out``; returns counts per topic."""
+    """Write events.ndjson, truth.ndjson (each impression's world labels and the final the joiner
+    must emit), faults.ndjson and dead_letters.ndjson (every record the joiner must dead-letter)
+    under ``out``; returns counts per topic."""
     out.mkdir(parents=True, exist_ok=True)
     counts: Counter[str] = Counter()
     with (out / "events.ndjson").open("w") as fh:
@@ -60,6 +62,9 @@ def write_files(stream: SimulatedStream, out: Path, topics: dict[str, str]) -> d
     with (out / "faults.ndjson").open("w") as fh:
         for fault in stream.faults:
             fh.write(json.dumps(asdict(fault), separators=(",", ":")) + "\n")
+    with (out / "dead_letters.ndjson").open("w") as fh:
+        for dead in stream.dead_letters:
+            fh.write(json.dumps(asdict(dead), separators=(",", ":")) + "\n")
     return dict(counts)
 
 
