@@ -1,7 +1,7 @@
 """``aitm-stream bench serving``: what users receive - every published model version against the truth.
 
-For each delivery profile (``realtime``; ``batch_feeds``: approvals in hourly exports, activations
-in one file a day) the simulator streams ``--days`` days of impressions and then every late
+For each delivery profile (``realtime``; ``batch_feeds``: the simulator's ``batch-feeds``, each bank
+exporting approvals hourly and activations in one file a day at 02:00) the simulator streams ``--days`` days of impressions and then every late
 conversion still to come (the tail: only late conversions arrive, no impression), through the
 real ``joiner``, ``trainer`` and ``scorer`` processes (the Procfile's commands, under
 ``stream.supervisor``) on the embedded broker. The model store keeps every version. Afterwards a
@@ -23,7 +23,6 @@ topic and ``POST /score`` - and compared with the simulator's true probabilities
 from __future__ import annotations
 
 import argparse
-import heapq
 import itertools
 import json
 import os
@@ -31,8 +30,8 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ import torch
 
 from aitm.evaluate import auc
 from simulators.faults import Record, SimulatedStream
-from simulators.funnel import DAY_MS, EPOCH_MS, HOUR_MS, FunnelSimulator, SimConfig
+from simulators.funnel import DAY_MS, EPOCH_MS, FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
 from stream.broker import EmbeddedBroker, ensure_topics, free_port
 from stream.events import TASKS
@@ -70,49 +69,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rescore", type=Path, default=None, metavar="DIR",
                    help="no run: recompute the figures of a run kept with --keep DIR")
     return p.parse_args(argv)
-
-
-# --- delivery profiles -------------------------------------------------------------------------
-
-
-def batch_feeds(records: Iterable[Record]) -> Iterator[Record]:
-    """Partner delivery: approvals in an hourly export (each bank at its own minute past the hour),
-    activations in one file a day at 02:00 (each bank a few minutes apart), per bank; every other
-    topic as it happens. Records stay in delivery order.
-
-    A stand-in for the simulator's ``--delivery batch-feeds`` profile (issue 11), kept here until
-    that lands so that this bench does not fork the simulator."""
-    heap: list[tuple[int, int, Record]] = []
-    for seq, rec in enumerate(records):
-        at = rec.deliver_ms
-        if rec.step in ("approval", "activation"):
-            bank = _bank_of(rec)
-            if rec.step == "approval":
-                slot = 5 * 60_000 + bank * 60_000  # hh:05, hh:06, ...
-                at = _next_slot(rec.deliver_ms, HOUR_MS, slot)
-            else:
-                slot = 2 * HOUR_MS + bank * 5 * 60_000  # 02:00, 02:05, ...
-                at = _next_slot(rec.deliver_ms, DAY_MS, slot)
-        while heap and heap[0][0] <= rec.deliver_ms:
-            yield heapq.heappop(heap)[2]
-        heapq.heappush(heap, (at, seq, replace(rec, deliver_ms=at)))
-    while heap:
-        yield heapq.heappop(heap)[2]
-
-
-def _bank_of(rec: Record) -> int:
-    try:
-        bank = json.loads(rec.value).get("bank_id", "bank_0")
-        return int(str(bank).rsplit("_", 1)[-1]) % 12
-    except (ValueError, AttributeError):
-        return 0  # a malformed record keeps the first slot
-
-
-def _next_slot(ms: int, period: int, offset: int) -> int:
-    """The first time >= ``ms`` that is ``offset`` past a multiple of ``period`` (simulated epoch)."""
-    base = ms - EPOCH_MS - offset
-    k = -(-base // period)  # ceil
-    return EPOCH_MS + offset + k * period
 
 
 # --- figures -----------------------------------------------------------------------------------
@@ -264,11 +220,12 @@ def run_profile(profile: str, args: argparse.Namespace, work: Path) -> dict[str,
     t0 = time.monotonic()
     sim = FunnelSimulator(SimConfig(seed=args.seed, impressions_per_day=args.impressions_per_day, drift=args.drift))
     fresh = FreshSets(sim, args.days, args.fresh)
-    stream = SimulatedStream(sim, args.days)  # the last day's events, then every late one (the tail)
-    records: Iterable[Record] = stream if profile == "realtime" else batch_feeds(stream)
     caps = {f: c + 1 for f, c in zip(sim.field_names, sim.cardinalities, strict=True)}  # as bench stream
     broker = EmbeddedBroker(log_path=work / "tansu.log").start()
     settings = Settings(kafka_bootstrap_servers=broker.bootstrap, data_dir=work / "data", model_store_keep=1_000_000)
+    # the days' events, then every late one (the tail), as the simulator's delivery profile delivers them
+    records: Iterable[Record] = SimulatedStream(sim, args.days, delivery=profile.replace("_", "-"),
+                                                partitions=settings.event_partitions)
     ensure_topics(settings.kafka_python_config(), settings.topic_specs())
     env = {
         **os.environ,
