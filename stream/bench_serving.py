@@ -68,6 +68,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", type=Path, default=None, help="keep logs, samples and the model store here")
     p.add_argument("--rescore", type=Path, default=None, metavar="DIR",
                    help="no run: recompute the figures of a run kept with --keep DIR")
+    p.add_argument("--replay", type=Path, default=None, metavar="DIR",
+                   help="no run: replay the samples of a run kept with --keep DIR through the trainer core "
+                        "with the settings in the environment (ablations; stream/sample_replay.py)")
     return p.parse_args(argv)
 
 
@@ -279,7 +282,7 @@ def run_profile(profile: str, args: argparse.Namespace, work: Path) -> dict[str,
                   for a in announced]
     finally:
         broker.stop()
-    report.update(_report(scores, fresh, args))
+    report.update(report_of(scores, fresh, args))
     report["wall_s"] = round(time.monotonic() - t0, 1)
     return report
 
@@ -306,10 +309,11 @@ def rescore(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             rows.append(int(json.loads(r["value"]).get("watermark_ms", 0)))
     store = ModelStore(work / "data" / "models", keep=1_000_000)
     scores = [_score_file(store, store.path_of(v), v, None, fresh, times) for v in store.versions()]
-    return _report(scores, fresh, args)
+    return report_of(scores, fresh, args)
 
 
-def _report(scores: list[VersionScore], fresh: FreshSets, args: argparse.Namespace) -> dict[str, Any]:
+def report_of(scores: list[VersionScore], fresh: FreshSets, args: argparse.Namespace) -> dict[str, Any]:
+    """The figures of one profile (see the module doc), its truth and a table per version."""
     report: dict[str, Any] = {}
     since = EPOCH_MS + round(args.skip_days * DAY_MS)
     report.update(figures(scores, since))
@@ -356,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     for profile in profiles:
         if args.rescore is not None:
             report[profile] = rescore(args.rescore / profile, args)
+            continue
+        if args.replay is not None:
+            from stream.sample_replay import replay
+
+            report[profile] = replay(args.replay / profile, args)
             continue
         work = root / profile
         work.mkdir(parents=True, exist_ok=True)

@@ -50,9 +50,10 @@ class StepResult:
     scored_probs: np.ndarray  # (N, T) the batch's pre-training predictions; NaN for finals whose
     # first-sample prediction was held (they are evaluated with that one and need no new score)
     seconds: float
-    # finals of held-back impressions (never trained on): encoded features (H, F), labels (H, T)
+    # samples of held-back impressions (never trained on): their rows in the batch ``holdout_rows``
+    # (H,), encoded features (H, F); labels and times are the batch's
+    holdout_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     holdout_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int64))
-    holdout_labels: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, N_TASKS)))
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class OnlineLearner:
         self.mixer = MixingBuffer(N_TASKS, st.min_step_rows, st.positive_slack or 1.0, st.positive_half_life)
         self.average = WeightAverage(self.model, st.ema_half_life_rows) if st.ema_half_life_rows > 0 else None
         self.steps = 0  # optimizer steps, lifetime
+        self.last_batch = SampleBatch.empty()
         # one forward pass per batch, dropout off, both scores the batch and carries the gradient
         # (the scores come from the weights before this batch's update: test-then-train holds).
         # False: a scoring pass in eval mode, then a training pass with the model's dropout.
@@ -187,10 +189,11 @@ class OnlineLearner:
         return batch if len(keep) == len(batch) else batch.take(keep)
 
     def step(self, samples: SampleBatch | Sequence[Sample], train: bool = True) -> StepResult:
-        """Score the batch, evaluate its finals, then (``train``) update on it. Test-then-train."""
+        """Score the batch, evaluate its finals, then (``train``) update on it. Test-then-train.
+        ``self.last_batch`` is the deduplicated batch the result's rows refer to."""
         t0 = time.perf_counter()
         given = as_batch(samples)
-        batch = self._dedupe(given)
+        batch = self.last_batch = self._dedupe(given)
         n = len(batch)
         if n == 0:
             empty = np.zeros((0, N_TASKS))
@@ -268,9 +271,9 @@ class OnlineLearner:
             self.trained_samples += rows
         self.samples_seen += n
         eval_ids = [iids[i] for i in final_rows]
-        held_finals = np.flatnonzero(holdout & (kind == FINAL))
+        held = np.flatnonzero(holdout)
         return StepResult(n, len(given) - n, rows, eval_ids, y_eval, p_eval, probs, time.perf_counter() - t0,
-                          ids[held_finals], batch.labels[held_finals].astype(np.float64))
+                          held, ids[held])
 
     def _optimize(self, ready: RowBlock, ids: np.ndarray, logits: torch.Tensor | None, fwd_rows: np.ndarray) -> None:
         """One optimizer step on ``ready`` (then the weight average follows). Rows that came with

@@ -113,20 +113,22 @@ class TrainerMetrics:
         )
         self.served_log_loss = Gauge(
             "aitm_trainer_served_log_loss",
-            "Log loss per task of the version being served, on recent matured finals of held-back impressions",
+            "Log loss per task of the version being served, on held-back impressions whose label is settled",
             ["task"],
             registry=registry,
         )
         self.served_calibration = Gauge(
             "aitm_trainer_served_calibration_ratio",
-            "Mean predicted / observed rate per task of the version being served, on recent matured "
-            "finals of held-back impressions",
+            "Mean predicted / observed rate per task of the version being served, on held-back impressions "
+            "whose label is settled",
             ["task"],
             registry=registry,
         )
-        self.holdout_finals = Gauge(
-            "aitm_trainer_holdout_finals",
-            "Matured finals of held-back impressions (never trained on) in the gate's window",
+        self.holdout_settled = Gauge(
+            "aitm_trainer_holdout_impressions",
+            "Held-back impressions (never trained on) old enough for the task's label to be settled: "
+            "what the gate and the served-version gauges judge the task on",
+            ["task"],
             registry=registry,
         )
         self.refused_versions = Counter(

@@ -1,10 +1,10 @@
 """The validation gate before publication, and the figures of the version being served.
 
 A held-back slice of impressions (``learner.held_back``: a fixed share of impression ids, by hash)
-is never trained on, by any version. Their matured finals - final labels, every task settled - go
-to ``HoldoutWindow``, a ring buffer of the most recent ones. Each candidate version is scored on
-that window exactly as the scorer would serve it (``projection.funnel_order``), next to the version
-being served, on the same rows:
+is never trained on, by any version. ``HoldoutSet`` keeps them with their labels so far; each task
+is judged on the newest held-back impressions old enough for that task's label to be settled
+(chosen by age, never by label). Each candidate version is scored on them exactly as the scorer
+would serve it (``projection.funnel_order``), next to the version being served, on the same rows:
 
 - **log loss**: refused when a task's mean log loss is worse than the serving version's by more
   than ``log_loss_margin`` (relative) *and* by more than 3 standard errors of the paired
@@ -14,10 +14,9 @@ being served, on the same rows:
   than ln(margin)) *and* that error is beyond 3 standard errors of ln c (~1/sqrt(positives)) -
   with only a handful of positives the gate cannot tell, and does not block.
 
-With fewer than ``min_rows`` rows in the window (a cold start), or with nothing served yet, a
-candidate is published: the gate judges only what it can measure. Both versions are judged on
-rows neither trained on, so the comparison is honest; the window holds the most recent *matured*
-finals, which in a steady stream arrive in the proportions of the impressions themselves.
+A task with fewer than ``min_rows`` settled impressions (a cold start: activation needs 15 days)
+is not judged, and with nothing served yet a candidate is published: the gate judges only what it
+can measure. Both versions are judged on rows neither trained on, so the comparison is honest.
 """
 
 from __future__ import annotations
@@ -109,51 +108,85 @@ def judge(cand: np.ndarray, serving: np.ndarray, labels: np.ndarray, log_loss_ma
     return Verdict(True, candidate=fc, serving=fs)
 
 
-class HoldoutWindow:
-    """The most recent ``capacity`` matured finals of held-back impressions: ids (N, F), labels (N, T)."""
+class HoldoutSet:
+    """Held-back impressions (never trained on) with their labels so far, and which of them each
+    task can be judged on.
 
-    def __init__(self, capacity: int, n_tasks: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+    Every sample of a held-back impression (first, correction, final) updates its labels (a
+    label only ever turns positive). Task ``t``'s label is settled - positive, or its window
+    closed - once the impression is ``horizons_ms[t]`` old (the step windows up to ``t`` plus the
+    allowed lateness), whatever its labels: so task ``t`` is judged on the newest ``per_task``
+    impressions at least that old. Choosing by age, never by label, keeps the sample honest: the
+    joiner's *finals* would not do, since a final waits for every later step (an approved
+    impression's final comes 14 days on), so recent finals are mostly impressions that converted
+    nowhere and favour a model that under-predicts."""
+
+    def __init__(self, horizons_ms: Sequence[int], per_task: int = 5000, capacity: int = 50_000) -> None:
+        self.horizons_ms = [int(h) for h in horizons_ms]
+        self.per_task = per_task
         self.capacity = capacity
-        self.n_tasks = n_tasks
-        self.ids: np.ndarray | None = None  # (capacity, F), allocated at the first add
-        self.labels = np.zeros((capacity, n_tasks), np.int8)
-        self._next = 0
-        self.size = 0
-        self.total = 0  # rows ever added
+        self.now_ms = 0  # the stream's event time (the newest watermark seen)
+        self._rows: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}  # id -> (ids (F,), labels (T,), event ms)
+        self._evicted_at = 0  # size after the last eviction (it runs as the set grows by a tenth)
 
-    def add(self, ids: np.ndarray, labels: np.ndarray) -> None:
-        if len(ids) == 0:
-            return
-        if self.ids is None or self.ids.shape[1] != ids.shape[1]:
-            self.ids = np.zeros((self.capacity, ids.shape[1]), np.int64)
-            self._next = self.size = 0
-        self.total += len(ids)
-        if len(ids) > self.capacity:
-            ids, labels = ids[-self.capacity:], labels[-self.capacity:]
-        at = (self._next + np.arange(len(ids))) % self.capacity
-        self.ids[at] = ids
-        self.labels[at] = (np.asarray(labels) > 0).astype(np.int8)
-        self._next = int((self._next + len(ids)) % self.capacity)
-        self.size = min(self.capacity, self.size + len(ids))
+    def __len__(self) -> int:
+        return len(self._rows)
 
-    def rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids (N, F), labels (N, T)) now held (ring order: no figure depends on it)."""
-        if self.ids is None:
-            return np.zeros((0, 0), np.int64), np.zeros((0, self.n_tasks), np.int8)
-        return self.ids[: self.size], self.labels[: self.size]
+    def add(self, impression_ids: Sequence[str], ids: np.ndarray, labels: np.ndarray, event_ms: np.ndarray,
+            now_ms: int) -> None:
+        """Samples of held-back impressions: encoded features (N, F), labels (N, T), impression times."""
+        rows = self._rows
+        for i, iid in enumerate(impression_ids):
+            old = rows.get(iid)
+            y = np.asarray(labels[i], np.int8)
+            rows[iid] = (ids[i], y if old is None else np.maximum(old[1], y), int(event_ms[i]))
+        self.now_ms = max(self.now_ms, int(now_ms))
+        if len(rows) > self._evicted_at + max(100, self._evicted_at // 10):
+            self._evict()
+
+    def _evict(self) -> None:
+        """Keep what a task may still be judged on: every impression younger than the longest
+        horizon, the newest ``per_task`` older ones, and no more than ``capacity`` in all (the
+        oldest go first; rows come in about time order, so they are at the front)."""
+        rows = self._rows
+        cut = self.now_ms - max(self.horizons_ms, default=0)
+        old = sum(1 for _, _, e in rows.values() if e <= cut)
+        while rows and (old > self.per_task or len(rows) > self.capacity):
+            first = next(iter(rows))
+            old -= rows.pop(first)[2] <= cut
+        self._evicted_at = len(rows)
+
+    def settled(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (M, F), labels (M,)) of the newest ``per_task`` impressions whose task-``t`` label is settled."""
+        cut = self.now_ms - self.horizons_ms[t]
+        picked = [(e, ids, y[t]) for ids, y, e in self._rows.values() if e <= cut]
+        picked.sort(key=lambda r: r[0])
+        picked = picked[-self.per_task:]
+        if not picked:
+            return np.zeros((0, 0), np.int64), np.zeros(0, np.int8)
+        return np.stack([r[1] for r in picked]), np.array([r[2] for r in picked], np.int8)
+
+    def counts(self) -> list[int]:
+        """Impressions each task can be judged on now."""
+        return [len(self.settled(t)[1]) for t in range(len(self.horizons_ms))]
 
     def state_dict(self) -> dict[str, Any]:
-        ids, labels = self.rows()
-        return {"ids": torch.from_numpy(ids.copy()), "labels": torch.from_numpy(labels.copy()), "total": self.total}
+        keys = list(self._rows)
+        rows = list(self._rows.values())
+        return {
+            "impression_ids": keys,
+            "ids": torch.from_numpy(np.stack([r[0] for r in rows]) if rows else np.zeros((0, 0), np.int64)),
+            "labels": torch.from_numpy(np.stack([r[1] for r in rows]) if rows else np.zeros((0, 0), np.int8)),
+            "event_ms": [r[2] for r in rows],
+            "now_ms": self.now_ms,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        ids = np.asarray(state["ids"], np.int64)
-        self.ids, self._next, self.size = None, 0, 0
-        if ids.ndim == 2 and len(ids):
-            self.add(ids, np.asarray(state["labels"]))
-        self.total = int(state.get("total", self.size))
+        ids, labels = np.asarray(state["ids"]), np.asarray(state["labels"])
+        self._rows = {k: (ids[i], labels[i], int(e))
+                      for i, (k, e) in enumerate(zip(state["impression_ids"], state["event_ms"], strict=True))}
+        self.now_ms = int(state["now_ms"])
+        self._evicted_at = len(self._rows)
 
 
 @dataclass
@@ -166,11 +199,11 @@ class Served:
 
 
 class PublicationGate:
-    """Judges candidate versions against the served one on the holdout window."""
+    """Judges candidate versions against the served one on the held-back impressions."""
 
-    def __init__(self, window: HoldoutWindow, min_rows: int = 500, log_loss_margin: float = 0.05,
+    def __init__(self, holdout: HoldoutSet, min_rows: int = 500, log_loss_margin: float = 0.1,
                  calibration_margin: float = 1.5, device: str | torch.device = "cpu") -> None:
-        self.window = window
+        self.holdout = holdout
         self.min_rows = min_rows
         self.log_loss_margin = log_loss_margin
         self.calibration_margin = calibration_margin
@@ -185,14 +218,23 @@ class PublicationGate:
         return funnel_order(p)
 
     def judge(self, model: nn.Module) -> Verdict:
-        """May ``model`` (the candidate, knowing every id admitted so far) be published?"""
-        ids, labels = self.window.rows()
-        if self.serving is None or len(labels) < self.min_rows:
-            return Verdict(True, detail=f"not judged: {len(labels)} held-back finals, serving "
-                                        f"{'none' if self.serving is None else self.serving.version}")
-        cand = self._probs(model, ids, None)
-        serving = self._probs(self.serving.model, ids, self.serving.vocab_sizes)
-        return judge(cand, serving, labels, self.log_loss_margin, self.calibration_margin)
+        """May ``model`` (the candidate, knowing every id admitted so far) be published? Each task
+        is judged on its own settled impressions, once there are ``min_rows`` of them."""
+        if self.serving is None:
+            return Verdict(True, detail="not judged: nothing served yet")
+        judged = False
+        for t in range(len(self.holdout.horizons_ms)):
+            ids, y = self.holdout.settled(t)
+            if len(y) < self.min_rows:
+                continue
+            judged = True
+            cand = self._probs(model, ids, None)[:, t : t + 1]
+            serving = self._probs(self.serving.model, ids, self.serving.vocab_sizes)[:, t : t + 1]
+            v = judge(cand, serving, y.reshape(-1, 1), self.log_loss_margin, self.calibration_margin)
+            if not v.publish:
+                return Verdict(False, v.reason, t, v.detail.replace("task 0", f"task {t}"), v.candidate, v.serving)
+        return Verdict(True, detail="" if judged else f"not judged: fewer than {self.min_rows} settled "
+                                                      "held-back impressions on every task")
 
     def published(self, version: int, model: nn.Module, vocab_sizes: Sequence[int] | None) -> None:
         """``model`` (copied) is now the version being served."""
@@ -202,9 +244,22 @@ class PublicationGate:
         self.serving = Served(version, frozen, list(vocab_sizes) if vocab_sizes is not None else None)
 
     def serving_figures(self) -> TaskFigures | None:
-        """Log loss and calibration of the version being served on the holdout window (None
-        before a version or a held-back final)."""
-        ids, labels = self.window.rows()
-        if self.serving is None or len(labels) == 0:
+        """Log loss and calibration per task of the version being served, each task on its settled
+        held-back impressions (NaN for a task with none yet; None before a version)."""
+        if self.serving is None:
             return None
-        return figures(self._probs(self.serving.model, ids, self.serving.vocab_sizes), labels)
+        ll, cal, pos, rows = [], [], [], []
+        for t in range(len(self.holdout.horizons_ms)):
+            ids, y = self.holdout.settled(t)
+            if len(y) == 0:
+                ll.append(math.nan)
+                cal.append(math.nan)
+                pos.append(0)
+                rows.append(0)
+                continue
+            f = figures(self._probs(self.serving.model, ids, self.serving.vocab_sizes)[:, t : t + 1], y.reshape(-1, 1))
+            ll.append(f.log_loss[0])
+            cal.append(f.calibration[0])
+            pos.append(f.positives[0])
+            rows.append(f.rows)
+        return TaskFigures(ll, cal, pos, sum(rows))

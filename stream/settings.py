@@ -157,15 +157,17 @@ class Settings(BaseSettings):
     # a cold-started model's output biases start at the log-odds of these end-to-end rates (the
     # AITM paper's credit-card funnel); set your funnel's own, or [] to start at 0 (50%)
     trainer_prior_rates: list[float] = Field(default_factory=lambda: [0.2329, 0.0184, 0.0130, 0.0100])
-    # share of impressions (by a hash of the id) never trained on: their finals judge the served
-    # versions (the publication gate and the served-version gauges)
+    # share of impressions (by a hash of the id) never trained on: they judge the served versions
+    # (the publication gate and the served-version gauges). Lower it at high volume: at most
+    # 50,000 held-back impressions are kept, and activation needs ~15 days of them
     trainer_holdout_share: float = Field(default=0.05, ge=0, lt=1)
-    trainer_holdout_window: int = Field(default=5000, ge=10)  # newest held-back finals kept
-    # the gate judges a candidate once the window holds this many finals; it refuses one whose log
-    # loss on a task is worse by more than this share (and 3 standard errors), or whose calibration
-    # error is more than this factor worse (and beyond 3 standard errors)
+    # each task is judged on this many newest held-back impressions whose label is settled
+    trainer_holdout_window: int = Field(default=5000, ge=10)
+    # the gate judges a task once it has this many settled held-back impressions; it refuses a
+    # candidate whose log loss on a task is worse by more than this share (and 3 standard errors),
+    # or whose calibration error is more than this factor worse (and beyond 3 standard errors)
     trainer_gate_min_rows: int = Field(default=500, ge=1)
-    trainer_gate_log_loss_margin: float = Field(default=0.05, ge=0)
+    trainer_gate_log_loss_margin: float = Field(default=0.1, ge=0)
     trainer_gate_calibration_margin: float = Field(default=1.5, ge=1)
     # model store: a directory of versions; keep this many newest
     model_store_dir: Path | None = None  # default: DATA_DIR/models

@@ -34,7 +34,7 @@ from stream.events import TASKS, dead_letter
 from stream.learner import OnlineLearner, Stabilisers, config_from_dict, fields_of, pick_device
 from stream.metrics import WINDOWS, RefreshMetrics, TrainerMetrics
 from stream.model_store import ModelStore, ModelVersion, encode_version
-from stream.publication_gate import REASONS, HoldoutWindow, PublicationGate
+from stream.publication_gate import REASONS, HoldoutSet, PublicationGate
 from stream.sample_batch import N_TASKS, SampleBatch
 from stream.sample_feed import Invalid, SampleFeed
 from stream.settings import Settings, kafka_client_config, load_settings
@@ -57,6 +57,16 @@ def stabilisers(s: Settings) -> Stabilisers:
     )
 
 
+def settled_after_ms(s: Settings) -> list[int]:
+    """Per task, the impression age after which its label is settled and delivered whatever
+    happened: the step windows up to it, the joiner's lateness, grace and first-sample delay, and a
+    day for partners that deliver in batches (a daily activation file arrives up to 26 h late)."""
+    windows = (s.joiner_window_click_ms, s.joiner_window_application_ms, s.joiner_window_approval_ms,
+               s.joiner_window_activation_ms)
+    slack = s.joiner_allowed_lateness_ms + s.joiner_grace_ms + s.joiner_observe_ms + DAY_MS
+    return [sum(windows[: t + 1]) + slack for t in range(N_TASKS)]
+
+
 def vocab_sizes(encoder: FeatureEncoder) -> list[int] | None:
     """Ids per field known to an encoder now (threshold ids are given in order), None if hashed."""
     return [len(v) for v in encoder.vocab] if encoder.mode == "threshold" else None
@@ -71,10 +81,11 @@ class Trainer:
         self.clock = clock or SystemClock()
         self.mode = mode or settings.trainer_mode
         self.metrics = TrainerMetrics(registry)
+        self.published_at_s = 0.0  # before the model-age gauge: /metrics may be scraped while we start
         self.refresh = RefreshMetrics(registry, "trainer", self._model_age)
         self.store = ModelStore(settings.model_store_path(), settings.model_store_keep)
         self.device = pick_device(settings.trainer_device)
-        self.gate = PublicationGate(HoldoutWindow(settings.trainer_holdout_window, N_TASKS),
+        self.gate = PublicationGate(HoldoutSet(settled_after_ms(settings), settings.trainer_holdout_window),
                                     settings.trainer_gate_min_rows, settings.trainer_gate_log_loss_margin,
                                     settings.trainer_gate_calibration_margin, self.device)
         for reason in REASONS:
@@ -83,7 +94,6 @@ class Trainer:
         self.learner: OnlineLearner | None = None
         self.offsets: dict[int, int] = {}  # partition -> next offset to consume (trained or dead-lettered)
         self.version = 0
-        self.published_at_s = 0.0
         self.new_min_ms: int | None = None  # consumed-at of the oldest sample not yet in a version
         self.new_max_ms = 0
         self.batches_since = 0
@@ -124,7 +134,7 @@ class Trainer:
                 self.learner.load_state_dict(extra["learner"])
                 self.offsets = {int(p): int(o) for p, o in extra.get("offsets", {}).items()}
                 if extra.get("holdout") is not None:
-                    self.gate.window.load_state_dict(extra["holdout"])
+                    self.gate.holdout.load_state_dict(extra["holdout"])
                 # the version resumed from is the one being served
                 self.gate.published(v, self.learner.served_model(), vocab_sizes(self.learner.encoder))
                 log.info("resumed from model version %d at offsets %s", v, self.offsets)
@@ -267,7 +277,11 @@ class Trainer:
         self.last_train_s = time.monotonic()
         self.metrics.batch_seconds.observe(dt)
         self.metrics.trained.inc(res.trained_rows)
-        self.gate.window.add(res.holdout_ids, res.holdout_labels)
+        if len(res.holdout_rows):
+            done = self.learner.last_batch
+            rows = res.holdout_rows
+            self.gate.holdout.add([done.impression_ids[i] for i in rows.tolist()], res.holdout_ids, done.labels[rows],
+                                  done.event_time_ms[rows], int(done.watermark_ms.max()))
         self.batches_since += 1
         self.new_min_ms = first_at_ms if self.new_min_ms is None else self.new_min_ms
         self.new_max_ms = last_at_ms
@@ -311,7 +325,7 @@ class Trainer:
             "offsets": dict(self.offsets),
             "learner": learner.state_dict(),
             "mode": self.mode,
-            "holdout": self.gate.window.state_dict(),
+            "holdout": self.gate.holdout.state_dict(),
         }
         # the checkpoint's model is the served one (the weight average); the trained weights are
         # in the learner state, for a resume
@@ -365,7 +379,8 @@ class Trainer:
             for t, task in enumerate(TASKS[:N_TASKS]):
                 self.metrics.served_log_loss.labels(task=task).set(served.log_loss[t])
                 self.metrics.served_calibration.labels(task=task).set(served.calibration[t])
-        self.metrics.holdout_finals.set(self.gate.window.size)
+        for t, n in enumerate(self.gate.holdout.counts()):
+            self.metrics.holdout_settled.labels(task=TASKS[t]).set(n)
         held = self.learner.mixer.held
         for t, task in enumerate(TASKS[:N_TASKS]):
             self.metrics.held_positives.labels(task=task).set(sum(len(b) for b in held[t]))

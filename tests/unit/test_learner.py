@@ -276,7 +276,8 @@ def test_held_back_impressions_are_never_trained_and_their_finals_come_back() ->
     res = ln.step(finals)
     assert res.trained_rows == 0
     assert len(res.holdout_ids) == held.sum() and res.holdout_ids.shape[1] == len(FIELDS)
-    np.testing.assert_array_equal(res.holdout_labels[:, 1], [i % 3 == 0 for i in range(200) if held[i]])
+    np.testing.assert_array_equal(res.holdout_rows, np.flatnonzero(held))  # rows of the batch
+    np.testing.assert_array_equal(ln.last_batch.labels[res.holdout_rows, 1], [i % 3 == 0 for i in range(200) if held[i]])
     assert ln.evaluator.tasks[0].count == 200  # every final is still evaluated (prequentially)
 
 

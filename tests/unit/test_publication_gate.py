@@ -1,6 +1,7 @@
 """The publication gate refuses a clearly worse candidate (counted, logged, nothing written or
-announced), publishes otherwise, and the served-version gauges report the version in use on
-held-back finals - checked against the published file scored the way the scorer scores it."""
+announced), publishes otherwise, judges each task only on held-back impressions old enough for
+its label to be settled, and the served-version gauges report the version in use on them -
+checked against the published file scored the way the scorer scores it."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from stream.events import TASKS
 from stream.learner import held_back
 from stream.model_store import ModelStore
 from stream.projection import funnel_order
-from stream.publication_gate import HoldoutWindow, PublicationGate, judge
+from stream.publication_gate import HoldoutSet, PublicationGate, judge
 from stream.sample_batch import SampleBatch
 from stream.samples import Sample
 from stream.scorer import ScoringModel
@@ -45,14 +46,18 @@ def model_with_rates(rates: tuple[float, ...], seed: int = 0) -> AITM:
     return m.eval()
 
 
-def window(n: int, rates: tuple[float, ...], seed: int = 1) -> HoldoutWindow:
+DAY = 86_400_000
+
+
+def window(n: int, rates: tuple[float, ...], seed: int = 1) -> HoldoutSet:
+    """``n`` held-back impressions, all old enough for every label to be settled."""
     rng = np.random.default_rng(seed)
     y = np.zeros((n, 4), np.int8)
     u = rng.random(n)
     for t, r in enumerate(rates):
         y[:, t] = u < r  # nested: monotone labels
-    w = HoldoutWindow(10_000, 4)
-    w.add(rng.integers(1, 8, size=(n, 3)), y)
+    w = HoldoutSet([DAY, 2 * DAY, 3 * DAY, 4 * DAY], per_task=20_000)
+    w.add([f"h{seed}-{i}" for i in range(n)], rng.integers(1, 8, size=(n, 3)), y, np.zeros(n, np.int64), 5 * DAY)
     return w
 
 
@@ -66,16 +71,22 @@ def test_a_blown_up_candidate_is_refused_and_a_good_one_published() -> None:
     bad = gate.judge(model_with_rates((0.25, 0.12, 0.22, 0.38)))  # the tail blow-up of issue 19
     assert not bad.publish and bad.reason == "log_loss"
     assert bad.candidate is not None and bad.serving is not None
-    assert all(bad.candidate.log_loss[t] > bad.serving.log_loss[t] for t in (1, 2, 3))
+    assert bad.task in (1, 2, 3) and bad.candidate.log_loss[0] > 1.1 * bad.serving.log_loss[0]
+    assert f"task {bad.task}" in bad.detail
 
 
 def test_a_candidate_off_by_a_large_factor_is_refused_on_calibration() -> None:
     w = window(20_000, TRUTH)
-    _, y = w.rows()
+    _, y = w.settled(3)
+    y = np.tile(y.reshape(-1, 1), (1, 4))
     serving = funnel_order(np.tile(np.array(TRUTH), (len(y), 1)))
     low = serving.copy()
     low[:, 3] = TRUTH[3] / 3  # activation 3x too low
     v = judge(low, serving, y, log_loss_margin=10.0, calibration_margin=1.5)  # (log loss rule off)
+    assert not v.publish and v.reason == "calibration" and v.task == 3
+    gate = PublicationGate(w, min_rows=500, log_loss_margin=10.0)
+    gate.published(1, model_with_rates(TRUTH), None)
+    v = gate.judge(model_with_rates((0.25, 0.03, 0.02, 0.004)))  # the same through the gate
     assert not v.publish and v.reason == "calibration" and v.task == 3
     # the same error on a handful of positives cannot be told from noise: not blocked
     few = y[:600]
@@ -83,16 +94,33 @@ def test_a_candidate_off_by_a_large_factor_is_refused_on_calibration() -> None:
     assert judge(low[:600], serving[:600], few, 10.0, 1.5).publish
 
 
-def test_too_few_held_back_finals_or_nothing_served_means_no_judgement() -> None:
+def test_too_few_settled_impressions_or_nothing_served_means_no_judgement() -> None:
     gate = PublicationGate(window(100, TRUTH), min_rows=500)
     assert gate.judge(model_with_rates((0.9, 0.9, 0.9, 0.9))).publish  # nothing served yet
     gate.published(1, model_with_rates(TRUTH), None)
     v = gate.judge(model_with_rates((0.9, 0.9, 0.9, 0.9)))
-    assert v.publish and "100 held-back finals" in v.detail
+    assert v.publish and "fewer than 500" in v.detail
+
+
+def test_each_task_is_judged_only_on_impressions_old_enough_for_its_label() -> None:
+    h = HoldoutSet([DAY, 2 * DAY, 3 * DAY, 4 * DAY], per_task=100)
+    ids = np.ones((1, 3), np.int64)
+    for age_days in range(6):  # one impression a day, days 0..5; the stream is now at day 5.5
+        h.add([f"d{age_days}"], ids, np.array([[1, 0, 0, 0]]), np.array([age_days * DAY]), int(5.5 * DAY))
+    assert h.counts() == [5, 4, 3, 2]  # e.g. approval (3 days): impressions of days 0, 1 and 2
+    # a later sample of an impression only adds positives (labels are monotone)
+    h.add(["d0"], ids, np.array([[1, 1, 1, 0]]), np.array([0]), int(5.5 * DAY))
+    h.add(["d0"], ids, np.array([[1, 1, 0, 0]]), np.array([0]), int(5.5 * DAY))
+    assert h.settled(2)[1].tolist() == [1, 0, 0]
+    # an impression is judged by its age, never by its labels: a settled positive and a settled
+    # negative of the same age are both in
+    h.add(["n", "p"], np.ones((2, 3), np.int64), np.array([[0, 0, 0, 0], [1, 1, 1, 1]]),
+          np.array([DAY, DAY]), int(5.5 * DAY))
+    assert h.counts() == [7, 6, 5, 4]
 
 
 def test_the_served_version_sees_later_ids_as_out_of_vocabulary() -> None:
-    gate = PublicationGate(HoldoutWindow(10, 4), min_rows=1)
+    gate = PublicationGate(HoldoutSet([DAY] * 4), min_rows=1)
     model = model_with_rates(TRUTH)
     gate.published(1, model, vocab_sizes=[2, 2, 2])
     x = np.array([[1, 2, 7]])
@@ -102,14 +130,21 @@ def test_the_served_version_sees_later_ids_as_out_of_vocabulary() -> None:
     np.testing.assert_allclose(mapped, funnel_order(direct), rtol=1e-6)
 
 
-def test_window_keeps_the_newest_and_round_trips() -> None:
-    w = HoldoutWindow(5, 4)
-    w.add(np.arange(21).reshape(7, 3), np.eye(4, dtype=np.int8)[[0, 1, 2, 3, 0, 1, 2]])
-    ids, _ = w.rows()
-    assert sorted(ids[:, 0].tolist()) == [6, 9, 12, 15, 18] and w.total == 7
-    again = HoldoutWindow(5, 4)
-    again.load_state_dict(w.state_dict())
-    assert sorted(again.rows()[0][:, 0].tolist()) == [6, 9, 12, 15, 18]
+def test_the_set_keeps_the_newest_and_round_trips() -> None:
+    h = HoldoutSet([DAY] * 4, per_task=3, capacity=5)
+    h.add([f"i{k}" for k in range(7)], np.arange(21).reshape(7, 3), np.eye(4, dtype=np.int8)[[0, 1, 2, 3, 0, 1, 2]],
+          np.arange(7) * 1000, 3 * DAY)
+    h._evict()
+    assert len(h) == 3  # only the newest 3 settled ones can still be judged on
+    ids, _ = h.settled(0)
+    assert ids[:, 0].tolist() == [12, 15, 18]  # the newest 3 settled ones, oldest first
+    again = HoldoutSet([DAY] * 4, per_task=3, capacity=5)
+    again.load_state_dict(h.state_dict())
+    assert again.settled(0)[0][:, 0].tolist() == [12, 15, 18] and again.now_ms == h.now_ms
+    for k in range(200):  # newer impressions, settled or not: the old ones give way
+        h.add([f"n{k}"], np.ones((1, 3), np.int64), np.zeros((1, 4)), np.array([(30 - k * 0.001) * DAY]), 30 * DAY)
+    h._evict()
+    assert len(h) == 5 and "i6" not in h._rows  # the capacity
 
 
 # --- in the trainer ----------------------------------------------------------------------------
@@ -127,7 +162,8 @@ class FakeProducer:
 
 
 def samples(n: int, seed: int) -> list[Sample]:
-    """Impressions with their final samples only (labels depend on feature ``a``)."""
+    """Impressions with their final samples only (labels depend on feature ``a``), spread over 30
+    days so that the held-back ones are old enough for every label to be settled by the end."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -136,8 +172,8 @@ def samples(n: int, seed: int) -> list[Sample]:
         app = click * int(rng.random() < 0.3)
         labels = (click, app, app * int(rng.random() < 0.5), 0)
         feats = {"a": str(a), "b": str(int(rng.integers(0, 4))), "c": str(int(rng.integers(0, 4)))}
-        out.append(Sample(f"s{seed}-{i}", "bank_1", 1_767_225_600_000 + i, feats, labels, (True,) * 4, "final",
-                          3_600_000, 5))
+        t = 1_767_225_600_000 + i * 30 * DAY // n
+        out.append(Sample(f"s{seed}-{i}", "bank_1", t, feats, labels, (True,) * 4, "final", 3_600_000, 5, t + DAY))
     return out
 
 
@@ -154,7 +190,7 @@ def test_the_trainer_refuses_a_bad_candidate_and_counts_it(tmp_path: Path, caplo
     registry = CollectorRegistry()
     t = trainer(tmp_path, registry)
     t._train([SampleBatch.from_samples(samples(2000, 0))], 0, 0)
-    assert t.gate.window.size > 200  # the held-back slice's finals, never trained on
+    assert min(t.gate.holdout.counts()) > 200  # the held-back slice, never trained on
     assert t.checkpoint() is not None  # nothing served yet: published
     store = ModelStore(t.store.root)
     assert store.versions() == [1]
@@ -185,10 +221,13 @@ def test_served_version_gauges_report_the_published_version_on_held_back_finals(
     # independently: the published file, scored by the scorer's own code, on the held-back finals
     m = ScoringModel.from_checkpoint(v.version, ModelStore(t.store.root).load(v.version))
     held = [s for s in data if held_back([s.impression_id], 0.3)[0]]
-    assert len(held) == registry.get_sample_value("aitm_trainer_holdout_finals")
-    p = m.predict([s.features for s in held])
-    y = np.array([s.labels for s in held], np.float64)
+    now = max(s.watermark_ms for s in data)
     for k, task in enumerate(TASKS):
+        settled = [s for s in held if s.event_time_ms <= now - t.gate.holdout.horizons_ms[k]]
+        assert 0 < len(settled) < len(held)
+        assert len(settled) == registry.get_sample_value("aitm_trainer_holdout_impressions", {"task": task})
+        p = m.predict([s.features for s in settled])
+        y = np.array([s.labels for s in settled], np.float64)
         got_ll = registry.get_sample_value("aitm_trainer_served_log_loss", {"task": task})
         got_cal = registry.get_sample_value("aitm_trainer_served_calibration_ratio", {"task": task})
         pk = np.clip(p[:, k], 1e-7, 1 - 1e-7)
