@@ -145,15 +145,18 @@ class Settings(BaseSettings):
     trainer_warm_start: Path | None = None
     # --- what keeps the served scores right and steady (docs/serving.md)
     # an optimizer step needs this many rows: a quiet stream gathers small batches (a real-time
-    # trainer at a few thousand impressions a day would otherwise take a full Adam step per sample)
-    trainer_min_step_rows: int = Field(default=256, ge=1)
+    # trainer at a few thousand impressions a day would otherwise take a full Adam step per sample);
+    # at bench speed, where batches are full, 1, 64 and 256 measured alike (docs/serving.md)
+    trainer_min_step_rows: int = Field(default=64, ge=1)
     # late positives (corrections) are released at most at this multiple of their usual rate per
     # first sample, so a burst (a daily activation file, the tail after the last impression) is
     # spread over the impressions that follow it; 0 = at once (as before)
     trainer_positive_slack: float = Field(default=2.0, ge=0)
     # the served model is an average of the trained weights with this half-life in trained rows
-    # (about a day of rows at 4,000 impressions a day); 0 = serve the trained weights
-    trainer_ema_half_life_rows: float = Field(default=4000.0, ge=0)
+    # (about 1.5 days of rows at 4,000 impressions a day, 0.6 at 10,000); 0 = serve the trained
+    # weights. 4,000 left the sparse steps' swing at 1.3-1.5x between versions, 8,000 at 1.1-1.2x
+    # for about 0.005 AUC (replays, docs/serving.md)
+    trainer_ema_half_life_rows: float = Field(default=8000.0, ge=0)
     # a cold-started model's output biases start at the log-odds of these end-to-end rates (the
     # AITM paper's credit-card funnel); set your funnel's own, or [] to start at 0 (50%)
     trainer_prior_rates: list[float] = Field(default_factory=lambda: [0.2329, 0.0184, 0.0130, 0.0100])
