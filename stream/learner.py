@@ -84,8 +84,8 @@ def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
     """
     if share <= 0:
         return np.zeros(len(impression_ids), bool)
-    cut = share * 2**32
-    return np.fromiter((zlib.crc32(i.encode()) < cut for i in impression_ids), bool, count=len(impression_ids))
+    crc = np.fromiter(map(zlib.crc32, map(str.encode, impression_ids)), np.uint64, count=len(impression_ids))
+    return crc < share * 2**32
 
 
 def pick_device(name: str) -> torch.device:
@@ -217,11 +217,19 @@ class OnlineLearner:
                 need[i] = iids[i] not in pending and iids[i] not in firsts_here
         logits: torch.Tensor | None = None  # (M, T) with grad, rows ``fwd_rows`` (one pass)
         fwd_rows = np.zeros(0, np.int64)
+        holdout = held_back(iids, self.stabilisers.holdout_share)
+        late, n_first = self._late_rows(batch, holdout)
+        waited: tuple[RowBlock, torch.Tensor] | None = None  # rows from the buffer and their logits
         if train and self.one_pass:
             fwd = need | (kind == FINAL) if self.mode == "final-only" else need  # + the rows it trains
             fwd_rows = np.flatnonzero(fwd)
             self._set_training(False)  # no dropout: this pass scores as well
-            logits = self.model(torch.as_tensor(ids[fwd_rows], device=self.device))  # (M, T)
+            before = self.mixer.upcoming(late, n_first)  # rows that waited and go into this step
+            x = ids[fwd_rows] if before is None else np.concatenate([ids[fwd_rows], before.ids])
+            out = self.model(torch.as_tensor(x, device=self.device))  # (M + W, T)
+            logits = out[: fwd_rows.size]  # (M, T)
+            if before is not None:
+                waited = (before, out[fwd_rows.size :])
             probs = np.full((n, N_TASKS), np.nan, np.float32)  # (N, T), NaN where not scored
             probs[fwd_rows] = torch.sigmoid(logits.detach()).float().cpu().numpy()
         elif need.all():
@@ -253,21 +261,15 @@ class OnlineLearner:
         if self.frozen is not None and final_rows:
             self._evaluate_frozen(batch, ids, final_rows, y_eval, p_eval)
         rows = 0
-        holdout = held_back(iids, self.stabilisers.holdout_share)
         if train:  # ... and only then train
             tr = train_rows(self.mode, batch, probs, first_seen)
             mine = ~holdout[tr.index]  # the held-back slice is never trained on
             index = tr.index[mine]
             block = RowBlock.of(ids[index], tr.labels[mine], tr.mask[mine], tr.weight[mine], origin=index)
-            late = np.full(len(block), -1, np.int64)
-            if self.stabilisers.positive_slack is not None:  # late positives are paced
-                corr = kind[index] == CORRECTION
-                late[corr] = np.clip(batch.seq[index[corr]], 1, N_TASKS) - 1
-            n_first = int(((kind == FIRST) & ~holdout).sum())
-            ready = self.mixer.add(block, late, n_first)
+            ready = self.mixer.add(block, late[index], n_first)
             if ready is not None:
                 rows = len(ready)
-                self._optimize(ready, ids, logits, fwd_rows)
+                self._optimize(ready, logits, fwd_rows, waited)
             self.trained_samples += rows
         self.samples_seen += n
         eval_ids = [iids[i] for i in final_rows]
@@ -275,10 +277,23 @@ class OnlineLearner:
         return StepResult(n, len(given) - n, rows, eval_ids, y_eval, p_eval, probs, time.perf_counter() - t0,
                           held, ids[held])
 
-    def _optimize(self, ready: RowBlock, ids: np.ndarray, logits: torch.Tensor | None, fwd_rows: np.ndarray) -> None:
+    def _late_rows(self, batch: SampleBatch, holdout: np.ndarray) -> tuple[np.ndarray, int]:
+        """(N,) the task each row is a paced late positive of (-1: none), and the first samples the
+        batch brings - what the mixing buffer is told about the batch."""
+        late = np.full(len(batch), -1, np.int64)
+        if self.mode == "fnw" and self.stabilisers.positive_slack is not None:  # late positives are paced
+            step = np.clip(batch.seq, 1, N_TASKS) - 1
+            credited = ((batch.kind == CORRECTION) & (batch.seq >= 1) & (batch.seq <= N_TASKS) & ~holdout
+                        & (batch.labels[np.arange(len(batch)), step] == 1))
+            late[credited] = step[credited]
+        return late, int(((batch.kind == FIRST) & ~holdout).sum())
+
+    def _optimize(self, ready: RowBlock, logits: torch.Tensor | None, fwd_rows: np.ndarray,
+                  waited: tuple[RowBlock, torch.Tensor] | None) -> None:
         """One optimizer step on ``ready`` (then the weight average follows). Rows that came with
-        this batch reuse the scoring pass's logits (one pass); rows that waited in the buffer get
-        their own forward pass, in the same graph."""
+        this batch reuse the scoring pass's logits (one pass), and so do the rows that waited in the
+        buffer when the pass included them (``waited``: what ``MixingBuffer.upcoming`` foresaw);
+        any other row gets its own forward pass, in the same graph."""
         dev = self.device
         labels = torch.as_tensor(ready.labels, device=dev)  # (R, T)
         mask = torch.as_tensor(ready.mask, device=dev)
@@ -290,7 +305,11 @@ class OnlineLearner:
                 raise RuntimeError(f"{self.mode}: a trained row was not in the scoring pass")
             parts = [logits[torch.as_tensor(at, device=dev)]] if here.any() else []
             if not here.all():
-                parts.append(self.model(torch.as_tensor(ready.ids[~here], device=dev)))  # (W, T) waited rows
+                old = ready.ids[~here]  # (W, F) rows that waited
+                if waited is not None and np.array_equal(waited[0].ids, old):
+                    parts.append(waited[1])  # foreseen: already in the scoring pass
+                else:
+                    parts.append(self.model(torch.as_tensor(old, device=dev)))  # (W, T)
             order = np.concatenate([np.flatnonzero(here), np.flatnonzero(~here)])
             sel = torch.as_tensor(order, device=dev)
             loss = aitm_loss(torch.cat(parts), labels[sel], mask[sel], weight[sel], self.alpha)

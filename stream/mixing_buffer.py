@@ -126,27 +126,55 @@ class MixingBuffer:
         """(T,) late positives per first sample, as measured so far."""
         return self.arrived / self.firsts if self.firsts > 0 else np.zeros(self.n_tasks)
 
+    def _after(self, late_counts: np.ndarray, n_first: int) -> tuple[float, np.ndarray, np.ndarray]:
+        """(firsts, arrived, budget) once a batch with ``late_counts`` (T,) late positives and
+        ``n_first`` first samples is added - the pace, before any release."""
+        decay = 0.5 ** (n_first / self.half_life)
+        firsts = self.firsts * decay + n_first
+        arrived = self.arrived * decay + late_counts
+        rates = arrived / firsts if firsts > 0 else np.zeros(self.n_tasks)
+        allowance = self.slack * rates * n_first  # (T,)
+        # carry at most one row (or one batch's allowance) over: idle stretches must not save up
+        # a budget that lets a whole burst through at once
+        budget = np.minimum(self.budget + allowance, np.maximum(allowance, 1.0))
+        return firsts, arrived, budget
+
+    def upcoming(self, late_task: np.ndarray, n_first: int) -> RowBlock | None:
+        """The rows already here that ``add`` with the same arguments will put into the next step,
+        in the order it will (rows ready from earlier batches, then each task's released queue
+        head), so that a caller can run them through the model in the same pass as the batch;
+        None when there are none."""
+        counts = np.bincount(np.asarray(late_task)[np.asarray(late_task) >= 0], minlength=self.n_tasks)[: self.n_tasks]
+        _, _, budget = self._after(counts.astype(np.float64), n_first)
+        parts = list(self.ready)
+        if n_first > 0:
+            for t in range(self.n_tasks):
+                want = int(budget[t])
+                for block in self.held[t]:
+                    if want <= 0:
+                        break
+                    parts.append(block.take(slice(0, want)))
+                    want -= min(want, len(block))
+        parts = [b.waited() for b in parts if len(b)]
+        return RowBlock.concat(parts) if parts else None
+
     def add(self, rows: RowBlock, late_task: np.ndarray, n_first: int) -> RowBlock | None:
         """Take a batch's training rows (``late_task[i]``: the task row ``i`` is a late positive of,
         or -1) and the number of first samples the batch brought; return the rows of the next
-        optimizer step, or None while fewer than ``min_rows`` are ready."""
+        optimizer step, or None while fewer than ``min_rows`` are ready. Rows of this batch keep
+        their ``origin``; rows that waited have none."""
         late_task = np.asarray(late_task, np.int64)
         if late_task.shape != (len(rows),):
             raise ValueError(f"one task (or -1) per row: {late_task.shape} for {len(rows)} rows")
-        decay = 0.5 ** (n_first / self.half_life)
-        self.firsts = self.firsts * decay + n_first
-        self.arrived *= decay
+        counts = np.bincount(late_task[late_task >= 0], minlength=self.n_tasks)[: self.n_tasks]
+        self.firsts, self.arrived, self.budget = self._after(counts.astype(np.float64), n_first)
         self.ready = [b.waited() for b in self.ready]
+        self.held = [[b.waited() for b in q] for q in self.held]
         self.ready.append(rows.take(late_task < 0))
         for t in range(self.n_tasks):
-            mine = rows.take(late_task == t).waited()
+            mine = rows.take(late_task == t)
             if len(mine):
                 self.held[t].append(mine)
-                self.arrived[t] += len(mine)
-        allowance = self.slack * self.rates() * n_first  # (T,)
-        # carry at most one row (or one batch's allowance) over: idle stretches must not save up
-        # a budget that lets a whole burst through at once
-        self.budget = np.minimum(self.budget + allowance, np.maximum(allowance, 1.0))
         if n_first > 0:  # late positives go out only beside new impressions
             for t in range(self.n_tasks):
                 self._release(t, int(self.budget[t]))

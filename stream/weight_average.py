@@ -41,6 +41,8 @@ class WeightAverage:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.rows = 0  # rows averaged so far
+        self._mine: list[torch.Tensor] = list(self.model.parameters())  # (walking the modules costs more
+        self._theirs: tuple[nn.Module, list[torch.Tensor]] | None = None  # than the update itself)
 
     @torch.no_grad()
     def update(self, model: nn.Module, rows: int) -> None:
@@ -48,9 +50,9 @@ class WeightAverage:
         if rows <= 0:
             return
         keep = min(0.5 ** (rows / self.half_life), self.rows / (self.rows + rows))
-        mine: list[torch.Tensor] = list(self.model.parameters())
-        theirs = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(mine, theirs, 1.0 - keep)
+        if self._theirs is None or self._theirs[0] is not model:
+            self._theirs = (model, [p.detach() for p in model.parameters()])
+        torch._foreach_lerp_(self._mine, self._theirs[1], 1.0 - keep)
         for b_avg, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_avg.copy_(b)
         self.rows += rows

@@ -323,3 +323,19 @@ def test_a_cold_model_starts_at_the_prior_rates() -> None:
         bias = ln.model.head_b.numpy()
     np.testing.assert_allclose(1 / (1 + np.exp(-bias)), [0.2, 0.02, 0.02, 0.01], rtol=1e-5)
     assert ln.predict(ids).shape == (4, 4)
+
+
+def test_rows_that_waited_share_the_scoring_pass_and_train_exactly_as_on_their_own() -> None:
+    def run(foresee: bool) -> OnlineLearner:
+        ln = stabilised(positive_slack=2.0, min_step_rows=150, ema_half_life_rows=100.0)
+        if not foresee:
+            ln.mixer.upcoming = lambda *a, **k: None  # type: ignore[method-assign]
+        for b in range(6):
+            ln.step([sample(100 * b + i, "first", mature=(False,) * 4) for i in range(100)])
+            ln.step([sample(100 * b + i, "correction", labels=(1, 1, 1, 1), seq=4) for i in range(0, 100, 9)])
+        return ln
+
+    fast, slow = run(True), run(False)
+    assert fast.steps == slow.steps >= 3 and fast.trained_samples == slow.trained_samples
+    for (k, a), b in zip(fast.model.state_dict().items(), slow.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=k)  # same rows, summed in another order
