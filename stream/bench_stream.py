@@ -39,11 +39,12 @@ from simulators.funnel import DAY_MS, EPOCH_MS, FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
 from stream.broker import EmbeddedBroker, ensure_topics, free_port
 from stream.events import TASKS
-from stream.learner import OnlineLearner
+from stream.learner import OnlineLearner, Stabilisers
 from stream.model_store import parse_version
 from stream.sample_batch import N_TASKS
 from stream.samples import Sample, parse_sample
 from stream.settings import Settings
+from stream.trainer import stabilisers
 
 MAIN_TASKS = ("approval", "activation")
 
@@ -184,12 +185,13 @@ def _wait_http(port: int, timeout: float) -> None:
 
 def _replay(samples: list[Sample], fields: tuple[str, ...], caps: list[int], mode: str,
             train_until_ms: int | None = None, *, lr: float, batch: int = 500,
-            batches: list[list[Sample]] | None = None,
+            batches: list[list[Sample]] | None = None, stabilisers: Stabilisers | None = None,
             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Test-then-train over ``samples`` in batches of ``batch`` (or over the given ``batches``);
-    returns impression id -> (final labels, prediction)."""
+    """Test-then-train over ``samples`` in batches of ``batch`` (or over the given ``batches``),
+    with the trainer's stabilisers; returns impression id -> (final labels, prediction)."""
     torch.manual_seed(0)
-    learner = OnlineLearner(FeatureEncoder(fields, capacity=caps, min_count=10), mode=mode, lr=lr)
+    learner = OnlineLearner(FeatureEncoder(fields, capacity=caps, min_count=10), mode=mode, lr=lr,
+                            stabilisers=stabilisers)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     chunks = batches if batches is not None else [samples[i : i + batch] for i in range(0, len(samples), batch)]
     for chunk in chunks:
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         event_ms = {s.impression_id: s.event_time_ms for s in samples}
         last_day_ms = EPOCH_MS + args.days * DAY_MS
         t_q = time.monotonic()
-        kw = {"batch": args.batch, "lr": args.lr}
+        kw = {"batch": args.batch, "lr": args.lr, "stabilisers": stabilisers(settings)}
         pairs = {
             "incremental": _replay(samples, fields, cap_list, settings.trainer_mode, **kw),
             "frozen": _replay(samples, fields, cap_list, settings.trainer_mode, cutoff, **kw),

@@ -24,6 +24,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "train": ("aitm.bench_train", "training samples/s and batch-1 scoring latency"),
     "stream": ("stream.bench_stream", "the streaming learner end to end"),
     "chaos": ("stream.bench_chaos", "kill -9 chaos run: nothing lost"),
+    "serving": ("stream.bench_serving", "every published model version against the truth"),
 }
 
 

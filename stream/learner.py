@@ -14,9 +14,10 @@ import copy
 import dataclasses
 import math
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import numpy as np
 import torch
@@ -27,8 +28,10 @@ from aitm.model import AITM, AITMConfig
 from aitm.train import make_optimizer, train_step
 from stream.delayed_feedback import MODES, train_rows
 from stream.evaluation import PrequentialEvaluator
+from stream.mixing_buffer import MixingBuffer, RowBlock
 from stream.sample_batch import CORRECTION, FINAL, FIRST, N_TASKS, SampleBatch, as_batch
 from stream.samples import Sample
+from stream.weight_average import WeightAverage
 
 PENDING_CAP: Final = 500_000  # first-sample predictions awaiting their final label
 SEEN_CAP: Final = 500_000  # (impression id, seq) keys remembered for deduplication
@@ -47,6 +50,42 @@ class StepResult:
     scored_probs: np.ndarray  # (N, T) the batch's pre-training predictions; NaN for finals whose
     # first-sample prediction was held (they are evaluated with that one and need no new score)
     seconds: float
+    # samples of held-back impressions (never trained on): their rows in the batch ``holdout_rows``
+    # (H,), encoded features (H, F); labels and times are the batch's
+    holdout_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    holdout_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int64))
+
+
+@dataclass(frozen=True)
+class Stabilisers:
+    """What keeps the served scores steady (docs/serving.md); the defaults change nothing.
+
+    ``min_step_rows``: rows an optimizer step needs (small batches are gathered); ``positive_slack``:
+    late positives are released at most at this multiple of their usual rate per first sample
+    (None: at once); ``ema_half_life_rows``: serve an average of the weights (0: the trained ones);
+    ``holdout_share``: impressions never trained on, whose finals judge the served versions;
+    ``prior_rates``: end-to-end rates a cold-started model starts from (None: its biases start at 0,
+    which is 50% on every step)."""
+
+    min_step_rows: int = 1
+    positive_slack: float | None = None
+    positive_half_life: float = 20_000.0
+    ema_half_life_rows: float = 0.0
+    holdout_share: float = 0.0
+    prior_rates: tuple[float, ...] | None = None  # a new model's output biases start at their log-odds
+
+
+def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
+    """(N,) bool: the impressions of the held-back slice - a fixed ``share`` of ids, by a hash of
+    the id (crc32), so every process and every restart agrees on it.
+
+    >>> held_back(["a", "b", "c"], 0.0).tolist(), held_back(["a", "b", "c"], 1.0).tolist()
+    ([False, False, False], [True, True, True])
+    """
+    if share <= 0:
+        return np.zeros(len(impression_ids), bool)
+    crc = np.fromiter(map(zlib.crc32, map(str.encode, impression_ids)), np.uint64, count=len(impression_ids))
+    return crc < share * 2**32
 
 
 def pick_device(name: str) -> torch.device:
@@ -78,6 +117,7 @@ class OnlineLearner:
         seed: int = 0,
         freeze_after_ms: int | None = None,
         one_pass: bool = True,
+        stabilisers: Stabilisers | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown delayed-feedback mode {mode!r}; one of {MODES}")
@@ -86,8 +126,17 @@ class OnlineLearner:
         self.encoder = encoder
         self.mode = mode
         self.alpha = alpha
-        self.model = (model or AITM(AITMConfig(vocab_sizes=encoder.vocab_sizes, n_tasks=N_TASKS))).to(self.device)
+        st = self.stabilisers = stabilisers or Stabilisers()
+        if model is None:
+            model = AITM(AITMConfig(vocab_sizes=encoder.vocab_sizes, n_tasks=N_TASKS))
+            if st.prior_rates is not None:
+                init_output_bias(model, st.prior_rates)
+        self.model = model.to(self.device)
         self.optimizer = make_optimizer(self.model, lr=lr)
+        self.mixer = MixingBuffer(N_TASKS, st.min_step_rows, st.positive_slack or 1.0, st.positive_half_life)
+        self.average = WeightAverage(self.model, st.ema_half_life_rows) if st.ema_half_life_rows > 0 else None
+        self.steps = 0  # optimizer steps, lifetime
+        self.last_batch = SampleBatch.empty()
         # one forward pass per batch, dropout off, both scores the batch and carries the gradient
         # (the scores come from the weights before this batch's update: test-then-train holds).
         # False: a scoring pass in eval mode, then a training pass with the model's dropout.
@@ -140,10 +189,11 @@ class OnlineLearner:
         return batch if len(keep) == len(batch) else batch.take(keep)
 
     def step(self, samples: SampleBatch | Sequence[Sample], train: bool = True) -> StepResult:
-        """Score the batch, evaluate its finals, then (``train``) update on it. Test-then-train."""
+        """Score the batch, evaluate its finals, then (``train``) update on it. Test-then-train.
+        ``self.last_batch`` is the deduplicated batch the result's rows refer to."""
         t0 = time.perf_counter()
         given = as_batch(samples)
-        batch = self._dedupe(given)
+        batch = self.last_batch = self._dedupe(given)
         n = len(batch)
         if n == 0:
             empty = np.zeros((0, N_TASKS))
@@ -167,11 +217,19 @@ class OnlineLearner:
                 need[i] = iids[i] not in pending and iids[i] not in firsts_here
         logits: torch.Tensor | None = None  # (M, T) with grad, rows ``fwd_rows`` (one pass)
         fwd_rows = np.zeros(0, np.int64)
+        holdout = held_back(iids, self.stabilisers.holdout_share)
+        late, n_first = self._late_rows(batch, holdout)
+        waited: tuple[RowBlock, torch.Tensor] | None = None  # rows from the buffer and their logits
         if train and self.one_pass:
             fwd = need | (kind == FINAL) if self.mode == "final-only" else need  # + the rows it trains
             fwd_rows = np.flatnonzero(fwd)
             self._set_training(False)  # no dropout: this pass scores as well
-            logits = self.model(torch.as_tensor(ids[fwd_rows], device=self.device))  # (M, T)
+            before = self.mixer.upcoming(late, n_first)  # rows that waited and go into this step
+            x = ids[fwd_rows] if before is None else np.concatenate([ids[fwd_rows], before.ids])
+            out = self.model(torch.as_tensor(x, device=self.device))  # (M + W, T)
+            logits = out[: fwd_rows.size]  # (M, T)
+            if before is not None:
+                waited = (before, out[fwd_rows.size :])
             probs = np.full((n, N_TASKS), np.nan, np.float32)  # (N, T), NaN where not scored
             probs[fwd_rows] = torch.sigmoid(logits.detach()).float().cpu().numpy()
         elif need.all():
@@ -205,28 +263,72 @@ class OnlineLearner:
         rows = 0
         if train:  # ... and only then train
             tr = train_rows(self.mode, batch, probs, first_seen)
-            rows = len(tr)
-            if rows:
-                dev = self.device
-                labels = torch.as_tensor(tr.labels, device=dev)  # (R, T)
-                mask = torch.as_tensor(tr.mask, device=dev)
-                weight = torch.as_tensor(tr.weight, device=dev)
-                if logits is not None:  # the scoring pass's rows: every trained row is among them
-                    at = np.minimum(np.searchsorted(fwd_rows, tr.index), fwd_rows.size - 1)  # (R,) positions
-                    if not np.array_equal(fwd_rows[at], tr.index):
-                        raise RuntimeError(f"{self.mode}: a trained row was not in the scoring pass")
-                    loss = aitm_loss(logits[torch.as_tensor(at, device=dev)], labels, mask, weight, self.alpha)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
-                else:
-                    self._set_training(True)
-                    train_step(self.model, self.optimizer, torch.as_tensor(ids[tr.index], device=dev),
-                               labels, mask, weight, alpha=self.alpha)
+            mine = ~holdout[tr.index]  # the held-back slice is never trained on
+            index = tr.index[mine]
+            block = RowBlock.of(ids[index], tr.labels[mine], tr.mask[mine], tr.weight[mine], origin=index)
+            ready = self.mixer.add(block, late[index], n_first)
+            if ready is not None:
+                rows = len(ready)
+                self._optimize(ready, logits, fwd_rows, waited)
             self.trained_samples += rows
         self.samples_seen += n
         eval_ids = [iids[i] for i in final_rows]
-        return StepResult(n, len(given) - n, rows, eval_ids, y_eval, p_eval, probs, time.perf_counter() - t0)
+        held = np.flatnonzero(holdout)
+        return StepResult(n, len(given) - n, rows, eval_ids, y_eval, p_eval, probs, time.perf_counter() - t0,
+                          held, ids[held])
+
+    def _late_rows(self, batch: SampleBatch, holdout: np.ndarray) -> tuple[np.ndarray, int]:
+        """(N,) the task each row is a paced late positive of (-1: none), and the first samples the
+        batch brings - what the mixing buffer is told about the batch."""
+        late = np.full(len(batch), -1, np.int64)
+        if self.mode == "fnw" and self.stabilisers.positive_slack is not None:  # late positives are paced
+            step = np.clip(batch.seq, 1, N_TASKS) - 1
+            credited = ((batch.kind == CORRECTION) & (batch.seq >= 1) & (batch.seq <= N_TASKS) & ~holdout
+                        & (batch.labels[np.arange(len(batch)), step] == 1))
+            late[credited] = step[credited]
+        return late, int(((batch.kind == FIRST) & ~holdout).sum())
+
+    def _optimize(self, ready: RowBlock, logits: torch.Tensor | None, fwd_rows: np.ndarray,
+                  waited: tuple[RowBlock, torch.Tensor] | None) -> None:
+        """One optimizer step on ``ready`` (then the weight average follows). Rows that came with
+        this batch reuse the scoring pass's logits (one pass), and so do the rows that waited in the
+        buffer when the pass included them (``waited``: what ``MixingBuffer.upcoming`` foresaw);
+        any other row gets its own forward pass, in the same graph."""
+        dev = self.device
+        labels = torch.as_tensor(ready.labels, device=dev)  # (R, T)
+        mask = torch.as_tensor(ready.mask, device=dev)
+        weight = torch.as_tensor(ready.weight, device=dev)
+        if logits is not None:
+            here = ready.origin >= 0
+            at = np.minimum(np.searchsorted(fwd_rows, ready.origin[here]), max(fwd_rows.size - 1, 0))  # positions
+            if here.any() and not np.array_equal(fwd_rows[at], ready.origin[here]):
+                raise RuntimeError(f"{self.mode}: a trained row was not in the scoring pass")
+            parts = [logits[torch.as_tensor(at, device=dev)]] if here.any() else []
+            if not here.all():
+                old = ready.ids[~here]  # (W, F) rows that waited
+                if waited is not None and np.array_equal(waited[0].ids, old):
+                    parts.append(waited[1])  # foreseen: already in the scoring pass
+                else:
+                    parts.append(self.model(torch.as_tensor(old, device=dev)))  # (W, T)
+            order = np.concatenate([np.flatnonzero(here), np.flatnonzero(~here)])
+            sel = torch.as_tensor(order, device=dev)
+            loss = aitm_loss(torch.cat(parts), labels[sel], mask[sel], weight[sel], self.alpha)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self._set_training(True)
+            train_step(self.model, self.optimizer, torch.as_tensor(ready.ids, device=dev), labels, mask, weight,
+                       alpha=self.alpha)
+        self.steps += 1
+        if self.average is not None:
+            self.average.update(self.model, len(ready))
+
+    def served_model(self) -> AITM:
+        """The model a new version serves: the weight average when there is one, else the trained model."""
+        if self.average is not None:
+            return cast(AITM, self.average.model)
+        return self.model
 
     # --- the frozen copy ------------------------------------------------------------------------
 
@@ -288,6 +390,11 @@ class OnlineLearner:
             "pending_probs": torch.from_numpy(np.asarray(probs, np.float32)),
             "trained_samples": self.trained_samples,
             "samples_seen": self.samples_seen,
+            "steps": self.steps,
+            "mixer": self.mixer.state_dict(),
+            # the trained weights (the checkpoint's model_state is what is served: the average)
+            "trained_model": None if self.average is None else _cloned(self.model.state_dict()),
+            "average": None if self.average is None else self.average.state_dict(),
             "stream_start_ms": self.stream_start_ms,
             "frozen": None if self.frozen is None else {
                 "model": self.frozen.state_dict(),
@@ -305,6 +412,16 @@ class OnlineLearner:
         self.pending = dict(zip(state["pending_ids"], probs, strict=True))
         self.trained_samples = int(state["trained_samples"])
         self.samples_seen = int(state["samples_seen"])
+        self.steps = int(state.get("steps", 0))
+        if state.get("mixer") is not None:
+            self.mixer.load_state_dict(state["mixer"])
+        if state.get("trained_model") is not None:
+            self.model.load_state_dict(state["trained_model"])
+        if self.average is not None:
+            if state.get("average") is not None:
+                self.average.load_state_dict(state["average"])
+            else:  # a checkpoint from before the average: start it from the trained weights
+                self.average = WeightAverage(self.model, self.average.half_life)
         self.stream_start_ms = state.get("stream_start_ms")
         frozen = state.get("frozen")
         if frozen is not None:
@@ -318,6 +435,28 @@ class OnlineLearner:
 
     def metric_values(self) -> dict[str, list[dict[str, float]]]:
         return self.evaluator.values()
+
+
+def init_output_bias(model: AITM, rates: Sequence[float]) -> None:
+    """Start the output biases at the log-odds of ``rates`` (made non-increasing along the funnel and
+    kept inside (1e-6, 1 - 1e-6)) instead of 0, which is 50% on every step: the model then starts
+    near the funnel's base rates instead of spending its first days - and its first versions -
+    learning them.
+
+    >>> m = AITM(AITMConfig(vocab_sizes=(3,), n_tasks=2))
+    >>> init_output_bias(m, (0.5, 0.1))
+    >>> [round(b, 4) for b in m.head_b.tolist()]
+    [0.0, -2.1972]
+    """
+    if len(rates) != model.config.n_tasks:
+        raise ValueError(f"one prior rate per task: {len(rates)} for {model.config.n_tasks} tasks")
+    p = np.clip(np.minimum.accumulate(np.asarray(rates, np.float64)), 1e-6, 1 - 1e-6)
+    with torch.no_grad():
+        model.head_b.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=model.head_b.dtype))
+
+
+def _cloned(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def fields_of(samples: SampleBatch | Sequence[Sample]) -> tuple[str, ...]:

@@ -111,6 +111,38 @@ class TrainerMetrics:
             ["task", "window"],
             registry=registry,
         )
+        self.served_log_loss = Gauge(
+            "aitm_trainer_served_log_loss",
+            "Log loss per task of the version being served, on held-back impressions whose label is settled",
+            ["task"],
+            registry=registry,
+        )
+        self.served_calibration = Gauge(
+            "aitm_trainer_served_calibration_ratio",
+            "Mean predicted / observed rate per task of the version being served, on held-back impressions "
+            "whose label is settled",
+            ["task"],
+            registry=registry,
+        )
+        self.holdout_settled = Gauge(
+            "aitm_trainer_holdout_impressions",
+            "Held-back impressions (never trained on) old enough for the task's label to be settled: "
+            "what the gate and the served-version gauges judge the task on",
+            ["task"],
+            registry=registry,
+        )
+        self.refused_versions = Counter(
+            "aitm_trainer_refused_versions",
+            "Candidate versions the publication gate refused, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.held_positives = Gauge(
+            "aitm_trainer_held_positives",
+            "Late positive rows waiting to be mixed with new impressions, per task",
+            ["task"],
+            registry=registry,
+        )
         self.samples = Counter(
             "aitm_trainer_samples",
             "Samples consumed, by kind",

@@ -55,6 +55,7 @@ from stream.events import (
 from stream.learner import config_from_dict
 from stream.metrics import RefreshMetrics, ScorerMetrics
 from stream.model_store import ModelStore, ModelStoreError, ModelVersion, parse_version
+from stream.projection import funnel_order
 from stream.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,10 @@ class ScoringModel:
 
     @torch.inference_mode()
     def predict(self, rows: Sequence[Mapping[str, str]]) -> np.ndarray:
-        """End-to-end probabilities (N, T) of feature dicts."""
+        """End-to-end probabilities (N, T) of feature dicts, in funnel order (``funnel_order``):
+        what the scores topic and ``POST /score`` publish."""
         ids = torch.from_numpy(self.encoder.encode_dicts(rows))  # (N, F)
-        out: np.ndarray = torch.sigmoid(self.model(ids)).numpy()
-        return out
+        return funnel_order(torch.sigmoid(self.model(ids)).numpy())
 
 
 @dataclass(frozen=True)

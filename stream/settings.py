@@ -157,6 +157,35 @@ class Settings(BaseSettings):
     trainer_feature_capacities: dict[str, int] = Field(default_factory=dict)
     # offline checkpoint (aitm.checkpoint format) to start from when the store is empty
     trainer_warm_start: Path | None = None
+    # --- what keeps the served scores right and steady (docs/serving.md)
+    # an optimizer step needs this many rows: a quiet stream gathers small batches (a real-time
+    # trainer at a few thousand impressions a day would otherwise take a full Adam step per sample);
+    # at bench speed, where batches are full, 1, 64 and 256 measured alike (docs/serving.md)
+    trainer_min_step_rows: int = Field(default=64, ge=1)
+    # late positives (corrections) are released at most at this multiple of their usual rate per
+    # first sample, so a burst (a daily activation file, the tail after the last impression) is
+    # spread over the impressions that follow it; 0 = at once (as before)
+    trainer_positive_slack: float = Field(default=2.0, ge=0)
+    # the served model is an average of the trained weights with this half-life in trained rows
+    # (about 1.5 days of rows at 4,000 impressions a day, 0.6 at 10,000); 0 = serve the trained
+    # weights. 4,000 left the sparse steps' swing at 1.3-1.5x between versions, 8,000 at 1.1-1.2x
+    # for about 0.005 AUC (replays, docs/serving.md)
+    trainer_ema_half_life_rows: float = Field(default=8000.0, ge=0)
+    # a cold-started model's output biases start at the log-odds of these end-to-end rates (the
+    # AITM paper's credit-card funnel); set your funnel's own, or [] to start at 0 (50%)
+    trainer_prior_rates: list[float] = Field(default_factory=lambda: [0.2329, 0.0184, 0.0130, 0.0100])
+    # share of impressions (by a hash of the id) never trained on: they judge the served versions
+    # (the publication gate and the served-version gauges). Lower it at high volume: at most
+    # 50,000 held-back impressions are kept, and activation needs ~15 days of them
+    trainer_holdout_share: float = Field(default=0.05, ge=0, lt=1)
+    # each task is judged on this many newest held-back impressions whose label is settled
+    trainer_holdout_window: int = Field(default=5000, ge=10)
+    # the gate judges a task once it has this many settled held-back impressions; it refuses a
+    # candidate whose log loss on a task is worse by more than this share (and 3 standard errors),
+    # or whose calibration error is more than this factor worse (and beyond 3 standard errors)
+    trainer_gate_min_rows: int = Field(default=500, ge=1)
+    trainer_gate_log_loss_margin: float = Field(default=0.1, ge=0)
+    trainer_gate_calibration_margin: float = Field(default=1.5, ge=1)
     # model store: a directory of versions; keep this many newest
     model_store_dir: Path | None = None  # default: DATA_DIR/models
     model_store_keep: int = Field(default=20, ge=2)

@@ -31,9 +31,10 @@ from aitm.features import FeatureEncoder
 from aitm.model import AITM
 from stream.clock import Clock, SystemClock
 from stream.events import TASKS, dead_letter
-from stream.learner import OnlineLearner, config_from_dict, fields_of, pick_device
+from stream.learner import OnlineLearner, Stabilisers, config_from_dict, fields_of, pick_device
 from stream.metrics import WINDOWS, RefreshMetrics, TrainerMetrics
 from stream.model_store import ModelStore, ModelVersion, encode_version
+from stream.publication_gate import REASONS, HoldoutSet, PublicationGate
 from stream.sample_batch import N_TASKS, SampleBatch
 from stream.sample_feed import Invalid, SampleFeed
 from stream.settings import Settings, kafka_client_config, load_settings
@@ -45,6 +46,32 @@ DAY_MS = 86_400_000
 QUALITY_REFRESH_S = 5.0
 
 
+def stabilisers(s: Settings) -> Stabilisers:
+    """The learner's stabilisers from the settings (docs/serving.md)."""
+    return Stabilisers(
+        min_step_rows=s.trainer_min_step_rows,
+        positive_slack=s.trainer_positive_slack or None,
+        ema_half_life_rows=s.trainer_ema_half_life_rows,
+        holdout_share=s.trainer_holdout_share,
+        prior_rates=tuple(s.trainer_prior_rates) or None,
+    )
+
+
+def settled_after_ms(s: Settings) -> list[int]:
+    """Per task, the impression age after which its label is settled and delivered whatever
+    happened: the step windows up to it, the joiner's lateness, grace and first-sample delay, and a
+    day for partners that deliver in batches (a daily activation file arrives up to 26 h late)."""
+    windows = (s.joiner_window_click_ms, s.joiner_window_application_ms, s.joiner_window_approval_ms,
+               s.joiner_window_activation_ms)
+    slack = s.joiner_allowed_lateness_ms + s.joiner_grace_ms + s.joiner_observe_ms + DAY_MS
+    return [sum(windows[: t + 1]) + slack for t in range(N_TASKS)]
+
+
+def vocab_sizes(encoder: FeatureEncoder) -> list[int] | None:
+    """Ids per field known to an encoder now (threshold ids are given in order), None if hashed."""
+    return [len(v) for v in encoder.vocab] if encoder.mode == "threshold" else None
+
+
 class Trainer:
     """The trainer process's state: consumer, learner, store, producer and metrics."""
 
@@ -54,13 +81,19 @@ class Trainer:
         self.clock = clock or SystemClock()
         self.mode = mode or settings.trainer_mode
         self.metrics = TrainerMetrics(registry)
+        self.published_at_s = 0.0  # before the model-age gauge: /metrics may be scraped while we start
         self.refresh = RefreshMetrics(registry, "trainer", self._model_age)
         self.store = ModelStore(settings.model_store_path(), settings.model_store_keep)
         self.device = pick_device(settings.trainer_device)
+        self.gate = PublicationGate(HoldoutSet(settled_after_ms(settings), settings.trainer_holdout_window),
+                                    settings.trainer_gate_min_rows, settings.trainer_gate_log_loss_margin,
+                                    settings.trainer_gate_calibration_margin, self.device)
+        for reason in REASONS:
+            self.metrics.refused_versions.labels(reason=reason)
+        self.refused = 0  # candidate versions the gate did not publish
         self.learner: OnlineLearner | None = None
         self.offsets: dict[int, int] = {}  # partition -> next offset to consume (trained or dead-lettered)
         self.version = 0
-        self.published_at_s = 0.0
         self.new_min_ms: int | None = None  # consumed-at of the oldest sample not yet in a version
         self.new_max_ms = 0
         self.batches_since = 0
@@ -85,7 +118,8 @@ class Trainer:
         model.load_state_dict(ckpt["model_state"])
         encoder = FeatureEncoder.from_state_dict(ckpt["feature_maps"])
         return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
-                             model=model, freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass)
+                             model=model, freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
+                             stabilisers=stabilisers(self.s))
 
     def restore(self) -> None:
         """Resume from the newest good version in the store, else warm-start, else wait for data."""
@@ -99,6 +133,10 @@ class Trainer:
             if extra.get("topic") == self.s.topic_samples and "learner" in extra:
                 self.learner.load_state_dict(extra["learner"])
                 self.offsets = {int(p): int(o) for p, o in extra.get("offsets", {}).items()}
+                if extra.get("holdout") is not None:
+                    self.gate.holdout.load_state_dict(extra["holdout"])
+                # the version resumed from is the one being served
+                self.gate.published(v, self.learner.served_model(), vocab_sizes(self.learner.encoder))
                 log.info("resumed from model version %d at offsets %s", v, self.offsets)
             else:
                 log.info("model version %d is from another topic: used as a warm start", v)
@@ -113,7 +151,8 @@ class Trainer:
         encoder = FeatureEncoder(fields, capacity=caps, min_count=self.s.trainer_feature_min_count)
         log.info("cold start: %d feature fields %s", len(fields), ", ".join(fields))
         return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
-                             freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass)
+                             freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
+                             stabilisers=stabilisers(self.s))
 
     def _freeze_after_ms(self) -> int | None:
         days = self.s.trainer_freeze_after_days
@@ -197,7 +236,7 @@ class Trainer:
                 idle_since = now
             due = (now - last_ckpt) * 1000 >= self.s.trainer_checkpoint_interval_ms
             if self.new_min_ms is not None and not n_batch and (due or self.batches_since >= self.s.trainer_checkpoint_batches):
-                self.checkpoint_async()
+                self.checkpoint_async()  # or refused by the gate: the next candidate comes an interval later
                 last_ckpt = time.monotonic()
             if now - last_gauges >= 1.0:
                 if self.learner is not None:
@@ -216,6 +255,8 @@ class Trainer:
             self.offsets.update(batch_offsets)
         if self.new_min_ms is not None:
             self.checkpoint()
+        if self._writing is not None:
+            self._writing.result()
         self.update_quality_gauges()
         self.update_lag_gauge()
 
@@ -236,6 +277,11 @@ class Trainer:
         self.last_train_s = time.monotonic()
         self.metrics.batch_seconds.observe(dt)
         self.metrics.trained.inc(res.trained_rows)
+        if len(res.holdout_rows):
+            done = self.learner.last_batch
+            rows = res.holdout_rows
+            self.gate.holdout.add([done.impression_ids[i] for i in rows.tolist()], res.holdout_ids, done.labels[rows],
+                                  done.event_time_ms[rows], int(done.watermark_ms.max()))
         self.batches_since += 1
         self.new_min_ms = first_at_ms if self.new_min_ms is None else self.new_min_ms
         self.new_max_ms = last_at_ms
@@ -247,18 +293,30 @@ class Trainer:
                             partition=rec.partition, offset=rec.offset, key=rec.key, time_ms=self.clock.now_ms())
         self._producer.send(self.s.topic_dead_letters, key=rec.key or b"", value=value)
 
-    def checkpoint(self) -> ModelVersion:
-        """Write the next version and announce it; returns once it is published."""
-        return self.checkpoint_async().result()
+    def checkpoint(self) -> ModelVersion | None:
+        """Write the next version and announce it; returns once it is published (None when the
+        publication gate refused it)."""
+        pending = self.checkpoint_async()
+        return pending.result() if pending is not None else None
 
-    def checkpoint_async(self) -> Future[ModelVersion]:
-        """Snapshot the next version (model, encoder, optimizer, evaluator, offsets) here, and
-        write, fsync and announce it on the writer thread while training goes on: a checkpoint
-        costs the loop only its snapshot (tensor copies), not ~0.15 s of serialisation and I/O.
-        One is in flight at a time; a failed write raises here, at the next checkpoint."""
+    def checkpoint_async(self) -> Future[ModelVersion] | None:
+        """Judge the candidate (the publication gate), then snapshot the next version (served
+        model, encoder, optimizer, learner state, offsets) here, and write, fsync and announce it
+        on the writer thread while training goes on: a checkpoint costs the loop only its
+        snapshot (tensor copies), not ~0.15 s of serialisation and I/O. One is in flight at a
+        time; a failed write raises here, at the next checkpoint. A refused candidate is counted
+        and logged, and nothing is written: a restart resumes from the last published version."""
         learner = self.learner
         if learner is None:
             raise RuntimeError("nothing to checkpoint before the first batch")
+        served = learner.served_model()
+        verdict = self.gate.judge(served)
+        if not verdict.publish:
+            self.refused += 1
+            self.metrics.refused_versions.labels(reason=verdict.reason or "other").inc()
+            log.warning("candidate for version %d not published (%s): %s", self.version + 1, verdict.reason,
+                        verdict.detail)
+            return None
         if self._writing is not None:
             self._writing.result()  # in order, and a failure surfaces
         self.version += 1
@@ -267,9 +325,13 @@ class Trainer:
             "offsets": dict(self.offsets),
             "learner": learner.state_dict(),
             "mode": self.mode,
+            "holdout": self.gate.holdout.state_dict(),
         }
-        ckpt = _copied(make_checkpoint(learner.model, learner.model.config, learner.encoder.state_dict(),
+        # the checkpoint's model is the served one (the weight average); the trained weights are
+        # in the learner state, for a resume
+        ckpt = _copied(make_checkpoint(served, learner.model.config, learner.encoder.state_dict(),
                                        self.version, extra))
+        self.gate.published(self.version, served, vocab_sizes(learner.encoder))
         newest_ms = self.new_max_ms
         oldest_ms = self.new_min_ms
         trained = learner.trained_samples
@@ -312,6 +374,16 @@ class Trainer:
             for window in WINDOWS:
                 for t, task in enumerate(TASKS[:N_TASKS]):
                     self.metrics.frozen_auc.labels(task=task, window=window).set(frozen[window][t]["auc"])
+        served = self.gate.serving_figures()
+        if served is not None:
+            for t, task in enumerate(TASKS[:N_TASKS]):
+                self.metrics.served_log_loss.labels(task=task).set(served.log_loss[t])
+                self.metrics.served_calibration.labels(task=task).set(served.calibration[t])
+        for t, n in enumerate(self.gate.holdout.counts()):
+            self.metrics.holdout_settled.labels(task=TASKS[t]).set(n)
+        held = self.learner.mixer.held
+        for t, task in enumerate(TASKS[:N_TASKS]):
+            self.metrics.held_positives.labels(task=task).set(sum(len(b) for b in held[t]))
         paired = self.learner.paired_metric_values()
         if paired is not None:
             for window in WINDOWS:
@@ -337,6 +409,7 @@ class Trainer:
             # CPU seconds (user + system) of this process and of its reaped children (the feed)
             "cpu_seconds": {"trainer": _cpu_s(resource.RUSAGE_SELF), "feed": _cpu_s(resource.RUSAGE_CHILDREN)},
             "version": self.version,
+            "refused_versions": self.refused,
             "device": str(self.device),
             "quality": learner.metric_values() if learner else None,
             "frozen_quality": learner.frozen_metric_values() if learner else None,

@@ -12,7 +12,7 @@ from aitm.evaluate import auc, calibration_ratio, log_loss
 from aitm.features import FeatureEncoder
 from stream.delayed_feedback import train_rows
 from stream.evaluation import PrequentialEvaluator, TaskWindow, binned_auc
-from stream.learner import OnlineLearner
+from stream.learner import OnlineLearner, Stabilisers, held_back
 from stream.samples import Sample
 
 FIELDS = ("a", "b", "c")
@@ -253,3 +253,89 @@ def test_one_pass_and_two_passes_make_the_same_first_update_without_dropout() ->
         models.append(ln.model.state_dict())
     for name, value in models[0].items():
         torch.testing.assert_close(value, models[1][name], rtol=1e-3, atol=1e-4)  # float order only
+
+
+# --- stabilisers: held-back slice, pacing of late positives, the served average, the prior ------
+
+
+def stabilised(**kw: object) -> OnlineLearner:
+    torch.manual_seed(0)
+    return OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.05, eval_window=100,
+                         stabilisers=Stabilisers(**kw))  # type: ignore[arg-type]
+
+
+def test_held_back_impressions_are_never_trained_and_their_finals_come_back() -> None:
+    ln = stabilised(holdout_share=0.5)
+    firsts = [sample(i, "first", labels=(1, 0, 0, 0), mature=(True, False, False, False)) for i in range(200)]
+    held = held_back([s.impression_id for s in firsts], 0.5)
+    assert 60 < held.sum() < 140  # a stable hash of the id picks about half
+    res = ln.step(firsts)
+    mine = int((~held).sum())
+    assert res.trained_rows == 2 * mine  # each trained first: a fake negative and its click's positive copy
+    finals = [sample(i, "final", labels=(1, i % 3 == 0, 0, 0)) for i in range(200)]
+    res = ln.step(finals)
+    assert res.trained_rows == 0
+    assert len(res.holdout_ids) == held.sum() and res.holdout_ids.shape[1] == len(FIELDS)
+    np.testing.assert_array_equal(res.holdout_rows, np.flatnonzero(held))  # rows of the batch
+    np.testing.assert_array_equal(ln.last_batch.labels[res.holdout_rows, 1], [i % 3 == 0 for i in range(200) if held[i]])
+    assert ln.evaluator.tasks[0].count == 200  # every final is still evaluated (prequentially)
+
+
+def test_late_positives_after_the_last_impression_do_not_move_the_model() -> None:
+    ln = stabilised(positive_slack=2.0)
+    for b in range(4):
+        ln.step([sample(100 * b + i, "first", mature=(False,) * 4) for i in range(100)])
+        ln.step([sample(100 * b + i, "correction", labels=(1, 1, 1, 1), seq=4) for i in range(0, 100, 25)])
+    before = copy.deepcopy(ln.served_model().state_dict())
+    waiting = sum(len(b) for b in ln.mixer.held[3])
+    for b in range(4):  # the tail: activations only, no impression around them
+        res = ln.step([sample(1000 + 10 * b + i, "correction", labels=(1, 1, 1, 1), seq=4) for i in range(10)])
+        assert res.trained_rows == 0
+    for k, v in ln.served_model().state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert sum(len(b) for b in ln.mixer.held[3]) == waiting + 40  # they wait, and are kept
+    ln.step([sample(5000 + i, "first", mature=(False,) * 4) for i in range(100)])  # impressions again
+    assert sum(len(b) for b in ln.mixer.held[3]) < waiting + 40
+
+
+def test_the_served_model_is_the_weight_average_and_a_resume_restores_both() -> None:
+    ln = stabilised(ema_half_life_rows=50.0, min_step_rows=1)
+    for b in range(5):
+        ln.step([sample(100 * b + i, "final", labels=(i % 2, 0, 0, 0)) for i in range(40)])
+    served, trained = ln.served_model(), ln.model
+    assert served is not trained
+    assert any(not torch.equal(a, b) for a, b in zip(served.state_dict().values(), trained.state_dict().values(),
+                                                     strict=True))
+    again = OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.05, eval_window=100,
+                          model=copy.deepcopy(served), stabilisers=Stabilisers(ema_half_life_rows=50.0))
+    again.encoder = copy.deepcopy(ln.encoder)
+    again.load_state_dict(ln.state_dict())
+    for k, v in trained.state_dict().items():
+        assert torch.equal(again.model.state_dict()[k], v), k  # the trained weights, not the served ones
+    for k, v in served.state_dict().items():
+        assert torch.equal(again.served_model().state_dict()[k], v), k
+
+
+def test_a_cold_model_starts_at_the_prior_rates() -> None:
+    ln = stabilised(prior_rates=(0.2, 0.02, 0.03, 0.01))  # a prior out of funnel order is ordered first
+    ids = ln.encoder.encode_dicts([{"a": "1", "b": "2", "c": "3"}] * 4, update=True)
+    with torch.no_grad():
+        bias = ln.model.head_b.numpy()
+    np.testing.assert_allclose(1 / (1 + np.exp(-bias)), [0.2, 0.02, 0.02, 0.01], rtol=1e-5)
+    assert ln.predict(ids).shape == (4, 4)
+
+
+def test_rows_that_waited_share_the_scoring_pass_and_train_exactly_as_on_their_own() -> None:
+    def run(foresee: bool) -> OnlineLearner:
+        ln = stabilised(positive_slack=2.0, min_step_rows=150, ema_half_life_rows=100.0)
+        if not foresee:
+            ln.mixer.upcoming = lambda *a, **k: None  # type: ignore[method-assign]
+        for b in range(6):
+            ln.step([sample(100 * b + i, "first", mature=(False,) * 4) for i in range(100)])
+            ln.step([sample(100 * b + i, "correction", labels=(1, 1, 1, 1), seq=4) for i in range(0, 100, 9)])
+        return ln
+
+    fast, slow = run(True), run(False)
+    assert fast.steps == slow.steps >= 3 and fast.trained_samples == slow.trained_samples
+    for (k, a), b in zip(fast.model.state_dict().items(), slow.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=k)  # same rows, summed in another order
