@@ -28,8 +28,8 @@ system-deps:
 	fi
 
 lint: install
-	$(VENV)/bin/ruff check stream aitm simulators tests
-	$(VENV)/bin/mypy stream aitm simulators
+	$(VENV)/bin/ruff check stream aitm simulators bench tests
+	$(VENV)/bin/mypy stream aitm simulators bench
 
 test: install system-deps lint
 	$(VENV)/bin/pytest -q tests

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from aitm.model import AITMConfig
+
 MAGIC = b"AITM-CHECKPOINT v1\n"
 FORMAT_VERSION = 1
 _DIGEST_LEN = 64
@@ -100,3 +102,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(obj, dict) or obj.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has an unsupported checkpoint format")
     return obj
+
+
+def config_from_dict(d: Mapping[str, Any]) -> AITMConfig:
+    """An ``AITMConfig`` back from the plain dict a checkpoint holds (lists become tuples)."""
+    names = {f.name for f in dataclasses.fields(AITMConfig)}
+    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+    return AITMConfig(**kwargs)

@@ -14,7 +14,7 @@ from simulators.delivery import PROFILES
 from simulators.faults import FaultConfig, Record, SimulatedStream
 from simulators.funnel import EPOCH_MS, FunnelSimulator, SimConfig
 from simulators.sinks import Progress, write_files
-from stream.settings import load_settings
+from stream.ops.settings import load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_metrics:
             from prometheus_client import CollectorRegistry, start_http_server
 
-            from stream.metrics import SimulatorMetrics
+            from stream.ops.metrics import SimulatorMetrics
 
             registry = CollectorRegistry()
             metrics = SimulatorMetrics(registry)

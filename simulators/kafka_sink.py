@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable
 
 from simulators.faults import Record
 from simulators.sinks import Progress
-from stream.metrics import SimulatorMetrics
-from stream.settings import Settings
+from stream.ops.metrics import SimulatorMetrics
+from stream.ops.settings import Settings
 
 
 def produce(

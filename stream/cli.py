@@ -10,21 +10,21 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "broker": ("stream.broker", "run the embedded Kafka-protocol broker (Tansu) on loopback"),
+    "broker": ("stream.kafka.broker", "run the embedded Kafka-protocol broker (Tansu) on loopback"),
     "simulate": ("simulators.cli", "stream a simulated funnel to Kafka or to files"),
-    "joiner": ("stream.joiner", "join funnel events into training samples (faust + RocksDB)"),
-    "trainer": ("stream.trainer", "train AITM incrementally on samples, test-then-train"),
-    "scorer": ("stream.scorer", "score impressions and serve HTTP scoring"),
-    "prometheus": ("stream.prometheus", "run Prometheus on the processes' metrics ports"),
-    "demo": ("stream.demo", "run the whole pipeline on the embedded broker"),
+    "joiner": ("stream.join.app", "join funnel events into training samples (faust + RocksDB)"),
+    "trainer": ("stream.learn.trainer", "train AITM incrementally on samples, test-then-train"),
+    "scorer": ("stream.serve.scorer", "score impressions and serve HTTP scoring"),
+    "prometheus": ("stream.ops.prometheus", "run Prometheus on the processes' metrics ports"),
+    "demo": ("bench.demo", "run the whole pipeline on the embedded broker"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
-    "joiner": ("stream.bench_joiner", "joiner events/s vs a no-op faust agent and a plain loop"),
-    "models": ("aitm.bench_models", "offline AITM vs baselines vs the oracle"),
-    "train": ("aitm.bench_train", "training samples/s and batch-1 scoring latency"),
-    "stream": ("stream.bench_stream", "the streaming learner end to end"),
-    "chaos": ("stream.bench_chaos", "kill -9 chaos run: nothing lost"),
-    "serving": ("stream.bench_serving", "every published model version against the truth"),
+    "joiner": ("bench.joiner", "joiner events/s vs a no-op faust agent and a plain loop"),
+    "models": ("bench.models", "offline AITM vs baselines vs the oracle"),
+    "train": ("bench.train", "training samples/s and batch-1 scoring latency"),
+    "stream": ("bench.stream", "the streaming learner end to end"),
+    "chaos": ("bench.chaos", "kill -9 chaos run: nothing lost"),
+    "serving": ("bench.serving", "every published model version against the truth"),
 }
 
 

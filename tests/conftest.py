@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from stream.broker import EmbeddedBroker, ensure_topics
-from stream.clock import FakeClock
-from stream.settings import Settings
+from stream.kafka.broker import EmbeddedBroker, ensure_topics
+from stream.ops.clock import FakeClock
+from stream.ops.settings import Settings
 
 _ids = itertools.count()
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from simulators.faults import FaultConfig, SimulatedStream
 from simulators.funnel import FunnelSimulator, SimConfig
-from stream.samples import Sample, parse_sample
+from stream.contract.samples import Sample, parse_sample
 
 TOPICS_5 = ("impressions", "clicks", "applications", "approvals", "activations")
 FAULTS = FaultConfig(duplicate=0.01, out_of_order=0.01, malformed=0.005, illegal=0.005, late=0.005)
@@ -91,9 +91,9 @@ class JoinDriver:
 
     def __init__(self, cfg: object | None = None, db_dir: object | None = None, start_ms: int = 0,
                  partitions: int = 1, **join_kw: object) -> None:
-        from stream.clock import FakeClock
-        from stream.funnel import FunnelConfig
-        from stream.join import JoinTopics
+        from stream.join.driver import JoinTopics
+        from stream.join.funnel import FunnelConfig
+        from stream.ops.clock import FakeClock
 
         self.cfg = cfg or FunnelConfig()
         self.topics = JoinTopics(TOPICS_5, "samples", "dead-letters")
@@ -109,15 +109,15 @@ class JoinDriver:
     def _store(self, p: int):  # type: ignore[no-untyped-def]
         from pathlib import Path
 
-        from stream.rocksdb_store import RocksDBStore
-        from stream.store import InMemoryStore
+        from stream.join.rocksdb_store import RocksDBStore
+        from stream.join.store import InMemoryStore
 
         if p not in self.stores:
             self.stores[p] = InMemoryStore() if self.db_dir is None else RocksDBStore(Path(str(self.db_dir)) / f"p{p}")
         return self.stores[p]
 
     def _new_join(self):  # type: ignore[no-untyped-def]
-        from stream.join import FunnelJoin
+        from stream.join.driver import FunnelJoin
 
         return FunnelJoin(self.cfg, self.topics, self._store, self.clock, **self.join_kw)  # type: ignore[arg-type]
 
@@ -187,6 +187,6 @@ class JoinDriver:
 
 
 def event_bytes(step: int, iid: str, t_ms: int, bank: str = "bank_1") -> bytes:
-    from stream.events import Event, encode_event
+    from stream.contract.events import Event, encode_event
 
     return encode_event(Event(step, f"{iid}/{step}", iid, t_ms, bank, {"f": "v"} if step == 0 else None))

@@ -6,8 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from stream.broker import free_port
-from stream.supervisor import Supervisor, read_procfile, wait_http
+from bench.supervisor import Supervisor, read_procfile, wait_http
+from stream.kafka.broker import free_port
 
 PORT_VARS = (
     "EMBEDDED_BROKER_PORT", "METRICS_PORT_BROKER", "METRICS_PORT_SIMULATOR", "METRICS_PORT_JOINER",

@@ -7,13 +7,13 @@ import json
 import time
 from pathlib import Path
 
+from bench.chaos import Ledger
+from bench.supervisor import Supervisor, wait_http
+from bench.topic_reader import TopicTail, read_topic
 from simulators.faults import SimulatedStream
 from simulators.funnel import FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
-from stream.bench_chaos import Ledger
-from stream.settings import Settings
-from stream.supervisor import Supervisor, wait_http
-from stream.topic_reader import TopicTail, read_topic
+from stream.ops.settings import Settings
 from tests.e2e.pipeline import pipeline_env, start_pipeline
 
 PROCESSES = ("joiner", "trainer", "scorer")

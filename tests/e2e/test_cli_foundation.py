@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from stream.broker import EmbeddedBroker, free_port
+from stream.kafka.broker import EmbeddedBroker, free_port
 
 CLI = [sys.executable, "-m", "stream.cli"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream.supervisor import Supervisor
+from bench.supervisor import Supervisor
 from tests.e2e.pipeline import pipeline_env, simulator_argv, start_pipeline
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

@@ -14,8 +14,8 @@ import pytest
 from kafka import KafkaConsumer
 
 from simulators.kafka_sink import produce
-from stream.broker import free_port
-from stream.settings import Settings
+from stream.kafka.broker import free_port
+from stream.ops.settings import Settings
 from tests.joinhelpers import Collected, check_against_truth, small_stream
 
 TIMEOUT_S = 90

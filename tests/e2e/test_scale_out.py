@@ -7,14 +7,14 @@ import threading
 import time
 from pathlib import Path
 
+from bench.chaos import Ledger, expectations
+from bench.supervisor import Supervisor, scrape
+from bench.topic_reader import TopicTail
 from simulators.faults import FaultConfig, SimulatedStream
 from simulators.funnel import FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
-from stream.bench_chaos import Ledger, expectations
-from stream.broker import free_port
-from stream.settings import Settings
-from stream.supervisor import Supervisor, scrape
-from stream.topic_reader import TopicTail
+from stream.kafka.broker import free_port
+from stream.ops.settings import Settings
 from tests.e2e.pipeline import pipeline_env, start_pipeline
 
 

@@ -14,7 +14,7 @@ from kafka import KafkaConsumer, TopicPartition
 from simulators.faults import FaultConfig, SimulatedStream
 from simulators.funnel import FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
-from stream.settings import Settings
+from stream.ops.settings import Settings
 
 
 def read_all(settings: Settings, topic: str, expected: int, timeout_s: float = 30.0) -> list:
@@ -35,7 +35,7 @@ def read_all(settings: Settings, topic: str, expected: int, timeout_s: float = 3
 
 @pytest.fixture(scope="module")
 def streamed(broker, tmp_path_factory) -> tuple[Settings, SimulatedStream, Counter[str]]:  # type: ignore[no-untyped-def]
-    from stream.broker import ensure_topics
+    from stream.kafka.broker import ensure_topics
 
     settings = Settings(kafka_bootstrap_servers=broker.bootstrap, topic_impressions="it-impressions",
                         topic_clicks="it-clicks", topic_applications="it-applications",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.funnel import FunnelConfig
+from stream.join.funnel import FunnelConfig
 from tests.joinhelpers import JoinDriver, event_bytes
 
 T0 = 1_767_225_600_000  # 2026-01-01

@@ -11,9 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from simulators.delivery import PROFILES
 from simulators.funnel import EPOCH_MS
-from stream.events import STEP_INDEX
-from stream.funnel import FunnelConfig
-from stream.metrics import JoinerMetrics
+from stream.contract.events import STEP_INDEX
+from stream.join.funnel import FunnelConfig
+from stream.ops.metrics import JoinerMetrics
 from tests.joinhelpers import JoinDriver, check_against_truth, small_stream
 
 

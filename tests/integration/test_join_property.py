@@ -6,7 +6,7 @@ dropped, broken, delivered hours after their funnel's final) are delivered on ra
 at a random point, after which the joiner reads a backlog topic by topic, in random chunks, as a
 Kafka consumer catching up does (each topic in its own order). The finals must equal
 a reference computed here from event times and windows alone (README, "Label conservation"; it
-uses nothing of ``stream/funnel.py``), exactly once, and every event that does not count must be
+uses nothing of ``stream/join/funnel.py``), exactly once, and every event that does not count must be
 dead-lettered with the reason the rules give.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.funnel import FunnelConfig
+from stream.join.funnel import FunnelConfig
 from tests.joinhelpers import STEP_NAMES, JoinDriver, event_bytes
 
 T0 = 1_767_225_600_000

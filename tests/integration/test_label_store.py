@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.rocksdb_store import RocksDBStore, due_key
-from stream.store import InMemoryStore, LabelStore
+from stream.join.rocksdb_store import RocksDBStore, due_key
+from stream.join.store import InMemoryStore, LabelStore
 
 
 def on(lane: int, due: int) -> tuple[int | None, ...]:

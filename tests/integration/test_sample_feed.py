@@ -14,9 +14,9 @@ from pathlib import Path
 
 from kafka import KafkaProducer
 
-from stream.sample_feed import Chunk, SampleFeed
-from stream.samples import Sample, encode_sample
-from stream.settings import Settings, kafka_client_config
+from stream.contract.samples import Sample, encode_sample
+from stream.learn.feed import Chunk, SampleFeed
+from stream.ops.settings import Settings, kafka_client_config
 
 
 def _sample(i: int) -> bytes:
@@ -75,8 +75,8 @@ def test_feed_process_parses_in_order_and_resumes_from_offsets(make_settings: Ca
 CHILD = """
 import sys, time
 from functools import partial
-from stream.sample_feed import SampleFeed
-from stream.settings import kafka_client_config, load_settings
+from stream.learn.feed import SampleFeed
+from stream.ops.settings import kafka_client_config, load_settings
 if __name__ == "__main__":  # the feed process is spawned: it imports this file again
     s = load_settings(kafka_bootstrap_servers=sys.argv[1], topic_samples=sys.argv[2])
     feed = SampleFeed(partial(kafka_client_config, s, "aiokafka"), s.topic_samples, {}, chunk_size=10)

@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry
 from aitm.checkpoint import make_checkpoint
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
-from stream.events import Event, encode_event
-from stream.model_store import ModelStore, ModelVersion, encode_version
-from stream.scorer import Scorer
-from stream.settings import Settings
+from stream.contract.events import Event, encode_event
+from stream.ops.model_store import ModelStore, ModelVersion, encode_version
+from stream.ops.settings import Settings
+from stream.serve.scorer import Scorer
 
 FIELDS = ("a", "b")
 BURSTS = 6

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from stream.broker import EmbeddedBroker, free_port
-from stream.joiner import _faust_broker_kwargs
-from stream.settings import Settings
+from stream.join.app import _faust_broker_kwargs
+from stream.kafka.broker import EmbeddedBroker, free_port
+from stream.ops.settings import Settings
 
 SECRET = "s3cr3t-hunter2-zz"
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 from kafka import KafkaProducer
 
-from stream.delayed_feedback import train_rows
-from stream.learner import held_back
-from stream.model_store import ModelStore
-from stream.samples import Sample, encode_sample
-from stream.settings import Settings
+from stream.contract.samples import Sample, encode_sample
+from stream.learn.delayed_feedback import train_rows
+from stream.learn.learner import held_back
+from stream.ops.model_store import ModelStore
+from stream.ops.settings import Settings
 
 N_IMPRESSIONS = 6000
 N_MALFORMED = 3

@@ -6,10 +6,10 @@ import doctest
 
 import pytest
 
-import stream.bench_serving
-import stream.learner
+import bench.serving
+import stream.learn.learner
+from bench.serving import VersionScore, figures
 from simulators.funnel import DAY_MS, EPOCH_MS
-from stream.bench_serving import VersionScore, figures
 
 
 def version(v: int, day: float | None, mean: list[float], cal: list[float], non_monotone: float = 0.0) -> VersionScore:
@@ -18,8 +18,8 @@ def version(v: int, day: float | None, mean: list[float], cal: list[float], non_
 
 
 def test_doctests() -> None:
-    assert doctest.testmod(stream.bench_serving).failed == 0
-    assert doctest.testmod(stream.learner).failed == 0
+    assert doctest.testmod(bench.serving).failed == 0
+    assert doctest.testmod(stream.learn.learner).failed == 0
 
 
 def test_figures_judge_versions_past_the_warm_up_and_every_version_for_the_order() -> None:

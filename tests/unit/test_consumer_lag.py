@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from stream.sample_feed import SampleFeed
-from stream.scorer import consumer_lag
+from stream.learn.feed import SampleFeed
+from stream.serve.scorer import consumer_lag
 
 
 def test_trainer_feed_lag_counts_untrained_records_per_partition() -> None:

@@ -13,7 +13,7 @@ from simulators.delivery import PROFILES, profile
 from simulators.faults import FaultConfig, SimulatedStream
 from simulators.funnel import DAY_MS, EPOCH_MS, HOUR_MS, FunnelSimulator, SimConfig
 from simulators.rules import ILLEGAL_SEQUENCE, LATE, Delivered, JoinRules, outcome
-from stream.events import STEPS, parse_event
+from stream.contract.events import STEPS, parse_event
 
 MIN = 60_000
 T0 = EPOCH_MS + 3 * DAY_MS

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from stream.events import (
+from stream.contract.events import (
     INVALID_FIELD,
     MALFORMED_JSON,
     MISSING_FIELD,

@@ -1,11 +1,11 @@
-"""``stream.faust_bulk``: the bulk fetch loop is installed as a subclass of faust's own consumer."""
+"""``stream.kafka.faust_bulk``: the bulk fetch loop is installed as a subclass of faust's own consumer."""
 
 from __future__ import annotations
 
 import pytest
 from faust.transport.drivers.aiokafka import Consumer
 
-from stream.faust_bulk import bulk_consumer
+from stream.kafka.faust_bulk import bulk_consumer
 
 
 async def _flush() -> None:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from stream.events import Event, encode_event
-from stream.funnel import (
+from stream.contract.events import Event, encode_event
+from stream.join.funnel import (
     FINAL_SEQ,
     NO_SWEPT,
     NO_WATERMARK,
@@ -201,7 +201,7 @@ def test_codec_roundtrip_is_compact() -> None:
 def test_codec_reads_version_1_states() -> None:
     import marshal
 
-    from stream.funnel import features_json
+    from stream.join.funnel import features_json
 
     state, _ = run([ev(0, T0), ev(1, T0 + MIN)], swept=T0)
     assert state is not None and state.features_json == b'{"f":"v"}'
@@ -211,8 +211,8 @@ def test_codec_reads_version_1_states() -> None:
 
 
 def test_sample_bytes_is_encode_sample_byte_for_byte() -> None:
-    from stream.funnel import features_json
-    from stream.samples import Sample, encode_sample, parse_sample, sample_bytes
+    from stream.contract.samples import Sample, encode_sample, parse_sample, sample_bytes
+    from stream.join.funnel import features_json
 
     for feats, iid in (({}, "i-1"), ({"a": "1", "é\n": "\"q\\"}, "i-\u00e9/\"2")):
         for mature in itertools.product((False, True), repeat=4):
@@ -344,7 +344,7 @@ def test_held_events_resolve_when_their_predecessor_comes_late_in_its_window() -
 
 
 def test_mature_mask_follows_each_tasks_own_lane() -> None:
-    from stream.funnel import mature
+    from stream.join.funnel import mature
 
     state, _ = run([ev(0, T0), ev(1, T0 + MIN)])
     # click positive; application window (3 d after the click) closed on lane 2 only
@@ -391,6 +391,6 @@ def test_codec_reads_version_2_states_and_keeps_the_arrival_lane() -> None:
     ],
 )
 def test_a_held_event_waits_the_grace_plus_the_skew_per_missing_step(step: int, missing: int, due: int) -> None:
-    from stream.funnel import Held, hold_due
+    from stream.join.funnel import Held, hold_due
 
     assert hold_due(Held(step, T0, "e", b"raw"), missing, CFG) == due

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from stream.events import PARSE_REASONS, Event, InvalidEvent, encode_event, parse_event
-from stream.samples import parse_sample
-from stream.settings import Settings
+from stream.contract.events import PARSE_REASONS, Event, InvalidEvent, encode_event, parse_event
+from stream.contract.samples import parse_sample
+from stream.ops.settings import Settings
 
 json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
@@ -117,8 +117,8 @@ def test_settings_from_any_environment(monkeypatch: pytest.MonkeyPatch, env: dic
 
 # --- model-version announcements and HTTP scoring requests ---------------------------------------
 
-from stream.model_store import ModelVersion, encode_version, parse_version  # noqa: E402
-from stream.scorer import BadRequest, parse_request  # noqa: E402
+from stream.ops.model_store import ModelVersion, encode_version, parse_version  # noqa: E402
+from stream.serve.scorer import BadRequest, parse_request  # noqa: E402
 
 near_versions = st.fixed_dictionaries(
     {},

@@ -10,10 +10,10 @@ import torch
 
 from aitm.evaluate import auc, calibration_ratio, log_loss
 from aitm.features import FeatureEncoder
-from stream.delayed_feedback import train_rows
-from stream.evaluation import PrequentialEvaluator, TaskWindow, binned_auc
-from stream.learner import OnlineLearner, Stabilisers, held_back
-from stream.samples import Sample
+from stream.contract.samples import Sample
+from stream.learn.delayed_feedback import train_rows
+from stream.learn.evaluation import PrequentialEvaluator, TaskWindow, binned_auc
+from stream.learn.learner import OnlineLearner, Stabilisers, held_back
 
 FIELDS = ("a", "b", "c")
 ALL = (True, True, True, True)

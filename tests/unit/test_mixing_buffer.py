@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import stream.mixing_buffer
-import stream.weight_average
-from stream.mixing_buffer import MixingBuffer, RowBlock
-from stream.weight_average import WeightAverage
+import stream.learn.mixing_buffer
+import stream.learn.weight_average
+from stream.learn.mixing_buffer import MixingBuffer, RowBlock
+from stream.learn.weight_average import WeightAverage
 
 T = 4
 
@@ -31,8 +31,8 @@ def late(n: int, task: int, start: int) -> RowBlock:
 
 
 def test_doctests() -> None:
-    assert doctest.testmod(stream.mixing_buffer).failed == 0
-    assert doctest.testmod(stream.weight_average).failed == 0
+    assert doctest.testmod(stream.learn.mixing_buffer).failed == 0
+    assert doctest.testmod(stream.learn.weight_average).failed == 0
 
 
 def test_after_the_last_impression_late_positives_wait_instead_of_training_alone() -> None:

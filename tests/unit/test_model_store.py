@@ -11,8 +11,8 @@ import torch
 from aitm.checkpoint import make_checkpoint
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
-from stream.events import InvalidEvent
-from stream.model_store import ModelStore, ModelStoreError, ModelVersion, encode_version, parse_version
+from stream.contract.events import InvalidEvent
+from stream.ops.model_store import ModelStore, ModelStoreError, ModelVersion, encode_version, parse_version
 
 
 def checkpoint(seed: int) -> dict:

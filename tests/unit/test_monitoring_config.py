@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from stream import metrics as metrics_module
-from stream.prometheus import prepare
-from stream.settings import Settings
+from stream.ops import metrics as metrics_module
+from stream.ops.prometheus import prepare
+from stream.ops.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

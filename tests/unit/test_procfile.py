@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stream.supervisor import read_procfile
+from bench.supervisor import read_procfile
 
 
 def test_leading_assignments_set_the_commands_environment(tmp_path: Path) -> None:

@@ -16,24 +16,24 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-import stream.publication_gate
+import stream.learn.publication_gate
 from aitm.model import AITM, AITMConfig
-from stream.events import TASKS
-from stream.learner import held_back
-from stream.model_store import ModelStore
-from stream.projection import funnel_order
-from stream.publication_gate import HoldoutSet, PublicationGate, judge
-from stream.sample_batch import SampleBatch
-from stream.samples import Sample
-from stream.scorer import ScoringModel
-from stream.settings import Settings
-from stream.trainer import Trainer
+from aitm.projection import funnel_order
+from stream.contract.events import TASKS
+from stream.contract.samples import Sample
+from stream.learn.learner import held_back
+from stream.learn.publication_gate import HoldoutSet, PublicationGate, judge
+from stream.learn.sample_batch import SampleBatch
+from stream.learn.trainer import Trainer
+from stream.ops.model_store import ModelStore
+from stream.ops.settings import Settings
+from stream.serve.scorer import ScoringModel
 
 FIELDS = ("a", "b", "c")
 
 
 def test_doctests() -> None:
-    assert doctest.testmod(stream.publication_gate).failed == 0
+    assert doctest.testmod(stream.learn.publication_gate).failed == 0
 
 
 def model_with_rates(rates: tuple[float, ...], seed: int = 0) -> AITM:

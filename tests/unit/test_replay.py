@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from simulators.replay import AliccpFormatError, aliccp_records, read_aliccp
-from stream.events import parse_event
+from stream.contract.events import parse_event
 
 
 def feats(pairs: list[tuple[str, str]]) -> str:

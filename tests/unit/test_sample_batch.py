@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from aitm.features import FeatureEncoder
-from stream.sample_batch import FINAL, FIRST, SampleBatch
-from stream.sample_feed import parse_chunk
-from stream.samples import Sample, encode_sample, parse_sample, validate_sample
+from stream.contract.samples import Sample, encode_sample, parse_sample, validate_sample
+from stream.learn.feed import parse_chunk
+from stream.learn.sample_batch import FINAL, FIRST, SampleBatch
 
 ALL = (True, True, True, True)
 

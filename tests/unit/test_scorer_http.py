@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 from aitm.checkpoint import make_checkpoint
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
-from stream.scorer import BankPolicy, Scorer, ScoringModel
-from stream.settings import Settings
+from stream.ops.settings import Settings
+from stream.serve.scorer import BankPolicy, Scorer, ScoringModel
 
 
 @pytest.fixture

@@ -16,14 +16,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-import stream.projection
+import aitm.projection
 from aitm.checkpoint import make_checkpoint
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
-from stream.events import TASKS, Event, encode_event
-from stream.projection import funnel_order
-from stream.scorer import Scorer, ScoringModel
-from stream.settings import Settings
+from aitm.projection import funnel_order
+from stream.contract.events import TASKS, Event, encode_event
+from stream.ops.settings import Settings
+from stream.serve.scorer import Scorer, ScoringModel
 
 rows = st.lists(st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4), min_size=1, max_size=30)
 
@@ -42,7 +42,7 @@ def test_projection_is_ordered_never_raises_and_keeps_ordered_rows(data: list[li
 
 
 def test_projection_doctest() -> None:
-    assert doctest.testmod(stream.projection).failed == 0
+    assert doctest.testmod(aitm.projection).failed == 0
 
 
 def disordered_model() -> ScoringModel:

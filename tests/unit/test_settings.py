@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream.settings import Settings, kafka_client_config
+from stream.ops.settings import Settings, kafka_client_config
 
 
 def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ import pytest
 from aitm.evaluate import auc
 from simulators.faults import CORRUPTING, FaultConfig, SimulatedStream
 from simulators.funnel import DAY_MS, WINDOWS_MS, FunnelSimulator, SimConfig
-from stream.events import InvalidEvent, parse_event
+from stream.contract.events import InvalidEvent, parse_event
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""The per-topic lanes of one partition (stream/watermark.py), expected values written by hand."""
+"""The per-topic lanes of one partition (stream/join/watermark.py), expected values written by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from stream.funnel import NO_WATERMARK
-from stream.watermark import PartitionWatermark
+from stream.join.funnel import NO_WATERMARK
+from stream.join.watermark import PartitionWatermark
 
 T0 = 1_767_225_600_000
 MIN, HOUR = 60_000, 3_600_000

@@ -1,0 +1,84 @@
+"""A kept run's sample stream replayed through the trainer core, for like-for-like ablations.
+
+``aitm-stream bench serving --replay DIR`` reads the samples a ``--keep DIR`` run dumped (with
+their Kafka record timestamps), cuts them into batches as the trainer does (``TRAINER_BATCH_SIZE``
+samples, or what came within ``TRAINER_LINGER_MS`` of the first), steps an ``OnlineLearner`` with
+the trainer's settings and stabilisers, and takes a version every
+``TRAINER_CHECKPOINT_INTERVAL_MS`` of record time - all in one process, in about a minute. Every
+setting comes from the environment as in the trainer, so an ablation is one variable away
+(``TRAINER_EMA_HALF_LIFE_ROWS=0``, ``TRAINER_POSITIVE_SLACK=0``, ``TRAINER_PRIOR_RATES='[]'``...)
+and every variant sees the very same samples. The publication gate is not replayed: every version
+is "published", which is what the figures of a variant without the gate should show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aitm.features import FeatureEncoder
+from bench.serving import FreshSets, VersionScore, report_of, score_version
+from simulators.funnel import FunnelSimulator, SimConfig
+from stream.contract.samples import Sample, parse_sample
+from stream.learn.learner import OnlineLearner, fields_of
+from stream.learn.sample_batch import SampleBatch
+from stream.learn.trainer import stabilisers
+from stream.ops.settings import load_settings
+from stream.serve.scorer import ScoringModel
+
+
+def read_samples(path: Path) -> list[tuple[int, Sample]]:
+    """(record timestamp ms, sample) of a dump, in the order the trainer's feed would meet them."""
+    rows = [json.loads(line) for line in path.open()]
+    rows.sort(key=lambda r: (r["timestamp"], r["partition"], r["offset"]))
+    return [(int(r["timestamp"]), parse_sample(r["value"])) for r in rows]
+
+
+def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Replay ``work``/samples.ndjson; the figures of the versions it takes, as ``bench serving``."""
+    s = load_settings()
+    torch.set_num_threads(s.trainer_threads)
+    sim = FunnelSimulator(SimConfig(seed=args.seed, impressions_per_day=args.impressions_per_day, drift=args.drift))
+    fresh = FreshSets(sim, args.days, args.fresh)
+    caps = {f: c + 1 for f, c in zip(sim.field_names, sim.cardinalities, strict=True)}  # as the bench's trainer
+    stream = read_samples(work / "samples.ndjson")
+    fields = fields_of([stream[0][1]])
+    torch.manual_seed(0)
+    learner = OnlineLearner(FeatureEncoder(fields, capacity=[caps.get(f, s.trainer_feature_capacity) for f in fields],
+                                           min_count=s.trainer_feature_min_count),
+                            s.trainer_mode, s.trainer_lr, eval_window=s.trainer_eval_window,
+                            one_pass=s.trainer_one_pass, stabilisers=stabilisers(s))
+    scores: list[VersionScore] = []
+    watermark = 0
+
+    def take_version() -> None:
+        m = ScoringModel(len(scores) + 1, copy.deepcopy(learner.served_model()).eval(),
+                         copy.deepcopy(learner.encoder), 0)
+        scores.append(score_version(m, fresh, watermark))
+
+    batch: list[Sample] = []
+    first_at = last_version_at = stream[0][0]
+    for ts, sample in stream:
+        if batch and (len(batch) >= s.trainer_batch_size or ts - first_at >= s.trainer_linger_ms):
+            learner.step(SampleBatch.from_samples(batch))
+            batch = []
+            if ts - last_version_at >= s.trainer_checkpoint_interval_ms:
+                take_version()
+                last_version_at = ts
+        if not batch:
+            first_at = ts
+        batch.append(sample)
+        watermark = max(watermark, sample.watermark_ms)
+    if batch:
+        learner.step(SampleBatch.from_samples(batch))
+    take_version()
+    out = report_of(scores, fresh, args)
+    lifetime = learner.metric_values()["lifetime"]
+    out["prequential_auc_lifetime"] = [round(v["auc"], 4) for v in lifetime]
+    out["stabilisers"] = {k: v for k, v in vars(stabilisers(s)).items()}
+    return out

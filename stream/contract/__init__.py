@@ -1,0 +1,1 @@
+"""The wire formats: funnel events, training samples, model-version records."""

@@ -1,0 +1,319 @@
+"""The join driver: raw records in, store updates and output records out. No Kafka in here.
+
+``FunnelJoin.on_record`` parses a record, feeds the partition's lane watermarks
+(``stream.join.watermark``), applies the pure state machine (``stream.join.funnel``) against a
+``LabelStore`` (at most one state write per event) and returns what to send. ``sweep`` pops each
+lane's expiry index up to that lane's watermark (first / final samples, held events that gave
+up, purges); the caller sends those outputs, waits for them, then calls ``commit_sweep`` so that
+the swept watermarks are stored only after their samples are out. ``caught_up`` tells it what
+the consumer knows of a topic's position (read to its end or not), which decides when a silent
+topic is idle. The faust joiner, the plain-loop bench and the tests all drive this one class.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from stream.contract.events import STEPS, InvalidEvent, dead_letter, parse_event
+from stream.contract.samples import KINDS, sample_bytes
+from stream.join.funnel import (
+    LANES,
+    NO_SWEPT,
+    FunnelConfig,
+    FunnelState,
+    Result,
+    Swept,
+    advance,
+    decode_state,
+    encode_state,
+    next_dues,
+    sweep,
+)
+from stream.join.store import LabelStore
+from stream.join.watermark import PartitionWatermark
+from stream.ops.clock import Clock
+from stream.ops.metrics import JoinerMetrics
+
+SWEPT_KEY = b"swept"
+FUTURE = "future"
+_SWEPT = struct.Struct(">5q")
+_I64 = struct.Struct(">q")
+# allowed lateness of the impressions, clicks, applications, approvals, activations topics
+DEFAULT_LATENESS_MS: tuple[int, int, int, int, int] = (
+    30 * 60_000, 30 * 60_000, 6 * 3_600_000, 6 * 3_600_000, 2 * 86_400_000,
+)  # fmt: skip
+
+
+def pack_swept(swept: Swept) -> bytes:
+    return _SWEPT.pack(*swept)
+
+
+def unpack_swept(raw: bytes | None) -> Swept:
+    """The stored swept watermarks; a store from before the lanes holds one value for all."""
+    if not raw:
+        return NO_SWEPT
+    if len(raw) == _I64.size:
+        v = _I64.unpack(raw)[0]
+        return (v, v, v, v, v)
+    a, b, c, d, e = _SWEPT.unpack(raw)
+    return (a, b, c, d, e)
+
+
+class Output(NamedTuple):
+    """A record to produce."""
+
+    topic: str
+    key: bytes
+    value: bytes
+
+
+@dataclass(frozen=True)
+class JoinTopics:
+    """Topic names: the five event topics in step order, samples and dead letters."""
+
+    events: tuple[str, str, str, str, str]
+    samples: str
+    dead_letters: str
+
+
+class _Partition:
+    __slots__ = ("last_sweep_s", "pending_swept", "store", "swept", "wm")
+
+    def __init__(self, store: LabelStore, lateness_ms: Sequence[int], idle_timeout_s: float, now_s: float) -> None:
+        self.store = store
+        self.swept: Swept = unpack_swept(store.get_meta(SWEPT_KEY))
+        self.wm = PartitionWatermark(lateness_ms, idle_timeout_s, self.swept, now_s)
+        self.last_sweep_s = float("-inf")
+        self.pending_swept: Swept | None = None
+
+
+class FunnelJoin:
+    """Joins event records of many partitions; one ``LabelStore`` per partition."""
+
+    def __init__(
+        self,
+        cfg: FunnelConfig,
+        topics: JoinTopics,
+        store_for: Callable[[int], LabelStore],
+        clock: Clock,
+        metrics: JoinerMetrics | None = None,
+        lateness_ms: Sequence[int] = DEFAULT_LATENESS_MS,
+        sweep_interval_s: float = 0.25,
+        idle_timeout_s: float = 30.0,
+        max_future_ms: int = 3_600_000,
+    ) -> None:
+        if len(lateness_ms) != LANES:
+            raise ValueError("lateness_ms: one allowed lateness per event topic (impressions .. activations)")
+        self.cfg = cfg
+        self.topics = topics
+        self.step_of = {t: i for i, t in enumerate(topics.events)}
+        self._store_for = store_for
+        self.clock = clock
+        self.metrics = metrics
+        self.lateness_ms = tuple(lateness_ms)
+        self.sweep_interval_s = sweep_interval_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_future_ms = max_future_ms
+        self.parts: dict[int, _Partition] = {}
+        # metric children bound once: ``labels(...)`` is a locked dict lookup per call
+        self._events_by_type = [metrics.events.labels(type=s) for s in STEPS] if metrics else None
+        self._dups_by_type = [metrics.duplicates.labels(type=s) for s in STEPS] if metrics else None
+        self._samples_by_kind = {k: metrics.samples.labels(kind=k) for k in KINDS} if metrics else None
+        self._dead_by_reason: dict[str, Any] = {}
+
+    def part(self, partition: int) -> _Partition:
+        p = self.parts.get(partition)
+        if p is None:
+            p = self.parts[partition] = _Partition(
+                self._store_for(partition), self.lateness_ms, self.idle_timeout_s, self.clock.monotonic()
+            )
+        return p
+
+    def forget(self, partition: int) -> None:
+        """Drop a revoked partition's in-memory state (its store stays where it is)."""
+        self.parts.pop(partition, None)
+
+    def caught_up(self, partition: int, step: int, caught_up: bool = True) -> None:
+        """What the consumer knows of topic ``step`` on ``partition``: read to its end (or not).
+        A topic read to its end that stays silent for the idle timeout stops holding its lane."""
+        self.part(partition).wm.report(step, not caught_up)
+
+    # --- per record -------------------------------------------------------------------------
+
+    def on_record(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes | None,
+        value: bytes | None,
+        behind: bool,
+        out: list[Output],
+        offset: int | None = None,
+    ) -> None:
+        """Process one event record; appends output records to ``out``. ``behind``: the partition
+        has more records of this topic after this one (its offset + 1 < its high watermark)."""
+        step = self.step_of[topic]
+        if self._events_by_type is not None:
+            self._events_by_type[step].inc()
+        p = self.part(partition)
+        raw = value or b""
+        try:
+            event = parse_event(raw, expected_type=STEPS[step])
+        except InvalidEvent as exc:
+            self._dead(out, raw if value is not None else None, topic, exc.reason, exc.message, partition, offset, key)
+            return
+        if self.max_future_ms and event.event_time_ms > self.clock.now_ms() + self.max_future_ms:
+            ahead_s = (event.event_time_ms - self.clock.now_ms()) // 1000
+            detail = (f"event time is {ahead_s} s ahead of this joiner's clock (JOINER_MAX_FUTURE_MS="
+                      f"{self.max_future_ms}); fix the source's clock, or set 0 for simulated time")  # fmt: skip
+            self._dead(out, raw, topic, FUTURE, detail, partition, offset, key)
+            return
+        # judged against the lanes swept so far, and its own topic's lane as its records before
+        # it put it (an event behind it by more than the allowed lateness arrives too late)
+        swept = p.swept
+        now = self.clock.monotonic()
+        if step:
+            own = p.wm.lane(step, now)
+            if own > swept[step]:
+                lanes = list(swept)
+                lanes[step] = own
+                swept = (lanes[0], lanes[1], lanes[2], lanes[3], lanes[4])
+        p.wm.observe(step, event.event_time_ms, behind, now)
+        store = p.store
+        ikey = event.impression_id.encode()
+        old = store.get(ikey)
+        state = decode_state(old) if old is not None else None
+        res = advance(state, event, raw, swept, self.cfg)
+        self._apply(p, ikey, event.impression_id, res, old is not None, out, partition)
+        if res.duplicate and self._dups_by_type is not None:
+            self._dups_by_type[step].inc()
+
+    def _apply(
+        self,
+        p: _Partition,
+        ikey: bytes,
+        iid: str,
+        res: Result,
+        existed: bool,
+        out: list[Output],
+        partition: int,
+        swept: Swept | None = None,
+        prior: FunnelState | None = None,
+    ) -> None:
+        store = p.store
+        after = p.swept if swept is None else swept
+        if res.changed:
+            if res.state is None:
+                if existed:
+                    store.delete(ikey)
+            else:
+                store.put(ikey, encode_state(res.state), next_dues(res.state, after, self.cfg))
+        elif swept is not None and res.state is not None:
+            store.reschedule(ikey, next_dues(res.state, after, self.cfg))
+        for rej in res.rejects:
+            self._dead(out, rej.raw, self.topics.events[rej.step], rej.reason, rej.detail, partition, None, ikey)
+        if res.samples:
+            st = res.state if res.state is not None else prior
+            if st is None:
+                raise AssertionError("a sample needs the funnel it describes")
+            feats = st.features_json or b"{}"
+            for s in res.samples:
+                value = sample_bytes(
+                    iid, st.bank_id, st.imp_ms, feats, s.labels, s.mature, s.kind, s.elapsed_ms, s.seq,
+                    s.watermark_ms, self.cfg.policy,
+                )
+                out.append(Output(self.topics.samples, ikey, value))
+                if self.metrics and self._samples_by_kind is not None:
+                    self._samples_by_kind[s.kind].inc()
+                    if s.kind == "final":
+                        self.metrics.label_delay.observe(s.elapsed_ms / 1000.0)
+
+    def _dead(
+        self,
+        out: list[Output],
+        raw: bytes | None,
+        topic: str,
+        reason: str,
+        detail: str,
+        partition: int | None,
+        offset: int | None,
+        key: bytes | None,
+    ) -> None:
+        value = dead_letter(
+            raw, source_topic=topic, reason=reason, detail=detail, partition=partition, offset=offset,
+            key=key, time_ms=self.clock.now_ms(),
+        )
+        out.append(Output(self.topics.dead_letters, key or b"", value))
+        if self.metrics:
+            child = self._dead_by_reason.get(reason)
+            if child is None:
+                child = self._dead_by_reason[reason] = self.metrics.dead_letters.labels(reason=reason)
+            child.inc()
+
+    # --- time-driven ------------------------------------------------------------------------
+
+    def sweep_due(self, partition: int, force: bool = False) -> bool:
+        """Is a sweep of ``partition`` due (interval passed and a lane moved)?"""
+        p = self.part(partition)
+        now = self.clock.monotonic()
+        if not force and now - p.last_sweep_s < self.sweep_interval_s:
+            return False
+        p.last_sweep_s = now
+        wm = p.wm.advance(now)
+        return any(w > s for w, s in zip(wm, p.swept, strict=True))
+
+    def sweep(self, partition: int, out: list[Output]) -> int:
+        """Do everything due on every lane up to its watermark; returns how many states were
+        visited. Call ``commit_sweep(partition)`` once the outputs are safely produced."""
+        p = self.part(partition)
+        wm = p.wm.value
+        prev = p.swept
+        keys: dict[bytes, None] = {}  # in lane, then due order; a key due on two lanes once
+        for lane in range(LANES):
+            for ikey in p.store.pop_due(lane, wm[lane]):
+                keys[ikey] = None
+        n = 0
+        for ikey in keys:
+            old = p.store.get(ikey)
+            if old is None:
+                continue
+            n += 1
+            state = decode_state(old)
+            res = sweep(state, prev, wm, self.cfg)
+            self._apply(p, ikey, ikey.decode(), res, True, out, partition, swept=wm, prior=state)
+        p.pending_swept = wm
+        return n
+
+    def take_sweep(self, partition: int) -> Swept | None:
+        """Judge the records that follow against the sweep just done (in memory), as
+        ``commit_sweep`` would, but leave the stored swept watermarks alone: returns the value to
+        store with ``persist_swept`` once the sweep's outputs are acknowledged (None: nothing)."""
+        p = self.part(partition)
+        wm, p.pending_swept = p.pending_swept, None
+        if wm is None or wm == p.swept:
+            return None
+        p.swept = wm
+        return wm
+
+    def persist_swept(self, partition: int, swept: Swept) -> None:
+        """Store swept watermarks returned by ``take_sweep`` (their samples are out)."""
+        p = self.parts.get(partition)
+        if p is not None:  # not revoked meanwhile
+            p.store.put_meta(SWEPT_KEY, pack_swept(swept))
+
+    def commit_sweep(self, partition: int) -> None:
+        p = self.part(partition)
+        if p.pending_swept is not None and p.pending_swept != p.swept:
+            p.swept = p.pending_swept
+            p.store.put_meta(SWEPT_KEY, pack_swept(p.swept))
+        p.pending_swept = None
+
+    def watermark_lag_ms(self) -> int:
+        lags = [lag for p in self.parts.values() if (lag := p.wm.lag_ms()) is not None]
+        return max(lags, default=0)
+
+    def open_funnels(self) -> int:
+        return sum(len(p.store) for p in self.parts.values())

@@ -1,0 +1,129 @@
+"""Per-topic event-time watermarks of one partition: one *lane* per event topic.
+
+A funnel's final waits for the topic of the step it is missing (a click-less impression for the
+clicks topic, an approved application for the activations topic), the way a two-stream join in
+Flink waits for each input's watermark. Each lane's watermark is::
+
+    lane k = max(previous, frontier(k) - allowed_lateness[k])             while topic k is active
+    lane k = max(previous, max(frontier(k), frontier(0)) - allowed_lateness[k])   while it is idle
+
+- A topic's *frontier* is the second-newest event time among its last five records on this
+  partition: no single record moves it, however far in the future it is stamped (it needs two
+  records; a record delivered very late does not lower it either). For the step topics (1..4)
+  their newest record counts too, but only up to the impressions' frontier: a sparse topic
+  (one activation a day on a partition) is not held a record behind, and one record stamped in
+  the future still moves its lane no further than the impressions have gone.
+- ``allowed_lateness[k]`` (``JOINER_ALLOWED_LATENESS_MS_<STEP>``) is how late, in event time, the
+  topic's records may arrive behind the newest ones: a partner's hourly export, a daily file. An
+  in-window event that arrives within it still counts; finals of that lane wait that much longer.
+- A topic is *idle* when it is read to its end (no backlog: last offset read + 1 = its high
+  watermark) and has delivered nothing for ``idle_timeout_s`` of **wall time** (the injected
+  clock's monotonic seconds, as Flink's ``withIdleness``). An idle topic cannot stall its lane: it
+  follows the impressions topic (the partition's clock, the densest topic) less its own allowed
+  lateness - a source that is silent because nothing happened is then judged by the impressions.
+  A topic with a backlog is never idle (a consumer behind, e.g. under CPU load or after a
+  restart, holds its lane until it has read the records); a topic whose position is unknown
+  (never read, never reported) is not idle either.
+- The impressions lane (0) is never idle-advanced: it is the clock. It drives first samples and
+  gives up on events whose impression never came.
+
+Lanes never go back; they start from the swept values stored with the partition's state, so a
+restart resumes where the last sweep was. No warm-up is needed: a lane moves only on its own
+topic's records or once that topic is known to be idle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from stream.join.funnel import LANES, NO_WATERMARK, Swept
+
+_RECENT = 5
+
+
+class PartitionWatermark:
+    """The five lane watermarks of one partition. Feed it every record (``observe``) and what is
+    known about each topic's position (``report``); ``advance`` recomputes the lanes."""
+
+    __slots__ = ("_behind", "_born", "_idle_s", "_last", "_lateness", "_recent", "_value")
+
+    def __init__(
+        self, lateness_ms: Sequence[int], idle_timeout_s: float, floor: Sequence[int], now_s: float
+    ) -> None:
+        if len(lateness_ms) != LANES or len(floor) != LANES:
+            raise ValueError(f"a partition has {LANES} lanes: give 5 lateness values and 5 floors")
+        self._lateness = tuple(lateness_ms)
+        self._idle_s = idle_timeout_s
+        self._recent: list[list[int]] = [[] for _ in range(LANES)]
+        self._behind: list[bool | None] = [None] * LANES  # None: position unknown
+        self._last: list[float | None] = [None] * LANES  # wall time of the topic's last record
+        self._born = now_s
+        self._value = list(floor)
+
+    def observe(self, step: int, event_time_ms: int, behind: bool, now_s: float) -> None:
+        """One record of topic ``step``; ``behind``: more records follow it in the partition."""
+        recent = self._recent[step]
+        recent.append(event_time_ms)
+        if len(recent) > _RECENT:
+            del recent[0]
+        self._behind[step] = behind
+        self._last[step] = now_s
+
+    def report(self, step: int, behind: bool) -> None:
+        """What the consumer knows of topic ``step``'s position: has it records left to read?"""
+        self._behind[step] = behind
+
+    def frontier(self, step: int) -> int | None:
+        """Second-newest event time of the topic's last five records (None before two)."""
+        recent = self._recent[step]
+        if len(recent) < 2:
+            return None
+        return sorted(recent)[-2]
+
+    def lane(self, step: int, now_s: float) -> int:
+        """Lane ``step`` now (call it before observing the next record of the topic): an arriving
+        event is judged against it. It is what ``advance`` would make of that lane at this moment,
+        so the verdict does not depend on when the last sweep happened; from the topic's own
+        records it depends only on those before it in its partition (a backlog read fast is
+        judged as live reading would)."""
+        self._raise(step, self.frontier(0), now_s)
+        return self._value[step]
+
+    def _raise(self, k: int, clock: int | None, now_s: float) -> None:
+        f = self.frontier(k)
+        if k and clock is not None:
+            recent = self._recent[k]
+            if recent:  # a sparse topic's newest record counts too, up to the impressions' clock
+                newest = min(max(recent), clock)
+                f = newest if f is None or newest > f else f
+            if self.idle(k, now_s):
+                f = clock if f is None or clock > f else f
+        if f is not None and f - self._lateness[k] > self._value[k]:
+            self._value[k] = f - self._lateness[k]
+
+    def idle(self, step: int, now_s: float) -> bool:
+        """Read to its end and silent for the idle timeout (wall time)."""
+        last = self._last[step]
+        return self._behind[step] is False and now_s - (self._born if last is None else last) >= self._idle_s
+
+    def advance(self, now_s: float) -> Swept:
+        """Recompute the lanes (monotone) and return them."""
+        clock = self.frontier(0)
+        for k in range(LANES):
+            self._raise(k, clock, now_s)
+        v = self._value
+        return (v[0], v[1], v[2], v[3], v[4])
+
+    @property
+    def value(self) -> Swept:
+        v = self._value
+        return (v[0], v[1], v[2], v[3], v[4])
+
+    def lag_ms(self) -> int | None:
+        """How far the slowest lane is behind the impressions' frontier beyond its allowed lateness
+        (about 0 when every topic keeps up; None before the impressions have a frontier)."""
+        f = self.frontier(0)
+        if f is None:
+            return None
+        lags = [f - v - lat for v, lat in zip(self._value, self._lateness, strict=True) if v != NO_WATERMARK]
+        return max(0, *lags) if lags else None

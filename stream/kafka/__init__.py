@@ -1,0 +1,1 @@
+"""Kafka plumbing: the embedded broker, faust's bulk handler, the batch sender, offsets."""

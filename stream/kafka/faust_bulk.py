@@ -1,0 +1,128 @@
+"""Records of chosen topics handed from faust's fetcher straight to a handler.
+
+faust delivers every record through a long per-record path: ``Consumer._drain_messages`` wraps
+each one in ``Service.wait_first`` (four tasks and an ``asyncio.wait``), the conductor takes a
+lock and awaits flow control and the producer buffer, builds an ``Event`` and queues it, and the
+agent's ``Stream`` iterator takes it off the queue and calls the sensors. On the joiner's bench
+that is about 90 us per record, the whole of a do-nothing agent's cost and more than the join.
+
+``bulk_consumer()`` subclasses faust's consumer with a fetch loop that calls ``handle(message,
+behind)`` for the records of the chosen topics, synchronously and in fetch order, and awaits
+``flush()`` when it returns True. Everything else stays faust's:
+
+- the consumer group, rebalances, the pausing of partitions while tables recover, and flow
+  control: a batch stops at a rebalance (consumer flow stopped, or a new generation) exactly
+  where faust's own loop stops; records not handled are read again after the rebalance's seek;
+- read offsets and gap tracking (compacted or transactional topics), ``commit_every``;
+- acknowledgements and commits: the handler's owner acknowledges each handled record with
+  ``consumer.ack(message)`` once it is done with it, and faust commits up to the acked offsets;
+- records of other topics (table changelogs during recovery) take faust's usual path.
+
+What it gives up for those topics: the agent's stream never sees their records (the agent is
+only there so that faust subscribes the topics and tracks their acks), faust's sensors do not
+count them (``Monitor.stream_inbound_time`` is still kept per partition, for faust's
+slow-processing checks), and the handler must not block. It relies on faust internals
+(``_wait_next_records``, ``_read_offset``, ``_add_gap``): faust-streaming is pinned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Collection
+from time import monotonic
+from typing import Any
+
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.types import TP
+
+Handle = Callable[[Any, bool], bool]  # (message, behind its high watermark) -> flush now?
+Flush = Callable[[], Awaitable[None]]
+YIELD_EVERY = 100  # records handled between two yields to the event loop, as faust's loop
+
+
+def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flush) -> type:
+    """A subclass of faust's consumer class ``base`` whose fetch loop hands the records of
+    ``topics`` to ``handle`` (see the module doc). Install it before the app's consumer is made:
+    ``app.transport.Consumer = bulk_consumer(app.transport.Consumer, ...)``."""
+    bulk = frozenset(topics)
+    for name in ("_wait_next_records", "_to_message", "_add_gap", "highwater"):
+        if not hasattr(base, name):  # pragma: no cover - a faust upgrade changed its internals
+            raise TypeError(f"{base.__qualname__} has no {name}: faust-streaming changed; see stream/kafka/faust_bulk.py")
+
+    class BulkConsumer(base):  # faust's consumer class, given at run time
+        async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - needs a broker
+            consumer: Any = self
+            app = self.app
+            callback = self.callback
+            consumer_should_stop = self._stopped.is_set
+            fetcher_should_stop = fetcher._stopped.is_set
+            read_offset = self._read_offset
+            acks_enabled_for = app.topics.acks_enabled_for
+            to_message = self._to_message
+            highwater = self.highwater
+            monitor = app.monitor
+            flow_control = app.flow_control
+            since_yield = 0
+            try:
+                while not (consumer_should_stop() or fetcher_should_stop()):
+                    self.diag.set_flag(CONSUMER_FETCHING)
+                    records, active = await self._wait_next_records(1.0)
+                    await asyncio.sleep(0)  # as faust: never hog the loop when fetches return at once
+                    if not records or self.should_stop or not self.flow_active:
+                        self.diag.unset_flag(CONSUMER_FETCHING)
+                        continue
+                    generation = app.consumer_generation_id
+                    behind_hw: dict[TP, int | None] = {}
+                    for tp, record in self.scheduler.iterate(records):
+                        if not self.flow_active or app.consumer_generation_id != generation:
+                            break  # a rebalance began: its seek reads the rest again
+                        if active is not None and tp not in active and tp not in self._buffered_partitions:
+                            continue
+                        if tp not in behind_hw:
+                            hw = behind_hw[tp] = highwater(tp)
+                            if monitor is not None:
+                                monitor.track_tp_end_offset(tp, hw)
+                                monitor.stream_inbound_time[tp] = monotonic()
+                        message = to_message(tp, record)
+                        offset = message.offset
+                        r_offset = read_offset[tp]
+                        if r_offset is not None and offset < r_offset:
+                            continue  # read already (faust drops these too)
+                        if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if self._commit_every is not None and consumer._n_acked >= self._commit_every:
+                            consumer._n_acked = 0
+                            await self.commit()
+                        if tp.topic in bulk:
+                            if not flow_control.is_active():
+                                await self.wait_first(flow_control.acquire(), self.suspend_flow.wait())
+                                if not self.flow_active or app.consumer_generation_id != generation:
+                                    break
+                            hw = behind_hw[tp]
+                            if handle(message, hw is not None and offset + 1 < hw):
+                                await flush()
+                        else:
+                            await self.wait_first(callback(message), self.suspend_flow.wait())
+                        read_offset[tp] = offset
+                        since_yield += 1
+                        if since_yield >= YIELD_EVERY:
+                            since_yield = 0
+                            await asyncio.sleep(0)
+                    self.diag.unset_flag(CONSUMER_FETCHING)
+            except self.consumer_stopped_errors:
+                if self.transport.app.should_stop:
+                    self.log.info("Broker stopped consumer, shutting down...")
+                    return
+                raise
+            except asyncio.CancelledError:
+                if self.transport.app.should_stop:
+                    self.log.info("Consumer shutting down for user cancel.")
+                    return
+                raise
+            except Exception as exc:
+                self.log.exception("Drain messages raised: %r", exc)
+                raise
+            finally:
+                self.diag.unset_flag(CONSUMER_FETCHING)
+
+    return BulkConsumer

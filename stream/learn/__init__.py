@@ -1,0 +1,1 @@
+"""The learner: sample batches, delayed feedback, evaluation, the feed and the trainer process."""

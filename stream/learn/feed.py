@@ -1,0 +1,318 @@
+"""The trainer's read side: a child process that fetches and parses ``samples`` records.
+
+Parsing JSON is Python work that holds the GIL, about half as costly per sample as the training
+step itself; in a thread it stalled the trainer's torch calls (each waits for the GIL on its way
+back), so the feed runs in a process of its own, on the other core. It assigns every partition
+(no consumer group), seeks to the offsets it is given (the beginning where none), and hands over
+``Chunk`` s of at most ``chunk_size`` records, in partition order, through a bounded queue
+(back-pressure: it stops fetching while the trainer is ``max_chunks`` behind). A chunk carries
+its samples as columns (``SampleBatch``), which cross the pipe for about a microsecond per
+sample. Offsets travel with the chunks: the trainer advances its checkpointed offsets only once a
+chunk's samples are trained on (or dead-lettered). The child exits when told to, when the queue
+is closed, and when its parent dies (a ``kill -9`` of the trainer leaves no orphan consumer); it
+ignores SIGTERM and SIGINT, which a process manager sends to the whole group: the trainer stops
+it once its last batch is trained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from stream.contract.events import InvalidEvent
+from stream.contract.samples import validate_sample
+from stream.learn.sample_batch import SampleBatch
+
+log = logging.getLogger(__name__)
+PIPE_BYTES = 1 << 20  # the feed queue's pipe: about a dozen chunks of 500 samples
+ClientConfig = Mapping[str, Any] | Callable[[], Mapping[str, Any]]  # picklable: it goes to the child
+
+
+@dataclass
+class Invalid:
+    """A record that did not parse, for the dead-letter topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str
+    detail: str
+
+
+@dataclass
+class Chunk:
+    """Parsed records: samples in arrival order (as columns), refused records, and per partition
+    the offset after the last record in the chunk (what to resume from once the chunk is done)."""
+
+    samples: SampleBatch = field(default_factory=SampleBatch.empty)
+    invalid: list[Invalid] = field(default_factory=list)
+    offsets: dict[int, int] = field(default_factory=dict)
+    kinds: dict[str, int] = field(default_factory=dict)  # samples per kind
+    fetched_at_s: float = 0.0  # monotonic time the records were fetched (system-wide clock)
+    highwater: dict[int, int] = field(default_factory=dict)  # partition -> high watermark at the fetch
+
+    def __len__(self) -> int:
+        return len(self.samples) + len(self.invalid)
+
+
+def parse_chunk(polled: Mapping[Any, list[Any]], fetched_at_s: float = 0.0) -> Chunk:
+    """Parse fetched records (per topic partition, in order) into a ``Chunk``."""
+    chunk = Chunk(fetched_at_s=fetched_at_s)
+    valid: list[dict[str, Any]] = []
+    for tp, records in polled.items():
+        if not records:
+            continue
+        for rec in records:
+            try:
+                valid.append(validate_sample(rec.value or b""))
+            except InvalidEvent as exc:
+                chunk.invalid.append(
+                    Invalid(rec.topic, rec.partition, rec.offset, rec.key, rec.value, exc.reason, exc.message)
+                )
+        chunk.offsets[tp.partition] = records[-1].offset + 1
+    chunk.samples = SampleBatch.from_valid(valid)
+    chunk.kinds = chunk.samples.kind_counts()
+    return chunk
+
+
+class SampleFeed:
+    """Fetch + parse ``topic`` in a child process; ``get`` returns the next ``Chunk`` (or None)."""
+
+    def __init__(
+        self,
+        client_config: ClientConfig,
+        topic: str,
+        offsets: Mapping[int, int],
+        chunk_size: int,
+        max_chunks: int = 8,
+        start_timeout_s: float = 30.0,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.client_config = client_config
+        self.topic = topic
+        self.start_offsets = dict(offsets)
+        self.chunk_size = chunk_size
+        self.max_chunks = max_chunks
+        self.start_timeout_s = start_timeout_s
+        self.highwater: dict[int, int] = {}  # partition -> high watermark of the last fetch response
+        self.partitions: list[int] = []
+        self._ctx = multiprocessing.get_context("spawn")  # no fork of a process with torch threads
+        self._queue: Any = None
+        self._halt: Any = None
+        self._proc: Any = None
+
+    # --- the trainer's side ---------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The feed process's pid while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    def _receive(self, timeout_s: float) -> Chunk | None:
+        """One message from the child: a chunk, or None (high watermarks only, or nothing)."""
+        try:
+            kind, body = self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            if self._proc is not None and not self._proc.is_alive():
+                raise RuntimeError(f"the samples feed exited with code {self._proc.exitcode}") from None
+            return None
+        if kind == "error":
+            raise RuntimeError(f"the samples feed failed: {body}")
+        if kind == "ready":
+            self.partitions = list(body)
+            return None
+        self.highwater.update(body.highwater)
+        return body if kind == "chunk" else None
+
+    def get(self, timeout_s: float) -> Chunk | None:
+        """The next chunk, or None after ``timeout_s``; raises if the child failed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            chunk = self._receive(max(0.0, deadline - time.monotonic()))
+            if chunk is not None or time.monotonic() >= deadline:
+                return chunk
+
+    def lag(self, consumed: Mapping[int, int]) -> int | None:
+        """Records behind the high watermark: sum over partitions of high watermark minus
+        ``consumed[p]`` (the next offset the caller has not yet finished); None before a fetch."""
+        hw = dict(self.highwater)
+        if not hw:
+            return None
+        return sum(max(0, h - consumed.get(p, self.start_offsets.get(p, 0))) for p, h in hw.items())
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        if self._proc is None:
+            return
+        self._halt.set()
+        self._proc.join(timeout_s)
+        if self._proc.is_alive():
+            self._proc.kill()  # it ignores SIGTERM
+            self._proc.join(5)
+        self._queue.close()
+        self._queue.cancel_join_thread()
+        self._proc = None
+
+    def start_and_wait(self, timeout_s: float | None = None) -> None:
+        """Start the child and wait until the partitions are assigned (raises on failure)."""
+        self._queue = self._ctx.Queue(maxsize=self.max_chunks)
+        _widen_pipe(self._queue)
+        self._halt = self._ctx.Event()
+        self._proc = self._ctx.Process(
+            target=_child_main,
+            args=(self.client_config, self.topic, self.start_offsets, self.chunk_size, self.start_timeout_s,
+                  self._queue, self._halt, os.getpid()),
+            name="aitm-sample-feed",
+            daemon=True,
+        )
+        self._proc.start()
+        deadline = time.monotonic() + (timeout_s or self.start_timeout_s + 10)
+        while not self.partitions:
+            if time.monotonic() > deadline:
+                self.close(1)
+                raise RuntimeError("the samples feed did not start in time")
+            if self._receive(0.1) is not None:
+                raise RuntimeError("the samples feed sent records before it was ready")
+
+
+def _widen_pipe(q: Any, size: int = PIPE_BYTES) -> None:
+    """Let the queue's pipe hold several chunks (Linux's default 64 KiB holds less than one):
+    the child's queue thread then writes a whole chunk at once, and ``get`` never waits for that
+    thread to win its process's GIL back from the parser to finish a chunk half in the pipe."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(q._reader.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    except (ImportError, AttributeError, OSError) as exc:  # not Linux, or over pipe-max-size
+        log.debug("pipe size left as it is: %s", exc)
+
+
+# --- the child ----------------------------------------------------------------------------------
+
+
+def _child_main(client_config: ClientConfig, topic: str, offsets: Mapping[int, int], chunk_size: int,
+                start_timeout_s: float, out: Any, halt: Any, parent_pid: int) -> None:
+    # the trainer decides when the feed stops (``close``): a SIGTERM or Ctrl-C sent to the whole
+    # process group must not kill the feed under a trainer that is still finishing its batch
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s sample-feed %(levelname)s %(message)s")
+    out.cancel_join_thread()  # exiting never waits for the parent to drain the queue
+    sys.setswitchinterval(0.0005)  # the queue thread gets the GIL from the parser within 0.5 ms
+    child = _Child(client_config, topic, offsets, chunk_size, start_timeout_s, out, halt, parent_pid)
+    try:
+        asyncio.run(child.run())
+    except BaseException as exc:  # reported to the trainer by get()
+        log.exception("samples feed failed")
+        child.put("error", f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class _Child:
+    client_config: ClientConfig
+    topic: str
+    offsets: Mapping[int, int]
+    chunk_size: int
+    start_timeout_s: float
+    out: Any  # the queue to the trainer
+    halt: Any  # the trainer's stop event
+    parent_pid: int
+
+    def stopping(self) -> bool:
+        return bool(self.halt.is_set()) or os.getppid() != self.parent_pid
+
+    def put(self, kind: str, body: Any) -> bool:
+        """Queue a message; blocks while the queue is full (back-pressure). False once stopping."""
+        while not self.stopping():
+            try:
+                self.out.put((kind, body), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+            except (ValueError, OSError):  # the queue is closed
+                return False
+        return False
+
+    async def run(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        config = self.client_config() if callable(self.client_config) else self.client_config
+        consumer = AIOKafkaConsumer(
+            group_id=None,
+            enable_auto_commit=False,
+            client_id="aitm-trainer",
+            max_partition_fetch_bytes=4 << 20,
+            fetch_max_bytes=16 << 20,
+            **config,
+        )
+        await consumer.start()
+        try:
+            deadline = time.monotonic() + self.start_timeout_s
+            parts = consumer.partitions_for_topic(self.topic)
+            while not parts and time.monotonic() < deadline and not self.stopping():
+                await consumer.topics()  # refreshes the metadata
+                parts = consumer.partitions_for_topic(self.topic)
+                if not parts:
+                    await asyncio.sleep(0.2)
+            if not parts:
+                raise RuntimeError(
+                    f"topic {self.topic!r} has no partitions: create it (aitm-stream broker does)"
+                )
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            for tp in tps:
+                if tp.partition in self.offsets:
+                    consumer.seek(tp, self.offsets[tp.partition])
+                else:
+                    await consumer.seek_to_beginning(tp)
+            self.put("ready", sorted(parts))
+            checked_at = time.monotonic()
+            highwater: dict[int, int] = {}
+            while not self.stopping():
+                polled = await consumer.getmany(timeout_ms=100, max_records=self.chunk_size)
+                changed = False
+                for tp in tps:
+                    hw = consumer.highwater(tp)
+                    if hw is not None and highwater.get(tp.partition) != hw:
+                        highwater[tp.partition] = hw
+                        changed = True
+                if time.monotonic() - checked_at >= 1.0:
+                    checked_at = time.monotonic()
+                    for tp in tps:
+                        await rewind_if_truncated(consumer, tp, highwater.get(tp.partition))
+                if polled:
+                    chunk = parse_chunk(polled, time.monotonic())
+                    chunk.highwater = dict(highwater)
+                    self.put("chunk", chunk)
+                elif changed:
+                    self.put("highwater", Chunk(highwater=dict(highwater)))
+        finally:
+            await consumer.stop()
+
+
+async def rewind_if_truncated(consumer: Any, tp: Any, highwater: int | None) -> bool:
+    """If our position is past the partition's high watermark the topic was recreated (a broker
+    that lost its data, like the embedded one after a restart): read it again from the start.
+    Returns whether it rewound."""
+    if highwater is None:
+        return False
+    position = await consumer.position(tp)
+    if position <= highwater:
+        return False
+    log.warning(
+        "%s[%d]: position %d is past the high watermark %d - the topic was recreated; reading it from the start",
+        tp.topic, tp.partition, position, highwater,
+    )  # fmt: skip
+    await consumer.seek_to_beginning(tp)
+    return True

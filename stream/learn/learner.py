@@ -1,0 +1,464 @@
+"""The Kafka-free online learner: encode a batch of samples, score it, evaluate, then train on it.
+
+``OnlineLearner.step`` is test-then-train: the whole batch is scored with the current model in
+eval mode *before* any update, so no evaluated prediction comes from a model that saw the label.
+Evaluation uses final labels only, against the prediction made when the impression was first seen
+(its first sample; kept in ``pending``), so a mode that trains on a first sample (``fnw``) is not
+evaluated on a model that already trained on that impression. A final with no first sample seen
+is evaluated with the batch's pre-training prediction (no mode has trained on it yet).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import numpy as np
+import torch
+
+from aitm.features import FeatureEncoder
+from aitm.loss import ALPHA, aitm_loss
+from aitm.model import AITM, AITMConfig
+from aitm.train import make_optimizer, train_step
+from stream.contract.samples import Sample
+from stream.learn.delayed_feedback import MODES, train_rows
+from stream.learn.evaluation import PrequentialEvaluator
+from stream.learn.mixing_buffer import MixingBuffer, RowBlock
+from stream.learn.sample_batch import CORRECTION, FINAL, FIRST, N_TASKS, SampleBatch, as_batch
+from stream.learn.weight_average import WeightAverage
+
+PENDING_CAP: Final = 500_000  # first-sample predictions awaiting their final label
+SEEN_CAP: Final = 500_000  # (impression id, seq) keys remembered for deduplication
+
+
+@dataclass
+class StepResult:
+    """What one ``step`` did; ``eval_*`` are the final-labelled pairs it added to the evaluator."""
+
+    samples: int
+    duplicates: int
+    trained_rows: int
+    eval_ids: list[str]
+    eval_labels: np.ndarray  # (E, T) final labels
+    eval_probs: np.ndarray  # (E, T) predictions made before any training on those impressions
+    scored_probs: np.ndarray  # (N, T) the batch's pre-training predictions; NaN for finals whose
+    # first-sample prediction was held (they are evaluated with that one and need no new score)
+    seconds: float
+    # samples of held-back impressions (never trained on): their rows in the batch ``holdout_rows``
+    # (H,), encoded features (H, F); labels and times are the batch's
+    holdout_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    holdout_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int64))
+
+
+@dataclass(frozen=True)
+class Stabilisers:
+    """What keeps the served scores steady (docs/serving.md); the defaults change nothing.
+
+    ``min_step_rows``: rows an optimizer step needs (small batches are gathered); ``positive_slack``:
+    late positives are released at most at this multiple of their usual rate per first sample
+    (None: at once); ``ema_half_life_rows``: serve an average of the weights (0: the trained ones);
+    ``holdout_share``: impressions never trained on, whose finals judge the served versions;
+    ``prior_rates``: end-to-end rates a cold-started model starts from (None: its biases start at 0,
+    which is 50% on every step)."""
+
+    min_step_rows: int = 1
+    positive_slack: float | None = None
+    positive_half_life: float = 20_000.0
+    ema_half_life_rows: float = 0.0
+    holdout_share: float = 0.0
+    prior_rates: tuple[float, ...] | None = None  # a new model's output biases start at their log-odds
+
+
+def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
+    """(N,) bool: the impressions of the held-back slice - a fixed ``share`` of ids, by a hash of
+    the id (crc32), so every process and every restart agrees on it.
+
+    >>> held_back(["a", "b", "c"], 0.0).tolist(), held_back(["a", "b", "c"], 1.0).tolist()
+    ([False, False, False], [True, True, True])
+    """
+    if share <= 0:
+        return np.zeros(len(impression_ids), bool)
+    crc = np.fromiter(map(zlib.crc32, map(str.encode, impression_ids)), np.uint64, count=len(impression_ids))
+    return crc < share * 2**32
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class OnlineLearner:
+    """AITM + feature encoder + optimizer + prequential evaluator, stepped one batch at a time."""
+
+    def __init__(
+        self,
+        encoder: FeatureEncoder,
+        mode: str = "fnw",
+        lr: float = 1e-3,
+        device: str | torch.device = "cpu",
+        eval_window: int = 20_000,
+        alpha: float = ALPHA,
+        model: AITM | None = None,
+        seed: int = 0,
+        freeze_after_ms: int | None = None,
+        one_pass: bool = True,
+        stabilisers: Stabilisers | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown delayed-feedback mode {mode!r}; one of {MODES}")
+        torch.manual_seed(seed)
+        self.device = torch.device(device)
+        self.encoder = encoder
+        self.mode = mode
+        self.alpha = alpha
+        st = self.stabilisers = stabilisers or Stabilisers()
+        if model is None:
+            model = AITM(AITMConfig(vocab_sizes=encoder.vocab_sizes, n_tasks=N_TASKS))
+            if st.prior_rates is not None:
+                init_output_bias(model, st.prior_rates)
+        self.model = model.to(self.device)
+        self.optimizer = make_optimizer(self.model, lr=lr)
+        self.mixer = MixingBuffer(N_TASKS, st.min_step_rows, st.positive_slack or 1.0, st.positive_half_life)
+        self.average = WeightAverage(self.model, st.ema_half_life_rows) if st.ema_half_life_rows > 0 else None
+        self.steps = 0  # optimizer steps, lifetime
+        self.last_batch = SampleBatch.empty()
+        # one forward pass per batch, dropout off, both scores the batch and carries the gradient
+        # (the scores come from the weights before this batch's update: test-then-train holds).
+        # False: a scoring pass in eval mode, then a training pass with the model's dropout.
+        self.one_pass = one_pass
+        self._modules = list(self.model.modules())
+        self.evaluator = PrequentialEvaluator(N_TASKS, eval_window)
+        self.pending: dict[str, np.ndarray] = {}  # impression id -> first-sample prediction (T,)
+        self._seen: dict[tuple[str, int], None] = {}
+        self.trained_samples = 0  # rows the optimizer stepped on, lifetime
+        self.samples_seen = 0
+        # a copy of the model frozen once event time passes the stream's start + freeze_after_ms:
+        # it only scores (finals of later impressions), never trains - the baseline that shows
+        # what continuous training buys under drift
+        self.freeze_after_ms = freeze_after_ms if freeze_after_ms else None
+        self.stream_start_ms: int | None = None
+        self.frozen: AITM | None = None
+        self.frozen_cutoff_ms = 0  # impressions from here on are the frozen model's evaluation set
+        self.frozen_vocab_sizes: list[int] | None = None  # per field, ids admitted by the freeze
+        self.frozen_evaluator = PrequentialEvaluator(N_TASKS, eval_window)
+        # the live model on the very same finals as the frozen copy: the like-for-like comparison
+        self.paired_evaluator = PrequentialEvaluator(N_TASKS, eval_window)
+
+    # --- the step -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def predict(self, ids: np.ndarray) -> np.ndarray:
+        """End-to-end probabilities (N, T) in eval mode."""
+        self._set_training(False)
+        x = torch.as_tensor(ids, device=self.device)  # (N, F)
+        out: np.ndarray = torch.sigmoid(self.model(x)).float().cpu().numpy()
+        return out
+
+    def _set_training(self, flag: bool) -> None:
+        """``model.train(flag)`` without its recursion through ``nn.Module.__setattr__`` (it is
+        switched twice per step: about a microsecond per sample)."""
+        if self.model.training is not flag:
+            for m in self._modules:
+                object.__setattr__(m, "training", flag)
+
+    def _dedupe(self, batch: SampleBatch) -> SampleBatch:
+        seen = self._seen
+        keep: list[int] = []
+        for i, key in enumerate(zip(batch.impression_ids, batch.seq.tolist(), strict=True)):
+            if key in seen:
+                continue
+            seen[key] = None
+            keep.append(i)
+        while len(seen) > SEEN_CAP:
+            del seen[next(iter(seen))]
+        return batch if len(keep) == len(batch) else batch.take(keep)
+
+    def step(self, samples: SampleBatch | Sequence[Sample], train: bool = True) -> StepResult:
+        """Score the batch, evaluate its finals, then (``train``) update on it. Test-then-train.
+        ``self.last_batch`` is the deduplicated batch the result's rows refer to."""
+        t0 = time.perf_counter()
+        given = as_batch(samples)
+        batch = self.last_batch = self._dedupe(given)
+        n = len(batch)
+        if n == 0:
+            empty = np.zeros((0, N_TASKS))
+            return StepResult(0, len(given), 0, [], empty, empty, empty, time.perf_counter() - t0)
+        if self.freeze_after_ms is not None and self.frozen is None:
+            self._maybe_freeze(batch)  # before this batch is trained on
+        ids = self.encoder.encode_columns(batch.features, n, update=train)  # (N, F)
+        pending = self.pending
+        iids = batch.impression_ids
+        kind = batch.kind
+        # test first, with the model as it is now - but only the rows whose prediction is used:
+        # a final whose first-sample prediction is held is evaluated with that one, and no mode
+        # needs its current prediction (fnw weights come from firsts and corrections)
+        # (or the prediction of its first sample earlier in this batch)
+        need = kind != FINAL
+        firsts_here: set[str] = set()
+        for i in np.flatnonzero(kind != CORRECTION).tolist():
+            if kind[i] == FIRST:
+                firsts_here.add(iids[i])
+            else:
+                need[i] = iids[i] not in pending and iids[i] not in firsts_here
+        logits: torch.Tensor | None = None  # (M, T) with grad, rows ``fwd_rows`` (one pass)
+        fwd_rows = np.zeros(0, np.int64)
+        holdout = held_back(iids, self.stabilisers.holdout_share)
+        late, n_first = self._late_rows(batch, holdout)
+        waited: tuple[RowBlock, torch.Tensor] | None = None  # rows from the buffer and their logits
+        if train and self.one_pass:
+            fwd = need | (kind == FINAL) if self.mode == "final-only" else need  # + the rows it trains
+            fwd_rows = np.flatnonzero(fwd)
+            self._set_training(False)  # no dropout: this pass scores as well
+            before = self.mixer.upcoming(late, n_first)  # rows that waited and go into this step
+            x = ids[fwd_rows] if before is None else np.concatenate([ids[fwd_rows], before.ids])
+            out = self.model(torch.as_tensor(x, device=self.device))  # (M + W, T)
+            logits = out[: fwd_rows.size]  # (M, T)
+            if before is not None:
+                waited = (before, out[fwd_rows.size :])
+            probs = np.full((n, N_TASKS), np.nan, np.float32)  # (N, T), NaN where not scored
+            probs[fwd_rows] = torch.sigmoid(logits.detach()).float().cpu().numpy()
+        elif need.all():
+            probs = self.predict(ids)  # (N, T)
+        else:
+            probs = np.full((n, N_TASKS), np.nan, np.float32)  # (N, T), NaN where not scored
+            if need.any():
+                probs[need] = self.predict(ids[need])
+        eval_probs: list[np.ndarray] = []
+        first_seen = np.ones(n, bool)
+        final_rows: list[int] = []
+        for i in np.flatnonzero(kind != CORRECTION).tolist():  # in batch order: a first, then its final
+            iid = iids[i]
+            if kind[i] == FIRST:
+                pending[iid] = probs[i]
+            else:
+                final_rows.append(i)
+                at_first = pending.pop(iid, None)
+                if at_first is None:
+                    first_seen[i] = False
+                    eval_probs.append(probs[i])
+                else:
+                    eval_probs.append(at_first)
+        while len(self.pending) > PENDING_CAP:
+            del self.pending[next(iter(self.pending))]
+        y_eval = batch.labels[final_rows].astype(np.float64).reshape(-1, N_TASKS)
+        p_eval = np.asarray(eval_probs, np.float64).reshape(-1, N_TASKS)
+        self.evaluator.update(y_eval, p_eval)
+        if self.frozen is not None and final_rows:
+            self._evaluate_frozen(batch, ids, final_rows, y_eval, p_eval)
+        rows = 0
+        if train:  # ... and only then train
+            tr = train_rows(self.mode, batch, probs, first_seen)
+            mine = ~holdout[tr.index]  # the held-back slice is never trained on
+            index = tr.index[mine]
+            block = RowBlock.of(ids[index], tr.labels[mine], tr.mask[mine], tr.weight[mine], origin=index)
+            ready = self.mixer.add(block, late[index], n_first)
+            if ready is not None:
+                rows = len(ready)
+                self._optimize(ready, logits, fwd_rows, waited)
+            self.trained_samples += rows
+        self.samples_seen += n
+        eval_ids = [iids[i] for i in final_rows]
+        held = np.flatnonzero(holdout)
+        return StepResult(n, len(given) - n, rows, eval_ids, y_eval, p_eval, probs, time.perf_counter() - t0,
+                          held, ids[held])
+
+    def _late_rows(self, batch: SampleBatch, holdout: np.ndarray) -> tuple[np.ndarray, int]:
+        """(N,) the task each row is a paced late positive of (-1: none), and the first samples the
+        batch brings - what the mixing buffer is told about the batch."""
+        late = np.full(len(batch), -1, np.int64)
+        if self.mode == "fnw" and self.stabilisers.positive_slack is not None:  # late positives are paced
+            step = np.clip(batch.seq, 1, N_TASKS) - 1
+            credited = ((batch.kind == CORRECTION) & (batch.seq >= 1) & (batch.seq <= N_TASKS) & ~holdout
+                        & (batch.labels[np.arange(len(batch)), step] == 1))
+            late[credited] = step[credited]
+        return late, int(((batch.kind == FIRST) & ~holdout).sum())
+
+    def _optimize(self, ready: RowBlock, logits: torch.Tensor | None, fwd_rows: np.ndarray,
+                  waited: tuple[RowBlock, torch.Tensor] | None) -> None:
+        """One optimizer step on ``ready`` (then the weight average follows). Rows that came with
+        this batch reuse the scoring pass's logits (one pass), and so do the rows that waited in the
+        buffer when the pass included them (``waited``: what ``MixingBuffer.upcoming`` foresaw);
+        any other row gets its own forward pass, in the same graph."""
+        dev = self.device
+        labels = torch.as_tensor(ready.labels, device=dev)  # (R, T)
+        mask = torch.as_tensor(ready.mask, device=dev)
+        weight = torch.as_tensor(ready.weight, device=dev)
+        if logits is not None:
+            here = ready.origin >= 0
+            at = np.minimum(np.searchsorted(fwd_rows, ready.origin[here]), max(fwd_rows.size - 1, 0))  # positions
+            if here.any() and not np.array_equal(fwd_rows[at], ready.origin[here]):
+                raise RuntimeError(f"{self.mode}: a trained row was not in the scoring pass")
+            parts = [logits[torch.as_tensor(at, device=dev)]] if here.any() else []
+            if not here.all():
+                old = ready.ids[~here]  # (W, F) rows that waited
+                if waited is not None and np.array_equal(waited[0].ids, old):
+                    parts.append(waited[1])  # foreseen: already in the scoring pass
+                else:
+                    parts.append(self.model(torch.as_tensor(old, device=dev)))  # (W, T)
+            order = np.concatenate([np.flatnonzero(here), np.flatnonzero(~here)])
+            sel = torch.as_tensor(order, device=dev)
+            loss = aitm_loss(torch.cat(parts), labels[sel], mask[sel], weight[sel], self.alpha)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self._set_training(True)
+            train_step(self.model, self.optimizer, torch.as_tensor(ready.ids, device=dev), labels, mask, weight,
+                       alpha=self.alpha)
+        self.steps += 1
+        if self.average is not None:
+            self.average.update(self.model, len(ready))
+
+    def served_model(self) -> AITM:
+        """The model a new version serves: the weight average when there is one, else the trained model."""
+        if self.average is not None:
+            return cast(AITM, self.average.model)
+        return self.model
+
+    # --- the frozen copy ------------------------------------------------------------------------
+
+    def _maybe_freeze(self, batch: SampleBatch) -> None:
+        times = batch.event_time_ms
+        if self.stream_start_ms is None:
+            self.stream_start_ms = int(times.min())
+        cutoff = self.stream_start_ms + (self.freeze_after_ms or 0)
+        if int(times.max()) >= cutoff:
+            self.freeze(cutoff)
+
+    def freeze(self, cutoff_ms: int) -> None:
+        """Keep a copy of the model as it is now; it scores impressions from ``cutoff_ms`` on."""
+        frozen = copy.deepcopy(self.model).eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        self.frozen = frozen
+        self.frozen_cutoff_ms = cutoff_ms
+        # threshold ids are given in order, so a value admitted later has an id above these sizes
+        # and the frozen model (whose vocabulary stopped here) sees it as out-of-vocabulary
+        self.frozen_vocab_sizes = [len(v) for v in self.encoder.vocab] if self.encoder.mode == "threshold" else None
+
+    def _evaluate_frozen(self, batch: SampleBatch, ids: np.ndarray, final_rows: list[int],
+                         y_eval: np.ndarray, p_eval: np.ndarray) -> None:
+        """Score the finals of impressions from the cutoff on with the frozen copy. It never
+        trains, so its prediction now is the one it made at the first sample (test-then-train)."""
+        assert self.frozen is not None
+        rows = np.asarray(final_rows)
+        later = batch.event_time_ms[rows] >= self.frozen_cutoff_ms
+        if not later.any():
+            return
+        x = ids[rows[later]]  # (E, F)
+        if self.frozen_vocab_sizes is not None:
+            x = np.where(x > np.asarray(self.frozen_vocab_sizes), 0, x)
+        with torch.inference_mode():
+            p = torch.sigmoid(self.frozen(torch.as_tensor(x, device=self.device))).float().cpu().numpy()
+        self.frozen_evaluator.update(y_eval[later], p.astype(np.float64))
+        self.paired_evaluator.update(y_eval[later], p_eval[later])
+
+    def frozen_metric_values(self) -> dict[str, list[dict[str, float]]] | None:
+        """The frozen copy's evaluator values, None before the freeze."""
+        return self.frozen_evaluator.values() if self.frozen is not None else None
+
+    def paired_metric_values(self) -> dict[str, list[dict[str, float]]] | None:
+        """The live model's values on the frozen copy's evaluation set, None before the freeze."""
+        return self.paired_evaluator.values() if self.frozen is not None else None
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restart needs besides the model (which ``make_checkpoint`` stores)."""
+        ids = list(self.pending)
+        probs = np.stack(list(self.pending.values())) if ids else np.zeros((0, N_TASKS), np.float32)
+        return {
+            "mode": self.mode,
+            "optimizer": self.optimizer.state_dict(),
+            "evaluator": self.evaluator.state_dict(),
+            "pending_ids": ids,
+            "pending_probs": torch.from_numpy(np.asarray(probs, np.float32)),
+            "trained_samples": self.trained_samples,
+            "samples_seen": self.samples_seen,
+            "steps": self.steps,
+            "mixer": self.mixer.state_dict(),
+            # the trained weights (the checkpoint's model_state is what is served: the average)
+            "trained_model": None if self.average is None else _cloned(self.model.state_dict()),
+            "average": None if self.average is None else self.average.state_dict(),
+            "stream_start_ms": self.stream_start_ms,
+            "frozen": None if self.frozen is None else {
+                "model": self.frozen.state_dict(),
+                "cutoff_ms": self.frozen_cutoff_ms,
+                "vocab_sizes": self.frozen_vocab_sizes,
+                "evaluator": self.frozen_evaluator.state_dict(),
+                "paired_evaluator": self.paired_evaluator.state_dict(),
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.evaluator.load_state_dict(list(state["evaluator"]))
+        probs = np.asarray(state["pending_probs"], np.float32).reshape(-1, N_TASKS)
+        self.pending = dict(zip(state["pending_ids"], probs, strict=True))
+        self.trained_samples = int(state["trained_samples"])
+        self.samples_seen = int(state["samples_seen"])
+        self.steps = int(state.get("steps", 0))
+        if state.get("mixer") is not None:
+            self.mixer.load_state_dict(state["mixer"])
+        if state.get("trained_model") is not None:
+            self.model.load_state_dict(state["trained_model"])
+        if self.average is not None:
+            if state.get("average") is not None:
+                self.average.load_state_dict(state["average"])
+            else:  # a checkpoint from before the average: start it from the trained weights
+                self.average = WeightAverage(self.model, self.average.half_life)
+        self.stream_start_ms = state.get("stream_start_ms")
+        frozen = state.get("frozen")
+        if frozen is not None:
+            self.freeze(int(frozen["cutoff_ms"]))
+            assert self.frozen is not None
+            self.frozen.load_state_dict(frozen["model"])
+            self.frozen_vocab_sizes = frozen["vocab_sizes"]
+            self.frozen_evaluator.load_state_dict(list(frozen["evaluator"]))
+            if "paired_evaluator" in frozen:
+                self.paired_evaluator.load_state_dict(list(frozen["paired_evaluator"]))
+
+    def metric_values(self) -> dict[str, list[dict[str, float]]]:
+        return self.evaluator.values()
+
+
+def init_output_bias(model: AITM, rates: Sequence[float]) -> None:
+    """Start the output biases at the log-odds of ``rates`` (made non-increasing along the funnel and
+    kept inside (1e-6, 1 - 1e-6)) instead of 0, which is 50% on every step: the model then starts
+    near the funnel's base rates instead of spending its first days - and its first versions -
+    learning them.
+
+    >>> m = AITM(AITMConfig(vocab_sizes=(3,), n_tasks=2))
+    >>> init_output_bias(m, (0.5, 0.1))
+    >>> [round(b, 4) for b in m.head_b.tolist()]
+    [0.0, -2.1972]
+    """
+    if len(rates) != model.config.n_tasks:
+        raise ValueError(f"one prior rate per task: {len(rates)} for {model.config.n_tasks} tasks")
+    p = np.clip(np.minimum.accumulate(np.asarray(rates, np.float64)), 1e-6, 1 - 1e-6)
+    with torch.no_grad():
+        model.head_b.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=model.head_b.dtype))
+
+
+def _cloned(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def fields_of(samples: SampleBatch | Sequence[Sample]) -> tuple[str, ...]:
+    """The feature fields of a cold start: every field name in the first batch, sorted."""
+    names = set(as_batch(samples).features)
+    if not names:
+        raise ValueError("the first batch of samples has no features: cannot fix the field list")
+    return tuple(sorted(names))
+
+
+def finite_or_none(x: float) -> float | None:
+    return None if math.isnan(x) or math.isinf(x) else x

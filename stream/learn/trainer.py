@@ -1,0 +1,500 @@
+"""``aitm-stream trainer``: consume ``samples``, test-then-train AITM, checkpoint, announce versions.
+
+A kafka-python consumer with no group: it assigns every partition of the samples topic and seeks
+to the offsets stored in the last good checkpoint (the beginning when there is none), so a
+restarted trainer - even after ``kill -9`` - trains again on every sample after that checkpoint
+and never trusts a group commit. Each checkpoint is a model version in the model store
+(``stream.ops.model_store``) and is announced on ``model-versions``. CPU-heavy torch work runs in this
+process only. See docs/streaming.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import resource
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry, start_http_server
+
+from aitm.checkpoint import config_from_dict, load_checkpoint, make_checkpoint
+from aitm.features import FeatureEncoder
+from aitm.model import AITM
+from stream.contract.events import TASKS, dead_letter
+from stream.learn.feed import Invalid, SampleFeed
+from stream.learn.learner import OnlineLearner, Stabilisers, fields_of, pick_device
+from stream.learn.publication_gate import REASONS, HoldoutSet, PublicationGate
+from stream.learn.sample_batch import N_TASKS, SampleBatch
+from stream.ops.clock import Clock, SystemClock
+from stream.ops.metrics import WINDOWS, RefreshMetrics, TrainerMetrics
+from stream.ops.model_store import ModelStore, ModelVersion, encode_version
+from stream.ops.settings import Settings, kafka_client_config, load_settings
+
+log = logging.getLogger(__name__)
+DAY_MS = 86_400_000
+# quality gauges (exact window AUCs: sorts of 20k pairs per task and evaluator) are refreshed this
+# often, the Prometheus scrape interval; throughput and lag every second
+QUALITY_REFRESH_S = 5.0
+
+
+def stabilisers(s: Settings) -> Stabilisers:
+    """The learner's stabilisers from the settings (docs/serving.md)."""
+    return Stabilisers(
+        min_step_rows=s.trainer_min_step_rows,
+        positive_slack=s.trainer_positive_slack or None,
+        ema_half_life_rows=s.trainer_ema_half_life_rows,
+        holdout_share=s.trainer_holdout_share,
+        prior_rates=tuple(s.trainer_prior_rates) or None,
+    )
+
+
+def settled_after_ms(s: Settings) -> list[int]:
+    """Per task, the impression age after which its label is settled and delivered whatever
+    happened: the step windows up to it, the joiner's lateness, grace and first-sample delay, and a
+    day for partners that deliver in batches (a daily activation file arrives up to 26 h late)."""
+    windows = (s.joiner_window_click_ms, s.joiner_window_application_ms, s.joiner_window_approval_ms,
+               s.joiner_window_activation_ms)
+    slack = s.joiner_allowed_lateness_ms + s.joiner_grace_ms + s.joiner_observe_ms + DAY_MS
+    return [sum(windows[: t + 1]) + slack for t in range(N_TASKS)]
+
+
+def vocab_sizes(encoder: FeatureEncoder) -> list[int] | None:
+    """Ids per field known to an encoder now (threshold ids are given in order), None if hashed."""
+    return [len(v) for v in encoder.vocab] if encoder.mode == "threshold" else None
+
+
+class Trainer:
+    """The trainer process's state: consumer, learner, store, producer and metrics."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry, clock: Clock | None = None,
+                 mode: str | None = None) -> None:
+        self.s = settings
+        self.clock = clock or SystemClock()
+        self.mode = mode or settings.trainer_mode
+        self.metrics = TrainerMetrics(registry)
+        self.published_at_s = 0.0  # before the model-age gauge: /metrics may be scraped while we start
+        self.refresh = RefreshMetrics(registry, "trainer", self._model_age)
+        self.store = ModelStore(settings.model_store_path(), settings.model_store_keep)
+        self.device = pick_device(settings.trainer_device)
+        self.gate = PublicationGate(HoldoutSet(settled_after_ms(settings), settings.trainer_holdout_window),
+                                    settings.trainer_gate_min_rows, settings.trainer_gate_log_loss_margin,
+                                    settings.trainer_gate_calibration_margin, self.device)
+        for reason in REASONS:
+            self.metrics.refused_versions.labels(reason=reason)
+        self.refused = 0  # candidate versions the gate did not publish
+        self.learner: OnlineLearner | None = None
+        self.offsets: dict[int, int] = {}  # partition -> next offset to consume (trained or dead-lettered)
+        self.version = 0
+        self.new_min_ms: int | None = None  # consumed-at of the oldest sample not yet in a version
+        self.new_max_ms = 0
+        self.batches_since = 0
+        self.consumed = 0
+        self.dead = 0
+        self.busy_s = 0.0  # seconds inside test-then-train steps
+        self.first_record_s: float | None = None
+        self.last_train_s = 0.0
+        self.lingered_s = 0.0  # seconds partial batches waited (TRAINER_LINGER_MS) with nothing new to read
+        self._feed: SampleFeed | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._writing: Future[ModelVersion] | None = None  # the version being written
+        self._producer: Any = None
+
+    # --- start-up: resume, warm start or cold ---------------------------------------------------
+
+    def _model_age(self) -> float:
+        return time.time() - self.published_at_s if self.published_at_s else float("nan")
+
+    def _learner_from(self, ckpt: dict[str, Any]) -> OnlineLearner:
+        model = AITM(config_from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["model_state"])
+        encoder = FeatureEncoder.from_state_dict(ckpt["feature_maps"])
+        return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
+                             model=model, freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
+                             stabilisers=stabilisers(self.s))
+
+    def restore(self) -> None:
+        """Resume from the newest good version in the store, else warm-start, else wait for data."""
+        versions = self.store.versions()
+        self.version = versions[-1] if versions else 0
+        latest = self.store.load_latest()
+        if latest is not None:
+            v, ckpt = latest
+            extra = ckpt.get("extra", {})
+            self.learner = self._learner_from(ckpt)
+            if extra.get("topic") == self.s.topic_samples and "learner" in extra:
+                self.learner.load_state_dict(extra["learner"])
+                self.offsets = {int(p): int(o) for p, o in extra.get("offsets", {}).items()}
+                if extra.get("holdout") is not None:
+                    self.gate.holdout.load_state_dict(extra["holdout"])
+                # the version resumed from is the one being served
+                self.gate.published(v, self.learner.served_model(), vocab_sizes(self.learner.encoder))
+                log.info("resumed from model version %d at offsets %s", v, self.offsets)
+            else:
+                log.info("model version %d is from another topic: used as a warm start", v)
+            return
+        if self.s.trainer_warm_start is not None:
+            self.learner = self._learner_from(load_checkpoint(self.s.trainer_warm_start))
+            log.info("warm start from %s", self.s.trainer_warm_start)
+
+    def _cold_start(self, batch: SampleBatch) -> OnlineLearner:
+        fields = fields_of(batch)
+        caps = [self.s.trainer_feature_capacities.get(f, self.s.trainer_feature_capacity) for f in fields]
+        encoder = FeatureEncoder(fields, capacity=caps, min_count=self.s.trainer_feature_min_count)
+        log.info("cold start: %d feature fields %s", len(fields), ", ".join(fields))
+        return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
+                             freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
+                             stabilisers=stabilisers(self.s))
+
+    def _freeze_after_ms(self) -> int | None:
+        days = self.s.trainer_freeze_after_days
+        return round(days * DAY_MS) if days > 0 else None
+
+    # --- Kafka ----------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """The producer (announcements, dead letters) and the samples feed, positioned at ``offsets``."""
+        from kafka import KafkaProducer
+
+        self._producer = KafkaProducer(
+            client_id="aitm-trainer", acks="all", linger_ms=5, enable_idempotence=False, **self.s.kafka_python_config()
+        )
+        feed = SampleFeed(partial(kafka_client_config, self.s, "aiokafka"), self.s.topic_samples, self.offsets,
+                          chunk_size=self.s.trainer_batch_size)
+        feed.start_and_wait()
+        self._feed = feed
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)  # a version being written is finished and announced
+        if self._feed is not None:
+            self._feed.close()
+        if self._producer is not None:
+            self._producer.close()
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, exit_when_idle_s: float | None = None) -> None:
+        """Batch the feed's chunks, test-then-train each batch, checkpoint, refresh the gauges.
+
+        The feed fetches and parses in its own process while this one trains; a chunk holds at
+        most one batch of records, so batches are full while there is a backlog."""
+        feed = self._feed
+        if feed is None:
+            raise RuntimeError("connect() first")
+        size = self.s.trainer_batch_size
+        parts: list[SampleBatch] = []  # the batch being gathered, as the chunks' columns
+        n_batch = 0
+        batch_offsets: dict[int, int] = {}
+        first_at_ms: int | None = None
+        first_mono = last_chunk_mono = 0.0
+        last_ckpt = last_gauges = idle_since = time.monotonic()
+        last_quality = 0.0
+        trained_at_last_gauge = self.learner.trained_samples if self.learner else 0
+        while not stop.is_set():
+            chunk = feed.get(timeout_s=0.1)
+            now_ms = self.clock.now_ms()
+            if chunk is not None:
+                if self.first_record_s is None:
+                    self.first_record_s = chunk.fetched_at_s
+                if n_batch and n_batch + len(chunk.samples) > size:  # it would overflow: train what we have
+                    self._train(parts, first_at_ms or now_ms, now_ms)
+                    parts, n_batch = [], 0
+                    self.offsets.update(batch_offsets)
+                    batch_offsets = {}
+                self.consumed += len(chunk)
+                for kind, n in chunk.kinds.items():
+                    self.metrics.samples.labels(kind=kind).inc(n)
+                for bad in chunk.invalid:
+                    self._dead_letter(bad)
+                if len(chunk.samples) and not n_batch:
+                    first_at_ms, first_mono = now_ms, time.monotonic()
+                if len(chunk.samples):
+                    parts.append(chunk.samples)
+                    n_batch += len(chunk.samples)
+                    last_chunk_mono = time.monotonic()
+                batch_offsets.update(chunk.offsets)
+            now = time.monotonic()
+            full = n_batch >= size
+            lingered = n_batch > 0 and (now - first_mono) * 1000 >= self.s.trainer_linger_ms
+            if full or lingered:
+                if not full:  # waited for more samples that did not come: idle, not training time
+                    self.lingered_s += now - last_chunk_mono
+                self._train(parts, first_at_ms or now_ms, now_ms)
+                parts, n_batch = [], 0
+            if not n_batch:  # every consumed record is trained on or dead-lettered
+                self.offsets.update(batch_offsets)
+                batch_offsets = {}
+            if chunk is not None or n_batch:
+                idle_since = now
+            due = (now - last_ckpt) * 1000 >= self.s.trainer_checkpoint_interval_ms
+            if self.new_min_ms is not None and not n_batch and (due or self.batches_since >= self.s.trainer_checkpoint_batches):
+                self.checkpoint_async()  # or refused by the gate: the next candidate comes an interval later
+                last_ckpt = time.monotonic()
+            if now - last_gauges >= 1.0:
+                if self.learner is not None:
+                    done = self.learner.trained_samples
+                    self.metrics.throughput.set((done - trained_at_last_gauge) / (now - last_gauges))
+                    trained_at_last_gauge = done
+                    if now - last_quality >= QUALITY_REFRESH_S:
+                        self.update_quality_gauges()
+                        last_quality = now
+                last_gauges = now
+                self.update_lag_gauge()
+            if exit_when_idle_s is not None and self.consumed and not n_batch and now - idle_since >= exit_when_idle_s:
+                break  # armed by the first record, so a slow upstream start is not "idle"
+        if n_batch:
+            self._train(parts, first_at_ms or self.clock.now_ms(), self.clock.now_ms())
+            self.offsets.update(batch_offsets)
+        if self.new_min_ms is not None:
+            self.checkpoint()
+        if self._writing is not None:
+            self._writing.result()
+        self.update_quality_gauges()
+        self.update_lag_gauge()
+
+    def update_lag_gauge(self) -> None:
+        """Samples behind the high watermark (from fetch responses), not yet trained on."""
+        lag = self._feed.lag(self.offsets) if self._feed is not None else None
+        if lag is not None:
+            self.metrics.consumer_lag.set(lag)
+
+    def _train(self, parts: list[SampleBatch], first_at_ms: int, last_at_ms: int) -> None:
+        batch = SampleBatch.concat(parts)
+        if self.learner is None:
+            self.learner = self._cold_start(batch)
+        t0 = time.perf_counter()
+        res = self.learner.step(batch)
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        self.last_train_s = time.monotonic()
+        self.metrics.batch_seconds.observe(dt)
+        self.metrics.trained.inc(res.trained_rows)
+        if len(res.holdout_rows):
+            done = self.learner.last_batch
+            rows = res.holdout_rows
+            self.gate.holdout.add([done.impression_ids[i] for i in rows.tolist()], res.holdout_ids, done.labels[rows],
+                                  done.event_time_ms[rows], int(done.watermark_ms.max()))
+        self.batches_since += 1
+        self.new_min_ms = first_at_ms if self.new_min_ms is None else self.new_min_ms
+        self.new_max_ms = last_at_ms
+
+    def _dead_letter(self, rec: Invalid) -> None:
+        self.dead += 1
+        self.metrics.dead_letters.labels(reason=rec.reason).inc()
+        value = dead_letter(rec.value, source_topic=rec.topic, reason=rec.reason, detail=rec.detail,
+                            partition=rec.partition, offset=rec.offset, key=rec.key, time_ms=self.clock.now_ms())
+        self._producer.send(self.s.topic_dead_letters, key=rec.key or b"", value=value)
+
+    def checkpoint(self) -> ModelVersion | None:
+        """Write the next version and announce it; returns once it is published (None when the
+        publication gate refused it)."""
+        pending = self.checkpoint_async()
+        return pending.result() if pending is not None else None
+
+    def checkpoint_async(self) -> Future[ModelVersion] | None:
+        """Judge the candidate (the publication gate), then snapshot the next version (served
+        model, encoder, optimizer, learner state, offsets) here, and write, fsync and announce it
+        on the writer thread while training goes on: a checkpoint costs the loop only its
+        snapshot (tensor copies), not ~0.15 s of serialisation and I/O. One is in flight at a
+        time; a failed write raises here, at the next checkpoint. A refused candidate is counted
+        and logged, and nothing is written: a restart resumes from the last published version."""
+        learner = self.learner
+        if learner is None:
+            raise RuntimeError("nothing to checkpoint before the first batch")
+        served = learner.served_model()
+        verdict = self.gate.judge(served)
+        if not verdict.publish:
+            self.refused += 1
+            self.metrics.refused_versions.labels(reason=verdict.reason or "other").inc()
+            log.warning("candidate for version %d not published (%s): %s", self.version + 1, verdict.reason,
+                        verdict.detail)
+            return None
+        if self._writing is not None:
+            self._writing.result()  # in order, and a failure surfaces
+        self.version += 1
+        extra = {
+            "topic": self.s.topic_samples,
+            "offsets": dict(self.offsets),
+            "learner": learner.state_dict(),
+            "mode": self.mode,
+            "holdout": self.gate.holdout.state_dict(),
+        }
+        # the checkpoint's model is the served one (the weight average); the trained weights are
+        # in the learner state, for a resume
+        ckpt = _copied(make_checkpoint(served, learner.model.config, learner.encoder.state_dict(),
+                                       self.version, extra))
+        self.gate.published(self.version, served, vocab_sizes(learner.encoder))
+        newest_ms = self.new_max_ms
+        oldest_ms = self.new_min_ms
+        trained = learner.trained_samples
+        self.new_min_ms, self.batches_since = None, 0
+        self._writing = self._writer.submit(self._publish, self.version, ckpt, trained, newest_ms, oldest_ms)
+        return self._writing
+
+    def _publish(self, version: int, ckpt: dict[str, Any], trained: int, newest_ms: int,
+                 oldest_ms: int | None) -> ModelVersion:
+        """The writer thread: the version file (atomic, fsynced), then its announcement."""
+        path, digest = self.store.publish(version, ckpt)
+        now_ms = self.clock.now_ms()
+        v = ModelVersion(
+            version=version, path=str(path.resolve()), sha256=digest, trained_samples=trained,
+            created_at_ms=now_ms, max_sample_consumed_at_ms=newest_ms,
+            min_new_sample_consumed_at_ms=oldest_ms or now_ms,
+        )
+        self._producer.send(self.s.topic_model_versions, key=b"model", value=encode_version(v))
+        self._producer.flush()
+        self.refresh.freshness.observe(max(0.0, (now_ms - v.min_new_sample_consumed_at_ms) / 1000))
+        self.published_at_s = time.time()
+        self.metrics.checkpoints.inc()
+        self.metrics.model_version.set(version)
+        self.metrics.last_update.set(self.published_at_s)
+        return v
+
+    def update_quality_gauges(self) -> None:
+        if self.learner is None:
+            return
+        values = self.learner.metric_values()
+        for window in WINDOWS:
+            for t, task in enumerate(TASKS[:N_TASKS]):
+                vals = values[window][t]
+                self.metrics.auc.labels(task=task, window=window).set(vals["auc"])
+                self.metrics.log_loss.labels(task=task, window=window).set(vals["log_loss"])
+                self.metrics.calibration.labels(task=task, window=window).set(vals["calibration"])
+                self.metrics.positive_rate.labels(task=task, window=window).set(vals["positive_rate"])
+        frozen = self.learner.frozen_metric_values()
+        if frozen is not None:
+            for window in WINDOWS:
+                for t, task in enumerate(TASKS[:N_TASKS]):
+                    self.metrics.frozen_auc.labels(task=task, window=window).set(frozen[window][t]["auc"])
+        served = self.gate.serving_figures()
+        if served is not None:
+            for t, task in enumerate(TASKS[:N_TASKS]):
+                self.metrics.served_log_loss.labels(task=task).set(served.log_loss[t])
+                self.metrics.served_calibration.labels(task=task).set(served.calibration[t])
+        for t, n in enumerate(self.gate.holdout.counts()):
+            self.metrics.holdout_settled.labels(task=TASKS[t]).set(n)
+        held = self.learner.mixer.held
+        for t, task in enumerate(TASKS[:N_TASKS]):
+            self.metrics.held_positives.labels(task=task).set(sum(len(b) for b in held[t]))
+        paired = self.learner.paired_metric_values()
+        if paired is not None:
+            for window in WINDOWS:
+                for t, task in enumerate(TASKS[:N_TASKS]):
+                    self.metrics.paired_auc.labels(task=task, window=window).set(paired[window][t]["auc"])
+
+    def summary(self, wall_s: float) -> dict[str, Any]:
+        learner = self.learner
+        return {
+            "mode": self.mode,
+            "records_consumed": self.consumed,
+            "dead_letters": self.dead,
+            "samples_processed": learner.samples_seen if learner else 0,
+            "trained_rows": learner.trained_samples if learner else 0,
+            "busy_seconds": round(self.busy_s, 3),
+            # from the first record consumed to the last batch trained: the throughput denominator
+            # less the lingering of partial batches, idle time (the tail of a backlog waits up to
+            # TRAINER_LINGER_MS for samples that are not coming)
+            "active_seconds": round(self.last_train_s - self.first_record_s - self.lingered_s, 3)
+            if self.first_record_s else 0.0,
+            "lingered_seconds": round(self.lingered_s, 3),
+            "wall_seconds": round(wall_s, 3),
+            # CPU seconds (user + system) of this process and of its reaped children (the feed)
+            "cpu_seconds": {"trainer": _cpu_s(resource.RUSAGE_SELF), "feed": _cpu_s(resource.RUSAGE_CHILDREN)},
+            "version": self.version,
+            "refused_versions": self.refused,
+            "device": str(self.device),
+            "quality": learner.metric_values() if learner else None,
+            "frozen_quality": learner.frozen_metric_values() if learner else None,
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the trainer until SIGTERM/SIGINT (or until idle, with ``--exit-when-idle``)."""
+    p = argparse.ArgumentParser(prog="aitm-stream trainer", description=__doc__)
+    p.add_argument("--mode", choices=("fnw", "final-only"), default=None, help="default TRAINER_MODE")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default TRAINER_DEVICE)")
+    p.add_argument("--warm-start", type=Path, default=None, help="offline checkpoint (default TRAINER_WARM_START)")
+    p.add_argument("--exit-when-idle", type=float, default=None, metavar="S",
+                   help="checkpoint and exit after S seconds without new samples (benches, batch runs)")
+    p.add_argument("--summary-json", type=Path, default=None, help="write a run summary here on exit")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument("--loglevel", default="info")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s trainer %(levelname)s %(message)s")
+    overrides: dict[str, Any] = {}
+    if args.device:
+        overrides["trainer_device"] = args.device
+    if args.warm_start:
+        overrides["trainer_warm_start"] = args.warm_start
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    settings = load_settings(**overrides)
+    torch.set_num_threads(settings.trainer_threads)
+    _warm_up_torch()
+    from stream.kafka.broker import ensure_topics
+
+    ensure_topics(settings.kafka_python_config(), settings.topic_specs(), settings.topic_replication_factor)
+    registry = CollectorRegistry()
+    if not args.no_metrics:
+        start_http_server(settings.metrics_port_trainer, addr=settings.metrics_host, registry=registry)
+    trainer = Trainer(settings, registry, mode=args.mode)
+    trainer.restore()
+    trainer.connect()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    t0 = time.monotonic()
+    log.info("trainer: mode %s, device %s, model store %s", trainer.mode, trainer.device, trainer.store.root)
+    try:
+        trainer.run(stop, args.exit_when_idle)
+    finally:
+        trainer.close()
+    if args.summary_json is not None:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary = _finite(trainer.summary(time.monotonic() - t0))
+        args.summary_json.write_text(json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
+def _copied(obj: Any) -> Any:
+    """``obj`` with every tensor cloned (dicts, lists and tuples rebuilt): a snapshot that the
+    training going on meanwhile cannot change under the writer thread."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_copied(v) for v in obj)
+    return obj
+
+
+def _cpu_s(who: int) -> float:
+    r = resource.getrusage(who)
+    return round(r.ru_utime + r.ru_stime, 3)
+
+
+def _warm_up_torch() -> None:
+    """Pay torch's one-off costs before the first record: the first optimizer imports
+    ``torch._dynamo`` (over a second), the first backward starts autograd."""
+    w = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.Adam([w], fused=True)
+    (w * 2).sum().backward()
+    opt.step()
+
+
+def _finite(o: Any) -> Any:
+    """JSON-safe copy: NaN and infinities become null."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    return o

@@ -1,0 +1,1 @@
+"""Operations: the one settings object, clocks, metrics, Prometheus and the model store."""

@@ -1,0 +1,154 @@
+"""Model versions in a directory, and their announcement record on the ``model-versions`` topic.
+
+Each version is one ``aitm.checkpoint`` file ``v00000042.ckpt`` (written atomically: temp file,
+fsync, rename; a sha256 of the payload inside, verified on load; ``torch.load(weights_only=True)``).
+The announcement carries the sha256 of the whole file as well, so a reader can tell a version
+that was replaced or damaged after it was announced. A version that fails either check is
+refused with ``ModelStoreError``; the caller keeps the version it has.
+
+Announcement (JSON, ``schema_version`` 1)::
+
+    {"schema_version": 1, "version": 42, "path": "/data/models/v00000042.ckpt", "sha256": "...",
+     "trained_samples": 123456, "created_at_ms": 1767225600000,
+     "max_sample_consumed_at_ms": 1767225599000, "min_new_sample_consumed_at_ms": 1767225597000}
+
+``*_consumed_at_ms`` are wall times at which the trainer consumed the newest sample in this
+version and the oldest sample that is new in it (freshness = use time minus the latter).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from aitm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from stream.contract.events import (
+    INVALID_FIELD,
+    MALFORMED_JSON,
+    MISSING_FIELD,
+    UNSUPPORTED_SCHEMA,
+    InvalidEvent,
+    loads_strict,
+)
+
+log = logging.getLogger(__name__)
+VERSION_SCHEMA: Final = 1
+_NAME = re.compile(r"^v(\d{8,})\.ckpt$")
+
+
+class ModelStoreError(Exception):
+    """A model version is missing, corrupted or does not match its announcement."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One announced model version."""
+
+    version: int
+    path: str
+    sha256: str
+    trained_samples: int
+    created_at_ms: int
+    max_sample_consumed_at_ms: int
+    min_new_sample_consumed_at_ms: int
+
+
+def encode_version(v: ModelVersion) -> bytes:
+    return json.dumps({"schema_version": VERSION_SCHEMA, **asdict(v)}, separators=(",", ":")).encode()
+
+
+def parse_version(raw: bytes | str) -> ModelVersion:
+    """Validate an announcement; raises ``InvalidEvent`` saying what is wrong."""
+    obj = loads_strict(raw, "model version")
+    if not isinstance(obj, dict):
+        raise InvalidEvent(MALFORMED_JSON, "a model version announcement must be a JSON object")
+    if obj.get("schema_version") != VERSION_SCHEMA:
+        raise InvalidEvent(UNSUPPORTED_SCHEMA, f"model version schema_version {obj.get('schema_version')!r:.20}; this reader knows 1")
+    ints = ("version", "trained_samples", "created_at_ms", "max_sample_consumed_at_ms", "min_new_sample_consumed_at_ms")
+    for name in (*ints, "path", "sha256"):
+        if name not in obj:
+            raise InvalidEvent(MISSING_FIELD, f"model version field {name!r} is missing")
+    for name in ints:
+        if type(obj[name]) is not int or obj[name] < 0:
+            raise InvalidEvent(INVALID_FIELD, f"model version field {name!r} must be a non-negative integer")
+    if not isinstance(obj["path"], str) or not obj["path"]:
+        raise InvalidEvent(INVALID_FIELD, "model version 'path' must be a non-empty string")
+    sha = obj["sha256"]
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise InvalidEvent(INVALID_FIELD, "model version 'sha256' must be 64 lower-case hex digits")
+    return ModelVersion(**{k: obj[k] for k in (*ints, "path", "sha256")})
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ModelStore:
+    """A directory of numbered versions; keeps the newest ``keep``."""
+
+    def __init__(self, root: Path, keep: int = 20) -> None:
+        self.root = Path(root)
+        self.keep = keep
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_of(self, version: int) -> Path:
+        return self.root / f"v{version:08d}.ckpt"
+
+    def versions(self) -> list[int]:
+        """Version numbers present, ascending."""
+        out = []
+        for p in self.root.iterdir():
+            m = _NAME.match(p.name)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def publish(self, version: int, checkpoint: Mapping[str, Any]) -> tuple[Path, str]:
+        """Write ``checkpoint`` as ``version`` atomically; returns its path and file sha256."""
+        path = self.path_of(version)
+        save_checkpoint(path, checkpoint)
+        digest = file_sha256(path)
+        for old in self.versions()[: -self.keep]:
+            self.path_of(old).unlink(missing_ok=True)
+        return path, digest
+
+    def load(self, version: int | None = None, path: Path | None = None, sha256: str | None = None) -> dict[str, Any]:
+        """Load and verify a version (by number or path); ``sha256`` checks the whole file."""
+        if path is None:
+            if version is None:
+                raise ValueError("give a version number or a path")
+            path = self.path_of(version)
+        path = Path(path)
+        if sha256 is not None:
+            try:
+                actual = file_sha256(path)
+            except OSError as exc:
+                raise ModelStoreError(f"model version file {path} cannot be read: {exc}") from exc
+            if actual != sha256:
+                raise ModelStoreError(
+                    f"model version file {path} has sha256 {actual[:12]}..., the announcement says "
+                    f"{sha256[:12]}...: refusing it (replaced or corrupted after publication)"
+                )
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as exc:
+            raise ModelStoreError(str(exc)) from exc
+
+    def load_latest(self) -> tuple[int, dict[str, Any]] | None:
+        """The newest version that loads and verifies, skipping (and logging) corrupted ones."""
+        for v in reversed(self.versions()):
+            try:
+                return v, self.load(v)
+            except ModelStoreError as exc:
+                log.warning("skipping model version %d: %s", v, exc)
+        return None

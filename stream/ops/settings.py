@@ -1,0 +1,301 @@
+"""The one settings object, read from the environment once at the process edge.
+
+Every field has an environment variable of the same name in upper case (e.g.
+``KAFKA_BOOTSTRAP_SERVERS``); secrets are ``SecretStr`` so they never print.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+class TopicSpec(BaseModel):
+    """A topic's name and partition count."""
+
+    name: str
+    partitions: int = Field(ge=1)
+
+
+class Settings(BaseSettings):
+    """Configuration of every process; see the README's Configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # --- Kafka connection: unset bootstrap servers means "start the embedded broker"
+    kafka_bootstrap_servers: str | None = None
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_password: SecretStr | None = None
+    # consumer-group session timeout: short, because the embedded broker holds a JoinGroup
+    # for half of it (BROKER.md); raise it against a real cluster.
+    kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
+
+    # --- topics (names and partition counts)
+    topic_impressions: str = "impressions"
+    topic_clicks: str = "clicks"
+    topic_applications: str = "applications"
+    topic_approvals: str = "approvals"
+    topic_activations: str = "activations"
+    topic_samples: str = "samples"
+    topic_dead_letters: str = "dead-letters"
+    topic_scores: str = "scores"
+    topic_model_versions: str = "model-versions"
+    event_partitions: int = Field(default=4, ge=1)
+    samples_partitions: int = Field(default=4, ge=1)
+    scores_partitions: int = Field(default=4, ge=1)
+    topic_replication_factor: int = Field(default=1, ge=1)
+
+    # --- local state
+    data_dir: Path = Path(".data")
+
+    # --- metrics: every process serves its own /metrics port, on loopback by default
+    metrics_host: str = "127.0.0.1"
+    metrics_port_broker: int = 9400
+    metrics_port_simulator: int = 9401
+    metrics_port_joiner: int = 9402
+    metrics_port_trainer: int = 9403
+    metrics_port_scorer: int = 9404
+    scorer_http_host: str = "127.0.0.1"
+    scorer_http_port: int = 8080
+    prometheus_port: int = 9090
+
+    # --- embedded broker
+    embedded_broker_port: int = 9092
+
+    # --- joiner (stream/join/app.py): event-time windows, emission policy, watermark; docs/joiner.md
+    joiner_app_id: str = "aitm-joiner"
+    joiner_policy: Literal["early", "matured"] = "early"
+    # each task's window, from its predecessor's event time (the paper's T+14 for activation)
+    joiner_window_click_ms: int = Field(default=3_600_000, gt=0)
+    joiner_window_application_ms: int = Field(default=3 * 86_400_000, gt=0)
+    joiner_window_approval_ms: int = Field(default=86_400_000, gt=0)
+    joiner_window_activation_ms: int = Field(default=14 * 86_400_000, gt=0)
+    # early policy: first sample this long (event time) after the impression
+    joiner_observe_ms: int = Field(default=30 * 60_000, ge=0)
+    # an event whose predecessor is missing is held until the predecessor's topic is this far
+    # past it (event time), then it is illegal_sequence
+    joiner_grace_ms: int = Field(default=10 * 60_000, ge=0)
+    # a step stamped up to this long before its predecessor still counts (sources' clocks differ)
+    joiner_clock_skew_ms: int = Field(default=5 * 60_000, ge=0)
+    # allowed lateness of each event topic (event time): how far behind the newest records of
+    # its own topic - or, while the topic is idle, behind the impressions - an event may arrive
+    # and still count. Finals waiting for that topic wait that much longer. The impressions'
+    # lateness delays first samples; partner feeds (an hourly approval export, a daily activation
+    # file at 02:00) need hours and a day
+    joiner_allowed_lateness_ms: int = Field(default=30 * 60_000, ge=0)
+    joiner_allowed_lateness_ms_click: int = Field(default=30 * 60_000, ge=0)
+    joiner_allowed_lateness_ms_application: int = Field(default=6 * 3_600_000, ge=0)
+    joiner_allowed_lateness_ms_approval: int = Field(default=6 * 3_600_000, ge=0)
+    joiner_allowed_lateness_ms_activation: int = Field(default=2 * 86_400_000, ge=0)
+    # a topic read to its end that delivers nothing for this long (WALL time) is idle: its lane
+    # follows the impressions less its lateness instead of waiting for it
+    joiner_idle_timeout_ms: int = Field(default=30_000, ge=0)
+    # events stamped more than this ahead of the joiner's wall clock go to dead-letters
+    # ("future"); 0 turns the check off (simulated time, replays: their event times may run ahead)
+    joiner_max_future_ms: int = Field(default=3_600_000, ge=0)
+    # final funnels are kept this long so replays and after-window events are "late"
+    joiner_retention_ms: int = Field(default=27 * 86_400_000, ge=0)
+    # sweep the expiry index at most this often (wall time)
+    joiner_sweep_interval_ms: int = Field(default=250, ge=0)
+    # faust's recovery offset check: None = on against a real Kafka, off for the embedded
+    # broker (its ListOffsets is wrong, see BROKER.md)
+    joiner_recovery_consistency_check: bool | None = None
+    # faust's own web server: 0 = off
+    joiner_web_port: int = Field(default=0, ge=0)
+
+    # --- trainer (stream/learn/trainer.py): test-then-train on samples; docs/streaming.md
+    # delayed feedback: "fnw" (fake-negative weighting, trains at the first sample) or
+    # "final-only" (trains on final, correct but late labels)
+    trainer_mode: Literal["fnw", "final-only"] = "fnw"
+    # batch 500, not the paper's offline 2000: online, each sample is seen once and a day of the
+    # demo's traffic (10,000 impressions, ~20,000 samples) is only ~10 steps at 2000
+    trainer_batch_size: int = Field(default=500, ge=1)
+    # a partial batch is trained after this long without filling up (keeps freshness when idle)
+    trainer_linger_ms: int = Field(default=500, ge=0)
+    # Adam lr of the online updates. The best value falls as traffic grows (more steps a day):
+    # replays of 21 days with drift, fnw, one pass, approval AUC after day 4 - at 4,000
+    # impressions/day 0.836-0.837 at 3e-3 (3 seeds), 0.833 at 2e-3, 0.793 at 5e-3, 0.787-0.816
+    # at 1e-2 (there a model frozen after 4 days scored 0.798-0.812); at 1,500/day (toy traffic,
+    # ~6 steps a day) 1e-2 does best (0.80-0.82) and 3e-3 only 0.70. The default is for
+    # 4,000/day and more: the demo's 10,000, and anything real
+    trainer_lr: float = Field(default=0.003, gt=0)
+    # one forward pass per batch, with dropout off, both scores it (test) and carries the gradient
+    # (train): a third less torch work. Online, each sample is seen once; dropout made no AUC
+    # difference beyond seed noise (replay, docs/streaming.md). false: a scoring pass in eval
+    # mode, then a training pass with the model's dropout
+    trainer_one_pass: bool = True
+    trainer_device: str = "auto"  # auto = cuda when present, else cpu
+    # torch intra-op threads on CPU. One: the trainer shares a small machine with the joiner, scorer
+    # and broker, and its feed process needs a core; two OpenMP threads that lose a core to another
+    # process wait on each other at every op (measured 4-10x slower on a loaded 2-core machine)
+    trainer_threads: int = Field(default=1, ge=1)
+    # a checkpoint (= a model version) every this many batches or seconds, whichever first
+    trainer_checkpoint_batches: int = Field(default=200, ge=1)
+    trainer_checkpoint_interval_ms: int = Field(default=3000, ge=100)
+    # keep a copy of the model frozen after this many days of impression event time (from the
+    # first sample); it only scores, on the same final labels, for aitm_trainer_frozen_auc_ratio.
+    # 0 = off
+    trainer_freeze_after_days: float = Field(default=3.0, ge=0)
+    # exact sliding evaluation window, in final-labelled predictions per task
+    trainer_eval_window: int = Field(default=20_000, ge=10)
+    # feature encoder: rows per field (OOV included) and sightings before a value gets an id
+    trainer_feature_capacity: int = Field(default=8192, ge=2)
+    trainer_feature_min_count: int = Field(default=10, ge=1)
+    # per-field overrides of the capacity, e.g. {"user_id": 50001} (JSON in the environment)
+    trainer_feature_capacities: dict[str, int] = Field(default_factory=dict)
+    # offline checkpoint (aitm.checkpoint format) to start from when the store is empty
+    trainer_warm_start: Path | None = None
+    # --- what keeps the served scores right and steady (docs/serving.md)
+    # an optimizer step needs this many rows: a quiet stream gathers small batches (a real-time
+    # trainer at a few thousand impressions a day would otherwise take a full Adam step per sample);
+    # at bench speed, where batches are full, 1, 64 and 256 measured alike (docs/serving.md)
+    trainer_min_step_rows: int = Field(default=64, ge=1)
+    # late positives (corrections) are released at most at this multiple of their usual rate per
+    # first sample, so a burst (a daily activation file, the tail after the last impression) is
+    # spread over the impressions that follow it; 0 = at once (as before)
+    trainer_positive_slack: float = Field(default=2.0, ge=0)
+    # the served model is an average of the trained weights with this half-life in trained rows
+    # (about 1.5 days of rows at 4,000 impressions a day, 0.6 at 10,000); 0 = serve the trained
+    # weights. 4,000 left the sparse steps' swing at 1.3-1.5x between versions, 8,000 at 1.1-1.2x
+    # for about 0.005 AUC (replays, docs/serving.md)
+    trainer_ema_half_life_rows: float = Field(default=8000.0, ge=0)
+    # a cold-started model's output biases start at the log-odds of these end-to-end rates (the
+    # AITM paper's credit-card funnel); set your funnel's own, or [] to start at 0 (50%)
+    trainer_prior_rates: list[float] = Field(default_factory=lambda: [0.2329, 0.0184, 0.0130, 0.0100])
+    # share of impressions (by a hash of the id) never trained on: they judge the served versions
+    # (the publication gate and the served-version gauges). Lower it at high volume: at most
+    # 50,000 held-back impressions are kept, and activation needs ~15 days of them
+    trainer_holdout_share: float = Field(default=0.05, ge=0, lt=1)
+    # each task is judged on this many newest held-back impressions whose label is settled
+    trainer_holdout_window: int = Field(default=5000, ge=10)
+    # the gate judges a task once it has this many settled held-back impressions; it refuses a
+    # candidate whose log loss on a task is worse by more than this share (and 3 standard errors),
+    # or whose calibration error is more than this factor worse (and beyond 3 standard errors)
+    trainer_gate_min_rows: int = Field(default=500, ge=1)
+    trainer_gate_log_loss_margin: float = Field(default=0.1, ge=0)
+    trainer_gate_calibration_margin: float = Field(default=1.5, ge=1)
+    # model store: a directory of versions; keep this many newest
+    model_store_dir: Path | None = None  # default: DATA_DIR/models
+    model_store_keep: int = Field(default=20, ge=2)
+
+    # --- scorer (stream/serve/scorer.py): scores topic and HTTP endpoint
+    scorer_group_id: str = "aitm-scorer"
+    scorer_batch_size: int = Field(default=500, ge=1)
+    scorer_threads: int = Field(default=1, ge=1)  # torch threads: batch-1 latency is best on one
+    # the bank's objective (Eq. 1 selector) and ranking weight; banks not listed use the defaults
+    scorer_default_objective: Literal["approval", "activation"] = "approval"
+    scorer_bank_objectives: dict[str, Literal["approval", "activation"]] = Field(default_factory=dict)
+    scorer_default_weight: float = Field(default=1.0, ge=0)
+    scorer_bank_weights: dict[str, float] = Field(default_factory=dict)
+
+    def joiner_lateness_ms(self) -> tuple[int, int, int, int, int]:
+        """Allowed lateness of the impressions, clicks, applications, approvals, activations topics."""
+        return (
+            self.joiner_allowed_lateness_ms,
+            self.joiner_allowed_lateness_ms_click,
+            self.joiner_allowed_lateness_ms_application,
+            self.joiner_allowed_lateness_ms_approval,
+            self.joiner_allowed_lateness_ms_activation,
+        )
+
+    def model_store_path(self) -> Path:
+        """The model store directory (``MODEL_STORE_DIR``, else ``DATA_DIR/models``)."""
+        return self.model_store_dir if self.model_store_dir is not None else Path(self.data_dir) / "models"
+
+    def bootstrap(self) -> str:
+        """The bootstrap servers; unset means the embedded broker's loopback address."""
+        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.embedded_broker_port}"
+
+    def recovery_consistency_check(self) -> bool:
+        """Faust's changelog consistency check: on for a real Kafka, off for the embedded broker."""
+        if self.joiner_recovery_consistency_check is not None:
+            return self.joiner_recovery_consistency_check
+        return self.kafka_bootstrap_servers is not None
+
+    def event_topics(self) -> dict[str, str]:
+        """Funnel step name -> topic name, in funnel order."""
+        return {
+            "impression": self.topic_impressions,
+            "click": self.topic_clicks,
+            "application": self.topic_applications,
+            "approval": self.topic_approvals,
+            "activation": self.topic_activations,
+        }
+
+    def topic_specs(self) -> list[TopicSpec]:
+        """Every topic the project uses, with its partition count."""
+        events = [TopicSpec(name=t, partitions=self.event_partitions) for t in self.event_topics().values()]
+        return [
+            *events,
+            TopicSpec(name=self.topic_samples, partitions=self.samples_partitions),
+            TopicSpec(name=self.topic_dead_letters, partitions=1),
+            TopicSpec(name=self.topic_scores, partitions=self.scores_partitions),
+            TopicSpec(name=self.topic_model_versions, partitions=1),
+        ]
+
+    def kafka_python_config(self) -> dict[str, Any]:
+        """Connection settings for kafka-python clients (security passed through)."""
+        return kafka_client_config(self, style="kafka-python")
+
+    def aiokafka_config(self) -> dict[str, Any]:
+        """Connection settings for aiokafka / faust clients."""
+        return kafka_client_config(self, style="aiokafka")
+
+
+def kafka_client_config(settings: Settings, style: Literal["kafka-python", "aiokafka"]) -> dict[str, Any]:
+    """Build client keyword arguments: bootstrap plus SASL/TLS, secrets revealed only here."""
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap(),
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol.startswith("SASL"):
+        if settings.kafka_sasl_mechanism is None or settings.kafka_sasl_username is None:
+            raise ValueError(
+                "KAFKA_SECURITY_PROTOCOL is SASL_*: set KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME "
+                "and KAFKA_SASL_PASSWORD"
+            )
+        password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
+        cfg["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        cfg["sasl_plain_username"] = settings.kafka_sasl_username
+        cfg["sasl_plain_password"] = password
+    if settings.kafka_security_protocol.endswith("SSL"):
+        files = {
+            "cafile": settings.kafka_ssl_cafile,
+            "certfile": settings.kafka_ssl_certfile,
+            "keyfile": settings.kafka_ssl_keyfile,
+        }
+        if style == "kafka-python":
+            for key, path in files.items():
+                if path is not None:
+                    cfg[f"ssl_{key}"] = str(path)
+            if settings.kafka_ssl_password is not None:
+                cfg["ssl_password"] = settings.kafka_ssl_password.get_secret_value()
+        else:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=str(files["cafile"]) if files["cafile"] else None)
+            if files["certfile"] is not None:
+                ctx.load_cert_chain(
+                    str(files["certfile"]),
+                    str(files["keyfile"]) if files["keyfile"] else None,
+                    settings.kafka_ssl_password.get_secret_value() if settings.kafka_ssl_password else None,
+                )
+            cfg["ssl_context"] = ctx
+    return cfg
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment (the only place that does so)."""
+    return Settings(**overrides)
