@@ -63,6 +63,13 @@ class FitResult:
     history: list[list[float]] = field(default_factory=list)  # validation AUCs per check
 
 
+def pick_device(name: str) -> torch.device:
+    """``auto`` is cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def regularized_parameters(model: nn.Module) -> list[torch.Tensor]:
     """The model's own choice if it has one, else every embedding table."""
     own: Callable[[], list[torch.Tensor]] | None = getattr(model, "regularized_parameters", None)

@@ -34,6 +34,7 @@ import torch
 
 from aitm.evaluate import auc
 from aitm.features import FeatureEncoder
+from aitm.train import pick_device
 from simulators.faults import SimulatedStream
 from simulators.funnel import DAY_MS, EPOCH_MS, FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         broker.stop()
     report.update(
         wall_s=round(time.monotonic() - t_start, 1),
-        device="cuda" if torch.cuda.is_available() else "cpu",
+        device=str(pick_device("auto")),
         machine=platform.machine(),
         cpus=os.cpu_count(),
         torch=torch.__version__,

@@ -13,14 +13,7 @@ import torch
 
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
-from aitm.train import make_optimizer, train_step
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` is cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from aitm.train import make_optimizer, pick_device, train_step
 
 
 def _sync(device: torch.device) -> None:

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from stream.join.driver import SWEPT_KEY, FunnelJoin, JoinTopics, Output, pack_swept, unpack_swept
 from stream.join.funnel import Dues, FunnelConfig, Swept, decode_state, next_dues
 from stream.join.store import DueIndex
+from stream.kafka import offsets
 from stream.kafka.faust_bulk import bulk_consumer
 from stream.kafka.sender import BatchSender
 from stream.ops.clock import Clock, SystemClock
@@ -415,18 +416,10 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
 
     @app.timer(2.0)
     async def rewind_recreated_topics() -> None:
-        """A partition whose position is past its high watermark was recreated (a broker that lost
-        its data, like the embedded one after a restart): read it again from the start."""
+        """Partitions recreated under us (a broker that lost its data) are read again from the start."""
         consumer = app.consumer
-        for tp in consumer.assignment():
-            hw = consumer.highwater(tp)
-            if hw is None:
-                continue
-            pos = await consumer.position(tp)
-            if pos is not None and pos > hw:
-                log.warning("%s[%d]: position %d past the high watermark %d - topic recreated; reading from the start",
-                            tp.topic, tp.partition, pos, hw)  # fmt: skip
-                await consumer.seek(tp, 0)
+        tps = list(consumer.assignment())
+        await offsets.rewind_async(consumer, tps, {tp: consumer.highwater(tp) for tp in tps})
 
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         for tp in revoked:

@@ -30,6 +30,7 @@ from typing import Any
 
 from stream.contract.events import InvalidEvent
 from stream.contract.samples import validate_sample
+from stream.kafka import offsets
 from stream.learn.sample_batch import SampleBatch
 
 log = logging.getLogger(__name__)
@@ -147,10 +148,7 @@ class SampleFeed:
     def lag(self, consumed: Mapping[int, int]) -> int | None:
         """Records behind the high watermark: sum over partitions of high watermark minus
         ``consumed[p]`` (the next offset the caller has not yet finished); None before a fetch."""
-        hw = dict(self.highwater)
-        if not hw:
-            return None
-        return sum(max(0, h - consumed.get(p, self.start_offsets.get(p, 0))) for p, h in hw.items())
+        return offsets.lag(dict(self.highwater), consumed, self.start_offsets)
 
     def close(self, timeout_s: float = 10.0) -> None:
         if self._proc is None:
@@ -289,8 +287,7 @@ class _Child:
                         changed = True
                 if time.monotonic() - checked_at >= 1.0:
                     checked_at = time.monotonic()
-                    for tp in tps:
-                        await rewind_if_truncated(consumer, tp, highwater.get(tp.partition))
+                    await offsets.rewind_async(consumer, tps, {tp: highwater.get(tp.partition) for tp in tps})
                 if polled:
                     chunk = parse_chunk(polled, time.monotonic())
                     chunk.highwater = dict(highwater)
@@ -299,20 +296,3 @@ class _Child:
                     self.put("highwater", Chunk(highwater=dict(highwater)))
         finally:
             await consumer.stop()
-
-
-async def rewind_if_truncated(consumer: Any, tp: Any, highwater: int | None) -> bool:
-    """If our position is past the partition's high watermark the topic was recreated (a broker
-    that lost its data, like the embedded one after a restart): read it again from the start.
-    Returns whether it rewound."""
-    if highwater is None:
-        return False
-    position = await consumer.position(tp)
-    if position <= highwater:
-        return False
-    log.warning(
-        "%s[%d]: position %d is past the high watermark %d - the topic was recreated; reading it from the start",
-        tp.topic, tp.partition, position, highwater,
-    )  # fmt: skip
-    await consumer.seek_to_beginning(tp)
-    return True

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -86,13 +85,6 @@ def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
         return np.zeros(len(impression_ids), bool)
     crc = np.fromiter(map(zlib.crc32, map(str.encode, impression_ids)), np.uint64, count=len(impression_ids))
     return crc < share * 2**32
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` is cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class OnlineLearner:
@@ -458,7 +450,3 @@ def fields_of(samples: SampleBatch | Sequence[Sample]) -> tuple[str, ...]:
     if not names:
         raise ValueError("the first batch of samples has no features: cannot fix the field list")
     return tuple(sorted(names))
-
-
-def finite_or_none(x: float) -> float | None:
-    return None if math.isnan(x) or math.isinf(x) else x

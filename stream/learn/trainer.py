@@ -29,9 +29,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from aitm.checkpoint import config_from_dict, load_checkpoint, make_checkpoint
 from aitm.features import FeatureEncoder
 from aitm.model import AITM
+from aitm.train import pick_device
 from stream.contract.events import TASKS, dead_letter
 from stream.learn.feed import Invalid, SampleFeed
-from stream.learn.learner import OnlineLearner, Stabilisers, fields_of, pick_device
+from stream.learn.learner import OnlineLearner, Stabilisers, fields_of
 from stream.learn.publication_gate import REASONS, HoldoutSet, PublicationGate
 from stream.learn.sample_batch import N_TASKS, SampleBatch
 from stream.ops.clock import Clock, SystemClock

@@ -28,7 +28,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final
@@ -53,6 +53,7 @@ from stream.contract.events import (
     loads_strict,
     parse_event,
 )
+from stream.kafka import offsets
 from stream.ops.clock import Clock, SystemClock
 from stream.ops.metrics import RefreshMetrics, ScorerMetrics
 from stream.ops.model_store import ModelStore, ModelStoreError, ModelVersion, parse_version
@@ -110,42 +111,6 @@ class BankPolicy:
         objective = self.objectives.get(bank_id, self.default_objective)
         weight = float(self.weights.get(bank_id, self.default_weight))
         return objective, weight, weight * float(probs[TASKS.index(objective)])
-
-
-def _positions(consumer: Any) -> Iterator[tuple[Any, int, int]]:
-    """(partition, high watermark, position) of each assigned partition of a kafka-python consumer
-    whose high watermark (from the last fetch response) and position are both known."""
-    for tp in consumer.assignment():
-        hw = consumer.highwater(tp)
-        if hw is None:
-            continue
-        try:
-            pos = consumer.position(tp, timeout_ms=0)
-        except Exception:  # position unknown yet (being reset): skip it for now
-            continue
-        if pos is not None:
-            yield tp, hw, pos
-
-
-def consumer_lag(consumer: Any) -> int | None:
-    """Records behind the high watermark over a kafka-python consumer's assigned partitions: the
-    high watermark from the last fetch response minus the position; None before any fetch. (Not
-    the broker's end offsets: the embedded broker's ListOffsets is wrong, its fetch answer is not.)"""
-    known = list(_positions(consumer))
-    return sum(max(0, hw - pos) for _, hw, pos in known) if known else None
-
-
-def rewind_truncated(consumer: Any) -> list[Any]:
-    """Partitions whose position is past their high watermark were recreated (a broker that lost
-    its data, like the embedded one after a restart): read them again from the start."""
-    rewound = []
-    for tp, hw, pos in _positions(consumer):
-        if pos > hw:
-            log.warning("%s[%d]: position %d past the high watermark %d - topic recreated; reading from the start",
-                        tp.topic, tp.partition, pos, hw)  # fmt: skip
-            consumer.seek_to_beginning(tp)
-            rewound.append(tp)
-    return rewound
 
 
 def score_fields(m: ScoringModel, policy: BankPolicy, bank_id: str, probs: np.ndarray) -> dict[str, Any]:
@@ -352,8 +317,8 @@ class Scorer:
                 records = [r for recs in polled.values() for r in recs]
                 if time.monotonic() - lag_at >= 1.0:
                     lag_at = time.monotonic()
-                    rewind_truncated(consumer)
-                    lag = consumer_lag(consumer)
+                    offsets.rewind_sync(consumer)
+                    lag = offsets.lag_sync(consumer)
                     if lag is not None:
                         self.metrics.consumer_lag.set(lag)
                 if not records:

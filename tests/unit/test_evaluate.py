@@ -8,7 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aitm.evaluate import SlidingWindowAUC, auc, calibration_ratio, log_loss
+from aitm.evaluate import auc, calibration_ratio, log_loss
+from stream.learn.evaluation import TaskWindow
 
 
 def _brute_auc(y: np.ndarray, s: np.ndarray) -> float:
@@ -46,17 +47,17 @@ def test_sliding_window_equals_auc_of_last_n() -> None:
     rng = np.random.default_rng(0)
     y = (rng.random(1000) < 0.2).astype(int)
     s = rng.random(1000) + 0.3 * y
-    window = SlidingWindowAUC(capacity=300)
+    window = TaskWindow(300)
     for i in range(0, 1000, 70):  # uneven batches wrap around the ring
         window.update(y[i : i + 70], s[i : i + 70])
-    assert len(window) == 300 and window.total_count == 1000
-    assert math.isclose(window.value(), auc(y[-300:], s[-300:]))
+    assert window.window_values()["count"] == 300 and window.count == 1000
+    assert math.isclose(window.window_values()["auc"], auc(y[-300:], s[-300:]))
     window.update(y[:500], s[:500])  # a batch larger than the window
-    assert math.isclose(window.value(), auc(y[200:500], s[200:500]))
+    assert math.isclose(window.window_values()["auc"], auc(y[200:500], s[200:500]))
 
 
 def test_sliding_window_nan_until_both_classes() -> None:
-    window = SlidingWindowAUC(capacity=5)
-    assert math.isnan(window.value())
+    window = TaskWindow(5)
+    assert math.isnan(window.window_values()["auc"])
     window.update(np.array([0, 0]), np.array([0.1, 0.2]))
-    assert math.isnan(window.value())
+    assert math.isnan(window.window_values()["auc"])
