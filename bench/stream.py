@@ -20,7 +20,6 @@ import http.client
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +34,8 @@ import torch
 from aitm.evaluate import auc
 from aitm.features import FeatureEncoder
 from aitm.train import pick_device
+from bench.supervisor import Supervisor, wait_http
+from bench.topic_reader import TopicTail, read_topic
 from simulators.faults import SimulatedStream
 from simulators.funnel import DAY_MS, EPOCH_MS, FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
@@ -72,35 +73,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 # --- processes ---------------------------------------------------------------------------------
 
 
-class Procs:
-    """Subprocesses of ``aitm-stream`` with their logs; all stopped on exit."""
-
-    def __init__(self, env: dict[str, str], logdir: Path) -> None:
-        self.env, self.logdir, self.procs = env, logdir, {}  # type: ignore[var-annotated]
-
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = (self.logdir / f"{name}.log").open("ab")
-        p = subprocess.Popen([sys.executable, "-m", "stream.cli", *args], env={**self.env, **(env or {})},
-                             stdout=log, stderr=subprocess.STDOUT)
-        self.procs[name] = p
-        return p
-
-    def stop(self, name: str, timeout: float = 20) -> None:
-        p = self.procs.pop(name, None)
-        if p is None or p.poll() is not None:
-            return
-        p.terminate()
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
-
-
 def _post(conn: http.client.HTTPConnection, body: bytes) -> tuple[float, dict[str, Any]]:
     t0 = time.perf_counter()
     conn.request("POST", "/score", body=body, headers={"Content-Type": "application/json"})
@@ -130,55 +102,6 @@ class Prober(threading.Thread):
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
             self.stop.wait(self.interval)
-
-
-class SampleCollector(threading.Thread):
-    """Reads the ``samples`` topic from the start, in arrival order."""
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(daemon=True)
-        self.settings = settings
-        self.samples: list[Sample] = []
-        self.last_new = time.monotonic()
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        from kafka import KafkaConsumer, TopicPartition
-
-        c = KafkaConsumer(group_id=None, enable_auto_commit=False, **self.settings.kafka_python_config())
-        topic = self.settings.topic_samples
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or {0})]
-        c.assign(tps)
-        c.seek_to_beginning(*tps)
-        while not self.stop.is_set():
-            for recs in c.poll(timeout_ms=200, max_records=5000).values():
-                self.samples += [parse_sample(r.value) for r in recs]
-                self.last_new = time.monotonic()
-        c.close()
-
-
-def _read_versions(settings: Settings) -> list[Any]:
-    from kafka import KafkaConsumer
-
-    c = KafkaConsumer(settings.topic_model_versions, group_id=None, auto_offset_reset="earliest",
-                      consumer_timeout_ms=2000, **settings.kafka_python_config())
-    out = [parse_version(r.value) for r in c]
-    c.close()
-    return out
-
-
-def _wait_http(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the scorer on port {port} had no model after {timeout}s")
 
 
 # --- quality replay ----------------------------------------------------------------------------
@@ -268,17 +191,20 @@ def main(argv: list[str] | None = None) -> int:
         "JOINER_SWEEP_INTERVAL_MS": "50",  # 10 simulated minutes per sweep at 12000x
         "JOINER_MAX_FUTURE_MS": "0",  # simulated event time may run ahead of the wall clock
     }
-    procs = Procs(env, work)
+    procs = Supervisor(env, work)
+    cli = [sys.executable, "-m", "stream.cli"]
     report: dict[str, Any] = {"days": args.days, "impressions_per_day": per_day, "drift": args.drift,
                               "speedup": args.speedup, "batch": args.batch, "lr": args.lr,
                               "frozen_days": args.frozen_days, "seed": args.seed}
     try:
         # 1. live pipeline
-        collector = SampleCollector(settings)
+        collected: list[Sample] = []
+        collector = TopicTail(settings, [settings.topic_samples], lambda r: collected.append(parse_sample(r.value)))
         collector.start()
-        procs.start("joiner", "joiner")
-        procs.start("trainer", "trainer", "--exit-when-idle", "20", "--summary-json", str(work / "trainer_live.json"))
-        procs.start("scorer", "scorer")
+        procs.start("joiner", [*cli, "joiner"])
+        procs.start("trainer", [*cli, "trainer", "--exit-when-idle", "20", "--summary-json",
+                                str(work / "trainer_live.json")])
+        procs.start("scorer", [*cli, "scorer"])
         feats = sim.feature_dicts(sim.day_batch(args.days, 2000))
         probe_body = json.dumps({"bank_id": "bank_1", "features": feats[0]}).encode()
         prober = Prober(http_port, probe_body)
@@ -295,20 +221,20 @@ def main(argv: list[str] | None = None) -> int:
         report["events_produced"] = sum(counts.values())
         report["produce_s"] = round(time.monotonic() - t0, 1)
         print(f"produced {report['events_produced']} events in {report['produce_s']}s", flush=True)
-        _wait_http(http_port, 180)
-        while time.monotonic() - collector.last_new < 15:  # the joiner has gone quiet
+        wait_http(f"http://127.0.0.1:{http_port}/healthz", 180)
+        while collector.idle_for() < 15:  # the joiner has gone quiet
             time.sleep(1)
         report["joiner_s"] = round(time.monotonic() - t0 - 15, 1)
-        report["samples"] = len(collector.samples)
-        print(f"joiner done: {len(collector.samples)} samples", flush=True)
-        if procs.procs["trainer"].wait(timeout=600) != 0:
+        report["samples"] = len(collected)
+        print(f"joiner done: {len(collected)} samples", flush=True)
+        if procs.children["trainer"].proc.wait(timeout=600) != 0:
             raise RuntimeError("the live trainer failed; see trainer.log")
         time.sleep(2)
         prober.stop.set()
         prober.join()
-        collector.stop.set()
+        collector.stop()
         procs.stop("joiner")
-        versions = _read_versions(settings)
+        versions = [parse_version(r.value) for r in read_topic(settings, settings.topic_model_versions, idle_s=2.0)]
         fresh = []
         for v in versions:
             used = next((t for t, ver in prober.seen if ver >= v.version), None)
@@ -350,10 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop("scorer")
 
         # 3. trainer throughput over the backlog, then the offline figure of the same run
-        procs.start("trainer2", "trainer", "--no-metrics", "--exit-when-idle", "5",
-                    "--summary-json", str(work / "trainer_backlog.json"),
-                    env={"DATA_DIR": str(work / "data2")})
-        procs.procs["trainer2"].wait(timeout=900)
+        procs.start("trainer2", [*cli, "trainer", "--no-metrics", "--exit-when-idle", "5",
+                                 "--summary-json", str(work / "trainer_backlog.json")],
+                    {"DATA_DIR": str(work / "data2")})
+        procs.children["trainer2"].proc.wait(timeout=900)
         backlog = json.loads((work / "trainer_backlog.json").read_text())
         from bench import train as bench_train
 
@@ -377,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         # 4. quality: identical samples through the trainer core, per mode
-        samples = collector.samples
+        samples = collected
         fields = tuple(sim.field_names)
         cap_list = [caps[f] for f in fields]
         cutoff = EPOCH_MS + args.frozen_days * DAY_MS
