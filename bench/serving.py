@@ -45,8 +45,9 @@ from simulators.faults import Record, SimulatedStream
 from simulators.funnel import DAY_MS, EPOCH_MS, FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
 from stream.contract.events import TASKS
+from stream.contract.versions import parse_version
 from stream.kafka.broker import EmbeddedBroker, ensure_topics, free_port
-from stream.ops.model_store import ModelStore, parse_version
+from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings
 from stream.serve.scorer import ScoringModel
 

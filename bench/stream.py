@@ -41,11 +41,11 @@ from simulators.funnel import DAY_MS, EPOCH_MS, FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
 from stream.contract.events import TASKS
 from stream.contract.samples import Sample, parse_sample
+from stream.contract.versions import parse_version
 from stream.kafka.broker import EmbeddedBroker, ensure_topics, free_port
 from stream.learn.learner import OnlineLearner, Stabilisers
 from stream.learn.sample_batch import N_TASKS
 from stream.learn.trainer import stabilisers
-from stream.ops.model_store import parse_version
 from stream.ops.settings import Settings
 
 MAIN_TASKS = ("approval", "activation")

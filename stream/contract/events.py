@@ -45,13 +45,20 @@ PARSE_REASONS: Final = (
 )
 
 
-class InvalidEvent(ValueError):
-    """A record that breaks the event contract; ``reason`` is a short code, the message says why."""
+class InvalidRecord(ValueError):
+    """A record that breaks a contract; ``reason`` is a short code (a dead letter's reason), the
+    message says why. Each boundary raises its own subclass: ``InvalidEvent`` (the five event
+    topics), ``stream.contract.samples.InvalidSample``, ``stream.ops.model_store.InvalidVersion``;
+    ``loads_strict`` raises this base class (bad JSON is the same whatever the record)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+class InvalidEvent(InvalidRecord):
+    """A funnel event that breaks the event contract."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +101,13 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise InvalidEvent(MALFORMED_JSON, f"duplicate key {key!r} in the JSON object")
+                raise InvalidRecord(MALFORMED_JSON, f"duplicate key {key!r} in the JSON object")
             seen.add(key)
     return out
 
 
 def _reject_constant(name: str) -> Any:
-    raise InvalidEvent(MALFORMED_JSON, f"{name} is not valid JSON; send a finite number")
+    raise InvalidRecord(MALFORMED_JSON, f"{name} is not valid JSON; send a finite number")
 
 
 # Built once: ``json.loads`` with a hook builds a new decoder (and scanner) on every call.
@@ -109,10 +116,11 @@ _DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_c
 _scan_once: Final[Callable[[str, int], tuple[Any, int]]] = vars(_DECODER)["scan_once"]
 
 
-def loads_strict(raw: bytes | str, what: str = "record") -> Any:
-    """``json.loads`` that refuses NaN/Infinity, duplicate keys, bad UTF-8 and huge inputs."""
+def loads_strict(raw: bytes | str, what: str = "record", error: type[InvalidRecord] = InvalidRecord) -> Any:
+    """``json.loads`` that refuses NaN/Infinity, duplicate keys, bad UTF-8 and huge inputs, raising
+    ``error`` (the caller's boundary's type) with reason ``malformed_json``."""
     if len(raw) > MAX_RECORD_BYTES:
-        raise InvalidEvent(MALFORMED_JSON, f"{what} is {len(raw)} bytes; at most {MAX_RECORD_BYTES} allowed")
+        raise error(MALFORMED_JSON, f"{what} is {len(raw)} bytes; at most {MAX_RECORD_BYTES} allowed")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
         try:  # fast path: a value that starts at 0 and fills the text (what producers send)
@@ -122,14 +130,14 @@ def loads_strict(raw: bytes | str, what: str = "record") -> Any:
         if end != len(text):  # trailing whitespace or extra data
             return _DECODER.decode(text)
         return obj
-    except InvalidEvent:
-        raise
+    except InvalidRecord as exc:  # from the decoder's hooks
+        raise error(exc.reason, exc.message) from None
     except UnicodeDecodeError as exc:
-        raise InvalidEvent(MALFORMED_JSON, f"{what} is not UTF-8: {exc.reason} at byte {exc.start}") from None
+        raise error(MALFORMED_JSON, f"{what} is not UTF-8: {exc.reason} at byte {exc.start}") from None
     except RecursionError:
-        raise InvalidEvent(MALFORMED_JSON, f"{what} is nested too deeply") from None
+        raise error(MALFORMED_JSON, f"{what} is nested too deeply") from None
     except ValueError as exc:
-        raise InvalidEvent(MALFORMED_JSON, f"{what} is not valid JSON: {exc}") from None
+        raise error(MALFORMED_JSON, f"{what} is not valid JSON: {exc}") from None
 
 
 def _str_field(obj: Mapping[str, Any], name: str, max_len: int = MAX_ID_LEN) -> str:
@@ -148,11 +156,20 @@ def _str_field(obj: Mapping[str, Any], name: str, max_len: int = MAX_ID_LEN) -> 
 def _features(obj: Mapping[str, Any]) -> dict[str, str]:
     if "features" not in obj:
         raise InvalidEvent(MISSING_FIELD, "field 'features' is missing; impressions carry their feature map")
-    feats = obj["features"]
+    try:
+        return validate_features(obj["features"])
+    except InvalidRecord as exc:
+        raise InvalidEvent(exc.reason, exc.message) from None
+
+
+def validate_features(feats: Any) -> dict[str, str]:
+    """A feature map (an impression's, a scoring request's): string names -> string values, at
+    most ``MAX_FEATURES`` of them, none empty or longer than ``MAX_FEATURE_LEN``; else
+    ``InvalidRecord`` (``invalid_field``) saying which."""
     if not isinstance(feats, dict):
-        raise InvalidEvent(INVALID_FIELD, "field 'features' must be an object of string -> string")
+        raise InvalidRecord(INVALID_FIELD, "field 'features' must be an object of string -> string")
     if len(feats) > MAX_FEATURES:
-        raise InvalidEvent(INVALID_FIELD, f"'features' has {len(feats)} fields; at most {MAX_FEATURES}")
+        raise InvalidRecord(INVALID_FIELD, f"'features' has {len(feats)} fields; at most {MAX_FEATURES}")
     values = feats.values()
     if (  # fast path (in C): all strings, no empty name, nothing too long
         _STR_ONLY.issuperset(map(type, values))
@@ -163,11 +180,11 @@ def _features(obj: Mapping[str, Any]) -> dict[str, str]:
         return feats
     for key, value in feats.items():
         if not isinstance(value, str):
-            raise InvalidEvent(
+            raise InvalidRecord(
                 INVALID_FIELD, f"feature {key!r:.40} must be a string, got {type(value).__name__}"
             )
         if len(key) > MAX_FEATURE_LEN or len(value) > MAX_FEATURE_LEN or not key:
-            raise InvalidEvent(INVALID_FIELD, f"feature {key!r:.40} name or value is empty or too long")
+            raise InvalidRecord(INVALID_FIELD, f"feature {key!r:.40} name or value is empty or too long")
     return feats
 
 
@@ -181,7 +198,7 @@ def parse_event(raw: bytes | str, expected_type: str | None = None) -> Event:
     ...             b'"event_time_ms":5,"bank_id":"b"}').step
     1
     """
-    obj = loads_strict(raw, "event")
+    obj = loads_strict(raw, "event", InvalidEvent)
     if not isinstance(obj, dict):
         raise InvalidEvent(MALFORMED_JSON, f"event must be a JSON object, got {type(obj).__name__}")
     if "schema_version" not in obj:

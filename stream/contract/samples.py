@@ -11,10 +11,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from stream.contract.events import InvalidEvent, loads_strict
+from stream.contract.events import InvalidRecord, loads_strict
 
 SAMPLE_SCHEMA_VERSION: Final = 1
 KINDS: Final = ("first", "correction", "final")
+
+
+class InvalidSample(InvalidRecord):
+    """A ``samples`` record that breaks the sample contract."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,36 +94,36 @@ def sample_bytes(
 def _four(obj: dict[str, Any], name: str, kind: type) -> tuple[Any, Any, Any, Any]:
     v = obj.get(name)
     if not isinstance(v, list) or len(v) != 4 or not all(type(x) is kind for x in v):
-        raise InvalidEvent("invalid_field", f"sample field {name!r} must be a list of 4 {kind.__name__}")
+        raise InvalidSample("invalid_field", f"sample field {name!r} must be a list of 4 {kind.__name__}")
     return (v[0], v[1], v[2], v[3])
 
 
 def validate_sample(raw: bytes | str) -> dict[str, Any]:
-    """Check one ``samples`` record; its JSON object, or ``InvalidEvent`` saying what is wrong."""
-    obj = loads_strict(raw, "sample")
+    """Check one ``samples`` record; its JSON object, or ``InvalidSample`` saying what is wrong."""
+    obj = loads_strict(raw, "sample", InvalidSample)
     if not isinstance(obj, dict):
-        raise InvalidEvent("malformed_json", "a sample must be a JSON object")
+        raise InvalidSample("malformed_json", "a sample must be a JSON object")
     if obj.get("schema_version") != SAMPLE_SCHEMA_VERSION:
-        raise InvalidEvent("unsupported_schema", f"sample schema_version {obj.get('schema_version')!r:.20}; this reader knows 1")
+        raise InvalidSample("unsupported_schema", f"sample schema_version {obj.get('schema_version')!r:.20}; this reader knows 1")
     for name in ("impression_id", "bank_id", "event_time_ms", "features", "kind", "elapsed_ms", "seq"):
         if name not in obj:
-            raise InvalidEvent("missing_field", f"sample field {name!r} is missing")
+            raise InvalidSample("missing_field", f"sample field {name!r} is missing")
     if obj["kind"] not in KINDS:
-        raise InvalidEvent("invalid_field", f"sample kind {obj['kind']!r:.20} is not one of {KINDS}")
+        raise InvalidSample("invalid_field", f"sample kind {obj['kind']!r:.20} is not one of {KINDS}")
     feats = obj["features"]
     if not isinstance(feats, dict) or not all(isinstance(v, str) for v in feats.values()):
-        raise InvalidEvent("invalid_field", "sample features must be an object of string -> string")
+        raise InvalidSample("invalid_field", "sample features must be an object of string -> string")
     for name in ("event_time_ms", "elapsed_ms", "seq"):
         if type(obj[name]) is not int:
-            raise InvalidEvent("invalid_field", f"sample field {name!r} must be an integer")
+            raise InvalidSample("invalid_field", f"sample field {name!r} must be an integer")
     if type(obj.get("watermark_ms", 0)) is not int:
-        raise InvalidEvent("invalid_field", "sample field 'watermark_ms' must be an integer")
+        raise InvalidSample("invalid_field", "sample field 'watermark_ms' must be an integer")
     for name in ("impression_id", "bank_id", "policy"):
         if not isinstance(obj.get(name, ""), str):
-            raise InvalidEvent("invalid_field", f"sample field {name!r} must be a string")
+            raise InvalidSample("invalid_field", f"sample field {name!r} must be a string")
     labels = _four(obj, "labels", int)
     if any(x not in (0, 1) for x in labels):
-        raise InvalidEvent("invalid_field", "sample labels must be 0 or 1")
+        raise InvalidSample("invalid_field", "sample labels must be 0 or 1")
     _four(obj, "mature", bool)
     obj.setdefault("watermark_ms", 0)  # optional fields, filled: every ``Sample`` field is a key
     obj.setdefault("policy", "early")
@@ -145,5 +149,5 @@ def sample_from_valid(obj: dict[str, Any]) -> Sample:
 
 
 def parse_sample(raw: bytes | str) -> Sample:
-    """Validate one ``samples`` record into a ``Sample``; raises ``InvalidEvent`` saying what is wrong."""
+    """Validate one ``samples`` record into a ``Sample``; raises ``InvalidSample`` saying what is wrong."""
     return sample_from_valid(validate_sample(raw))

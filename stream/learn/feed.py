@@ -28,8 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from stream.contract.events import InvalidEvent
-from stream.contract.samples import validate_sample
+from stream.contract.samples import InvalidSample, validate_sample
 from stream.kafka import offsets
 from stream.learn.sample_batch import SampleBatch
 
@@ -77,7 +76,7 @@ def parse_chunk(polled: Mapping[Any, list[Any]], fetched_at_s: float = 0.0) -> C
         for rec in records:
             try:
                 valid.append(validate_sample(rec.value or b""))
-            except InvalidEvent as exc:
+            except InvalidSample as exc:
                 chunk.invalid.append(
                     Invalid(rec.topic, rec.partition, rec.offset, rec.key, rec.value, exc.reason, exc.message)
                 )

@@ -31,13 +31,14 @@ from aitm.features import FeatureEncoder
 from aitm.model import AITM
 from aitm.train import pick_device
 from stream.contract.events import TASKS, dead_letter
+from stream.contract.versions import ModelVersion, encode_version
 from stream.learn.feed import Invalid, SampleFeed
 from stream.learn.learner import OnlineLearner, Stabilisers, fields_of
 from stream.learn.publication_gate import REASONS, HoldoutSet, PublicationGate
 from stream.learn.sample_batch import N_TASKS, SampleBatch
 from stream.ops.clock import Clock, SystemClock
 from stream.ops.metrics import WINDOWS, RefreshMetrics, TrainerMetrics
-from stream.ops.model_store import ModelStore, ModelVersion, encode_version
+from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings, kafka_client_config, load_settings
 
 log = logging.getLogger(__name__)

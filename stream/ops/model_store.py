@@ -19,70 +19,20 @@ version and the oldest sample that is new in it (freshness = use time minus the 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from aitm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from stream.contract.events import (
-    INVALID_FIELD,
-    MALFORMED_JSON,
-    MISSING_FIELD,
-    UNSUPPORTED_SCHEMA,
-    InvalidEvent,
-    loads_strict,
-)
 
 log = logging.getLogger(__name__)
-VERSION_SCHEMA: Final = 1
 _NAME = re.compile(r"^v(\d{8,})\.ckpt$")
 
 
 class ModelStoreError(Exception):
     """A model version is missing, corrupted or does not match its announcement."""
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    """One announced model version."""
-
-    version: int
-    path: str
-    sha256: str
-    trained_samples: int
-    created_at_ms: int
-    max_sample_consumed_at_ms: int
-    min_new_sample_consumed_at_ms: int
-
-
-def encode_version(v: ModelVersion) -> bytes:
-    return json.dumps({"schema_version": VERSION_SCHEMA, **asdict(v)}, separators=(",", ":")).encode()
-
-
-def parse_version(raw: bytes | str) -> ModelVersion:
-    """Validate an announcement; raises ``InvalidEvent`` saying what is wrong."""
-    obj = loads_strict(raw, "model version")
-    if not isinstance(obj, dict):
-        raise InvalidEvent(MALFORMED_JSON, "a model version announcement must be a JSON object")
-    if obj.get("schema_version") != VERSION_SCHEMA:
-        raise InvalidEvent(UNSUPPORTED_SCHEMA, f"model version schema_version {obj.get('schema_version')!r:.20}; this reader knows 1")
-    ints = ("version", "trained_samples", "created_at_ms", "max_sample_consumed_at_ms", "min_new_sample_consumed_at_ms")
-    for name in (*ints, "path", "sha256"):
-        if name not in obj:
-            raise InvalidEvent(MISSING_FIELD, f"model version field {name!r} is missing")
-    for name in ints:
-        if type(obj[name]) is not int or obj[name] < 0:
-            raise InvalidEvent(INVALID_FIELD, f"model version field {name!r} must be a non-negative integer")
-    if not isinstance(obj["path"], str) or not obj["path"]:
-        raise InvalidEvent(INVALID_FIELD, "model version 'path' must be a non-empty string")
-    sha = obj["sha256"]
-    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-        raise InvalidEvent(INVALID_FIELD, "model version 'sha256' must be 64 lower-case hex digits")
-    return ModelVersion(**{k: obj[k] for k in (*ints, "path", "sha256")})
 
 
 def file_sha256(path: Path) -> str:

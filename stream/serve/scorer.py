@@ -43,20 +43,21 @@ from aitm.features import FeatureEncoder
 from aitm.model import AITM
 from aitm.projection import funnel_order
 from stream.contract.events import (
-    MAX_FEATURE_LEN,
-    MAX_FEATURES,
     MAX_ID_LEN,
     MAX_RECORD_BYTES,
     TASKS,
     InvalidEvent,
+    InvalidRecord,
     dead_letter,
     loads_strict,
     parse_event,
+    validate_features,
 )
+from stream.contract.versions import InvalidVersion, ModelVersion, parse_version
 from stream.kafka import offsets
 from stream.ops.clock import Clock, SystemClock
 from stream.ops.metrics import RefreshMetrics, ScorerMetrics
-from stream.ops.model_store import ModelStore, ModelStoreError, ModelVersion, parse_version
+from stream.ops.model_store import ModelStore, ModelStoreError
 from stream.ops.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def parse_request(body: bytes) -> tuple[str, dict[str, str], str | None]:
     """(bank_id, features, impression_id) of a ``POST /score`` body; ``BadRequest`` (400) if wrong."""
     try:
         obj = loads_strict(body, "request body")
-    except InvalidEvent as exc:
+    except InvalidRecord as exc:
         raise BadRequest(400, exc.message) from None
     if not isinstance(obj, dict):
         raise BadRequest(400, 'the body must be a JSON object like {"bank_id": "bank_2", "features": {...}}')
@@ -144,18 +145,12 @@ def parse_request(body: bytes) -> tuple[str, dict[str, str], str | None]:
         raise BadRequest(
             400, f"unknown field(s) {sorted(unknown)}; allowed: bank_id, features, impression_id"
         )
-    feats = obj.get("features")
-    if not isinstance(feats, dict):
+    if "features" not in obj:
         raise BadRequest(400, "'features' is required: an object of feature name -> string value")
-    if len(feats) > MAX_FEATURES:
-        raise BadRequest(400, f"'features' has {len(feats)} fields; at most {MAX_FEATURES}")
-    for k, v in feats.items():
-        if not isinstance(v, str):
-            raise BadRequest(400, f"feature {k!r:.40} must be a string, got {type(v).__name__}")
-        if not k or len(k) > MAX_FEATURE_LEN or len(v) > MAX_FEATURE_LEN:
-            raise BadRequest(
-                400, f"feature {k!r:.40} name or value is empty or longer than {MAX_FEATURE_LEN}"
-            )
+    try:
+        feats = validate_features(obj["features"])
+    except InvalidRecord as exc:
+        raise BadRequest(400, exc.message) from None
     bank = obj.get("bank_id", "")
     if not isinstance(bank, str) or len(bank) > MAX_ID_LEN:
         raise BadRequest(400, f"'bank_id' must be a string of at most {MAX_ID_LEN} characters")
@@ -247,7 +242,7 @@ class Scorer:
                     for rec in records:
                         try:
                             anns.append(parse_version(rec.value or b""))
-                        except InvalidEvent as exc:
+                        except InvalidVersion as exc:
                             self.metrics.refused_models.inc()
                             log.warning("bad model-versions record at offset %d: %s", rec.offset, exc.message)
                 for ann in sorted(anns, key=lambda a: -a.version):

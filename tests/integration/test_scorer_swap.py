@@ -16,7 +16,8 @@ from aitm.checkpoint import make_checkpoint
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
 from stream.contract.events import Event, encode_event
-from stream.ops.model_store import ModelStore, ModelVersion, encode_version
+from stream.contract.versions import ModelVersion, encode_version
+from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings
 from stream.serve.scorer import Scorer
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from stream.contract.events import PARSE_REASONS, Event, InvalidEvent, encode_event, parse_event
-from stream.contract.samples import parse_sample
+from stream.contract.samples import InvalidSample, parse_sample
 from stream.ops.settings import Settings
 
 json_scalars = st.one_of(
@@ -87,7 +87,7 @@ def test_huge_values() -> None:
 def test_sample_parser(raw: bytes) -> None:
     try:
         parse_sample(raw)
-    except InvalidEvent as exc:
+    except InvalidSample as exc:
         assert exc.reason in PARSE_REASONS
 
 
@@ -117,7 +117,7 @@ def test_settings_from_any_environment(monkeypatch: pytest.MonkeyPatch, env: dic
 
 # --- model-version announcements and HTTP scoring requests ---------------------------------------
 
-from stream.ops.model_store import ModelVersion, encode_version, parse_version  # noqa: E402
+from stream.contract.versions import InvalidVersion, ModelVersion, encode_version, parse_version  # noqa: E402
 from stream.serve.scorer import BadRequest, parse_request  # noqa: E402
 
 near_versions = st.fixed_dictionaries(
@@ -140,7 +140,7 @@ near_versions = st.fixed_dictionaries(
 def test_model_version_announcements(raw: bytes) -> None:
     try:
         v = parse_version(raw)
-    except InvalidEvent as exc:
+    except InvalidVersion as exc:
         assert exc.reason in PARSE_REASONS and str(exc)
         return
     assert isinstance(v, ModelVersion)

@@ -11,8 +11,8 @@ import torch
 from aitm.checkpoint import make_checkpoint
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
-from stream.contract.events import InvalidEvent
-from stream.ops.model_store import ModelStore, ModelStoreError, ModelVersion, encode_version, parse_version
+from stream.contract.versions import InvalidVersion, ModelVersion, encode_version, parse_version
+from stream.ops.model_store import ModelStore, ModelStoreError
 
 
 def checkpoint(seed: int) -> dict:
@@ -69,5 +69,5 @@ def test_announcement_round_trip_and_validation() -> None:
         encode_version(v).replace(b'"path"', b'"pth"'),
     ]
     for raw in bad:
-        with pytest.raises(InvalidEvent):
+        with pytest.raises(InvalidVersion):
             parse_version(raw)
