@@ -18,6 +18,8 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
+from aiokafka.errors import IllegalStateError
+
 log = logging.getLogger(__name__)
 K = TypeVar("K")
 
@@ -87,7 +89,10 @@ async def rewind_async(consumer: Any, tps: Iterable[Any], highwater: Mapping[Any
         hw = highwater.get(tp)
         if hw is None:
             continue
-        pos = await consumer.position(tp)
+        try:
+            pos = await consumer.position(tp)
+        except IllegalStateError:  # revoked by a rebalance since the caller listed it
+            continue
         if recreated(pos, hw):
             _warn(tp, pos, hw)
             seeking = consumer.seek(tp, 0)  # aiokafka: a plain call; faust: a coroutine

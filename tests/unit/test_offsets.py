@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from aiokafka.errors import IllegalStateError
+
 from stream.kafka import offsets
 from stream.learn.feed import SampleFeed
 
@@ -63,6 +65,8 @@ class AsyncConsumer:
         self.pos, self.faust = pos, faust
 
     async def position(self, tp: int) -> int:
+        if tp not in self.pos:
+            raise IllegalStateError(f"Partition {tp} is not assigned")
         return self.pos[tp]
 
     def seek(self, tp: int, offset: int) -> Any:
@@ -78,5 +82,6 @@ class AsyncConsumer:
 def test_aiokafka_and_faust_consumers_reread_a_recreated_partition() -> None:
     for faust in (False, True):
         c = AsyncConsumer({_TP(0): 12, _TP(1): 4, _TP(2): 9}, faust)
-        rewound = asyncio.run(offsets.rewind_async(c, [_TP(0), _TP(1), _TP(2)], {_TP(0): 5, _TP(1): 4, _TP(2): None}))
+        tps = [_TP(0), _TP(1), _TP(2), _TP(3)]  # 3: revoked by a rebalance after the caller listed it
+        rewound = asyncio.run(offsets.rewind_async(c, tps, {_TP(0): 5, _TP(1): 4, _TP(2): None, _TP(3): 1}))
         assert rewound == [0] and c.pos == {0: 0, 1: 4, 2: 9}
