@@ -207,7 +207,7 @@ def _child_main(client_config: ClientConfig, topic: str, offsets: Mapping[int, i
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s sample-feed %(levelname)s %(message)s")
     out.cancel_join_thread()  # exiting never waits for the parent to drain the queue
     sys.setswitchinterval(0.0005)  # the queue thread gets the GIL from the parser within 0.5 ms
-    child = _Child(client_config, topic, offsets, chunk_size, start_timeout_s, out, halt, parent_pid)
+    child = FetchLoop(client_config, topic, offsets, chunk_size, start_timeout_s, out, halt, parent_pid)
     try:
         asyncio.run(child.run())
     except BaseException as exc:  # reported to the trainer by get()
@@ -216,7 +216,10 @@ def _child_main(client_config: ClientConfig, topic: str, offsets: Mapping[int, i
 
 
 @dataclass
-class _Child:
+class FetchLoop:
+    """The feed process's loop: fetch ``samples`` records, parse them into chunks and queue them
+    to the trainer, until the trainer says stop or goes away."""
+
     client_config: ClientConfig
     topic: str
     offsets: Mapping[int, int]

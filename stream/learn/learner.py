@@ -27,8 +27,8 @@ from aitm.model import AITM, AITMConfig
 from aitm.train import make_optimizer, train_step
 from stream.contract.samples import Sample
 from stream.learn.delayed_feedback import MODES, train_rows
-from stream.learn.evaluation import PrequentialEvaluator
 from stream.learn.mixing_buffer import MixingBuffer, RowBlock
+from stream.learn.prequential import PrequentialEvaluator
 from stream.learn.sample_batch import CORRECTION, FINAL, FIRST, N_TASKS, SampleBatch, as_batch
 from stream.learn.weight_average import WeightAverage
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aitm.evaluate import auc, calibration_ratio, log_loss
-from stream.learn.evaluation import TaskWindow
+from stream.learn.prequential import TaskWindow
 
 
 def _brute_auc(y: np.ndarray, s: np.ndarray) -> float:

@@ -12,8 +12,8 @@ from aitm.evaluate import auc, calibration_ratio, log_loss
 from aitm.features import FeatureEncoder
 from stream.contract.samples import Sample
 from stream.learn.delayed_feedback import train_rows
-from stream.learn.evaluation import PrequentialEvaluator, TaskWindow, binned_auc
 from stream.learn.learner import OnlineLearner, Stabilisers, held_back
+from stream.learn.prequential import PrequentialEvaluator, TaskWindow, binned_auc
 
 FIELDS = ("a", "b", "c")
 ALL = (True, True, True, True)
