@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -160,13 +160,29 @@ def _aucs(pairs: dict[str, tuple[np.ndarray, np.ndarray]], ids: list[str]) -> di
 # --- main --------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+@dataclass
+class Run:
+    """What every phase of one run shares: the work directory, the simulated stream, the broker,
+    the processes and the ports."""
+
+    args: argparse.Namespace
+    work: Path
+    sim: FunnelSimulator
+    stream: SimulatedStream
+    caps: dict[str, int]
+    broker: EmbeddedBroker
+    settings: Settings
+    procs: Supervisor
+    http_port: int
+    per_day: int
+    n_latency: int
+    cli: tuple[str, ...] = (sys.executable, "-m", "stream.cli")
+
+
+def _setup(args: argparse.Namespace) -> Run:
+    """The broker, the topics, the simulated stream and the processes' environment."""
     per_day = args.impressions_per_day or (1500 if args.quick else 4000)
     n_latency = args.latency_requests or (5000 if args.quick else 20000)
-    if args.days < 20:
-        print("note: the issue asks for at least 20 simulated days", file=sys.stderr)
-    t_start = time.monotonic()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-stream-"))
     work.mkdir(parents=True, exist_ok=True)
     sim = FunnelSimulator(SimConfig(seed=args.seed, impressions_per_day=per_day, drift=args.drift))
@@ -191,163 +207,192 @@ def main(argv: list[str] | None = None) -> int:
         "JOINER_SWEEP_INTERVAL_MS": "50",  # 10 simulated minutes per sweep at 12000x
         "JOINER_MAX_FUTURE_MS": "0",  # simulated event time may run ahead of the wall clock
     }
-    procs = Supervisor(env, work)
-    cli = [sys.executable, "-m", "stream.cli"]
-    report: dict[str, Any] = {"days": args.days, "impressions_per_day": per_day, "drift": args.drift,
+    return Run(args, work, sim, stream, caps, broker, settings, Supervisor(env, work), http_port, per_day, n_latency)
+
+
+def _live(run: Run, report: dict[str, Any]) -> tuple[list[Sample], list[dict[str, str]]]:
+    """1. The live pipeline: produce the stream paced, measure freshness through the scorer;
+    returns the samples the joiner wrote and the last day's feature maps."""
+    args = run.args
+    collected: list[Sample] = []
+    collector = TopicTail(run.settings, [run.settings.topic_samples], lambda r: collected.append(parse_sample(r.value)))
+    collector.start()
+    run.procs.start("joiner", [*run.cli, "joiner"])
+    run.procs.start("trainer", [*run.cli, "trainer", "--exit-when-idle", "20", "--summary-json",
+                            str(run.work / "trainer_live.json")])
+    run.procs.start("scorer", [*run.cli, "scorer"])
+    feats = run.sim.feature_dicts(run.sim.day_batch(args.days, 2000))
+    probe_body = json.dumps({"bank_id": "bank_1", "features": feats[0]}).encode()
+    prober = Prober(run.http_port, probe_body)
+    prober.start()  # answers 503 until the first version; records versions in use from then on
+    t0 = time.monotonic()
+    # paced, so the joiner's sweeps see each impression between its first-sample time
+    # (+30 min) and its click window's end (+1 h); the low-rate tail (finals only) faster
+    records = list(run.stream)
+    main_end = EPOCH_MS + args.days * DAY_MS
+    counts = produce([r for r in records if r.deliver_ms < main_end], run.settings, speedup=args.speedup)
+    for topic, n in produce([r for r in records if r.deliver_ms >= main_end], run.settings,
+                            speedup=args.speedup * 8).items():
+        counts[topic] = counts.get(topic, 0) + n
+    report["events_produced"] = sum(counts.values())
+    report["produce_s"] = round(time.monotonic() - t0, 1)
+    print(f"produced {report['events_produced']} events in {report['produce_s']}s", flush=True)
+    wait_http(f"http://127.0.0.1:{run.http_port}/healthz", 180)
+    while collector.idle_for() < 15:  # the joiner has gone quiet
+        time.sleep(1)
+    report["joiner_s"] = round(time.monotonic() - t0 - 15, 1)
+    report["samples"] = len(collected)
+    print(f"joiner done: {len(collected)} samples", flush=True)
+    if run.procs.children["trainer"].proc.wait(timeout=600) != 0:
+        raise RuntimeError("the live trainer failed; see trainer.log")
+    time.sleep(2)
+    prober.stop.set()
+    prober.join()
+    collector.stop()
+    run.procs.stop("joiner")
+    versions = [parse_version(r.value) for r in read_topic(run.settings, run.settings.topic_model_versions, idle_s=2.0)]
+    fresh = []
+    for v in versions:
+        used = next((t for t, ver in prober.seen if ver >= v.version), None)
+        if used is not None and prober.seen and prober.seen[0][0] < v.created_at_ms:
+            fresh.append((used - v.min_new_sample_consumed_at_ms) / 1000)
+    live = json.loads((run.work / "trainer_live.json").read_text())
+    report["freshness_s"] = {
+        "p50": round(float(np.median(fresh)), 2) if fresh else None,
+        "p95": round(float(np.percentile(fresh, 95)), 2) if fresh else None,
+        "max": round(max(fresh), 2) if fresh else None,
+        "versions_measured": len(fresh),
+        "checkpoint_interval_s": run.settings.trainer_checkpoint_interval_ms / 1000,
+    }
+    report["live_trainer"] = {k: live[k] for k in ("mode", "samples_processed", "trained_rows", "version")}
+    report["live_trainer"]["auc_lifetime"] = {
+        t: live["quality"]["lifetime"][k]["auc"] for k, t in enumerate(TASKS[:N_TASKS])}
+
+    return collected, feats
+
+
+def _latency(run: Run, feats: list[dict[str, str]], report: dict[str, Any]) -> None:
+    """2. HTTP latency at a steady load."""
+    args = run.args
+    bodies = [json.dumps({"bank_id": f"bank_{i % 6}", "features": f}).encode() for i, f in enumerate(feats)]
+    conn = http.client.HTTPConnection("127.0.0.1", run.http_port, timeout=5)
+    for b in bodies[:200]:
+        _post(conn, b)
+    lat = []
+    period = 1.0 / args.latency_rate
+    due = time.perf_counter()
+    for i in range(run.n_latency):
+        due += period
+        lat.append(_post(conn, bodies[i % len(bodies)])[0] * 1000)
+        pause = due - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+    conn.close()
+    la = np.array(lat)
+    report.update(score_latency_p50_ms=round(float(np.percentile(la, 50)), 3),
+                  score_latency_p99_ms=round(float(np.percentile(la, 99)), 3),
+                  score_latency_p999_ms=round(float(np.percentile(la, 99.9)), 3),
+                  score_latency_max_ms=round(float(la.max()), 3),
+                  score_latency_requests=run.n_latency, score_latency_rate_per_s=args.latency_rate)
+    run.procs.stop("scorer")
+
+
+
+def _throughput(run: Run, report: dict[str, Any]) -> None:
+    """3. Trainer throughput over the backlog, then the offline figure of the same run."""
+    args = run.args
+    run.procs.start("trainer2", [*run.cli, "trainer", "--no-metrics", "--exit-when-idle", "5",
+                             "--summary-json", str(run.work / "trainer_backlog.json")],
+                {"DATA_DIR": str(run.work / "data2")})
+    run.procs.children["trainer2"].proc.wait(timeout=900)
+    backlog = json.loads((run.work / "trainer_backlog.json").read_text())
+    from bench import train as bench_train
+
+    # like with like: the trainer's batch and torch threads
+    bench_train.main(["--json", str(run.work / "bench_train.json"), "--steps", "80", "--score-calls", "500",
+                      "--batch", str(args.batch), "--threads", str(run.settings.trainer_threads)])
+    offline = json.loads((run.work / "bench_train.json").read_text())["train_samples_per_s"]
+    report["offline_train_batch"] = args.batch
+    report["offline_train_threads"] = run.settings.trainer_threads
+    active = backlog["active_seconds"] or float("nan")
+    sps = backlog["samples_processed"] / active
+    rps = backlog["trained_rows"] / active
+    report.update(
+        train_samples_per_s=round(sps, 1),
+        train_rows_per_s=round(rps, 1),
+        offline_train_samples_per_s=offline,
+        train_vs_offline=round(sps / offline, 3),
+        train_rows_vs_offline=round(rps / offline, 3),
+        train_backlog={k: backlog[k] for k in ("mode", "samples_processed", "trained_rows", "active_seconds",
+                                               "lingered_seconds", "busy_seconds")},
+    )
+
+
+
+def _quality(run: Run, collected: list[Sample], report: dict[str, Any]) -> None:
+    """4. Quality: identical samples through the trainer core, per mode."""
+    args = run.args
+    samples = collected
+    fields = tuple(run.sim.field_names)
+    cap_list = [run.caps[f] for f in fields]
+    cutoff = EPOCH_MS + args.frozen_days * DAY_MS
+    event_ms = {s.impression_id: s.event_time_ms for s in samples}
+    last_day_ms = EPOCH_MS + args.days * DAY_MS
+    t_q = time.monotonic()
+    kw = {"batch": args.batch, "lr": args.lr, "stabilisers": stabilisers(run.settings)}
+    pairs = {
+        "incremental": _replay(samples, fields, cap_list, run.settings.trainer_mode, **kw),
+        "frozen": _replay(samples, fields, cap_list, run.settings.trainer_mode, cutoff, **kw),
+        "final_only": _replay(samples, fields, cap_list, "final-only", **kw),
+        "oracle_learner": _replay(samples, fields, cap_list, "final-only",
+                                  batches=_oracle_batches(samples, args.batch), **kw),
+    }
+    pairs["fnw"] = (pairs["incremental"] if run.settings.trainer_mode == "fnw"
+                    else _replay(samples, fields, cap_list, "fnw", **kw))
+    common = set.intersection(*(set(p) for p in pairs.values()))
+    ids = sorted(i for i in common if cutoff <= event_ms[i] < last_day_ms)
+    report["auc_final"] = {mode: _aucs(p, ids) for mode, p in pairs.items()}
+    truth = {r.impression_id: r for r in run.stream.truth}
+    ys = np.array([truth[i].labels for i in ids if i in truth])
+    ps = np.array([truth[i].p_true for i in ids if i in truth])
+    report["auc_final"]["simulator_truth"] = {t: round(auc(ys[:, k], ps[:, k]), 4)
+                                              for k, t in enumerate(TASKS[:N_TASKS])}
+    report["auc_eval_impressions"] = len(ids)
+    report["incremental_training_mode"] = run.settings.trainer_mode
+    a = report["auc_final"]
+    best = max(("fnw", "final_only"), key=lambda m: sum(a[m][t] for t in MAIN_TASKS))
+    report["best_delayed_feedback_mode"] = best
+    report["gap_closed_share"] = {
+        t: round((a[best][t] - a["final_only"][t]) / (a["oracle_learner"][t] - a["final_only"][t]), 3)
+        if a["oracle_learner"][t] != a["final_only"][t] else None
+        for t in MAIN_TASKS
+    }
+    report["fnw_gap_closed_share"] = {
+        t: round((a["fnw"][t] - a["final_only"][t]) / (a["oracle_learner"][t] - a["final_only"][t]), 3)
+        if a["oracle_learner"][t] != a["final_only"][t] else None
+        for t in MAIN_TASKS
+    }
+    report["incremental_beats_frozen"] = {t: a["incremental"][t] > a["frozen"][t] for t in MAIN_TASKS}
+    report["replay_s"] = round(time.monotonic() - t_q, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.days < 20:
+        print("note: the issue asks for at least 20 simulated days", file=sys.stderr)
+    t_start = time.monotonic()
+    run = _setup(args)
+    report: dict[str, Any] = {"days": args.days, "impressions_per_day": run.per_day, "drift": args.drift,
                               "speedup": args.speedup, "batch": args.batch, "lr": args.lr,
                               "frozen_days": args.frozen_days, "seed": args.seed}
     try:
-        # 1. live pipeline
-        collected: list[Sample] = []
-        collector = TopicTail(settings, [settings.topic_samples], lambda r: collected.append(parse_sample(r.value)))
-        collector.start()
-        procs.start("joiner", [*cli, "joiner"])
-        procs.start("trainer", [*cli, "trainer", "--exit-when-idle", "20", "--summary-json",
-                                str(work / "trainer_live.json")])
-        procs.start("scorer", [*cli, "scorer"])
-        feats = sim.feature_dicts(sim.day_batch(args.days, 2000))
-        probe_body = json.dumps({"bank_id": "bank_1", "features": feats[0]}).encode()
-        prober = Prober(http_port, probe_body)
-        prober.start()  # answers 503 until the first version; records versions in use from then on
-        t0 = time.monotonic()
-        # paced, so the joiner's sweeps see each impression between its first-sample time
-        # (+30 min) and its click window's end (+1 h); the low-rate tail (finals only) faster
-        records = list(stream)
-        main_end = EPOCH_MS + args.days * DAY_MS
-        counts = produce([r for r in records if r.deliver_ms < main_end], settings, speedup=args.speedup)
-        for topic, n in produce([r for r in records if r.deliver_ms >= main_end], settings,
-                                speedup=args.speedup * 8).items():
-            counts[topic] = counts.get(topic, 0) + n
-        report["events_produced"] = sum(counts.values())
-        report["produce_s"] = round(time.monotonic() - t0, 1)
-        print(f"produced {report['events_produced']} events in {report['produce_s']}s", flush=True)
-        wait_http(f"http://127.0.0.1:{http_port}/healthz", 180)
-        while collector.idle_for() < 15:  # the joiner has gone quiet
-            time.sleep(1)
-        report["joiner_s"] = round(time.monotonic() - t0 - 15, 1)
-        report["samples"] = len(collected)
-        print(f"joiner done: {len(collected)} samples", flush=True)
-        if procs.children["trainer"].proc.wait(timeout=600) != 0:
-            raise RuntimeError("the live trainer failed; see trainer.log")
-        time.sleep(2)
-        prober.stop.set()
-        prober.join()
-        collector.stop()
-        procs.stop("joiner")
-        versions = [parse_version(r.value) for r in read_topic(settings, settings.topic_model_versions, idle_s=2.0)]
-        fresh = []
-        for v in versions:
-            used = next((t for t, ver in prober.seen if ver >= v.version), None)
-            if used is not None and prober.seen and prober.seen[0][0] < v.created_at_ms:
-                fresh.append((used - v.min_new_sample_consumed_at_ms) / 1000)
-        live = json.loads((work / "trainer_live.json").read_text())
-        report["freshness_s"] = {
-            "p50": round(float(np.median(fresh)), 2) if fresh else None,
-            "p95": round(float(np.percentile(fresh, 95)), 2) if fresh else None,
-            "max": round(max(fresh), 2) if fresh else None,
-            "versions_measured": len(fresh),
-            "checkpoint_interval_s": settings.trainer_checkpoint_interval_ms / 1000,
-        }
-        report["live_trainer"] = {k: live[k] for k in ("mode", "samples_processed", "trained_rows", "version")}
-        report["live_trainer"]["auc_lifetime"] = {
-            t: live["quality"]["lifetime"][k]["auc"] for k, t in enumerate(TASKS[:N_TASKS])}
-
-        # 2. HTTP latency, steady load, quiet machine
-        bodies = [json.dumps({"bank_id": f"bank_{i % 6}", "features": f}).encode() for i, f in enumerate(feats)]
-        conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
-        for b in bodies[:200]:
-            _post(conn, b)
-        lat = []
-        period = 1.0 / args.latency_rate
-        due = time.perf_counter()
-        for i in range(n_latency):
-            due += period
-            lat.append(_post(conn, bodies[i % len(bodies)])[0] * 1000)
-            pause = due - time.perf_counter()
-            if pause > 0:
-                time.sleep(pause)
-        conn.close()
-        la = np.array(lat)
-        report.update(score_latency_p50_ms=round(float(np.percentile(la, 50)), 3),
-                      score_latency_p99_ms=round(float(np.percentile(la, 99)), 3),
-                      score_latency_p999_ms=round(float(np.percentile(la, 99.9)), 3),
-                      score_latency_max_ms=round(float(la.max()), 3),
-                      score_latency_requests=n_latency, score_latency_rate_per_s=args.latency_rate)
-        procs.stop("scorer")
-
-        # 3. trainer throughput over the backlog, then the offline figure of the same run
-        procs.start("trainer2", [*cli, "trainer", "--no-metrics", "--exit-when-idle", "5",
-                                 "--summary-json", str(work / "trainer_backlog.json")],
-                    {"DATA_DIR": str(work / "data2")})
-        procs.children["trainer2"].proc.wait(timeout=900)
-        backlog = json.loads((work / "trainer_backlog.json").read_text())
-        from bench import train as bench_train
-
-        # like with like: the trainer's batch and torch threads
-        bench_train.main(["--json", str(work / "bench_train.json"), "--steps", "80", "--score-calls", "500",
-                          "--batch", str(args.batch), "--threads", str(settings.trainer_threads)])
-        offline = json.loads((work / "bench_train.json").read_text())["train_samples_per_s"]
-        report["offline_train_batch"] = args.batch
-        report["offline_train_threads"] = settings.trainer_threads
-        active = backlog["active_seconds"] or float("nan")
-        sps = backlog["samples_processed"] / active
-        rps = backlog["trained_rows"] / active
-        report.update(
-            train_samples_per_s=round(sps, 1),
-            train_rows_per_s=round(rps, 1),
-            offline_train_samples_per_s=offline,
-            train_vs_offline=round(sps / offline, 3),
-            train_rows_vs_offline=round(rps / offline, 3),
-            train_backlog={k: backlog[k] for k in ("mode", "samples_processed", "trained_rows", "active_seconds",
-                                                   "lingered_seconds", "busy_seconds")},
-        )
-
-        # 4. quality: identical samples through the trainer core, per mode
-        samples = collected
-        fields = tuple(sim.field_names)
-        cap_list = [caps[f] for f in fields]
-        cutoff = EPOCH_MS + args.frozen_days * DAY_MS
-        event_ms = {s.impression_id: s.event_time_ms for s in samples}
-        last_day_ms = EPOCH_MS + args.days * DAY_MS
-        t_q = time.monotonic()
-        kw = {"batch": args.batch, "lr": args.lr, "stabilisers": stabilisers(settings)}
-        pairs = {
-            "incremental": _replay(samples, fields, cap_list, settings.trainer_mode, **kw),
-            "frozen": _replay(samples, fields, cap_list, settings.trainer_mode, cutoff, **kw),
-            "final_only": _replay(samples, fields, cap_list, "final-only", **kw),
-            "oracle_learner": _replay(samples, fields, cap_list, "final-only",
-                                      batches=_oracle_batches(samples, args.batch), **kw),
-        }
-        pairs["fnw"] = (pairs["incremental"] if settings.trainer_mode == "fnw"
-                        else _replay(samples, fields, cap_list, "fnw", **kw))
-        common = set.intersection(*(set(p) for p in pairs.values()))
-        ids = sorted(i for i in common if cutoff <= event_ms[i] < last_day_ms)
-        report["auc_final"] = {mode: _aucs(p, ids) for mode, p in pairs.items()}
-        truth = {r.impression_id: r for r in stream.truth}
-        ys = np.array([truth[i].labels for i in ids if i in truth])
-        ps = np.array([truth[i].p_true for i in ids if i in truth])
-        report["auc_final"]["simulator_truth"] = {t: round(auc(ys[:, k], ps[:, k]), 4)
-                                                  for k, t in enumerate(TASKS[:N_TASKS])}
-        report["auc_eval_impressions"] = len(ids)
-        report["incremental_training_mode"] = settings.trainer_mode
-        a = report["auc_final"]
-        best = max(("fnw", "final_only"), key=lambda m: sum(a[m][t] for t in MAIN_TASKS))
-        report["best_delayed_feedback_mode"] = best
-        report["gap_closed_share"] = {
-            t: round((a[best][t] - a["final_only"][t]) / (a["oracle_learner"][t] - a["final_only"][t]), 3)
-            if a["oracle_learner"][t] != a["final_only"][t] else None
-            for t in MAIN_TASKS
-        }
-        report["fnw_gap_closed_share"] = {
-            t: round((a["fnw"][t] - a["final_only"][t]) / (a["oracle_learner"][t] - a["final_only"][t]), 3)
-            if a["oracle_learner"][t] != a["final_only"][t] else None
-            for t in MAIN_TASKS
-        }
-        report["incremental_beats_frozen"] = {t: a["incremental"][t] > a["frozen"][t] for t in MAIN_TASKS}
-        report["replay_s"] = round(time.monotonic() - t_q, 1)
+        collected, feats = _live(run, report)
+        _latency(run, feats, report)
+        _throughput(run, report)
+        _quality(run, collected, report)
     finally:
-        procs.stop_all()
-        broker.stop()
+        run.procs.stop_all()
+        run.broker.stop()
     report.update(
         wall_s=round(time.monotonic() - t_start, 1),
         device=str(pick_device("auto")),
