@@ -369,7 +369,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
             step = step_of.get(tp.topic)
             if step is None or tp.partition not in join.parts:
                 continue
-            hw = consumer.highwater(tp)
+            hw = offsets.highwater(consumer, tp)
             if hw is None:
                 continue
             pos = next_offset.get(tp)
@@ -390,14 +390,14 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         all the same."""
         for name in ("aiokafka", "faust", "mode"):
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
-        highwater = app.consumer.highwater
+        consumer = app.consumer
         manual = stream.noack()  # acknowledged in ``complete``, once the outputs are acked
         async for _ in manual:
             event = manual.current_event
             if event is None:
                 continue
             msg = event.message
-            hw = highwater(msg.tp)
+            hw = offsets.highwater(consumer, msg.tp)
             if handle(msg, hw is not None and msg.offset + 1 < hw):
                 await flush(senders[0])
 
@@ -419,7 +419,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         """Partitions recreated under us (a broker that lost its data) are read again from the start."""
         consumer = app.consumer
         tps = list(consumer.assignment())
-        await offsets.rewind_async(consumer, tps, {tp: consumer.highwater(tp) for tp in tps})
+        await offsets.rewind_async(consumer, tps, {tp: offsets.highwater(consumer, tp) for tp in tps})
 
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         for tp in revoked:

@@ -44,6 +44,17 @@ def recreated(position: int | None, highwater: int | None) -> bool:
     return position is not None and highwater is not None and position > highwater
 
 
+def highwater(consumer: Any, tp: Any) -> int | None:
+    """A partition's high watermark from the last fetch response (any of the three clients); None
+    when unknown or when the partition is no longer assigned - a rebalance between listing it and
+    asking, where aiokafka raises (which crashed the joiner from a timer)."""
+    try:
+        hw: int | None = consumer.highwater(tp)
+    except (AssertionError, IllegalStateError):
+        return None
+    return hw
+
+
 def _warn(tp: Any, position: int, highwater: int) -> None:
     log.warning("%s[%d]: position %d is past the high watermark %d - the topic was recreated; reading it from the start",
                 tp.topic, tp.partition, position, highwater)  # fmt: skip

@@ -85,3 +85,12 @@ def test_aiokafka_and_faust_consumers_reread_a_recreated_partition() -> None:
         tps = [_TP(0), _TP(1), _TP(2), _TP(3)]  # 3: revoked by a rebalance after the caller listed it
         rewound = asyncio.run(offsets.rewind_async(c, tps, {_TP(0): 5, _TP(1): 4, _TP(2): None, _TP(3): 1}))
         assert rewound == [0] and c.pos == {0: 0, 1: 4, 2: 9}
+
+
+def test_a_partition_taken_away_by_a_rebalance_has_no_high_watermark() -> None:
+    class Revoked:
+        def highwater(self, tp: int) -> int:
+            raise AssertionError("Partition is not assigned")  # what aiokafka does
+
+    assert offsets.highwater(Revoked(), 0) is None
+    assert offsets.highwater(FakeConsumer({0: 7}, {}), 0) == 7
