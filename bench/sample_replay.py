@@ -29,7 +29,7 @@ from stream.learn.learner import OnlineLearner, fields_of
 from stream.learn.sample_batch import SampleBatch
 from stream.learn.trainer import stabilisers
 from stream.ops.settings import load_settings
-from stream.serve.scorer import ScoringModel
+from stream.serve.scoring import ScoringModel
 
 
 def read_samples(path: Path) -> list[tuple[int, Sample]]:

@@ -49,7 +49,7 @@ from stream.contract.versions import parse_version
 from stream.kafka.broker import EmbeddedBroker, ensure_topics, free_port
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings
-from stream.serve.scorer import ScoringModel
+from stream.serve.scoring import ScoringModel
 
 PROFILES = ("realtime", "batch_feeds")
 N_TASKS = len(TASKS)

@@ -54,7 +54,7 @@ def test_hot_swap_loses_and_repeats_no_impression(make_settings: Callable[..., S
     registry = CollectorRegistry()
     scorer = Scorer(settings, registry)
     stop = threading.Event()
-    threads = [threading.Thread(target=scorer.watch_versions, args=(stop,), daemon=True),
+    threads = [threading.Thread(target=scorer.versions.watch, args=(stop,), daemon=True),
                threading.Thread(target=scorer.run, args=(stop,), daemon=True)]
     for t in threads:
         t.start()

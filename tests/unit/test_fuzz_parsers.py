@@ -118,7 +118,7 @@ def test_settings_from_any_environment(monkeypatch: pytest.MonkeyPatch, env: dic
 # --- model-version announcements and HTTP scoring requests ---------------------------------------
 
 from stream.contract.versions import InvalidVersion, ModelVersion, encode_version, parse_version  # noqa: E402
-from stream.serve.scorer import BadRequest, parse_request  # noqa: E402
+from stream.serve.http import BadRequest, parse_request  # noqa: E402
 
 near_versions = st.fixed_dictionaries(
     {},

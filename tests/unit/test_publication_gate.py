@@ -27,7 +27,7 @@ from stream.learn.sample_batch import SampleBatch
 from stream.learn.trainer import Trainer
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings
-from stream.serve.scorer import ScoringModel
+from stream.serve.scoring import ScoringModel
 
 FIELDS = ("a", "b", "c")
 

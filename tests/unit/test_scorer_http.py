@@ -15,7 +15,8 @@ from aitm.checkpoint import make_checkpoint
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
 from stream.ops.settings import Settings
-from stream.serve.scorer import BankPolicy, Scorer, ScoringModel
+from stream.serve.scorer import Scorer
+from stream.serve.scoring import BankPolicy, ScoringModel
 
 
 @pytest.fixture

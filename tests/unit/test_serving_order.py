@@ -23,7 +23,8 @@ from aitm.model import AITM, AITMConfig
 from aitm.projection import funnel_order
 from stream.contract.events import TASKS, Event, encode_event
 from stream.ops.settings import Settings
-from stream.serve.scorer import Scorer, ScoringModel
+from stream.serve.scorer import Scorer
+from stream.serve.scoring import ScoringModel
 
 rows = st.lists(st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4), min_size=1, max_size=30)
 

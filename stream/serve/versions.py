@@ -1,0 +1,90 @@
+"""Following ``model-versions``: load each newer announced version (verified) as the next model,
+and hand it over between batches."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from stream.contract.versions import InvalidVersion, ModelVersion, parse_version
+from stream.ops.model_store import ModelStore, ModelStoreError
+from stream.ops.settings import Settings
+from stream.serve.scoring import ScoringModel
+
+log = logging.getLogger(__name__)
+
+
+class VersionFollower:
+    """The next model: ``offer`` loads an announced version if newer and verified, ``take`` hands it
+    over once; ``watch`` reads the topic from the start and offers the newest of each poll.
+    ``current`` says which version the caller serves (not newer: not loaded)."""
+
+    def __init__(self, settings: Settings, store: ModelStore, refused: Any) -> None:
+        self.s = settings
+        self.store = store
+        self.refused = refused  # counter of versions refused
+        self.current: ScoringModel | None = None
+        self._next: ScoringModel | None = None
+        self._next_freshness_s: float | None = None
+        self._next_lock = threading.Lock()
+
+    def offer(self, ann: ModelVersion) -> bool:
+        """Load an announced version (verified) as the next model; False if refused or not newer."""
+        current = self._next or self.current
+        if current is not None and ann.version <= current.version:
+            return False
+        try:
+            ckpt = self.store.load(path=self.store.root / ann.path.rsplit("/", 1)[-1], sha256=ann.sha256)
+            m = ScoringModel.from_checkpoint(ann.version, ckpt, ann.created_at_ms)
+        except (ModelStoreError, KeyError, RuntimeError, ValueError) as exc:
+            self.refused.inc()
+            log.warning("refusing model version %d: %s", ann.version, exc)
+            return False
+        with self._next_lock:
+            self._next = m
+            self._next_freshness_s = ann.min_new_sample_consumed_at_ms / 1000
+        return True
+
+    def take(self) -> tuple[ScoringModel, float | None] | None:
+        """The pending version and when its newest sample was consumed (s), once; None if none."""
+        with self._next_lock:
+            m, self._next = self._next, None
+            fresh_from = self._next_freshness_s
+        if m is None:
+            return None
+        self.current = m
+        return m, fresh_from
+
+    def watch(self, stop: threading.Event) -> None:
+        """Follow ``model-versions`` from the start; offer the newest of each poll, newest first."""
+        from kafka import KafkaConsumer, TopicPartition
+
+        consumer = KafkaConsumer(
+            client_id="aitm-scorer-versions",
+            group_id=None,
+            enable_auto_commit=False,
+            **self.s.kafka_python_config(),
+        )
+        tps = [
+            TopicPartition(self.s.topic_model_versions, p)
+            for p in sorted(consumer.partitions_for_topic(self.s.topic_model_versions) or {0})
+        ]
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek_to_beginning(tp)
+        try:
+            while not stop.is_set():
+                anns = []
+                for records in consumer.poll(timeout_ms=100).values():
+                    for rec in records:
+                        try:
+                            anns.append(parse_version(rec.value or b""))
+                        except InvalidVersion as exc:
+                            self.refused.inc()
+                            log.warning("bad model-versions record at offset %d: %s", rec.offset, exc.message)
+                for ann in sorted(anns, key=lambda a: -a.version):
+                    if self.offer(ann):
+                        break
+        finally:
+            consumer.close()
