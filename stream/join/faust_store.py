@@ -1,0 +1,114 @@
+"""The label store of the joiner process: one partition of a faust Table's RocksDB, whose writes
+go out as changelog records in the joiner's own batches (``stream.join.flusher``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from stream.join.driver import SWEPT_KEY, unpack_swept
+from stream.join.funnel import Dues, Swept
+from stream.join.store import DueIndex
+
+META_PREFIX = b"\x00"  # table keys of metadata; impression ids are printable
+_MISSING: Any = object()
+
+
+class FaustTableStore:
+    """``LabelStore`` over one partition of a faust Table's RocksDB, changelogged in our outbox.
+
+    Faust's own ``table[key] = value`` costs about 0.3 ms per write (a FutureMessage through its
+    producer buffer, two callbacks and a RocksDB offset write per record), which capped the
+    join near 1.8k events/s. So a write - value None for a delete - goes into ``outbox``; at
+    each flush ``drain()`` hands the outbox over (it stays readable as ``sending``), the agent
+    sends it to the table's changelog topic and partition with the raw producer, and once it is
+    acknowledged ``settle()`` writes it into the partition's rocksdict in one ``WriteBatch`` and
+    the acked changelog offset is recorded as the store's persisted offset. Faust's recovery
+    reads that changelog exactly as if it had written it. The source records behind those
+    writes, and their outputs, are acknowledged in the same step (see ``build_app``): after a
+    kill -9 the local RocksDB holds no write whose outputs may be lost, so the replayed records
+    redo them. Reads look in ``outbox``, then ``sending``, then RocksDB. The due index (a heap
+    per lane) is in memory, rebuilt on creation.
+    """
+
+    def __init__(self, table: Any, partition: int, due_of: Callable[[bytes, Swept], Dues]) -> None:
+        self._table = table
+        self.partition = partition
+        self._db = table.data._db_for_partition(partition)
+        self._index = DueIndex()
+        # changelog records not yet sent: the latest value per key (None: delete). A compacted
+        # changelog only needs the last write of a key, so writes between two sends coalesce.
+        self.outbox: dict[bytes, bytes | None] = {}
+        self.sending: dict[bytes, bytes | None] = {}  # drained, not yet acknowledged and settled
+        swept = unpack_swept(self.get_meta(SWEPT_KEY))
+        for key, value in self._db.items():
+            if key.startswith(META_PREFIX) or key.startswith(b"__faust"):
+                continue
+            self._index.set(bytes(key), due_of(bytes(value), swept))
+
+    def get(self, key: bytes) -> bytes | None:
+        v = self.outbox.get(key, _MISSING)
+        if v is not _MISSING:
+            return v
+        if self.sending:
+            v = self.sending.get(key, _MISSING)
+            if v is not _MISSING:
+                return v
+        v = self._db.get(key)
+        return v if v is None or type(v) is bytes else bytes(v)
+
+    def put(self, key: bytes, value: bytes, dues: Dues | None) -> None:
+        self.outbox[key] = value
+        self._index.set(key, dues)
+
+    def reschedule(self, key: bytes, dues: Dues | None) -> None:
+        self._index.set(key, dues)
+
+    def delete(self, key: bytes) -> None:
+        self.outbox[key] = None
+        self._index.set(key, None)
+
+    def drain(self) -> dict[bytes, bytes | None]:
+        """The writes since the last drain, to be sent; ``settle()`` them once acknowledged.
+        One drain is outstanding at a time."""
+        out = self.outbox
+        if out:
+            self.outbox = {}
+            self.sending = out
+        return out
+
+    def settle(self, written: dict[bytes, bytes | None]) -> None:
+        """Write drained writes into the local RocksDB, in one batch (a ``WriteBatch`` costs
+        ~3 us per record against ~5.5 us for single puts)."""
+        if not written:
+            return
+        from rocksdict import WriteBatch
+
+        batch = WriteBatch(raw_mode=True)
+        for key, value in written.items():
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        self._db.write(batch)
+        if self.sending is written:
+            self.sending = {}
+
+    def pop_due(self, lane: int, until_ms: int) -> list[bytes]:
+        return self._index.pop_due(lane, until_ms)
+
+    def get_meta(self, name: bytes) -> bytes | None:
+        return self.get(META_PREFIX + name)
+
+    def put_meta(self, name: bytes, value: bytes) -> None:
+        self.put(META_PREFIX + name, value, None)
+
+    def put_meta_now(self, name: bytes, value: bytes) -> None:
+        """``put_meta``, and straight into the local RocksDB too: for a value whose outputs are
+        already acknowledged (the swept watermarks), so a kill -9 restarts from it rather than
+        from the one of the flush before (fewer finals emitted twice)."""
+        self.put_meta(name, value)
+        self._db[META_PREFIX + name] = value
+
+    def __len__(self) -> int:
+        return len(self._index)

@@ -1,0 +1,185 @@
+"""The joiner's flush/ack protocol: what is joined goes out in batches, and a source record is
+acknowledged only once everything it caused is acknowledged by the broker.
+
+``handle`` joins one source record (``stream.kafka.faust_bulk`` calls it from faust's fetch loop)
+and queues its outputs; ``flush`` - once per ``JOINER_SWEEP_INTERVAL_MS``, from the fetch loop
+or a timer - sweeps every partition whose watermarks moved, drains every store's writes into
+the table's changelog, and submits it all; ``complete`` waits for the acks, then writes the
+states into the local RocksDB, records the acked changelog offsets for faust's recovery, stores
+the swept watermarks and acknowledges the source records (faust commits their offsets only
+then). One flush is in flight at a time, so the batches of a partition stay in order. A kill -9
+therefore costs nothing that was acknowledged; see docs/joiner.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from faust.types import TP
+
+from stream.join.driver import SWEPT_KEY, FunnelJoin, Output, pack_swept
+from stream.join.faust_store import FaustTableStore
+from stream.join.funnel import Swept
+from stream.kafka import offsets
+from stream.kafka.sender import BatchSender
+from stream.ops.clock import Clock
+
+MAX_PENDING = 20_000  # source records between two flushes, at most
+
+
+class Flusher:
+    """The protocol's state for one faust app: its sender, the records not yet acknowledged, the
+    offsets handled per event topic partition and the flush in flight."""
+
+    def __init__(self, app: Any, table: Any, join: FunnelJoin, clock: Clock, interval_s: float) -> None:
+        self.app, self.table, self.join, self.clock = app, table, join, clock
+        self.interval_s = interval_s
+        self.changelog: str = table.changelog_topic.get_topic_name()
+        self.sender: BatchSender | None = None  # made once the producer has started
+        self.unacked: list[Any] = []  # source records joined since the last flush
+        self.next_offset: dict[Any, int] = {}  # per event topic partition: the offset after the last handled
+        self.inflight: list[asyncio.Future[None]] = []  # the flush waiting for its acks (one at most)
+        self.last_flush = 0.0  # monotonic time of the last flush
+
+    def get_sender(self) -> BatchSender:
+        if self.sender is None:
+            producer: Any = self.app.producer  # faust's; its aiokafka producer makes the record batches
+            self.sender = BatchSender(producer._ensure_producer(),
+                                      lambda t, k: producer.key_partition(t, k).partition)
+        return self.sender
+
+    def handle(self, message: Any, behind: bool) -> bool:
+        """Join one source record; True when a flush is due. It is acknowledged in ``complete``."""
+        sender = self.get_sender()
+        out: list[Output] = []
+        self.join.on_record(message.topic, message.partition, message.key, message.value, behind, out,
+                            message.offset)
+        add = sender.add
+        for o in out:
+            add(o.topic, o.key, o.value)
+        self.unacked.append(message)
+        self.next_offset[message.tp] = message.offset + 1
+        # once per interval, all partitions together: one flush, its acks awaited aside
+        return len(self.unacked) >= MAX_PENDING or self.clock.monotonic() - self.last_flush >= self.interval_s
+
+    def idle(self) -> bool:
+        """Whether a flush is owed to a quiet spell (records came, then nothing for an interval)."""
+        return self.sender is not None and self.clock.monotonic() - self.last_flush >= self.interval_s
+
+    async def flush(self) -> None:
+        """Sweep every partition whose watermark moved, drain every store's writes into the
+        changelog, take everything queued, and submit it; the acks are awaited by a task, while
+        the agent goes on. One flush is in flight at a time (a new one waits for the previous),
+        so batches of a partition stay in order.
+
+        Up to the snapshot this is synchronous, so no record is processed halfway through it.
+        Records after it are judged against the new sweep at once (``take_sweep``), exactly as
+        if the flush had completed; what waits for the acks is what a crash must not get ahead
+        of: the stored swept watermarks, the persisted changelog offsets, and the
+        acknowledgement of the source records (their offsets are committed only then)."""
+        sender = self.get_sender()
+        join = self.join
+        while self.inflight and not self.inflight[0].done():
+            await asyncio.wait(self.inflight)
+        if self.inflight:
+            self.inflight.pop().result()  # a failed flush stops the agent
+        self.report_positions()
+        swept: list[tuple[int, Swept]] = []
+        for p in list(join.parts):
+            if join.sweep_due(p, force=True):
+                out: list[Output] = []
+                join.sweep(p, out)
+                for o in out:
+                    sender.add(o.topic, o.key, o.value)
+                wm = join.take_sweep(p)
+                if wm is not None:
+                    swept.append((p, wm))
+        written: list[tuple[FaustTableStore, dict[bytes, bytes | None]]] = []
+        for p, part in list(join.parts.items()):
+            store = part.store
+            assert isinstance(store, FaustTableStore)
+            drained = store.drain()
+            if drained:
+                written.append((store, drained))
+                for key, value in drained.items():
+                    sender.add(self.changelog, key, value, p)
+        batches = sender.take()
+        messages = self.unacked[:]
+        self.unacked.clear()
+        self.last_flush = self.clock.monotonic()
+        if batches or messages or swept:
+            self.inflight.append(asyncio.ensure_future(self.complete(sender, batches, written, swept, messages)))
+
+    async def complete(
+        self,
+        sender: BatchSender,
+        batches: list[Any],
+        written: list[tuple[FaustTableStore, dict[bytes, bytes | None]]],
+        swept: list[tuple[int, Swept]],
+        messages: list[Any],
+    ) -> None:
+        """Submit a flush's batches and wait for their acks; then write the states into the local
+        RocksDB, record the acked changelog offsets as the partitions' persisted offsets (for
+        faust's recovery), store the swept watermarks (locally at once, so a restart after a
+        kill -9 re-emits at most the last flush's finals; their changelog record goes out with
+        the next flush) and acknowledge the source records."""
+        acked: dict[int, int] = {}
+        for sent in await sender.submit(batches):
+            last = await sent.last_offset()
+            if sent.topic == self.changelog and last > acked.get(sent.partition, -1):
+                acked[sent.partition] = last
+        for store, drained in written:
+            store.settle(drained)
+        backend: Any = self.table.data
+        for p, offset in acked.items():
+            backend.set_persisted_offset(TP(self.changelog, p), offset)
+        for p, wm in swept:
+            part = self.join.parts.get(p)
+            if part is not None:  # not revoked meanwhile
+                tstore = part.store
+                assert isinstance(tstore, FaustTableStore)
+                tstore.put_meta_now(SWEPT_KEY, pack_swept(wm))
+        if messages:
+            consumer = self.app.consumer
+            assigned = consumer.assignment()
+            ack = consumer.ack
+            for message in messages:
+                if message.tp in assigned:  # a revoked one is read again by its new owner
+                    ack(message)
+
+    def report_positions(self) -> None:
+        """Tell the join, per event topic partition it holds, whether the consumer has read it to
+        its end (the high watermark of the last fetch response): only then can a silent topic
+        be idle. A topic with records fetched but not yet handled is behind."""
+        consumer: Any = self.app.consumer
+        read_offset = consumer._read_offset  # faust's: after a seek, the committed position
+        join = self.join
+        step_of = join.step_of
+        for tp in consumer.assignment():
+            step = step_of.get(tp.topic)
+            if step is None or tp.partition not in join.parts:
+                continue
+            hw = offsets.highwater(consumer, tp)
+            if hw is None:
+                continue
+            pos = self.next_offset.get(tp)
+            if pos is None:
+                pos = read_offset.get(tp) or 0
+            join.caught_up(tp.partition, step, pos >= hw)
+
+    def revoked(self, tps: Any) -> None:
+        """Partitions taken away by a rebalance: their pending writes are kept locally and
+        changelogged, their join state forgotten; their unacknowledged records are read again
+        by the new owner."""
+        for tp in tps:
+            self.next_offset.pop(tp, None)
+            part = self.join.parts.get(tp.partition)
+            if part is not None and self.sender is not None:
+                store = part.store
+                assert isinstance(store, FaustTableStore)
+                drained = store.drain()
+                store.settle(drained)  # kept locally and changelogged
+                for key, value in drained.items():
+                    self.sender.add(self.changelog, key, value, tp.partition)
+            self.join.forget(tp.partition)
