@@ -186,7 +186,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         await offsets.rewind_async(consumer, tps, {tp: offsets.highwater(consumer, tp) for tp in tps})
 
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
-        flusher.revoked(revoked)
+        await flusher.revoked(revoked)
 
     app.on_partitions_revoked.connect(on_revoked)  # type: ignore[arg-type]
 

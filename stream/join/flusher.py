@@ -168,18 +168,17 @@ class Flusher:
                 pos = read_offset.get(tp) or 0
             join.caught_up(tp.partition, step, pos >= hw)
 
-    def revoked(self, tps: Any) -> None:
-        """Partitions taken away by a rebalance: their pending writes are kept locally and
-        changelogged, their join state forgotten; their unacknowledged records are read again
-        by the new owner."""
+    async def revoked(self, tps: Any) -> None:
+        """Before partitions move: flush what is pending (sweeps, states, outputs) and wait for the
+        acks, so every state is in the local RocksDB and its changelog before the partitions'
+        join state is forgotten. A flush still in flight when a partition came back (eager
+        rebalances revoke everything) would otherwise settle its states into RocksDB after the
+        partition's new store had read it: those funnels lost their due entries and never got a
+        final (seen in the two-joiner test)."""
+        if self.sender is not None:
+            await self.flush()
+            while self.inflight:
+                await self.inflight.pop()
         for tp in tps:
             self.next_offset.pop(tp, None)
-            part = self.join.parts.get(tp.partition)
-            if part is not None and self.sender is not None:
-                store = part.store
-                assert isinstance(store, FaustTableStore)
-                drained = store.drain()
-                store.settle(drained)  # kept locally and changelogged
-                for key, value in drained.items():
-                    self.sender.add(self.changelog, key, value, tp.partition)
             self.join.forget(tp.partition)
