@@ -417,12 +417,17 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
     async def rewind_recreated_topics() -> None:
         """A partition whose position is past its high watermark was recreated (a broker that lost
         its data, like the embedded one after a restart): read it again from the start."""
+        from aiokafka.errors import IllegalStateError
+
         consumer = app.consumer
         for tp in consumer.assignment():
             hw = consumer.highwater(tp)
             if hw is None:
                 continue
-            pos = await consumer.position(tp)
+            try:
+                pos = await consumer.position(tp)
+            except IllegalStateError:  # revoked by a rebalance since assignment() was read
+                continue
             if pos is not None and pos > hw:
                 log.warning("%s[%d]: position %d past the high watermark %d - topic recreated; reading from the start",
                             tp.topic, tp.partition, pos, hw)  # fmt: skip
