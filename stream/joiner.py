@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aiokafka.errors import IllegalStateError
 from faust.types import TP
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -192,6 +193,17 @@ def _faust_broker_kwargs(settings: Settings) -> dict[str, Any]:
     else:
         kw["broker_credentials"] = faust.SSLCredentials(cfg["ssl_context"])
     return kw
+
+
+def _highwater(consumer: Any, tp: Any) -> int | None:
+    """A partition's high watermark from the last fetch response; None when unknown or when the
+    partition is no longer assigned (a rebalance between listing it and asking: aiokafka then
+    raises, which would crash the app from a timer)."""
+    try:
+        hw: int | None = consumer.highwater(tp)
+    except (AssertionError, IllegalStateError):
+        return None
+    return hw
 
 
 def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | None = None) -> tuple[Any, FunnelJoin]:
@@ -368,7 +380,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
             step = step_of.get(tp.topic)
             if step is None or tp.partition not in join.parts:
                 continue
-            hw = consumer.highwater(tp)
+            hw = _highwater(consumer, tp)
             if hw is None:
                 continue
             pos = next_offset.get(tp)
@@ -389,14 +401,14 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         all the same."""
         for name in ("aiokafka", "faust", "mode"):
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
-        highwater = app.consumer.highwater
+        consumer = app.consumer
         manual = stream.noack()  # acknowledged in ``complete``, once the outputs are acked
         async for _ in manual:
             event = manual.current_event
             if event is None:
                 continue
             msg = event.message
-            hw = highwater(msg.tp)
+            hw = _highwater(consumer, msg.tp)
             if handle(msg, hw is not None and msg.offset + 1 < hw):
                 await flush(senders[0])
 
@@ -417,11 +429,9 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
     async def rewind_recreated_topics() -> None:
         """A partition whose position is past its high watermark was recreated (a broker that lost
         its data, like the embedded one after a restart): read it again from the start."""
-        from aiokafka.errors import IllegalStateError
-
         consumer = app.consumer
         for tp in consumer.assignment():
-            hw = consumer.highwater(tp)
+            hw = _highwater(consumer, tp)
             if hw is None:
                 continue
             try:
