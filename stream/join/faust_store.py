@@ -11,6 +11,11 @@ from stream.join.funnel import Dues, Swept
 from stream.join.store import DueIndex
 
 META_PREFIX = b"\x00"  # table keys of metadata; impression ids are printable
+# a tombstone that ends each flush's changelog records of a partition in a batch of its own
+# (``BatchSender.seal``): Tansu's ListOffsets reports the start of the last batch + 1, and a new
+# owner's recovery stopped there, missing the rest of the batch - states whose source records
+# were acknowledged, so their funnels were lost on a rebalance (the two-joiner test)
+SEAL_KEY = META_PREFIX + b"seal"
 _MISSING: Any = object()
 
 

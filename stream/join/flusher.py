@@ -19,7 +19,7 @@ from typing import Any
 from faust.types import TP
 
 from stream.join.driver import SWEPT_KEY, FunnelJoin, Output, pack_swept
-from stream.join.faust_store import FaustTableStore
+from stream.join.faust_store import SEAL_KEY, FaustTableStore
 from stream.join.funnel import Swept
 from stream.kafka import offsets
 from stream.kafka.sender import BatchSender
@@ -104,6 +104,7 @@ class Flusher:
                 written.append((store, drained))
                 for key, value in drained.items():
                     sender.add(self.changelog, key, value, p)
+                sender.seal(self.changelog, p, SEAL_KEY)  # the partition's true end for recovery
         batches = sender.take()
         messages = self.unacked[:]
         self.unacked.clear()
