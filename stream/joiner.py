@@ -40,6 +40,11 @@ from stream.store import DueIndex
 
 log = logging.getLogger(__name__)
 META_PREFIX = b"\x00"  # table keys of metadata; impression ids are printable
+# a tombstone that ends each flush's changelog records of a partition in a batch of its own
+# (``BatchSender.seal``): Tansu's ListOffsets reports the start of the last batch + 1, and a new
+# owner's recovery stopped there, missing the rest of the batch - states whose source records
+# were acknowledged, so their funnels were lost on a rebalance (the two-joiner test)
+SEAL_KEY = META_PREFIX + b"seal"
 MAX_PENDING = 20_000  # source records between two flushes, at most
 _MISSING: Any = object()
 
@@ -309,6 +314,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
                 written.append((store, drained))
                 for key, value in drained.items():
                     sender.add(changelog, key, value, p)
+                sender.seal(changelog, p, SEAL_KEY)  # the partition's true end for recovery
         batches = sender.take()
         messages = unacked[:]
         unacked.clear()
@@ -444,16 +450,18 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
                 await consumer.seek(tp, 0)
 
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        """Before partitions move: flush what is pending (sweeps, states, outputs) and wait for the
+        acks, so every state is in the local RocksDB and its changelog before the partitions'
+        join state is forgotten. A flush still in flight when a partition came back (eager
+        rebalances revoke everything) would otherwise settle its states into RocksDB after the
+        partition's new store had read it: those funnels lost their due entries and never got a
+        final (seen in the two-joiner test)."""
+        if senders:
+            await flush(senders[0])
+            while inflight:
+                await inflight.pop()
         for tp in revoked:
             next_offset.pop(tp, None)
-            part = join.parts.get(tp.partition)
-            if part is not None and senders:
-                store = part.store
-                assert isinstance(store, FaustTableStore)
-                drained = store.drain()
-                store.settle(drained)  # kept locally and changelogged
-                for key, value in drained.items():
-                    senders[0].add(changelog, key, value, tp.partition)
             join.forget(tp.partition)
 
     app.on_partitions_revoked.connect(on_revoked)  # type: ignore[arg-type]

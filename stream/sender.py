@@ -57,6 +57,22 @@ class BatchSender:
                 raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a batch for {topic}")
         self.pending += 1
 
+    def seal(self, topic: str, partition: int, key: bytes, value: bytes | None = None) -> None:
+        """End the partition's records with ``key``/``value`` alone in a record batch of its own,
+        after everything queued for it. A broker whose ListOffsets answers the start of the last
+        record batch + 1 (Tansu, BROKER.md) then still reports the true end of the partition: a
+        faust changelog's recovery reads to that end, and would otherwise stop at the first
+        record of a flush's last batch."""
+        tp = (topic, partition)
+        builder = self._open.pop(tp, None)
+        if builder is not None:
+            self._full.append((topic, partition, builder))
+        last = self._producer.create_batch()
+        if last.append(key=key, value=value, timestamp=None) is None:
+            raise ValueError(f"a seal of {len(value or b'')} bytes does not fit in a batch for {topic}")
+        self._full.append((topic, partition, last))
+        self.pending += 1
+
     def take(self) -> list[tuple[str, int, Any]]:
         """Everything queued so far, as record batches (topic, partition, builder); the sender
         starts afresh. Submit them with ``submit()``."""
