@@ -79,8 +79,11 @@ def test_two_joiners_and_two_scorers_share_and_rebalance(tmp_path: Path) -> None
     rescored = sum(n - 1 for i, n in ledger.scored.items() if n > 1 and i not in delivered_twice)
     print(f"scale-out: {len(labelled)} labels checked, {ledger.final_records} final records, "
           f"{len(ledger.scored)} impressions scored, {rescored} scored twice")  # fmt: skip
+    lost_dead = [(d.get("key"), d["source_topic"], d["reason"]) for d in ledger.dead if d.get("key") in set(lost)]
     assert (len(lost), len(wrong), len(conflicting), len(unscored)) == (0, 0, 0, 0), (
-        lost[:3],
+        lost[:10],
+        [i for i in lost if i in ledger.sampled][:10],  # lost yet sampled (a first sample came out)
+        lost_dead[:10],
         wrong[:3],
         unscored[:3],
     )
