@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.chaos import Ledger
+from bench.chaos_checks import Ledger
 from bench.supervisor import Supervisor, wait_http
 from bench.topic_reader import TopicTail, read_topic
 from simulators.faults import SimulatedStream

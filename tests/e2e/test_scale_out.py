@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.chaos import Ledger, expectations
+from bench.chaos_checks import Ledger, expectations
 from bench.supervisor import Supervisor, scrape
 from bench.topic_reader import TopicTail
 from simulators.faults import FaultConfig, SimulatedStream
