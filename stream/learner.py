@@ -40,6 +40,10 @@ RECENTRE_MIN_ROWS: Final = 500  # recent impressions the served average's biases
 # rows a re-centring scores (an even subsample of the ring): ~0.1 s of CPU per publication; the
 # target and the served mean are taken on the same rows, so their ratio is far steadier than either
 RECENTRE_EVAL_ROWS: Final = 4096
+# the live predictions' mean is taken with this many times the average's half-life (in practice
+# over the whole ring): with the same half-life it followed the live model's daily ripple and the
+# sparse steps' swing rose to 1.25-1.29; with 4x, 1.10-1.26 (replays, docs/serving.md)
+RECENTRE_HALF_LIVES: Final = 4.0
 
 
 @dataclass
@@ -378,7 +382,7 @@ class OnlineLearner:
         recent = self.recent
         if self._average_moved and recent is not None and recent.size >= RECENTRE_MIN_ROWS:
             every = slice(0, recent.size, -(-recent.size // RECENTRE_EVAL_ROWS))  # an even subsample
-            w = recent.weights(float(self.trained_samples), self.average.half_life)[every]  # (K,)
+            w = recent.weights(float(self.trained_samples), RECENTRE_HALF_LIVES * self.average.half_life)[every]  # (K,)
             target = (w[:, None] * recent.probs[every]).sum(0) / w.sum()  # (T,)
             x = torch.as_tensor(recent.ids[every], device=self.device)
             self.average.unshift()

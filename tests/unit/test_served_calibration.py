@@ -20,7 +20,7 @@ from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
 from stream.delay_model import DelayModel, fit_truncated_lognormal, lognormal_cdf
 from stream.delayed_feedback import train_rows
-from stream.learner import OnlineLearner, Stabilisers
+from stream.learner import RECENTRE_HALF_LIVES, OnlineLearner, Stabilisers
 from stream.sample_batch import SampleBatch
 from stream.samples import Sample
 from stream.weight_average import RecentPredictions, WeightAverage, output_bias_shift
@@ -111,14 +111,15 @@ def first_samples(start: int, n: int, t0_ms: int, rate: float = 0.05) -> list[Sa
 
 def test_the_learner_serves_the_average_recentred_on_its_live_predictions() -> None:
     torch.manual_seed(0)
-    st = Stabilisers(min_step_rows=1, ema_half_life_rows=400.0, recentre_rows=600, prior_rates=(0.1, 0.01, 0.01, 0.01))
+    # a prior below the clicks' true rate (~12.5%): the live model rises, its average lags below it
+    st = Stabilisers(min_step_rows=1, ema_half_life_rows=400.0, recentre_rows=600, prior_rates=(0.05, 0.01, 0.01, 0.01))
     ln = OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.05, eval_window=100,
                        stabilisers=st)
     for b in range(8):
         ln.step(first_samples(100 * b, 100, 0))
     assert ln.average is not None and ln.recent is not None and ln.recent.size == 600
     served = ln.served_model()
-    w = ln.recent.weights(float(ln.trained_samples), 400.0)
+    w = ln.recent.weights(float(ln.trained_samples), RECENTRE_HALF_LIVES * 400.0)
     target = (w[:, None] * ln.recent.probs[:600]).sum(0) / w.sum()
     ids = torch.as_tensor(ln.recent.ids[:600])
     with torch.no_grad():
