@@ -11,9 +11,10 @@ the plain mean of every iterate so far, so a cold start is not dragged towards t
 An average of weights is not an average of predictions: it smooths the logits, and in the
 sigmoid's convex region (every rate below 50%) that lowers the mean rate - activation's by 10-15%
 (docs/serving.md). ``RecentPredictions`` keeps the live model's own predictions on the recent
-impressions, and ``recentre_output_bias`` shifts the served model's output bias of each task
-(logit space, one scalar per task: the order of the rows is untouched) until its mean prediction
-on those impressions equals theirs, weighted by the same half-life as the weights.
+impressions; ``output_bias_shift`` finds, and ``WeightAverage.shift_bias`` applies, the shift of
+the served model's output bias of each task (logit space, one scalar per task: the order of the
+rows is untouched) that makes its mean prediction on those impressions equal theirs (weighted by
+age: ``OnlineLearner.served_model``).
 
 >>> import torch
 >>> m = torch.nn.Linear(1, 1, bias=False)
