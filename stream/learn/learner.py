@@ -26,14 +26,23 @@ from aitm.loss import ALPHA, aitm_loss
 from aitm.model import AITM, AITMConfig
 from aitm.train import make_optimizer, train_step
 from stream.contract.samples import Sample
-from stream.learn.delayed_feedback import MODES, train_rows
+from stream.learn.delay_model import DelayModel
+from stream.learn.delayed_feedback import MODES, TrainRows, train_rows
 from stream.learn.mixing_buffer import MixingBuffer, RowBlock
 from stream.learn.prequential import PrequentialEvaluator
 from stream.learn.sample_batch import CORRECTION, FINAL, FIRST, N_TASKS, SampleBatch, as_batch
-from stream.learn.weight_average import WeightAverage
+from stream.learn.weight_average import RecentPredictions, WeightAverage, output_bias_shift
 
 PENDING_CAP: Final = 500_000  # first-sample predictions awaiting their final label
 SEEN_CAP: Final = 500_000  # (impression id, seq) keys remembered for deduplication
+RECENTRE_MIN_ROWS: Final = 500  # recent impressions the served average's biases need to be re-centred
+# rows a re-centring scores (an even subsample of the ring): ~0.1 s of CPU per publication; the
+# target and the served mean are taken on the same rows, so their ratio is far steadier than either
+RECENTRE_EVAL_ROWS: Final = 4096
+# the live predictions' mean is taken with this many times the average's half-life (in practice
+# over the whole ring): with the same half-life it followed the live model's daily ripple and the
+# sparse steps' swing rose to 1.25-1.29; with 4x, 1.10-1.26 (replays, docs/serving.md)
+RECENTRE_HALF_LIVES: Final = 4.0
 
 
 @dataclass
@@ -64,7 +73,10 @@ class Stabilisers:
     (None: at once); ``ema_half_life_rows``: serve an average of the weights (0: the trained ones);
     ``holdout_share``: impressions never trained on, whose finals judge the served versions;
     ``prior_rates``: end-to-end rates a cold-started model starts from (None: its biases start at 0,
-    which is 50% on every step)."""
+    which is 50% on every step); ``recentre_rows``: re-centre the served average's output biases on
+    the live model's predictions over this many recent impressions (0: off); ``delay_windows_ms``:
+    per task, the longest delay of a positive - turns the cold-start delay compensation on
+    (``stream.learn.delay_model``; None: off), its factor capped at ``delay_max_factor``."""
 
     min_step_rows: int = 1
     positive_slack: float | None = None
@@ -72,6 +84,9 @@ class Stabilisers:
     ema_half_life_rows: float = 0.0
     holdout_share: float = 0.0
     prior_rates: tuple[float, ...] | None = None  # a new model's output biases start at their log-odds
+    recentre_rows: int = 0
+    delay_windows_ms: tuple[int, ...] | None = None
+    delay_max_factor: float = 3.0
 
 
 def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
@@ -120,6 +135,12 @@ class OnlineLearner:
         self.optimizer = make_optimizer(self.model, lr=lr)
         self.mixer = MixingBuffer(N_TASKS, st.min_step_rows, st.positive_slack or 1.0, st.positive_half_life)
         self.average = WeightAverage(self.model, st.ema_half_life_rows) if st.ema_half_life_rows > 0 else None
+        self.recent = (RecentPredictions(st.recentre_rows, len(encoder.fields), N_TASKS)
+                       if self.average is not None and st.recentre_rows > 0 else None)
+        self.bias_shift = np.zeros(N_TASKS)  # the last re-centring's shift of the served biases (logits)
+        self._average_moved = False  # trained since the served biases were last re-centred
+        self.delay = (DelayModel(st.delay_windows_ms, st.delay_max_factor)
+                      if st.delay_windows_ms is not None and mode == "fnw" else None)
         self.steps = 0  # optimizer steps, lifetime
         self.last_batch = SampleBatch.empty()
         # one forward pass per batch, dropout off, both scores the batch and carries the gradient
@@ -183,6 +204,8 @@ class OnlineLearner:
         if n == 0:
             empty = np.zeros((0, N_TASKS))
             return StepResult(0, len(given), 0, [], empty, empty, empty, time.perf_counter() - t0)
+        if self.stream_start_ms is None:
+            self.stream_start_ms = int(batch.event_time_ms.min())
         if self.freeze_after_ms is not None and self.frozen is None:
             self._maybe_freeze(batch)  # before this batch is trained on
         ids = self.encoder.encode_columns(batch.features, n, update=train)  # (N, F)
@@ -248,6 +271,11 @@ class OnlineLearner:
         rows = 0
         if train:  # ... and only then train
             tr = train_rows(self.mode, batch, probs, first_seen)
+            if self.delay is not None:
+                self._delay_weights(batch, tr)
+            if self.recent is not None:
+                fr = np.flatnonzero((kind == FIRST) & ~holdout)  # the impressions, as trained on
+                self.recent.add(ids[fr], probs[fr].astype(np.float64), float(self.trained_samples))
             mine = ~holdout[tr.index]  # the held-back slice is never trained on
             index = tr.index[mine]
             block = RowBlock.of(ids[index], tr.labels[mine], tr.mask[mine], tr.weight[mine], origin=index)
@@ -261,6 +289,26 @@ class OnlineLearner:
         held = np.flatnonzero(holdout)
         return StepResult(n, len(given) - n, rows, eval_ids, y_eval, p_eval, probs, time.perf_counter() - t0,
                           held, ids[held])
+
+    def _delay_weights(self, batch: SampleBatch, tr: TrainRows) -> None:
+        """Cold-start delay compensation (``stream.learn.delay_model``): weight each positive copy of task
+        ``t`` (a first sample's or a correction's, not a labelled final) by the factor of its arrival
+        age, from the delay fit so far; then add those positives to the fit."""
+        assert self.delay is not None and self.stream_start_ms is not None
+        delay = self.delay
+        delay.start(self.stream_start_ms)
+        # a positive arrives when the joiner emits it: its partition's watermark then, and never
+        # before the event it reflects
+        arrival = np.maximum(batch.watermark_ms, batch.event_time_ms + batch.elapsed_ms)  # (N,)
+        copies = batch.kind[tr.index] != FINAL
+        for t in range(N_TASKS):
+            pos = np.flatnonzero(copies & (tr.labels[:, t] == 1) & (tr.mask[:, t] > 0))
+            if pos.size == 0:
+                continue
+            rows = tr.index[pos]
+            tr.weight[pos, t] *= delay.factors(t, arrival[rows]).astype(np.float32)
+            delay.observe(t, batch.event_time_ms[rows], arrival[rows])
+        delay.advance(int(arrival.max()))
 
     def _late_rows(self, batch: SampleBatch, holdout: np.ndarray) -> tuple[np.ndarray, int]:
         """(N,) the task each row is a paced late positive of (-1: none), and the first samples the
@@ -308,12 +356,28 @@ class OnlineLearner:
         self.steps += 1
         if self.average is not None:
             self.average.update(self.model, len(ready))
+            self._average_moved = True
 
     def served_model(self) -> AITM:
-        """The model a new version serves: the weight average when there is one, else the trained model."""
-        if self.average is not None:
-            return cast(AITM, self.average.model)
-        return self.model
+        """The model a new version serves: the weight average when there is one (its output biases
+        re-centred on the live model's recent predictions, when that is on and the average moved
+        since), else the trained model."""
+        if self.average is None:
+            return self.model
+        recent = self.recent
+        if self._average_moved and recent is not None and recent.size >= RECENTRE_MIN_ROWS:
+            every = slice(0, recent.size, -(-recent.size // RECENTRE_EVAL_ROWS))  # an even subsample
+            w = recent.weights(float(self.trained_samples), RECENTRE_HALF_LIVES * self.average.half_life)[every]  # (K,)
+            target = (w[:, None] * recent.probs[every]).sum(0) / w.sum()  # (T,)
+            x = torch.as_tensor(recent.ids[every], device=self.device)
+            self.average.unshift()
+            # raised only: the average's shrink is always downward (Jensen, convex region); a live
+            # model below its average is the cold start's dip, which the average rightly lags
+            delta = output_bias_shift(self.average.model, x, target.tolist(), w, lower=False)
+            self.average.shift_bias(delta)
+            self.bias_shift = delta.cpu().numpy()
+            self._average_moved = False
+        return cast(AITM, self.average.model)
 
     # --- the frozen copy ------------------------------------------------------------------------
 
@@ -381,6 +445,7 @@ class OnlineLearner:
             "trained_model": None if self.average is None else _cloned(self.model.state_dict()),
             "average": None if self.average is None else self.average.state_dict(),
             "stream_start_ms": self.stream_start_ms,
+            "delay": None if self.delay is None else self.delay.state_dict(),
             "frozen": None if self.frozen is None else {
                 "model": self.frozen.state_dict(),
                 "cutoff_ms": self.frozen_cutoff_ms,
@@ -408,6 +473,8 @@ class OnlineLearner:
             else:  # a checkpoint from before the average: start it from the trained weights
                 self.average = WeightAverage(self.model, self.average.half_life)
         self.stream_start_ms = state.get("stream_start_ms")
+        if self.delay is not None and state.get("delay") is not None:
+            self.delay.load_state_dict(state["delay"])
         frozen = state.get("frozen")
         if frozen is not None:
             self.freeze(int(frozen["cutoff_ms"]))

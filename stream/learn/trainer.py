@@ -56,6 +56,9 @@ def stabilisers(s: Settings) -> Stabilisers:
         ema_half_life_rows=s.trainer_ema_half_life_rows,
         holdout_share=s.trainer_holdout_share,
         prior_rates=tuple(s.trainer_prior_rates) or None,
+        recentre_rows=s.trainer_recentre_rows,
+        delay_windows_ms=tuple(settled_after_ms(s)) if s.trainer_delay_correction else None,
+        delay_max_factor=s.trainer_delay_max_factor,
     )
 
 
@@ -144,8 +147,21 @@ class Trainer:
                 log.info("model version %d is from another topic: used as a warm start", v)
             return
         if self.s.trainer_warm_start is not None:
-            self.learner = self._learner_from(load_checkpoint(self.s.trainer_warm_start))
+            ckpt = load_checkpoint(self.s.trainer_warm_start)
+            self.learner = self._learner_from(ckpt)
+            self._keep_stream_clock(ckpt)
             log.info("warm start from %s", self.s.trainer_warm_start)
+
+    def _keep_stream_clock(self, ckpt: dict[str, Any]) -> None:
+        """A warm start from a version of this trainer on the same samples topic keeps the stream's
+        start and its delay fits: the stream is not young again, whatever the new process is."""
+        extra = ckpt.get("extra", {})
+        state = extra.get("learner") if extra.get("topic") == self.s.topic_samples else None
+        if self.learner is None or not isinstance(state, dict):
+            return
+        self.learner.stream_start_ms = state.get("stream_start_ms")
+        if self.learner.delay is not None and state.get("delay") is not None:
+            self.learner.delay.load_state_dict(state["delay"])
 
     def _cold_start(self, batch: SampleBatch) -> OnlineLearner:
         fields = fields_of(batch)
@@ -386,6 +402,9 @@ class Trainer:
         held = self.learner.mixer.held
         for t, task in enumerate(TASKS[:N_TASKS]):
             self.metrics.held_positives.labels(task=task).set(sum(len(b) for b in held[t]))
+            delay = self.learner.delay
+            self.metrics.delay_factor.labels(task=task).set(delay.factor(t) if delay is not None else 1.0)
+            self.metrics.served_bias_shift.labels(task=task).set(float(self.learner.bias_shift[t]))
         paired = self.learner.paired_metric_values()
         if paired is not None:
             for window in WINDOWS:

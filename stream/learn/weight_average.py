@@ -8,6 +8,14 @@ averaging) keeps what the steps agree on and cancels what they do not. The avera
 after ``half_life`` rows an old iterate weighs half. Until ``half_life`` rows have been seen it is
 the plain mean of every iterate so far, so a cold start is not dragged towards the random init.
 
+An average of weights is not an average of predictions: it smooths the logits, and in the
+sigmoid's convex region (every rate below 50%) that lowers the mean rate - activation's by 10-15%
+(docs/serving.md). ``RecentPredictions`` keeps the live model's own predictions on the recent
+impressions; ``output_bias_shift`` finds, and ``WeightAverage.shift_bias`` applies, the shift of
+the served model's output bias of each task (logit space, one scalar per task: the order of the
+rows is untouched) that makes its mean prediction on those impressions equal theirs (weighted by
+age: ``OnlineLearner.served_model``).
+
 >>> import torch
 >>> m = torch.nn.Linear(1, 1, bias=False)
 >>> _ = m.weight.data.fill_(0.0)
@@ -23,9 +31,10 @@ the plain mean of every iterate so far, so a cold start is not dragged towards t
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,12 +52,14 @@ class WeightAverage:
         self.rows = 0  # rows averaged so far
         self._mine: list[torch.Tensor] = list(self.model.parameters())  # (walking the modules costs more
         self._theirs: tuple[nn.Module, list[torch.Tensor]] | None = None  # than the update itself)
+        self.bias_shift: torch.Tensor | None = None  # added to the average's ``head_b`` (re-centring)
 
     @torch.no_grad()
     def update(self, model: nn.Module, rows: int) -> None:
         """Fold in ``model`` as it is after a step on ``rows`` rows."""
         if rows <= 0:
             return
+        self.unshift()  # the average itself never carries a shift: it is solved afresh each time
         keep = min(0.5 ** (rows / self.half_life), self.rows / (self.rows + rows))
         if self._theirs is None or self._theirs[0] is not model:
             self._theirs = (model, [p.detach() for p in model.parameters()])
@@ -57,9 +68,83 @@ class WeightAverage:
             b_avg.copy_(b)
         self.rows += rows
 
+    @torch.no_grad()
+    def shift_bias(self, delta: torch.Tensor) -> None:
+        """Serve the average with ``head_b`` + ``delta`` (per task, logits) until the next update."""
+        self.unshift()
+        head_b: torch.Tensor = self.model.head_b  # type: ignore[assignment]
+        head_b.add_(delta.to(head_b))
+        self.bias_shift = delta.detach().clone().to(head_b)
+
+    @torch.no_grad()
+    def unshift(self) -> None:
+        if self.bias_shift is not None:
+            head_b: torch.Tensor = self.model.head_b  # type: ignore[assignment]
+            head_b.sub_(self.bias_shift)
+            self.bias_shift = None
+
     def state_dict(self) -> dict[str, Any]:
-        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}, "rows": self.rows}
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}, "rows": self.rows,
+                "bias_shift": None if self.bias_shift is None else self.bias_shift.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])  # as served: the shift included
         self.rows = int(state["rows"])
+        shift = state.get("bias_shift")
+        self.bias_shift = None if shift is None else torch.as_tensor(shift).clone()
+
+
+class RecentPredictions:
+    """A ring of the newest ``capacity`` trained impressions: encoded features (F,), the live model's
+    prediction made before training on them (T,), and the trained-row count then (the age stamp)."""
+
+    def __init__(self, capacity: int, n_fields: int, n_tasks: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.ids = np.zeros((capacity, n_fields), np.int64)
+        self.probs = np.zeros((capacity, n_tasks), np.float64)
+        self.stamp = np.zeros(capacity, np.float64)
+        self.size = 0
+        self._next = 0
+
+    def add(self, ids: np.ndarray, probs: np.ndarray, stamp: float) -> None:
+        """Rows ``ids`` (N, F) with the live predictions ``probs`` (N, T) at trained-row count ``stamp``."""
+        n = ids.shape[0]
+        if n == 0:
+            return
+        if n >= self.capacity:
+            ids, probs, n = ids[-self.capacity :], probs[-self.capacity :], self.capacity
+        at = (self._next + np.arange(n)) % self.capacity
+        self.ids[at], self.probs[at], self.stamp[at] = ids, probs, stamp
+        self._next = int((self._next + n) % self.capacity)
+        self.size = min(self.size + n, self.capacity)
+
+    def weights(self, now: float, half_life: float) -> np.ndarray:
+        """(size,) each kept row's weight: 0.5 ** (age in trained rows / half_life)."""
+        age = np.maximum(now - self.stamp[: self.size], 0.0)
+        out: np.ndarray = 0.5 ** (age / half_life)
+        return out
+
+
+@torch.no_grad()
+def output_bias_shift(model: nn.Module, ids: torch.Tensor, target: Sequence[float], weights: np.ndarray,
+                      steps: int = 8, lower: bool = True) -> torch.Tensor:
+    """The shift of ``model.head_b`` (per task, logit space; (T,)) that makes the ``weights``-weighted
+    mean of sigmoid(model(ids)) equal ``target`` per task. Newton steps on each
+    task's one scalar (the mean of a sigmoid is increasing in the bias, so it converges in a few).
+    ``lower=False``: only raise a bias (a shift below 0 is clamped to 0)."""
+    was = model.training
+    model.eval()
+    logits = model(ids).double()  # (N, T)
+    model.train(was)
+    w = torch.as_tensor(weights, dtype=torch.float64, device=logits.device)
+    w = w / w.sum()
+    goal = torch.as_tensor(np.clip(np.asarray(target, np.float64), 1e-6, 1 - 1e-6), device=logits.device)
+    delta = torch.zeros(logits.shape[1], dtype=torch.float64, device=logits.device)
+    for _ in range(steps):
+        p = torch.sigmoid(logits + delta)  # (N, T)
+        gap = (w[:, None] * p).sum(0) - goal  # (T,)
+        slope = (w[:, None] * p * (1 - p)).sum(0).clamp_min(1e-12)
+        delta = (delta - gap / slope).clamp(-3.0 if lower else 0.0, 3.0)  # at most e^3: a guard, not a limit
+    return delta

@@ -143,6 +143,18 @@ class TrainerMetrics:
             ["task"],
             registry=registry,
         )
+        self.delay_factor = Gauge(
+            "aitm_trainer_delay_factor",
+            "Weight of a positive arriving now, per task: cold-start delay compensation (1 once the stream is older than the task's window)",
+            ["task"],
+            registry=registry,
+        )
+        self.served_bias_shift = Gauge(
+            "aitm_trainer_served_bias_shift",
+            "Logit shift of the served average's output bias, per task, re-centring it on the live model's recent predictions",
+            ["task"],
+            registry=registry,
+        )
         self.samples = Counter(
             "aitm_trainer_samples",
             "Samples consumed, by kind",

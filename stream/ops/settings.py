@@ -174,6 +174,17 @@ class Settings(BaseSettings):
     # a cold-started model's output biases start at the log-odds of these end-to-end rates (the
     # AITM paper's credit-card funnel); set your funnel's own, or [] to start at 0 (50%)
     trainer_prior_rates: list[float] = Field(default_factory=lambda: [0.2329, 0.0184, 0.0130, 0.0100])
+    # the served average's output biases are re-centred, at each publication, so that its mean
+    # prediction on this many recent impressions equals the live model's (an average of weights
+    # lowers rare rates: docs/serving.md); 0 = off
+    trainer_recentre_rows: int = Field(default=16384, ge=0)
+    # cold-start delay compensation: while the stream is younger than a task's window, its positives
+    # are weighted by 1 / G(age), G the task's delay distribution fitted on the positives so far
+    # (stream/learn/delay_model.py). Off by default: replays lifted activation's median calibration
+    # (0.69 -> 0.82 realtime, 0.56 -> 0.63 batch feeds) but with daily activation files its last
+    # versions over-predicted (p95 1.18 -> 1.29) - docs/serving.md. The factor is capped at the maximum
+    trainer_delay_correction: bool = False
+    trainer_delay_max_factor: float = Field(default=3.0, ge=1)
     # share of impressions (by a hash of the id) never trained on: they judge the served versions
     # (the publication gate and the served-version gauges). Lower it at high volume: at most
     # 50,000 held-back impressions are kept, and activation needs ~15 days of them

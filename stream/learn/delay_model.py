@@ -1,0 +1,213 @@
+"""Cold-start delay compensation: a model of each task's conversion delay, and the weight it gives
+the positives a young stream trains on.
+
+``fnw`` trains every impression's negative at once and its positive when the conversion arrives.
+In a steady stream that is unbiased: the positives arriving now, for older impressions, stand in
+for those not arrived yet. A stream that *starts* at S0 has no older impressions: at stream age
+A = now - S0 a task's positives arrive at G(A) of their steady rate, G being the task's delay
+distribution (impression to the positive's arrival at the trainer) restricted to its window W
+(``G(A) = F(A) / F(W)``: a positive later than W never arrives at all, in steady state either).
+Activation (a lognormal delay after approval, median 2 days) spends its first two weeks in that
+warm-up, learning rates far below the truth (docs/serving.md). Weighting the positives that arrive
+at age A by ``1 / G(A)`` (capped; 1 once A >= W) restores their steady rate, as DFM / ES-DFM do per
+impression, here globally per task: the distribution, not the impression, is modelled.
+
+The delay of task ``t`` is a lognormal fitted by maximum likelihood to the positives seen so far.
+They are *right-truncated*: an impression of age T_i can only have shown a delay d_i <= T_i, so
+each contributes ``log f(d_i) - log F(T_i)`` (Lynden-Bell's setting; the parametric form is what
+lets G be extrapolated past the ages seen so far). The positives are kept as a uniform reservoir
+(never chosen by their delay). Everything is in event time (impression times, partition
+watermarks), so a replay or a restart computes the same factors; the state is checkpointed.
+
+>>> m = DelayModel(windows_ms=(10, 100), max_factor=5.0)
+>>> m.start(0)
+>>> m.factor(1, 100), m.factor(1, 1000)  # no fit yet, and past the window
+(1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import numpy as np
+import torch
+
+MIN_POSITIVES: Final = 30  # positives a task needs before its delay is fitted (before: factor 1)
+RESERVOIR: Final = 4000  # positives kept per task for the fit
+REFIT_GROWTH: Final = 1.1  # refit a task when its positives grew by 10% ...
+REFIT_AGE: Final = 0.02  # ... or the stream aged by 2% of the task's window since its last fit
+
+
+def lognormal_cdf(x: np.ndarray | float, mu: float, sigma: float) -> np.ndarray:
+    """F(x) of a lognormal(mu, sigma); 0 for x <= 0.
+
+    >>> [round(float(v), 4) for v in lognormal_cdf(np.array([0.0, 1.0, math.e]), 0.0, 1.0)]
+    [0.0, 0.5, 0.8413]
+    """
+    x = np.asarray(x, np.float64)
+    z = (np.log(np.maximum(x, 1e-300)) - mu) / (sigma * math.sqrt(2.0))
+    out: np.ndarray = np.where(x > 0, 0.5 * (1.0 + _erf(z)), 0.0)
+    return out
+
+
+def _erf(z: np.ndarray) -> np.ndarray:
+    return torch.special.erf(torch.as_tensor(z, dtype=torch.float64)).numpy()
+
+
+def fit_truncated_lognormal(delays: np.ndarray, truncation: np.ndarray) -> tuple[float, float]:
+    """(mu, sigma) maximising sum(log f(d_i) - log F(T_i)) over a lognormal, d_i <= T_i (all > 0).
+
+    A prior keeps an early fit (every T_i small, the tail unseen; a daily file's steps) from running
+    away: sigma near 1 (a normal on log sigma, sd 0.5) and mu within ~1.5 e-folds of the mean log
+    delay seen (an sd 5 prior let 30 batch-fed activations fit a 28-day median: factor at the cap).
+    """
+    d = torch.as_tensor(np.log(np.maximum(delays, 1.0)), dtype=torch.float64)  # log ms
+    t = torch.as_tensor(np.log(np.maximum(truncation, delays) + 1.0), dtype=torch.float64)
+    centre = float(d.mean())
+    mu = torch.tensor(centre, dtype=torch.float64, requires_grad=True)
+    log_sigma = torch.tensor(max(math.log(float(d.std()) + 1e-3), -2.0) if d.numel() > 1 else 0.0,
+                             dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([mu, log_sigma], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+    n = float(d.numel())
+
+    def nll() -> torch.Tensor:
+        opt.zero_grad()
+        sigma = log_sigma.exp()
+        z = (d - mu) / sigma
+        ll = (-log_sigma - 0.5 * z * z).sum() - torch.special.log_ndtr((t - mu) / sigma).sum()
+        prior = -0.5 * (log_sigma / 0.5) ** 2 - 0.5 * ((mu - centre) / 1.5) ** 2
+        loss = -(ll + prior) / n
+        loss.backward()
+        return loss
+
+    opt.step(nll)
+    m, s = float(mu.detach()), float(log_sigma.detach().exp())
+    if not (math.isfinite(m) and math.isfinite(s)):
+        return centre, 1.0
+    return m, min(max(s, 0.05), 10.0)
+
+
+class DelayModel:
+    """Per task: a delay fit from the positives seen, and the factor for positives arriving at an
+    age. ``windows_ms[t]``: the longest delay task ``t``'s positive can arrive with."""
+
+    def __init__(self, windows_ms: Sequence[int], max_factor: float = 3.0) -> None:
+        if max_factor < 1:
+            raise ValueError(f"max_factor must be >= 1, got {max_factor}")
+        self.windows_ms = [int(w) for w in windows_ms]
+        self.max_factor = float(max_factor)
+        n = len(self.windows_ms)
+        self.start_ms: int | None = None  # event time of the stream's first sample
+        self.now_ms = 0  # event-time progress: the newest arrival seen
+        self.seen = [0] * n  # positives seen per task, lifetime
+        self.delays: list[np.ndarray] = [np.zeros(0, np.int64) for _ in range(n)]  # reservoir: arrival delay
+        self.imp_ms: list[np.ndarray] = [np.zeros(0, np.int64) for _ in range(n)]  # ... and impression time
+        self.fits: list[tuple[float, float] | None] = [None] * n  # (mu, sigma) of log-ms delays
+        self._fit_at: list[tuple[int, int]] = [(0, 0)] * n  # (seen, now_ms) at the last fit
+        self._rng = np.random.default_rng(0)
+
+    def start(self, start_ms: int) -> None:
+        """The stream's start (set once; a checkpoint keeps it)."""
+        if self.start_ms is None:
+            self.start_ms = int(start_ms)
+
+    def age_ms(self, at_ms: np.ndarray | int) -> np.ndarray:
+        return np.asarray(at_ms, np.int64) - (self.start_ms if self.start_ms is not None else 0)
+
+    def warm(self, task: int) -> bool:
+        """Is the stream older than the task's window (no correction any more)?"""
+        return self.start_ms is not None and self.now_ms - self.start_ms >= self.windows_ms[task]
+
+    def observe(self, task: int, imp_ms: np.ndarray, arrival_ms: np.ndarray) -> None:
+        """Positives of ``task``: impression event times and arrival times (event time), (P,)."""
+        imp_ms = np.asarray(imp_ms, np.int64)
+        arrival_ms = np.asarray(arrival_ms, np.int64)
+        if imp_ms.size == 0:
+            return
+        self.now_ms = max(self.now_ms, int(arrival_ms.max()))
+        if self.warm(task):
+            return
+        delay = np.clip(arrival_ms - imp_ms, 1, self.windows_ms[task])
+        room = max(RESERVOIR - self.delays[task].size, 0)  # reservoir sampling (Vitter's R), vectorised
+        if room:
+            self.delays[task] = np.concatenate([self.delays[task], delay[:room]])
+            self.imp_ms[task] = np.concatenate([self.imp_ms[task], imp_ms[:room]])
+        rest = delay.size - min(room, delay.size)
+        if rest:
+            rank = self.seen[task] + room + 1 + np.arange(rest)  # each later positive's rank
+            j = (self._rng.random(rest) * rank).astype(np.int64)
+            keep = j < RESERVOIR  # it replaces a kept one with probability RESERVOIR / rank
+            self.delays[task][j[keep]] = delay[room:][keep]
+            self.imp_ms[task][j[keep]] = imp_ms[room:][keep]
+        self.seen[task] += int(delay.size)
+        self._maybe_refit(task)
+
+    def advance(self, now_ms: int) -> None:
+        """Event time moved on (a batch with no positives of some task)."""
+        self.now_ms = max(self.now_ms, int(now_ms))
+
+    def _maybe_refit(self, task: int) -> None:
+        n = self.delays[task].size
+        if n < MIN_POSITIVES:
+            return
+        seen_then, now_then = self._fit_at[task]
+        if (self.fits[task] is not None and self.seen[task] < REFIT_GROWTH * seen_then
+                and self.now_ms - now_then < REFIT_AGE * self.windows_ms[task]):
+            return
+        self.refit(task)
+
+    def refit(self, task: int) -> None:
+        """Fit task ``task``'s delay now: each kept positive truncated at its impression's age."""
+        if self.delays[task].size < MIN_POSITIVES:
+            return
+        age = np.minimum(self.now_ms - self.imp_ms[task], self.windows_ms[task])
+        self.fits[task] = fit_truncated_lognormal(self.delays[task].astype(np.float64), age.astype(np.float64))
+        self._fit_at[task] = (self.seen[task], self.now_ms)
+
+    def cdf(self, task: int, delay_ms: np.ndarray | float) -> np.ndarray:
+        """G(delay) = F(delay) / F(W): the fitted delay distribution within the task's window."""
+        fit = self.fits[task]
+        x = np.minimum(np.asarray(delay_ms, np.float64), self.windows_ms[task])
+        if fit is None:
+            return np.ones_like(x)
+        top = float(lognormal_cdf(float(self.windows_ms[task]), *fit))
+        out: np.ndarray = lognormal_cdf(x, *fit) / max(top, 1e-12)
+        return out
+
+    def factors(self, task: int, arrival_ms: np.ndarray) -> np.ndarray:
+        """(P,) weight of positives of ``task`` arriving at these event times: 1 / G(age), capped at
+        ``max_factor``; 1 at or past the window, before a fit, or before the stream started."""
+        arrival_ms = np.asarray(arrival_ms, np.int64)
+        out = np.ones(arrival_ms.shape, np.float64)
+        if self.start_ms is None or self.fits[task] is None:
+            return out
+        age = self.age_ms(arrival_ms)
+        young = age < self.windows_ms[task]
+        if young.any():
+            g = self.cdf(task, np.maximum(age[young], 1).astype(np.float64))
+            out[young] = np.minimum(1.0 / np.maximum(g, 1.0 / self.max_factor), self.max_factor)
+        return out
+
+    def factor(self, task: int, at_ms: int | None = None) -> float:
+        """The factor now (or at ``at_ms``): the gauge ``aitm_trainer_delay_factor``."""
+        at = self.now_ms if at_ms is None else at_ms
+        return float(self.factors(task, np.asarray([at]))[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "start_ms": self.start_ms, "now_ms": self.now_ms, "seen": list(self.seen),
+            "delays": [d.tolist() for d in self.delays], "imp_ms": [i.tolist() for i in self.imp_ms],
+            "fits": [list(f) if f is not None else None for f in self.fits],
+            "fit_at": [list(f) for f in self._fit_at], "windows_ms": list(self.windows_ms),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.start_ms = None if state["start_ms"] is None else int(state["start_ms"])
+        self.now_ms = int(state["now_ms"])
+        self.seen = [int(v) for v in state["seen"]]
+        self.delays = [np.asarray(d, np.int64) for d in state["delays"]]
+        self.imp_ms = [np.asarray(i, np.int64) for i in state["imp_ms"]]
+        self.fits = [None if f is None else (float(f[0]), float(f[1])) for f in state["fits"]]
+        self._fit_at = [(int(a), int(b)) for a, b in state["fit_at"]]
