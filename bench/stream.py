@@ -43,8 +43,9 @@ from stream.contract.events import TASKS
 from stream.contract.samples import Sample, parse_sample
 from stream.contract.versions import parse_version
 from stream.kafka.broker import EmbeddedBroker, ensure_topics, free_port
-from stream.learn.learner import OnlineLearner, Stabilisers
+from stream.learn.learner import OnlineLearner
 from stream.learn.sample_batch import N_TASKS
+from stream.learn.stabilisers import Stabilisers
 from stream.learn.trainer import stabilisers
 from stream.ops.settings import Settings
 

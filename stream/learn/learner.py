@@ -10,10 +10,8 @@ is evaluated with the batch's pre-training prediction (no mode has trained on it
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -28,9 +26,11 @@ from aitm.train import make_optimizer, train_step
 from stream.contract.samples import Sample
 from stream.learn.delay_model import DelayModel
 from stream.learn.delayed_feedback import MODES, TrainRows, train_rows
+from stream.learn.frozen import FrozenBaseline
 from stream.learn.mixing_buffer import MixingBuffer, RowBlock
 from stream.learn.prequential import PrequentialEvaluator
 from stream.learn.sample_batch import CORRECTION, FINAL, FIRST, N_TASKS, SampleBatch, as_batch
+from stream.learn.stabilisers import Stabilisers, held_back, init_output_bias
 from stream.learn.weight_average import RecentPredictions, WeightAverage, output_bias_shift
 
 PENDING_CAP: Final = 500_000  # first-sample predictions awaiting their final label
@@ -62,44 +62,6 @@ class StepResult:
     # (H,), encoded features (H, F); labels and times are the batch's
     holdout_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     holdout_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int64))
-
-
-@dataclass(frozen=True)
-class Stabilisers:
-    """What keeps the served scores steady (docs/serving.md); the defaults change nothing.
-
-    ``min_step_rows``: rows an optimizer step needs (small batches are gathered); ``positive_slack``:
-    late positives are released at most at this multiple of their usual rate per first sample
-    (None: at once); ``ema_half_life_rows``: serve an average of the weights (0: the trained ones);
-    ``holdout_share``: impressions never trained on, whose finals judge the served versions;
-    ``prior_rates``: end-to-end rates a cold-started model starts from (None: its biases start at 0,
-    which is 50% on every step); ``recentre_rows``: re-centre the served average's output biases on
-    the live model's predictions over this many recent impressions (0: off); ``delay_windows_ms``:
-    per task, the longest delay of a positive - turns the cold-start delay compensation on
-    (``stream.learn.delay_model``; None: off), its factor capped at ``delay_max_factor``."""
-
-    min_step_rows: int = 1
-    positive_slack: float | None = None
-    positive_half_life: float = 20_000.0
-    ema_half_life_rows: float = 0.0
-    holdout_share: float = 0.0
-    prior_rates: tuple[float, ...] | None = None  # a new model's output biases start at their log-odds
-    recentre_rows: int = 0
-    delay_windows_ms: tuple[int, ...] | None = None
-    delay_max_factor: float = 3.0
-
-
-def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
-    """(N,) bool: the impressions of the held-back slice - a fixed ``share`` of ids, by a hash of
-    the id (crc32), so every process and every restart agrees on it.
-
-    >>> held_back(["a", "b", "c"], 0.0).tolist(), held_back(["a", "b", "c"], 1.0).tolist()
-    ([False, False, False], [True, True, True])
-    """
-    if share <= 0:
-        return np.zeros(len(impression_ids), bool)
-    crc = np.fromiter(map(zlib.crc32, map(str.encode, impression_ids)), np.uint64, count=len(impression_ids))
-    return crc < share * 2**32
 
 
 class OnlineLearner:
@@ -158,12 +120,8 @@ class OnlineLearner:
         # what continuous training buys under drift
         self.freeze_after_ms = freeze_after_ms if freeze_after_ms else None
         self.stream_start_ms: int | None = None
-        self.frozen: AITM | None = None
-        self.frozen_cutoff_ms = 0  # impressions from here on are the frozen model's evaluation set
-        self.frozen_vocab_sizes: list[int] | None = None  # per field, ids admitted by the freeze
-        self.frozen_evaluator = PrequentialEvaluator(N_TASKS, eval_window)
-        # the live model on the very same finals as the frozen copy: the like-for-like comparison
-        self.paired_evaluator = PrequentialEvaluator(N_TASKS, eval_window)
+        self.frozen: FrozenBaseline | None = None
+        self.eval_window = eval_window
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -267,7 +225,7 @@ class OnlineLearner:
         p_eval = np.asarray(eval_probs, np.float64).reshape(-1, N_TASKS)
         self.evaluator.update(y_eval, p_eval)
         if self.frozen is not None and final_rows:
-            self._evaluate_frozen(batch, ids, final_rows, y_eval, p_eval)
+            self.frozen.evaluate(batch.event_time_ms, ids, final_rows, y_eval, p_eval)
         rows = 0
         if train:  # ... and only then train
             tr = train_rows(self.mode, batch, probs, first_seen)
@@ -391,39 +349,15 @@ class OnlineLearner:
 
     def freeze(self, cutoff_ms: int) -> None:
         """Keep a copy of the model as it is now; it scores impressions from ``cutoff_ms`` on."""
-        frozen = copy.deepcopy(self.model).eval()
-        for p in frozen.parameters():
-            p.requires_grad_(False)
-        self.frozen = frozen
-        self.frozen_cutoff_ms = cutoff_ms
-        # threshold ids are given in order, so a value admitted later has an id above these sizes
-        # and the frozen model (whose vocabulary stopped here) sees it as out-of-vocabulary
-        self.frozen_vocab_sizes = [len(v) for v in self.encoder.vocab] if self.encoder.mode == "threshold" else None
-
-    def _evaluate_frozen(self, batch: SampleBatch, ids: np.ndarray, final_rows: list[int],
-                         y_eval: np.ndarray, p_eval: np.ndarray) -> None:
-        """Score the finals of impressions from the cutoff on with the frozen copy. It never
-        trains, so its prediction now is the one it made at the first sample (test-then-train)."""
-        assert self.frozen is not None
-        rows = np.asarray(final_rows)
-        later = batch.event_time_ms[rows] >= self.frozen_cutoff_ms
-        if not later.any():
-            return
-        x = ids[rows[later]]  # (E, F)
-        if self.frozen_vocab_sizes is not None:
-            x = np.where(x > np.asarray(self.frozen_vocab_sizes), 0, x)
-        with torch.inference_mode():
-            p = torch.sigmoid(self.frozen(torch.as_tensor(x, device=self.device))).float().cpu().numpy()
-        self.frozen_evaluator.update(y_eval[later], p.astype(np.float64))
-        self.paired_evaluator.update(y_eval[later], p_eval[later])
+        self.frozen = FrozenBaseline(self.model, self.encoder, cutoff_ms, self.device, self.eval_window)
 
     def frozen_metric_values(self) -> dict[str, list[dict[str, float]]] | None:
         """The frozen copy's evaluator values, None before the freeze."""
-        return self.frozen_evaluator.values() if self.frozen is not None else None
+        return self.frozen.evaluator.values() if self.frozen is not None else None
 
     def paired_metric_values(self) -> dict[str, list[dict[str, float]]] | None:
         """The live model's values on the frozen copy's evaluation set, None before the freeze."""
-        return self.paired_evaluator.values() if self.frozen is not None else None
+        return self.frozen.paired.values() if self.frozen is not None else None
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -446,13 +380,7 @@ class OnlineLearner:
             "average": None if self.average is None else self.average.state_dict(),
             "stream_start_ms": self.stream_start_ms,
             "delay": None if self.delay is None else self.delay.state_dict(),
-            "frozen": None if self.frozen is None else {
-                "model": self.frozen.state_dict(),
-                "cutoff_ms": self.frozen_cutoff_ms,
-                "vocab_sizes": self.frozen_vocab_sizes,
-                "evaluator": self.frozen_evaluator.state_dict(),
-                "paired_evaluator": self.paired_evaluator.state_dict(),
-            },
+            "frozen": None if self.frozen is None else self.frozen.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -479,32 +407,10 @@ class OnlineLearner:
         if frozen is not None:
             self.freeze(int(frozen["cutoff_ms"]))
             assert self.frozen is not None
-            self.frozen.load_state_dict(frozen["model"])
-            self.frozen_vocab_sizes = frozen["vocab_sizes"]
-            self.frozen_evaluator.load_state_dict(list(frozen["evaluator"]))
-            if "paired_evaluator" in frozen:
-                self.paired_evaluator.load_state_dict(list(frozen["paired_evaluator"]))
+            self.frozen.load_state_dict(frozen)
 
     def metric_values(self) -> dict[str, list[dict[str, float]]]:
         return self.evaluator.values()
-
-
-def init_output_bias(model: AITM, rates: Sequence[float]) -> None:
-    """Start the output biases at the log-odds of ``rates`` (made non-increasing along the funnel and
-    kept inside (1e-6, 1 - 1e-6)) instead of 0, which is 50% on every step: the model then starts
-    near the funnel's base rates instead of spending its first days - and its first versions -
-    learning them.
-
-    >>> m = AITM(AITMConfig(vocab_sizes=(3,), n_tasks=2))
-    >>> init_output_bias(m, (0.5, 0.1))
-    >>> [round(b, 4) for b in m.head_b.tolist()]
-    [0.0, -2.1972]
-    """
-    if len(rates) != model.config.n_tasks:
-        raise ValueError(f"one prior rate per task: {len(rates)} for {model.config.n_tasks} tasks")
-    p = np.clip(np.minimum.accumulate(np.asarray(rates, np.float64)), 1e-6, 1 - 1e-6)
-    with torch.no_grad():
-        model.head_b.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=model.head_b.dtype))
 
 
 def _cloned(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -33,9 +33,10 @@ from aitm.train import pick_device
 from stream.contract.events import TASKS, dead_letter
 from stream.contract.versions import ModelVersion, encode_version
 from stream.learn.feed import Invalid, SampleFeed
-from stream.learn.learner import OnlineLearner, Stabilisers, fields_of
+from stream.learn.learner import OnlineLearner, fields_of
 from stream.learn.publication_gate import REASONS, HoldoutSet, PublicationGate
 from stream.learn.sample_batch import N_TASKS, SampleBatch
+from stream.learn.stabilisers import Stabilisers
 from stream.ops.clock import Clock, SystemClock
 from stream.ops.metrics import WINDOWS, RefreshMetrics, TrainerMetrics
 from stream.ops.model_store import ModelStore

@@ -23,7 +23,7 @@ from kafka import KafkaProducer
 
 from stream.contract.samples import Sample, encode_sample
 from stream.learn.delayed_feedback import train_rows
-from stream.learn.learner import held_back
+from stream.learn.stabilisers import held_back
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings
 

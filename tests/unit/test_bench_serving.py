@@ -8,6 +8,7 @@ import pytest
 
 import bench.serving
 import stream.learn.learner
+import stream.learn.stabilisers
 from bench.serving import VersionScore, figures
 from simulators.funnel import DAY_MS, EPOCH_MS
 
@@ -20,6 +21,8 @@ def version(v: int, day: float | None, mean: list[float], cal: list[float], non_
 def test_doctests() -> None:
     assert doctest.testmod(bench.serving).failed == 0
     assert doctest.testmod(stream.learn.learner).failed == 0
+    assert doctest.testmod(stream.learn.stabilisers).attempted >= 2
+    assert doctest.testmod(stream.learn.stabilisers).failed == 0
 
 
 def test_figures_judge_versions_past_the_warm_up_and_every_version_for_the_order() -> None:

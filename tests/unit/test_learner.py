@@ -12,8 +12,9 @@ from aitm.evaluate import auc, calibration_ratio, log_loss
 from aitm.features import FeatureEncoder
 from stream.contract.samples import Sample
 from stream.learn.delayed_feedback import train_rows
-from stream.learn.learner import OnlineLearner, Stabilisers, held_back
+from stream.learn.learner import OnlineLearner
 from stream.learn.prequential import PrequentialEvaluator, TaskWindow, binned_auc
+from stream.learn.stabilisers import Stabilisers, held_back
 
 FIELDS = ("a", "b", "c")
 ALL = (True, True, True, True)
@@ -169,28 +170,28 @@ def test_the_frozen_copy_never_changes_and_scores_only_later_impressions() -> No
     before = copy.deepcopy(ln.model.state_dict())
     ln.step(later)  # event time passed day 2: frozen before this batch trains
     assert ln.frozen is not None
-    frozen_state = copy.deepcopy(ln.frozen.state_dict())
+    frozen_state = copy.deepcopy(ln.frozen.model.state_dict())
     for k, v in before.items():
         assert torch.equal(frozen_state[k], v), k  # the model as it was before the batch
     for day in (3, 4, 5):
         ln.step([timed(1000 * day + i, day, labels=(i % 2, 0, 0, 0)) for i in range(64)])
-    for k, v in ln.frozen.state_dict().items():
+    for k, v in ln.frozen.model.state_dict().items():
         assert torch.equal(v, frozen_state[k]), k  # never trained
     assert any(not torch.equal(v, frozen_state[k]) for k, v in ln.model.state_dict().items())
-    assert all(not p.requires_grad for p in ln.frozen.parameters())
+    assert all(not p.requires_grad for p in ln.frozen.model.parameters())
     # evaluated on impressions from the cutoff on only: 4 batches of 64, not the first one
-    assert ln.frozen_evaluator.tasks[0].count == 4 * 64
+    assert ln.frozen.evaluator.tasks[0].count == 4 * 64
     # the live model is evaluated on exactly the frozen copy's impressions too (like for like)
-    assert ln.paired_evaluator.tasks[0].count == 4 * 64
-    assert ln.evaluator.tasks[0].count > ln.paired_evaluator.tasks[0].count
+    assert ln.frozen.paired.tasks[0].count == 4 * 64
+    assert ln.evaluator.tasks[0].count > ln.frozen.paired.tasks[0].count
     values = ln.frozen_metric_values()
     assert values is not None and 0.0 <= values["lifetime"][0]["auc"] <= 1.0
     # a restart restores the copy and its evaluator
     ln2 = OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="final-only", lr=0.05,
                         eval_window=100, freeze_after_ms=2 * 86_400_000, model=copy.deepcopy(ln.model))
     ln2.load_state_dict(ln.state_dict())
-    assert ln2.frozen is not None and ln2.frozen_evaluator.tasks[0].count == 4 * 64
-    for k, v in ln2.frozen.state_dict().items():
+    assert ln2.frozen is not None and ln2.frozen.evaluator.tasks[0].count == 4 * 64
+    for k, v in ln2.frozen.model.state_dict().items():
         assert torch.equal(v, frozen_state[k]), k
 
 
@@ -205,10 +206,10 @@ def test_frozen_copy_sees_values_admitted_after_the_freeze_as_out_of_vocabulary(
                        freeze_after_ms=1)
     ln.step([Sample("x", "b", 0, {"a": "v1"}, (0, 0, 0, 0), ALL, "final", 0, 5)])
     ln.step([Sample("y", "b", 5, {"a": "v1"}, (1, 0, 0, 0), ALL, "final", 0, 5)])  # freezes: v1 known
-    assert ln.frozen_vocab_sizes == [1]
+    assert ln.frozen is not None and ln.frozen.vocab_sizes == [1]
     ln.step([Sample("z", "b", 9, {"a": "v2"}, (1, 0, 0, 0), ALL, "final", 0, 5)])  # v2 admitted later
     assert ln.encoder.vocab[0] == {"v1": 1, "v2": 2}
-    x = np.where(np.array([[2]]) > np.asarray(ln.frozen_vocab_sizes), 0, 2)
+    x = np.where(np.array([[2]]) > np.asarray(ln.frozen.vocab_sizes), 0, 2)
     assert x.tolist() == [[0]]
 
 

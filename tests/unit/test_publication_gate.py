@@ -21,9 +21,9 @@ from aitm.model import AITM, AITMConfig
 from aitm.projection import funnel_order
 from stream.contract.events import TASKS
 from stream.contract.samples import Sample
-from stream.learn.learner import held_back
 from stream.learn.publication_gate import HoldoutSet, PublicationGate, judge
 from stream.learn.sample_batch import SampleBatch
+from stream.learn.stabilisers import held_back
 from stream.learn.trainer import Trainer
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings

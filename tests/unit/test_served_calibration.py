@@ -21,8 +21,9 @@ from aitm.model import AITM, AITMConfig
 from stream.contract.samples import Sample
 from stream.learn.delay_model import DelayModel, fit_truncated_lognormal, lognormal_cdf
 from stream.learn.delayed_feedback import train_rows
-from stream.learn.learner import RECENTRE_HALF_LIVES, OnlineLearner, Stabilisers
+from stream.learn.learner import RECENTRE_HALF_LIVES, OnlineLearner
 from stream.learn.sample_batch import SampleBatch
+from stream.learn.stabilisers import Stabilisers
 from stream.learn.weight_average import RecentPredictions, WeightAverage, output_bias_shift
 
 DAY = 86_400_000

@@ -1,0 +1,69 @@
+"""What keeps the served scores steady (docs/serving.md): the knobs (``Stabilisers``), the
+held-back slice never trained on, and output biases that start at the funnel's prior rates."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aitm.model import AITM
+
+
+@dataclass(frozen=True)
+class Stabilisers:
+    """What keeps the served scores steady (docs/serving.md); the defaults change nothing.
+
+    ``min_step_rows``: rows an optimizer step needs (small batches are gathered); ``positive_slack``:
+    late positives are released at most at this multiple of their usual rate per first sample
+    (None: at once); ``ema_half_life_rows``: serve an average of the weights (0: the trained ones);
+    ``holdout_share``: impressions never trained on, whose finals judge the served versions;
+    ``prior_rates``: end-to-end rates a cold-started model starts from (None: its biases start at 0,
+    which is 50% on every step); ``recentre_rows``: re-centre the served average's output biases on
+    the live model's predictions over this many recent impressions (0: off); ``delay_windows_ms``:
+    per task, the longest delay of a positive - turns the cold-start delay compensation on
+    (``stream.learn.delay_model``; None: off), its factor capped at ``delay_max_factor``."""
+
+    min_step_rows: int = 1
+    positive_slack: float | None = None
+    positive_half_life: float = 20_000.0
+    ema_half_life_rows: float = 0.0
+    holdout_share: float = 0.0
+    prior_rates: tuple[float, ...] | None = None  # a new model's output biases start at their log-odds
+    recentre_rows: int = 0
+    delay_windows_ms: tuple[int, ...] | None = None
+    delay_max_factor: float = 3.0
+
+
+def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
+    """(N,) bool: the impressions of the held-back slice - a fixed ``share`` of ids, by a hash of
+    the id (crc32), so every process and every restart agrees on it.
+
+    >>> held_back(["a", "b", "c"], 0.0).tolist(), held_back(["a", "b", "c"], 1.0).tolist()
+    ([False, False, False], [True, True, True])
+    """
+    if share <= 0:
+        return np.zeros(len(impression_ids), bool)
+    crc = np.fromiter(map(zlib.crc32, map(str.encode, impression_ids)), np.uint64, count=len(impression_ids))
+    return crc < share * 2**32
+
+
+def init_output_bias(model: AITM, rates: Sequence[float]) -> None:
+    """Start the output biases at the log-odds of ``rates`` (made non-increasing along the funnel and
+    kept inside (1e-6, 1 - 1e-6)) instead of 0, which is 50% on every step: the model then starts
+    near the funnel's base rates instead of spending its first days - and its first versions -
+    learning them.
+
+    >>> m = AITM(AITMConfig(vocab_sizes=(3,), n_tasks=2))
+    >>> init_output_bias(m, (0.5, 0.1))
+    >>> [round(b, 4) for b in m.head_b.tolist()]
+    [0.0, -2.1972]
+    """
+    if len(rates) != model.config.n_tasks:
+        raise ValueError(f"one prior rate per task: {len(rates)} for {model.config.n_tasks} tasks")
+    p = np.clip(np.minimum.accumulate(np.asarray(rates, np.float64)), 1e-6, 1 - 1e-6)
+    with torch.no_grad():
+        model.head_b.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=model.head_b.dtype))
