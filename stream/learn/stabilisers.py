@@ -57,6 +57,7 @@ def init_output_bias(model: AITM, rates: Sequence[float]) -> None:
     near the funnel's base rates instead of spending its first days - and its first versions -
     learning them.
 
+    >>> from aitm.model import AITMConfig
     >>> m = AITM(AITMConfig(vocab_sizes=(3,), n_tasks=2))
     >>> init_output_bias(m, (0.5, 0.1))
     >>> [round(b, 4) for b in m.head_b.tolist()]

@@ -20,7 +20,6 @@ def version(v: int, day: float | None, mean: list[float], cal: list[float], non_
 
 def test_doctests() -> None:
     assert doctest.testmod(bench.serving).failed == 0
-    assert doctest.testmod(stream.learn.learner).failed == 0
     assert doctest.testmod(stream.learn.stabilisers).attempted >= 2
     assert doctest.testmod(stream.learn.stabilisers).failed == 0
 
