@@ -27,7 +27,7 @@ from simulators.funnel import FunnelSimulator, SimConfig
 from stream.contract.samples import Sample, parse_sample
 from stream.learn.learner import OnlineLearner, fields_of
 from stream.learn.sample_batch import SampleBatch
-from stream.learn.trainer import stabilisers
+from stream.learn.stabilisers import stabilisers_from
 from stream.ops.settings import load_settings
 from stream.serve.scoring import ScoringModel
 
@@ -52,7 +52,7 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     learner = OnlineLearner(FeatureEncoder(fields, capacity=[caps.get(f, s.trainer_feature_capacity) for f in fields],
                                            min_count=s.trainer_feature_min_count),
                             s.trainer_mode, s.trainer_lr, eval_window=s.trainer_eval_window,
-                            one_pass=s.trainer_one_pass, stabilisers=stabilisers(s))
+                            one_pass=s.trainer_one_pass, stabilisers=stabilisers_from(s))
     scores: list[VersionScore] = []
     watermark = 0
 
@@ -80,5 +80,5 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     out = report_of(scores, fresh, args)
     lifetime = learner.metric_values()["lifetime"]
     out["prequential_auc_lifetime"] = [round(v["auc"], 4) for v in lifetime]
-    out["stabilisers"] = {k: v for k, v in vars(stabilisers(s)).items()}
+    out["stabilisers"] = {k: v for k, v in vars(stabilisers_from(s)).items()}
     return out

@@ -45,8 +45,7 @@ from stream.contract.versions import parse_version
 from stream.kafka.broker import EmbeddedBroker, ensure_topics, free_port
 from stream.learn.learner import OnlineLearner
 from stream.learn.sample_batch import N_TASKS
-from stream.learn.stabilisers import Stabilisers
-from stream.learn.trainer import stabilisers
+from stream.learn.stabilisers import Stabilisers, stabilisers_from
 from stream.ops.settings import Settings
 
 MAIN_TASKS = ("approval", "activation")
@@ -340,7 +339,7 @@ def _quality(run: Run, collected: list[Sample], report: dict[str, Any]) -> None:
     event_ms = {s.impression_id: s.event_time_ms for s in samples}
     last_day_ms = EPOCH_MS + args.days * DAY_MS
     t_q = time.monotonic()
-    kw = {"batch": args.batch, "lr": args.lr, "stabilisers": stabilisers(run.settings)}
+    kw = {"batch": args.batch, "lr": args.lr, "stabilisers": stabilisers_from(run.settings)}
     pairs = {
         "incremental": _replay(samples, fields, cap_list, run.settings.trainer_mode, **kw),
         "frozen": _replay(samples, fields, cap_list, run.settings.trainer_mode, cutoff, **kw),

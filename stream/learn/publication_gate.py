@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from aitm.projection import funnel_order
+from stream.learn.sample_batch import N_TASKS
+from stream.ops.settings import Settings
 
 REASONS: Final = ("log_loss", "calibration")
 _EPS: Final = 1e-7
@@ -263,3 +265,16 @@ class PublicationGate:
             pos.append(f.positives[0])
             rows.append(f.rows)
         return TaskFigures(ll, cal, pos, sum(rows))
+
+
+DAY_MS = 86_400_000
+
+
+def settled_after_ms(s: Settings) -> list[int]:
+    """Per task, the impression age after which its label is settled and delivered whatever
+    happened: the step windows up to it, the joiner's lateness, grace and first-sample delay, and a
+    day for partners that deliver in batches (a daily activation file arrives up to 26 h late)."""
+    windows = (s.joiner_window_click_ms, s.joiner_window_application_ms, s.joiner_window_approval_ms,
+               s.joiner_window_activation_ms)
+    slack = s.joiner_allowed_lateness_ms + s.joiner_grace_ms + s.joiner_observe_ms + DAY_MS
+    return [sum(windows[: t + 1]) + slack for t in range(N_TASKS)]

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from aitm.model import AITM
+from stream.learn.publication_gate import settled_after_ms
+from stream.ops.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -68,3 +70,17 @@ def init_output_bias(model: AITM, rates: Sequence[float]) -> None:
     p = np.clip(np.minimum.accumulate(np.asarray(rates, np.float64)), 1e-6, 1 - 1e-6)
     with torch.no_grad():
         model.head_b.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=model.head_b.dtype))
+
+
+def stabilisers_from(s: Settings) -> Stabilisers:
+    """The learner's stabilisers from the settings (docs/serving.md)."""
+    return Stabilisers(
+        min_step_rows=s.trainer_min_step_rows,
+        positive_slack=s.trainer_positive_slack or None,
+        ema_half_life_rows=s.trainer_ema_half_life_rows,
+        holdout_share=s.trainer_holdout_share,
+        prior_rates=tuple(s.trainer_prior_rates) or None,
+        recentre_rows=s.trainer_recentre_rows,
+        delay_windows_ms=tuple(settled_after_ms(s)) if s.trainer_delay_correction else None,
+        delay_max_factor=s.trainer_delay_max_factor,
+    )

@@ -30,47 +30,24 @@ from aitm.checkpoint import config_from_dict, load_checkpoint, make_checkpoint
 from aitm.features import FeatureEncoder
 from aitm.model import AITM
 from aitm.train import pick_device
-from stream.contract.events import TASKS, dead_letter
+from stream.contract.events import dead_letter
 from stream.contract.versions import ModelVersion, encode_version
+from stream.learn.batcher import Batch, Batcher
 from stream.learn.feed import Invalid, SampleFeed
+from stream.learn.gauges import set_quality_gauges
 from stream.learn.learner import OnlineLearner, fields_of
-from stream.learn.publication_gate import REASONS, HoldoutSet, PublicationGate
-from stream.learn.sample_batch import N_TASKS, SampleBatch
-from stream.learn.stabilisers import Stabilisers
+from stream.learn.publication_gate import DAY_MS, REASONS, HoldoutSet, PublicationGate, settled_after_ms
+from stream.learn.sample_batch import SampleBatch
+from stream.learn.stabilisers import stabilisers_from
 from stream.ops.clock import Clock, SystemClock
-from stream.ops.metrics import WINDOWS, RefreshMetrics, TrainerMetrics
+from stream.ops.metrics import RefreshMetrics, TrainerMetrics
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings, kafka_client_config, load_settings
 
 log = logging.getLogger(__name__)
-DAY_MS = 86_400_000
 # quality gauges (exact window AUCs: sorts of 20k pairs per task and evaluator) are refreshed this
 # often, the Prometheus scrape interval; throughput and lag every second
 QUALITY_REFRESH_S = 5.0
-
-
-def stabilisers(s: Settings) -> Stabilisers:
-    """The learner's stabilisers from the settings (docs/serving.md)."""
-    return Stabilisers(
-        min_step_rows=s.trainer_min_step_rows,
-        positive_slack=s.trainer_positive_slack or None,
-        ema_half_life_rows=s.trainer_ema_half_life_rows,
-        holdout_share=s.trainer_holdout_share,
-        prior_rates=tuple(s.trainer_prior_rates) or None,
-        recentre_rows=s.trainer_recentre_rows,
-        delay_windows_ms=tuple(settled_after_ms(s)) if s.trainer_delay_correction else None,
-        delay_max_factor=s.trainer_delay_max_factor,
-    )
-
-
-def settled_after_ms(s: Settings) -> list[int]:
-    """Per task, the impression age after which its label is settled and delivered whatever
-    happened: the step windows up to it, the joiner's lateness, grace and first-sample delay, and a
-    day for partners that deliver in batches (a daily activation file arrives up to 26 h late)."""
-    windows = (s.joiner_window_click_ms, s.joiner_window_application_ms, s.joiner_window_approval_ms,
-               s.joiner_window_activation_ms)
-    slack = s.joiner_allowed_lateness_ms + s.joiner_grace_ms + s.joiner_observe_ms + DAY_MS
-    return [sum(windows[: t + 1]) + slack for t in range(N_TASKS)]
 
 
 def vocab_sizes(encoder: FeatureEncoder) -> list[int] | None:
@@ -108,13 +85,22 @@ class Trainer:
         self.busy_s = 0.0  # seconds inside test-then-train steps
         self.first_record_s: float | None = None
         self.last_train_s = 0.0
-        self.lingered_s = 0.0  # seconds partial batches waited (TRAINER_LINGER_MS) with nothing new to read
+        self.batcher: Batcher | None = None  # made by run()
         self._feed: SampleFeed | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._writing: Future[ModelVersion] | None = None  # the version being written
         self._producer: Any = None
 
     # --- start-up: resume, warm start or cold ---------------------------------------------------
+
+    @property
+    def lingered_s(self) -> float:
+        """Seconds partial batches waited (TRAINER_LINGER_MS) with nothing new to read."""
+        return self.batcher.lingered_s if self.batcher is not None else 0.0
+
+    def update_quality_gauges(self) -> None:
+        if self.learner is not None:
+            set_quality_gauges(self.metrics, self.learner, self.gate)
 
     def _model_age(self) -> float:
         return time.time() - self.published_at_s if self.published_at_s else float("nan")
@@ -125,7 +111,7 @@ class Trainer:
         encoder = FeatureEncoder.from_state_dict(ckpt["feature_maps"])
         return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
                              model=model, freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
-                             stabilisers=stabilisers(self.s))
+                             stabilisers=stabilisers_from(self.s))
 
     def restore(self) -> None:
         """Resume from the newest good version in the store, else warm-start, else wait for data."""
@@ -171,7 +157,7 @@ class Trainer:
         log.info("cold start: %d feature fields %s", len(fields), ", ".join(fields))
         return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
                              freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
-                             stabilisers=stabilisers(self.s))
+                             stabilisers=stabilisers_from(self.s))
 
     def _freeze_after_ms(self) -> int | None:
         days = self.s.trainer_freeze_after_days
@@ -208,12 +194,7 @@ class Trainer:
         feed = self._feed
         if feed is None:
             raise RuntimeError("connect() first")
-        size = self.s.trainer_batch_size
-        parts: list[SampleBatch] = []  # the batch being gathered, as the chunks' columns
-        n_batch = 0
-        batch_offsets: dict[int, int] = {}
-        first_at_ms: int | None = None
-        first_mono = last_chunk_mono = 0.0
+        batcher = self.batcher = Batcher(self.s.trainer_batch_size, self.s.trainer_linger_ms)
         last_ckpt = last_gauges = idle_since = time.monotonic()
         last_quality = 0.0
         trained_at_last_gauge = self.learner.trained_samples if self.learner else 0
@@ -223,38 +204,19 @@ class Trainer:
             if chunk is not None:
                 if self.first_record_s is None:
                     self.first_record_s = chunk.fetched_at_s
-                if n_batch and n_batch + len(chunk.samples) > size:  # it would overflow: train what we have
-                    self._train(parts, first_at_ms or now_ms, now_ms)
-                    parts, n_batch = [], 0
-                    self.offsets.update(batch_offsets)
-                    batch_offsets = {}
                 self.consumed += len(chunk)
                 for kind, n in chunk.kinds.items():
                     self.metrics.samples.labels(kind=kind).inc(n)
                 for bad in chunk.invalid:
                     self._dead_letter(bad)
-                if len(chunk.samples) and not n_batch:
-                    first_at_ms, first_mono = now_ms, time.monotonic()
-                if len(chunk.samples):
-                    parts.append(chunk.samples)
-                    n_batch += len(chunk.samples)
-                    last_chunk_mono = time.monotonic()
-                batch_offsets.update(chunk.offsets)
+                self._train(batcher.add(chunk, now_ms, time.monotonic()))
             now = time.monotonic()
-            full = n_batch >= size
-            lingered = n_batch > 0 and (now - first_mono) * 1000 >= self.s.trainer_linger_ms
-            if full or lingered:
-                if not full:  # waited for more samples that did not come: idle, not training time
-                    self.lingered_s += now - last_chunk_mono
-                self._train(parts, first_at_ms or now_ms, now_ms)
-                parts, n_batch = [], 0
-            if not n_batch:  # every consumed record is trained on or dead-lettered
-                self.offsets.update(batch_offsets)
-                batch_offsets = {}
-            if chunk is not None or n_batch:
+            self._train(batcher.due(now_ms, now))
+            self.offsets.update(batcher.settled_offsets())  # every consumed record trained or dead-lettered
+            if chunk is not None or batcher.n:
                 idle_since = now
             due = (now - last_ckpt) * 1000 >= self.s.trainer_checkpoint_interval_ms
-            if self.new_min_ms is not None and not n_batch and (due or self.batches_since >= self.s.trainer_checkpoint_batches):
+            if self.new_min_ms is not None and not batcher.n and (due or self.batches_since >= self.s.trainer_checkpoint_batches):
                 self.checkpoint_async()  # or refused by the gate: the next candidate comes an interval later
                 last_ckpt = time.monotonic()
             if now - last_gauges >= 1.0:
@@ -267,11 +229,10 @@ class Trainer:
                         last_quality = now
                 last_gauges = now
                 self.update_lag_gauge()
-            if exit_when_idle_s is not None and self.consumed and not n_batch and now - idle_since >= exit_when_idle_s:
+            if exit_when_idle_s is not None and self.consumed and not batcher.n and now - idle_since >= exit_when_idle_s:
                 break  # armed by the first record, so a slow upstream start is not "idle"
-        if n_batch:
-            self._train(parts, first_at_ms or self.clock.now_ms(), self.clock.now_ms())
-            self.offsets.update(batch_offsets)
+        if batcher.n:
+            self._train(batcher.take(self.clock.now_ms()))
         if self.new_min_ms is not None:
             self.checkpoint()
         if self._writing is not None:
@@ -285,8 +246,17 @@ class Trainer:
         if lag is not None:
             self.metrics.consumer_lag.set(lag)
 
-    def _train(self, parts: list[SampleBatch], first_at_ms: int, last_at_ms: int) -> None:
-        batch = SampleBatch.concat(parts)
+    def _train(self, ready: Batch | None) -> None:
+        """Test-then-train one batch, then take its offsets as safe to resume from."""
+        if ready is None:
+            return
+        if not ready.parts:  # only dead letters or empty chunks: nothing to train
+            self.offsets.update(ready.offsets)
+            return
+        self._step(SampleBatch.concat(ready.parts), ready.first_at_ms, ready.last_at_ms)
+        self.offsets.update(ready.offsets)
+
+    def _step(self, batch: SampleBatch, first_at_ms: int, last_at_ms: int) -> None:
         if self.learner is None:
             self.learner = self._cold_start(batch)
         t0 = time.perf_counter()
@@ -376,41 +346,6 @@ class Trainer:
         self.metrics.model_version.set(version)
         self.metrics.last_update.set(self.published_at_s)
         return v
-
-    def update_quality_gauges(self) -> None:
-        if self.learner is None:
-            return
-        values = self.learner.metric_values()
-        for window in WINDOWS:
-            for t, task in enumerate(TASKS[:N_TASKS]):
-                vals = values[window][t]
-                self.metrics.auc.labels(task=task, window=window).set(vals["auc"])
-                self.metrics.log_loss.labels(task=task, window=window).set(vals["log_loss"])
-                self.metrics.calibration.labels(task=task, window=window).set(vals["calibration"])
-                self.metrics.positive_rate.labels(task=task, window=window).set(vals["positive_rate"])
-        frozen = self.learner.frozen_metric_values()
-        if frozen is not None:
-            for window in WINDOWS:
-                for t, task in enumerate(TASKS[:N_TASKS]):
-                    self.metrics.frozen_auc.labels(task=task, window=window).set(frozen[window][t]["auc"])
-        served = self.gate.serving_figures()
-        if served is not None:
-            for t, task in enumerate(TASKS[:N_TASKS]):
-                self.metrics.served_log_loss.labels(task=task).set(served.log_loss[t])
-                self.metrics.served_calibration.labels(task=task).set(served.calibration[t])
-        for t, n in enumerate(self.gate.holdout.counts()):
-            self.metrics.holdout_settled.labels(task=TASKS[t]).set(n)
-        held = self.learner.mixer.held
-        for t, task in enumerate(TASKS[:N_TASKS]):
-            self.metrics.held_positives.labels(task=task).set(sum(len(b) for b in held[t]))
-            delay = self.learner.delay
-            self.metrics.delay_factor.labels(task=task).set(delay.factor(t) if delay is not None else 1.0)
-            self.metrics.served_bias_shift.labels(task=task).set(float(self.learner.bias_shift[t]))
-        paired = self.learner.paired_metric_values()
-        if paired is not None:
-            for window in WINDOWS:
-                for t, task in enumerate(TASKS[:N_TASKS]):
-                    self.metrics.paired_auc.labels(task=task, window=window).set(paired[window][t]["auc"])
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         learner = self.learner

@@ -189,7 +189,7 @@ def trainer(tmp_path: Path, registry: CollectorRegistry, **overrides: Any) -> Tr
 def test_the_trainer_refuses_a_bad_candidate_and_counts_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     registry = CollectorRegistry()
     t = trainer(tmp_path, registry)
-    t._train([SampleBatch.from_samples(samples(2000, 0))], 0, 0)
+    t._step(SampleBatch.from_samples(samples(2000, 0)), 0, 0)
     assert min(t.gate.holdout.counts()) > 200  # the held-back slice, never trained on
     assert t.checkpoint() is not None  # nothing served yet: published
     store = ModelStore(t.store.root)
@@ -213,8 +213,8 @@ def test_served_version_gauges_report_the_published_version_on_held_back_finals(
     registry = CollectorRegistry()
     t = trainer(tmp_path, registry)
     data = samples(3000, 1)
-    t._train([SampleBatch.from_samples(data[:1500])], 0, 0)
-    t._train([SampleBatch.from_samples(data[1500:])], 0, 0)
+    t._step(SampleBatch.from_samples(data[:1500]), 0, 0)
+    t._step(SampleBatch.from_samples(data[1500:]), 0, 0)
     v = t.checkpoint()
     assert v is not None
     t.update_quality_gauges()

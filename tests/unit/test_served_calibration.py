@@ -264,7 +264,7 @@ def test_the_trainer_exports_the_delay_factor_and_the_bias_shift(tmp_path: Path)
     t._producer = FakeProducer()
     imp, arrival = cold_stream(3.0, 600)
     t0 = 1_767_225_600_000
-    t._train([SampleBatch.from_samples(stream_batch(imp + t0, arrival + t0, 0))], 0, 0)
+    t._step(SampleBatch.from_samples(stream_batch(imp + t0, arrival + t0, 0)), 0, 0)
     t.learner.served_model()  # type: ignore[union-attr]
     t.update_quality_gauges()
     factor = registry.get_sample_value("aitm_trainer_delay_factor", {"task": "activation"})

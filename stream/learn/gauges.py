@@ -1,0 +1,45 @@
+"""The trainer's quality gauges: the learner's test-then-train figures per task and window, the
+frozen baseline's and the paired live ones, the served version's (from the publication gate),
+and the stabilisers' state (positives held, delay factor, bias shift)."""
+
+from __future__ import annotations
+
+from stream.contract.events import TASKS
+from stream.learn.learner import OnlineLearner
+from stream.learn.publication_gate import PublicationGate
+from stream.learn.sample_batch import N_TASKS
+from stream.ops.metrics import WINDOWS, TrainerMetrics
+
+
+def set_quality_gauges(metrics: TrainerMetrics, learner: OnlineLearner, gate: PublicationGate) -> None:
+    values = learner.metric_values()
+    for window in WINDOWS:
+        for t, task in enumerate(TASKS[:N_TASKS]):
+            vals = values[window][t]
+            metrics.auc.labels(task=task, window=window).set(vals["auc"])
+            metrics.log_loss.labels(task=task, window=window).set(vals["log_loss"])
+            metrics.calibration.labels(task=task, window=window).set(vals["calibration"])
+            metrics.positive_rate.labels(task=task, window=window).set(vals["positive_rate"])
+    frozen = learner.frozen_metric_values()
+    if frozen is not None:
+        for window in WINDOWS:
+            for t, task in enumerate(TASKS[:N_TASKS]):
+                metrics.frozen_auc.labels(task=task, window=window).set(frozen[window][t]["auc"])
+    served = gate.serving_figures()
+    if served is not None:
+        for t, task in enumerate(TASKS[:N_TASKS]):
+            metrics.served_log_loss.labels(task=task).set(served.log_loss[t])
+            metrics.served_calibration.labels(task=task).set(served.calibration[t])
+    for t, n in enumerate(gate.holdout.counts()):
+        metrics.holdout_settled.labels(task=TASKS[t]).set(n)
+    held = learner.mixer.held
+    for t, task in enumerate(TASKS[:N_TASKS]):
+        metrics.held_positives.labels(task=task).set(sum(len(b) for b in held[t]))
+        delay = learner.delay
+        metrics.delay_factor.labels(task=task).set(delay.factor(t) if delay is not None else 1.0)
+        metrics.served_bias_shift.labels(task=task).set(float(learner.bias_shift[t]))
+    paired = learner.paired_metric_values()
+    if paired is not None:
+        for window in WINDOWS:
+            for t, task in enumerate(TASKS[:N_TASKS]):
+                metrics.paired_auc.labels(task=task, window=window).set(paired[window][t]["auc"])
