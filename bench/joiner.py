@@ -92,7 +92,7 @@ def noop_main(argv: list[str]) -> int:
 
     @app.agent(source)
     async def noop(stream: Any) -> None:
-        async for _ in stream.contract.events():
+        async for _ in stream.events():
             events.inc()
 
     faust.Worker(app, loglevel="error", quiet=True).execute_from_commandline()
