@@ -158,8 +158,10 @@ def realtime_final_delays(records: list[Record], stream: SimulatedStream, settin
             if join.sweep_due(p):
                 out: list[Output] = []
                 join.sweep(p, out)
-                join.commit_sweep(p)
+                wm = join.take_sweep(p)
                 collect(out)
+                if wm is not None:
+                    join.persist_swept(p, wm)
 
     every = range(parts)
     last_all = clock.now_ms()

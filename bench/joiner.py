@@ -137,10 +137,12 @@ async def _plain_join(settings: Settings, total: int, datadir: Path) -> float:
                     join.on_record(m.topic, m.partition, m.key, m.value, hw is not None and m.offset + 1 < hw, out, m.offset)
                     if join.sweep_due(m.partition):
                         join.sweep(m.partition, out)
+                        wm = join.take_sweep(m.partition)
                         futs = [await producer.send(o.topic, o.value, key=o.key) for o in out]
                         if futs:
                             await asyncio.gather(*futs)
-                        join.commit_sweep(m.partition)
+                        if wm is not None:
+                            join.persist_swept(m.partition, wm)
                     else:
                         for o in out:
                             await producer.send(o.topic, o.value, key=o.key)

@@ -149,8 +149,10 @@ class JoinDriver:
             if self.join.sweep_due(p):
                 out: list = []
                 self.join.sweep(p, out)
-                self.join.commit_sweep(p)
-                self._collect(out)
+                wm = self.join.take_sweep(p)
+                self._collect(out)  # the outputs are out: the sweep can be stored
+                if wm is not None:
+                    self.join.persist_swept(p, wm)
 
     def idle(self, ms: int, step_ms: int = 1000) -> None:
         """Let wall time pass with nothing delivered (topics go idle)."""

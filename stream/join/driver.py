@@ -4,8 +4,9 @@
 (``stream.join.watermark``), applies the pure state machine (``stream.join.funnel``) against a
 ``LabelStore`` (at most one state write per event) and returns what to send. ``sweep`` pops each
 lane's expiry index up to that lane's watermark (first / final samples, held events that gave
-up, purges); the caller sends those outputs, waits for them, then calls ``commit_sweep`` so that
-the swept watermarks are stored only after their samples are out. ``caught_up`` tells it what
+up, purges); ``take_sweep`` makes the records that follow judged against it, and the caller
+sends the outputs, waits for them, then calls ``persist_swept`` - so the swept watermarks are
+stored only after their samples are out (one commit protocol, for the joiner, tests and benches). ``caught_up`` tells it what
 the consumer knows of a topic's position (read to its end or not), which decides when a silent
 topic is idle. The faust joiner, the plain-loop bench and the tests all drive this one class.
 """
@@ -267,7 +268,7 @@ class FunnelJoin:
 
     def sweep(self, partition: int, out: list[Output]) -> int:
         """Do everything due on every lane up to its watermark; returns how many states were
-        visited. Call ``commit_sweep(partition)`` once the outputs are safely produced."""
+        visited. Then ``take_sweep``, and ``persist_swept`` once the outputs are safely produced."""
         p = self.part(partition)
         wm = p.wm.value
         prev = p.swept
@@ -288,9 +289,10 @@ class FunnelJoin:
         return n
 
     def take_sweep(self, partition: int) -> Swept | None:
-        """Judge the records that follow against the sweep just done (in memory), as
-        ``commit_sweep`` would, but leave the stored swept watermarks alone: returns the value to
-        store with ``persist_swept`` once the sweep's outputs are acknowledged (None: nothing)."""
+        """Judge the records that follow against the sweep just done (in memory), and return the
+        swept watermarks to store with ``persist_swept`` once the sweep's outputs are acknowledged
+        (None: nothing new). The one commit protocol: the joiner's flush, the tests and the
+        benches all run it."""
         p = self.part(partition)
         wm, p.pending_swept = p.pending_swept, None
         if wm is None or wm == p.swept:
@@ -303,13 +305,6 @@ class FunnelJoin:
         p = self.parts.get(partition)
         if p is not None:  # not revoked meanwhile
             p.store.put_meta(SWEPT_KEY, pack_swept(swept))
-
-    def commit_sweep(self, partition: int) -> None:
-        p = self.part(partition)
-        if p.pending_swept is not None and p.pending_swept != p.swept:
-            p.swept = p.pending_swept
-            p.store.put_meta(SWEPT_KEY, pack_swept(p.swept))
-        p.pending_swept = None
 
     def watermark_lag_ms(self) -> int:
         lags = [lag for p in self.parts.values() if (lag := p.wm.lag_ms()) is not None]

@@ -106,13 +106,11 @@ class FaustTableStore:
         return self.get(META_PREFIX + name)
 
     def put_meta(self, name: bytes, value: bytes) -> None:
+        """Into the outbox (its changelog record goes out with the next flush) and straight into
+        the local RocksDB too: metadata is written once its outputs are acknowledged (the swept
+        watermarks, ``FunnelJoin.persist_swept``), so a kill -9 restarts from it rather than from
+        the one of the flush before (fewer finals emitted twice)."""
         self.put(META_PREFIX + name, value, None)
-
-    def put_meta_now(self, name: bytes, value: bytes) -> None:
-        """``put_meta``, and straight into the local RocksDB too: for a value whose outputs are
-        already acknowledged (the swept watermarks), so a kill -9 restarts from it rather than
-        from the one of the flush before (fewer finals emitted twice)."""
-        self.put_meta(name, value)
         self._db[META_PREFIX + name] = value
 
     def __len__(self) -> int:

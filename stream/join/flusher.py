@@ -18,7 +18,7 @@ from typing import Any
 
 from faust.types import TP
 
-from stream.join.driver import SWEPT_KEY, FunnelJoin, Output, pack_swept
+from stream.join.driver import FunnelJoin, Output
 from stream.join.faust_store import SEAL_KEY, FaustTableStore
 from stream.join.funnel import Swept
 from stream.kafka import offsets
@@ -136,11 +136,7 @@ class Flusher:
         for p, offset in acked.items():
             backend.set_persisted_offset(TP(self.changelog, p), offset)
         for p, wm in swept:
-            part = self.join.parts.get(p)
-            if part is not None:  # not revoked meanwhile
-                tstore = part.store
-                assert isinstance(tstore, FaustTableStore)
-                tstore.put_meta_now(SWEPT_KEY, pack_swept(wm))
+            self.join.persist_swept(p, wm)  # unless revoked meanwhile
         if messages:
             consumer = self.app.consumer
             assigned = consumer.assignment()
