@@ -130,3 +130,19 @@ def test_bad_arguments_are_refused_clearly() -> None:
         train_rows("fnw", [s(0, "first", (0, 0, 0, 0))], np.zeros((2, 4)))
     with pytest.raises(ValueError, match="unknown delayed-feedback mode 'fnv'"):
         train_rows("fnv", [s(0, "first", (0, 0, 0, 0))], np.zeros((1, 4)))
+
+
+def test_fnw_keeps_each_fake_negative_before_its_positive_copy_in_a_large_batch() -> None:
+    # ties in the batch index: the order must be stable whatever the batch size (numpy sorts
+    # small arrays stably even with an unstable sort; 600 rows are not small)
+    n = 300
+    batch = [s(i, "first", (1, 0, 0, 0), (True, False, False, False)) for i in range(n)]
+    rows = train_rows("fnw", batch, np.full((n, 4), 0.5))
+    assert rows.index.tolist() == [i // 2 for i in range(2 * n)]
+    assert rows.labels[0::2].sum() == 0 and rows.labels[1::2, 0].tolist() == [1.0] * n
+    np.testing.assert_allclose(rows.weight[0::2, 0], 0.75)
+    np.testing.assert_allclose(rows.weight[1::2, 0], 1.5)
+
+
+def test_fnw_a_correction_with_a_very_negative_seq_trains_nothing_and_does_not_fail() -> None:
+    assert len(train_rows("fnw", [s(0, "correction", (1, 1, 1, 1), seq=-9)], P[:1])) == 0

@@ -246,3 +246,191 @@ def test_watermark_lag_is_the_slowest_partition_beyond_its_allowed_lateness() ->
     r.join.sweep_due(0, force=True)
     # clicks lane of partition 0: its newest record (T0 + 1 min, below the impressions' T0 + 10 min)
     assert r.join.watermark_lag_ms() == 9 * MIN
+
+
+def test_the_defaults_sweep_every_quarter_second_idle_after_30_s_and_refuse_an_hour_ahead() -> None:
+    clock = FakeClock(T0)
+    store = InMemoryStore()
+    j = FunnelJoin(CFG, TOPICS, lambda p: store, clock)
+    out: list[Output] = []
+    j.on_record("imp", 0, b"a", rec(0, "a", T0 + HOUR), False, out)
+    assert out == [] and store.get(b"a") is not None  # exactly an hour ahead: accepted
+    j.on_record("imp", 0, b"b", rec(0, "b", T0 + HOUR + 1), False, out)
+    assert [json.loads(o.value)["reason"] for o in out] == ["future"]
+    j.on_record("imp", 0, b"c", rec(0, "c", T0 + HOUR), False, [])
+    assert j.sweep_due(0)  # two impressions: the lane moved
+    for iid in ("d", "e"):
+        j.on_record("imp", 0, iid.encode(), rec(0, iid, T0 + HOUR + 1), False, [])
+    clock.advance(249)
+    assert not j.sweep_due(0)
+    clock.advance(1)
+    assert j.sweep_due(0)
+    j.caught_up(0, 1)  # clicks read to their end (the default), never a record
+    j.sweep_due(0, force=True)
+    assert j.part(0).wm.value[1] == NO_SWEPT[1]
+    clock.advance(30_000 - 250)  # 30 s after the partition was opened
+    j.sweep_due(0, force=True)
+    assert j.part(0).wm.value[1] == T0 + HOUR - 30 * MIN  # idle: the impressions' frontier - lateness
+
+
+def test_lateness_error_message() -> None:
+    with pytest.raises(ValueError, match=r"^lateness_ms: one allowed lateness per event topic \(impressions \.\. activations\)$"):
+        Rig(lateness_ms=(0, 0, 0, 0))
+
+
+def test_caught_up_says_whether_a_topic_is_read_to_its_end() -> None:
+    r = Rig(idle_timeout_s=10.0)
+    impressions(r, [T0, T0 + HOUR, T0 + 2 * HOUR], partition=1)
+    r.join.caught_up(1, 2, caught_up=False)  # applications: a backlog
+    r.join.caught_up(1, 3, caught_up=True)  # approvals: read to their end
+    r.join.caught_up(1, 4)  # activations: read to their end (the default)
+    r.clock.advance(10_000)
+    r.join.sweep_due(1, force=True)
+    lanes = r.join.part(1).wm.value
+    assert lanes[2] == NO_SWEPT[2]  # a backlog holds its lane
+    assert lanes[3] == lanes[4] == T0 + HOUR  # idle: follow the impressions' frontier (no lateness here)
+    assert lanes[1] == NO_SWEPT[1]  # clicks: position never reported, not idle
+    assert r.join.part(0).wm.value == NO_SWEPT  # another partition: untouched
+
+
+def test_a_record_read_at_its_topics_end_starts_that_topics_idle_timer() -> None:
+    r = Rig(idle_timeout_s=30.0)
+    impressions(r, [T0, T0 + HOUR, T0 + 2 * HOUR])
+    r.clock.advance(20_000)
+    r.feed(1, "c1", T0, behind=False)  # the last click on the partition, at 20 s
+    r.clock.advance(11_000)  # 31 s after the partition opened, 11 s after the click: not idle
+    r.join.sweep_due(0, force=True)
+    assert r.join.part(0).wm.value[1] == T0  # its own newest record
+    r.clock.advance(19_000)  # 30 s after the click: idle without any caught_up() call
+    r.join.sweep_due(0, force=True)
+    assert r.join.part(0).wm.value[1] == T0 + HOUR
+
+
+def test_a_record_of_another_step_than_its_topic_is_dead_lettered() -> None:
+    r = Rig()
+    out: list[Output] = []
+    r.join.on_record("clk", 0, b"i1", rec(0, "i1", T0), False, out, offset=3)
+    (d,) = dead(out)
+    assert (d["reason"], d["source_topic"]) == ("wrong_topic", "clk")
+    assert d["detail"] == "a impression event on the click topic"
+    assert len(r.store(0)) == 0
+
+
+def test_dead_letters_carry_the_raw_record_its_topic_key_and_why() -> None:
+    r = Rig(max_future_ms=HOUR)
+    out: list[Output] = []
+    r.join.on_record("imp", 0, b"k", b"[1]", False, out, offset=1)
+    (d,) = dead(out)
+    assert (d["raw"], d["source_topic"], d["key"]) == ("[1]", "imp", "k")
+    assert d["detail"] == "event must be a JSON object, got list"
+    out = r.feed(1, "i9", T0 + 2 * HOUR)
+    (d,) = dead(out)
+    assert d["reason"] == "future" and d["raw"] == rec(1, "i9", T0 + 2 * HOUR).decode()
+    assert (d["source_topic"], d["key"]) == ("clk", "i9")
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 4])
+def test_an_event_whose_own_topic_is_past_its_final_is_late_before_any_sweep(step: int) -> None:
+    r = Rig()
+    for k in range(step):  # the funnel reached step - 1, one minute apart
+        r.feed(k, "i1", T0 + k * MIN)
+    pred = T0 + (step - 1) * MIN
+    final_at = pred + CFG.windows_ms[step - 1]
+    impressions(r, [final_at + HOUR, final_at + HOUR + 1])
+    for n, t in enumerate((final_at + MIN, final_at + MIN + 1)):
+        r.feed(step, f"other{n}", t)  # two records of the step's topic past i1's final time
+    out = r.feed(step, "i1", pred + MIN)  # inside its window, but its topic already passed the final
+    (d,) = dead(out)
+    assert (d["reason"], d["source_topic"], d["key"]) == ("late", TOPICS.events[step], "i1")
+    assert d["raw"] == rec(step, "i1", pred + MIN).decode()
+    assert "arrived after its funnel's final" in d["detail"]
+    assert samples(out) == []
+
+
+def test_a_step_before_the_first_sample_went_out_is_no_correction() -> None:
+    r = Rig()
+    r.feed(0, "i1", T0)
+    for n, t in enumerate((T0 + 40 * MIN, T0 + 41 * MIN)):
+        r.feed(1, f"other{n}", t)  # the clicks topic is at 40 min: past i1's first-sample time
+    out = r.feed(1, "i1", T0 + 35 * MIN)  # no sweep ran: the first sample is not out
+    assert out == []
+    assert decode_state(r.store(0).get(b"i1") or b"").times[0] == T0 + 35 * MIN
+
+
+def test_a_later_sweep_sends_the_final_after_the_first() -> None:
+    r = Rig()
+    r.feed(0, "i1", T0)
+    impressions(r, [T0 + 31 * MIN, T0 + 32 * MIN])
+    r.join.sweep_due(0, force=True)
+    out: list[Output] = []
+    r.join.sweep(0, out)
+    r.join.commit_sweep(0)
+    assert [(s["impression_id"], s["kind"]) for s in samples(out)] == [("i1", "first")]
+    impressions(r, [T0 + 3 * HOUR, T0 + 3 * HOUR + 1])
+    for t in (T0 + 2 * HOUR, T0 + 2 * HOUR + 1):
+        r.feed(1, f"c{t}", t)
+    r.join.sweep_due(0, force=True)
+    out = []
+    r.join.sweep(0, out)
+    finals = [s for s in samples(out) if s["impression_id"] == "i1"]
+    assert [(s["kind"], s["labels"]) for s in finals] == [("final", [0, 0, 0, 0])]
+
+
+def test_commit_sweep_without_a_new_sweep_changes_nothing() -> None:
+    r = Rig()
+    r.join.commit_sweep(0)  # nothing swept yet
+    assert r.join.part(0).swept == NO_SWEPT and r.store(0).get_meta(SWEPT_KEY) is None
+    impressions(r, [T0, T0 + 1])
+    r.join.sweep_due(0, force=True)
+    r.join.sweep(0, [])
+    r.join.commit_sweep(0)
+    swept = r.join.part(0).swept
+    r.join.commit_sweep(0)  # again, with no sweep in between
+    assert r.join.part(0).swept == swept and unpack_swept(r.store(0).get_meta(SWEPT_KEY)) == swept
+    r.join.forget(5)  # a partition never seen: nothing to forget, no error
+
+
+def test_a_sweep_counts_the_states_it_visits_and_skips_a_due_key_whose_state_is_gone() -> None:
+    class GhostStore(InMemoryStore):
+        """A store whose index still names a key it no longer holds (a stale index)."""
+
+        def pop_due(self, lane: int, until_ms: int) -> list[bytes]:
+            keys = super().pop_due(lane, until_ms)
+            return [b"ghost", *keys] if keys else keys
+
+    r = Rig()
+    r.stores[0] = GhostStore()
+    r.feed(0, "i1", T0)
+    r.feed(0, "i2", T0 + MIN)
+    impressions(r, [T0 + 40 * MIN, T0 + 41 * MIN])
+    r.join.sweep_due(0, force=True)
+    out: list[Output] = []
+    assert r.join.sweep(0, out) == 2  # i1 and i2 (the ghost is skipped, the rest still swept)
+    assert sorted(s["impression_id"] for s in samples(out)) == ["i1", "i2"]
+
+
+def test_a_funnel_final_and_purged_in_one_sweep_still_sends_its_final() -> None:
+    r = Rig()
+    r.feed(0, "i1", T0)
+    later = T0 + CFG.retention_ms + 2 * HOUR  # every lane jumps past the final and the retention
+    impressions(r, [later, later + 1])
+    for t in (later, later + 1):
+        r.feed(1, f"c{t}", t)
+    r.join.sweep_due(0, force=True)
+    out: list[Output] = []
+    r.join.sweep(0, out)
+    finals = [s for s in samples(out) if s["impression_id"] == "i1"]
+    assert [(s["kind"], s["labels"], s["features"]) for s in finals] == [("final", [0, 0, 0, 0], {"f": "v"})]
+    assert r.store(0).get(b"i1") is None
+
+
+def test_a_held_event_that_gives_up_in_a_sweep_is_dead_lettered_with_its_partition() -> None:
+    r = Rig()
+    r.feed(2, "i1", T0, partition=3)  # an application, no impression: held
+    impressions(r, [T0 + HOUR, T0 + HOUR + 1], partition=3)  # impressions past its grace period
+    r.join.sweep_due(3, force=True)
+    out: list[Output] = []
+    r.join.sweep(3, out)
+    (d,) = dead(out)
+    assert (d["reason"], d["partition"], d["source_topic"], d["key"]) == ("illegal_sequence", 3, "app", "i1")
+    assert d["raw"] == rec(2, "i1", T0).decode()
