@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,10 @@ MODULES: Final[dict[str, tuple[str, ...]]] = {
 # Equivalent mutants: no input can tell them from the original (reasons in docs/testing.md).
 EQUIVALENT: Final[dict[str, str]] = {}
 
+# one thread per test process: torch's thread pool does not survive mutmut's fork (the children
+# hang until mutmut's timeout, and a hang would be counted as a kill)
+ENV: Final = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
 KILLED: Final = {"killed", "timeout", "segfault", "caught by type check"}
 SURVIVED: Final = {"survived", "no tests", "suspicious"}
 
@@ -80,6 +85,7 @@ def _results(patterns: tuple[str, ...]) -> dict[str, str]:
 def score(statuses: dict[str, str]) -> dict[str, object]:
     equivalent = sorted(n for n in statuses if n in EQUIVALENT)
     killed = sum(1 for n, s in statuses.items() if s in KILLED and n not in EQUIVALENT)
+    timeouts = sum(1 for n, s in statuses.items() if s == "timeout" and n not in EQUIVALENT)
     survivors = sorted(n for n, s in statuses.items() if s in SURVIVED and n not in EQUIVALENT)
     unchecked = sorted(n for n, s in statuses.items() if s not in KILLED | SURVIVED)
     total = killed + len(survivors)
@@ -88,6 +94,7 @@ def score(statuses: dict[str, str]) -> dict[str, object]:
         "survived": len(survivors),
         "score": round(killed / total, 4) if total else 0.0,
         "equivalent": len(equivalent),
+        "timeouts": timeouts,  # counted as killed (the mutant hung); a real kill should not need it
         "unchecked": len(unchecked),
         "survivors": survivors,
     }
@@ -102,7 +109,7 @@ def run_module(module: str, jobs: int, keep: bool, log: Path) -> dict[str, objec
     with log.open("a") as fh:
         fh.write(f"\n=== {module}: {' '.join(cmd)}\n")
         fh.flush()
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=False, env=ENV).returncode
     if rc != 0:
         raise SystemExit(f"mutmut failed on {module} (exit {rc}); see {log}")
     result = score(_results(patterns))
@@ -124,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     for module in args.module or list(MODULES):
         result = run_module(module, args.jobs, args.keep, log)
         report[module] = result
-        print(f"{module}: killed {result['killed']}, survived {result['survived']}, "
-              f"score {result['score']:.3f} ({result['equivalent']} equivalent, {result['seconds']} s)", flush=True)
+        print(f"{module}: killed {result['killed']}, survived {result['survived']}, score {result['score']:.3f} "
+              f"({result['equivalent']} equivalent, {result['timeouts']} timeouts, {result['seconds']} s)", flush=True)
         args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return 0
 
