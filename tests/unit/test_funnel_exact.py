@@ -8,6 +8,9 @@ distinct values so that a rule that reads the wrong topic's lane shows."""
 from __future__ import annotations
 
 from dataclasses import replace
+from types import MappingProxyType
+
+import pytest
 
 from stream.events import Event, encode_event
 from stream.funnel import (
@@ -20,6 +23,12 @@ from stream.funnel import (
     Result,
     SampleOut,
     advance,
+    decode_state,
+    features_json,
+    final_lane,
+    is_final,
+    next_dues,
+    reached,
     sweep,
 )
 
@@ -194,3 +203,86 @@ def test_a_first_sample_by_sweep_and_a_funnel_complete_at_its_impression_time() 
         res = go(state, step, T0)
         state = res.state  # type: ignore[assignment]
     assert res.samples == [SampleOut("final", 5, (1, 1, 1, 1), T4, 0, NW)]  # activated: final at once
+
+
+def test_documented_values_for_a_stub() -> None:
+    stub = FunnelState("bank_1", -1, None, held=(Held(1, T0, "i-1/1", b"c", NW),))
+    assert reached(stub) == -1  # "-1 for a stub"
+    assert final_lane(stub) == 0  # a stub waits for its impression
+    assert not is_final(stub, (10**15,) * 5, CFG)  # a stub is never final
+    assert final_lane(replace(IMP, times=(T0, T0, T0, T0))) == 0  # activated: final at once
+
+
+def test_an_unknown_codec_version_is_refused_clearly() -> None:
+    import marshal
+
+    bad = marshal.dumps((9, "bank_1", T0, None, (-1, -1, -1, -1), ()))  # six fields, version 9
+    with pytest.raises(ValueError, match=r"^funnel state was written by an unknown codec version; clear the store$"):
+        decode_state(bad)
+    with pytest.raises(ValueError, match="unknown codec version"):
+        decode_state(b"\x00garbage")
+
+
+def test_features_of_any_mapping_encode_as_compact_json() -> None:
+    assert features_json({"b": "2", "a": "1"}) == b'{"b":"2","a":"1"}'
+    assert features_json(MappingProxyType({"a": "1"})) == b'{"a":"1"}'
+    assert features_json(None) == b"{}"
+    assert features_json(MappingProxyType({})) == b"{}"
+
+
+def test_the_final_of_an_activated_funnel_carries_the_impressions_lane() -> None:
+    state = replace(IMP, times=(T0 + 1, T0 + 2, T0 + 3, -1))
+    res = go(state, 4, T0 + 4, (T0 + 5 * MIN, 11, 12, 13, 14))
+    assert res.samples == [SampleOut("final", 5, (1, 1, 1, 1), T4, 4, T0 + 5 * MIN)]
+
+
+def test_a_correction_carries_each_tasks_maturity() -> None:
+    state = replace(IMP, times=(T0 + MIN, T0 + 2 * MIN, -1, -1))
+    res = go(state, 3, T0 + 3 * MIN, (T0 + 40 * MIN, 1, 2, 3, 4))  # the first went out: a correction
+    assert res.samples == [SampleOut("correction", 3, (1, 1, 1, 0), (True, True, True, False), 3 * MIN, T0 + 40 * MIN)]
+
+
+def test_the_matured_policy_never_sends_a_first_sample() -> None:
+    cfg = FunnelConfig(policy="matured")
+    res = advance(None, ev(0, T0), raw(0, T0), (T0 + 40 * MIN, NW, NW, NW, NW), cfg)
+    assert res == Result(IMP, changed=True)
+
+
+def test_no_first_sample_when_it_would_be_due_at_the_final_time() -> None:
+    cfg = FunnelConfig(observe_ms=HOUR)  # the first would be due when the click window closes
+    res = advance(None, ev(0, T0), raw(0, T0), (T0 + 2 * HOUR, T0 + 10 * MIN, NW, NW, NW), cfg)
+    assert res == Result(IMP, changed=True)  # not final yet (clicks lane at 10 min), and no first
+    assert next_dues(IMP, NO_SWEPT, cfg) == (None, T0 + HOUR, None, None, None)
+    res = sweep(IMP, (T0, T0, NW, NW, NW), (T0 + 2 * HOUR, T0 + 10 * MIN, NW, NW, NW), cfg)
+    assert res == Result(IMP)
+
+
+def test_the_next_due_time_of_a_funnel_with_a_held_event() -> None:
+    h = Held(2, T0 + 10 * MIN, "i-1/2", b"a", NW)  # gives up on its click at T0 + 25 min
+    state = replace(IMP, held=(h,))
+    assert next_dues(state, NO_SWEPT, CFG) == (T0 + 30 * MIN, T0 + 25 * MIN, None, None, None)
+    # the clicks lane already at the give-up time: the next work on it is the final
+    assert next_dues(state, (NW, T0 + 25 * MIN, NW, NW, NW), CFG) == (T0 + 30 * MIN, T0 + HOUR, None, None, None)
+
+
+def test_held_events_rejected_at_the_final_in_the_order_they_came() -> None:
+    h_app = Held(2, T0 + 50 * MIN, "i-1/2", raw(2, T0 + 50 * MIN), NW)  # would give up at 65 min
+    h_apr = Held(3, T0 + 5 * MIN, "i-1/3", raw(3, T0 + 5 * MIN), NW)  # would give up at 25 min
+    res = sweep(replace(IMP, held=(h_app, h_apr)), (T0 + 31 * MIN, NW, NW, NW, NW),
+                (T0 + 31 * MIN, T0 + HOUR, NW, NW, NW), CFG)
+    assert [(r.step, r.detail) for r in res.rejects] == [
+        (2, "no click before this application"), (3, "no application before this approval")]
+
+
+def test_reasons_at_the_exact_edges() -> None:
+    pred = T0 + MIN  # the click
+    fa = pred + 3 * DAY  # the application window's end
+    # a held application exactly at the skew edge / the window edge, arrived once its lane was at
+    # the final: it counts by time, so the reason is its late arrival
+    for t in (pred - 5 * MIN, fa):
+        h = Held(2, t, "i-1/2", raw(2, t), fa)
+        res = go(replace(IMP, held=(h,)), 1, pred)
+        assert res.rejects == [Reject("late", 2, h.raw, "application arrived after its funnel's final (beyond the allowed lateness)")]
+    # an approval exactly at the final time, without application: not after it
+    res = go(CLICKED, 3, fa, (NW, NW, fa + 15 * MIN, NW, NW))
+    assert res.rejects == [Reject("illegal_sequence", 3, raw(3, fa), "no application before this approval")]
