@@ -10,7 +10,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from rocksdict import Options, Rdict
 
 from stream.joiner import FaustTableStore
