@@ -253,6 +253,15 @@ _EQUIVALENT_GROUPS: Final[list[tuple[tuple[str, ...], str]]] = [
         'a dtype left as float64 (None) in an intermediate array: every part is cast to float32 in `_rows`, the values (0, 1, weights from float64 p) are the same',
     ),
 ]
+_EQUIVALENT_GROUPS.append((
+    tuple(f"stream.join.xǁFunnelJoinǁsweep_due__mutmut_{i}" for i in (17, 20, 21)),
+    "`strict=` of a zip of two five-tuples",
+))
+_EQUIVALENT_GROUPS.append((
+    ("aitm.loss.x_bce_per_task__mutmut_22",),
+    "`mask.to(None)` (the mask's own dtype): a mask is 0/1, and torch's type promotion gives the same "
+    "numbers for a bool, integer or float mask",
+))
 EQUIVALENT: Final[dict[str, str]] = {n: why for names, why in _EQUIVALENT_GROUPS for n in names}
 
 # one thread per test process: torch's thread pool does not survive mutmut's fork (the children

@@ -434,3 +434,24 @@ def test_a_held_event_that_gives_up_in_a_sweep_is_dead_lettered_with_its_partiti
     (d,) = dead(out)
     assert (d["reason"], d["partition"], d["source_topic"], d["key"]) == ("illegal_sequence", 3, "app", "i1")
     assert d["raw"] == rec(2, "i1", T0).decode()
+
+
+def test_a_funnel_whose_final_went_out_in_a_sweep_is_purged_after_the_retention() -> None:
+    r = Rig()
+    r.feed(0, "i1", T0)
+
+    def lanes_at(t: int) -> None:
+        impressions(r, [t, t + 1])
+        for x in (t, t + 1):
+            r.feed(1, f"c{x}", x)
+        r.join.sweep_due(0, force=True)
+        out: list[Output] = []
+        r.join.sweep(0, out)
+        r.join.commit_sweep(0)
+        r.sent = samples(out)  # type: ignore[attr-defined]
+
+    lanes_at(T0 + 2 * HOUR)  # the final goes out (final already: no first); nothing else happens to i1
+    assert [s["kind"] for s in r.sent if s["impression_id"] == "i1"] == ["final"]  # type: ignore[attr-defined]
+    assert r.store(0).get(b"i1") is not None  # kept for the retention period
+    lanes_at(T0 + HOUR + CFG.retention_ms + MIN)  # the clicks lane 27 days past the final time
+    assert r.store(0).get(b"i1") is None
