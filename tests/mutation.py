@@ -262,6 +262,22 @@ _EQUIVALENT_GROUPS.append((
     "`mask.to(None)` (the mask's own dtype): a mask is 0/1, and torch's type promotion gives the same "
     "numbers for a bool, integer or float mask",
 ))
+_EQUIVALENT_GROUPS.append((
+    ("stream.projection.x_funnel_order__mutmut_7",),
+    "`axis=+1` for `axis=-1`: the same axis of the (N, T) arrays the scorer passes",
+))
+_EQUIVALENT_GROUPS.append((
+    (
+        "stream.scorer.x_score_fields__mutmut_18", "stream.scorer.x_score_fields__mutmut_21",
+        "stream.scorer.x_score_fields__mutmut_22", "stream.scorer.xǁScorerǁscore_batch__mutmut_19",
+        "stream.scorer.xǁScorerǁscore_batch__mutmut_22", "stream.scorer.xǁScorerǁscore_batch__mutmut_23",
+    ),
+    "`strict=` of a zip of sequences of one length (four tasks and a row of four; the events and their rows)",
+))
+_EQUIVALENT_GROUPS.append((
+    ("stream.scorer.xǁScorerǁscore_batch__mutmut_8",),
+    "`b\"XXXX\"` for `b\"\"` as the body of a record without value: the same parse error and message",
+))
 EQUIVALENT: Final[dict[str, str]] = {n: why for names, why in _EQUIVALENT_GROUPS for n in names}
 
 # one thread per test process: torch's thread pool does not survive mutmut's fork (the children

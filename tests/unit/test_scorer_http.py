@@ -18,7 +18,7 @@ from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
 from stream.clock import FakeClock
 from stream.events import Event, encode_event
-from stream.scorer import BankPolicy, Scorer, ScoringModel
+from stream.scorer import BadRequest, BankPolicy, Scorer, ScoringModel, parse_request
 from stream.settings import Settings
 
 
@@ -187,3 +187,67 @@ def test_published_scores_are_the_models_output_per_task(tmp_path: Path) -> None
             1, e.impression_id, e.bank_id, 8)
         assert (rec["event_time_ms"], rec["scored_at_ms"]) == (e.event_time_ms, 1_767_300_000_000)
     assert s.score_batch(m, []) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[1, 2]", 'the body must be a JSON object like {"bank_id": "bank_2", "features": {...}}'),
+        (b'{"bank_id": "b"}', "'features' is required: an object of feature name -> string value"),
+        (b'{"features": []}', "'features' is required: an object of feature name -> string value"),
+        (b'{"features": {"a": 1}}', "feature 'a' must be a string, got int"),
+        (b'{"features": {}, "extra": 1, "zz": 2}',
+         "unknown field(s) ['extra', 'zz']; allowed: bank_id, features, impression_id"),
+        (b'{"features": {"a": "x"}, "bank_id": 5}', "'bank_id' must be a string of at most 128 characters"),
+        (json.dumps({"features": {}, "bank_id": "b" * 129}).encode(),
+         "'bank_id' must be a string of at most 128 characters"),
+        (json.dumps({"features": {f"f{i}": "x" for i in range(257)}}).encode(), "'features' has 257 fields; at most 256"),
+        (json.dumps({"features": {"": "x"}}).encode(), "feature '' name or value is empty or longer than 256"),
+        (json.dumps({"features": {"a": "x" * 257}}).encode(), "feature 'a' name or value is empty or longer than 256"),
+        (json.dumps({"features": {"k" * 257: "x"}}).encode(),
+         "feature " + repr("k" * 257)[:40] + " name or value is empty or longer than 256"),
+        (json.dumps({"features": {}, "impression_id": 5}).encode(),
+         "'impression_id' must be a string of at most 128 characters"),
+        (json.dumps({"features": {}, "impression_id": "i" * 129}).encode(),
+         "'impression_id' must be a string of at most 128 characters"),
+        (b'{"features": {"a": NaN}}', "NaN is not valid JSON; send a finite number"),
+    ],
+)
+def test_a_bad_request_says_exactly_what_is_wrong(body: bytes, message: str) -> None:
+    with pytest.raises(BadRequest) as err:
+        parse_request(body)
+    assert (err.value.code, err.value.message) == (400, message)
+
+
+def test_requests_at_the_limits_are_accepted() -> None:
+    feats = {f"f{i}": "v" for i in range(254)} | {"k" * 256: "x", "long": "v" * 256}  # 256 fields; 256 chars
+    body = json.dumps({"features": feats, "bank_id": "b" * 128, "impression_id": "i" * 128}).encode()
+    assert parse_request(body) == ("b" * 128, feats, "i" * 128)
+    assert parse_request(b'{"features": {}}') == ("", {}, None)  # no bank: the default policy's
+
+
+def test_a_body_that_is_not_json_is_named_as_the_request_body() -> None:
+    with pytest.raises(BadRequest) as err:
+        parse_request(b"{not json")
+    assert err.value.code == 400 and err.value.message.startswith("request body is not valid JSON: ")
+
+
+def test_no_model_yet_says_so_exactly(tmp_path: Path) -> None:
+    s = Scorer(Settings(data_dir=tmp_path), CollectorRegistry())
+    assert s.http_score(b'{"features": {}}') == (503, {"error": "no model version loaded yet; retry shortly"})
+
+
+def test_published_scores_are_compact_json_with_seven_digit_probabilities_of_impressions_only(tmp_path: Path) -> None:
+    s = Scorer(Settings(data_dir=tmp_path), CollectorRegistry())
+    m = known_model()
+    imp = Event(0, "e1", "i1", 1_767_225_600_000, "bank_1", FEATURES[0])
+    click = Event(1, "e2", "i1", 1_767_225_600_001, "bank_1", None)
+    records = [SimpleNamespace(value=encode_event(e), key=b"i1", topic="imp", partition=0, offset=i)
+               for i, e in enumerate((imp, click))]
+    out, bad = s.score_batch(m, records)
+    assert [exc.reason for _, exc in bad] == ["wrong_topic"]  # a click on the impressions topic
+    ((_, value),) = out
+    rec = json.loads(value)
+    assert value == json.dumps(rec, separators=(",", ":")).encode()
+    assert all(v == round(v, 7) for v in rec["probabilities"].values())
+    assert any(v != round(v, 6) for v in rec["probabilities"].values())  # seven digits, not fewer
