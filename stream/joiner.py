@@ -92,6 +92,9 @@ class FaustTableStore:
         self.partition = partition
         self._db = table.data._db_for_partition(partition)
         self._index = DueIndex()
+        # the keys of the states held: ``len`` counts them (the due index holds a key only while
+        # it has a due time: not between ``pop_due`` and the sweep's ``reschedule``)
+        self._keys: set[bytes] = set()
         # changelog records not yet sent: the latest value per key (None: delete). A compacted
         # changelog only needs the last write of a key, so writes between two sends coalesce.
         self.outbox: dict[bytes, bytes | None] = {}
@@ -100,6 +103,7 @@ class FaustTableStore:
         for key, value in self._db.items():
             if key.startswith(META_PREFIX) or key.startswith(b"__faust"):
                 continue
+            self._keys.add(bytes(key))
             self._index.set(bytes(key), due_of(bytes(value), swept))
 
     def get(self, key: bytes) -> bytes | None:
@@ -115,13 +119,16 @@ class FaustTableStore:
 
     def put(self, key: bytes, value: bytes, dues: Dues | None) -> None:
         self.outbox[key] = value
+        self._keys.add(key)
         self._index.set(key, dues)
 
     def reschedule(self, key: bytes, dues: Dues | None) -> None:
-        self._index.set(key, dues)
+        if key in self._keys:  # a key not held is never due
+            self._index.set(key, dues)
 
     def delete(self, key: bytes) -> None:
         self.outbox[key] = None
+        self._keys.discard(key)
         self._index.set(key, None)
 
     def drain(self) -> dict[bytes, bytes | None]:
@@ -157,7 +164,7 @@ class FaustTableStore:
         return self.get(META_PREFIX + name)
 
     def put_meta(self, name: bytes, value: bytes) -> None:
-        self.put(META_PREFIX + name, value, None)
+        self.outbox[META_PREFIX + name] = value  # not a state: neither counted nor indexed
 
     def put_meta_now(self, name: bytes, value: bytes) -> None:
         """``put_meta``, and straight into the local RocksDB too: for a value whose outputs are
@@ -167,7 +174,8 @@ class FaustTableStore:
         self._db[META_PREFIX + name] = value
 
     def __len__(self) -> int:
-        return len(self._index)
+        """States held (open and retained funnels), whether due or not."""
+        return len(self._keys)
 
 
 def _dir_bytes(path: Path) -> int:
