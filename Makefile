@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests use (a real Kafka client for interop, the real Prometheus, a browser).
 APT_PACKAGES := kcat prometheus chromium
 
-.PHONY: demo test install system-deps lint unit bench-joiner bench-models bench-train bench-stream bench-chaos clean
+.PHONY: demo test install system-deps lint unit bench-joiner bench-models bench-train bench-stream bench-chaos mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,5 +51,10 @@ bench-stream: install system-deps
 bench-chaos: install system-deps
 	$(VENV)/bin/aitm-stream bench chaos --json reports/bench_chaos.json
 
+# mutation score of the core modules against their fast unit tests (a measurement, not a test;
+# CPU heavy: about half an hour on 2 cores); writes reports/mutation.json
+mutation: install
+	$(PY) -m tests.mutation --json reports/mutation.json
+
 clean:
-	rm -rf $(VENV) .data reports .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .data reports mutants .pytest_cache .mypy_cache .ruff_cache

@@ -167,7 +167,7 @@ def validate_features(feats: Any) -> dict[str, str]:
     most ``MAX_FEATURES`` of them, none empty or longer than ``MAX_FEATURE_LEN``; else
     ``InvalidRecord`` (``invalid_field``) saying which."""
     if not isinstance(feats, dict):
-        raise InvalidRecord(INVALID_FIELD, "field 'features' must be an object of string -> string")
+        raise InvalidRecord(INVALID_FIELD, "'features' must be an object of feature name -> string value")
     if len(feats) > MAX_FEATURES:
         raise InvalidRecord(INVALID_FIELD, f"'features' has {len(feats)} fields; at most {MAX_FEATURES}")
     values = feats.values()
@@ -184,7 +184,9 @@ def validate_features(feats: Any) -> dict[str, str]:
                 INVALID_FIELD, f"feature {key!r:.40} must be a string, got {type(value).__name__}"
             )
         if len(key) > MAX_FEATURE_LEN or len(value) > MAX_FEATURE_LEN or not key:
-            raise InvalidRecord(INVALID_FIELD, f"feature {key!r:.40} name or value is empty or too long")
+            raise InvalidRecord(
+                INVALID_FIELD, f"feature {key!r:.40} name or value is empty or longer than {MAX_FEATURE_LEN}"
+            )
     return feats
 
 

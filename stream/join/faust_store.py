@@ -41,6 +41,9 @@ class FaustTableStore:
         self.partition = partition
         self._db = table.data._db_for_partition(partition)
         self._index = DueIndex()
+        # the keys of the states held: ``len`` counts them (the due index holds a key only while
+        # it has a due time: not between ``pop_due`` and the sweep's ``reschedule``)
+        self._keys: set[bytes] = set()
         # changelog records not yet sent: the latest value per key (None: delete). A compacted
         # changelog only needs the last write of a key, so writes between two sends coalesce.
         self.outbox: dict[bytes, bytes | None] = {}
@@ -49,6 +52,7 @@ class FaustTableStore:
         for key, value in self._db.items():
             if key.startswith(META_PREFIX) or key.startswith(b"__faust"):
                 continue
+            self._keys.add(bytes(key))
             self._index.set(bytes(key), due_of(bytes(value), swept))
 
     def get(self, key: bytes) -> bytes | None:
@@ -64,13 +68,16 @@ class FaustTableStore:
 
     def put(self, key: bytes, value: bytes, dues: Dues | None) -> None:
         self.outbox[key] = value
+        self._keys.add(key)
         self._index.set(key, dues)
 
     def reschedule(self, key: bytes, dues: Dues | None) -> None:
-        self._index.set(key, dues)
+        if key in self._keys:  # a key not held is never due
+            self._index.set(key, dues)
 
     def delete(self, key: bytes) -> None:
         self.outbox[key] = None
+        self._keys.discard(key)
         self._index.set(key, None)
 
     def drain(self) -> dict[bytes, bytes | None]:
@@ -110,8 +117,9 @@ class FaustTableStore:
         the local RocksDB too: metadata is written once its outputs are acknowledged (the swept
         watermarks, ``FunnelJoin.persist_swept``), so a kill -9 restarts from it rather than from
         the one of the flush before (fewer finals emitted twice)."""
-        self.put(META_PREFIX + name, value, None)
+        self.outbox[META_PREFIX + name] = value  # not a state: neither counted nor indexed
         self._db[META_PREFIX + name] = value
 
     def __len__(self) -> int:
-        return len(self._index)
+        """States held (open and retained funnels), whether due or not."""
+        return len(self._keys)

@@ -7,13 +7,13 @@ import json
 import time
 from pathlib import Path
 
-from bench.chaos_checks import Ledger
 from bench.supervisor import Supervisor, wait_http
 from bench.topic_reader import TopicTail, read_topic
 from simulators.faults import SimulatedStream
 from simulators.funnel import FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
 from stream.ops.settings import Settings
+from tests.e2e.outputs import Outputs
 from tests.e2e.pipeline import pipeline_env, start_pipeline
 
 PROCESSES = ("joiner", "trainer", "scorer")
@@ -45,7 +45,7 @@ def test_processes_survive_a_broker_restart(tmp_path: Path) -> None:
         report["samples_lost_with_broker"] = samples_before
         report["model_versions_lost_with_broker"] = versions_before
         report["samples_left_after_restart"] = len(read_topic(settings, settings.topic_samples, idle_s=1))
-        ledger = Ledger({"samples": settings.topic_samples, "scores": settings.topic_scores})
+        ledger = Outputs(settings.topic_samples, settings.topic_scores)
         tail = TopicTail(
             settings, [settings.topic_samples, settings.topic_scores, settings.topic_dead_letters], ledger
         )

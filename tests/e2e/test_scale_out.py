@@ -7,7 +7,6 @@ import threading
 import time
 from pathlib import Path
 
-from bench.chaos_checks import Ledger, expectations
 from bench.supervisor import Supervisor, scrape
 from bench.topic_reader import TopicTail
 from simulators.faults import FaultConfig, SimulatedStream
@@ -15,6 +14,7 @@ from simulators.funnel import FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
 from stream.kafka.broker import free_port
 from stream.ops.settings import Settings
+from tests.e2e.outputs import Outputs, must_label, must_score
 from tests.e2e.pipeline import pipeline_env, start_pipeline
 
 
@@ -33,7 +33,7 @@ def test_two_joiners_and_two_scorers_share_and_rebalance(tmp_path: Path) -> None
         for name, extra in second.items():
             sup.start(name, procfile[name.split("_")[0]], extra)
         time.sleep(8)  # both members of each group take partitions
-        ledger = Ledger({"samples": settings.topic_samples, "scores": settings.topic_scores})
+        ledger = Outputs(settings.topic_samples, settings.topic_scores)
         tail = TopicTail(
             settings, [settings.topic_samples, settings.topic_scores, settings.topic_dead_letters], ledger
         )
@@ -53,12 +53,10 @@ def test_two_joiners_and_two_scorers_share_and_rebalance(tmp_path: Path) -> None
         for name, extra in second.items():  # join again
             sup.start(name, procfile[name.split("_")[0]], extra)
         producer.join()
-        expected = expectations(stream)
+        labelled, scorable = must_label(stream), must_score(stream)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            if all(i in ledger.finals for i in expected["labelled"]) and all(
-                i in ledger.scored for i in expected["scorable"]
-            ):
+            if all(i in ledger.finals for i in labelled) and all(i in ledger.scored for i in scorable):
                 break
             for name in ("joiner", "scorer", "trainer", "joiner_b", "scorer_b"):
                 assert sup.alive(name), f"{name} died:\n{sup.tail(name)}"
@@ -67,11 +65,10 @@ def test_two_joiners_and_two_scorers_share_and_rebalance(tmp_path: Path) -> None
         tail.stop()
     # both members really worked before the rebalance
     assert worked["joiner_b"] > 0 and worked["scorer_b"] > 0, worked
-    labelled = expected["labelled"]
     lost = [i for i in labelled if i not in ledger.finals]
     wrong = [i for i, y in labelled.items() if i in ledger.finals and ledger.finals[i] != {tuple(y)}]
     conflicting = [i for i, ys in ledger.finals.items() if len(ys) > 1]
-    unscored = [i for i in expected["scorable"] if i not in ledger.scored]
+    unscored = [i for i in scorable if i not in ledger.scored]
     # an impression the simulator delivered twice (a duplicate fault) is rightly scored twice
     delivered_twice = {
         f.impression_id for f in stream.faults if f.kind == "duplicate" and f.step == "impression"

@@ -1,13 +1,18 @@
-"""Contract tests of the LabelStore, over the in-memory and the RocksDB (rocksdict) stores."""
+"""Contract tests of the LabelStore, over every store: in-memory, RocksDB (rocksdict), and the
+joiner's ``FaustTableStore`` (on a rocksdict database like the one faust gives each table
+partition), read before and after its writes are settled into RocksDB."""
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from rocksdict import Options, Rdict
 
+from stream.join.app import FaustTableStore
 from stream.join.rocksdb_store import RocksDBStore, due_key
 from stream.join.store import InMemoryStore, LabelStore
 
@@ -16,14 +21,53 @@ def on(lane: int, due: int) -> tuple[int | None, ...]:
     return tuple(due if k == lane else None for k in range(5))
 
 
-@pytest.fixture(params=["memory", "rocksdb"])
+class FakeTable:
+    """What ``FaustTableStore`` reads of a faust ``Table``: the rocksdict of a partition."""
+
+    def __init__(self, db: Rdict) -> None:
+        self.data = SimpleNamespace(_db_for_partition=lambda partition: db)
+
+
+def open_rdict(path: Path) -> Rdict:
+    o = Options(raw_mode=True)
+    o.create_if_missing(True)
+    return Rdict(str(path), options=o)
+
+
+def due_in_value(value: bytes, swept: object) -> tuple[int | None, ...]:
+    """Test values ``b"due:<lane>:<ms>"`` carry their own due time (the joiner decodes the state)."""
+    if not value.startswith(b"due:"):
+        return (None,) * 5
+    lane, ms = value[4:].split(b":")
+    return on(int(lane), int(ms))
+
+
+class SettlingFaustStore(FaustTableStore):
+    """A ``FaustTableStore`` whose writes are sent and settled into RocksDB at once (the agent's
+    flush after every call), so that every read afterwards comes from RocksDB."""
+
+    def put(self, key: bytes, value: bytes, dues: object) -> None:
+        super().put(key, value, dues)  # type: ignore[arg-type]
+        self.settle(self.drain())
+
+    def delete(self, key: bytes) -> None:
+        super().delete(key)
+        self.settle(self.drain())
+
+
+@pytest.fixture(params=["memory", "rocksdb", "faust", "faust-settled"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LabelStore]:
     if request.param == "memory":
         yield InMemoryStore()
-    else:
+    elif request.param == "rocksdb":
         s = RocksDBStore(tmp_path / "db")
         yield s
         s.close()
+    else:
+        db = open_rdict(tmp_path / "faust")
+        cls = SettlingFaustStore if request.param == "faust-settled" else FaustTableStore
+        yield cls(FakeTable(db), 0, due_in_value)  # type: ignore[arg-type]
+        db.close()
 
 
 def test_put_get_delete(store: LabelStore) -> None:
@@ -114,3 +158,41 @@ def test_rocksdb_store_of_the_single_lane_layout_is_converted(tmp_path: Path) ->
 def test_due_key_sorts_by_lane_then_time_including_negative() -> None:
     keys = [due_key(lane, t, b"k") for lane in (0, 1) for t in (-(2**40), -1, 0, 1, 2**50)]
     assert keys == sorted(keys)
+
+
+def test_faust_store_reads_unsent_then_unsettled_then_settled_writes(tmp_path: Path) -> None:
+    db = open_rdict(tmp_path / "faust")
+    s = FaustTableStore(FakeTable(db), 0, due_in_value)  # type: ignore[arg-type]
+    s.put(b"a", b"1", on(0, 5))  # type: ignore[arg-type]
+    s.put(b"a", b"2", on(0, 5))  # type: ignore[arg-type]
+    s.put(b"b", b"x", on(0, 6))  # type: ignore[arg-type]
+    s.delete(b"b")
+    sent = s.drain()
+    assert sent == {b"a": b"2", b"b": None}  # the last write of each key (a compacted changelog)
+    assert s.drain() == {} and s.outbox == {}
+    assert db.get(b"a") is None and s.get(b"a") == b"2"  # readable while being sent
+    s.put(b"a", b"3", on(0, 5))  # type: ignore[arg-type]
+    assert s.get(b"a") == b"3"  # the newest write wins over the one being sent
+    s.settle(sent)
+    assert db[b"a"] == b"2" and db.get(b"b") is None and s.sending == {}
+    assert s.get(b"a") == b"3"
+    s.settle(s.drain())
+    assert db[b"a"] == b"3"
+    db.close()
+
+
+def test_faust_store_rebuilds_its_due_index_from_rocksdb_on_creation(tmp_path: Path) -> None:
+    db = open_rdict(tmp_path / "faust")
+    s = FaustTableStore(FakeTable(db), 0, due_in_value)  # type: ignore[arg-type]
+    s.put(b"a", b"due:2:40", on(2, 40))  # type: ignore[arg-type]
+    s.put(b"b", b"due:2:30", on(2, 30))  # type: ignore[arg-type]
+    s.put(b"c", b"due:1:10", on(1, 10))  # type: ignore[arg-type]
+    s.put_meta(b"m", b"\x07")
+    s.settle(s.drain())
+    s.put_meta(b"other", b"y")  # metadata goes straight into RocksDB as well (written once its outputs are out)
+    assert db[b"\x00other"] == b"y" and s.outbox == {b"\x00other": b"y"}  # ... and to the changelog
+    s = FaustTableStore(FakeTable(db), 0, due_in_value)  # type: ignore[arg-type]  # a restart
+    assert len(s) == 3 and s.get_meta(b"m") == b"\x07" and s.get_meta(b"other") == b"y"
+    assert s.pop_due(2, 40) == [b"b", b"a"] and s.pop_due(1, 10) == [b"c"]
+    assert len(s) == 3  # still held after their dues were popped
+    db.close()

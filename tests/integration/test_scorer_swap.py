@@ -4,10 +4,12 @@ scored twice; a corrupted announced version is refused and the previous one stay
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
 
+import pytest
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import CollectorRegistry
@@ -26,17 +28,40 @@ BURSTS = 6
 PER_BURST = 400
 
 
+PUBLISHED: dict[int, tuple[AITM, FeatureEncoder]] = {}  # version -> the model and encoder published
+
+
 def publish(store: ModelStore, producer: KafkaProducer, settings: Settings, version: int,
             sha: str | None = None) -> ModelVersion:
     torch.manual_seed(version)
     enc = FeatureEncoder(FIELDS, capacity=8, min_count=1)
+    enc.encode_dicts([{"a": str(v), "b": "x"} for v in range(3)], update=True)  # values 3, 4: out of vocabulary
     cfg = AITMConfig(vocab_sizes=enc.vocab_sizes)
-    path, digest = store.publish(version, make_checkpoint(AITM(cfg), cfg, enc.state_dict(), version))
+    model = AITM(cfg)
+    with torch.no_grad():  # base rates that differ per task and per version
+        p = torch.tensor([0.3, 0.1, 0.05, 0.02]) * (1 + version / 10)
+        model.head_b.copy_(torch.log(p / (1 - p)))
+    model.eval()
+    PUBLISHED[version] = (model, enc)
+    path, digest = store.publish(version, make_checkpoint(model, cfg, enc.state_dict(), version))
     now = int(time.time() * 1000)
     ann = ModelVersion(version, str(path), sha or digest, version * 100, now, now, now)
     producer.send(settings.topic_model_versions, value=encode_version(ann))
     producer.flush()
     return ann
+
+
+def model_output(version: int, features: dict[str, str]) -> dict[str, float]:
+    """What version ``version`` itself predicts, by task name: its end-to-end logits are in funnel
+    order; served through a sigmoid with each step capped by the one before (aitm/projection.py)."""
+    model, enc = PUBLISHED[version]
+    with torch.no_grad():
+        logits = model(torch.as_tensor(enc.encode_dicts([features])))[0].tolist()
+    out, cap = {}, 1.0
+    for task, z in zip(("click", "application", "approval", "activation"), logits, strict=True):
+        cap = min(cap, 1.0 / (1.0 + math.exp(-z)))
+        out[task] = cap
+    return out
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 60) -> None:
@@ -106,3 +131,9 @@ def test_hot_swap_loses_and_repeats_no_impression(make_settings: Callable[..., S
     # one scorer: in scoring order, the version in use never goes back
     in_order = [s["model_version"] for s in sorted(scores, key=lambda s: s["scored_at_ms"])]
     assert in_order == sorted(in_order)
+    # every published score is what the version it names predicts on that impression's features
+    for s in scores:
+        i = int(s["impression_id"].rsplit("-", 1)[1])
+        want = model_output(s["model_version"], {"a": str(i % 5), "b": "x"})
+        assert s["probabilities"] == pytest.approx(want, abs=1e-6), s
+        assert s["objective"] == "approval" and s["score"] == pytest.approx(want["approval"], rel=1e-5)

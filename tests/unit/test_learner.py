@@ -12,9 +12,8 @@ from aitm.evaluate import auc, calibration_ratio, log_loss
 from aitm.features import FeatureEncoder
 from stream.contract.samples import Sample
 from stream.learn.delayed_feedback import train_rows
-from stream.learn.learner import OnlineLearner
+from stream.learn.learner import OnlineLearner, Stabilisers, held_back
 from stream.learn.prequential import PrequentialEvaluator, TaskWindow, binned_auc
-from stream.learn.stabilisers import Stabilisers, held_back
 
 FIELDS = ("a", "b", "c")
 ALL = (True, True, True, True)
@@ -209,8 +208,15 @@ def test_frozen_copy_sees_values_admitted_after_the_freeze_as_out_of_vocabulary(
     assert ln.frozen is not None and ln.frozen.vocab_sizes == [1]
     ln.step([Sample("z", "b", 9, {"a": "v2"}, (1, 0, 0, 0), ALL, "final", 0, 5)])  # v2 admitted later
     assert ln.encoder.vocab[0] == {"v1": 1, "v2": 2}
-    x = np.where(np.array([[2]]) > np.asarray(ln.frozen.vocab_sizes), 0, 2)
-    assert x.tolist() == [[0]]
+    # the rule: the frozen copy's vocabulary stopped at the freeze, so it scores "v2" as it
+    # scores any unknown value - with the out-of-vocabulary id 0, not with the id 2 the live
+    # encoder gave it later. Its evaluator's newest prediction is the frozen model on id 0.
+    assert ln.frozen is not None and ln.frozen.evaluator.tasks[0].count == 2  # y, then z
+    got = np.array([ln.frozen.evaluator.tasks[k].window_pairs()[1][-1] for k in range(4)])
+    with torch.no_grad():
+        as_oov, as_id2 = torch.sigmoid(ln.frozen.model(torch.tensor([[0], [2]]))).numpy()
+    assert np.abs(as_oov - as_id2).max() > 1e-5  # the premise: the two ids score differently
+    np.testing.assert_allclose(got, as_oov, rtol=0, atol=1e-7)
 
 
 def test_finals_with_a_held_first_prediction_are_not_scored_again() -> None:

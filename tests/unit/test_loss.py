@@ -75,3 +75,40 @@ def test_calibrator_gradient_pushes_towards_monotone() -> None:
     calibrator(torch.sigmoid(logits)).backward()
     assert logits.grad is not None
     assert logits.grad[0, 0] < 0 < logits.grad[0, 1]  # descent raises p1, lowers p2
+
+
+def test_each_task_is_averaged_over_its_own_unmasked_samples() -> None:
+    logits = torch.tensor([[0.0, 0.0], [_logit(0.9), _logit(0.2)], [0.0, 0.0]])
+    labels = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])  # task 0: three samples, task 1: one
+    bce = bce_per_task(logits, labels, mask=mask)
+    task0 = (math.log(2) - math.log(0.9) + math.log(2)) / 3
+    task1 = -math.log(0.8) / 1  # its single sample, not halved
+    torch.testing.assert_close(bce, torch.tensor([task0, task1]))
+
+
+def test_integer_labels_and_boolean_masks_are_taken_as_numbers() -> None:
+    logits = torch.tensor([[_logit(0.8), 0.0], [_logit(0.4), _logit(0.3)]], dtype=torch.float64)
+    labels = torch.tensor([[1, 0], [0, 1]])  # int64
+    mask = torch.tensor([[True, False], [True, True]])
+    got = bce_per_task(logits, labels, mask=mask)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor([-(math.log(0.8) + math.log(0.6)) / 2, -math.log(0.3)],
+                                                 dtype=torch.float64))
+
+
+def test_the_total_loss_uses_the_mask_and_the_weights() -> None:
+    probs = [[0.8, 0.5], [0.4, 0.6]]
+    logits = torch.tensor([[_logit(p) for p in row] for row in probs])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    weight = torch.tensor([[3.0, 1.0], [1.0, 2.0]])
+    task0 = (-3 * math.log(0.8) - math.log(0.6)) / 2
+    task1 = -2 * math.log(0.6) / 1
+    total = aitm_loss(logits, labels, mask, weight, alpha=0.5)
+    torch.testing.assert_close(total, torch.tensor(task0 + task1 + 0.5 * 0.1))
+
+
+def test_shape_mismatch_says_which_shapes() -> None:
+    with pytest.raises(ValueError, match=r"^logits \(2, 3\) and labels \(2, 2\) differ$"):
+        bce_per_task(torch.zeros(2, 3), torch.zeros(2, 2))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,9 +16,10 @@ from prometheus_client import CollectorRegistry
 from aitm.checkpoint import make_checkpoint
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
+from stream.contract.events import Event, encode_event
+from stream.ops.clock import FakeClock
 from stream.ops.settings import Settings
-from stream.serve.scorer import Scorer
-from stream.serve.scoring import BankPolicy, ScoringModel
+from stream.serve.scorer import BadRequest, BankPolicy, Scorer, ScoringModel, parse_request
 
 
 @pytest.fixture
@@ -104,3 +107,147 @@ def test_bank_policy_is_eq1() -> None:
 
     assert policy.score("b1", np.array([0.5, 0.1, 0.05, 0.02])) == ("activation", 3.0, pytest.approx(0.06))
     assert policy.score("b2", np.array([0.5, 0.1, 0.05, 0.02])) == ("approval", 1.0, 0.05)
+
+
+# --- the scores are the model's own output, per task by name -----------------------------------
+
+FEATURES = [{"a": "x", "b": "y"}, {"a": "z", "b": "y"}, {"a": "x", "b": "w"}, {"a": "unseen"}]
+RAW_RATES = (0.3, 0.1, 0.05, 0.02)  # the model's base rates of click, application, approval, activation
+
+
+def known_model(version: int = 5) -> ScoringModel:
+    """A version whose end-to-end probabilities differ per task (and per feature value)."""
+    torch.manual_seed(1)
+    enc = FeatureEncoder(("a", "b"), capacity=8, min_count=1)
+    enc.encode_dicts(FEATURES[:3], update=True)
+    cfg = AITMConfig(vocab_sizes=enc.vocab_sizes)
+    model = AITM(cfg)
+    with torch.no_grad():
+        p = torch.tensor(RAW_RATES)
+        model.head_b.copy_(torch.log(p / (1 - p)))
+    return ScoringModel.from_checkpoint(version, make_checkpoint(model, cfg, enc.state_dict(), 0), 1)
+
+
+def expected_by_task(m: ScoringModel, features: dict[str, str]) -> dict[str, float]:
+    """The model's own output on these features, by task name: AITM's end-to-end logits are in
+    funnel order (click, application, approval, activation); the scorer serves them through a
+    sigmoid, each step capped by the step before it (docs: aitm/projection.py)."""
+    with torch.no_grad():
+        logits = m.model(torch.as_tensor(m.encoder.encode_dicts([features])))[0]
+    raw = [1.0 / (1.0 + math.exp(-float(z))) for z in logits]
+    served, cap = [], 1.0
+    for p in raw:
+        cap = min(cap, p)
+        served.append(cap)
+    return dict(zip(("click", "application", "approval", "activation"), served, strict=True))
+
+
+def test_the_premise_tasks_differ_so_a_swapped_column_shows() -> None:
+    m = known_model()
+    for f in FEATURES:
+        e = expected_by_task(m, f)
+        assert len({round(v, 4) for v in e.values()}) == 4, e  # four distinct values per row
+
+
+def test_http_scores_are_the_models_output_per_task(scorer: tuple[Scorer, int]) -> None:
+    s, port = scorer
+    s.model = m = known_model(version=5)
+    for f in FEATURES:
+        for bank, objective, weight in (("bank_9", "activation", 2.5), ("bank_1", "approval", 1.0)):
+            code, body = call(port, "POST", "/score", json.dumps({"bank_id": bank, "features": f}).encode())
+            assert code == 200, body
+            want = expected_by_task(m, f)
+            assert body["probabilities"] == pytest.approx(want, abs=1e-6)  # by name (7 digits)
+            assert (body["objective"], body["weight"], body["model_version"]) == (objective, weight, 5)
+            assert body["score"] == pytest.approx(weight * want[objective], rel=1e-5)
+            assert body["bank_id"] == bank and "impression_id" not in body
+
+
+def test_published_scores_are_the_models_output_per_task(tmp_path: Path) -> None:
+    clock = FakeClock(1_767_300_000_000)
+    s = Scorer(Settings(data_dir=tmp_path, scorer_bank_objectives={"bank_9": "activation"},
+                        scorer_bank_weights={"bank_9": 2.5}), CollectorRegistry(), clock=clock)
+    m = known_model(version=8)
+    events = [Event(0, f"e{i}", f"i{i}", 1_767_225_600_000 + i, "bank_9" if i % 2 else "bank_1", f)
+              for i, f in enumerate(FEATURES)]
+    records = [SimpleNamespace(value=encode_event(e), key=e.impression_id.encode(), topic="imp", partition=0,
+                               offset=i) for i, e in enumerate(events)]
+    records.insert(2, SimpleNamespace(value=b'{"schema_version": 1}', key=b"bad", topic="imp", partition=0, offset=9))
+    out, bad = s.score_batch(m, records)
+    assert [(r.key, exc.reason) for r, exc in bad] == [(b"bad", "missing_field")]
+    assert [k for k, _ in out] == [e.impression_id.encode() for e in events]
+    for e, (_, value) in zip(events, out, strict=True):
+        rec = json.loads(value)
+        want = expected_by_task(m, dict(e.features or {}))
+        assert rec["probabilities"] == pytest.approx(want, abs=1e-6)
+        objective, weight = ("activation", 2.5) if e.bank_id == "bank_9" else ("approval", 1.0)
+        assert (rec["objective"], rec["weight"]) == (objective, weight)
+        assert rec["score"] == pytest.approx(weight * want[objective], rel=1e-5)
+        assert (rec["schema_version"], rec["impression_id"], rec["bank_id"], rec["model_version"]) == (
+            1, e.impression_id, e.bank_id, 8)
+        assert (rec["event_time_ms"], rec["scored_at_ms"]) == (e.event_time_ms, 1_767_300_000_000)
+    assert s.score_batch(m, []) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[1, 2]", 'the body must be a JSON object like {"bank_id": "bank_2", "features": {...}}'),
+        (b'{"bank_id": "b"}', "'features' is required: an object of feature name -> string value"),
+        (b'{"features": []}', "'features' must be an object of feature name -> string value"),
+        (b'{"features": {"a": 1}}', "feature 'a' must be a string, got int"),
+        (b'{"features": {}, "extra": 1, "zz": 2}',
+         "unknown field(s) ['extra', 'zz']; allowed: bank_id, features, impression_id"),
+        (b'{"features": {"a": "x"}, "bank_id": 5}', "'bank_id' must be a string of at most 128 characters"),
+        (json.dumps({"features": {}, "bank_id": "b" * 129}).encode(),
+         "'bank_id' must be a string of at most 128 characters"),
+        (json.dumps({"features": {f"f{i}": "x" for i in range(257)}}).encode(), "'features' has 257 fields; at most 256"),
+        (json.dumps({"features": {"": "x"}}).encode(), "feature '' name or value is empty or longer than 256"),
+        (json.dumps({"features": {"a": "x" * 257}}).encode(), "feature 'a' name or value is empty or longer than 256"),
+        (json.dumps({"features": {"k" * 257: "x"}}).encode(),
+         "feature " + repr("k" * 257)[:40] + " name or value is empty or longer than 256"),
+        (json.dumps({"features": {}, "impression_id": 5}).encode(),
+         "'impression_id' must be a string of at most 128 characters"),
+        (json.dumps({"features": {}, "impression_id": "i" * 129}).encode(),
+         "'impression_id' must be a string of at most 128 characters"),
+        (b'{"features": {"a": NaN}}', "NaN is not valid JSON; send a finite number"),
+    ],
+)
+def test_a_bad_request_says_exactly_what_is_wrong(body: bytes, message: str) -> None:
+    with pytest.raises(BadRequest) as err:
+        parse_request(body)
+    assert (err.value.code, err.value.message) == (400, message)
+
+
+def test_requests_at_the_limits_are_accepted() -> None:
+    feats = {f"f{i}": "v" for i in range(254)} | {"k" * 256: "x", "long": "v" * 256}  # 256 fields; 256 chars
+    body = json.dumps({"features": feats, "bank_id": "b" * 128, "impression_id": "i" * 128}).encode()
+    assert parse_request(body) == ("b" * 128, feats, "i" * 128)
+    assert parse_request(b'{"features": {}}') == ("", {}, None)  # no bank: the default policy's
+
+
+def test_a_body_that_is_not_json_is_named_as_the_request_body() -> None:
+    with pytest.raises(BadRequest) as err:
+        parse_request(b"{not json")
+    assert err.value.code == 400 and err.value.message.startswith("request body is not valid JSON: ")
+
+
+def test_no_model_yet_says_so_exactly(tmp_path: Path) -> None:
+    s = Scorer(Settings(data_dir=tmp_path), CollectorRegistry())
+    assert s.http_score(b'{"features": {}}') == (503, {"error": "no model version loaded yet; retry shortly"})
+
+
+def test_published_scores_are_compact_json_with_seven_digit_probabilities_of_impressions_only(tmp_path: Path) -> None:
+    s = Scorer(Settings(data_dir=tmp_path), CollectorRegistry())
+    m = known_model()
+    imp = Event(0, "e1", "i1", 1_767_225_600_000, "bank_1", FEATURES[0])
+    click = Event(1, "e2", "i1", 1_767_225_600_001, "bank_1", None)
+    records = [SimpleNamespace(value=encode_event(e), key=b"i1", topic="imp", partition=0, offset=i)
+               for i, e in enumerate((imp, click))]
+    out, bad = s.score_batch(m, records)
+    assert [exc.reason for _, exc in bad] == ["wrong_topic"]  # a click on the impressions topic
+    ((_, value),) = out
+    rec = json.loads(value)
+    assert value == json.dumps(rec, separators=(",", ":")).encode()
+    assert all(v == round(v, 7) for v in rec["probabilities"].values())
+    assert any(v != round(v, 6) for v in rec["probabilities"].values())  # seven digits, not fewer

@@ -101,3 +101,44 @@ def test_lag_beyond_the_allowed_lateness() -> None:
     w.report(2, behind=True)  # the applications topic has a backlog: its lane is held
     w.advance(100.0)
     assert w.lag_ms() == 4 * HOUR  # impressions at 5 h; applications lane at 1 h - 6 h
+
+
+def test_five_lateness_values_and_five_floors_or_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="a partition has 5 lanes: give 5 lateness values and 5 floors"):
+        PartitionWatermark(LATE[:4], 30.0, NO, 0.0)
+    with pytest.raises(ValueError, match="5 lanes"):
+        PartitionWatermark(LATE, 30.0, NO[:4], 0.0)
+
+
+def test_the_frontier_forgets_all_but_the_last_five_records() -> None:
+    w = wm()
+    feed(w, 0, [T0 + HOUR, T0 + 50 * MIN, T0, T0 + MIN, T0 + 2 * MIN])
+    assert w.frontier(0) == T0 + 50 * MIN  # last five: 60, 50, 0, 1, 2 min -> second newest 50 min
+    feed(w, 0, [T0 + 3 * MIN, T0 + 4 * MIN])
+    assert w.frontier(0) == T0 + 3 * MIN  # 60 and 50 min have left the five: 0..4 min
+
+
+def test_a_record_read_at_the_end_of_its_topic_makes_its_position_known() -> None:
+    w = wm(idle_s=30.0)
+    feed(w, 0, [T0, T0 + HOUR, T0 + 2 * HOUR], now=0.0)
+    feed(w, 1, [T0], now=0.0, behind=False)  # no report(): the record itself says "read to its end"
+    feed(w, 2, [T0], now=0.0, behind=True)  # ... or "more follow"
+    lanes = w.advance(30.0)
+    assert lanes[1] == T0 + HOUR - 30 * MIN  # idle 30 s after its last record: follows the impressions
+    assert lanes[2] == T0 - 6 * HOUR  # a backlog: held at its own record
+
+
+def test_the_idle_timer_of_a_silent_topic_starts_when_the_partition_is_opened() -> None:
+    w = PartitionWatermark(LATE, 30.0, NO, now_s=100.0)  # opened (e.g. assigned) at 100 s
+    feed(w, 0, [T0, T0 + HOUR, T0 + 2 * HOUR], now=100.0)
+    w.report(3, behind=False)  # read to its end, never a record
+    assert w.advance(129.0)[3] == NO_WATERMARK
+    assert w.advance(130.0)[3] == T0 + HOUR - 6 * HOUR
+
+
+def test_a_frontier_within_the_lateness_above_the_lane_never_lowers_it() -> None:
+    floor = (T0, T0, T0, T0, T0)
+    w = wm(floor=floor)
+    feed(w, 0, [T0 + 10 * MIN, T0 + 11 * MIN])  # frontier 10 min: 10 min - 30 min lateness < T0
+    assert w.advance(0.0) == floor
+    assert w.lane(0, 0.0) == T0

@@ -1,0 +1,126 @@
+"""``BatchSender`` with aiokafka's real ``BatchBuilder`` and a recording stand-in for the broker:
+records grouped per topic partition in order, a full batch rolls over to a new one (an oversized
+record alone in one), and ``Sent.last_offset`` is the offset of the batch's last record."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from aiokafka.producer.message_accumulator import BatchBuilder
+
+from stream.kafka.sender import PARTITION_CACHE_MAX, BatchSender, Sent
+
+
+class Producer:
+    """What BatchSender uses of AIOKafkaProducer; the 'broker' gives offsets per partition."""
+
+    def __init__(self, batch_size: int = 16_384) -> None:
+        self.batch_size = batch_size
+        self.sent: list[tuple[str, int, list[tuple[bytes | None, bytes | None]]]] = []
+        self.next_offset: dict[tuple[str, int], int] = {}
+
+    def create_batch(self) -> BatchBuilder:
+        return BatchBuilder(self.batch_size, 0)  # no compression
+
+    async def send_batch(self, builder: BatchBuilder, topic: str, *, partition: int) -> asyncio.Future[Any]:
+        buf = builder._build()  # what AIOKafkaProducer.send_batch does
+        from aiokafka.record.default_records import DefaultRecordBatch
+
+        records = [(r.key, r.value) for r in DefaultRecordBatch(bytes(buf))]
+        self.sent.append((topic, partition, records))
+        base = self.next_offset.get((topic, partition), 100)
+        self.next_offset[(topic, partition)] = base + len(records)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.set_result(SimpleNamespace(offset=base))
+        return fut
+
+
+def by_key_length(topic: str, key: bytes) -> int:
+    return len(key) % 3
+
+
+def test_records_are_sent_per_partition_in_order_and_the_sender_starts_afresh() -> None:
+    p = Producer()
+    calls: list[tuple[str, bytes]] = []
+
+    def partition_of(topic: str, key: bytes) -> int:
+        calls.append((topic, key))
+        return by_key_length(topic, key)
+
+    s = BatchSender(p, partition_of)
+    s.add("a", b"k1", b"v1")  # partition 2
+    s.add("a", b"k", b"v2")  # partition 1
+    s.add("a", b"k2", b"v3")  # partition 2
+    s.add("b", b"k1", None)  # a tombstone, another topic
+    s.add("a", b"k1", b"v4", partition=0)  # an explicit partition
+    s.add("a", b"k1", b"v5")  # the cached partition of k1 in topic a
+    assert s.pending == 6
+    assert calls == [("a", b"k1"), ("a", b"k"), ("a", b"k2"), ("b", b"k1")]  # one look-up per key and topic
+
+    async def go() -> list[Sent]:
+        return await s.flush()
+
+    sent = asyncio.run(go())
+    assert s.pending == 0
+    got = {(t, part): recs for t, part, recs in p.sent}
+    assert got == {
+        ("a", 2): [(b"k1", b"v1"), (b"k2", b"v3"), (b"k1", b"v5")],
+        ("a", 1): [(b"k", b"v2")],
+        ("b", 2): [(b"k1", None)],
+        ("a", 0): [(b"k1", b"v4")],
+    }
+    assert [(x.topic, x.partition, x.records) for x in sent] == [(t, part, len(r)) for t, part, r in p.sent]
+    assert asyncio.run(s.flush()) == []  # nothing queued any more
+
+
+def test_a_full_batch_rolls_over_in_order_and_last_offset_is_its_last_record() -> None:
+    p = Producer(batch_size=300)
+    s = BatchSender(p, by_key_length)
+    values = [f"value-{i:03d}".encode() * 4 for i in range(20)]  # ~40 bytes each: several batches
+    for v in values:
+        s.add("t", b"key", v, partition=0)
+
+    async def go() -> list[int]:
+        sent = await s.flush()
+        return [await x.last_offset() for x in sent]
+
+    lasts = asyncio.run(go())
+    assert len(p.sent) > 2  # rolled over
+    assert [v for _, _, recs in p.sent for _, v in recs] == values  # every record once, in order
+    sizes = [len(recs) for _, _, recs in p.sent]
+    # offsets from 100 on: each batch's last offset is its first plus its records minus one
+    ends, first = [], 100
+    for n in sizes:
+        ends.append(first + n - 1)
+        first += n
+    assert lasts == ends and lasts[-1] == 100 + len(values) - 1
+
+
+def test_a_record_larger_than_the_batch_size_goes_whole_in_a_batch_of_its_own() -> None:
+    p = Producer(batch_size=100)
+    s = BatchSender(p, by_key_length)
+    s.add("t", b"k", b"x" * 10, partition=0)
+    s.add("t", b"k", b"y" * 5000, partition=0)  # an empty batch takes one record of any size
+    s.add("t", b"k", b"z" * 10, partition=0)
+    asyncio.run(s.flush())
+    assert [[v for _, v in recs] for _, _, recs in p.sent] == [[b"x" * 10], [b"y" * 5000], [b"z" * 10]]
+
+
+def test_the_partition_cache_is_bounded() -> None:
+    n = 0
+
+    def partition_of(topic: str, key: bytes) -> int:
+        nonlocal n
+        n += 1
+        return 0
+
+    s = BatchSender(Producer(batch_size=10_000_000), partition_of)
+    for i in range(PARTITION_CACHE_MAX):
+        s.add("t", str(i).encode(), None)
+    s.add("t", b"0", None)
+    assert n == PARTITION_CACHE_MAX  # cached
+    s.add("t", b"new", None)  # the cache is full: cleared, then this key remembered
+    s.add("t", b"0", None)  # looked up again
+    assert n == PARTITION_CACHE_MAX + 2

@@ -1,0 +1,207 @@
+"""The trainer's loop and checkpoints without Kafka: a scripted feed of chunks and a recording
+producer stand in for the broker. Batching (a chunk that would overflow the batch trains what is
+gathered first), offsets (a record counts as consumed once trained on or dead-lettered, chunks of
+invalid records only included), the checkpoint snapshot against the writer thread, a failed write
+surfacing, and the warm start."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from aitm.checkpoint import make_checkpoint
+from aitm.features import FeatureEncoder
+from aitm.model import AITM, AITMConfig
+from stream.contract.samples import Sample
+from stream.learn.feed import Chunk, Invalid
+from stream.learn.sample_batch import SampleBatch
+from stream.learn.trainer import Trainer
+from stream.ops.settings import Settings
+
+ALL = (True, True, True, True)
+
+
+def samples(start: int, n: int) -> SampleBatch:
+    return SampleBatch.from_samples([
+        Sample(f"i{i}", "bank_1", i, {"f": str(i % 3)}, (i % 2, 0, 0, 0), ALL, "final", 1000, 5)
+        for i in range(start, start + n)
+    ])
+
+
+def chunk(start: int, n: int, next_offset: int, invalid: int = 0) -> Chunk:
+    bad = [Invalid("samples", 0, next_offset - invalid + k, b"k", b"{", "malformed_json", "not JSON")
+           for k in range(invalid)]
+    return Chunk(samples=samples(start, n) if n else SampleBatch.empty(), invalid=bad, offsets={0: next_offset},
+                 kinds={"final": n} if n else {}, fetched_at_s=1.0)
+
+
+class Feed:
+    """Hands out the scripted chunks, then nothing; records the trainer's committed offsets and
+    how much was gathered but not trained each time it is asked."""
+
+    def __init__(self, trainer: Trainer, chunks: list[Chunk]) -> None:
+        self.trainer = trainer
+        self.chunks = list(chunks)
+        self.offsets_seen: list[dict[int, int]] = []
+
+    def get(self, timeout_s: float) -> Chunk | None:
+        self.offsets_seen.append(dict(self.trainer.offsets))
+        if self.chunks:
+            return self.chunks.pop(0)
+        time.sleep(timeout_s)  # as the real feed: nothing came within the timeout
+        return None
+
+    def lag(self, consumed: Any) -> int | None:
+        return None
+
+
+class Producer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+
+    def send(self, topic: str, key: bytes, value: bytes) -> None:
+        self.sent.append((topic, key, value))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Recording(Trainer):
+    """The trainer, recording the size of each batch it trains."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.batches: list[int] = []
+
+    def _step(self, batch: SampleBatch, first_at_ms: int, last_at_ms: int) -> None:
+        self.batches.append(len(batch))
+        super()._step(batch, first_at_ms, last_at_ms)
+
+
+def make(tmp_path: Path, chunks: list[Chunk], **settings: Any) -> tuple[Recording, Feed, Producer]:
+    s = Settings(data_dir=tmp_path, trainer_batch_size=10, trainer_linger_ms=1000, trainer_min_step_rows=1,
+                 trainer_feature_min_count=1, trainer_feature_capacity=16, trainer_device="cpu",
+                 trainer_checkpoint_interval_ms=3_600_000, trainer_checkpoint_batches=1000, **settings)
+    t = Recording(s, CollectorRegistry(), mode="final-only")
+    feed, producer = Feed(t, chunks), Producer()
+    t._feed, t._producer = feed, producer  # type: ignore[assignment]
+    return t, feed, producer
+
+
+def run(t: Trainer) -> None:
+    stop = threading.Event()
+    t.run(stop, exit_when_idle_s=0.3)
+
+
+def test_a_chunk_that_would_overflow_the_batch_trains_what_was_gathered_first(tmp_path: Path) -> None:
+    t, _, _ = make(tmp_path, [chunk(0, 6, 6), chunk(6, 6, 12), chunk(12, 3, 15), chunk(15, 1, 16)])
+    run(t)
+    # batch size 10: 6 (+6 would overflow) | 6 + 3 + 1 = 10, full
+    assert t.batches == [6, 10]
+    assert t.offsets == {0: 16}
+    t2, _, _ = make(tmp_path / "b", [chunk(0, 5, 5), chunk(5, 5, 10), chunk(10, 2, 12)])
+    run(t2)
+    assert t2.batches == [10, 2]  # 5 + 5 fills the batch exactly: no overflow
+
+
+def test_offsets_move_only_past_records_trained_or_dead_lettered(tmp_path: Path) -> None:
+    chunks = [chunk(0, 4, 4), chunk(0, 0, 6, invalid=2), chunk(4, 8, 14), chunk(0, 0, 15, invalid=1)]
+    t, feed, producer = make(tmp_path, chunks)
+    run(t)
+    assert t.batches == [4, 8]
+    # asked for chunk k+1 once chunk k is handled: 4 samples gathered (not trained) -> still 0;
+    # the invalid-only chunk after them waits for them; the overflow trains the 4 -> 6;
+    # the 8 wait; the trailing invalid record waits for them too
+    assert feed.offsets_seen[:5] == [{}, {}, {}, {0: 6}, {0: 6}]
+    assert t.offsets == {0: 15}
+    dead = [v for topic, _, v in producer.sent if topic == t.s.topic_dead_letters]
+    assert len(dead) == 3 and t.dead == 3
+    assert t.metrics.registry.get_sample_value("aitm_trainer_dead_letters_total",
+                                               {"reason": "malformed_json"}) == 3
+
+
+def test_a_chunk_of_invalid_records_only_moves_the_offsets_at_once_when_nothing_waits(tmp_path: Path) -> None:
+    t, feed, _ = make(tmp_path, [chunk(0, 0, 3, invalid=3), chunk(0, 2, 5)])
+    run(t)
+    assert feed.offsets_seen[1] == {0: 3}  # consumed (dead-lettered) before the next chunk is asked for
+    assert t.offsets == {0: 5} and t.batches == [2]
+
+
+def test_the_checkpoint_is_the_snapshot_not_what_training_did_while_it_was_written(tmp_path: Path) -> None:
+    t, _, producer = make(tmp_path, [chunk(0, 10, 10)])
+    run(t)  # trains the 10 and, at its end, writes version 1
+    assert t.learner is not None and t.version == 1
+    release = threading.Event()
+    publish = t.store.publish
+
+    def slow_publish(version: int, ckpt: dict[str, Any]) -> Any:
+        release.wait(10)
+        return publish(version, ckpt)
+
+    t.store.publish = slow_publish  # type: ignore[method-assign]
+    announced = len(producer.sent)
+    at_snapshot = copy.deepcopy(t.learner.served_model().state_dict())
+    trained_then = t.learner.trained_samples
+    pending = t.checkpoint_async()
+    assert pending is not None and not pending.done()
+    t._step(samples(100, 10), 0, 0)  # training goes on while the version is written
+    assert any(not torch.equal(v, at_snapshot[k]) for k, v in t.learner.served_model().state_dict().items())
+    release.set()
+    v = pending.result(timeout=30)
+    assert v.version == 2 and v.trained_samples == trained_then
+    ckpt = t.store.load(2)
+    for k, tensor in at_snapshot.items():
+        assert torch.equal(ckpt["model_state"][k], tensor), k
+    assert ckpt["extra"]["offsets"] == {0: 10}
+    assert [topic for topic, _, _ in producer.sent[announced:]] == [t.s.topic_model_versions]  # once written
+
+
+def test_a_failed_write_surfaces_at_the_next_checkpoint(tmp_path: Path) -> None:
+    t, _, producer = make(tmp_path, [chunk(0, 10, 10)])
+    run(t)
+
+    def broken(version: int, ckpt: dict[str, Any]) -> Any:
+        raise OSError("disk full")
+
+    t.store.publish = broken  # type: ignore[method-assign]
+    announced = len(producer.sent)
+    pending = t.checkpoint_async()
+    assert pending is not None
+    with pytest.raises(OSError, match="disk full"):
+        t.checkpoint_async()  # the next one waits for the previous write, and raises its error
+    assert producer.sent[announced:] == []  # never announced
+    assert t.store.versions() == [1]
+    t._writer.shutdown()
+
+
+def test_a_warm_start_begins_from_the_given_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    enc = FeatureEncoder(("f",), capacity=16, min_count=1)
+    enc.encode_dicts([{"f": "0"}, {"f": "1"}], update=True)
+    cfg = AITMConfig(vocab_sizes=enc.vocab_sizes)
+    model = AITM(cfg)
+    path = tmp_path / "warm.pt"
+    path.write_bytes(b"")
+    from aitm.checkpoint import save_checkpoint
+
+    save_checkpoint(path, make_checkpoint(model, cfg, enc.state_dict(), 0))
+    t, _, _ = make(tmp_path / "run", [], trainer_warm_start=path)
+    t.restore()
+    assert t.learner is not None and t.offsets == {} and t.version == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(t.learner.model.state_dict()[k], v), k
+    assert t.learner.encoder.vocab == enc.vocab
+    ids = np.array([[1], [2]])
+    np.testing.assert_allclose(t.learner.predict(ids), torch.sigmoid(model.eval()(torch.as_tensor(ids))).detach().numpy(),
+                               rtol=1e-6)
