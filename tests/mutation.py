@@ -33,7 +33,7 @@ from typing import Final
 ROOT: Final = Path(__file__).resolve().parent.parent
 
 # module -> the mutant names (mutmut's glob patterns) that make up its score. The scorer's
-# scoring is the part of ``stream/serve/scorer.py`` that turns features into published scores (the
+# scoring is the part of ``stream/serve/`` that turns features into published scores (the
 # Kafka loop and the model-version watcher are covered by the integration tests, not here).
 # mutmut 3 does not mutate decorated functions and methods of decorated classes
 # (``ScoringModel.predict``, ``BankPolicy.score``): docs/testing.md says how those are covered.
@@ -43,9 +43,9 @@ MODULES: Final[dict[str, tuple[str, ...]]] = {
     "stream/join/watermark.py": ("stream.join.watermark.*",),
     "stream/learn/delayed_feedback.py": ("stream.learn.delayed_feedback.*",),
     "aitm/loss.py": ("aitm.loss.*",),
-    "stream/serve/scorer.py": (
-        "stream.serve.scorer.x_score_fields__mutmut_*",
-        "stream.serve.scorer.x_parse_request__mutmut_*",
+    "stream/serve (scoring)": (
+        "stream.serve.scoring.x_score_fields__mutmut_*",
+        "stream.serve.http.x_parse_request__mutmut_*",
         "stream.serve.scorer.xǁScorerǁscore_batch__mutmut_*",
         "stream.serve.scorer.xǁScorerǁhttp_score__mutmut_*",
         "aitm.projection.*",
@@ -268,8 +268,8 @@ _EQUIVALENT_GROUPS.append((
 ))
 _EQUIVALENT_GROUPS.append((
     (
-        "stream.serve.scorer.x_score_fields__mutmut_18", "stream.serve.scorer.x_score_fields__mutmut_21",
-        "stream.serve.scorer.x_score_fields__mutmut_22", "stream.serve.scorer.xǁScorerǁscore_batch__mutmut_19",
+        "stream.serve.scoring.x_score_fields__mutmut_18", "stream.serve.scoring.x_score_fields__mutmut_21",
+        "stream.serve.scoring.x_score_fields__mutmut_22", "stream.serve.scorer.xǁScorerǁscore_batch__mutmut_19",
         "stream.serve.scorer.xǁScorerǁscore_batch__mutmut_22", "stream.serve.scorer.xǁScorerǁscore_batch__mutmut_23",
     ),
     "`strict=` of a zip of sequences of one length (four tasks and a row of four; the events and their rows)",
