@@ -39,6 +39,7 @@ from bench.chaos_checks import (
     realtime_final_delays,
     repeats_after_kills,
 )
+from bench.report import write_json
 from bench.supervisor import Supervisor, read_procfile, wait_http
 from bench.topic_reader import TopicTail
 from simulators.delivery import PROFILES
@@ -80,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the supervisor stops every child it started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
     checks = ("labels_lost", "labels_wrong", "duplicate_finals", "dead_letters_missing",
               "dead_letters_unexplained", "repeated_finals_without_a_kill", "impressions_unscored")  # fmt: skip

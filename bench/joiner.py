@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.report import write_json
 from stream.kafka.broker import EmbeddedBroker, ensure_topics, free_port
 from stream.ops.settings import Settings, load_settings
 
@@ -207,7 +207,5 @@ def main(argv: list[str] | None = None) -> int:
         "events": total,
         "cpu_count": os.cpu_count(),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(write_json(args.json, result), end="")
     return 0

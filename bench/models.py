@@ -7,7 +7,6 @@ markdown report, a JSON summary and plots (AUC per task, learning curve).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from aitm.features import FeatureEncoder
 from aitm.model import AITM
 from aitm.train import Split, TrainConfig, fit, predict_proba, task_aucs
 from bench.models_report import plot_aucs, plot_curve, render_markdown, summarise
+from bench.report import write_json
 
 ALL_MODELS = ("LightGBM", *NEURAL_MODELS)
 
@@ -216,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         seconds=round(time.perf_counter() - start, 1),
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    write_json(args.json, report, allow_nan=False)
     md_path = args.md or args.json.with_suffix(".md")
     md_path.write_text(render_markdown(report))
     plot_aucs(report, args.plot or args.json.with_suffix(".png"))

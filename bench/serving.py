@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from aitm.evaluate import auc
+from bench.report import write_json
 from bench.supervisor import Supervisor, read_procfile, wait_http
 from bench.topic_reader import read_topic
 from simulators.faults import Record, SimulatedStream
@@ -374,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     report.update(wall_s=round(time.monotonic() - t0, 1), machine=platform.machine(), cpus=os.cpu_count(),
                   torch=torch.__version__)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(_finite(report), indent=2, default=str) + "\n")
+    write_json(args.json, _finite(report), default=str)
     return 0
 
 

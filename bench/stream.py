@@ -34,6 +34,7 @@ import torch
 from aitm.evaluate import auc
 from aitm.features import FeatureEncoder
 from aitm.train import pick_device
+from bench.report import write_json
 from bench.supervisor import Supervisor, wait_http
 from bench.topic_reader import TopicTail, read_topic
 from simulators.faults import SimulatedStream
@@ -400,9 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus=os.cpu_count(),
         torch=torch.__version__,
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    print(write_json(args.json, report), end="")
     return 0
 
 

@@ -14,6 +14,7 @@ import torch
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
 from aitm.train import make_optimizer, pick_device, train_step
+from bench.report import write_json
 
 
 def _sync(device: torch.device) -> None:
@@ -111,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": sum(p.numel() for p in model.parameters()),
         "torch": torch.__version__,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    print(write_json(args.json, report), end="")
     return 0
 
 
