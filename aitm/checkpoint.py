@@ -109,3 +109,15 @@ def config_from_dict(d: Mapping[str, Any]) -> AITMConfig:
     names = {f.name for f in dataclasses.fields(AITMConfig)}
     kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
     return AITMConfig(**kwargs)
+
+
+def snapshot(obj: Any) -> Any:
+    """``obj`` with every tensor cloned (dicts, lists and tuples rebuilt): a snapshot that the
+    training going on meanwhile cannot change under the writer thread."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj

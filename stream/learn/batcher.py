@@ -33,12 +33,15 @@ class Batcher:
     last_chunk_mono = 0.0  # of the last chunk with samples
     lingered_s = 0.0  # time partial batches waited for samples that did not come
 
-    def add(self, chunk: Chunk, now_ms: int, mono: float) -> Batch | None:
-        """Take a chunk; returns the batch gathered so far when the chunk would overflow it (the
-        chunk then starts the next one)."""
-        out = None
-        if self.n and self.n + len(chunk.samples) > self.size:  # it would overflow: train what we have
-            out = self.take(now_ms)
+    def overflow(self, chunk: Chunk, now_ms: int) -> Batch | None:
+        """The batch gathered so far when ``chunk`` would overflow it: train it before adding the
+        chunk, which then starts the next one (so its linger counts from after that training)."""
+        if self.n and self.n + len(chunk.samples) > self.size:
+            return self.take(now_ms)
+        return None
+
+    def add(self, chunk: Chunk, now_ms: int, mono: float) -> None:
+        """Take a chunk (``overflow`` first)."""
         if len(chunk.samples):
             if not self.n:
                 self.first_at_ms, self.first_mono = now_ms, mono
@@ -46,7 +49,6 @@ class Batcher:
             self.n += len(chunk.samples)
             self.last_chunk_mono = mono
         self.offsets.update(chunk.offsets)
-        return out
 
     def due(self, now_ms: int, mono: float) -> Batch | None:
         """The batch when it is full, or has lingered long enough (that wait is counted as idle)."""

@@ -18,7 +18,7 @@ import resource
 import signal
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,17 +26,18 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
-from aitm.checkpoint import config_from_dict, load_checkpoint, make_checkpoint
+from aitm.checkpoint import config_from_dict, load_checkpoint, make_checkpoint, snapshot
 from aitm.features import FeatureEncoder
 from aitm.model import AITM
 from aitm.train import pick_device
 from stream.contract.events import dead_letter
-from stream.contract.versions import ModelVersion, encode_version
+from stream.contract.versions import ModelVersion
 from stream.learn.batcher import Batch, Batcher
 from stream.learn.feed import Invalid, SampleFeed
 from stream.learn.gauges import set_quality_gauges
 from stream.learn.learner import OnlineLearner, fields_of
 from stream.learn.publication_gate import DAY_MS, REASONS, HoldoutSet, PublicationGate, settled_after_ms
+from stream.learn.publisher import Publisher
 from stream.learn.sample_batch import SampleBatch
 from stream.learn.stabilisers import stabilisers_from
 from stream.ops.clock import Clock, SystemClock
@@ -87,8 +88,8 @@ class Trainer:
         self.last_train_s = 0.0
         self.batcher: Batcher | None = None  # made by run()
         self._feed: SampleFeed | None = None
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        self._writing: Future[ModelVersion] | None = None  # the version being written
+        self.publisher = Publisher(self.store, settings.topic_model_versions, lambda: self._producer, self.clock,
+                                   self._published)
         self._producer: Any = None
 
     # --- start-up: resume, warm start or cold ---------------------------------------------------
@@ -178,7 +179,7 @@ class Trainer:
         self._feed = feed
 
     def close(self) -> None:
-        self._writer.shutdown(wait=True)  # a version being written is finished and announced
+        self.publisher.close()  # a version being written is finished and announced
         if self._feed is not None:
             self._feed.close()
         if self._producer is not None:
@@ -209,7 +210,8 @@ class Trainer:
                     self.metrics.samples.labels(kind=kind).inc(n)
                 for bad in chunk.invalid:
                     self._dead_letter(bad)
-                self._train(batcher.add(chunk, now_ms, time.monotonic()))
+                self._train(batcher.overflow(chunk, now_ms))
+                batcher.add(chunk, now_ms, time.monotonic())
             now = time.monotonic()
             self._train(batcher.due(now_ms, now))
             self.offsets.update(batcher.settled_offsets())  # every consumed record trained or dead-lettered
@@ -235,8 +237,7 @@ class Trainer:
             self._train(batcher.take(self.clock.now_ms()))
         if self.new_min_ms is not None:
             self.checkpoint()
-        if self._writing is not None:
-            self._writing.result()
+        self.publisher.wait()
         self.update_quality_gauges()
         self.update_lag_gauge()
 
@@ -306,8 +307,7 @@ class Trainer:
             log.warning("candidate for version %d not published (%s): %s", self.version + 1, verdict.reason,
                         verdict.detail)
             return None
-        if self._writing is not None:
-            self._writing.result()  # in order, and a failure surfaces
+        self.publisher.wait()  # in order, and a failure surfaces
         self.version += 1
         extra = {
             "topic": self.s.topic_samples,
@@ -318,34 +318,22 @@ class Trainer:
         }
         # the checkpoint's model is the served one (the weight average); the trained weights are
         # in the learner state, for a resume
-        ckpt = _copied(make_checkpoint(served, learner.model.config, learner.encoder.state_dict(),
+        ckpt = snapshot(make_checkpoint(served, learner.model.config, learner.encoder.state_dict(),
                                        self.version, extra))
         self.gate.published(self.version, served, vocab_sizes(learner.encoder))
         newest_ms = self.new_max_ms
         oldest_ms = self.new_min_ms
         trained = learner.trained_samples
         self.new_min_ms, self.batches_since = None, 0
-        self._writing = self._writer.submit(self._publish, self.version, ckpt, trained, newest_ms, oldest_ms)
-        return self._writing
+        return self.publisher.submit(self.version, ckpt, trained, newest_ms, oldest_ms)
 
-    def _publish(self, version: int, ckpt: dict[str, Any], trained: int, newest_ms: int,
-                 oldest_ms: int | None) -> ModelVersion:
-        """The writer thread: the version file (atomic, fsynced), then its announcement."""
-        path, digest = self.store.publish(version, ckpt)
-        now_ms = self.clock.now_ms()
-        v = ModelVersion(
-            version=version, path=str(path.resolve()), sha256=digest, trained_samples=trained,
-            created_at_ms=now_ms, max_sample_consumed_at_ms=newest_ms,
-            min_new_sample_consumed_at_ms=oldest_ms or now_ms,
-        )
-        self._producer.send(self.s.topic_model_versions, key=b"model", value=encode_version(v))
-        self._producer.flush()
+    def _published(self, v: ModelVersion, now_ms: int) -> None:
+        """On the writer thread, once ``v`` is announced: the refresh figures."""
         self.refresh.freshness.observe(max(0.0, (now_ms - v.min_new_sample_consumed_at_ms) / 1000))
         self.published_at_s = time.time()
         self.metrics.checkpoints.inc()
-        self.metrics.model_version.set(version)
+        self.metrics.model_version.set(v.version)
         self.metrics.last_update.set(self.published_at_s)
-        return v
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         learner = self.learner
@@ -418,18 +406,6 @@ def main(argv: list[str] | None = None) -> int:
         summary = _finite(trainer.summary(time.monotonic() - t0))
         args.summary_json.write_text(json.dumps(summary, indent=1) + "\n")
     return 0
-
-
-def _copied(obj: Any) -> Any:
-    """``obj`` with every tensor cloned (dicts, lists and tuples rebuilt): a snapshot that the
-    training going on meanwhile cannot change under the writer thread."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _copied(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_copied(v) for v in obj)
-    return obj
 
 
 def _cpu_s(who: int) -> float:

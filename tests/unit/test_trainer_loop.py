@@ -182,7 +182,7 @@ def test_a_failed_write_surfaces_at_the_next_checkpoint(tmp_path: Path) -> None:
         t.checkpoint_async()  # the next one waits for the previous write, and raises its error
     assert producer.sent[announced:] == []  # never announced
     assert t.store.versions() == [1]
-    t._writer.shutdown()
+    t.publisher.close()
 
 
 def test_a_warm_start_begins_from_the_given_checkpoint(tmp_path: Path) -> None:
