@@ -48,6 +48,7 @@ from simulators.kafka_sink import produce
 from stream.contract.events import TASKS
 from stream.contract.versions import parse_version
 from stream.kafka.broker import EmbeddedBroker, ensure_topics, free_port
+from stream.ops.jsonsafe import finite
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings
 from stream.serve.scoring import ScoringModel
@@ -375,18 +376,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     report.update(wall_s=round(time.monotonic() - t0, 1), machine=platform.machine(), cpus=os.cpu_count(),
                   torch=torch.__version__)
-    write_json(args.json, _finite(report), default=str)
+    write_json(args.json, finite(report), default=str)
     return 0
-
-
-def _finite(o: Any) -> Any:
-    if isinstance(o, float):
-        return o if np.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_finite(v) for v in o]
-    return o
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import resource
 import signal
 import threading
@@ -41,6 +40,7 @@ from stream.learn.publisher import Publisher
 from stream.learn.sample_batch import SampleBatch
 from stream.learn.stabilisers import stabilisers_from
 from stream.ops.clock import Clock, SystemClock
+from stream.ops.jsonsafe import finite
 from stream.ops.metrics import RefreshMetrics, TrainerMetrics
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings, kafka_client_config, load_settings
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
     if args.summary_json is not None:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        summary = _finite(trainer.summary(time.monotonic() - t0))
+        summary = finite(trainer.summary(time.monotonic() - t0))
         args.summary_json.write_text(json.dumps(summary, indent=1) + "\n")
     return 0
 
@@ -420,14 +420,3 @@ def _warm_up_torch() -> None:
     opt = torch.optim.Adam([w], fused=True)
     (w * 2).sum().backward()
     opt.step()
-
-
-def _finite(o: Any) -> Any:
-    """JSON-safe copy: NaN and infinities become null."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_finite(v) for v in o]
-    return o

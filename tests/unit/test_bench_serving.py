@@ -9,6 +9,7 @@ import pytest
 import bench.serving
 import stream.learn.learner
 import stream.learn.stabilisers
+import stream.ops.jsonsafe
 from bench.serving import VersionScore, figures
 from simulators.funnel import DAY_MS, EPOCH_MS
 
@@ -22,6 +23,7 @@ def test_doctests() -> None:
     assert doctest.testmod(bench.serving).failed == 0
     assert doctest.testmod(stream.learn.stabilisers).attempted >= 2
     assert doctest.testmod(stream.learn.stabilisers).failed == 0
+    assert doctest.testmod(stream.ops.jsonsafe).failed == 0
 
 
 def test_figures_judge_versions_past_the_warm_up_and_every_version_for_the_order() -> None:
