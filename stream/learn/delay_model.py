@@ -38,6 +38,9 @@ MIN_POSITIVES: Final = 30  # positives a task needs before its delay is fitted (
 RESERVOIR: Final = 4000  # positives kept per task for the fit
 REFIT_GROWTH: Final = 1.1  # refit a task when its positives grew by 10% ...
 REFIT_AGE: Final = 0.02  # ... or the stream aged by 2% of the task's window since its last fit
+# the served correction comes in gradually: 1 / G to the power n / (n + SERVED_RAMP), n the positives
+# seen past MIN_POSITIVES (a first fit on 30 positives is too rough to apply in full at once)
+SERVED_RAMP: Final = 60
 
 
 def lognormal_cdf(x: np.ndarray | float, mu: float, sigma: float) -> np.ndarray:
@@ -189,6 +192,20 @@ class DelayModel:
             g = self.cdf(task, np.maximum(age[young], 1).astype(np.float64))
             out[young] = np.minimum(1.0 / np.maximum(g, 1.0 / self.max_factor), self.max_factor)
         return out
+
+    def completeness_factor(self, task: int, at_ms: np.ndarray, weights: np.ndarray) -> float:
+        """1 / (the ``weights``-weighted mean of G(age) at the event times ``at_ms``), capped: how far
+        the positives behind predictions made at those times fall short of their steady rate. The
+        served correction: a model that learned while the stream was young predicts about
+        p * G(age) where the truth is p (see the module's docstring). It comes in as the fit firms
+        up: to the power n / (n + SERVED_RAMP), n the positives seen past the first fit's 30."""
+        if self.start_ms is None or self.fits[task] is None or weights.size == 0 or self.warm(task):
+            return 1.0
+        age = np.maximum(self.age_ms(at_ms), 1).astype(np.float64)
+        g = np.where(age < self.windows_ms[task], self.cdf(task, age), 1.0)
+        mean_g = float((weights * np.maximum(g, 1.0 / self.max_factor)).sum() / max(float(weights.sum()), 1e-300))
+        n = max(self.seen[task] - MIN_POSITIVES, 0)
+        return float(min(1.0 / max(mean_g, 1e-12), self.max_factor) ** (n / (n + SERVED_RAMP)))
 
     def factor(self, task: int, at_ms: int | None = None) -> float:
         """The factor now (or at ``at_ms``): the gauge ``aitm_trainer_delay_factor``."""

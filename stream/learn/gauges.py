@@ -36,7 +36,9 @@ def set_quality_gauges(metrics: TrainerMetrics, learner: OnlineLearner, gate: Pu
     for t, task in enumerate(TASKS[:N_TASKS]):
         metrics.held_positives.labels(task=task).set(sum(len(b) for b in held[t]))
         delay = learner.delay
-        metrics.delay_factor.labels(task=task).set(delay.factor(t) if delay is not None else 1.0)
+        factor = 1.0 if delay is None else (delay.factor(t) if learner.stabilisers.delay_in_training
+                                            else float(learner.completeness[t]))
+        metrics.delay_factor.labels(task=task).set(factor)
         metrics.served_bias_shift.labels(task=task).set(float(learner.bias_shift[t]))
     paired = learner.paired_metric_values()
     if paired is not None:

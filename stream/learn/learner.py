@@ -100,6 +100,7 @@ class OnlineLearner:
         self.recent = (RecentPredictions(st.recentre_rows, len(encoder.fields), N_TASKS)
                        if self.average is not None and st.recentre_rows > 0 else None)
         self.bias_shift = np.zeros(N_TASKS)  # the last re-centring's shift of the served biases (logits)
+        self.completeness = np.ones(N_TASKS)  # the last served delay correction (x the live mean)
         self._average_moved = False  # trained since the served biases were last re-centred
         self.delay = (DelayModel(st.delay_windows_ms, st.delay_max_factor)
                       if st.delay_windows_ms is not None and mode == "fnw" else None)
@@ -233,7 +234,8 @@ class OnlineLearner:
                 self._delay_weights(batch, tr)
             if self.recent is not None:
                 fr = np.flatnonzero((kind == FIRST) & ~holdout)  # the impressions, as trained on
-                self.recent.add(ids[fr], probs[fr].astype(np.float64), float(self.trained_samples))
+                self.recent.add(ids[fr], probs[fr].astype(np.float64), float(self.trained_samples),
+                                _arrival_ms(batch)[fr])
             mine = ~holdout[tr.index]  # the held-back slice is never trained on
             index = tr.index[mine]
             block = RowBlock.of(ids[index], tr.labels[mine], tr.mask[mine], tr.weight[mine], origin=index)
@@ -249,22 +251,21 @@ class OnlineLearner:
                           held, ids[held])
 
     def _delay_weights(self, batch: SampleBatch, tr: TrainRows) -> None:
-        """Cold-start delay compensation (``stream.learn.delay_model``): weight each positive copy of task
-        ``t`` (a first sample's or a correction's, not a labelled final) by the factor of its arrival
-        age, from the delay fit so far; then add those positives to the fit."""
+        """Cold-start delay compensation (``stream.learn.delay_model``): add each positive copy of task
+        ``t`` (a first sample's or a correction's, not a labelled final) to the delay fit; in training
+        mode, first weight it by the factor of its arrival age, from the fit so far."""
         assert self.delay is not None and self.stream_start_ms is not None
         delay = self.delay
         delay.start(self.stream_start_ms)
-        # a positive arrives when the joiner emits it: its partition's watermark then, and never
-        # before the event it reflects
-        arrival = np.maximum(batch.watermark_ms, batch.event_time_ms + batch.elapsed_ms)  # (N,)
+        arrival = _arrival_ms(batch)  # (N,)
         copies = batch.kind[tr.index] != FINAL
         for t in range(N_TASKS):
             pos = np.flatnonzero(copies & (tr.labels[:, t] == 1) & (tr.mask[:, t] > 0))
             if pos.size == 0:
                 continue
             rows = tr.index[pos]
-            tr.weight[pos, t] *= delay.factors(t, arrival[rows]).astype(np.float32)
+            if self.stabilisers.delay_in_training:
+                tr.weight[pos, t] *= delay.factors(t, arrival[rows]).astype(np.float32)
             delay.observe(t, batch.event_time_ms[rows], arrival[rows])
         delay.advance(int(arrival.max()))
 
@@ -327,6 +328,11 @@ class OnlineLearner:
             every = slice(0, recent.size, -(-recent.size // RECENTRE_EVAL_ROWS))  # an even subsample
             w = recent.weights(float(self.trained_samples), RECENTRE_HALF_LIVES * self.average.half_life)[every]  # (K,)
             target = (w[:, None] * recent.probs[every]).sum(0) / w.sum()  # (T,)
+            if self.delay is not None and not self.stabilisers.delay_in_training:
+                # the live predictions were learned from positives arriving at G(age) of their rate
+                self.completeness = np.array([self.delay.completeness_factor(t, recent.at_ms[every], w)
+                                              for t in range(N_TASKS)])
+                target = np.minimum(target * self.completeness, 0.999)
             x = torch.as_tensor(recent.ids[every], device=self.device)
             self.average.unshift()
             # raised only: the average's shrink is always downward (Jensen, convex region); a live
@@ -411,6 +417,13 @@ class OnlineLearner:
 
     def metric_values(self) -> dict[str, list[dict[str, float]]]:
         return self.evaluator.values()
+
+
+def _arrival_ms(batch: SampleBatch) -> np.ndarray:
+    """(N,) when each sample reached the trainer in event time: its partition's watermark when the
+    joiner emitted it, and never before the event it reflects."""
+    out: np.ndarray = np.maximum(batch.watermark_ms, batch.event_time_ms + batch.elapsed_ms)
+    return out
 
 
 def _cloned(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

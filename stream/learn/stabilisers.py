@@ -27,7 +27,8 @@ class Stabilisers:
     which is 50% on every step); ``recentre_rows``: re-centre the served average's output biases on
     the live model's predictions over this many recent impressions (0: off); ``delay_windows_ms``:
     per task, the longest delay of a positive - turns the cold-start delay compensation on
-    (``stream.learn.delay_model``; None: off), its factor capped at ``delay_max_factor``."""
+    (``stream.learn.delay_model``; None: off), its factor capped at ``delay_max_factor``, applied
+    to the served biases (``delay_in_training`` False) or to the trained positives' weights."""
 
     min_step_rows: int = 1
     positive_slack: float | None = None
@@ -38,6 +39,7 @@ class Stabilisers:
     recentre_rows: int = 0
     delay_windows_ms: tuple[int, ...] | None = None
     delay_max_factor: float = 3.0
+    delay_in_training: bool = False
 
 
 def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
@@ -81,6 +83,7 @@ def stabilisers_from(s: Settings) -> Stabilisers:
         holdout_share=s.trainer_holdout_share,
         prior_rates=tuple(s.trainer_prior_rates) or None,
         recentre_rows=s.trainer_recentre_rows,
-        delay_windows_ms=tuple(settled_after_ms(s)) if s.trainer_delay_correction else None,
+        delay_windows_ms=tuple(settled_after_ms(s)) if s.trainer_delay_correction != "off" else None,
         delay_max_factor=s.trainer_delay_max_factor,
+        delay_in_training=s.trainer_delay_correction == "train",
     )

@@ -105,18 +105,21 @@ class RecentPredictions:
         self.ids = np.zeros((capacity, n_fields), np.int64)
         self.probs = np.zeros((capacity, n_tasks), np.float64)
         self.stamp = np.zeros(capacity, np.float64)
+        self.at_ms = np.zeros(capacity, np.int64)  # event time each prediction was made at
         self.size = 0
         self._next = 0
 
-    def add(self, ids: np.ndarray, probs: np.ndarray, stamp: float) -> None:
-        """Rows ``ids`` (N, F) with the live predictions ``probs`` (N, T) at trained-row count ``stamp``."""
+    def add(self, ids: np.ndarray, probs: np.ndarray, stamp: float, at_ms: np.ndarray | int = 0) -> None:
+        """Rows ``ids`` (N, F) with the live predictions ``probs`` (N, T) at trained-row count ``stamp``,
+        made at event times ``at_ms`` ((N,) or one for all)."""
         n = ids.shape[0]
         if n == 0:
             return
+        when = np.broadcast_to(np.asarray(at_ms, np.int64), (n,))
         if n >= self.capacity:
-            ids, probs, n = ids[-self.capacity :], probs[-self.capacity :], self.capacity
+            ids, probs, when, n = ids[-self.capacity :], probs[-self.capacity :], when[-self.capacity :], self.capacity
         at = (self._next + np.arange(n)) % self.capacity
-        self.ids[at], self.probs[at], self.stamp[at] = ids, probs, stamp
+        self.ids[at], self.probs[at], self.stamp[at], self.at_ms[at] = ids, probs, stamp, when
         self._next = int((self._next + n) % self.capacity)
         self.size = min(self.size + n, self.capacity)
 

@@ -145,7 +145,7 @@ class TrainerMetrics:
         )
         self.delay_factor = Gauge(
             "aitm_trainer_delay_factor",
-            "Weight of a positive arriving now, per task: cold-start delay compensation (1 once the stream is older than the task's window)",
+            "Cold-start delay compensation per task: the served version's correction of the live model's mean rate (TRAINER_DELAY_CORRECTION=serve) or the weight of a positive arriving now (=train); 1 once the stream is older than the task's window",
             ["task"],
             registry=registry,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -178,13 +178,23 @@ class Settings(BaseSettings):
     # prediction on this many recent impressions equals the live model's (an average of weights
     # lowers rare rates: docs/serving.md); 0 = off
     trainer_recentre_rows: int = Field(default=16384, ge=0)
-    # cold-start delay compensation: while the stream is younger than a task's window, its positives
-    # are weighted by 1 / G(age), G the task's delay distribution fitted on the positives so far
-    # (stream/learn/delay_model.py). Off by default: replays lifted activation's median calibration
-    # (0.69 -> 0.82 realtime, 0.56 -> 0.63 batch feeds) but with daily activation files its last
-    # versions over-predicted (p95 1.18 -> 1.29) - docs/serving.md. The factor is capped at the maximum
-    trainer_delay_correction: bool = False
+    # cold-start delay compensation (stream/learn/delay_model.py): while the stream is younger than
+    # a task's window, its positives arrive at G(age) of their steady rate, G the task's delay
+    # distribution fitted on the positives so far. "serve": the served version's output biases are
+    # raised by the completeness 1 / G of the positives behind the live model's recent predictions
+    # (training untouched); "train": the positives are weighted by 1 / G(age) in training (lifted
+    # activation's median in replays, but with daily activation files its last versions
+    # over-predicted: p95 1.18 -> 1.29); "off". docs/serving.md. The factor is capped at the maximum
+    trainer_delay_correction: Literal["off", "serve", "train"] = "serve"
     trainer_delay_max_factor: float = Field(default=3.0, ge=1)
+
+    @field_validator("trainer_delay_correction", mode="before")
+    @classmethod
+    def _delay_correction_bool(cls, v: Any) -> Any:
+        """The old boolean spelling: true meant the training weights, false off."""
+        if isinstance(v, bool) or str(v).lower() in ("true", "false", "1", "0"):
+            return "train" if str(v).lower() in ("true", "1") else "off"
+        return v
     # share of impressions (by a hash of the id) never trained on: they judge the served versions
     # (the publication gate and the served-version gauges). Lower it at high volume: at most
     # 50,000 held-back impressions are kept, and activation needs ~15 days of them

@@ -19,7 +19,13 @@ import stream.learn.weight_average
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
 from stream.contract.samples import Sample
-from stream.learn.delay_model import DelayModel, fit_truncated_lognormal, lognormal_cdf
+from stream.learn.delay_model import (
+    MIN_POSITIVES,
+    SERVED_RAMP,
+    DelayModel,
+    fit_truncated_lognormal,
+    lognormal_cdf,
+)
 from stream.learn.delayed_feedback import train_rows
 from stream.learn.learner import RECENTRE_HALF_LIVES, OnlineLearner
 from stream.learn.sample_batch import SampleBatch
@@ -211,7 +217,7 @@ def delay_learner() -> OnlineLearner:
     torch.manual_seed(0)
     return OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.01, eval_window=100,
                          stabilisers=Stabilisers(delay_windows_ms=(DAY, 2 * DAY, 3 * DAY, WINDOW),
-                                                 delay_max_factor=3.0))
+                                                 delay_max_factor=3.0, delay_in_training=True))
 
 
 def test_the_learner_weights_young_positives_and_a_checkpoint_keeps_the_stream_clock() -> None:
@@ -259,7 +265,7 @@ def test_the_trainer_exports_the_delay_factor_and_the_bias_shift(tmp_path: Path)
     registry = CollectorRegistry()
     t = Trainer(Settings(data_dir=tmp_path, trainer_feature_min_count=1, trainer_feature_capacity=16,
                          trainer_min_step_rows=1, trainer_freeze_after_days=0, trainer_recentre_rows=100,
-                         trainer_delay_correction=True,
+                         trainer_delay_correction="train",
                          trainer_ema_half_life_rows=200), registry)
     t._producer = FakeProducer()
     imp, arrival = cold_stream(3.0, 600)
@@ -272,3 +278,95 @@ def test_the_trainer_exports_the_delay_factor_and_the_bias_shift(tmp_path: Path)
     assert registry.get_sample_value("aitm_trainer_delay_factor", {"task": "click"}) == 1.0  # past its window
     shift = registry.get_sample_value("aitm_trainer_served_bias_shift", {"task": "activation"})
     assert shift is not None and shift == pytest.approx(float(t.learner.bias_shift[3]))  # type: ignore[union-attr]
+
+
+# --- the served correction (TRAINER_DELAY_CORRECTION=serve, the default) ----------------------
+
+
+def test_the_completeness_factor_is_one_over_the_weighted_mean_of_g() -> None:
+    model = DelayModel([WINDOW], max_factor=3.0)
+    model.start(10 * DAY)
+    at = np.array([12 * DAY, 13 * DAY, 10 * DAY + WINDOW + DAY])
+    w = np.array([1.0, 3.0, 2.0])
+    assert model.completeness_factor(0, at, w) == 1.0  # no fit yet: no correction
+    imp, arrival = cold_stream(4.0, 3000)
+    model.observe(0, imp + 10 * DAY, arrival + 10 * DAY)
+    model.refit(0)
+    g = [float(model.cdf(0, 2 * DAY)), float(model.cdf(0, 3 * DAY)), 1.0]  # past the window: complete
+    n = model.seen[0] - MIN_POSITIVES
+    ramp = n / (n + SERVED_RAMP)  # comes in as the fit firms up
+    expect = (w.sum() / (w * np.array(g)).sum()) ** ramp
+    assert model.completeness_factor(0, at, w) == pytest.approx(expect)
+    assert 1.1 < expect < 3.0
+    capped = model.completeness_factor(0, np.array([10 * DAY + 60_000]), np.ones(1))  # a minute old
+    assert capped == pytest.approx(3.0**ramp)
+    # a fit on few positives is applied only in part: 30 more than the first fit's, half-way (in logs)
+    young = DelayModel([WINDOW], max_factor=3.0)
+    young.start(10 * DAY)
+    young.observe(0, imp[: MIN_POSITIVES + SERVED_RAMP] + 10 * DAY, arrival[: MIN_POSITIVES + SERVED_RAMP] + 10 * DAY)
+    young.refit(0)
+    full = (w.sum() / (w * np.array([float(young.cdf(0, 2 * DAY)), float(young.cdf(0, 3 * DAY)), 1.0])).sum())
+    assert young.completeness_factor(0, at, w) == pytest.approx(full**0.5)
+    model.advance(10 * DAY + WINDOW)
+    assert model.completeness_factor(0, at, w) == 1.0  # the stream is older than the window: steady
+
+
+def serve_learner() -> OnlineLearner:
+    torch.manual_seed(0)
+    return OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.01, eval_window=100,
+                         stabilisers=Stabilisers(delay_windows_ms=(DAY, 2 * DAY, 3 * DAY, WINDOW),
+                                                 delay_max_factor=3.0, ema_half_life_rows=200,
+                                                 recentre_rows=2000))
+
+
+def test_the_served_correction_raises_the_served_rate_and_leaves_training_alone() -> None:
+    imp, arrival = cold_stream(3.0, 600)
+    t0 = 1_767_225_600_000
+    ln = serve_learner()
+    rng = np.random.default_rng(3)
+    for k, chunk in enumerate(np.array_split(np.arange(imp.size), 10)):
+        # impressions that never convert (20 for each one that does): the rates are rare, as in a funnel
+        quiet = np.sort(rng.uniform(imp[chunk].min(), imp[chunk].max() + 1, 20 * chunk.size).astype(np.int64)) + t0
+        negatives = [Sample(f"q{k}-{i}", "bank_1", t, {"a": str(i % 4), "b": "1", "c": "2"}, (0, 0, 0, 0),
+                            (False,) * 4, "first", 1_800_000, 0, t + 1_800_000) for i, t in enumerate(quiet.tolist())]
+        ln.step(negatives + stream_batch(imp[chunk] + t0, arrival[chunk] + t0, 1000 * k))
+    delay = ln.delay
+    assert delay is not None and delay.fits[3] is not None
+    # training is untouched: a positive arriving now keeps its weight
+    now = delay.now_ms
+    batch = SampleBatch.from_samples(stream_batch(np.array([now - DAY]), np.array([now]), 99_000))
+    rows = train_rows("fnw", batch, np.full((2, 4), 0.01))
+    plain = rows.weight.copy()
+    ln._delay_weights(batch, rows)
+    np.testing.assert_array_equal(rows.weight, plain)
+    # the served model's mean on the recent impressions is the live mean x the completeness factor
+    served = ln.served_model()
+    recent = ln.recent
+    assert recent is not None
+    w = recent.weights(float(ln.trained_samples), RECENTRE_HALF_LIVES * 200)
+    expect = delay.completeness_factor(3, recent.at_ms[: recent.size], w)
+    assert ln.completeness[3] == pytest.approx(expect) and expect > 1.2
+    live = (w[:, None] * recent.probs[: recent.size]).sum(0) / w.sum()
+    assert live[3] * expect < 0.5
+    x = torch.as_tensor(recent.ids[: recent.size])
+    with torch.no_grad():
+        p = torch.sigmoid(served(x)).double().numpy()
+        unshifted = copy.deepcopy(served)
+        unshifted.head_b.sub_(torch.as_tensor(ln.bias_shift, dtype=unshifted.head_b.dtype))
+        p0 = torch.sigmoid(unshifted(x)).double().numpy()
+    got, before = (w[:, None] * p).sum(0) / w.sum(), (w[:, None] * p0).sum(0) / w.sum()
+    # raised only: to the corrected live mean, unless the average already predicts more
+    assert got[3] == pytest.approx(max(live[3] * expect, before[3]), rel=1e-3)
+    assert got[3] > live[3] * 1.2  # here the correction lifted it well above the live model
+    # click's window (a day) is behind a 3-day-old stream: no correction there
+    assert ln.completeness[0] == 1.0
+
+
+def test_the_old_boolean_setting_still_reads() -> None:
+    from stream.ops.settings import Settings
+
+    assert Settings(trainer_delay_correction=True).trainer_delay_correction == "train"  # type: ignore[arg-type]
+    assert Settings(trainer_delay_correction="false").trainer_delay_correction == "off"
+    assert Settings().trainer_delay_correction == "serve"
+    with pytest.raises(ValueError):
+        Settings(trainer_delay_correction="sometimes")  # type: ignore[arg-type]
