@@ -74,6 +74,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--replay", type=Path, default=None, metavar="DIR",
                    help="no run: replay the samples of a run kept with --keep DIR through the trainer core "
                         "with the settings in the environment (ablations; bench/sample_replay.py)")
+    p.add_argument("--delay-diagnostic", type=Path, default=None, metavar="DIR",
+                   help="no run: a kept run's samples through the delay model, with a model-free delay-corrected "
+                        "rate per task against the truth (bench/delay_estimate.py)")
     return p.parse_args(argv)
 
 
@@ -101,6 +104,11 @@ class FreshSets:
 
     def last(self) -> tuple[list[dict[str, str]], np.ndarray, np.ndarray]:
         return self.day(self.days - 1)
+
+    def truth_mean(self) -> np.ndarray:
+        """(T,) the true mean rates of the last day's set: what calibration divides by."""
+        out: np.ndarray = self.last()[2].mean(axis=0)
+        return out
 
 
 @dataclass(frozen=True)
@@ -363,6 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     for profile in profiles:
         if args.rescore is not None:
             report[profile] = rescore(args.rescore / profile, args)
+            continue
+        if args.delay_diagnostic is not None:
+            from bench.delay_estimate import delay_diagnostic
+
+            sim = FunnelSimulator(SimConfig(seed=args.seed, impressions_per_day=args.impressions_per_day,
+                                            drift=args.drift))
+            truth = FreshSets(sim, args.days, args.fresh).truth_mean()
+            report[profile] = {"delay_diagnostic": delay_diagnostic(args.delay_diagnostic / profile, truth)}
             continue
         if args.replay is not None:
             from bench.sample_replay import replay
