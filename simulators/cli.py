@@ -21,11 +21,11 @@ from stream.ops.settings import load_settings
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("simulate")
     p.add_argument("--days", type=int, default=1, help="simulated days of impressions")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--impressions-per-day", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the simulated world")
+    p.add_argument("--impressions-per-day", type=int, default=20_000, help="impressions per simulated day")
     p.add_argument("--drift", type=float, default=0.0, help="radians/day of concept drift (e.g. 0.03)")
     p.add_argument("--tail-days", type=int, default=0, help="low-rate days after the last one (maturity)")
-    p.add_argument("--tail-impressions-per-day", type=int, default=200)
+    p.add_argument("--tail-impressions-per-day", type=int, default=200, help="impressions per tail day")
     p.add_argument("--fault-rate", type=float, default=0.0, help="rate of every fault kind per impression")
     for kind in ("duplicate", "out-of-order", "malformed", "illegal", "late"):
         p.add_argument(f"--{kind}", type=float, default=None, help=f"rate of {kind} faults")

@@ -177,13 +177,13 @@ def ensure_topics(
 
 
 def topic_configs(admin: Any, topic: str) -> dict[str, str]:
-    """A topic's configs as the broker describes them."""
+    """A topic's configs as the broker describes them (every source: the embedded broker reports
+    the configs a topic was created with as DEFAULT_CONFIG, which the "modified" filter hides)."""
     from kafka.admin import ConfigResource, ConfigResourceType
 
-    (resp,) = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-    (resource,) = resp.resources
-    entries = resource[4]  # (error_code, error_message, type, name, config_entries)
-    return {str(e[0]): str(e[1]) for e in entries}
+    described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all")
+    entries = described.get("topic", {}).get(topic, {})
+    return {str(k): str(v["value"]) for k, v in entries.items() if v.get("value") is not None}
 
 
 def _warn_on_config_drift(admin: Any, spec: TopicSpec) -> None:

@@ -8,6 +8,7 @@ error instead of a traceback.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 # name -> (module whose main(argv) runs it, one-line summary for users)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -43,9 +44,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         help_ = action.help or ""
         if action.help == argparse.SUPPRESS or "default" in help_.lower() or not action.option_strings:
             return action.help
-        if action.default in (None, False, argparse.SUPPRESS, []):
+        if action.default is None or action.default is False or action.default in (argparse.SUPPRESS, []):
             return action.help
         return f"{help_} (default: %(default)s)".strip()
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose options without a help text still show their default (argparse
+    prints nothing at all for an option without help)."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        default = action.default
+        if action.help is None and action.option_strings and default is not None and default is not False:
+            action.help = "(default: %(default)s)"
+        return action
 
 
 def summary(name: str) -> str:
@@ -57,7 +70,7 @@ def summary(name: str) -> str:
 
 def command_parser(name: str) -> argparse.ArgumentParser:
     """The parser of ``aitm-stream NAME`` (``NAME`` a command or ``bench X``)."""
-    return argparse.ArgumentParser(
+    return CommandParser(
         prog=f"aitm-stream {name}", description=summary(name), epilog=EPILOG, formatter_class=HelpFormatter
     )
 
