@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests use (a real Kafka client for interop, the real Prometheus, a browser).
 APT_PACKAGES := kcat prometheus chromium
 
-.PHONY: demo test install lock system-deps lint unit bench-joiner bench-models bench-train bench-stream bench-chaos mutation clean
+.PHONY: demo test install lock dashboards system-deps lint unit bench-joiner bench-models bench-train bench-stream bench-chaos mutation clean
 
 # Reproducible installs: every package pinned by constraints.txt (`make lock` rewrites it from a
 # fresh install). torch is pinned here instead: 2.13.0 is the local CPU wheel.
@@ -43,8 +43,12 @@ system-deps:
 	fi
 
 lint: install
-	$(VENV)/bin/ruff check stream aitm simulators bench tests
-	$(VENV)/bin/mypy stream aitm simulators bench
+	$(VENV)/bin/ruff check stream aitm simulators bench tests deploy/grafana/dashboard.py
+	$(VENV)/bin/mypy stream aitm simulators bench deploy/grafana/dashboard.py
+
+# the Grafana dashboard JSON from its code (grafana-foundation-sdk); a test checks they agree
+dashboards: install
+	$(PY) deploy/grafana/dashboard.py
 
 test: install system-deps lint
 	$(VENV)/bin/pytest -q tests

@@ -132,3 +132,14 @@ def test_dockerfile_runs_as_a_user_with_a_healthcheck() -> None:
 def test_dockerignore_keeps_state_and_venv_out_of_the_build_context() -> None:
     patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".venv", ".data", ".git", "reports"} <= patterns
+
+
+def test_dashboard_json_is_what_its_code_generates() -> None:
+    """The dashboard is built by deploy/grafana/dashboard.py (grafana-foundation-sdk): the JSON
+    Grafana provisions must be exactly its output (`make dashboards` rewrites it)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(DEPLOY / "grafana" / "dashboard.py"), "--check"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
