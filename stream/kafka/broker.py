@@ -287,14 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     if settings.kafka_bootstrap_servers:
         # Under a Procfile supervisor (honcho, foreman) one process exiting stops them all: wait
         # idle until stopped, so that the same Procfile runs against an external Kafka
-        print(f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} is set: no embedded broker "
-              "needed; idle until stopped", flush=True)  # fmt: skip
-        if args.exit_if_external:
-            return 0
         idle = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: idle.set())
-        idle.wait()
+        print(f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} is set: no embedded broker "
+              "needed; idle until stopped", flush=True)  # fmt: skip
+        if not args.exit_if_external:
+            idle.wait()
         return 0
     port = args.port or settings.embedded_broker_port
     broker = EmbeddedBroker(port=port)

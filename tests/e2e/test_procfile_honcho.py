@@ -66,3 +66,21 @@ def test_honcho_keeps_running_after_broker_and_simulator_are_done(broker: Embedd
         if honcho.poll() is None:
             os.killpg(honcho.pid, signal.SIGKILL)
             honcho.wait()
+
+
+def test_broker_idles_with_an_external_kafka_and_stops_cleanly() -> None:
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "broker"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert "no embedded broker needed; idle until stopped" in proc.stdout.readline()
+        time.sleep(1)
+        assert proc.poll() is None  # still there: a supervisor does not see it exit
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    once = subprocess.run([sys.executable, "-m", "stream.cli", "broker", "--exit-if-external"], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert once.returncode == 0
