@@ -31,7 +31,7 @@ lock:
 	$(VENV).lock/bin/pip install -q "torch==2.13.0"
 	$(VENV).lock/bin/pip install -q ".[$(EXTRAS)]"
 	{ echo "# pip constraints for Python 3.11 on Linux x86-64, written by \`make lock\` (torch: see Makefile)"; \
-	  $(VENV).lock/bin/pip freeze --exclude-editable | grep -v -i -E '^(aitm-stream|torch)=='; } > $(CONSTRAINTS)
+	  $(VENV).lock/bin/pip freeze --exclude-editable | grep -v -i -E '^(aitm[-_]stream|torch)( |==|@)'; } > $(CONSTRAINTS)
 	rm -rf $(VENV).lock
 
 system-deps:
