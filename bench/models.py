@@ -22,6 +22,7 @@ from aitm.model import AITM
 from aitm.train import Split, TrainConfig, fit, predict_proba, task_aucs
 from bench.models_report import plot_aucs, plot_curve, render_markdown, summarise
 from bench.report import write_json
+from stream.ops.command import command_parser
 
 ALL_MODELS = ("LightGBM", *NEURAL_MODELS)
 
@@ -144,7 +145,7 @@ def run_lightgbm(data: Data, seed: int) -> dict[str, Any]:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="aitm-stream bench models", description=__doc__)
+    p = command_parser("bench models")
     p.add_argument("--json", type=Path, default=Path("reports/bench_models.json"))
     p.add_argument("--md", type=Path, default=None, help="markdown table (default: JSON path .md)")
     p.add_argument("--plot", type=Path, default=None, help="AUC plot (default: JSON path .png)")

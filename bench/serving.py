@@ -48,6 +48,7 @@ from simulators.kafka_sink import produce
 from stream.contract.events import TASKS
 from stream.contract.versions import parse_version
 from stream.kafka.broker import EmbeddedBroker, ensure_topics, free_port
+from stream.ops.command import command_parser
 from stream.ops.jsonsafe import finite
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings
@@ -58,7 +59,7 @@ N_TASKS = len(TASKS)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="aitm-stream bench serving", description=__doc__)
+    p = command_parser("bench serving")
     p.add_argument("--json", type=Path, default=Path("reports/bench_serving.json"))
     p.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated: realtime,batch_feeds")
     p.add_argument("--days", type=int, default=14, help="simulated days of impressions (>= 14)")

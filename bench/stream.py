@@ -47,13 +47,14 @@ from stream.kafka.broker import EmbeddedBroker, ensure_topics, free_port
 from stream.learn.learner import OnlineLearner
 from stream.learn.sample_batch import N_TASKS
 from stream.learn.stabilisers import Stabilisers, stabilisers_from
+from stream.ops.command import command_parser
 from stream.ops.settings import Settings
 
 MAIN_TASKS = ("approval", "activation")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="aitm-stream bench stream", description=__doc__)
+    p = command_parser("bench stream")
     p.add_argument("--json", type=Path, default=Path("reports/bench_stream.json"))
     p.add_argument("--quick", action="store_true", help="fewer impressions per day and requests (~3 min)")
     p.add_argument("--days", type=int, default=21, help="simulated days of impressions (>= 20)")

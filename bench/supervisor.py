@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-ROOT = Path(__file__).resolve().parent.parent
-PROCFILE = ROOT / "Procfile"
+from stream import resources
+
+PROCFILE = resources.path("Procfile")  # the top-level Procfile, packaged
 
 
 def read_procfile(path: Path = PROCFILE) -> dict[str, list[str]]:
@@ -70,7 +71,7 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env={**self.env, **(extra_env or {}), "PYTHONUNBUFFERED": "1"},
-                cwd=ROOT,
+                cwd=None,  # the caller's directory (an installed package has no repository root)
                 start_new_session=True,
             )
         if name in self.children:

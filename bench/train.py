@@ -15,6 +15,7 @@ from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
 from aitm.train import make_optimizer, pick_device, train_step
 from bench.report import write_json
+from stream.ops.command import command_parser
 
 
 def _sync(device: torch.device) -> None:
@@ -23,7 +24,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="aitm-stream bench train", description=__doc__)
+    p = command_parser("bench train")
     p.add_argument("--json", type=Path, default=Path("reports/bench_train.json"))
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")

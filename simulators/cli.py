@@ -14,17 +14,18 @@ from simulators.delivery import PROFILES
 from simulators.faults import FaultConfig, Record, SimulatedStream
 from simulators.funnel import EPOCH_MS, FunnelSimulator, SimConfig
 from simulators.sinks import Progress, write_files
+from stream.ops.command import command_parser
 from stream.ops.settings import load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aitm-stream simulate", description=__doc__)
+    p = command_parser("simulate")
     p.add_argument("--days", type=int, default=1, help="simulated days of impressions")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--impressions-per-day", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the simulated world")
+    p.add_argument("--impressions-per-day", type=int, default=20_000, help="impressions per simulated day")
     p.add_argument("--drift", type=float, default=0.0, help="radians/day of concept drift (e.g. 0.03)")
     p.add_argument("--tail-days", type=int, default=0, help="low-rate days after the last one (maturity)")
-    p.add_argument("--tail-impressions-per-day", type=int, default=200)
+    p.add_argument("--tail-impressions-per-day", type=int, default=200, help="impressions per tail day")
     p.add_argument("--fault-rate", type=float, default=0.0, help="rate of every fault kind per impression")
     for kind in ("duplicate", "out-of-order", "malformed", "illegal", "late"):
         p.add_argument(f"--{kind}", type=float, default=None, help=f"rate of {kind} faults")
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument(
+        "--stay", action="store_true",
+        help="once every record is sent, keep running (and serving /metrics) until SIGTERM: a Procfile "
+        "supervisor such as honcho stops every process when one exits",
+    )  # fmt: skip
     return p
 
 
@@ -125,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         progress = None if args.quiet else Progress(epoch_ms=EPOCH_MS)
         metrics = None
         if not args.no_metrics:
-            from prometheus_client import CollectorRegistry, start_http_server
+            from prometheus_client import start_http_server
 
-            from stream.ops.metrics import SimulatorMetrics
+            from stream.ops.metrics import SimulatorMetrics, process_registry
 
-            registry = CollectorRegistry()
+            registry = process_registry()
             metrics = SimulatorMetrics(registry)
             start_http_server(settings.metrics_port_simulator, addr=settings.metrics_host, registry=registry)
         from kafka.errors import KafkaError
@@ -141,13 +147,17 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         except KafkaError as exc:
             print(f"error: cannot produce to Kafka at {settings.bootstrap()}: {exc}", file=sys.stderr)
-            return 1
+            return 69  # EX_UNAVAILABLE, as for every command (stream/cli.py)
         where = settings.bootstrap()
     elapsed = time.monotonic() - t0
     total = sum(counts.values())
     print(f"sent {total} records to {where} in {elapsed:.1f}s ({total / max(elapsed, 1e-9):,.0f}/s)")
     for topic, n in sorted(counts.items()):
         print(f"  {topic:<14} {n:>10}")
+    if args.stay and args.out is None:
+        print("done; staying up until stopped (--stay)", flush=True)
+        while not stopping:
+            time.sleep(0.2)
     return 0
 
 

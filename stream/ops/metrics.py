@@ -8,7 +8,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+
+def process_registry() -> CollectorRegistry:
+    """A fresh registry for one process's ``/metrics``, with the client's standard collectors on it:
+    ``process_*`` (CPU seconds, resident memory, open fds, start time), ``python_info`` and
+    ``python_gc_*``. (The client registers these on its global registry, which no process here
+    serves: every process builds its own registry and passes it to its metrics classes.)"""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
 
 # label delay spans seconds (a click) to weeks (an activation at T+14)
 _DELAY_BUCKETS = (60, 600, 1800, 3600, 6 * 3600, 86_400, 3 * 86_400, 7 * 86_400, 14 * 86_400, 21 * 86_400)
@@ -75,6 +96,11 @@ class TrainerMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.writer_lease = Gauge(
+            "aitm_trainer_writer_lease",
+            "1 while this trainer holds the model store's writer lease (active), 0 while it waits as a standby",
+            registry=registry,
+        )
         self.auc = Gauge(
             "aitm_trainer_auc_ratio",
             "Test-then-train conversion AUC per task on final labels",

@@ -49,14 +49,19 @@ class ModelStore:
     def __init__(self, root: Path, keep: int = 20) -> None:
         self.root = Path(root)
         self.keep = keep
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a reader on a read-only mount, before any writer made the directory
+            log.warning("model store %s does not exist and cannot be created (%s): waiting for a writer", root, exc)
 
     def path_of(self, version: int) -> Path:
         return self.root / f"v{version:08d}.ckpt"
 
     def versions(self) -> list[int]:
         """Version numbers present, ascending."""
-        out = []
+        out: list[int] = []
+        if not self.root.is_dir():
+            return out
         for p in self.root.iterdir():
             m = _NAME.match(p.name)
             if m:

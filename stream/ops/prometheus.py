@@ -1,21 +1,22 @@
 """``aitm-stream prometheus``: run the real Prometheus on the processes' configured ports.
 
-Renders ``deploy/prometheus/prometheus.yml`` with the metrics ports from the settings into
+Renders ``deploy/prometheus/prometheus.yml`` (packaged as ``stream/resources/prometheus``) with the metrics ports from the settings into
 ``DATA_DIR/prometheus/``, copies the rule files beside it and runs the ``prometheus`` binary
 (Debian's package; ``make test``/``make demo`` install it) on loopback.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from stream import resources
+from stream.ops.command import command_parser
 from stream.ops.settings import Settings, load_settings
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
+DEPLOY = resources.path("prometheus")  # deploy/prometheus, packaged
 JOBS = ("broker", "simulator", "joiner", "trainer", "scorer")
 
 
@@ -65,7 +66,7 @@ def command(settings: Settings, config: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="aitm-stream prometheus", description=__doc__)
+    p = command_parser("prometheus")
     p.add_argument("--scrape-interval", type=float, default=2.0, help="seconds between scrapes")
     args = p.parse_args(argv)
     settings = load_settings()

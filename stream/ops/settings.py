@@ -16,11 +16,16 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
+class SettingsError(ValueError):
+    """Settings that parse one by one but do not work together (e.g. SASL without a username)."""
+
+
 class TopicSpec(BaseModel):
-    """A topic's name and partition count."""
+    """A topic's name, partition count and topic-level configs (Apache Kafka's names)."""
 
     name: str
     partitions: int = Field(ge=1)
+    config: dict[str, str] = Field(default_factory=dict)
 
 
 class Settings(BaseSettings):
@@ -41,6 +46,9 @@ class Settings(BaseSettings):
     # consumer-group session timeout: short, because the embedded broker holds a JoinGroup
     # for half of it (BROKER.md); raise it against a real cluster.
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
+    # at start-up each process retries reaching Kafka (exponential backoff) for at most this long,
+    # then exits with one line and code 69
+    kafka_connect_timeout_s: float = Field(default=30.0, gt=0)
 
     # --- topics (names and partition counts)
     topic_impressions: str = "impressions"
@@ -263,7 +271,8 @@ class Settings(BaseSettings):
             TopicSpec(name=self.topic_samples, partitions=self.samples_partitions),
             TopicSpec(name=self.topic_dead_letters, partitions=1),
             TopicSpec(name=self.topic_scores, partitions=self.scores_partitions),
-            TopicSpec(name=self.topic_model_versions, partitions=1),
+            # compacted: the newest announcement (key "model") is kept however long the topic lives
+            TopicSpec(name=self.topic_model_versions, partitions=1, config={"cleanup.policy": "compact"}),
         ]
 
     def kafka_python_config(self) -> dict[str, Any]:
@@ -283,7 +292,7 @@ def kafka_client_config(settings: Settings, style: Literal["kafka-python", "aiok
     }
     if settings.kafka_security_protocol.startswith("SASL"):
         if settings.kafka_sasl_mechanism is None or settings.kafka_sasl_username is None:
-            raise ValueError(
+            raise SettingsError(
                 "KAFKA_SECURITY_PROTOCOL is SASL_*: set KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME "
                 "and KAFKA_SASL_PASSWORD"
             )

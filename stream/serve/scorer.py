@@ -23,7 +23,6 @@ Score record (JSON, ``schema_version`` 1; key = impression id)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import signal
@@ -39,7 +38,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from stream.contract.events import InvalidEvent, dead_letter, parse_event
 from stream.kafka import offsets
 from stream.ops.clock import Clock, SystemClock
-from stream.ops.metrics import RefreshMetrics, ScorerMetrics
+from stream.ops.command import add_loglevel, command_parser
+from stream.ops.metrics import RefreshMetrics, ScorerMetrics, process_registry
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings, load_settings
 from stream.serve.http import BadRequest, ScoringServer, parse_request, serve_http
@@ -216,10 +216,10 @@ class Scorer:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the scorer (stream path, model watcher, HTTP endpoint) until SIGTERM/SIGINT."""
-    p = argparse.ArgumentParser(prog="aitm-stream scorer", description=__doc__)
+    p = command_parser("scorer")
     p.add_argument("--http-port", type=int, default=None, help="default SCORER_HTTP_PORT")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
-    p.add_argument("--loglevel", default="info")
+    add_loglevel(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s scorer %(levelname)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
@@ -227,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(settings.scorer_threads)
     from stream.kafka.broker import ensure_topics
 
-    ensure_topics(settings.kafka_python_config(), settings.topic_specs(), settings.topic_replication_factor)
-    registry = CollectorRegistry()
+    ensure_topics(settings.kafka_python_config(), settings.topic_specs(), settings.topic_replication_factor,
+                  settings.kafka_connect_timeout_s)
+    registry = process_registry()
     if not args.no_metrics:
         start_http_server(settings.metrics_port_scorer, addr=settings.metrics_host, registry=registry)
     scorer = Scorer(settings, registry)

@@ -68,3 +68,10 @@ def prometheus_port(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[n
 def test_query_returns_data(prometheus_port: str, title: str, expr: str) -> None:
     result = query(prometheus_port, expr)
     assert result, f"{title}: {expr} returned no data"
+
+
+def test_every_process_serves_process_and_gc_collectors(prometheus_port: str) -> None:
+    """process_* and python_gc_* from every scraped process, as the real Prometheus sees them."""
+    for metric in ("process_resident_memory_bytes", "process_cpu_seconds_total", "python_gc_collections_total"):
+        jobs = {r["metric"]["job"] for r in query(prometheus_port, f"count by (job) ({metric})")}
+        assert {"broker", "joiner", "trainer", "scorer"} <= jobs, (metric, jobs)

@@ -71,3 +71,12 @@ def test_announcement_round_trip_and_validation() -> None:
     for raw in bad:
         with pytest.raises(InvalidVersion):
             parse_version(raw)
+
+
+def test_a_reader_waits_for_a_store_it_cannot_create(tmp_path: Path) -> None:
+    """A scorer on a read-only mount before any trainer wrote: no crash, no versions yet."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    store = ModelStore(blocker / "models")  # mkdir fails (the parent is a file): an OSError
+    assert store.versions() == []
+    assert store.load_latest() is None

@@ -1,0 +1,80 @@
+"""The ``aitm-stream`` command table and the argument parser every subcommand builds from it.
+
+One place for what ``--help`` shows: a user-facing summary per command (not the module's developer
+docstring), every option's default, and a ``--loglevel`` that refuses unknown levels with a usage
+error instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+# name -> (module whose main(argv) runs it, one-line summary for users)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "broker": ("stream.kafka.broker", "run the embedded Kafka-protocol broker (Tansu) on loopback"),
+    "simulate": ("simulators.cli", "stream a simulated funnel to Kafka or to files"),
+    "joiner": ("stream.join.app", "join funnel events into training samples (faust + RocksDB)"),
+    "trainer": ("stream.learn.trainer", "train AITM incrementally on samples, test-then-train"),
+    "scorer": ("stream.serve.scorer", "score impressions and serve HTTP scoring"),
+    "prometheus": ("stream.ops.prometheus", "run Prometheus on the processes' metrics ports"),
+    "demo": ("bench.demo", "run the whole pipeline on the embedded broker"),
+    "health": ("stream.ops.health", "probe a process's HTTP endpoint (container healthchecks)"),
+}
+BENCHES: dict[str, tuple[str, str]] = {
+    "joiner": ("bench.joiner", "joiner events/s vs a no-op faust agent and a plain loop"),
+    "models": ("bench.models", "offline AITM vs baselines vs the oracle"),
+    "train": ("bench.train", "training samples/s and batch-1 scoring latency"),
+    "stream": ("bench.stream", "the streaming learner end to end"),
+    "chaos": ("bench.chaos", "kill -9 chaos run: nothing lost"),
+    "serving": ("bench.serving", "every published model version against the truth"),
+}
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+EPILOG = (
+    "Settings come from environment variables (KAFKA_BOOTSTRAP_SERVERS, DATA_DIR, METRICS_PORT_*, ...;\n"
+    "the README's Configuration table lists them all). Exit codes: 0 done, 2 bad arguments,\n"
+    "69 Kafka unreachable, 78 bad settings."
+)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to every option with a real default that its help does not name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_ = action.help or ""
+        if action.help == argparse.SUPPRESS or "default" in help_.lower() or not action.option_strings:
+            return action.help
+        if action.default is None or action.default is False or action.default in (argparse.SUPPRESS, []):
+            return action.help
+        return f"{help_} (default: %(default)s)".strip()
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose options without a help text still show their default (argparse
+    prints nothing at all for an option without help)."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        default = action.default
+        if action.help is None and action.option_strings and default is not None and default is not False:
+            action.help = "(default: %(default)s)"
+        return action
+
+
+def summary(name: str) -> str:
+    """The summary of ``name`` (a command, or ``bench NAME``)."""
+    if name.startswith("bench "):
+        return BENCHES[name.removeprefix("bench ")][1]
+    return COMMANDS[name][1]
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of ``aitm-stream NAME`` (``NAME`` a command or ``bench X``)."""
+    return CommandParser(
+        prog=f"aitm-stream {name}", description=summary(name), epilog=EPILOG, formatter_class=HelpFormatter
+    )
+
+
+def add_loglevel(parser: argparse.ArgumentParser, default: str = "info") -> None:
+    """``--loglevel``: one of LOG_LEVELS, any case."""
+    parser.add_argument("--loglevel", type=str.lower, choices=LOG_LEVELS, default=default, help="log level")
