@@ -101,16 +101,18 @@ def test_a_recycled_row_starts_from_its_fields_oov_row_with_fresh_optimizer_stat
     assert float(state["exp_avg_sq"][row].abs().sum()) > 0
     assert not torch.equal(weight[row], weight[1])
     # two days later "new" needs a row: "old"'s is recycled. The learner resets it before using it:
-    # the row becomes the user field's OOV row and its moments are cleared, in the live model and
-    # in the served average. Test this with a step that does not train, then one that does.
+    # drawn afresh, the same in the live model and the served average, its moments cleared
     ids = table.encode_columns({"city": ["oslo"], "user": ["new"]}, 1, update=True, event_time_ms=[2 * DAY])
     assert int(ids[0, 1]) + 1 == row
-    ln._reset_rows(table.take_assigned())
-    assert torch.equal(weight[row], weight[1])
-    assert float(state["exp_avg"][row].abs().sum()) == 0 and float(state["exp_avg_sq"][row].abs().sum()) == 0
+    trained = weight[row].clone()
     assert ln.average is not None
     avg = ln.average.model.embedding.table.weight  # type: ignore[union-attr]
-    assert torch.equal(avg[row], avg[1])
+    assert not torch.equal(avg[row], weight[row])  # the average lags the trained row
+    ln._reset_rows(table.take_assigned())
+    assert not torch.equal(weight[row], trained)
+    assert torch.equal(avg[row], weight[row])
+    assert float(weight[row].abs().max()) < 0.5  # a draw from the initial N(0, 0.1^2)
+    assert float(state["exp_avg"][row].abs().sum()) == 0 and float(state["exp_avg_sq"][row].abs().sum()) == 0
 
 
 def test_a_training_step_resets_the_row_it_recycles() -> None:
