@@ -310,7 +310,8 @@ def _throughput(run: Run, report: dict[str, Any]) -> None:
 
     # like with like: the trainer's batch and torch threads
     bench_train.main(["--json", str(run.work / "bench_train.json"), "--steps", "80", "--score-calls", "500",
-                      "--batch", str(args.batch), "--threads", str(run.settings.trainer_threads)])
+                      "--batch", str(args.batch), "--threads", str(run.settings.trainer_threads),
+                      "--rows", str(run.settings.trainer_embedding_rows)])
     offline = json.loads((run.work / "bench_train.json").read_text())["train_samples_per_s"]
     report["offline_train_batch"] = args.batch
     report["offline_train_threads"] = run.settings.trainer_threads
