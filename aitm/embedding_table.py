@@ -66,8 +66,9 @@ class DynamicTable:
             raise ValueError("a dynamic table needs at least one field")
         if rows < 1:
             raise ValueError(f"rows (TRAINER_EMBEDDING_ROWS) must be >= 1, got {rows}")
-        if min_count < 1 or ttl_ms < 1:
-            raise ValueError(f"min_count and ttl_ms must be >= 1, got {min_count} and {ttl_ms}")
+        if not 1 <= min_count <= 255 or ttl_ms < 1:
+            raise ValueError(f"min_count must be in 1..255 (the sketch's counters are bytes) and ttl_ms >= 1, "
+                             f"got {min_count} and {ttl_ms}")
         self.fields = tuple(fields)
         self.n_fields = len(self.fields)
         self.rows = int(rows)

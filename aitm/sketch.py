@@ -3,7 +3,7 @@
 The dynamic embedding table's frequency filter (``aitm.embedding_table``) counts the sightings of
 values that have no row yet here, so that counting a long tail of IDs seen once costs a fixed
 ``depth x width`` array rather than a dict that grows with every ID the stream ever brings.
-Estimates never undercount; with ``total`` increments spread over ``width`` counters a key is
+Estimates never undercount (below the counters' cap of 255); with ``total`` increments spread over ``width`` counters a key is
 over-counted by more than ``e * total / width`` with probability at most ``exp(-depth)``.
 Counts age: once ``width`` increments have been added since the last halving, every counter is
 halved, so a key must be seen ``min_count`` times within roughly the last ``width`` sightings of
@@ -33,15 +33,19 @@ def key_hashes(keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return h[:, 0], h[:, 1] | 1  # an odd step: double hashing visits distinct counters
 
 
+CAP = 255  # counters saturate here: a frequency filter only needs to count up to its threshold
+
+
 class CountMinSketch:
-    """``depth`` rows of ``width`` uint32 counters; row ``i`` indexes ``h1 + i * h2 mod width``."""
+    """``depth`` rows of ``width`` uint8 counters (saturating at ``CAP``); row ``i`` indexes
+    ``h1 + i * h2 mod width``. One byte a counter keeps it small inside every checkpoint."""
 
     def __init__(self, width: int = 1 << 20, depth: int = 3) -> None:
         if width < 16 or depth < 1:
             raise ValueError(f"a sketch needs width >= 16 and depth >= 1, got {width} x {depth}")
         self.width = int(width)
         self.depth = int(depth)
-        self.table = np.zeros((self.depth, self.width), np.uint32)  # (D, W)
+        self.table = np.zeros((self.depth, self.width), np.uint8)  # (D, W)
         self.added_since_halving = 0
 
     @property
@@ -60,10 +64,13 @@ class CountMinSketch:
         """
         if not keys:
             return np.zeros(0, np.int64)
-        c = np.ones(len(keys), np.uint32) if counts is None else np.asarray(counts, np.uint32)
+        c = np.ones(len(keys), np.int64) if counts is None else np.asarray(counts, np.int64)
         cells = self._cells(keys)  # (D, K)
         for i in range(self.depth):
-            np.add.at(self.table[i], cells[i], c)
+            uniq, inverse = np.unique(cells[i], return_inverse=True)
+            added = np.bincount(inverse.reshape(-1), weights=c, minlength=uniq.size).astype(np.int64)  # (U,)
+            row = self.table[i]
+            row[uniq] = np.minimum(CAP, row[uniq].astype(np.int64) + added).astype(np.uint8)
         est = self.table[np.arange(self.depth)[:, None], cells].min(axis=0).astype(np.int64)  # (K,)
         self.added_since_halving += int(c.sum())
         if self.added_since_halving >= self.width:
@@ -79,12 +86,11 @@ class CountMinSketch:
 
     def state_dict(self) -> dict[str, Any]:
         return {"width": self.width, "depth": self.depth, "added_since_halving": self.added_since_halving,
-                # int32 view of the same bits: torch has no uint32 that weights_only loads everywhere
-                "table": torch.from_numpy(self.table.view(np.int32).copy())}
+                "table": torch.from_numpy(self.table.copy())}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> CountMinSketch:
         s = cls(int(state["width"]), int(state["depth"]))
-        s.table = np.asarray(state["table"].numpy(), np.int32).view(np.uint32).reshape(s.depth, s.width).copy()
+        s.table = np.asarray(state["table"].numpy(), np.uint8).reshape(s.depth, s.width).copy()
         s.added_since_halving = int(state["added_since_halving"])
         return s

@@ -155,7 +155,7 @@ class Settings(BaseSettings):
     # a value gets a row once seen this many times; a row not seen for the TTL (event time) is
     # given to a new value when the budget is full
     trainer_embedding_rows: int = Field(default=200_000, ge=1)
-    trainer_feature_min_count: int = Field(default=10, ge=1)
+    trainer_feature_min_count: int = Field(default=10, ge=1, le=255)
     trainer_embedding_ttl_ms: int = Field(default=7 * 86_400_000, ge=1)
     # offline checkpoint (aitm.checkpoint format) to start from when the store is empty
     trainer_warm_start: Path | None = None
