@@ -192,3 +192,21 @@ def test_the_sketch_never_undercounts_and_ages() -> None:
     assert int(s.estimate(["k0"])[0]) >= (3 + 150) // 2
     back = CountMinSketch.from_state_dict(s.state_dict())
     np.testing.assert_array_equal(back.table, s.table)
+
+
+def test_a_version_with_a_dynamic_table_loads_for_serving_and_scores_as_trained(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from stream.ops.model_store import ModelStore
+    from stream.serve.versions import load_servable
+
+    table = DynamicTable(("city", "user"), rows=8, min_count=1, ttl_ms=DAY, sketch_width=1024)
+    ln = OnlineLearner(table, mode="final-only", eval_window=100, stabilisers=Stabilisers(min_step_rows=1))
+    ln.step([_sample(j, 0, f"u{j % 3}", (j % 2, 0, 0, 0)) for j in range(12)])
+    store = ModelStore(Path(str(tmp_path)) / "models")
+    store.publish(4, make_checkpoint(ln.model, ln.model.config, table.state_dict(), 4))
+    served = load_servable(store, 4)
+    rows = [{"city": "oslo", "user": "u1"}, {"city": "oslo", "user": "never-seen"}]
+    ids = table.encode_dicts(rows)
+    assert ids[0, 1] != 0 and ids[1, 1] == 0
+    np.testing.assert_allclose(served.predict(rows)[:, 0], ln.predict(ids)[:, 0], rtol=1e-6)
