@@ -256,6 +256,8 @@ class DynamicTable:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data and tensors, safe for ``torch.load(weights_only=True)``; exact on reload."""
+        used = np.flatnonzero(self.row_field >= 0).astype(np.int64)
+        seq = np.flatnonzero(self.row_seq > 0).astype(np.int64)
         return {
             "kind": KIND,
             "fields": list(self.fields),
@@ -264,9 +266,14 @@ class DynamicTable:
             "ttl_ms": self.ttl_ms,
             "sketch": self.sketch.state_dict(),
             "vocab": [dict(v) for v in self.vocab],
-            "last_seen": torch.from_numpy(self.last_seen.copy()),
-            "row_seq": torch.from_numpy(self.row_seq.copy()),
-            "free": torch.from_numpy(self.free[: self.n_free].copy()),
+            # per-row state only where there is some: last-seen times of the rows in use, assignment
+            # numbers of the rows ever assigned (a freed row keeps its last holder's, for ids encoded
+            # before); the free stack in its order (which row goes next), as int32
+            "used_rows": torch.from_numpy(used),
+            "used_last_seen": torch.from_numpy(self.last_seen[used]),
+            "seq_rows": torch.from_numpy(seq),
+            "seq_values": torch.from_numpy(self.row_seq[seq]),
+            "free": torch.from_numpy(self.free[: self.n_free].astype(np.int32)),
             "assigned": list(self.assigned),
             "now_ms": self.now_ms,
             "next_expiry_ms": self.next_expiry_ms,
@@ -288,9 +295,10 @@ class DynamicTable:
             for value, local in vocab.items():
                 t.row_field[local + f] = f
                 t.row_value[local + f] = value
-        t.last_seen = state["last_seen"].numpy().copy()
-        t.row_seq = state["row_seq"].numpy().copy()
-        free = state["free"].numpy()
+        used = state["used_rows"].numpy()
+        t.last_seen[used] = state["used_last_seen"].numpy()
+        t.row_seq[state["seq_rows"].numpy()] = state["seq_values"].numpy()
+        free = state["free"].numpy().astype(np.int64)
         t.n_free = int(free.size)
         t.free[: t.n_free] = free
         t.assigned = [int(r) for r in state["assigned"]]

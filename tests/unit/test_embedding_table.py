@@ -154,6 +154,9 @@ def test_the_table_round_trips_exactly_through_a_checkpoint(tmp_path: object) ->
         elif k != "sketch":
             assert v == w, k
     np.testing.assert_array_equal(back.sketch.table, t.sketch.table)
+    for name in ("last_seen", "row_seq", "row_field"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(t, name), err_msg=name)
+    assert back.row_value == t.row_value and back.free[: back.n_free].tolist() == t.free[: t.n_free].tolist()
     # and it goes on exactly as the original would: same ids, admissions and evictions
     for day in range(10, 14):
         cols = {f: [f"{f}{int(x) + 8 * day}" for x in rng.zipf(1.3, 300) % 40] for f in fields}
