@@ -49,6 +49,8 @@ class FeatureEncoder:
         self.max_pending = max_pending  # bound on counted-but-not-admitted values per field
         self.vocab: list[dict[str, int]] = [{} for _ in self.fields]
         self.pending: list[dict[str, int]] = [{} for _ in self.fields]
+        self.lookups = np.zeros(len(self.fields), np.int64)  # training look-ups per field (not saved)
+        self.misses = np.zeros(len(self.fields), np.int64)  # ... that were out of vocabulary
 
     @property
     def vocab_sizes(self) -> tuple[int, ...]:
@@ -76,7 +78,15 @@ class FeatureEncoder:
         return self.vocab[f].get(value, OOV)
 
     def encode_column(self, f: int, values: Sequence[str] | np.ndarray, update: bool = False) -> np.ndarray:
-        """Encode one field's values (N,) -> ids (N,) int64; counts them first if ``update``.
+        """Encode one field's values (N,) -> ids (N,) int64; counts them first if ``update``."""
+        ids = self._encode_column(f, values, update)
+        if update:
+            self.lookups[f] += len(ids)
+            self.misses[f] += int((ids == OOV).sum())
+        return ids
+
+    def _encode_column(self, f: int, values: Sequence[str] | np.ndarray, update: bool) -> np.ndarray:
+        """``encode_column`` without the look-up counts.
 
         A numpy array (offline, large N) goes through ``np.unique``; a list of strings (a
         streaming batch) through plain dict look-ups, which is faster for small batches.
@@ -134,8 +144,10 @@ class FeatureEncoder:
             columns = [[r.get(name, "") for r in rows] for name in self.fields]
         return self.encode_columns(dict(zip(self.fields, columns, strict=True)), len(rows), update)
 
-    def encode_columns(self, columns: Mapping[str, Sequence[str]], n: int, update: bool = False) -> np.ndarray:
-        """Encode feature columns ``{field: (N,) values}`` -> (N, F); a missing field is ``""``."""
+    def encode_columns(self, columns: Mapping[str, Sequence[str]], n: int, update: bool = False,
+                       event_time_ms: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """Encode feature columns ``{field: (N,) values}`` -> (N, F); a missing field is ``""``.
+        (``event_time_ms`` is for the dynamic table's expiry; this encoder never expires ids.)"""
         out = np.empty((n, len(self.fields)), dtype=np.int64)
         for f, name in enumerate(self.fields):
             col = columns.get(name)
@@ -145,6 +157,21 @@ class FeatureEncoder:
                 raise ValueError(f"column {name!r} has {len(col)} values, expected {n}")
             out[:, f] = self.encode_column(f, col, update)
         return out
+
+    def take_assigned(self) -> np.ndarray:
+        """Rows given since the last call that need a reset: none (ids are never reused here)."""
+        return np.zeros(0, np.int64)
+
+    def oov_rows(self, rows: np.ndarray) -> np.ndarray:
+        return np.zeros(0, np.int64)
+
+    def marker(self) -> list[int] | None:
+        """Ids per field known now (threshold ids are given in order), None if hashed."""
+        return [len(v) for v in self.vocab] if self.mode == "threshold" else None
+
+    def known_as_of(self, ids: np.ndarray, marker: Any) -> np.ndarray:
+        """``ids`` (N, F) with ids given after ``marker`` (an earlier ``marker()``) mapped to OOV."""
+        return ids if marker is None else np.where(ids > np.asarray(marker), OOV, ids)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state (str/int/list/dict only), safe for ``torch.load(weights_only=True)``."""

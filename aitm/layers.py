@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 _INT16_SPAN = 65536
+EMBEDDING_INIT_STD = 0.1  # a new embedding row is drawn from N(0, this^2)
 
 
 class FastDropout(nn.Module):
@@ -54,7 +55,7 @@ class FusedEmbedding(nn.Module):
         offsets = torch.tensor([0, *list(vocab_sizes)[:-1]], dtype=torch.int64).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)  # (F,)
         self.table = nn.Embedding(int(sum(vocab_sizes)), dim * copies)
-        nn.init.normal_(self.table.weight, std=0.1)
+        nn.init.normal_(self.table.weight, std=EMBEDDING_INIT_STD)
 
     @property
     def out_dim(self) -> int:

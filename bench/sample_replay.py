@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from aitm.features import FeatureEncoder
+from aitm.embedding_table import DynamicTable
 from bench.serving import FreshSets, VersionScore, report_of, score_version
 from simulators.funnel import FunnelSimulator, SimConfig
 from stream.contract.samples import Sample, parse_sample
@@ -45,12 +45,11 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(s.trainer_threads)
     sim = FunnelSimulator(SimConfig(seed=args.seed, impressions_per_day=args.impressions_per_day, drift=args.drift))
     fresh = FreshSets(sim, args.days, args.fresh)
-    caps = {f: c + 1 for f, c in zip(sim.field_names, sim.cardinalities, strict=True)}  # as the bench's trainer
     stream = read_samples(work / "samples.ndjson")
     fields = fields_of([stream[0][1]])
     torch.manual_seed(0)
-    learner = OnlineLearner(FeatureEncoder(fields, capacity=[caps.get(f, s.trainer_feature_capacity) for f in fields],
-                                           min_count=s.trainer_feature_min_count),
+    learner = OnlineLearner(DynamicTable(fields, s.trainer_embedding_rows, s.trainer_feature_min_count,
+                                         s.trainer_embedding_ttl_ms),
                             s.trainer_mode, s.trainer_lr, eval_window=s.trainer_eval_window,
                             one_pass=s.trainer_one_pass, stabilisers=stabilisers_from(s))
     scores: list[VersionScore] = []

@@ -235,7 +235,6 @@ def run_profile(profile: str, args: argparse.Namespace, work: Path) -> dict[str,
     t0 = time.monotonic()
     sim = FunnelSimulator(SimConfig(seed=args.seed, impressions_per_day=args.impressions_per_day, drift=args.drift))
     fresh = FreshSets(sim, args.days, args.fresh)
-    caps = {f: c + 1 for f, c in zip(sim.field_names, sim.cardinalities, strict=True)}  # as bench stream
     broker = EmbeddedBroker(log_path=work / "tansu.log").start()
     settings = Settings(kafka_bootstrap_servers=broker.bootstrap, data_dir=work / "data", model_store_keep=1_000_000)
     # the days' events, then every late one (the tail), as the simulator's delivery profile delivers them
@@ -251,7 +250,6 @@ def run_profile(profile: str, args: argparse.Namespace, work: Path) -> dict[str,
         "METRICS_PORT_JOINER": str(free_port()),
         "METRICS_PORT_TRAINER": str(free_port()),
         "METRICS_PORT_SCORER": str(free_port()),
-        "TRAINER_FEATURE_CAPACITIES": json.dumps(caps),
         "JOINER_RECOVERY_CONSISTENCY_CHECK": "false",  # the embedded broker (BROKER.md)
         "JOINER_SWEEP_INTERVAL_MS": "50",  # 10 simulated minutes per sweep at 12000x, as bench stream
     }
@@ -367,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "days": args.days, "impressions_per_day": args.impressions_per_day, "drift": args.drift,
         "fresh_impressions": args.fresh, "skip_days": args.skip_days, "speedup": args.speedup, "seed": args.seed,
         "settings": {k: v for k, v in Settings().model_dump().items() if k.startswith("trainer_") and k not in
-                     ("trainer_warm_start", "trainer_feature_capacities")},
+                     ("trainer_warm_start",)},
     }
     for profile in profiles:
         if args.rescore is not None:

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aitm.embedding_table import DynamicTable
 from aitm.evaluate import auc
-from aitm.features import FeatureEncoder
 from aitm.train import pick_device
 from bench.report import write_json
 from bench.supervisor import Supervisor, wait_http
@@ -109,14 +109,16 @@ class Prober(threading.Thread):
 # --- quality replay ----------------------------------------------------------------------------
 
 
-def _replay(samples: list[Sample], fields: tuple[str, ...], caps: list[int], mode: str,
+def _replay(samples: list[Sample], fields: tuple[str, ...], settings: Settings, mode: str,
             train_until_ms: int | None = None, *, lr: float, batch: int = 500,
             batches: list[list[Sample]] | None = None, stabilisers: Stabilisers | None = None,
             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Test-then-train over ``samples`` in batches of ``batch`` (or over the given ``batches``),
     with the trainer's stabilisers; returns impression id -> (final labels, prediction)."""
     torch.manual_seed(0)
-    learner = OnlineLearner(FeatureEncoder(fields, capacity=caps, min_count=10), mode=mode, lr=lr,
+    table = DynamicTable(fields, settings.trainer_embedding_rows, settings.trainer_feature_min_count,
+                         settings.trainer_embedding_ttl_ms)  # the trainer's table, at its default settings
+    learner = OnlineLearner(table, mode=mode, lr=lr,
                             stabilisers=stabilisers)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     chunks = batches if batches is not None else [samples[i : i + batch] for i in range(0, len(samples), batch)]
@@ -171,7 +173,6 @@ class Run:
     work: Path
     sim: FunnelSimulator
     stream: SimulatedStream
-    caps: dict[str, int]
     broker: EmbeddedBroker
     settings: Settings
     procs: Supervisor
@@ -189,7 +190,6 @@ def _setup(args: argparse.Namespace) -> Run:
     work.mkdir(parents=True, exist_ok=True)
     sim = FunnelSimulator(SimConfig(seed=args.seed, impressions_per_day=per_day, drift=args.drift))
     stream = SimulatedStream(sim, args.days, tail_days=16, tail_impressions_per_day=max(50, per_day // 40))
-    caps = {f: c + 1 for f, c in zip(sim.field_names, sim.cardinalities, strict=True)}  # as bench train
     broker = EmbeddedBroker(log_path=work / "tansu.log").start()
     settings = Settings(kafka_bootstrap_servers=broker.bootstrap, data_dir=work / "data")
     ensure_topics(settings.kafka_python_config(), settings.topic_specs())
@@ -202,14 +202,13 @@ def _setup(args: argparse.Namespace) -> Run:
         "METRICS_PORT_JOINER": str(free_port()),
         "METRICS_PORT_TRAINER": str(free_port()),
         "METRICS_PORT_SCORER": str(free_port()),
-        "TRAINER_FEATURE_CAPACITIES": json.dumps(caps),
         "PYTHONUNBUFFERED": "1",
         "TRAINER_BATCH_SIZE": str(args.batch),
         "TRAINER_LR": str(args.lr),
         "JOINER_SWEEP_INTERVAL_MS": "50",  # 10 simulated minutes per sweep at 12000x
         "JOINER_MAX_FUTURE_MS": "0",  # simulated event time may run ahead of the wall clock
     }
-    return Run(args, work, sim, stream, caps, broker, settings, Supervisor(env, work), http_port, per_day, n_latency)
+    return Run(args, work, sim, stream, broker, settings, Supervisor(env, work), http_port, per_day, n_latency)
 
 
 def _live(run: Run, report: dict[str, Any]) -> tuple[list[Sample], list[dict[str, str]]]:
@@ -312,7 +311,8 @@ def _throughput(run: Run, report: dict[str, Any]) -> None:
 
     # like with like: the trainer's batch and torch threads
     bench_train.main(["--json", str(run.work / "bench_train.json"), "--steps", "80", "--score-calls", "500",
-                      "--batch", str(args.batch), "--threads", str(run.settings.trainer_threads)])
+                      "--batch", str(args.batch), "--threads", str(run.settings.trainer_threads),
+                      "--rows", str(run.settings.trainer_embedding_rows)])
     offline = json.loads((run.work / "bench_train.json").read_text())["train_samples_per_s"]
     report["offline_train_batch"] = args.batch
     report["offline_train_threads"] = run.settings.trainer_threads
@@ -336,21 +336,20 @@ def _quality(run: Run, collected: list[Sample], report: dict[str, Any]) -> None:
     args = run.args
     samples = collected
     fields = tuple(run.sim.field_names)
-    cap_list = [run.caps[f] for f in fields]
     cutoff = EPOCH_MS + args.frozen_days * DAY_MS
     event_ms = {s.impression_id: s.event_time_ms for s in samples}
     last_day_ms = EPOCH_MS + args.days * DAY_MS
     t_q = time.monotonic()
     kw = {"batch": args.batch, "lr": args.lr, "stabilisers": stabilisers_from(run.settings)}
     pairs = {
-        "incremental": _replay(samples, fields, cap_list, run.settings.trainer_mode, **kw),
-        "frozen": _replay(samples, fields, cap_list, run.settings.trainer_mode, cutoff, **kw),
-        "final_only": _replay(samples, fields, cap_list, "final-only", **kw),
-        "oracle_learner": _replay(samples, fields, cap_list, "final-only",
+        "incremental": _replay(samples, fields, run.settings, run.settings.trainer_mode, **kw),
+        "frozen": _replay(samples, fields, run.settings, run.settings.trainer_mode, cutoff, **kw),
+        "final_only": _replay(samples, fields, run.settings, "final-only", **kw),
+        "oracle_learner": _replay(samples, fields, run.settings, "final-only",
                                   batches=_oracle_batches(samples, args.batch), **kw),
     }
     pairs["fnw"] = (pairs["incremental"] if run.settings.trainer_mode == "fnw"
-                    else _replay(samples, fields, cap_list, "fnw", **kw))
+                    else _replay(samples, fields, run.settings, "fnw", **kw))
     common = set.intersection(*(set(p) for p in pairs.values()))
     ids = sorted(i for i in common if cutoff <= event_ms[i] < last_day_ms)
     report["auc_final"] = {mode: _aucs(p, ids) for mode, p in pairs.items()}

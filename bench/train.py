@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aitm.embedding_table import DynamicTable, Encoder
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
 from aitm.train import make_optimizer, pick_device, train_step
@@ -33,11 +33,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--score-calls", type=int, default=3000, help="timed batch-1 scoring calls")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--capacity", type=int, default=0,
-                   help="embedding rows per field, as the streaming trainer's TRAINER_FEATURE_CAPACITY "
-                        "(default 0: each field's cardinality + 1)")
-    p.add_argument("--capacities", type=json.loads, default={},
-                   help='per-field overrides of --capacity, JSON (as TRAINER_FEATURE_CAPACITIES)')
+    p.add_argument("--rows", type=int, default=0,
+                   help="the streaming trainer's embedding table of this many rows (TRAINER_EMBEDDING_ROWS); "
+                        "default 0: a fixed table of each field's cardinality + 1")
     return p.parse_args(argv)
 
 
@@ -51,12 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     sim = FunnelSimulator(SimConfig(seed=args.seed))
     data = sim.dataset(2)
-    if args.capacity:  # the streaming trainer's sizes: like with like in ``bench stream``
-        caps = [args.capacities.get(f, args.capacity) for f in sim.field_names]
+    encoder: Encoder
+    if args.rows:  # the streaming trainer's table: like with like in ``bench stream``
+        encoder = DynamicTable(sim.field_names, args.rows, 10, 7 * 86_400_000)
+        cols = {f: [str(v) for v in data.features[:, k].tolist()] for k, f in enumerate(sim.field_names)}
+        ids_np = encoder.encode_columns(cols, len(data), update=True, event_time_ms=data.event_time_ms)  # (N, F)
     else:
-        caps = [c + 1 for c in sim.cardinalities]  # room for every value plus the OOV id
-    encoder = FeatureEncoder(sim.field_names, capacity=caps, min_count=10)
-    ids_np = encoder.encode_array(data.features, update=True)  # (N, F)
+        encoder = FeatureEncoder(sim.field_names, capacity=[c + 1 for c in sim.cardinalities], min_count=10)
+        ids_np = encoder.encode_array(data.features, update=True)  # (N, F)
     ids = torch.as_tensor(ids_np, device=device)  # (N, F)
     labels = torch.as_tensor(data.labels, dtype=torch.float32, device=device)  # (N, T)
     model = AITM(AITMConfig(vocab_sizes=encoder.vocab_sizes, n_tasks=len(TASKS))).to(device)

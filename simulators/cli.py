@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of the simulated world")
     p.add_argument("--impressions-per-day", type=int, default=20_000, help="impressions per simulated day")
     p.add_argument("--drift", type=float, default=0.0, help="radians/day of concept drift (e.g. 0.03)")
+    p.add_argument("--churn", type=float, nargs="?", const=0.1, default=0.0, metavar="RATE",
+                   help="ID churn: this share of user and creative IDs retires each day, replaced by new "
+                   "ones (--churn alone: 0.1, so 60 days show ~7x the IDs of one day's population)")
     p.add_argument("--tail-days", type=int, default=0, help="low-rate days after the last one (maturity)")
     p.add_argument("--tail-impressions-per-day", type=int, default=200, help="impressions per tail day")
     p.add_argument("--fault-rate", type=float, default=0.0, help="rate of every fault kind per impression")
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         records = aliccp_records(rows, EPOCH_MS)
     else:
         sim = FunnelSimulator(
-            SimConfig(seed=args.seed, impressions_per_day=args.impressions_per_day, drift=args.drift)
+            SimConfig(seed=args.seed, impressions_per_day=args.impressions_per_day, drift=args.drift,
+                      churn=args.churn)
         )
         stream = SimulatedStream(
             sim,

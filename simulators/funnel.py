@@ -6,6 +6,8 @@ gives the conditional probability of each step; labels are drawn step by step, s
 ``y_click >= y_application >= y_approval >= y_activation`` always holds. Intercepts are
 calibrated so that end-to-end rates sit near the paper's (23% / 1.8% / 1.3% / 1.0%).
 With ``drift > 0`` the hidden weights rotate slowly over the days (a frozen model degrades).
+With ``churn > 0`` user and creative IDs retire and new ones appear every day: an observed code is
+``slot + generation * cardinality``; the hidden function sees ``hidden_codes`` of it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ INTERACTIONS = (
     ("creative_id", "page"),
     ("user_tenure", "user_has_card"),
 )
+CHURN_FIELDS = ("user_id", "creative_id")
+_GEN_STRIDE = 7919  # a new generation of a slot takes another slot's hidden effect (a prime step)
 # Hourly traffic shape (evenings busier).
 HOUR_WEIGHTS = np.array([2, 1, 1, 1, 1, 2, 3, 5, 6, 6, 6, 7, 8, 7, 6, 6, 7, 8, 10, 11, 11, 9, 6, 3], float)
 
@@ -93,6 +97,10 @@ class SimConfig:
     # share of each step's delays drawn at its window's edge (within 15 min either side, a fifth
     # of them exactly on it or 1 ms past it): the joiner's window rules get exercised at the edge
     edge_rate: float = 0.01
+    # ID churn: the share of user and creative IDs that retire each day, each replaced by a new ID
+    # (with its own hidden effect and attributes) that takes over its popularity. Over D days a
+    # field of C values shows about C * (1 + churn * D) IDs. 0 = the same IDs forever
+    churn: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -237,7 +245,28 @@ class FunnelSimulator:
             self._bias[t] = (lo + hi) / 2
             reach = reach * _sigmoid(logits[:, t] + self._bias[t])
 
+    def hidden_codes(self, feats: np.ndarray) -> np.ndarray:
+        """Observed codes (N, F) -> the codes the hidden function indexes: a churned ID
+        ``slot + g * C`` has the hidden value ``(slot + g * stride) % C`` (itself for g = 0)."""
+        if not any(feats[:, self._col[name]].max(initial=0) >= self.cardinalities[self._col[name]]
+                   for name in CHURN_FIELDS):
+            return feats
+        out = feats.copy()
+        for name in CHURN_FIELDS:
+            c, card = self._col[name], self.cardinalities[self._col[name]]
+            out[:, c] = (feats[:, c] % card + (feats[:, c] // card) * _GEN_STRIDE) % card
+        return out
+
+    def generations(self, name: str, slots: np.ndarray, day: int) -> np.ndarray:
+        """The generation of each slot of a churned field on ``day`` (staggered: each day a
+        ``churn`` share of the slots turns over)."""
+        cfg = self.config
+        card = self.cardinalities[self._col[name]]
+        phase = np.random.default_rng([cfg.seed, 104_729, self._col[name]]).random(card)  # (C,)
+        return np.floor(day * cfg.churn + phase[slots]).astype(np.int64)
+
     def _logits(self, feats: np.ndarray, day: np.ndarray | int) -> np.ndarray:
+        feats = self.hidden_codes(feats)
         phase = self.config.drift * np.asarray(day, dtype=float)
         a, b = np.cos(phase), np.sin(phase)
         out = np.zeros((len(feats), len(TASKS)))
@@ -273,6 +302,12 @@ class FunnelSimulator:
             feats[:, f] = rng.choice(card, size=n, p=self._value_probs[f])
         users = rng.choice(self.config.n_users, size=n, p=self._user_probs)
         feats[:, 0] = users % self.cardinalities[0]
+        churned = self.config.churn > 0 and np.ndim(day) == 0
+        if churned:  # observed codes of this day's generation; attributes follow the hidden user
+            for name in CHURN_FIELDS:
+                c, card = self._col[name], self.cardinalities[self._col[name]]
+                feats[:, c] += self.generations(name, feats[:, c], int(day)) * card
+            users = self.hidden_codes(feats)[:, 0] % self.config.n_users
         for j, name in enumerate(USER_ATTRS):
             feats[:, self._col[name]] = self._users[users, j]
         feats[:, self._col["weekday"]] = np.asarray(day) % 7

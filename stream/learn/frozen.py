@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aitm.features import FeatureEncoder
+from aitm.embedding_table import Encoder
 from aitm.model import AITM
 from stream.learn.prequential import PrequentialEvaluator
 from stream.learn.sample_batch import N_TASKS
@@ -21,16 +21,17 @@ from stream.learn.sample_batch import N_TASKS
 class FrozenBaseline:
     """The frozen copy, its evaluator, and the live model's evaluator on the same rows."""
 
-    def __init__(self, model: AITM, encoder: FeatureEncoder, cutoff_ms: int, device: torch.device,
+    def __init__(self, model: AITM, encoder: Encoder, cutoff_ms: int, device: torch.device,
                  eval_window: int) -> None:
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.cutoff_ms = cutoff_ms  # impressions from here on are its evaluation set
         self.device = device
-        # threshold ids are given in order, so a value admitted later has an id above these sizes
-        # and the frozen model (whose vocabulary stopped here) sees it as out-of-vocabulary
-        self.vocab_sizes: list[int] | None = [len(v) for v in encoder.vocab] if encoder.mode == "threshold" else None
+        # ids given after the freeze (admitted later, or a recycled row given to another value) are
+        # out-of-vocabulary to the frozen model, whose vocabulary stopped here
+        self.encoder = encoder
+        self.marker: Any = encoder.marker()
         self.evaluator = PrequentialEvaluator(N_TASKS, eval_window)
         # the live model on the very same finals as the frozen copy: the like-for-like comparison
         self.paired = PrequentialEvaluator(N_TASKS, eval_window)
@@ -46,8 +47,7 @@ class FrozenBaseline:
         if not later.any():
             return
         x = ids[rows[later]]  # (E, F)
-        if self.vocab_sizes is not None:
-            x = np.where(x > np.asarray(self.vocab_sizes), 0, x)
+        x = self.encoder.known_as_of(x, self.marker)
         with torch.inference_mode():
             p = torch.sigmoid(self.model(torch.as_tensor(x, device=self.device))).float().cpu().numpy()
         self.evaluator.update(y_eval[later], p.astype(np.float64))
@@ -57,7 +57,7 @@ class FrozenBaseline:
         return {
             "model": self.model.state_dict(),
             "cutoff_ms": self.cutoff_ms,
-            "vocab_sizes": self.vocab_sizes,
+            "marker": self.marker,
             "evaluator": self.evaluator.state_dict(),
             "paired_evaluator": self.paired.state_dict(),
         }
@@ -65,7 +65,7 @@ class FrozenBaseline:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.cutoff_ms = int(state["cutoff_ms"])
-        self.vocab_sizes = state["vocab_sizes"]
+        self.marker = state["marker"] if "marker" in state else state.get("vocab_sizes")
         self.evaluator.load_state_dict(list(state["evaluator"]))
         if "paired_evaluator" in state:
             self.paired.load_state_dict(list(state["paired_evaluator"]))

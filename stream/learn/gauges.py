@@ -4,6 +4,9 @@ and the stabilisers' state (positives held, delay factor, bias shift)."""
 
 from __future__ import annotations
 
+import numpy as np
+
+from aitm.embedding_table import DynamicTable, Encoder
 from stream.contract.events import TASKS
 from stream.learn.learner import OnlineLearner
 from stream.learn.publication_gate import PublicationGate
@@ -45,3 +48,35 @@ def set_quality_gauges(metrics: TrainerMetrics, learner: OnlineLearner, gate: Pu
         for window in WINDOWS:
             for t, task in enumerate(TASKS[:N_TASKS]):
                 metrics.paired_auc.labels(task=task, window=window).set(paired[window][t]["auc"])
+
+
+class TableGauges:
+    """The embedding table's metrics: rows used, admissions/evictions (counters: ``rate()`` gives
+    per second), and the OOV share per field since the previous refresh."""
+
+    def __init__(self, metrics: TrainerMetrics) -> None:
+        self.metrics = metrics
+        self.seen: tuple[int, int, int] = (0, 0, 0)  # admissions, evictions, refused already counted
+        self.lookups: np.ndarray | None = None
+        self.misses: np.ndarray | None = None
+
+    def refresh(self, encoder: Encoder) -> None:
+        if not isinstance(encoder, DynamicTable):
+            return
+        m = self.metrics
+        m.embedding_rows.labels(state="budget").set(encoder.rows)
+        m.embedding_rows.labels(state="used").set(encoder.rows_used)
+        now = (encoder.admissions, encoder.evictions, encoder.refused)
+        if now[0] < self.seen[0]:  # a new learner (restored): count from its state on
+            self.seen = now
+        for counter, new, old in zip((m.embedding_admitted, m.embedding_evicted, m.embedding_refused), now,
+                                     self.seen, strict=True):
+            counter.inc(max(0, new - old))
+        self.seen = now
+        if self.lookups is not None and self.misses is not None and self.lookups.shape == encoder.lookups.shape:
+            looked = encoder.lookups - self.lookups
+            missed = encoder.misses - self.misses
+            for f, name in enumerate(encoder.fields):
+                if looked[f] > 0:
+                    m.oov.labels(field=name).set(float(missed[f]) / float(looked[f]))
+        self.lookups, self.misses = encoder.lookups.copy(), encoder.misses.copy()

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import numpy as np
@@ -191,13 +192,20 @@ class HoldoutSet:
         self._evicted_at = len(self._rows)
 
 
+Known = Callable[[np.ndarray], np.ndarray]
+
+
+def _below(ids: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    return np.where(ids > sizes, 0, ids)  # threshold ids start at 1, in order
+
+
 @dataclass
 class Served:
     """The version being served, as the gate scores it: its model and the feature ids it knew."""
 
     version: int
     model: nn.Module
-    vocab_sizes: list[int] | None  # per field; ids admitted later are out-of-vocabulary to it
+    known: Known | None  # maps ids given after this version to out-of-vocabulary (None: all known)
 
 
 class PublicationGate:
@@ -212,8 +220,8 @@ class PublicationGate:
         self.device = torch.device(device)
         self.serving: Served | None = None
 
-    def _probs(self, model: nn.Module, ids: np.ndarray, vocab_sizes: Sequence[int] | None) -> np.ndarray:
-        x = ids if vocab_sizes is None else np.where(ids > np.asarray(vocab_sizes), 0, ids)  # ids start at 1
+    def _probs(self, model: nn.Module, ids: np.ndarray, known: Known | None) -> np.ndarray:
+        x = ids if known is None else known(ids)
         with torch.inference_mode():
             model.eval()
             p = torch.sigmoid(model(torch.as_tensor(x, device=self.device))).float().cpu().numpy()
@@ -231,19 +239,24 @@ class PublicationGate:
                 continue
             judged = True
             cand = self._probs(model, ids, None)[:, t : t + 1]
-            serving = self._probs(self.serving.model, ids, self.serving.vocab_sizes)[:, t : t + 1]
+            serving = self._probs(self.serving.model, ids, self.serving.known)[:, t : t + 1]
             v = judge(cand, serving, y.reshape(-1, 1), self.log_loss_margin, self.calibration_margin)
             if not v.publish:
                 return Verdict(False, v.reason, t, v.detail.replace("task 0", f"task {t}"), v.candidate, v.serving)
         return Verdict(True, detail="" if judged else f"not judged: fewer than {self.min_rows} settled "
                                                       "held-back impressions on every task")
 
-    def published(self, version: int, model: nn.Module, vocab_sizes: Sequence[int] | None) -> None:
-        """``model`` (copied) is now the version being served."""
+    def published(self, version: int, model: nn.Module, known: Known | Sequence[int] | None) -> None:
+        """``model`` (copied) is now the version being served; ``known`` maps the ids the encoder
+        gave after it to OOV (``encoder.known_as_of`` bound to its ``marker()`` now), or is the
+        ids per field a threshold encoder knew (later ones are above them)."""
         frozen = copy.deepcopy(model).eval()
         for p in frozen.parameters():
             p.requires_grad_(False)
-        self.serving = Served(version, frozen, list(vocab_sizes) if vocab_sizes is not None else None)
+        if known is not None and not callable(known):
+            sizes = np.asarray(list(known))
+            known = partial(_below, sizes=sizes)
+        self.serving = Served(version, frozen, known)
 
     def serving_figures(self) -> TaskFigures | None:
         """Log loss and calibration per task of the version being served, each task on its settled
@@ -259,7 +272,7 @@ class PublicationGate:
                 pos.append(0)
                 rows.append(0)
                 continue
-            f = figures(self._probs(self.serving.model, ids, self.serving.vocab_sizes)[:, t : t + 1], y.reshape(-1, 1))
+            f = figures(self._probs(self.serving.model, ids, self.serving.known)[:, t : t + 1], y.reshape(-1, 1))
             ll.append(f.log_loss[0])
             cal.append(f.calibration[0])
             pos.append(f.positives[0])

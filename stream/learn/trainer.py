@@ -25,16 +25,23 @@ import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
 from aitm.checkpoint import config_from_dict, load_checkpoint, make_checkpoint, snapshot
-from aitm.features import FeatureEncoder
+from aitm.embedding_table import DynamicTable, Encoder, encoder_from_state
 from aitm.model import AITM
 from aitm.train import pick_device
 from stream.contract.events import dead_letter
 from stream.contract.versions import ModelVersion
 from stream.learn.batcher import Batch, Batcher
 from stream.learn.feed import Invalid, SampleFeed
-from stream.learn.gauges import set_quality_gauges
+from stream.learn.gauges import TableGauges, set_quality_gauges
 from stream.learn.learner import OnlineLearner, fields_of
-from stream.learn.publication_gate import DAY_MS, REASONS, HoldoutSet, PublicationGate, settled_after_ms
+from stream.learn.publication_gate import (
+    DAY_MS,
+    REASONS,
+    HoldoutSet,
+    Known,
+    PublicationGate,
+    settled_after_ms,
+)
 from stream.learn.publisher import Publisher
 from stream.learn.sample_batch import SampleBatch
 from stream.learn.stabilisers import stabilisers_from
@@ -52,9 +59,9 @@ log = logging.getLogger(__name__)
 QUALITY_REFRESH_S = 5.0
 
 
-def vocab_sizes(encoder: FeatureEncoder) -> list[int] | None:
-    """Ids per field known to an encoder now (threshold ids are given in order), None if hashed."""
-    return [len(v) for v in encoder.vocab] if encoder.mode == "threshold" else None
+def known_now(encoder: Encoder) -> Known:
+    """Maps ids the encoder gives from now on to out-of-vocabulary (for the version served now)."""
+    return partial(encoder.known_as_of, marker=encoder.marker())
 
 
 class Trainer:
@@ -66,6 +73,7 @@ class Trainer:
         self.clock = clock or SystemClock()
         self.mode = mode or settings.trainer_mode
         self.metrics = TrainerMetrics(registry)
+        self.table_gauges = TableGauges(self.metrics)
         self.published_at_s = 0.0  # before the model-age gauge: /metrics may be scraped while we start
         self.refresh = RefreshMetrics(registry, "trainer", self._model_age)
         self.store = ModelStore(settings.model_store_path(), settings.model_store_keep)
@@ -103,6 +111,7 @@ class Trainer:
     def update_quality_gauges(self) -> None:
         if self.learner is not None:
             set_quality_gauges(self.metrics, self.learner, self.gate)
+            self.table_gauges.refresh(self.learner.encoder)
 
     def _model_age(self) -> float:
         return time.time() - self.published_at_s if self.published_at_s else float("nan")
@@ -110,7 +119,7 @@ class Trainer:
     def _learner_from(self, ckpt: dict[str, Any]) -> OnlineLearner:
         model = AITM(config_from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["model_state"])
-        encoder = FeatureEncoder.from_state_dict(ckpt["feature_maps"])
+        encoder = encoder_from_state(ckpt["feature_maps"])
         return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
                              model=model, freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
                              stabilisers=stabilisers_from(self.s))
@@ -130,7 +139,7 @@ class Trainer:
                 if extra.get("holdout") is not None:
                     self.gate.holdout.load_state_dict(extra["holdout"])
                 # the version resumed from is the one being served
-                self.gate.published(v, self.learner.served_model(), vocab_sizes(self.learner.encoder))
+                self.gate.published(v, self.learner.served_model(), known_now(self.learner.encoder))
                 log.info("resumed from model version %d at offsets %s", v, self.offsets)
             else:
                 log.info("model version %d is from another topic: used as a warm start", v)
@@ -154,8 +163,8 @@ class Trainer:
 
     def _cold_start(self, batch: SampleBatch) -> OnlineLearner:
         fields = fields_of(batch)
-        caps = [self.s.trainer_feature_capacities.get(f, self.s.trainer_feature_capacity) for f in fields]
-        encoder = FeatureEncoder(fields, capacity=caps, min_count=self.s.trainer_feature_min_count)
+        encoder = DynamicTable(fields, self.s.trainer_embedding_rows, self.s.trainer_feature_min_count,
+                               self.s.trainer_embedding_ttl_ms)
         log.info("cold start: %d feature fields %s", len(fields), ", ".join(fields))
         return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
                              freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
@@ -226,6 +235,7 @@ class Trainer:
                 if self.learner is not None:
                     done = self.learner.trained_samples
                     self.metrics.throughput.set((done - trained_at_last_gauge) / (now - last_gauges))
+                    self.table_gauges.refresh(self.learner.encoder)
                     trained_at_last_gauge = done
                     if now - last_quality >= QUALITY_REFRESH_S:
                         self.update_quality_gauges()
@@ -321,7 +331,7 @@ class Trainer:
         # in the learner state, for a resume
         ckpt = snapshot(make_checkpoint(served, learner.model.config, learner.encoder.state_dict(),
                                        self.version, extra))
-        self.gate.published(self.version, served, vocab_sizes(learner.encoder))
+        self.gate.published(self.version, served, known_now(learner.encoder))
         newest_ms = self.new_max_ms
         oldest_ms = self.new_min_ms
         trained = learner.trained_samples

@@ -28,6 +28,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "stream": ("bench.stream", "the streaming learner end to end"),
     "chaos": ("bench.chaos", "kill -9 chaos run: nothing lost"),
     "serving": ("bench.serving", "every published model version against the truth"),
+    "churn": ("bench.churn", "the embedding table under ID churn: fixed vs dynamic vs unbounded"),
 }
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 EPILOG = (

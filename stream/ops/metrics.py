@@ -181,6 +181,33 @@ class TrainerMetrics:
             ["task"],
             registry=registry,
         )
+        self.embedding_rows = Gauge(
+            "aitm_trainer_embedding_rows",
+            "Rows of the dynamic embedding table: the budget (TRAINER_EMBEDDING_ROWS) and those holding a value",
+            ["state"],
+            registry=registry,
+        )
+        self.embedding_admitted = Counter(
+            "aitm_trainer_embedding_admitted",
+            "Values given a row of the embedding table (rate() for admissions per second)",
+            registry=registry,
+        )
+        self.embedding_evicted = Counter(
+            "aitm_trainer_embedding_evicted",
+            "Rows recycled from values not seen for TRAINER_EMBEDDING_TTL_MS (rate() for evictions per second)",
+            registry=registry,
+        )
+        self.embedding_refused = Counter(
+            "aitm_trainer_embedding_refused",
+            "Values due a row that found the budget full and no row expired (they stay out of vocabulary)",
+            registry=registry,
+        )
+        self.oov = Gauge(
+            "aitm_trainer_oov_ratio",
+            "Share of training look-ups out of vocabulary per feature field, since the last refresh",
+            ["field"],
+            registry=registry,
+        )
         self.samples = Counter(
             "aitm_trainer_samples",
             "Samples consumed, by kind",

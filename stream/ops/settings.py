@@ -158,11 +158,13 @@ class Settings(BaseSettings):
     trainer_freeze_after_days: float = Field(default=3.0, ge=0)
     # exact sliding evaluation window, in final-labelled predictions per task
     trainer_eval_window: int = Field(default=20_000, ge=10)
-    # feature encoder: rows per field (OOV included) and sightings before a value gets an id
-    trainer_feature_capacity: int = Field(default=8192, ge=2)
-    trainer_feature_min_count: int = Field(default=10, ge=1)
-    # per-field overrides of the capacity, e.g. {"user_id": 50001} (JSON in the environment)
-    trainer_feature_capacities: dict[str, int] = Field(default_factory=dict)
+    # the dynamic embedding table (aitm/embedding_table.py, docs/embedding_table.md): one budget of
+    # rows shared by every field (5 floats each, x4 with Adam's moments and the served average);
+    # a value gets a row once seen this many times; a row not seen for the TTL (event time) is
+    # given to a new value when the budget is full
+    trainer_embedding_rows: int = Field(default=200_000, ge=1)
+    trainer_feature_min_count: int = Field(default=10, ge=1, le=255)
+    trainer_embedding_ttl_ms: int = Field(default=7 * 86_400_000, ge=1)
     # offline checkpoint (aitm.checkpoint format) to start from when the store is empty
     trainer_warm_start: Path | None = None
     # --- what keeps the served scores right and steady (docs/serving.md)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from aitm.checkpoint import config_from_dict
-from aitm.features import FeatureEncoder
+from aitm.embedding_table import Encoder, encoder_from_state
 from aitm.model import AITM
 from aitm.projection import funnel_order
 from stream.contract.events import TASKS
@@ -26,7 +26,7 @@ class ScoringModel:
 
     version: int
     model: AITM
-    encoder: FeatureEncoder
+    encoder: Encoder
     created_at_ms: int
 
     @classmethod
@@ -34,7 +34,7 @@ class ScoringModel:
         model = AITM(config_from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["model_state"])
         model.eval()
-        return cls(version, model, FeatureEncoder.from_state_dict(ckpt["feature_maps"]), created_at_ms)
+        return cls(version, model, encoder_from_state(ckpt["feature_maps"]), created_at_ms)
 
     @torch.inference_mode()
     def predict(self, rows: Sequence[Mapping[str, str]]) -> np.ndarray:

@@ -15,6 +15,16 @@ from stream.serve.scoring import ScoringModel
 log = logging.getLogger(__name__)
 
 
+def load_servable(store: ModelStore, version: int, sha256: str | None = None,
+                  created_at_ms: int = 0, file_name: str | None = None) -> ScoringModel:
+    """The servable model of ``version`` in ``store`` (verified; ``sha256``: the whole file's, as
+    announced; ``file_name``: the announced file in the store, else the store's name for it), ready to score: the one way to load a version for serving - the scorer and any
+    export go through it. Raises ``ModelStoreError`` (missing, corrupted) or ``KeyError`` /
+    ``RuntimeError`` / ``ValueError`` (not a model version this code can serve)."""
+    ckpt = store.load(version, path=store.root / file_name if file_name else None, sha256=sha256)
+    return ScoringModel.from_checkpoint(version, ckpt, created_at_ms)
+
+
 class VersionFollower:
     """The next model: ``offer`` loads an announced version if newer and verified, ``take`` hands it
     over once; ``watch`` reads the topic from the start and offers the newest of each poll.
@@ -35,8 +45,7 @@ class VersionFollower:
         if current is not None and ann.version <= current.version:
             return False
         try:
-            ckpt = self.store.load(path=self.store.root / ann.path.rsplit("/", 1)[-1], sha256=ann.sha256)
-            m = ScoringModel.from_checkpoint(ann.version, ckpt, ann.created_at_ms)
+            m = load_servable(self.store, ann.version, ann.sha256, ann.created_at_ms, ann.path.rsplit("/", 1)[-1])
         except (ModelStoreError, KeyError, RuntimeError, ValueError) as exc:
             self.refused.inc()
             log.warning("refusing model version %d: %s", ann.version, exc)

@@ -58,7 +58,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         TRAINER_CHECKPOINT_BATCHES="3",
         TRAINER_CHECKPOINT_INTERVAL_MS="600000",
         TRAINER_FEATURE_MIN_COUNT="1",
-        TRAINER_FEATURE_CAPACITY="64",
+        TRAINER_EMBEDDING_ROWS="256",
         TRAINER_THREADS="1",
         MODEL_STORE_KEEP="1000",
     )

@@ -122,9 +122,9 @@ def test_each_task_is_judged_only_on_impressions_old_enough_for_its_label() -> N
 def test_the_served_version_sees_later_ids_as_out_of_vocabulary() -> None:
     gate = PublicationGate(HoldoutSet([DAY] * 4), min_rows=1)
     model = model_with_rates(TRUTH)
-    gate.published(1, model, vocab_sizes=[2, 2, 2])
+    gate.published(1, model, [2, 2, 2])
     x = np.array([[1, 2, 7]])
-    mapped = gate._probs(gate.serving.model, x, gate.serving.vocab_sizes)  # type: ignore[union-attr]
+    mapped = gate._probs(gate.serving.model, x, gate.serving.known)  # type: ignore[union-attr]
     with torch.no_grad():
         direct = torch.sigmoid(model(torch.tensor([[1, 2, 0]]))).numpy()
     np.testing.assert_allclose(mapped, funnel_order(direct), rtol=1e-6)
@@ -179,7 +179,7 @@ def samples(n: int, seed: int) -> list[Sample]:
 
 def trainer(tmp_path: Path, registry: CollectorRegistry, **overrides: Any) -> Trainer:
     settings = Settings(data_dir=tmp_path, trainer_mode="final-only", trainer_holdout_share=0.3,
-                        trainer_gate_min_rows=200, trainer_feature_min_count=1, trainer_feature_capacity=16,
+                        trainer_gate_min_rows=200, trainer_feature_min_count=1, trainer_embedding_rows=64,
                         trainer_min_step_rows=1, trainer_freeze_after_days=0, **overrides)
     t = Trainer(settings, registry)
     t._producer = FakeProducer()

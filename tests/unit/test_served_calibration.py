@@ -263,7 +263,7 @@ def test_the_trainer_exports_the_delay_factor_and_the_bias_shift(tmp_path: Path)
     from tests.unit.test_publication_gate import FakeProducer
 
     registry = CollectorRegistry()
-    t = Trainer(Settings(data_dir=tmp_path, trainer_feature_min_count=1, trainer_feature_capacity=16,
+    t = Trainer(Settings(data_dir=tmp_path, trainer_feature_min_count=1, trainer_embedding_rows=64,
                          trainer_min_step_rows=1, trainer_freeze_after_days=0, trainer_recentre_rows=100,
                          trainer_delay_correction="train",
                          trainer_ema_half_life_rows=200), registry)

@@ -91,7 +91,7 @@ class Recording(Trainer):
 
 def make(tmp_path: Path, chunks: list[Chunk], **settings: Any) -> tuple[Recording, Feed, Producer]:
     s = Settings(data_dir=tmp_path, trainer_batch_size=10, trainer_linger_ms=1000, trainer_min_step_rows=1,
-                 trainer_feature_min_count=1, trainer_feature_capacity=16, trainer_device="cpu",
+                 trainer_feature_min_count=1, trainer_embedding_rows=64, trainer_device="cpu",
                  trainer_checkpoint_interval_ms=3_600_000, trainer_checkpoint_batches=1000, **settings)
     t = Recording(s, CollectorRegistry(), mode="final-only")
     feed, producer = Feed(t, chunks), Producer()
