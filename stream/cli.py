@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "joiner": ("stream.join.app", "join funnel events into training samples (faust + RocksDB)"),
     "trainer": ("stream.learn.trainer", "train AITM incrementally on samples, test-then-train"),
     "scorer": ("stream.serve.scorer", "score impressions and serve HTTP scoring"),
+    "export": ("stream.serve.export", "write a model version as ONNX or TorchScript with its vocabulary"),
+    "schemas": ("stream.contract.schemas", "write (or --check) the JSON Schema of every topic"),
     "prometheus": ("stream.ops.prometheus", "run Prometheus on the processes' metrics ports"),
     "demo": ("bench.demo", "run the whole pipeline on the embedded broker"),
 }
@@ -25,6 +27,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "stream": ("bench.stream", "the streaming learner end to end"),
     "chaos": ("bench.chaos", "kill -9 chaos run: nothing lost"),
     "serving": ("bench.serving", "every published model version against the truth"),
+    "serve": ("bench.serve", "HTTP scoring latency and capacity under a keep-alive load"),
 }
 
 

@@ -9,9 +9,10 @@
   beginning, loads the newest announced version (sha256 of the file and the checkpoint's own
   checksum verified) and hands it to the loop; a version that fails is refused, counted, and the
   current one stays in use.
-- HTTP (``stream.serve.http``): ``POST /score`` with ``{"features": {...}, "bank_id": "bank_2"}``
-  returns the four probabilities, the bank's objective, weight and score (``stream.serve.scoring``,
-  as on the stream path); ``GET /healthz``.
+- HTTP (``stream.serve.http``, aiohttp): ``POST /score`` with ``{"features": {...}, "bank_id":
+  "bank_2"}`` returns the four probabilities, the bank's objective, weight and score
+  (``stream.serve.scoring``, as on the stream path); ``POST /score/batch`` with ``{"requests":
+  [...]}`` scores many with one version; ``GET /livez``, ``GET /readyz`` (a verified version loaded).
 
 Score record (JSON, ``schema_version`` 1; key = impression id)::
 
@@ -42,7 +43,7 @@ from stream.ops.clock import Clock, SystemClock
 from stream.ops.metrics import RefreshMetrics, ScorerMetrics
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings, load_settings
-from stream.serve.http import BadRequest, ScoringServer, parse_request, serve_http
+from stream.serve.http import BadRequest, HttpServer, parse_batch, parse_request, serve_http
 from stream.serve.scoring import BankPolicy, ScoringModel, score_fields
 from stream.serve.versions import VersionFollower
 
@@ -63,8 +64,9 @@ class Scorer:
         self.model: ScoringModel | None = None  # read by HTTP threads; replaced whole, never mutated
         self.versions = VersionFollower(settings, self.store, self.metrics.refused_models)
         self.scored = 0
-        self._http: ScoringServer | None = None
+        self._http: HttpServer | None = None
         self.http_latency = self.metrics.latency.labels(path="http")
+        self.http_batch_latency = self.metrics.latency.labels(path="http_batch")
         self._stream_latency = self.metrics.latency.labels(path="stream")
 
     def _model_age(self) -> float:
@@ -198,20 +200,39 @@ class Scorer:
         if m is None:
             return 503, {"error": "no model version loaded yet; retry shortly"}
         probs = m.predict([feats])[0]
+        self.metrics.http_impressions.inc()
+        return 200, self._answer(m, bank, iid, probs)
+
+    def http_score_batch(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        """``POST /score/batch``: every item scored by one model version, in request order."""
+        try:
+            items = parse_batch(body, self.s.scorer_http_max_batch, self.s.scorer_http_max_batch_bytes)
+        except BadRequest as exc:
+            return exc.code, {"error": exc.message}
+        m = self.model
+        if m is None:
+            return 503, {"error": "no model version loaded yet; retry shortly"}
+        probs = m.predict([feats for _, feats, _ in items])  # (N, T)
+        self.metrics.http_impressions.inc(len(items))
+        results = [self._answer(m, bank, iid, p) for (bank, _, iid), p in zip(items, probs, strict=True)]
+        return 200, {"model_version": m.version, "results": results}
+
+    def _answer(self, m: ScoringModel, bank: str, iid: str | None, probs: Any) -> dict[str, Any]:
         out = {"bank_id": bank, **score_fields(m, self.policy, bank, probs)}
         if iid is not None:
             out["impression_id"] = iid
-        return 200, out
+        return out
 
-    def serve_http(self, host: str, port: int) -> ScoringServer:
-        """Start the HTTP endpoint in a daemon thread; returns the server (``server_address``)."""
-        self._http = serve_http(self, host, port)
+    def serve_http(self, host: str, port: int) -> HttpServer:
+        """Start the HTTP endpoint in its own thread; returns the server (``server_address``)."""
+        self._http = serve_http(self, host, port, access_log=self.s.scorer_http_access_log,
+                                max_batch_bytes=self.s.scorer_http_max_batch_bytes)
         return self._http
 
     def close(self) -> None:
         if self._http is not None:
             self._http.shutdown()
-            self._http.server_close()
+            self._http = None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 from stream.contract.versions import InvalidVersion, ModelVersion, parse_version
@@ -13,6 +14,17 @@ from stream.ops.settings import Settings
 from stream.serve.scoring import ScoringModel
 
 log = logging.getLogger(__name__)
+
+
+def load_version(
+    store: ModelStore, version: int, path: Path | None = None, sha256: str | None = None, created_at_ms: int = 0
+) -> ScoringModel:
+    """A model version from the store, verified (the checkpoint's checksum, and the file's sha256
+    when given), ready to score: the one loader behind the scorer and ``aitm-stream export``.
+    Raises ``ModelStoreError`` (missing, corrupted) or ``KeyError``/``RuntimeError``/``ValueError``
+    (a checkpoint that does not fit the model)."""
+    ckpt = store.load(version=None if path else version, path=path, sha256=sha256)
+    return ScoringModel.from_checkpoint(version, ckpt, created_at_ms)
 
 
 class VersionFollower:
@@ -35,8 +47,8 @@ class VersionFollower:
         if current is not None and ann.version <= current.version:
             return False
         try:
-            ckpt = self.store.load(path=self.store.root / ann.path.rsplit("/", 1)[-1], sha256=ann.sha256)
-            m = ScoringModel.from_checkpoint(ann.version, ckpt, ann.created_at_ms)
+            path = self.store.root / ann.path.rsplit("/", 1)[-1]
+            m = load_version(self.store, ann.version, path, ann.sha256, ann.created_at_ms)
         except (ModelStoreError, KeyError, RuntimeError, ValueError) as exc:
             self.refused.inc()
             log.warning("refusing model version %d: %s", ann.version, exc)
