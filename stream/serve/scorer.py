@@ -43,7 +43,7 @@ from stream.ops.clock import Clock, SystemClock
 from stream.ops.metrics import RefreshMetrics, ScorerMetrics
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings, load_settings
-from stream.serve.http import BadRequest, HttpServer, parse_batch, parse_request, serve_http
+from stream.serve.http import BadRequest, HttpServer, Item, parse_batch, parse_request, serve_http
 from stream.serve.scoring import BankPolicy, ScoringModel, score_fields
 from stream.serve.versions import VersionFollower
 
@@ -191,17 +191,13 @@ class Scorer:
             producer.close()
 
     def http_score(self, body: bytes) -> tuple[int, dict[str, Any]]:
-        """The endpoint's logic: (status, JSON body)."""
+        """``POST /score``'s logic: (status, JSON body)."""
         try:
-            bank, feats, iid = parse_request(body)
+            item = parse_request(body)
         except BadRequest as exc:
             return exc.code, {"error": exc.message}
-        m = self.model
-        if m is None:
-            return 503, {"error": "no model version loaded yet; retry shortly"}
-        probs = m.predict([feats])[0]
-        self.metrics.http_impressions.inc()
-        return 200, self._answer(m, bank, iid, probs)
+        code, out = self.score_items([item])
+        return (code, out[0]) if isinstance(out, list) else (code, out)
 
     def http_score_batch(self, body: bytes) -> tuple[int, dict[str, Any]]:
         """``POST /score/batch``: every item scored by one model version, in request order."""
@@ -209,13 +205,20 @@ class Scorer:
             items = parse_batch(body, self.s.scorer_http_max_batch, self.s.scorer_http_max_batch_bytes)
         except BadRequest as exc:
             return exc.code, {"error": exc.message}
+        code, out = self.score_items(items)
+        if not isinstance(out, list):
+            return code, out
+        return 200, {"model_version": out[0]["model_version"], "results": out}
+
+    def score_items(self, items: Sequence[Item]) -> tuple[int, list[dict[str, Any]] | dict[str, Any]]:
+        """Score parsed requests with one model version in one forward pass: (200, an answer per
+        item, in order) or (503, the error) before the first version."""
         m = self.model
         if m is None:
             return 503, {"error": "no model version loaded yet; retry shortly"}
         probs = m.predict([feats for _, feats, _ in items])  # (N, T)
         self.metrics.http_impressions.inc(len(items))
-        results = [self._answer(m, bank, iid, p) for (bank, _, iid), p in zip(items, probs, strict=True)]
-        return 200, {"model_version": m.version, "results": results}
+        return 200, [self._answer(m, bank, iid, p) for (bank, _, iid), p in zip(items, probs, strict=True)]
 
     def _answer(self, m: ScoringModel, bank: str, iid: str | None, probs: Any) -> dict[str, Any]:
         out = {"bank_id": bank, **score_fields(m, self.policy, bank, probs)}

@@ -390,3 +390,38 @@ def test_every_request_gets_an_access_log_line(scorer: tuple[Scorer, int], caplo
     assert len(lines) == 3, lines
     assert '"POST /score HTTP/1.1" 200' in lines[0] and '"POST /score HTTP/1.1" 400' in lines[1]
     assert '"GET /readyz HTTP/1.1" 200' in lines[2]
+
+
+def test_concurrent_requests_each_get_their_own_answer(scorer: tuple[Scorer, int]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    s, port = scorer
+    s.model = m = known_model(version=9)
+    reqs = [{"bank_id": "bank_9", "features": FEATURES[i % 4], "impression_id": f"c{i}"} for i in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda r: call(port, "POST", "/score", json.dumps(r).encode()), reqs))
+    for req, (code, got) in zip(reqs, answers, strict=True):
+        assert code == 200 and got["impression_id"] == req["impression_id"]
+        assert got["probabilities"] == pytest.approx(expected_by_task(m, req["features"]), abs=1e-6)
+
+
+def test_requests_parsed_in_one_loop_turn_share_one_forward_pass() -> None:
+    import asyncio
+
+    from stream.serve.http import Coalescer
+
+    calls: list[int] = []
+
+    def score_items(items):  # type: ignore[no-untyped-def]
+        calls.append(len(items))
+        return 200, [{"i": it[2]} for it in items]
+
+    async def run() -> list[tuple[int, dict]]:
+        c = Coalescer(score_items, max_items=4)
+        futs = [c.score(("", {}, str(i))) for i in range(6)]  # one turn: 4 + 2
+        first = await asyncio.gather(*futs)
+        return [*first, await c.score(("", {}, "later"))]  # a lone request: a pass of its own
+
+    out = asyncio.run(run())
+    assert calls == [4, 2, 1]
+    assert [o[1]["i"] for o in out] == ["0", "1", "2", "3", "4", "5", "later"]
