@@ -14,7 +14,7 @@
   (``stream.serve.scoring``, as on the stream path); ``POST /score/batch`` with ``{"requests":
   [...]}`` scores many with one version; ``GET /livez``, ``GET /readyz`` (a verified version loaded).
 
-Score record (JSON, ``schema_version`` 1; key = impression id)::
+Score record (``stream.contract.scores``; JSON, ``schema_version`` 1; key = impression id)::
 
     {"schema_version": 1, "impression_id": "i-42", "bank_id": "bank_2", "model_version": 7,
      "probabilities": {"click": 0.21, "application": 0.02, "approval": 0.013, "activation": 0.009},
@@ -25,19 +25,19 @@ Score record (JSON, ``schema_version`` 1; key = impression id)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any
 
 import torch
 from kafka import AsyncConsumerRebalanceListener
 from prometheus_client import CollectorRegistry, start_http_server
 
 from stream.contract.events import InvalidEvent, dead_letter, parse_event
+from stream.contract.scores import encode_score, score_record
 from stream.kafka import offsets
 from stream.ops.clock import Clock, SystemClock
 from stream.ops.metrics import RefreshMetrics, ScorerMetrics
@@ -48,7 +48,6 @@ from stream.serve.scoring import BankPolicy, ScoringModel, score_fields
 from stream.serve.versions import VersionFollower
 
 log = logging.getLogger(__name__)
-SCORE_SCHEMA: Final = 1
 
 
 class Scorer:
@@ -103,15 +102,9 @@ class Scorer:
             probs = m.predict([e.features or {} for e in events])  # (N, T)
             now_ms = self.clock.now_ms()
             for e, p in zip(events, probs, strict=True):
-                rec = {
-                    "schema_version": SCORE_SCHEMA,
-                    "impression_id": e.impression_id,
-                    "bank_id": e.bank_id,
-                    **score_fields(m, self.policy, e.bank_id, p),
-                    "event_time_ms": e.event_time_ms,
-                    "scored_at_ms": now_ms,
-                }
-                out.append((e.impression_id.encode(), json.dumps(rec, separators=(",", ":")).encode()))
+                rec = score_record(e.impression_id, e.bank_id, score_fields(m, self.policy, e.bank_id, p),
+                                   e.event_time_ms, now_ms)
+                out.append((e.impression_id.encode(), encode_score(rec)))
         return out, bad
 
     def run(self, stop: threading.Event) -> None:
