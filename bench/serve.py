@@ -214,8 +214,14 @@ def _ok(step: dict[str, Any]) -> bool:
             and set(step["codes"]) == {"200"} and step["achieved_rps"] >= 0.97 * step["rate"])
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ramp(port: int, path: str, body_file: Path, rates: list[float], args: argparse.Namespace,
-         work: Path) -> dict[str, Any]:
+         work: Path, server_pid: int) -> dict[str, Any]:
     """Step through ``rates`` (each in a fresh client process) until one fails the 20 ms bound
     (then one more, to show the knee); the figures of each step and the capacity."""
     steps: list[dict[str, Any]] = []
@@ -226,15 +232,20 @@ def ramp(port: int, path: str, body_file: Path, rates: list[float], args: argpar
                                     "seconds": args.seconds, "warmup": args.warmup,
                                     "connections": args.connections}))
         load_before = os.getloadavg()[0]
+        cpu_before = _cpu_seconds(server_pid)
         out = subprocess.run([sys.executable, "-m", "bench.serve", "--client", str(spec)],
                              capture_output=True, text=True, check=True, timeout=args.seconds * 10 + 120)
         step = json.loads(out.stdout.strip().splitlines()[-1])
         step["load_1m_before"] = round(load_before, 2)
+        # the server's CPU per answered request (its warm-up included): a figure the load moves less
+        served = rate * (args.seconds + args.warmup)
+        step["server_cpu_ms_per_request"] = round((_cpu_seconds(server_pid) - cpu_before) * 1000 / served, 3)
         step["under_20ms"] = _ok(step)
         steps.append(step)
         print(f"  {path} {rate:>6} req/s: achieved {step['achieved_rps']:>8} p50 {step['p50_ms']} "
               f"p99 {step['p99_ms']} p999 {step['p999_ms']} ms, lag p99 {step['lag_p99_ms']} ms, "
-              f"codes {step['codes']}, load {load_before:.2f}", flush=True)
+              f"codes {step['codes']}, server CPU {step['server_cpu_ms_per_request']} ms/req, load {load_before:.2f}",
+              flush=True)
         if not step["under_20ms"]:
             failed += 1
             if failed >= 2:
@@ -248,7 +259,8 @@ def ramp(port: int, path: str, body_file: Path, rates: list[float], args: argpar
 
 
 def _pick(step: dict[str, Any]) -> dict[str, Any]:
-    return {k: step[k] for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms", "achieved_rps", "lag_p99_ms", "codes")}
+    keys = ("p50_ms", "p99_ms", "p999_ms", "max_ms", "achieved_rps", "lag_p99_ms", "codes", "server_cpu_ms_per_request")
+    return {k: step[k] for k in keys}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,10 +301,11 @@ def main(argv: list[str] | None = None) -> int:
             assert server.stdout is not None
             port = int(server.stdout.readline().strip())
             print(f"server on port {port}; single requests:", flush=True)
-            report["single"] = {"impressions_per_call": 1, **ramp(port, "/score", single_file, single_rates, args, work)}
+            report["single"] = {"impressions_per_call": 1, **ramp(port, "/score", single_file, single_rates, args, work, server.pid)}
             print(f"batched requests ({args.batch} impressions per call):", flush=True)
             report["batched"] = {"impressions_per_call": args.batch,
-                                 **ramp(port, "/score/batch", batch_file, batch_rates, args, work)}
+                                 **ramp(port, "/score/batch", batch_file, batch_rates, args, work,
+                                        server.pid)}
             log = store / "access.log"
             report["access_log_lines"] = sum(1 for _ in log.open()) if log.exists() else 0
         finally:

@@ -21,30 +21,14 @@ from pathlib import Path
 from typing import Any, Final
 
 import torch
-from torch import nn
 
 from stream.contract.events import TASKS
-from stream.serve.scoring import ScoringModel
+from stream.serve.scoring import ScoringModel, ServedModel
 
 FORMATS: Final = ("onnx", "torchscript")
 MODEL_FILE: Final = {"onnx": "model.onnx", "torchscript": "model.pt"}
 MANIFEST_SCHEMA: Final = 1
 ONNX_OPSET: Final = 17
-
-
-class ServedModel(nn.Module):
-    """The model as served: ids (N, F) -> funnel-ordered end-to-end probabilities (N, T)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(self.model(ids))  # (N, T)
-        steps = [p[:, 0]]
-        for t in range(1, p.shape[1]):  # the cumulative minimum along the funnel (aitm/projection.py)
-            steps.append(torch.minimum(steps[-1], p[:, t]))
-        return torch.stack(steps, dim=1)  # (N, T)
 
 
 def sha256_of(path: Path) -> str:

@@ -425,3 +425,18 @@ def test_requests_parsed_in_one_loop_turn_share_one_forward_pass() -> None:
     out = asyncio.run(run())
     assert calls == [4, 2, 1]
     assert [o[1]["i"] for o in out] == ["0", "1", "2", "3", "4", "5", "later"]
+
+
+def test_the_traced_model_serves_the_same_bits_as_the_eager_one() -> None:
+    import dataclasses
+
+    import numpy as np
+
+    m = known_model()
+    assert m.fast is not None  # traced at load
+    eager = dataclasses.replace(m, fast=None)
+    for n in (1, 3, 50, 513):
+        rows = [FEATURES[i % 4] for i in range(n)]
+        assert np.array_equal(m.predict(rows), eager.predict(rows))
+        want = np.array([list(expected_by_task(m, f).values()) for f in rows])  # (n, T), float64 sigmoid
+        assert np.abs(eager.predict(rows) - want).max() < 1e-7
