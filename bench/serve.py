@@ -39,6 +39,7 @@ from typing import Any, Final
 import numpy as np
 
 from bench.report import write_json
+from stream.ops.settings import Settings
 
 P999_BOUND_MS: Final = 20.0  # the paper's online latency bound
 TARGET_P999_MS: Final = 5.0  # issue 14: at 2,000 requests/s
@@ -124,7 +125,7 @@ def run_server(store: Path, access_log: str) -> int:
     if access_log == "file":
         logging.basicConfig(filename=store / "access.log", level=logging.INFO, format="%(asctime)s %(message)s")
     scorer = Scorer(s, CollectorRegistry())
-    scorer.model = load_version(scorer.store, 1)
+    scorer.model = load_version(scorer.store, 1, trace=s.scorer_torchscript)
     server = scorer.serve_http("127.0.0.1", 0)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "client": f"aiohttp, {args.connections} keep-alive connections, open loop, its own process",
         "seconds_per_rate": args.seconds,
         "access_log": args.access_log,
+        "torchscript": Settings().scorer_torchscript,
     }
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:

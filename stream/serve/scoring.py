@@ -42,7 +42,8 @@ class ServedModel(nn.Module):
 def traced(model: nn.Module, n_fields: int) -> torch.jit.ScriptModule | None:
     """``ServedModel(model)`` traced and frozen by TorchScript, or None if that fails or its output
     differs from the eager model's. Measured (AITM, paper sizes, 1 thread): batch 1 0.40 -> 0.14 ms,
-    the same bits out; the scorer's HTTP path is mostly this call."""
+    the same bits out; but tracing a version costs 0.3 s of CPU on a quiet core (1.3-2 s at load
+    20), against a version every 3 s: opt-in (``SCORER_TORCHSCRIPT``) for HTTP-heavy scorers."""
     served = ServedModel(model).eval()
     example = torch.zeros((8, n_fields), dtype=torch.int64)  # (8, F)
     try:
@@ -64,7 +65,7 @@ def traced(model: nn.Module, n_fields: int) -> torch.jit.ScriptModule | None:
 @dataclass(frozen=True)
 class ScoringModel:
     """An immutable model version ready to score (eval mode, encoder never updated); ``fast`` is
-    the same model traced (``traced``), used when present."""
+    the same model traced (``traced``, opt-in), used when present."""
 
     version: int
     model: AITM
@@ -73,12 +74,16 @@ class ScoringModel:
     fast: torch.jit.ScriptModule | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_checkpoint(cls, version: int, ckpt: Mapping[str, Any], created_at_ms: int = 0) -> ScoringModel:
+    def from_checkpoint(
+        cls, version: int, ckpt: Mapping[str, Any], created_at_ms: int = 0, trace: bool = False
+    ) -> ScoringModel:
+        """The version of a checkpoint; ``trace``: also build the traced copy (``SCORER_TORCHSCRIPT``)."""
         model = AITM(config_from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["model_state"])
         model.eval()
         encoder = FeatureEncoder.from_state_dict(ckpt["feature_maps"])
-        return cls(version, model, encoder, created_at_ms, traced(model, len(encoder.fields)))
+        fast = traced(model, len(encoder.fields)) if trace else None
+        return cls(version, model, encoder, created_at_ms, fast)
 
     @torch.inference_mode()
     def predict(self, rows: Sequence[Mapping[str, str]]) -> np.ndarray:

@@ -17,14 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def load_version(
-    store: ModelStore, version: int, path: Path | None = None, sha256: str | None = None, created_at_ms: int = 0
+    store: ModelStore, version: int, path: Path | None = None, sha256: str | None = None, created_at_ms: int = 0,
+    trace: bool = False,
 ) -> ScoringModel:
     """A model version from the store, verified (the checkpoint's checksum, and the file's sha256
     when given), ready to score: the one loader behind the scorer and ``aitm-stream export``.
     Raises ``ModelStoreError`` (missing, corrupted) or ``KeyError``/``RuntimeError``/``ValueError``
-    (a checkpoint that does not fit the model)."""
+    (a checkpoint that does not fit the model). ``trace``: serve a TorchScript trace too."""
     ckpt = store.load(version=None if path else version, path=path, sha256=sha256)
-    return ScoringModel.from_checkpoint(version, ckpt, created_at_ms)
+    return ScoringModel.from_checkpoint(version, ckpt, created_at_ms, trace=trace)
 
 
 class VersionFollower:
@@ -48,7 +49,8 @@ class VersionFollower:
             return False
         try:
             path = self.store.root / ann.path.rsplit("/", 1)[-1]
-            m = load_version(self.store, ann.version, path, ann.sha256, ann.created_at_ms)
+            m = load_version(self.store, ann.version, path, ann.sha256, ann.created_at_ms,
+                             trace=self.s.scorer_torchscript)
         except (ModelStoreError, KeyError, RuntimeError, ValueError) as exc:
             self.refused.inc()
             log.warning("refusing model version %d: %s", ann.version, exc)

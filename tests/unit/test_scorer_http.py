@@ -432,9 +432,12 @@ def test_the_traced_model_serves_the_same_bits_as_the_eager_one() -> None:
 
     import numpy as np
 
-    m = known_model()
-    assert m.fast is not None  # traced at load
-    eager = dataclasses.replace(m, fast=None)
+    from stream.serve.scoring import traced
+
+    eager = known_model()
+    assert eager.fast is None  # tracing is opt-in (SCORER_TORCHSCRIPT)
+    m = dataclasses.replace(eager, fast=traced(eager.model, len(eager.encoder.fields)))
+    assert m.fast is not None
     for n in (1, 3, 50, 513):
         rows = [FEATURES[i % 4] for i in range(n)]
         assert np.array_equal(m.predict(rows), eager.predict(rows))
