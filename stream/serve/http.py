@@ -187,6 +187,8 @@ def build_app(backend: Backend, max_body_bytes: int = MAX_RECORD_BYTES,
             resp = await handler(request)
         except BadRequest as exc:
             resp = _json(exc.code, {"error": exc.message})
+            if exc.code in (413, 415):  # the rest of the body was not read: the connection cannot go on
+                resp.force_close()
         except web.HTTPMethodNotAllowed as exc:
             allowed = ", ".join(sorted(exc.allowed_methods))
             resp = _json(405, {"error": f"{request.method} is not allowed on {request.path[:60]!r}; use {allowed}"
@@ -256,7 +258,7 @@ class HttpServer:
         runner = web.AppRunner(self.app, access_log=log, access_log_format=ACCESS_LOG_FORMAT,
                                handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True, shutdown_timeout=3.0)
         await site.start()
         self._runner = runner
         sockets = [s for srv in [site._server] if srv is not None for s in getattr(srv, "sockets", ())]
@@ -264,7 +266,7 @@ class HttpServer:
             self.server_address = sockets[0].getsockname()[:2]
 
     def shutdown(self) -> None:
-        """Stop accepting, finish in-flight requests (up to 5 s), stop the loop."""
+        """Stop accepting, finish in-flight requests (up to 3 s), stop the loop."""
         if self._runner is not None and self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
             self._runner = None

@@ -352,7 +352,7 @@ def test_a_batch_is_scored_by_one_version_in_request_order(scorer: tuple[Scorer,
         (b'{"requests": [{"features": {}}]', 400, "request body is not valid JSON"),
         (json.dumps({"requests": [{"features": {}}] * 1001}).encode(), 400,
          "'requests' has 1001 items; at most 1000 per call"),
-        (b"[" + b" " * (4 << 20) + b"]", 413, f"at most {4 << 20}"),
+        pytest.param(b"[" + b" " * (4 << 20) + b"]", 413, f"at most {4 << 20}", id="body-over-4MiB"),
     ],
 )
 def test_a_bad_batch_gets_a_clear_4xx_and_scores_nothing(scorer: tuple[Scorer, int], body: bytes, code: int,
