@@ -116,11 +116,16 @@ _DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_c
 _scan_once: Final[Callable[[str, int], tuple[Any, int]]] = vars(_DECODER)["scan_once"]
 
 
-def loads_strict(raw: bytes | str, what: str = "record", error: type[InvalidRecord] = InvalidRecord) -> Any:
-    """``json.loads`` that refuses NaN/Infinity, duplicate keys, bad UTF-8 and huge inputs, raising
-    ``error`` (the caller's boundary's type) with reason ``malformed_json``."""
-    if len(raw) > MAX_RECORD_BYTES:
-        raise error(MALFORMED_JSON, f"{what} is {len(raw)} bytes; at most {MAX_RECORD_BYTES} allowed")
+def loads_strict(
+    raw: bytes | str,
+    what: str = "record",
+    error: type[InvalidRecord] = InvalidRecord,
+    max_bytes: int = MAX_RECORD_BYTES,
+) -> Any:
+    """``json.loads`` that refuses NaN/Infinity, duplicate keys, bad UTF-8 and inputs over
+    ``max_bytes``, raising ``error`` (the caller's boundary's type) with reason ``malformed_json``."""
+    if len(raw) > max_bytes:
+        raise error(MALFORMED_JSON, f"{what} is {len(raw)} bytes; at most {max_bytes} allowed")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
         try:  # fast path: a value that starts at 0 and fills the text (what producers send)
