@@ -178,12 +178,15 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         metrics.watermark_lag.set(join.watermark_lag_ms() / 1000.0)
         metrics.store_size.set(_dir_bytes(datadir))
 
+    recreated_guard = offsets.RecreatedGuard()
+
     @app.timer(2.0)
     async def rewind_recreated_topics() -> None:
         """Partitions recreated under us (a broker that lost its data) are read again from the start."""
         consumer = app.consumer
         tps = list(consumer.assignment())
-        await offsets.rewind_async(consumer, tps, {tp: offsets.highwater(consumer, tp) for tp in tps})
+        await offsets.rewind_async(consumer, tps, {tp: offsets.highwater(consumer, tp) for tp in tps},
+                                   recreated_guard)
 
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         await flusher.revoked(revoked)

@@ -126,6 +126,7 @@ class Scorer:
         )
         subscribed = False
         lag_at = 0.0
+        guard = offsets.RecreatedGuard()
         try:
             while not stop.is_set():
                 self.swap_if_ready()  # between batches only
@@ -140,7 +141,7 @@ class Scorer:
                 records = [r for recs in polled.values() for r in recs]
                 if time.monotonic() - lag_at >= 1.0:
                     lag_at = time.monotonic()
-                    offsets.rewind_sync(consumer)
+                    offsets.rewind_sync(consumer, guard)
                     lag = offsets.lag_sync(consumer)
                     if lag is not None:
                         self.metrics.consumer_lag.set(lag)
