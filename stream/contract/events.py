@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -200,7 +200,11 @@ def parse_event(raw: bytes | str, expected_type: str | None = None) -> Event:
     ...             b'"event_time_ms":5,"bank_id":"b"}').step
     1
     """
-    obj = loads_strict(raw, "event", InvalidEvent)
+    return event_from_json(loads_strict(raw, "event", InvalidEvent), expected_type)
+
+
+def event_from_json(obj: Any, expected_type: str | None = None) -> Event:
+    """The checks of ``parse_event`` on a decoded JSON value (``loads_strict``'s result)."""
     if not isinstance(obj, dict):
         raise InvalidEvent(MALFORMED_JSON, f"event must be a JSON object, got {type(obj).__name__}")
     if "schema_version" not in obj:
@@ -235,6 +239,67 @@ def parse_event(raw: bytes | str, expected_type: str | None = None) -> Event:
         bank_id=_str_field(obj, "bank_id"),
         features=_features(obj) if step == 0 else None,
     )
+
+
+def parse_events(raws: Sequence[bytes | None], expected_types: Sequence[str | None]) -> list[Event | InvalidEvent]:
+    """``parse_event`` over a fetched batch: per record its ``Event``, or the ``InvalidEvent`` that
+    ``parse_event`` raises for it (same reason, same words; a missing value - a tombstone - is
+    ``malformed_json``).
+
+    The batch's bytes are joined and decoded to text once; then the strict decoder's C scanner
+    (the one ``loads_strict`` uses: duplicate keys at any depth and NaN/Infinity refused) reads
+    each record at its own offset. A record counts as decoded only when the value read there ends
+    exactly where the record ends, i.e. the record is one JSON value and nothing else; any other
+    record - malformed, padded with whitespace, oversized, or a batch that is not ASCII (byte
+    and character offsets differ) - goes through ``parse_event`` itself, so its error is the
+    per-record one.
+
+    >>> ok = b'{"schema_version":1,"event_type":"click","event_id":"e","impression_id":"i",' \\
+    ...      b'"event_time_ms":5,"bank_id":"b"}'
+    >>> [type(x).__name__ for x in parse_events([ok, b'{"a":1,"a":2}', None, b"1", b"2"], ["click"] * 5)]
+    ['Event', 'InvalidEvent', 'InvalidEvent', 'InvalidEvent', 'InvalidEvent']
+    """
+    out: list[Event | InvalidEvent] = []
+    append = out.append
+    text: str | None = None
+    if None not in raws:
+        try:
+            text = b"".join(raws).decode("ascii")  # type: ignore[arg-type]  # no None in raws
+        except UnicodeDecodeError:
+            text = None
+    if text is None:
+        for raw, etype in zip(raws, expected_types, strict=True):
+            append(_parse_one(raw, etype))
+        return out
+    scan = _scan_once
+    pos = 0
+    for raw, etype in zip(raws, expected_types, strict=True):
+        end = pos + len(raw)  # type: ignore[arg-type]
+        try:
+            obj, stop = scan(text, pos)
+            if stop != end or end - pos > MAX_RECORD_BYTES:
+                obj = _NOT_ONE
+        except (StopIteration, InvalidRecord, ValueError, RecursionError):
+            obj = _NOT_ONE
+        if obj is _NOT_ONE:
+            append(_parse_one(raw, etype))
+        else:
+            try:
+                append(event_from_json(obj, etype))
+            except InvalidEvent as exc:
+                append(exc)
+        pos = end
+    return out
+
+
+_NOT_ONE: Final[Any] = object()  # "this record is not exactly one JSON value: parse it alone"
+
+
+def _parse_one(raw: bytes | None, expected_type: str | None) -> Event | InvalidEvent:
+    try:
+        return parse_event(raw if raw is not None else b"", expected_type)
+    except InvalidEvent as exc:
+        return exc
 
 
 def dead_letter(

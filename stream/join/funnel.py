@@ -22,7 +22,6 @@ final time (kept so that replays and after-window events are recognised).
 from __future__ import annotations
 
 import json
-import marshal
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal
@@ -432,26 +431,8 @@ def sweep(state: FunnelState, prev: Swept, now: Swept, cfg: FunnelConfig) -> Res
     return res
 
 
-# --- compact codec (marshal: fast, small; version byte first) ------------------------------
-
-# version 3 keeps each held event's arrival lane; version 2 stores the features as JSON bytes;
-# versions 1 (features as a dict) and 2 are still read
-_CODEC_VERSION: Final = 3
-
-
-def encode_state(state: FunnelState) -> bytes:
-    held = tuple((h.step, h.event_time_ms, h.event_id, h.raw, h.lane_ms) for h in state.held) if state.held else ()
-    return marshal.dumps((_CODEC_VERSION, state.bank_id, state.imp_ms, state.features_json, state.times, held))
-
-
-def decode_state(data: bytes) -> FunnelState:
-    try:
-        v = marshal.loads(data)
-    except (EOFError, ValueError, TypeError):
-        v = None
-    if not isinstance(v, tuple) or len(v) != 6 or v[0] not in (1, 2, _CODEC_VERSION):
-        raise ValueError("funnel state was written by an unknown codec version; clear the store")
-    version, bank, imp, feats, times, held = v
-    if version == 1 and feats is not None:
-        feats = features_json(feats)
-    return FunnelState(bank, imp, feats, times, tuple(Held(*h) for h in held) if held else ())
+# --- the state codec ---------------------------------------------------------------------------
+# A versioned struct layout in its own module (stream/join/state_codec.py); re-exported here, where
+# the joiner and the tests have always found it. Imported last: that module needs the classes above.
+from stream.join.state_codec import decode_state as decode_state  # noqa: E402
+from stream.join.state_codec import encode_state as encode_state  # noqa: E402

@@ -108,6 +108,10 @@ class RocksDBStore:
         v = self._db.get(b"s" + key)
         return None if v is None else bytes(v)
 
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        values = self._db.get([b"s" + k for k in keys])
+        return [None if v is None else bytes(v) for v in values]
+
     def _schedule(self, wb: WriteBatch, key: bytes, dues: Dues | None) -> None:
         raw = self._db.get(b"e" + key)
         old: list[int | None] = _unpack(bytes(raw)) if raw is not None else [None] * LANES

@@ -6,9 +6,11 @@ lock and awaits flow control and the producer buffer, builds an ``Event`` and qu
 agent's ``Stream`` iterator takes it off the queue and calls the sensors. On the joiner's bench
 that is about 90 us per record, the whole of a do-nothing agent's cost and more than the join.
 
-``bulk_consumer()`` subclasses faust's consumer with a fetch loop that calls ``handle(message,
-behind)`` for the records of the chosen topics, synchronously and in fetch order, and awaits
-``flush()`` when it returns True. Everything else stays faust's:
+``bulk_consumer()`` subclasses faust's consumer with a fetch loop that hands the records of the
+chosen topics to ``handle(batch)`` a fetched batch at a time - ``[(message, behind)]`` in fetch
+order, at most ``max_batch`` records, never spanning an ``await`` of the loop (a gap, a commit,
+flow control, a record of another topic) - synchronously, and awaits ``flush()`` when it returns
+True. Everything else stays faust's:
 
 - the consumer group, rebalances, the pausing of partitions while tables recover, and flow
   control: a batch stops at a rebalance (consumer flow stopped, or a new generation) exactly
@@ -22,7 +24,9 @@ What it gives up for those topics: the agent's stream never sees their records (
 only there so that faust subscribes the topics and tracks their acks), faust's sensors do not
 count them (``Monitor.stream_inbound_time`` is still kept per partition, for faust's
 slow-processing checks), and the handler must not block. It relies on faust internals
-(``_wait_next_records``, ``_read_offset``, ``_add_gap``): faust-streaming is pinned.
+(``_wait_next_records``, ``_read_offset``, ``_add_gap``): faust-streaming is pinned, ``bulk_consumer``
+refuses any other version, and ``tests/unit/test_faust_bulk.py`` fails when faust's own loop (the
+one copied here) is not the one this was written against.
 """
 
 from __future__ import annotations
@@ -32,18 +36,26 @@ from collections.abc import Awaitable, Callable, Collection
 from time import monotonic
 from typing import Any
 
+import faust
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.types import TP
 
-Handle = Callable[[Any, bool], bool]  # (message, behind its high watermark) -> flush now?
+# a fetched batch: [(message, behind its high watermark)] -> flush now?
+Handle = Callable[[list[tuple[Any, bool]]], bool]
 Flush = Callable[[], Awaitable[None]]
-YIELD_EVERY = 100  # records handled between two yields to the event loop, as faust's loop
+FAUST_VERSION = "0.15.3"  # the faust-streaming whose consumer loop this copies
+MAX_BATCH = 2000  # records handed over at most at once; the loop yields to the event loop after each full batch
 
 
-def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flush) -> type:
+def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flush, max_batch: int = MAX_BATCH) -> type:
     """A subclass of faust's consumer class ``base`` whose fetch loop hands the records of
     ``topics`` to ``handle`` (see the module doc). Install it before the app's consumer is made:
     ``app.transport.Consumer = bulk_consumer(app.transport.Consumer, ...)``."""
+    if faust.__version__ != FAUST_VERSION:
+        raise TypeError(
+            f"the joiner's bulk fetch loop copies faust-streaming {FAUST_VERSION}'s consumer loop, and "
+            f"{faust.__version__} is installed: re-check stream/kafka/faust_bulk.py against it (and its test)"
+        )
     bulk = frozenset(topics)
     for name in ("_wait_next_records", "_to_message", "_add_gap", "highwater"):
         if not hasattr(base, name):  # pragma: no cover - a faust upgrade changed its internals
@@ -62,7 +74,6 @@ def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flu
             highwater = self.highwater
             monitor = app.monitor
             flow_control = app.flow_control
-            since_yield = 0
             try:
                 while not (consumer_should_stop() or fetcher_should_stop()):
                     self.diag.set_flag(CONSUMER_FETCHING)
@@ -73,6 +84,7 @@ def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flu
                         continue
                     generation = app.consumer_generation_id
                     behind_hw: dict[TP, int | None] = {}
+                    pending: list[tuple[Any, bool]] = []  # records of ``topics`` not yet handed over
                     for tp, record in self.scheduler.iterate(records):
                         if not self.flow_active or app.consumer_generation_id != generation:
                             break  # a rebalance began: its seek reads the rest again
@@ -88,26 +100,45 @@ def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flu
                         r_offset = read_offset[tp]
                         if r_offset is not None and offset < r_offset:
                             continue  # read already (faust drops these too)
+                        bulk_record = tp.topic in bulk
+                        awaits = (
+                            (r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic))
+                            or (self._commit_every is not None and consumer._n_acked >= self._commit_every)
+                            or not bulk_record
+                            or not flow_control.is_active()
+                        )
+                        if awaits and pending:  # hand over what came before: nothing in a batch spans an await
+                            batch, pending = pending, []
+                            if handle(batch):
+                                await flush()
+                            if not self.flow_active or app.consumer_generation_id != generation:
+                                break
                         if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
                             await self._add_gap(tp, r_offset + 1, offset)
                         if self._commit_every is not None and consumer._n_acked >= self._commit_every:
                             consumer._n_acked = 0
                             await self.commit()
-                        if tp.topic in bulk:
+                        if bulk_record:
                             if not flow_control.is_active():
                                 await self.wait_first(flow_control.acquire(), self.suspend_flow.wait())
                                 if not self.flow_active or app.consumer_generation_id != generation:
                                     break
                             hw = behind_hw[tp]
-                            if handle(message, hw is not None and offset + 1 < hw):
-                                await flush()
+                            pending.append((message, hw is not None and offset + 1 < hw))
                         else:
                             await self.wait_first(callback(message), self.suspend_flow.wait())
                         read_offset[tp] = offset
-                        since_yield += 1
-                        if since_yield >= YIELD_EVERY:
-                            since_yield = 0
-                            await asyncio.sleep(0)
+                        if len(pending) >= max_batch:
+                            batch, pending = pending, []
+                            if handle(batch):
+                                await flush()
+                            await asyncio.sleep(0)  # a full batch: let heartbeats and timers run
+                            if not self.flow_active or app.consumer_generation_id != generation:
+                                break
+                    if pending:  # the fetch's last records (or those before a rebalance began)
+                        batch, pending = pending, []
+                        if handle(batch):
+                            await flush()
                     self.diag.unset_flag(CONSUMER_FETCHING)
             except self.consumer_stopped_errors:
                 if self.transport.app.should_stop:
