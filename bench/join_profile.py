@@ -21,7 +21,8 @@ from typing import Any
 
 from stream.join.driver import BatchRecord, FunnelJoin, JoinTopics, Output
 from stream.join.faust_store import FaustTableStore
-from stream.join.funnel import FunnelConfig, decode_state, next_dues
+from stream.join.funnel import FunnelConfig, next_dues
+from stream.join.state_codec import decode_state
 from stream.ops.clock import FakeClock
 
 TOPICS = ("impressions", "clicks", "applications", "approvals", "activations")

@@ -29,7 +29,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from stream.join.driver import FunnelJoin, JoinTopics
 from stream.join.faust_store import FaustTableStore
 from stream.join.flusher import Flusher
-from stream.join.funnel import Dues, FunnelConfig, Swept, decode_state, next_dues
+from stream.join.funnel import Dues, FunnelConfig, Swept, next_dues
+from stream.join.state_codec import decode_state
 from stream.kafka import offsets
 from stream.kafka.faust_bulk import bulk_consumer
 from stream.ops.clock import Clock, SystemClock

@@ -28,11 +28,10 @@ from stream.join.funnel import (
     Result,
     Swept,
     advance,
-    decode_state,
-    encode_state,
     next_dues,
     sweep,
 )
+from stream.join.state_codec import decode_state, encode_state
 from stream.join.store import LabelStore
 from stream.join.watermark import PartitionWatermark
 from stream.ops.clock import Clock

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from stream.contract.events import STEPS, Event
 
@@ -432,7 +432,13 @@ def sweep(state: FunnelState, prev: Swept, now: Swept, cfg: FunnelConfig) -> Res
 
 
 # --- the state codec ---------------------------------------------------------------------------
-# A versioned struct layout in its own module (stream/join/state_codec.py); re-exported here, where
-# the joiner and the tests have always found it. Imported last: that module needs the classes above.
-from stream.join.state_codec import decode_state as decode_state  # noqa: E402
-from stream.join.state_codec import encode_state as encode_state  # noqa: E402
+
+
+def __getattr__(name: str) -> Any:
+    """``encode_state`` / ``decode_state``: the state codec lives in ``stream.join.state_codec`` (a
+    versioned struct layout); still found here, its old home."""
+    if name in ("encode_state", "decode_state"):
+        from stream.join import state_codec
+
+        return getattr(state_codec, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
