@@ -82,16 +82,16 @@ def test_an_unknown_version_byte_is_refused_naming_it(first: int) -> None:
 
 
 def test_an_unknown_marshal_version_and_corrupt_values_are_refused() -> None:
-    with pytest.raises(ValueError, match="^funnel state was written by an unknown codec version; clear the store$"):
+    with pytest.raises(ValueError, match=r"^funnel state was written by an unknown codec version; clear the store$"):
         decode_state(marshal.dumps((7, "b", T0, None, (-1, -1, -1, -1), ())))
     with pytest.raises(ValueError, match="unknown codec version"):
         decode_state(b"")
     data = encode_state(HELD)
-    with pytest.raises(ValueError, match="codec version 4. is corrupt"):
+    with pytest.raises(ValueError, match=r"codec version 4\) is corrupt"):
         decode_state(data[:-1])  # truncated
-    with pytest.raises(ValueError, match=f"codec version 4. is corrupt: {len(data) + 1} bytes, its fields take {len(data)}"):
+    with pytest.raises(ValueError, match=rf"codec version 4\) is corrupt: {len(data) + 1} bytes, its fields take {len(data)}"):
         decode_state(data + b"x")  # trailing bytes
-    with pytest.raises(ValueError, match="codec version 4. is corrupt"):
+    with pytest.raises(ValueError, match=r"codec version 4\) is corrupt"):
         decode_state(data[:30])  # a cut header
 
 
