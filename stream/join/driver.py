@@ -390,8 +390,8 @@ class FunnelJoin:
             for ikey in p.store.pop_due(lane, wm[lane]):
                 keys[ikey] = None
         n = 0
-        for ikey in keys:
-            old = p.store.get(ikey)
+        due = list(keys)
+        for ikey, old in zip(due, p.store.get_many(due), strict=True):  # one multi-get
             if old is None:
                 continue
             n += 1
