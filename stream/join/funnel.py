@@ -340,7 +340,7 @@ _FEATURES_ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
 # same settings (compact separators, ASCII escapes, NaN allowed as ``json.dumps`` does)
 _C_ENCODE: Final = (
     json.encoder.c_make_encoder(None, _FEATURES_ENCODER.default, json.encoder.encode_basestring_ascii, None, ":",
-                                ",", False, False, True)  # fmt: skip
+                                ",", False, False, True)
     if json.encoder.c_make_encoder is not None
     else None
 )
