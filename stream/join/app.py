@@ -1,10 +1,10 @@
 """``aitm-stream joiner``: the faust app that joins the five event topics into training samples.
 
-faust's consumer reads the co-partitioned event topics and hands each fetched batch straight to
-the join (``stream.kafka.faust_bulk``, past faust's per-event agent path; the agent only subscribes
-the topics; ``FunnelJoin.on_batch``: one decode call, one multi-get and one write per state). Per-impression funnel state lives in a faust Table (``store="rocksdb://"``,
+faust's consumer reads the co-partitioned event topics and hands each record straight to the
+join (``stream.kafka.faust_bulk``, past faust's per-event agent path; the agent only subscribes the
+topics). Per-impression funnel state lives in a faust Table (``store="rocksdb://"``,
 rocksdict) whose changelog restores it after a restart. The records drive
-``stream.join.driver.FunnelJoin``: one table write per state and batch at most, state values in a
+``stream.join.driver.FunnelJoin``: one table write per event at most, state values in a
 versioned struct codec (``stream.join.state_codec``), samples and dead letters only when due. Outputs and changelog records are
 produced as record batches (``stream.kafka.sender.BatchSender``) once per
 ``JOINER_SWEEP_INTERVAL_MS``, when every partition whose topic watermarks (lanes) moved is
@@ -145,7 +145,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
     )
     flusher = Flusher(app, table, join, clock, settings.joiner_sweep_interval_ms / 1000.0)
     transport: Any = app.transport
-    transport.Consumer = bulk_consumer(transport.Consumer, topics.events, flusher.handle_batch, flusher.flush)
+    transport.Consumer = bulk_consumer(transport.Consumer, topics.events, flusher.handle, flusher.flush)
 
     @app.agent(source)
     async def funnel_join(stream: Any) -> None:

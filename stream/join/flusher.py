@@ -63,24 +63,6 @@ class Flusher:
         # once per interval, all partitions together: one flush, its acks awaited aside
         return len(self.unacked) >= MAX_PENDING or self.clock.monotonic() - self.last_flush >= self.interval_s
 
-    def handle_batch(self, batch: list[tuple[Any, bool]]) -> bool:
-        """Join a fetched batch of source records, ``(message, behind)`` each, in one call
-        (``FunnelJoin.on_batch``); True when a flush is due. They are acknowledged in ``complete``."""
-        if not batch:
-            return False
-        sender = self.get_sender()
-        out: list[Output] = []
-        self.join.on_batch([(m.topic, m.partition, m.key, m.value, m.offset, behind) for m, behind in batch], out)
-        add = sender.add
-        for o in out:
-            add(o.topic, o.key, o.value)
-        unacked = self.unacked
-        next_offset = self.next_offset
-        for m, _ in batch:
-            unacked.append(m)
-            next_offset[m.tp] = m.offset + 1
-        return len(unacked) >= MAX_PENDING or self.clock.monotonic() - self.last_flush >= self.interval_s
-
     def idle(self) -> bool:
         """Whether a flush is owed to a quiet spell (records came, then nothing for an interval)."""
         return self.sender is not None and self.clock.monotonic() - self.last_flush >= self.interval_s

@@ -338,10 +338,11 @@ def _settle(state: FunnelState, swept: Swept, cfg: FunnelConfig, res: Result, cr
 _FEATURES_ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
 # ``JSONEncoder.encode`` builds its C encoder anew on every call; this one is built once, with the
 # same settings (compact separators, ASCII escapes, NaN allowed as ``json.dumps`` does)
+_C_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)  # CPython's C accelerator (untyped)
 _C_ENCODE: Final = (
-    json.encoder.c_make_encoder(None, _FEATURES_ENCODER.default, json.encoder.encode_basestring_ascii, None, ":",
-                                ",", False, False, True)
-    if json.encoder.c_make_encoder is not None
+    _C_MAKE_ENCODER(None, _FEATURES_ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",", False,
+                    False, True)
+    if _C_MAKE_ENCODER is not None
     else None
 )
 

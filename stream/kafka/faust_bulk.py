@@ -6,11 +6,9 @@ lock and awaits flow control and the producer buffer, builds an ``Event`` and qu
 agent's ``Stream`` iterator takes it off the queue and calls the sensors. On the joiner's bench
 that is about 90 us per record, the whole of a do-nothing agent's cost and more than the join.
 
-``bulk_consumer()`` subclasses faust's consumer with a fetch loop that hands the records of the
-chosen topics to ``handle(batch)`` a fetched batch at a time - ``[(message, behind)]`` in fetch
-order, at most ``max_batch`` records, never spanning an ``await`` of the loop (a gap, a commit,
-flow control, a record of another topic) - synchronously, and awaits ``flush()`` when it returns
-True. Everything else stays faust's:
+``bulk_consumer()`` subclasses faust's consumer with a fetch loop that calls ``handle(message,
+behind)`` for the records of the chosen topics, synchronously and in fetch order, and awaits
+``flush()`` when it returns True. Everything else stays faust's:
 
 - the consumer group, rebalances, the pausing of partitions while tables recover, and flow
   control: a batch stops at a rebalance (consumer flow stopped, or a new generation) exactly
@@ -27,6 +25,10 @@ slow-processing checks), and the handler must not block. It relies on faust inte
 (``_wait_next_records``, ``_read_offset``, ``_add_gap``): faust-streaming is pinned, ``bulk_consumer``
 refuses any other version, and ``tests/unit/test_faust_bulk.py`` fails when faust's own loop (the
 one copied here) is not the one this was written against.
+
+Records are handed over one at a time. A version that handed whole fetched batches to
+``FunnelJoin.on_batch`` (issue 16) failed the chaos bench under heavy load while this loop passed
+beside it; see docs/joiner.md, "Round 5".
 """
 
 from __future__ import annotations
@@ -40,19 +42,13 @@ import faust
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.types import TP
 
-# a fetched batch: [(message, behind its high watermark)] -> flush now?
-Handle = Callable[[list[tuple[Any, bool]]], bool]
+Handle = Callable[[Any, bool], bool]  # (message, behind its high watermark) -> flush now?
 Flush = Callable[[], Awaitable[None]]
 FAUST_VERSION = "0.15.3"  # the faust-streaming whose consumer loop this copies
-# records handed over at most at once. 1 (one record a call, the loop of round 4) until the chaos
-# bench passes with larger batches: with 2,000 it failed twice under a load of 10-20 while main
-# passed beside it (docs/joiner.md, "Round 5"); FunnelJoin.on_batch itself is proven equal to
-# on_record in process (tests/unit/test_join_batch.py, tests/integration/test_join_inprocess.py)
-MAX_BATCH = 1
-YIELD_EVERY = 100  # records between two yields to the event loop, as faust's own loop
+YIELD_EVERY = 100  # records handled between two yields to the event loop, as faust's loop
 
 
-def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flush, max_batch: int = MAX_BATCH) -> type:
+def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flush) -> type:
     """A subclass of faust's consumer class ``base`` whose fetch loop hands the records of
     ``topics`` to ``handle`` (see the module doc). Install it before the app's consumer is made:
     ``app.transport.Consumer = bulk_consumer(app.transport.Consumer, ...)``."""
@@ -90,7 +86,6 @@ def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flu
                         continue
                     generation = app.consumer_generation_id
                     behind_hw: dict[TP, int | None] = {}
-                    pending: list[tuple[Any, bool]] = []  # records of ``topics`` not yet handed over
                     for tp, record in self.scheduler.iterate(records):
                         if not self.flow_active or app.consumer_generation_id != generation:
                             break  # a rebalance began: its seek reads the rest again
@@ -106,54 +101,26 @@ def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flu
                         r_offset = read_offset[tp]
                         if r_offset is not None and offset < r_offset:
                             continue  # read already (faust drops these too)
-                        bulk_record = tp.topic in bulk
-                        awaits = (
-                            (r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic))
-                            or (self._commit_every is not None and consumer._n_acked >= self._commit_every)
-                            or not bulk_record
-                            or not flow_control.is_active()
-                        )
-                        if awaits and pending:  # hand over what came before: nothing in a batch spans an await
-                            batch, pending = pending, []
-                            if handle(batch):
-                                await flush()
-                            if not self.flow_active or app.consumer_generation_id != generation:
-                                break
                         if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
                             await self._add_gap(tp, r_offset + 1, offset)
                         if self._commit_every is not None and consumer._n_acked >= self._commit_every:
                             consumer._n_acked = 0
                             await self.commit()
-                        if bulk_record:
+                        if tp.topic in bulk:
                             if not flow_control.is_active():
                                 await self.wait_first(flow_control.acquire(), self.suspend_flow.wait())
                                 if not self.flow_active or app.consumer_generation_id != generation:
                                     break
                             hw = behind_hw[tp]
-                            pending.append((message, hw is not None and offset + 1 < hw))
+                            if handle(message, hw is not None and offset + 1 < hw):
+                                await flush()
                         else:
                             await self.wait_first(callback(message), self.suspend_flow.wait())
                         read_offset[tp] = offset
-                        if len(pending) >= max_batch:
-                            batch, pending = pending, []
-                            if handle(batch):
-                                await flush()
-                            if not self.flow_active or app.consumer_generation_id != generation:
-                                break
                         since_yield += 1
-                        if since_yield >= YIELD_EVERY:  # as faust's own loop: let heartbeats and timers run
+                        if since_yield >= YIELD_EVERY:
                             since_yield = 0
-                            if pending:
-                                batch, pending = pending, []
-                                if handle(batch):
-                                    await flush()
                             await asyncio.sleep(0)
-                            if not self.flow_active or app.consumer_generation_id != generation:
-                                break
-                    if pending:  # the fetch's last records (or those before a rebalance began)
-                        batch, pending = pending, []
-                        if handle(batch):
-                            await flush()
                     self.diag.unset_flag(CONSUMER_FETCHING)
             except self.consumer_stopped_errors:
                 if self.transport.app.should_stop:

@@ -31,7 +31,7 @@ async def _flush() -> None:
 
 
 def test_bulk_consumer_subclasses_faust_consumer_and_overrides_only_the_fetch_loop() -> None:
-    cls = bulk_consumer(Consumer, ["impressions"], lambda batch: False, _flush)
+    cls = bulk_consumer(Consumer, ["impressions"], lambda message, behind: False, _flush)
     assert issubclass(cls, Consumer)
     overridden = {name for name, v in vars(cls).items() if callable(v) and not name.startswith("__")}
     assert overridden == {"_drain_messages"}
@@ -42,7 +42,7 @@ def test_bulk_consumer_refuses_a_consumer_without_the_internals_it_uses() -> Non
         pass
 
     with pytest.raises(TypeError, match="faust-streaming changed"):
-        bulk_consumer(Other, ["impressions"], lambda batch: False, _flush)
+        bulk_consumer(Other, ["impressions"], lambda message, behind: False, _flush)
 
 
 def test_the_installed_faust_is_the_one_the_bulk_loop_copies() -> None:
@@ -61,4 +61,4 @@ def test_the_installed_faust_is_the_one_the_bulk_loop_copies() -> None:
 def test_bulk_consumer_refuses_another_faust_version(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(faust_bulk.faust, "__version__", "0.16.0")
     with pytest.raises(TypeError, match=r"copies faust-streaming 0\.15\.3's consumer loop, and 0\.16\.0 is installed"):
-        bulk_consumer(Consumer, ["impressions"], lambda batch: False, _flush)
+        bulk_consumer(Consumer, ["impressions"], lambda message, behind: False, _flush)
