@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -123,23 +122,12 @@ def realtime_final_delays(records: list[Record], stream: SimulatedStream, settin
     ``JOINER_SWEEP_INTERVAL_MS``, idle after ``JOINER_IDLE_TIMEOUT_MS`` as configured for
     production). The chaos run itself goes hours of simulated time a second, where one sweep
     interval or a catch-up after a kill is hours of event time."""
-    from simulators.faults import kafka_partition
-    from stream.join.app import funnel_config, join_topics
-    from stream.join.driver import FunnelJoin, Output
-    from stream.join.store import InMemoryStore
-    from stream.ops.clock import FakeClock
+    from bench.paced_join import join_at_delivery_pace
+    from stream.join.app import join_topics
+    from stream.join.driver import Output
 
     prod = Settings(kafka_bootstrap_servers=settings.kafka_bootstrap_servers)  # production defaults
     topics = join_topics(prod)
-    by_step = dict(zip(STEPS, topics.events, strict=True))
-    stores: dict[int, InMemoryStore] = {}
-    clock = FakeClock(records[0].deliver_ms if records else 0)
-    join = FunnelJoin(
-        funnel_config(prod), topics, lambda p: stores.setdefault(p, InMemoryStore()), clock,
-        lateness_ms=prod.joiner_lateness_ms(), sweep_interval_s=prod.joiner_sweep_interval_ms / 1000,
-        idle_timeout_s=prod.joiner_idle_timeout_ms / 1000, max_future_ms=0,
-    )  # fmt: skip
-    parts = prod.event_partitions
     final_wm: dict[str, int] = {}
 
     def collect(out: list[Output]) -> None:
@@ -149,37 +137,7 @@ def realtime_final_delays(records: list[Record], stream: SimulatedStream, settin
                 if s.kind == "final":
                     final_wm.setdefault(s.impression_id, s.watermark_ms)
 
-    for p in range(parts):
-        for k in range(len(STEPS)):
-            join.caught_up(p, k)  # read as delivered: every topic at its end (records say so too)
-
-    def tick(partitions: Iterable[int]) -> None:
-        for p in partitions:
-            if join.sweep_due(p):
-                out: list[Output] = []
-                join.sweep(p, out)
-                wm = join.take_sweep(p)
-                collect(out)
-                if wm is not None:
-                    join.persist_swept(p, wm)
-
-    every = range(parts)
-    last_all = clock.now_ms()
-    for rec in records:
-        if rec.deliver_ms > clock.now_ms():
-            clock.advance(rec.deliver_ms - clock.now_ms())
-        out: list[Output] = []
-        p = kafka_partition(rec.key, parts)
-        join.on_record(by_step[rec.step], p, rec.key, rec.value, False, out)
-        collect(out)
-        if clock.now_ms() - last_all >= 10_000:  # quiet partitions too (their topics go idle)
-            last_all = clock.now_ms()
-            tick(every)
-        else:
-            tick((p,))
-    for _ in range(120):  # the stream has ended: two minutes, every topic goes idle
-        clock.advance(1000)
-        tick(every)
+    join_at_delivery_pace(records, prod, collect)
     ledger = Ledger({"samples": topics.samples, "scores": ""})
     ledger.final_wm = {iid: (0, wm) for iid, wm in final_wm.items()}
     return final_delays(stream, ledger, prod)

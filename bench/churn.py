@@ -34,9 +34,8 @@ from aitm.embedding_table import DynamicTable, Encoder
 from aitm.evaluate import auc
 from aitm.features import FeatureEncoder
 from bench.report import write_json
-from simulators.faults import SimulatedStream, kafka_partition
+from simulators.faults import SimulatedStream
 from simulators.funnel import DAY_MS, EPOCH_MS, TASKS, FunnelSimulator, SimConfig
-from stream.contract.events import STEPS
 from stream.contract.samples import Sample, parse_sample
 from stream.learn.learner import OnlineLearner
 from stream.learn.sample_batch import FIRST, SampleBatch, as_batch
@@ -51,56 +50,17 @@ LAST_DAYS = 10
 def joined_samples(records: Iterable[Any], settings: Settings) -> list[Sample]:
     """The samples the joiner emits for ``records`` (in delivery order), joined in process on an
     in-memory store with a clock that follows delivery time (as ``bench chaos``'s real-time pace)."""
-    from stream.join.app import funnel_config, join_topics
-    from stream.join.driver import FunnelJoin, Output
-    from stream.join.store import InMemoryStore
-    from stream.ops.clock import FakeClock
+    from bench.paced_join import join_at_delivery_pace
+    from stream.join.app import join_topics
+    from stream.join.driver import Output
 
     topics = join_topics(settings)
-    by_step = dict(zip(STEPS, topics.events, strict=True))
-    stores: dict[int, InMemoryStore] = {}
-    recs = list(records)
-    clock = FakeClock(recs[0].deliver_ms if recs else 0)
-    join = FunnelJoin(
-        funnel_config(settings), topics, lambda p: stores.setdefault(p, InMemoryStore()), clock,
-        lateness_ms=settings.joiner_lateness_ms(), sweep_interval_s=settings.joiner_sweep_interval_ms / 1000,
-        idle_timeout_s=settings.joiner_idle_timeout_ms / 1000, max_future_ms=0,
-    )  # fmt: skip
-    parts = settings.event_partitions
     samples: list[Sample] = []
 
     def collect(out: list[Output]) -> None:
         samples.extend(parse_sample(o.value) for o in out if o.topic == topics.samples)
 
-    def tick(partitions: Iterable[int]) -> None:
-        for p in partitions:
-            if join.sweep_due(p):
-                out: list[Output] = []
-                join.sweep(p, out)
-                wm = join.take_sweep(p)
-                collect(out)
-                if wm is not None:
-                    join.persist_swept(p, wm)
-
-    for p in range(parts):
-        for k in range(len(STEPS)):
-            join.caught_up(p, k)
-    last_all = clock.now_ms()
-    for rec in recs:
-        if rec.deliver_ms > clock.now_ms():
-            clock.advance(rec.deliver_ms - clock.now_ms())
-        out: list[Output] = []
-        p = kafka_partition(rec.key, parts)
-        join.on_record(by_step[rec.step], p, rec.key, rec.value, False, out)
-        collect(out)
-        if clock.now_ms() - last_all >= 10_000:
-            last_all = clock.now_ms()
-            tick(range(parts))
-        else:
-            tick((p,))
-    for _ in range(120):
-        clock.advance(1000)
-        tick(range(parts))
+    join_at_delivery_pace(list(records), settings, collect)
     return samples
 
 
