@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Final, Literal
 
 import numpy as np
 
-from stream.contract.samples import KINDS, Sample
+from stream.contract.samples import KINDS, Sample, SampleRecord, feature_names
 
 N_TASKS: Final = 4
 FIRST, CORRECTION, FINAL = 0, 1, 2  # kind codes, the order of ``stream.contract.samples.KINDS``
@@ -54,7 +54,14 @@ class SampleBatch:
         return cls._build(objs, dict.__getitem__)
 
     @classmethod
-    def _build(cls, rows: Sequence[Any], get: Callable[[Any, str], Any]) -> SampleBatch:
+    def from_records(cls, records: Sequence[SampleRecord]) -> SampleBatch:
+        """Columns from decoded records (``stream.contract.samples.decode_record``: either encoding)."""
+        return cls._build(records, getattr, _record_columns(records))
+
+    @classmethod
+    def _build(
+        cls, rows: Sequence[Any], get: Callable[[Any, str], Any], features: dict[str, list[str]] | None = None
+    ) -> SampleBatch:
         """``rows`` read by field name with ``get`` (``getattr`` or ``dict.__getitem__``): every
         look-up is a ``map`` in C, no Python frame per row."""
         n = len(rows)
@@ -78,7 +85,7 @@ class SampleBatch:
             mature=per_task("mature", bool),
             elapsed_ms=ints("elapsed_ms"),
             watermark_ms=ints("watermark_ms"),
-            features=_columns(list(column("features"))),
+            features=_columns(list(column("features"))) if features is None else features,
         )
 
     @classmethod
@@ -140,6 +147,21 @@ _ARRAYS: Final = ("event_time_ms", "kind", "seq", "labels", "mature", "elapsed_m
 
 def as_batch(samples: SampleBatch | Sequence[Sample]) -> SampleBatch:
     return samples if isinstance(samples, SampleBatch) else SampleBatch.from_samples(samples)
+
+
+def _record_columns(records: Sequence[SampleRecord]) -> dict[str, list[str]]:
+    """The feature columns of decoded records, sorted by field: one transpose when they share one
+    field list (the usual case: one joiner, one impression schema), else via feature dicts."""
+    if not records:
+        return {}
+    packed = set(map(bytes, map(attrgetter("names"), records)))
+    if len(packed) > 1:
+        return _columns([r.features for r in records])
+    names = feature_names(packed.pop())
+    if not names:
+        return {}
+    values = zip(*map(attrgetter("values"), records), strict=True)  # (F,) tuples of N values
+    return dict(sorted(zip(names, map(list, values), strict=True)))
 
 
 def _columns(rows: Sequence[dict[str, str]]) -> dict[str, list[str]]:
