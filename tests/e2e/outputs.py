@@ -1,5 +1,6 @@
 """What the pipeline published, and what it must publish: the tests' own reading of the output
-topics (their documented JSON schemas, parsed with ``json`` - no product code) and their own
+topics (their documented schemas, parsed with ``json`` and, for binary samples, ``msgspec`` -
+no product code) and their own
 expectations from the simulator's answer key. The chaos bench has its own (``bench.chaos``);
 the tests do not borrow it, so a mistake there cannot hide one in the product."""
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from typing import Any
+
+import msgspec
 
 from simulators.faults import SimulatedStream
 
@@ -24,7 +27,7 @@ class Outputs:
         self.dead: list[dict[str, Any]] = []
 
     def __call__(self, rec: Any) -> None:
-        obj = json.loads(rec.value)
+        obj = _sample_of(rec.value) if rec.topic == self.samples_topic else json.loads(rec.value)
         if rec.topic == self.samples_topic:
             self.sampled.add(obj["impression_id"])
             if obj["kind"] == "final":
@@ -34,6 +37,20 @@ class Outputs:
             self.scored[obj["impression_id"]] += 1
         else:
             self.dead.append(obj)
+
+
+# the binary samples' array positions, as the README's topics section documents them
+BINARY_POSITIONS = {"impression_id": 1, "labels": 6, "kind": 8}
+
+
+def _sample_of(value: bytes) -> dict[str, Any]:
+    """A samples record of either encoding: JSON (schema_version 1) or a MessagePack array
+    (first byte 0x90-0x9f, then the schema version 2)."""
+    if value[0] & 0xF0 != 0x90:
+        return dict(json.loads(value))
+    items = msgspec.msgpack.decode(value)
+    assert items[0] == 2, f"binary sample of schema version {items[0]}"
+    return {name: items[i] for name, i in BINARY_POSITIONS.items()}
 
 
 def must_label(stream: SimulatedStream) -> dict[str, tuple[int, ...]]:
