@@ -29,7 +29,7 @@ from typing import Annotated, Any, Final, Literal, NoReturn, cast
 
 import msgspec
 
-from stream.contract.events import InvalidRecord, loads_strict
+from stream.contract.events import MALFORMED_MSGPACK, InvalidRecord, loads_strict
 
 SAMPLE_SCHEMA_VERSION: Final = 1
 BINARY_SCHEMA_VERSION: Final = 2
@@ -271,7 +271,7 @@ def decode_binary(raw: bytes | bytearray | memoryview) -> SampleRecord:
         raise InvalidSample("invalid_field", f"binary sample: {text}") from None
     except msgspec.DecodeError as exc:
         _check_version(raw)
-        raise InvalidSample("malformed_msgpack", f"binary sample is not valid MessagePack: {exc}") from None
+        raise InvalidSample(MALFORMED_MSGPACK, f"binary sample is not valid MessagePack: {exc}") from None
     if r.schema_version != BINARY_SCHEMA_VERSION:
         _unsupported(r.schema_version)
     if len(feature_names(bytes(r.names))) != len(r.values):
