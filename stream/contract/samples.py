@@ -7,7 +7,7 @@ Labels and masks are per task in funnel order (click, application, approval, act
 - ``json`` (schema version 1): a JSON object, readable with ``kcat``; about 15-20 us a sample to
   parse and check in Python.
 - ``msgpack`` (schema version 2): one MessagePack array of the ``SampleRecord`` fields in order,
-  the version first: its first two bytes are ``9d 02`` (a fixarray header, which no JSON text
+  the version first: its first two bytes are ``9c 02`` (a fixarray header, which no JSON text
   starts with, then the version). msgspec decodes and type-checks it in C straight into a
   ``SampleRecord``; the feed turns a chunk of them into columns about 10x faster than JSON.
   A reader ignores array items past the ones it knows (a later writer may append fields); a
@@ -124,10 +124,11 @@ def validate_sample(raw: bytes | str) -> dict[str, Any]:
     ``InvalidSample`` saying what is wrong."""
     if isinstance(raw, bytes | bytearray | memoryview) and is_binary(raw):
         r = decode_binary(raw)
+        x = r.sample()
         return {
             "schema_version": BINARY_SCHEMA_VERSION, "impression_id": r.impression_id, "bank_id": r.bank_id,
-            "event_time_ms": r.event_time_ms, "features": r.features, "labels": list(r.labels),
-            "mature": list(r.mature), "kind": r.kind, "elapsed_ms": r.elapsed_ms, "seq": r.seq,
+            "event_time_ms": r.event_time_ms, "features": r.features, "labels": list(x.labels),
+            "mature": list(x.mature), "kind": x.kind, "elapsed_ms": r.elapsed_ms, "seq": r.seq,
             "watermark_ms": r.watermark_ms, "policy": r.policy,
         }  # fmt: skip
     obj = loads_strict(raw, "sample", InvalidSample)
@@ -182,15 +183,14 @@ def parse_sample(raw: bytes | str) -> Sample:
     """Validate one ``samples`` record (either encoding) into a ``Sample``; raises ``InvalidSample``
     saying what is wrong."""
     if isinstance(raw, bytes | bytearray | memoryview) and is_binary(raw):
-        r = decode_binary(raw)
-        return Sample(r.impression_id, r.bank_id, r.event_time_ms, r.features, r.labels, r.mature, r.kind,
-                      r.elapsed_ms, r.seq, r.watermark_ms, r.policy)
+        return decode_binary(raw).sample()
     return sample_from_valid(validate_sample(raw))
 
 
 # --- the binary encoding (schema version 2) --------------------------------------------------
 
-Bit = Annotated[int, msgspec.Meta(ge=0, le=1)]
+Flags = Annotated[int, msgspec.Meta(ge=0, le=255)]  # bit t: label of task t; bit 4 + t: task t mature
+KindCode = Annotated[int, msgspec.Meta(ge=0, le=len(KINDS) - 1)]  # the index in ``KINDS``
 
 
 class SampleRecord(msgspec.Struct, array_like=True, gc=False):
@@ -199,7 +199,9 @@ class SampleRecord(msgspec.Struct, array_like=True, gc=False):
 
     The feature map travels as two arrays, names and values: the names stay undecoded
     (``msgspec.Raw``) and are checked once per distinct field list (``feature_names``), so a
-    chunk whose samples share one field list becomes columns by one transpose.
+    chunk whose samples share one field list becomes columns by one transpose. Labels and
+    maturity are one byte of bit flags, the kind its index in ``KINDS``: numbers that become
+    columns without a Python object per label.
     """
 
     schema_version: int
@@ -208,9 +210,8 @@ class SampleRecord(msgspec.Struct, array_like=True, gc=False):
     event_time_ms: int
     names: msgspec.Raw  # MessagePack array of str: the feature fields
     values: tuple[str, ...]  # the feature values, in the order of ``names``
-    labels: tuple[Bit, Bit, Bit, Bit]
-    mature: tuple[bool, bool, bool, bool]
-    kind: Literal["first", "correction", "final"]
+    flags: Flags
+    kind: KindCode
     elapsed_ms: int
     seq: int
     watermark_ms: int
@@ -219,6 +220,24 @@ class SampleRecord(msgspec.Struct, array_like=True, gc=False):
     @property
     def features(self) -> dict[str, str]:
         return dict(zip(feature_names(bytes(self.names)), self.values, strict=True))
+
+    def sample(self) -> Sample:
+        f = self.flags
+        return Sample(
+            self.impression_id, self.bank_id, self.event_time_ms, self.features,
+            (f & 1, f >> 1 & 1, f >> 2 & 1, f >> 3 & 1), (f & 16 > 0, f & 32 > 0, f & 64 > 0, f & 128 > 0),
+            _KIND_NAMES[self.kind], self.elapsed_ms, self.seq, self.watermark_ms, self.policy,
+        )  # fmt: skip
+
+
+_KIND_NAMES: Final[tuple[Literal["first"], Literal["correction"], Literal["final"]]] = ("first", "correction", "final")
+_KIND_CODE: Final = {k: i for i, k in enumerate(KINDS)}
+
+
+def pack_flags(labels: tuple[int, int, int, int], mature: tuple[bool, bool, bool, bool]) -> int:
+    """Labels (0/1) and maturity of the four tasks as the binary encoding's one byte of flags."""
+    return (labels[0] | labels[1] << 1 | labels[2] << 2 | labels[3] << 3
+            | mature[0] << 4 | mature[1] << 5 | mature[2] << 6 | mature[3] << 7)  # fmt: skip
 
 
 FIELDS: Final = SampleRecord.__struct_fields__
@@ -330,8 +349,8 @@ def record_from_valid(obj: dict[str, Any]) -> SampleRecord:
     return SampleRecord(
         BINARY_SCHEMA_VERSION, obj["impression_id"], obj["bank_id"], obj["event_time_ms"],
         _packed_names(tuple(feats)), tuple(feats.values()),
-        (labels[0], labels[1], labels[2], labels[3]), (mature[0], mature[1], mature[2], mature[3]),
-        obj["kind"], obj["elapsed_ms"], obj["seq"], obj["watermark_ms"], obj["policy"],
+        pack_flags((labels[0], labels[1], labels[2], labels[3]), (mature[0], mature[1], mature[2], mature[3])),
+        _KIND_CODE[obj["kind"]], obj["elapsed_ms"], obj["seq"], obj["watermark_ms"], obj["policy"],
     )  # fmt: skip
 
 
@@ -346,7 +365,8 @@ def encode_binary(s: Sample) -> bytes:
     """``s`` in the binary encoding."""
     return _encoder.encode(
         (BINARY_SCHEMA_VERSION, s.impression_id, s.bank_id, s.event_time_ms, _packed_names(tuple(s.features)),
-         tuple(s.features.values()), s.labels, s.mature, s.kind, s.elapsed_ms, s.seq, s.watermark_ms, s.policy)
+         tuple(s.features.values()), pack_flags(s.labels, s.mature), _KIND_CODE[s.kind], s.elapsed_ms, s.seq,
+         s.watermark_ms, s.policy)
     )  # fmt: skip
 
 
@@ -373,8 +393,8 @@ def sample_binary(
     """``encode_binary`` byte for byte, from the joiner's pre-encoded feature JSON (``sample_bytes``'s twin)."""
     names, values = _packed_features(features_json)
     return _encoder.encode(
-        (BINARY_SCHEMA_VERSION, impression_id, bank_id, event_time_ms, names, values, labels, mature, kind,
-         elapsed_ms, seq, watermark_ms, policy)
+        (BINARY_SCHEMA_VERSION, impression_id, bank_id, event_time_ms, names, values, pack_flags(labels, mature),
+         _KIND_CODE[kind], elapsed_ms, seq, watermark_ms, policy)
     )  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from stream.contract.samples import KINDS, Sample, SampleRecord, feature_names
 N_TASKS: Final = 4
 FIRST, CORRECTION, FINAL = 0, 1, 2  # kind codes, the order of ``stream.contract.samples.KINDS``
 KIND_CODE: Final = {k: i for i, k in enumerate(KINDS)}
+_TASK_BITS: Final = np.arange(N_TASKS, dtype=np.uint8)
 _KIND_NAMES: Final[tuple[Literal["first"], Literal["correction"], Literal["final"]]] = ("first", "correction", "final")
 
 
@@ -56,12 +57,27 @@ class SampleBatch:
     @classmethod
     def from_records(cls, records: Sequence[SampleRecord]) -> SampleBatch:
         """Columns from decoded records (``stream.contract.samples.decode_record``: either encoding)."""
-        return cls._build(records, getattr, _record_columns(records))
+        n = len(records)
+
+        def ints(name: str, dtype: type = np.int64) -> np.ndarray:
+            return np.fromiter(map(attrgetter(name), records), dtype, count=n)
+
+        flags = ints("flags", np.uint8)[:, None]  # (N, 1): bit t label, bit 4 + t mature
+        return cls(
+            impression_ids=list(map(attrgetter("impression_id"), records)),
+            bank_ids=list(map(attrgetter("bank_id"), records)),
+            event_time_ms=ints("event_time_ms"),
+            kind=ints("kind", np.int8),
+            seq=ints("seq"),
+            labels=(flags >> _TASK_BITS & 1).astype(np.int8),
+            mature=(flags >> (_TASK_BITS + N_TASKS) & 1).astype(bool),
+            elapsed_ms=ints("elapsed_ms"),
+            watermark_ms=ints("watermark_ms"),
+            features=_record_columns(records),
+        )
 
     @classmethod
-    def _build(
-        cls, rows: Sequence[Any], get: Callable[[Any, str], Any], features: dict[str, list[str]] | None = None
-    ) -> SampleBatch:
+    def _build(cls, rows: Sequence[Any], get: Callable[[Any, str], Any]) -> SampleBatch:
         """``rows`` read by field name with ``get`` (``getattr`` or ``dict.__getitem__``): every
         look-up is a ``map`` in C, no Python frame per row."""
         n = len(rows)
@@ -85,7 +101,7 @@ class SampleBatch:
             mature=per_task("mature", bool),
             elapsed_ms=ints("elapsed_ms"),
             watermark_ms=ints("watermark_ms"),
-            features=_columns(list(column("features"))) if features is None else features,
+            features=_columns(list(column("features"))),
         )
 
     @classmethod

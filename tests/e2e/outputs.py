@@ -39,18 +39,17 @@ class Outputs:
             self.dead.append(obj)
 
 
-# the binary samples' array positions, as the README's topics section documents them
-BINARY_POSITIONS = {"impression_id": 1, "labels": 6, "kind": 8}
-
-
 def _sample_of(value: bytes) -> dict[str, Any]:
-    """A samples record of either encoding: JSON (schema_version 1) or a MessagePack array
-    (first byte 0x90-0x9f, then the schema version 2)."""
+    """A samples record of either encoding: JSON (schema_version 1), or binary as the README
+    documents it: a MessagePack array (first byte 0x90-0x9f) [2, impression_id, bank_id,
+    event_time_ms, names, values, flags (bit t: label of task t), kind (0 first, 1 correction,
+    2 final), ...]."""
     if value[0] & 0xF0 != 0x90:
         return dict(json.loads(value))
     items = msgspec.msgpack.decode(value)
     assert items[0] == 2, f"binary sample of schema version {items[0]}"
-    return {name: items[i] for name, i in BINARY_POSITIONS.items()}
+    labels = [items[6] >> t & 1 for t in range(4)]
+    return {"impression_id": items[1], "labels": labels, "kind": ("first", "correction", "final")[items[7]]}
 
 
 def must_label(stream: SimulatedStream) -> dict[str, tuple[int, ...]]:

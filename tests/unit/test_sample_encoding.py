@@ -66,13 +66,13 @@ def enc(*items: Any) -> bytes:
     return msgspec.msgpack.encode(items)
 
 
-GOOD = (2, "imp", "bank_1", 5, ("a", "b"), ("1", "2"), (0, 1, 0, 0), (True, False, False, False), "first", 1, 0, 9, "early")
+GOOD = (2, "imp", "bank_1", 5, ("a", "b"), ("1", "2"), 0b0001_0010, 0, 1, 0, 9, "early")  # labels 0100, click mature
 
 
 def test_binary_is_smaller_and_told_apart_from_json_by_its_first_byte() -> None:
     x = s(3, "final")
     j, b = encode_sample(x), encode_binary(x)
-    assert b[:2] == b"\x9d\x02"  # fixarray of 13 items, then the version
+    assert b[:2] == b"\x9c\x02"  # fixarray of 12 items, then the version
     assert is_binary(b) and not is_binary(j) and not is_binary(b"")
     assert len(b) < 0.6 * len(j)
     assert parse_sample(b) == parse_sample(j) == x
@@ -128,7 +128,7 @@ def test_the_joiners_writer_is_encode_binary_byte_for_byte() -> None:
 BAD = [
     (enc(*GOOD)[:-4], "malformed_msgpack", "not valid MessagePack"),
     (enc(*GOOD) + b"\x00", "malformed_msgpack", "trailing"),
-    (b"\x9d", "malformed_msgpack", "truncated"),
+    (b"\x9c", "malformed_msgpack", "truncated"),
     (enc(3, *GOOD[1:]), "unsupported_schema", "schema_version 3"),
     (enc(9, "x"), "unsupported_schema", "schema_version 9"),
     (enc(*GOOD[:3]), "missing_field", "'event_time_ms' is missing"),
@@ -136,15 +136,16 @@ BAD = [
     (enc(*GOOD[:4], ("a", "a"), ("1", "2"), *GOOD[6:]), "invalid_field", "appears twice"),
     (enc(*GOOD[:4], ("a", 7), ("1", "2"), *GOOD[6:]), "invalid_field", "array of strings"),
     (enc(*GOOD[:5], ("1", 2), *GOOD[6:]), "invalid_field", "$.values[1]"),
-    (enc(*GOOD[:6], (0, 2, 0, 0), *GOOD[7:]), "invalid_field", "$.labels[1]"),
-    (enc(*GOOD[:6], (0, 1, 0), *GOOD[7:]), "invalid_field", "$.labels"),
-    (enc(*GOOD[:7], (1, 0, 0, 0), *GOOD[8:]), "invalid_field", "$.mature[0]"),
-    (enc(*GOOD[:8], "later", *GOOD[9:]), "invalid_field", "$.kind"),
+    (enc(*GOOD[:6], 256, *GOOD[7:]), "invalid_field", "$.flags"),
+    (enc(*GOOD[:6], -1, *GOOD[7:]), "invalid_field", "$.flags"),
+    (enc(*GOOD[:6], [0, 1, 0, 0], *GOOD[7:]), "invalid_field", "$.flags"),
+    (enc(*GOOD[:7], 3, *GOOD[8:]), "invalid_field", "$.kind"),
+    (enc(*GOOD[:7], "first", *GOOD[8:]), "invalid_field", "$.kind"),
     (enc(*GOOD[:3], True, *GOOD[4:]), "invalid_field", "$.event_time_ms"),
     (enc(*GOOD[:3], "5", *GOOD[4:]), "invalid_field", "$.event_time_ms"),
     (enc(*GOOD[:1], 17, *GOOD[2:]), "invalid_field", "$.impression_id"),
-    (enc(*GOOD[:12], None), "invalid_field", "$.policy"),
-    (b"\x9d\x02\xc1", "malformed_msgpack", "not valid MessagePack"),
+    (enc(*GOOD[:11], None), "invalid_field", "$.policy"),
+    (b"\x9c\x02\xc1", "malformed_msgpack", "not valid MessagePack"),
 ]
 
 
@@ -171,6 +172,7 @@ def test_a_chunk_keeps_the_good_records_around_bad_binary_ones() -> None:
 def test_a_later_writer_may_append_items_an_older_reader_skips() -> None:
     r = decode_record(msgspec.msgpack.encode((*GOOD, "a field from the future")))
     assert r.features == {"a": "1", "b": "2"} and r.policy == "early"
+    assert r.sample().labels == (0, 1, 0, 0) and r.sample().mature == (True, False, False, False)
 
 
 def test_decode_records_fast_path_and_slow_path_agree() -> None:
