@@ -180,3 +180,18 @@ def test_decode_records_fast_path_and_slow_path_agree() -> None:
     fast, none = decode_records([encode_binary(x) for x in samples])
     slow, _ = decode_records([encode_binary(x) for x in samples] + [b"{"])
     assert none == [] and fast == slow
+
+
+def test_bench_feed_reports_both_encodings_under_the_issue_keys(tmp_path: Any) -> None:
+    import json
+
+    from bench.feed import main
+
+    out = tmp_path / "feed.json"
+    assert main(["--json", str(out), "--samples", "1500", "--repeats", "1", "--chunk", "200"]) == 0
+    report = json.loads(out.read_text())
+    for enc in ("json", "msgpack"):
+        got = report["encodings"][enc]
+        assert got["feed_samples_per_s"] > 0 and got["bytes_per_sample"] > 100
+    assert report["encodings"]["msgpack"]["bytes_per_sample"] < report["encodings"]["json"]["bytes_per_sample"]
+    assert report["same_columns"] is True and report["feed_speedup"] > 0
