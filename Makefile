@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests use (a real Kafka client for interop, the real Prometheus, a browser).
 APT_PACKAGES := kcat prometheus chromium
 
-.PHONY: demo test install lock dashboards system-deps lint unit bench-joiner bench-models bench-train bench-feed bench-stream bench-chaos mutation clean
+.PHONY: demo test install lock dashboards system-deps lint unit bench-joiner bench-models bench-train bench-feed bench-stream bench-chaos bench-serve schemas mutation clean
 
 # Reproducible installs: every package pinned by constraints.txt (`make lock` rewrites it from a
 # fresh install). torch is pinned here instead: 2.13.0 is the local CPU wheel.
@@ -71,6 +71,13 @@ bench-stream: install system-deps
 	$(VENV)/bin/aitm-stream bench stream --json reports/bench_stream.json
 bench-chaos: install system-deps
 	$(VENV)/bin/aitm-stream bench chaos --json reports/bench_chaos.json
+
+bench-serve: install
+	$(VENV)/bin/aitm-stream bench serve --json reports/bench_serve.json
+
+# the JSON Schema of every topic (deploy/schemas/), from stream/contract/; a test checks they are current
+schemas: install
+	$(VENV)/bin/aitm-stream schemas --out deploy/schemas
 
 # mutation score of the core modules against their fast unit tests (a measurement, not a test;
 # CPU heavy: about half an hour on 2 cores); writes reports/mutation.json

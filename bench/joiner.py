@@ -1,5 +1,7 @@
-"""``aitm-stream bench joiner --json FILE``: joiner events/s against a do-nothing faust agent
-and a plain aiokafka + rocksdict loop, all on the embedded broker with the same records.
+"""``aitm-stream bench joiner --json FILE``: joiner events/s against an aiokafka consume-only loop
+(``ratio_to_consume``: the broker's and client's own limit), a do-nothing faust agent and a plain
+aiokafka + rocksdict loop, all on the embedded broker with the same records, plus the joiner
+process's CPU time per event (``cpu_us_per_event``).
 
 The faust runs are separate processes (``aitm-stream joiner`` itself, and a no-op faust app in
 this module); their rate is read from their Prometheus event counters, from the first record
@@ -33,12 +35,24 @@ def _scrape(port: int, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))
 
 
-def _measure_process(cmd: list[str], env: dict[str, str], port: int, metric: str, total: int, timeout_s: float) -> float:
-    """Start ``cmd``; events/s between its first and its ``total``-th record (polled)."""
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid``, all its threads (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _measure_process(
+    cmd: list[str], env: dict[str, str], port: int, metric: str, total: int, timeout_s: float
+) -> tuple[float, float]:
+    """Start ``cmd``; (events/s, CPU microseconds per event) between its first and its
+    ``total``-th record (polled)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout_s
-        first: tuple[float, float] | None = None
+        first: tuple[float, float, float] | None = None
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd} exited with {proc.returncode}")
@@ -47,9 +61,10 @@ def _measure_process(cmd: list[str], env: dict[str, str], port: int, metric: str
             n = _scrape(port, metric)
             now = time.monotonic()
             if first is None and n > 0:
-                first = (now, n)
+                first = (now, n, _cpu_s(proc.pid))
             if n >= total and first is not None:
-                return (n - first[1]) / max(now - first[0], 1e-9)
+                events = max(n - first[1], 1.0)
+                return events / max(now - first[0], 1e-9), (_cpu_s(proc.pid) - first[2]) * 1e6 / events
             time.sleep(0.05)
     finally:
         proc.terminate()
@@ -99,6 +114,31 @@ def noop_main(argv: list[str]) -> int:
     return 0
 
 
+async def _consume_only(settings: Settings, total: int) -> float:
+    """An aiokafka consume-only loop over the event topics (the broker's and the client's share of
+    the cost, nothing else); events/s from its first record to its ``total``-th."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        *settings.event_topics().values(), group_id="aitm-bench-consume", auto_offset_reset="earliest",
+        enable_auto_commit=True, session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=1500, **settings.aiokafka_config(),
+    )
+    await consumer.start()
+    n, t0, nbytes = 0, 0.0, 0
+    try:
+        while n < total:
+            batch = await consumer.getmany(timeout_ms=500)
+            if batch and not t0:
+                t0 = time.monotonic()
+            for msgs in batch.values():
+                n += len(msgs)
+                nbytes += sum(len(m.value or b"") for m in msgs)  # touch every record, as a reader does
+        return n / (time.monotonic() - t0)
+    finally:
+        await consumer.stop()
+
+
 async def _plain_join(settings: Settings, total: int, datadir: Path) -> float:
     """aiokafka consume -> FunnelJoin on rocksdict -> aiokafka produce; events/s."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -130,23 +170,21 @@ async def _plain_join(settings: Settings, total: int, datadir: Path) -> float:
             batch = await consumer.getmany(timeout_ms=500, max_records=2000)
             if batch and not t0:
                 t0 = time.monotonic()
-            for tp, msgs in batch.items():
+            for tp, msgs in batch.items():  # a fetched batch at a time, as the joiner
                 hw = consumer.highwater(TopicPartition(tp.topic, tp.partition))
-                for m in msgs:
-                    out: list[Output] = []
-                    join.on_record(m.topic, m.partition, m.key, m.value, hw is not None and m.offset + 1 < hw, out, m.offset)
-                    if join.sweep_due(m.partition):
-                        join.sweep(m.partition, out)
-                        wm = join.take_sweep(m.partition)
-                        futs = [await producer.send(o.topic, o.value, key=o.key) for o in out]
-                        if futs:
-                            await asyncio.gather(*futs)
-                        if wm is not None:
-                            join.persist_swept(m.partition, wm)
-                    else:
-                        for o in out:
-                            await producer.send(o.topic, o.value, key=o.key)
-                    n += 1
+                out: list[Output] = []
+                join.on_batch([(m.topic, m.partition, m.key, m.value, m.offset, hw is not None and m.offset + 1 < hw)
+                               for m in msgs], out)  # fmt: skip
+                wm = None
+                if join.sweep_due(tp.partition):
+                    join.sweep(tp.partition, out)
+                    wm = join.take_sweep(tp.partition)
+                futs = [await producer.send(o.topic, o.value, key=o.key) for o in out]
+                if wm is not None:
+                    if futs:
+                        await asyncio.gather(*futs)
+                    join.persist_swept(tp.partition, wm)
+                n += len(msgs)
         await producer.flush()
         return n / (time.monotonic() - t0)
     finally:
@@ -172,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from simulators.funnel import FunnelSimulator, SimConfig
     from simulators.kafka_sink import produce
 
+    load_at_start = round(os.getloadavg()[0], 2)
     work = Path(tempfile.mkdtemp(prefix="aitm-bench-joiner-"))
     with EmbeddedBroker(log_path=work / "tansu.log") as broker:
         settings = load_settings(kafka_bootstrap_servers=broker.bootstrap, data_dir=work / "data")
@@ -182,19 +221,21 @@ def main(argv: list[str] | None = None) -> int:
         total = len(records)
         print(f"produced {total} records to {broker.bootstrap}", flush=True)
 
+        consume = asyncio.run(_consume_only(settings, total))
+        print(f"aiokafka consume-only loop: {consume:,.0f} events/s", flush=True)
         port = free_port()
-        noop = _measure_process(
+        noop, noop_cpu = _measure_process(
             [sys.executable, "-m", "stream.cli", "bench", "joiner", "--noop-worker", str(port), str(work / "noop")],
             _env(settings), port, "aitm_bench_noop_events_total", total, args.timeout,
         )
         print(f"faust no-op agent: {noop:,.0f} events/s", flush=True)
         port = free_port()
-        joiner = _measure_process(
+        joiner, joiner_cpu = _measure_process(
             [sys.executable, "-m", "stream.cli", "joiner"],
             _env(settings, METRICS_PORT_JOINER=str(port), DATA_DIR=str(work / "joiner"), JOINER_APP_ID="aitm-bench-joiner"),
             port, "aitm_joiner_events_total", total, args.timeout,
         )
-        print(f"faust joiner: {joiner:,.0f} events/s", flush=True)
+        print(f"faust joiner: {joiner:,.0f} events/s, {joiner_cpu:.1f} us CPU per event", flush=True)
         plain = asyncio.run(_plain_join(settings, total, work / "plain"))
         print(f"plain aiokafka + rocksdict join: {plain:,.0f} events/s", flush=True)
 
@@ -204,8 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         "plain_join_events_per_s": round(plain, 1),
         "ratio_to_noop": round(joiner / noop, 3),
         "ratio_to_plain": round(joiner / plain, 3),
+        "consume_events_per_s": round(consume, 1),
+        "ratio_to_consume": round(joiner / consume, 3),
+        "cpu_us_per_event": round(joiner_cpu, 1),
+        "faust_noop_cpu_us_per_event": round(noop_cpu, 1),
         "events": total,
         "cpu_count": os.cpu_count(),
+        "load_1min_at_start": load_at_start,
     }
     print(write_json(args.json, result), end="")
     return 0

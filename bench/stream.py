@@ -238,7 +238,7 @@ def _live(run: Run, report: dict[str, Any]) -> tuple[list[Sample], list[dict[str
     report["events_produced"] = sum(counts.values())
     report["produce_s"] = round(time.monotonic() - t0, 1)
     print(f"produced {report['events_produced']} events in {report['produce_s']}s", flush=True)
-    wait_http(f"http://127.0.0.1:{run.http_port}/healthz", 180)
+    wait_http(f"http://127.0.0.1:{run.http_port}/readyz", 180)
     while collector.idle_for() < 15:  # the joiner has gone quiet
         time.sleep(1)
     report["joiner_s"] = round(time.monotonic() - t0 - 15, 1)

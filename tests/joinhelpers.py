@@ -143,6 +143,19 @@ class JoinDriver:
         self._collect(out)
         self.tick(caught_up)
 
+    def feed_batch(self, records: list[tuple[int, bytes, bytes, int]], behind: bool = False) -> None:
+        """A fetched batch, ``(step, key, value, deliver_ms)`` each, in delivery order, through
+        ``on_batch`` (the clock at the last record's delivery: it was fetched then); then a tick."""
+        last = max(r[3] for r in records)
+        if last > self.clock.now_ms():
+            self.clock.advance(last - self.clock.now_ms())
+        out: list = []
+        batch = [(TOPICS_5[step], self.partition_of(key), key, value, None, behind)
+                 for step, key, value, _ in records]  # fmt: skip
+        self.join.on_batch(batch, out)
+        self._collect(out)
+        self.tick()
+
     def tick(self, caught_up: tuple[bool, ...] = (True,) * 5) -> None:
         """Report what is read to its end, and sweep what is due."""
         for p in range(self.partitions):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -118,11 +118,16 @@ _DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_c
 _scan_once: Final[Callable[[str, int], tuple[Any, int]]] = vars(_DECODER)["scan_once"]
 
 
-def loads_strict(raw: bytes | str, what: str = "record", error: type[InvalidRecord] = InvalidRecord) -> Any:
-    """``json.loads`` that refuses NaN/Infinity, duplicate keys, bad UTF-8 and huge inputs, raising
-    ``error`` (the caller's boundary's type) with reason ``malformed_json``."""
-    if len(raw) > MAX_RECORD_BYTES:
-        raise error(MALFORMED_JSON, f"{what} is {len(raw)} bytes; at most {MAX_RECORD_BYTES} allowed")
+def loads_strict(
+    raw: bytes | str,
+    what: str = "record",
+    error: type[InvalidRecord] = InvalidRecord,
+    max_bytes: int = MAX_RECORD_BYTES,
+) -> Any:
+    """``json.loads`` that refuses NaN/Infinity, duplicate keys, bad UTF-8 and inputs over
+    ``max_bytes``, raising ``error`` (the caller's boundary's type) with reason ``malformed_json``."""
+    if len(raw) > max_bytes:
+        raise error(MALFORMED_JSON, f"{what} is {len(raw)} bytes; at most {max_bytes} allowed")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
         try:  # fast path: a value that starts at 0 and fills the text (what producers send)
@@ -202,7 +207,30 @@ def parse_event(raw: bytes | str, expected_type: str | None = None) -> Event:
     ...             b'"event_time_ms":5,"bank_id":"b"}').step
     1
     """
-    obj = loads_strict(raw, "event", InvalidEvent)
+    return event_from_json(loads_strict(raw, "event", InvalidEvent), expected_type)
+
+
+def event_from_json(obj: Any, expected_type: str | None = None) -> Event:
+    """The checks of ``parse_event`` on a decoded JSON value (``loads_strict``'s result)."""
+    if type(obj) is dict:  # fast path: a well-formed event, checked in one expression
+        get = obj.get
+        eid, iid, bank, etype, ts = get("event_id"), get("impression_id"), get("bank_id"), get("event_type"), get("event_time_ms")
+        step = STEP_INDEX.get(etype) if type(etype) is str else None  # fmt: skip
+        if (
+            step is not None
+            and (expected_type is None or etype == expected_type)
+            and type(get("schema_version")) is int and obj["schema_version"] == SCHEMA_VERSION
+            and type(ts) is int and 0 <= ts < MAX_EVENT_TIME_MS
+            and type(eid) is str and type(iid) is str and type(bank) is str
+            and 0 < len(eid) <= MAX_ID_LEN and 0 < len(iid) <= MAX_ID_LEN and 0 < len(bank) <= MAX_ID_LEN
+            and eid.isprintable() and iid.isprintable() and bank.isprintable()
+        ):  # fmt: skip
+            return Event(step, eid, iid, ts, bank, _features(obj) if step == 0 else None)
+    return _event_from_json_checked(obj, expected_type)
+
+
+def _event_from_json_checked(obj: Any, expected_type: str | None) -> Event:
+    """Every check in turn, so that the first thing wrong is the one reported."""
     if not isinstance(obj, dict):
         raise InvalidEvent(MALFORMED_JSON, f"event must be a JSON object, got {type(obj).__name__}")
     if "schema_version" not in obj:
@@ -237,6 +265,62 @@ def parse_event(raw: bytes | str, expected_type: str | None = None) -> Event:
         bank_id=_str_field(obj, "bank_id"),
         features=_features(obj) if step == 0 else None,
     )
+
+
+def parse_events(raws: Sequence[bytes | None], expected_types: Sequence[str | None]) -> list[Event | InvalidEvent]:
+    """``parse_event`` over a fetched batch: per record its ``Event``, or the ``InvalidEvent`` that
+    ``parse_event`` raises for it (same reason, same words; a missing value - a tombstone - is
+    ``malformed_json``).
+
+    The batch's ASCII records are joined and decoded to text once; then the strict decoder's C
+    scanner (the one ``loads_strict`` uses: duplicate keys at any depth and NaN/Infinity refused)
+    reads each record at its own offset. A record counts as decoded only when the value read there
+    ends exactly where the record ends, i.e. the record is one JSON value and nothing else; any
+    other record - malformed, padded with whitespace, oversized, not ASCII (its byte and character
+    offsets differ: non-UTF-8 bytes, or text that is valid but rare on these topics) or missing -
+    goes through ``parse_event`` itself, so its error is the per-record one.
+
+    >>> ok = b'{"schema_version":1,"event_type":"click","event_id":"e","impression_id":"i",' \\
+    ...      b'"event_time_ms":5,"bank_id":"b"}'
+    >>> [type(x).__name__ for x in parse_events([ok, b'{"a":1,"a":2}', None, b"1", b"2"], ["click"] * 5)]
+    ['Event', 'InvalidEvent', 'InvalidEvent', 'InvalidEvent', 'InvalidEvent']
+    """
+    out: list[Event | InvalidEvent] = []
+    append = out.append
+    ascii_ok = [raw is not None and raw.isascii() for raw in raws]
+    text = b"".join([raw for raw, ok in zip(raws, ascii_ok, strict=True) if ok]).decode("ascii")  # type: ignore[misc]
+    scan = _scan_once
+    pos = 0
+    for raw, etype, ok in zip(raws, expected_types, ascii_ok, strict=True):
+        if not ok:  # a tombstone, or not ASCII (byte and character offsets differ): alone
+            append(_parse_one(raw, etype))
+            continue
+        end = pos + len(raw)  # type: ignore[arg-type]
+        try:
+            obj, stop = scan(text, pos)
+            if stop != end or end - pos > MAX_RECORD_BYTES:
+                obj = _NOT_ONE
+        except (StopIteration, InvalidRecord, ValueError, RecursionError):
+            obj = _NOT_ONE
+        if obj is _NOT_ONE:
+            append(_parse_one(raw, etype))
+        else:
+            try:
+                append(event_from_json(obj, etype))
+            except InvalidEvent as exc:
+                append(exc)
+        pos = end
+    return out
+
+
+_NOT_ONE: Final[Any] = object()  # "this record is not exactly one JSON value: parse it alone"
+
+
+def _parse_one(raw: bytes | None, expected_type: str | None) -> Event | InvalidEvent:
+    try:
+        return parse_event(raw if raw is not None else b"", expected_type)
+    except InvalidEvent as exc:
+        return exc
 
 
 def dead_letter(

@@ -259,7 +259,7 @@ def feature_names(packed: bytes) -> tuple[str, ...]:
     """The feature field names of a binary record's ``names`` (checked: strings, no repeats)."""
     try:
         names = _names_decoder.decode(packed)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.MsgspecError, ValueError, RecursionError) as exc:
         raise InvalidSample("invalid_field", f"binary sample: feature names must be an array of strings ({exc})") from None
     if len(set(names)) != len(names):
         raise InvalidSample("invalid_field", "binary sample: a feature name appears twice")
@@ -288,7 +288,7 @@ def decode_binary(raw: bytes | bytearray | memoryview) -> SampleRecord:
             missing = FIELDS[int(short.group(1))]
             raise InvalidSample("missing_field", f"binary sample field {missing!r} is missing ({text})") from None
         raise InvalidSample("invalid_field", f"binary sample: {text}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # a string that is not UTF-8
         _check_version(raw)
         raise InvalidSample(MALFORMED_MSGPACK, f"binary sample is not valid MessagePack: {exc}") from None
     if r.schema_version != BINARY_SCHEMA_VERSION:
@@ -318,7 +318,7 @@ def decode_records(raws: Sequence[bytes | None]) -> tuple[list[SampleRecord], li
     """
     try:
         recs = list(map(_decoder.decode, cast(Sequence[bytes], raws)))  # None: TypeError, below
-    except (msgspec.ValidationError, msgspec.DecodeError, TypeError):  # TypeError: a None value
+    except (msgspec.MsgspecError, ValueError, TypeError, RecursionError):  # TypeError: a None value
         recs = None
     if recs:
         packed = set(map(bytes, map(attrgetter("names"), recs)))

@@ -4,8 +4,8 @@ faust's consumer reads the co-partitioned event topics and hands each record str
 join (``stream.kafka.faust_bulk``, past faust's per-event agent path; the agent only subscribes the
 topics). Per-impression funnel state lives in a faust Table (``store="rocksdb://"``,
 rocksdict) whose changelog restores it after a restart. The records drive
-``stream.join.driver.FunnelJoin``: one table write per event at most, state values in a compact
-marshal codec, samples and dead letters only when due. Outputs and changelog records are
+``stream.join.driver.FunnelJoin``: one table write per event at most, state values in a
+versioned struct codec (``stream.join.state_codec``), samples and dead letters only when due. Outputs and changelog records are
 produced as record batches (``stream.kafka.sender.BatchSender``) once per
 ``JOINER_SWEEP_INTERVAL_MS``, when every partition whose topic watermarks (lanes) moved is
 swept, by the flush/ack protocol of ``stream.join.flusher``; a timer does the same in quiet
@@ -28,7 +28,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from stream.join.driver import FunnelJoin, JoinTopics
 from stream.join.faust_store import FaustTableStore
 from stream.join.flusher import Flusher
-from stream.join.funnel import Dues, FunnelConfig, Swept, decode_state, next_dues
+from stream.join.funnel import Dues, FunnelConfig, Swept, next_dues
+from stream.join.state_codec import decode_state
 from stream.kafka import offsets
 from stream.kafka.faust_bulk import bulk_consumer
 from stream.ops.clock import Clock, SystemClock
@@ -181,12 +182,15 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         metrics.watermark_lag.set(join.watermark_lag_ms() / 1000.0)
         metrics.store_size.set(_dir_bytes(datadir))
 
+    recreated_guard = offsets.RecreatedGuard()
+
     @app.timer(2.0)
     async def rewind_recreated_topics() -> None:
         """Partitions recreated under us (a broker that lost its data) are read again from the start."""
         consumer = app.consumer
         tps = list(consumer.assignment())
-        await offsets.rewind_async(consumer, tps, {tp: offsets.highwater(consumer, tp) for tp in tps})
+        await offsets.rewind_async(consumer, tps, {tp: offsets.highwater(consumer, tp) for tp in tps},
+                                   recreated_guard)
 
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         await flusher.revoked(revoked)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from stream.contract.events import STEPS, InvalidEvent, dead_letter, parse_event
+from stream.contract.events import STEPS, Event, InvalidEvent, dead_letter, parse_event, parse_events
 from stream.contract.samples import KINDS, SAMPLE_WRITERS, SampleEncoding
 from stream.join.funnel import (
     LANES,
@@ -28,11 +28,10 @@ from stream.join.funnel import (
     Result,
     Swept,
     advance,
-    decode_state,
-    encode_state,
     next_dues,
     sweep,
 )
+from stream.join.state_codec import decode_state, encode_state
 from stream.join.store import LabelStore
 from stream.join.watermark import PartitionWatermark
 from stream.ops.clock import Clock
@@ -61,6 +60,10 @@ def unpack_swept(raw: bytes | None) -> Swept:
         return (v, v, v, v, v)
     a, b, c, d, e = _SWEPT.unpack(raw)
     return (a, b, c, d, e)
+
+
+# one fetched record: (topic, partition, key, value, offset, behind its topic's high watermark)
+BatchRecord = tuple[str, int, bytes | None, bytes | None, int | None, bool]
 
 
 class Output(NamedTuple):
@@ -195,6 +198,113 @@ class FunnelJoin:
         if res.duplicate and self._dups_by_type is not None:
             self._dups_by_type[step].inc()
 
+    # --- per fetched batch ------------------------------------------------------------------
+
+    def on_batch(self, records: Sequence[BatchRecord], out: list[Output]) -> None:
+        """Process a fetched batch of event records, ``(topic, partition, key, value, offset,
+        behind)`` each, in fetch order; appends output records to ``out``. The same decisions
+        as ``on_record`` for each record in turn (``tests/unit/test_join_batch.py`` checks it):
+
+        1. one decode call for the batch (``parse_events``), the future check, and each record's
+           lanes - its own topic's as the records before it put it - in fetch order, exactly as
+           ``on_record`` computes them (the watermarks are the only thing records of different
+           impressions share);
+        2. the events grouped by (partition, impression id), one ``get_many`` per partition for
+           the groups' states;
+        3. the pure state machine over each group's events in order, in memory;
+        4. one write per changed state (its last value and dues).
+
+        Outputs of one impression keep their order; those of different impressions may come in
+        another order than ``on_record``'s (they go to partitions by impression id anyway)."""
+        if not records:
+            return
+        step_of = self.step_of
+        steps = [step_of[r[0]] for r in records]
+        events = parse_events([r[3] for r in records], [STEPS[s] for s in steps])
+        now_ms = self.clock.now_ms()
+        now = self.clock.monotonic()
+        horizon = now_ms + self.max_future_ms if self.max_future_ms else None
+        counts = [0] * LANES
+        # (partition, impression key) -> [(step, event, raw, swept)], in fetch order
+        groups: dict[int, dict[bytes, list[tuple[int, Event, bytes, Swept]]]] = {}
+        parts: dict[int, _Partition] = {}
+        for rec, step, event in zip(records, steps, events, strict=True):
+            topic, partition, key, value, offset, behind = rec
+            counts[step] += 1
+            p = parts.get(partition)
+            if p is None:
+                p = parts[partition] = self.part(partition)
+            raw = value or b""
+            if type(event) is not Event:
+                assert isinstance(event, InvalidEvent)
+                self._dead(out, raw if value is not None else None, topic, event.reason, event.message, partition,
+                           offset, key)  # fmt: skip
+                continue
+            t = event.event_time_ms
+            if horizon is not None and t > horizon:
+                ahead_s = (t - now_ms) // 1000
+                detail = (f"event time is {ahead_s} s ahead of this joiner's clock (JOINER_MAX_FUTURE_MS="
+                          f"{self.max_future_ms}); fix the source's clock, or set 0 for simulated time")  # fmt: skip
+                self._dead(out, raw, topic, FUTURE, detail, partition, offset, key)
+                continue
+            swept = p.swept
+            wm = p.wm
+            if step:
+                own = wm.lane(step, now)
+                if own > swept[step]:
+                    lanes = list(swept)
+                    lanes[step] = own
+                    swept = (lanes[0], lanes[1], lanes[2], lanes[3], lanes[4])
+            wm.observe(step, t, behind, now)
+            by_key = groups.get(partition)
+            if by_key is None:
+                by_key = groups[partition] = {}
+            ikey = event.impression_id.encode()
+            group = by_key.get(ikey)
+            if group is None:
+                by_key[ikey] = [(step, event, raw, swept)]
+            else:
+                group.append((step, event, raw, swept))
+        if self._events_by_type is not None:
+            for step, n in enumerate(counts):
+                if n:
+                    self._events_by_type[step].inc(n)
+        dups = [0] * LANES
+        cfg = self.cfg
+        for partition, by_key in groups.items():
+            p = parts[partition]
+            store = p.store
+            keys = list(by_key)
+            for ikey, old in zip(keys, store.get_many(keys), strict=True):
+                state = decode_state(old) if old is not None else None
+                changed = False
+                for step, event, raw, swept in by_key[ikey]:
+                    res = advance(state, event, raw, swept, cfg)
+                    if res.duplicate:
+                        dups[step] += 1
+                    if res.changed:
+                        changed = True
+                    self._emit(res, ikey, event.impression_id, out, partition, state)
+                    state = res.state
+                if changed:
+                    if state is None:
+                        if old is not None:
+                            store.delete(ikey)
+                    else:
+                        store.put(ikey, encode_state(state), next_dues(state, p.swept, cfg))
+        if self._dups_by_type is not None:
+            for step, n in enumerate(dups):
+                if n:
+                    self._dups_by_type[step].inc(n)
+
+    def _emit(self, res: Result, ikey: bytes, iid: str, out: list[Output], partition: int,
+              prior: FunnelState | None) -> None:
+        """A result's dead letters and samples (the state writes are the caller's)."""
+        for rej in res.rejects:
+            self._dead(out, rej.raw, self.topics.events[rej.step], rej.reason, rej.detail, partition, None, ikey)
+        if res.samples:
+            self._samples(res, ikey, iid, out, prior)
+
     def _apply(
         self,
         p: _Partition,
@@ -220,20 +330,23 @@ class FunnelJoin:
         for rej in res.rejects:
             self._dead(out, rej.raw, self.topics.events[rej.step], rej.reason, rej.detail, partition, None, ikey)
         if res.samples:
-            st = res.state if res.state is not None else prior
-            if st is None:
-                raise AssertionError("a sample needs the funnel it describes")
-            feats = st.features_json or b"{}"
-            for s in res.samples:
-                value = self._sample_bytes(
-                    iid, st.bank_id, st.imp_ms, feats, s.labels, s.mature, s.kind, s.elapsed_ms, s.seq,
-                    s.watermark_ms, self.cfg.policy,
-                )
-                out.append(Output(self.topics.samples, ikey, value))
-                if self.metrics and self._samples_by_kind is not None:
-                    self._samples_by_kind[s.kind].inc()
-                    if s.kind == "final":
-                        self.metrics.label_delay.observe(s.elapsed_ms / 1000.0)
+            self._samples(res, ikey, iid, out, prior)
+
+    def _samples(self, res: Result, ikey: bytes, iid: str, out: list[Output], prior: FunnelState | None) -> None:
+        st = res.state if res.state is not None else prior
+        if st is None:
+            raise AssertionError("a sample needs the funnel it describes")
+        feats = st.features_json or b"{}"
+        for s in res.samples:
+            value = self._sample_bytes(
+                iid, st.bank_id, st.imp_ms, feats, s.labels, s.mature, s.kind, s.elapsed_ms, s.seq,
+                s.watermark_ms, self.cfg.policy,
+            )
+            out.append(Output(self.topics.samples, ikey, value))
+            if self.metrics and self._samples_by_kind is not None:
+                self._samples_by_kind[s.kind].inc()
+                if s.kind == "final":
+                    self.metrics.label_delay.observe(s.elapsed_ms / 1000.0)
 
     def _dead(
         self,
@@ -280,8 +393,8 @@ class FunnelJoin:
             for ikey in p.store.pop_due(lane, wm[lane]):
                 keys[ikey] = None
         n = 0
-        for ikey in keys:
-            old = p.store.get(ikey)
+        due = list(keys)
+        for ikey, old in zip(due, p.store.get_many(due), strict=True):  # one multi-get
             if old is None:
                 continue
             n += 1

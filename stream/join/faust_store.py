@@ -66,6 +66,20 @@ class FaustTableStore:
         v = self._db.get(key)
         return v if v is None or type(v) is bytes else bytes(v)
 
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        """States of ``keys``: the unsent and unacknowledged writes first, the rest from RocksDB in
+        one multi-get."""
+        out: list[bytes | None] = [v if v is None or type(v) is bytes else bytes(v) for v in self._db.get(keys)]
+        outbox, sending = self.outbox, self.sending
+        if outbox or sending:
+            for i, key in enumerate(keys):
+                v = outbox.get(key, _MISSING)
+                if v is _MISSING and sending:
+                    v = sending.get(key, _MISSING)
+                if v is not _MISSING:
+                    out[i] = v
+        return out
+
     def put(self, key: bytes, value: bytes, dues: Dues | None) -> None:
         self.outbox[key] = value
         self._keys.add(key)

@@ -22,10 +22,10 @@ final time (kept so that replays and after-window events are recognised).
 from __future__ import annotations
 
 import json
-import marshal
+import json.encoder
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Final, Literal
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
 
 from stream.contract.events import STEPS, Event
 
@@ -135,6 +135,11 @@ class Result:
     samples: list[SampleOut] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     duplicate: bool = False
+
+
+def _with_held(state: FunnelState, held: tuple[Held, ...]) -> FunnelState:
+    """``replace(state, held=held)`` without ``dataclasses.replace``'s field walk (the hot path)."""
+    return FunnelState(state.bank_id, state.imp_ms, state.features_json, state.times, held)
 
 
 # --- derived quantities -------------------------------------------------------------------
@@ -301,11 +306,11 @@ def _apply_in_order(state: FunnelState, cfg: FunnelConfig, res: Result) -> Funne
         fa = pred + cfg.windows_ms[r]
         if h.event_time_ms < pred - cfg.skew_ms or h.event_time_ms > fa or h.lane_ms >= fa:
             res.rejects.append(_reject(state, h.step, h.event_time_ms, h.raw, cfg, h.lane_ms >= fa))
-            state = replace(state, held=rest)
+            state = _with_held(state, rest)
         else:
             times = list(state.times)
             times[h.step - 1] = h.event_time_ms
-            state = replace(state, times=(times[0], times[1], times[2], times[3]), held=rest)
+            state = FunnelState(state.bank_id, state.imp_ms, state.features_json, (times[0], times[1], times[2], times[3]), rest)
     return state
 
 
@@ -321,21 +326,33 @@ def _settle(state: FunnelState, swept: Swept, cfg: FunnelConfig, res: Result, cr
         for h in state.held:
             if h not in keep:
                 res.rejects.append(_reject(state, h.step, h.event_time_ms, h.raw, cfg, False))
-        state = replace(state, held=keep)
+        state = _with_held(state, keep)
     if final:
         for h in state.held:  # they can never count now
             res.rejects.append(_reject(state, h.step, h.event_time_ms, h.raw, cfg, False))
-        state = replace(state, held=())
+        state = _with_held(state, ())
         res.samples.append(_sample(state, "final", FINAL_SEQ, final_at(state, cfg), swept[lane], swept, cfg))
     return state
 
 
 _FEATURES_ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
+# ``JSONEncoder.encode`` builds its C encoder anew on every call; this one is built once, with the
+# same settings (compact separators, ASCII escapes, NaN allowed as ``json.dumps`` does)
+_C_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)  # CPython's C accelerator (untyped)
+_C_ENCODE: Final = (
+    _C_MAKE_ENCODER(None, _FEATURES_ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",", False,
+                    False, True)
+    if _C_MAKE_ENCODER is not None
+    else None
+)
 
 
 def features_json(features: Mapping[str, str] | None) -> bytes:
     """The compact JSON of a feature map, as ``json.dumps(..., separators=(",", ":"))`` writes it."""
-    return _FEATURES_ENCODER.encode(features if type(features) is dict else dict(features or {})).encode()
+    feats = features if type(features) is dict else dict(features or {})
+    if _C_ENCODE is None:  # pragma: no cover - a Python without the json C accelerator
+        return _FEATURES_ENCODER.encode(feats).encode()
+    return "".join(_C_ENCODE(feats, 0)).encode()
 
 
 def advance(state: FunnelState | None, event: Event, raw: bytes, swept: Swept, cfg: FunnelConfig) -> Result:
@@ -367,7 +384,7 @@ def advance(state: FunnelState | None, event: Event, raw: bytes, swept: Swept, c
             h = Held(s, t, event.event_id, raw, swept[s])
             if swept[0] >= hold_due(h, 0, cfg):
                 return Result(state, rejects=[_reject_stub_event(s, t, raw, swept, cfg)])
-            return Result(replace(state, held=(*state.held, h)), changed=True)
+            return Result(_with_held(state, (*state.held, h)), changed=True)
         if t + cfg.retention_ms <= swept[0]:
             return Result(state, rejects=[Reject(LATE, 0, raw, "impression older than the retention period")])
         res = Result(None, changed=True)
@@ -384,9 +401,9 @@ def advance(state: FunnelState | None, event: Event, raw: bytes, swept: Swept, c
         h = Held(s, t, event.event_id, raw, swept[s])
         if swept[r + 1] >= hold_due(h, r + 1, cfg):
             return Result(state, rejects=[_reject(state, s, t, raw, cfg, False)])
-        return Result(replace(state, held=(*state.held, h)), changed=True)
+        return Result(_with_held(state, (*state.held, h)), changed=True)
     res = Result(state, changed=True)
-    new = _apply_in_order(replace(state, held=(Held(s, t, event.event_id, raw, swept[s]), *state.held)), cfg, res)
+    new = _apply_in_order(_with_held(state, (Held(s, t, event.event_id, raw, swept[s]), *state.held)), cfg, res)
     r_new = reached(new)
     if r_new == r:  # the event itself was rejected (out of its window / before its predecessor)
         res.changed = False
@@ -407,7 +424,7 @@ def sweep(state: FunnelState, prev: Swept, now: Swept, cfg: FunnelConfig) -> Res
             if h not in keep:
                 res.rejects.append(_reject_stub_event(h.step, h.event_time_ms, h.raw, now, cfg))
         if len(keep) != len(state.held):
-            res.state, res.changed = (replace(state, held=keep) if keep else None), True
+            res.state, res.changed = (_with_held(state, keep) if keep else None), True
         return res
     lane, fa = _lane_and_final(state, cfg)
     final_now = lane == 0 or now[lane] >= fa
@@ -417,7 +434,7 @@ def sweep(state: FunnelState, prev: Swept, now: Swept, cfg: FunnelConfig) -> Res
             for h in state.held:
                 if h not in keep:
                     res.rejects.append(_reject(state, h.step, h.event_time_ms, h.raw, cfg, False))
-            state = replace(state, held=keep)
+            state = _with_held(state, keep)
             res.state, res.changed = state, True
     fd = state.imp_ms + cfg.observe_ms
     if not final_now and cfg.policy == "early" and prev[0] < fd <= now[0] and fd < fa:
@@ -432,26 +449,14 @@ def sweep(state: FunnelState, prev: Swept, now: Swept, cfg: FunnelConfig) -> Res
     return res
 
 
-# --- compact codec (marshal: fast, small; version byte first) ------------------------------
-
-# version 3 keeps each held event's arrival lane; version 2 stores the features as JSON bytes;
-# versions 1 (features as a dict) and 2 are still read
-_CODEC_VERSION: Final = 3
+# --- the state codec ---------------------------------------------------------------------------
 
 
-def encode_state(state: FunnelState) -> bytes:
-    held = tuple((h.step, h.event_time_ms, h.event_id, h.raw, h.lane_ms) for h in state.held) if state.held else ()
-    return marshal.dumps((_CODEC_VERSION, state.bank_id, state.imp_ms, state.features_json, state.times, held))
+def __getattr__(name: str) -> Any:
+    """``encode_state`` / ``decode_state``: the state codec lives in ``stream.join.state_codec`` (a
+    versioned struct layout); still found here, its old home."""
+    if name in ("encode_state", "decode_state"):
+        from stream.join import state_codec
 
-
-def decode_state(data: bytes) -> FunnelState:
-    try:
-        v = marshal.loads(data)
-    except (EOFError, ValueError, TypeError):
-        v = None
-    if not isinstance(v, tuple) or len(v) != 6 or v[0] not in (1, 2, _CODEC_VERSION):
-        raise ValueError("funnel state was written by an unknown codec version; clear the store")
-    version, bank, imp, feats, times, held = v
-    if version == 1 and feats is not None:
-        feats = features_json(feats)
-    return FunnelState(bank, imp, feats, times, tuple(Held(*h) for h in held) if held else ())
+        return getattr(state_codec, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 from rocksdict import Options, Rdict, WriteBatch
 
@@ -107,6 +107,10 @@ class RocksDBStore:
     def get(self, key: bytes) -> bytes | None:
         v = self._db.get(b"s" + key)
         return None if v is None else bytes(v)
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        values = cast("list[bytes | None]", self._db.get([b"s" + k for k in keys]))  # a list for a list of keys
+        return [None if v is None else bytes(v) for v in values]
 
     def _schedule(self, wb: WriteBatch, key: bytes, dues: Dues | None) -> None:
         raw = self._db.get(b"e" + key)

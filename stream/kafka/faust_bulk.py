@@ -22,7 +22,13 @@ What it gives up for those topics: the agent's stream never sees their records (
 only there so that faust subscribes the topics and tracks their acks), faust's sensors do not
 count them (``Monitor.stream_inbound_time`` is still kept per partition, for faust's
 slow-processing checks), and the handler must not block. It relies on faust internals
-(``_wait_next_records``, ``_read_offset``, ``_add_gap``): faust-streaming is pinned.
+(``_wait_next_records``, ``_read_offset``, ``_add_gap``): faust-streaming is pinned, ``bulk_consumer``
+refuses any other version, and ``tests/unit/test_faust_bulk.py`` fails when faust's own loop (the
+one copied here) is not the one this was written against.
+
+Records are handed over one at a time. A version that handed whole fetched batches to
+``FunnelJoin.on_batch`` (issue 16) failed the chaos bench under heavy load while this loop passed
+beside it; see docs/joiner.md, "Round 5".
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ from collections.abc import Awaitable, Callable, Collection
 from time import monotonic
 from typing import Any
 
+import faust
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.types import TP
 
 Handle = Callable[[Any, bool], bool]  # (message, behind its high watermark) -> flush now?
 Flush = Callable[[], Awaitable[None]]
+FAUST_VERSION = "0.15.3"  # the faust-streaming whose consumer loop this copies
 YIELD_EVERY = 100  # records handled between two yields to the event loop, as faust's loop
 
 
@@ -44,6 +52,11 @@ def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flu
     """A subclass of faust's consumer class ``base`` whose fetch loop hands the records of
     ``topics`` to ``handle`` (see the module doc). Install it before the app's consumer is made:
     ``app.transport.Consumer = bulk_consumer(app.transport.Consumer, ...)``."""
+    if faust.__version__ != FAUST_VERSION:
+        raise TypeError(
+            f"the joiner's bulk fetch loop copies faust-streaming {FAUST_VERSION}'s consumer loop, and "
+            f"{faust.__version__} is installed: re-check stream/kafka/faust_bulk.py against it (and its test)"
+        )
     bulk = frozenset(topics)
     for name in ("_wait_next_records", "_to_message", "_add_gap", "highwater"):
         if not hasattr(base, name):  # pragma: no cover - a faust upgrade changed its internals

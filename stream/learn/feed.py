@@ -283,6 +283,7 @@ class FetchLoop:
                     await consumer.seek_to_beginning(tp)
             self.put("ready", sorted(parts))
             checked_at = time.monotonic()
+            guard = offsets.RecreatedGuard()
             highwater: dict[int, int] = {}
             while not self.stopping():
                 polled = await consumer.getmany(timeout_ms=100, max_records=self.chunk_size)
@@ -294,7 +295,7 @@ class FetchLoop:
                         changed = True
                 if time.monotonic() - checked_at >= 1.0:
                     checked_at = time.monotonic()
-                    await offsets.rewind_async(consumer, tps, {tp: highwater.get(tp.partition) for tp in tps})
+                    await offsets.rewind_async(consumer, tps, {tp: highwater.get(tp.partition) for tp in tps}, guard)
                 if polled:
                     chunk = parse_chunk(polled, time.monotonic())
                     chunk.highwater = dict(highwater)

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "joiner": ("stream.join.app", "join funnel events into training samples (faust + RocksDB)"),
     "trainer": ("stream.learn.trainer", "train AITM incrementally on samples, test-then-train"),
     "scorer": ("stream.serve.scorer", "score impressions and serve HTTP scoring"),
+    "export": ("stream.serve.export", "write a model version as ONNX or TorchScript with its vocabulary"),
+    "schemas": ("stream.contract.schemas", "write (or --check) the JSON Schema of every topic"),
     "prometheus": ("stream.ops.prometheus", "run Prometheus on the processes' metrics ports"),
     "demo": ("bench.demo", "run the whole pipeline on the embedded broker"),
     "health": ("stream.ops.health", "probe a process's HTTP endpoint (container healthchecks)"),
@@ -29,6 +31,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "stream": ("bench.stream", "the streaming learner end to end"),
     "chaos": ("bench.chaos", "kill -9 chaos run: nothing lost"),
     "serving": ("bench.serving", "every published model version against the truth"),
+    "serve": ("bench.serve", "HTTP scoring latency and capacity under a keep-alive load"),
     "churn": ("bench.churn", "the embedding table under ID churn: fixed vs dynamic vs unbounded"),
 }
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

@@ -270,7 +270,7 @@ class ScorerMetrics:
         )
         self.latency = Histogram(
             "aitm_scorer_latency_seconds",
-            "Scoring latency by path (stream batch per record, http request)",
+            "Scoring latency by path (stream batch per record, http request, http_batch request)",
             ["path"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
@@ -299,6 +299,11 @@ class ScorerMetrics:
             "aitm_scorer_http_requests",
             "HTTP scoring requests by status code",
             ["code"],
+            registry=registry,
+        )
+        self.http_impressions = Counter(
+            "aitm_scorer_http_impressions",
+            "Impressions scored over HTTP (POST /score and /score/batch)",
             registry=registry,
         )
         self.dead_letters = Counter(

@@ -9,11 +9,12 @@
   beginning, loads the newest announced version (sha256 of the file and the checkpoint's own
   checksum verified) and hands it to the loop; a version that fails is refused, counted, and the
   current one stays in use.
-- HTTP (``stream.serve.http``): ``POST /score`` with ``{"features": {...}, "bank_id": "bank_2"}``
-  returns the four probabilities, the bank's objective, weight and score (``stream.serve.scoring``,
-  as on the stream path); ``GET /healthz``.
+- HTTP (``stream.serve.http``, aiohttp): ``POST /score`` with ``{"features": {...}, "bank_id":
+  "bank_2"}`` returns the four probabilities, the bank's objective, weight and score
+  (``stream.serve.scoring``, as on the stream path); ``POST /score/batch`` with ``{"requests":
+  [...]}`` scores many with one version; ``GET /livez``, ``GET /readyz`` (a verified version loaded).
 
-Score record (JSON, ``schema_version`` 1; key = impression id)::
+Score record (``stream.contract.scores``; JSON, ``schema_version`` 1; key = impression id)::
 
     {"schema_version": 1, "impression_id": "i-42", "bank_id": "bank_2", "model_version": 7,
      "probabilities": {"click": 0.21, "application": 0.02, "approval": 0.013, "activation": 0.009},
@@ -23,31 +24,30 @@ Score record (JSON, ``schema_version`` 1; key = impression id)::
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any
 
 import torch
 from kafka import AsyncConsumerRebalanceListener
 from prometheus_client import CollectorRegistry, start_http_server
 
 from stream.contract.events import InvalidEvent, dead_letter, parse_event
+from stream.contract.scores import encode_score, score_record
 from stream.kafka import offsets
 from stream.ops.clock import Clock, SystemClock
 from stream.ops.command import add_loglevel, command_parser
 from stream.ops.metrics import RefreshMetrics, ScorerMetrics, process_registry
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings, load_settings
-from stream.serve.http import BadRequest, ScoringServer, parse_request, serve_http
+from stream.serve.http import BadRequest, HttpServer, Item, parse_batch, parse_request, serve_http
 from stream.serve.scoring import BankPolicy, ScoringModel, score_fields
 from stream.serve.versions import VersionFollower
 
 log = logging.getLogger(__name__)
-SCORE_SCHEMA: Final = 1
 
 
 class Scorer:
@@ -63,8 +63,9 @@ class Scorer:
         self.model: ScoringModel | None = None  # read by HTTP threads; replaced whole, never mutated
         self.versions = VersionFollower(settings, self.store, self.metrics.refused_models)
         self.scored = 0
-        self._http: ScoringServer | None = None
+        self._http: HttpServer | None = None
         self.http_latency = self.metrics.latency.labels(path="http")
+        self.http_batch_latency = self.metrics.latency.labels(path="http_batch")
         self._stream_latency = self.metrics.latency.labels(path="stream")
 
     def _model_age(self) -> float:
@@ -101,15 +102,9 @@ class Scorer:
             probs = m.predict([e.features or {} for e in events])  # (N, T)
             now_ms = self.clock.now_ms()
             for e, p in zip(events, probs, strict=True):
-                rec = {
-                    "schema_version": SCORE_SCHEMA,
-                    "impression_id": e.impression_id,
-                    "bank_id": e.bank_id,
-                    **score_fields(m, self.policy, e.bank_id, p),
-                    "event_time_ms": e.event_time_ms,
-                    "scored_at_ms": now_ms,
-                }
-                out.append((e.impression_id.encode(), json.dumps(rec, separators=(",", ":")).encode()))
+                rec = score_record(e.impression_id, e.bank_id, score_fields(m, self.policy, e.bank_id, p),
+                                   e.event_time_ms, now_ms)
+                out.append((e.impression_id.encode(), encode_score(rec)))
         return out, bad
 
     def run(self, stop: threading.Event) -> None:
@@ -131,6 +126,7 @@ class Scorer:
         )
         subscribed = False
         lag_at = 0.0
+        guard = offsets.RecreatedGuard()
         try:
             while not stop.is_set():
                 self.swap_if_ready()  # between batches only
@@ -145,7 +141,7 @@ class Scorer:
                 records = [r for recs in polled.values() for r in recs]
                 if time.monotonic() - lag_at >= 1.0:
                     lag_at = time.monotonic()
-                    offsets.rewind_sync(consumer)
+                    offsets.rewind_sync(consumer, guard)
                     lag = offsets.lag_sync(consumer)
                     if lag is not None:
                         self.metrics.consumer_lag.set(lag)
@@ -189,29 +185,51 @@ class Scorer:
             producer.close()
 
     def http_score(self, body: bytes) -> tuple[int, dict[str, Any]]:
-        """The endpoint's logic: (status, JSON body)."""
+        """``POST /score``'s logic: (status, JSON body)."""
         try:
-            bank, feats, iid = parse_request(body)
+            item = parse_request(body)
         except BadRequest as exc:
             return exc.code, {"error": exc.message}
+        code, out = self.score_items([item])
+        return (code, out[0]) if isinstance(out, list) else (code, out)
+
+    def http_score_batch(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        """``POST /score/batch``: every item scored by one model version, in request order."""
+        try:
+            items = parse_batch(body, self.s.scorer_http_max_batch, self.s.scorer_http_max_batch_bytes)
+        except BadRequest as exc:
+            return exc.code, {"error": exc.message}
+        code, out = self.score_items(items)
+        if not isinstance(out, list):
+            return code, out
+        return 200, {"model_version": out[0]["model_version"], "results": out}
+
+    def score_items(self, items: Sequence[Item]) -> tuple[int, list[dict[str, Any]] | dict[str, Any]]:
+        """Score parsed requests with one model version in one forward pass: (200, an answer per
+        item, in order) or (503, the error) before the first version."""
         m = self.model
         if m is None:
             return 503, {"error": "no model version loaded yet; retry shortly"}
-        probs = m.predict([feats])[0]
+        probs = m.predict([feats for _, feats, _ in items])  # (N, T)
+        self.metrics.http_impressions.inc(len(items))
+        return 200, [self._answer(m, bank, iid, p) for (bank, _, iid), p in zip(items, probs, strict=True)]
+
+    def _answer(self, m: ScoringModel, bank: str, iid: str | None, probs: Any) -> dict[str, Any]:
         out = {"bank_id": bank, **score_fields(m, self.policy, bank, probs)}
         if iid is not None:
             out["impression_id"] = iid
-        return 200, out
+        return out
 
-    def serve_http(self, host: str, port: int) -> ScoringServer:
-        """Start the HTTP endpoint in a daemon thread; returns the server (``server_address``)."""
-        self._http = serve_http(self, host, port)
+    def serve_http(self, host: str, port: int) -> HttpServer:
+        """Start the HTTP endpoint in its own thread; returns the server (``server_address``)."""
+        self._http = serve_http(self, host, port, access_log=self.s.scorer_http_access_log,
+                                max_batch_bytes=self.s.scorer_http_max_batch_bytes)
         return self._http
 
     def close(self) -> None:
         if self._http is not None:
             self._http.shutdown()
-            self._http.server_close()
+            self._http = None
 
 
 def main(argv: list[str] | None = None) -> int:

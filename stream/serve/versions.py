@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 from stream.contract.versions import InvalidVersion, ModelVersion, parse_version
@@ -15,14 +16,23 @@ from stream.serve.scoring import ScoringModel
 log = logging.getLogger(__name__)
 
 
+def load_version(
+    store: ModelStore, version: int, path: Path | None = None, sha256: str | None = None, created_at_ms: int = 0,
+    trace: bool = False,
+) -> ScoringModel:
+    """A model version from the store, verified (the checkpoint's checksum, and the file's sha256
+    when given), ready to score: the one loader behind the scorer and ``aitm-stream export``.
+    Raises ``ModelStoreError`` (missing, corrupted) or ``KeyError``/``RuntimeError``/``ValueError``
+    (a checkpoint that does not fit the model). ``trace``: serve a TorchScript trace too."""
+    ckpt = store.load(version=None if path else version, path=path, sha256=sha256)
+    return ScoringModel.from_checkpoint(version, ckpt, created_at_ms, trace=trace)
+
+
 def load_servable(store: ModelStore, version: int, sha256: str | None = None,
                   created_at_ms: int = 0, file_name: str | None = None) -> ScoringModel:
-    """The servable model of ``version`` in ``store`` (verified; ``sha256``: the whole file's, as
-    announced; ``file_name``: the announced file in the store, else the store's name for it), ready to score: the one way to load a version for serving - the scorer and any
-    export go through it. Raises ``ModelStoreError`` (missing, corrupted) or ``KeyError`` /
-    ``RuntimeError`` / ``ValueError`` (not a model version this code can serve)."""
-    ckpt = store.load(version, path=store.root / file_name if file_name else None, sha256=sha256)
-    return ScoringModel.from_checkpoint(version, ckpt, created_at_ms)
+    """``load_version`` by the announced file's name in the store (``file_name``; else the store's
+    own name for ``version``)."""
+    return load_version(store, version, store.root / file_name if file_name else None, sha256, created_at_ms)
 
 
 class VersionFollower:
@@ -45,7 +55,9 @@ class VersionFollower:
         if current is not None and ann.version <= current.version:
             return False
         try:
-            m = load_servable(self.store, ann.version, ann.sha256, ann.created_at_ms, ann.path.rsplit("/", 1)[-1])
+            path = self.store.root / ann.path.rsplit("/", 1)[-1]
+            m = load_version(self.store, ann.version, path, ann.sha256, ann.created_at_ms,
+                             trace=self.s.scorer_torchscript)
         except (ModelStoreError, KeyError, RuntimeError, ValueError) as exc:
             self.refused.inc()
             log.warning("refusing model version %d: %s", ann.version, exc)

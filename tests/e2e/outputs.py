@@ -27,7 +27,7 @@ class Outputs:
         self.dead: list[dict[str, Any]] = []
 
     def __call__(self, rec: Any) -> None:
-        obj = _sample_of(rec.value) if rec.topic == self.samples_topic else json.loads(rec.value)
+        obj = sample_object(rec.value) if rec.topic == self.samples_topic else json.loads(rec.value)
         if rec.topic == self.samples_topic:
             self.sampled.add(obj["impression_id"])
             if obj["kind"] == "final":
@@ -39,17 +39,23 @@ class Outputs:
             self.dead.append(obj)
 
 
-def _sample_of(value: bytes) -> dict[str, Any]:
-    """A samples record of either encoding: JSON (schema_version 1), or binary as the README
-    documents it: a MessagePack array (first byte 0x90-0x9f) [2, impression_id, bank_id,
-    event_time_ms, names, values, flags (bit t: label of task t), kind (0 first, 1 correction,
-    2 final), ...]."""
+def sample_object(value: bytes) -> dict[str, Any]:
+    """A samples record of either encoding as its JSON object (schema_version 1). A binary one is
+    read as the README documents it: a MessagePack array (first byte 0x90-0x9f) [2, impression_id,
+    bank_id, event_time_ms, [names], [values], flags (bit t: label of task t, bit 4 + t: task t
+    mature), kind (0 first, 1 correction, 2 final), elapsed_ms, seq, watermark_ms, policy]."""
     if value[0] & 0xF0 != 0x90:
         return dict(json.loads(value))
     items = msgspec.msgpack.decode(value)
-    assert items[0] == 2, f"binary sample of schema version {items[0]}"
-    labels = [items[6] >> t & 1 for t in range(4)]
-    return {"impression_id": items[1], "labels": labels, "kind": ("first", "correction", "final")[items[7]]}
+    assert items[0] == 2 and len(items) == 12, f"binary sample of schema version {items[0]}, {len(items)} items"
+    names, values, flags = items[4], items[5], items[6]
+    assert len(names) == len(values) == len(set(names)), (names, values)
+    return {
+        "schema_version": 1, "impression_id": items[1], "bank_id": items[2], "event_time_ms": items[3],
+        "features": dict(zip(names, values, strict=True)), "labels": [flags >> t & 1 for t in range(4)],
+        "mature": [bool(flags >> (4 + t) & 1) for t in range(4)], "kind": ("first", "correction", "final")[items[7]],
+        "elapsed_ms": items[8], "seq": items[9], "watermark_ms": items[10], "policy": items[11],
+    }  # fmt: skip
 
 
 def must_label(stream: SimulatedStream) -> dict[str, tuple[int, ...]]:

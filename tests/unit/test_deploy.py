@@ -55,9 +55,12 @@ def test_every_service_has_a_healthcheck_and_the_pipeline_waits_for_a_healthy_ka
         assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     for name in AITM:
         assert services[name]["depends_on"]["kafka"]["condition"] == "service_healthy"
-        assert services[name]["environment"]["HEALTH_URL"].endswith("/metrics")
-        port = re.search(r":(\d+)/metrics$", services[name]["environment"]["HEALTH_URL"])
-        assert port and port.group(1) == services[name]["environment"][f"METRICS_PORT_{name.upper()}"]
+        env = services[name]["environment"]
+        if name == "scorer":  # its own HTTP endpoint's liveness (readiness is for the load balancer)
+            assert env["HEALTH_URL"] == f"http://127.0.0.1:{env['SCORER_HTTP_PORT']}/livez"
+            continue
+        port = re.search(r":(\d+)/metrics$", env["HEALTH_URL"])
+        assert port and port.group(1) == env[f"METRICS_PORT_{name.upper()}"]
 
 
 def test_kafka_data_lives_on_its_volume() -> None:

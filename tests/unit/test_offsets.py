@@ -108,3 +108,48 @@ def test_free_ports_are_below_the_ephemeral_range_and_never_handed_out_twice() -
     for p in ports[:5]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))  # and they are free
+
+
+def test_a_stale_high_watermark_seen_once_does_not_rewind_and_one_that_stays_does() -> None:
+    """The rule (stream/kafka/offsets.py): a partition is recreated when its position *stays* past its
+    high watermark; a live partition's next fetch answer lifts the high watermark (a restarted
+    joiner saw a stale one until then, and rewinding re-read every record from offset 0)."""
+    now = [0.0]
+    for faust in (False, True):
+        guard = offsets.RecreatedGuard(confirm_s=30, clock=lambda: now[0])
+        c = AsyncConsumer({_TP(0): 12, _TP(1): 4}, faust)
+        tps = [_TP(0), _TP(1)]
+        assert asyncio.run(offsets.rewind_async(c, tps, {_TP(0): 5, _TP(1): 4}, guard)) == []  # first sight
+        now[0] += 20
+        assert asyncio.run(offsets.rewind_async(c, tps, {_TP(0): 13, _TP(1): 4}, guard)) == []  # a fetch answered
+        now[0] += 40
+        assert asyncio.run(offsets.rewind_async(c, tps, {_TP(0): 5, _TP(1): 4}, guard)) == []  # stale again: anew
+        now[0] += 29
+        assert asyncio.run(offsets.rewind_async(c, tps, {_TP(0): 5, _TP(1): 4}, guard)) == []  # not yet 30 s
+        assert c.pos == {0: 12, 1: 4}
+        now[0] += 1
+        assert asyncio.run(offsets.rewind_async(c, tps, {_TP(0): 5, _TP(1): 4}, guard)) == [0]  # stayed 30 s
+        assert c.pos == {0: 0, 1: 4}
+    # the scorer's client (kafka-python) likewise
+    now[0] = 0.0
+    guard = offsets.RecreatedGuard(confirm_s=30, clock=lambda: now[0])
+    k = FakeConsumer({_TP(0): 3}, {_TP(0): 8})
+    assert offsets.rewind_sync(k, guard) == []
+    k.hw[_TP(0)] = 9  # the fetch answered: it was live
+    now[0] += 60
+    assert offsets.rewind_sync(k, guard) == [] and k.pos == {0: 8}
+    k.hw[_TP(0)] = 3
+    assert offsets.rewind_sync(k, guard) == []
+    now[0] += 30
+    assert offsets.rewind_sync(k, guard) == [0] and k.pos == {0: 0}
+
+
+def test_a_partition_whose_position_moves_is_not_confirmed() -> None:
+    now = [0.0]
+    guard = offsets.RecreatedGuard(confirm_s=10, clock=lambda: now[0])
+    assert not guard.confirmed("p", 8, 3)
+    now[0] = 11.0
+    assert not guard.confirmed("p", 9, 3)  # it read on: the clock starts again
+    now[0] = 21.0
+    assert guard.confirmed("p", 9, 3)
+    assert offsets.RecreatedGuard(confirm_s=0).confirmed("p", 9, 3)  # 0: at once

@@ -146,6 +146,8 @@ BAD = [
     (enc(*GOOD[:1], 17, *GOOD[2:]), "invalid_field", "$.impression_id"),
     (enc(*GOOD[:11], None), "invalid_field", "$.policy"),
     (b"\x9c\x02\xc1", "malformed_msgpack", "not valid MessagePack"),
+    (b"\x9c\x02\xa2\x00\x80", "malformed_msgpack", "not valid MessagePack"),  # a string that is not UTF-8
+    (enc(*GOOD).replace(b"\x92\xa1a\xa1b", b"\x92\xa1a\xa1\x80"), "invalid_field", "array of strings"),  # name not UTF-8
 ]
 
 

@@ -1,10 +1,12 @@
-"""The scorer's synchronous HTTP endpoint (a real server on loopback): scores, and clear 4xx errors."""
+"""The scorer's HTTP endpoint (a real aiohttp server on loopback): scores, batches, readiness, and clear
+4xx errors."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,12 +95,16 @@ def test_bad_requests_get_a_clear_4xx(scorer: tuple[Scorer, int], method: str, p
     assert says in obj["error"]
 
 
-def test_no_model_yet_is_503_and_health_says_so(scorer: tuple[Scorer, int]) -> None:
+def test_no_model_yet_is_503_and_only_readiness_says_so(scorer: tuple[Scorer, int]) -> None:
     s, port = scorer
     assert call(port, "POST", "/score", b'{"features": {}}')[0] == 503
-    assert call(port, "GET", "/healthz") == (503, {"status": "no model", "model_version": None})
+    assert call(port, "POST", "/score/batch", b'{"requests": [{"features": {}}]}')[0] == 503
+    assert call(port, "GET", "/readyz") == (503, {"status": "no model", "model_version": None})
+    assert call(port, "GET", "/livez") == (200, {"status": "alive"})  # alive, just not ready
+    assert call(port, "GET", "/healthz") == (200, {"status": "alive"})  # the old name: liveness
     load_model(s, 3)
-    assert call(port, "GET", "/healthz") == (200, {"status": "ok", "model_version": 3})
+    assert call(port, "GET", "/readyz") == (200, {"status": "ready", "model_version": 3})
+    assert call(port, "GET", "/livez") == (200, {"status": "alive"})
 
 
 def test_bank_policy_is_eq1() -> None:
@@ -251,3 +257,189 @@ def test_published_scores_are_compact_json_with_seven_digit_probabilities_of_imp
     assert value == json.dumps(rec, separators=(",", ":")).encode()
     assert all(v == round(v, 7) for v in rec["probabilities"].values())
     assert any(v != round(v, 6) for v in rec["probabilities"].values())  # seven digits, not fewer
+
+
+# --- the production HTTP stack: keep-alive, chunked bodies, batches, access log -----------------
+
+
+def test_one_keep_alive_connection_serves_many_requests(scorer: tuple[Scorer, int]) -> None:
+    s, port = scorer
+    load_model(s, 4)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.connect()
+        sock = conn.sock
+        for i in range(20):
+            conn.request("POST", "/score", body=json.dumps({"features": {"a": "x"}, "impression_id": f"i{i}"}),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["impression_id"] == f"i{i}"
+            assert resp.getheader("Connection", "keep-alive").lower() != "close"
+        assert conn.sock is sock  # never reconnected
+    finally:
+        conn.close()
+
+
+def chunked(parts: list[bytes]) -> Iterator[bytes]:
+    yield from parts
+
+
+def test_a_chunked_body_is_accepted(scorer: tuple[Scorer, int]) -> None:
+    s, port = scorer
+    load_model(s, 4)
+    body = json.dumps({"bank_id": "bank_9", "features": {"a": "x", "b": "y"}}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("POST", "/score", body=chunked([body[:7], body[7:20], body[20:]]),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        resp = conn.getresponse()
+        out = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 200, out
+    assert out["probabilities"] == pytest.approx(call(port, "POST", "/score", body)[1]["probabilities"])
+
+
+def test_a_chunked_body_over_the_limit_is_413(scorer: tuple[Scorer, int]) -> None:
+    s, port = scorer
+    load_model(s)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("POST", "/score", body=chunked([b" " * 40_000, b" " * 40_000]),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 413
+        assert "at most 65536" in json.loads(resp.read())["error"]
+    finally:
+        conn.close()
+
+
+def test_a_batch_is_scored_by_one_version_in_request_order(scorer: tuple[Scorer, int]) -> None:
+    s, port = scorer
+    s.model = m = known_model(version=6)
+    reqs = [{"bank_id": "bank_9" if i % 2 else "bank_1", "features": f, **({"impression_id": f"i{i}"} if i else {})}
+            for i, f in enumerate(FEATURES * 30)]  # 120 impressions
+    code, body = call(port, "POST", "/score/batch", json.dumps({"requests": reqs}).encode())
+    assert code == 200, body
+    assert body["model_version"] == 6 and len(body["results"]) == len(reqs)
+    for req, got in zip(reqs, body["results"], strict=True):
+        want = expected_by_task(m, req["features"])
+        assert got["probabilities"] == pytest.approx(want, abs=1e-6)
+        objective, weight = ("activation", 2.5) if req["bank_id"] == "bank_9" else ("approval", 1.0)
+        assert (got["objective"], got["weight"], got["bank_id"]) == (objective, weight, req["bank_id"])
+        assert got["score"] == pytest.approx(weight * want[objective], rel=1e-5)
+        assert got.get("impression_id") == req.get("impression_id")
+        # the same answer as one POST /score with that item
+        assert got == call(port, "POST", "/score", json.dumps(req).encode())[1]
+    reg = s.metrics.registry
+    assert reg.get_sample_value("aitm_scorer_http_impressions_total") == 2 * len(reqs)
+    assert reg.get_sample_value("aitm_scorer_latency_seconds_count", {"path": "http_batch"}) == 1
+    assert reg.get_sample_value("aitm_scorer_latency_seconds_count", {"path": "http"}) == len(reqs)
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "says"),
+    [
+        (b'[{"features": {}}]', 400, '{"requests": [{"features": {...}}, ...]}'),
+        (b'{"features": {}}', 400, '{"requests": [{"features": {...}}, ...]}'),
+        (b'{"requests": [], "x": 1}', 400, "unknown field(s) ['x']; allowed: requests"),
+        (b'{"requests": []}', 400, "'requests' must be a non-empty list"),
+        (b'{"requests": {"features": {}}}', 400, "'requests' must be a non-empty list"),
+        (b'{"requests": [{"features": {}}, {"features": {"a": 1}}]}', 400,
+         "requests[1]: feature 'a' must be a string, got int"),
+        (b'{"requests": [{"features": {}}, 7]}', 400, "requests[1]: the body must be a JSON object"),
+        (b'{"requests": [{"bank": "b", "features": {}}]}', 400, "requests[0]: unknown field(s) ['bank']"),
+        (b'{"requests": [{"features": {}}]', 400, "request body is not valid JSON"),
+        (json.dumps({"requests": [{"features": {}}] * 1001}).encode(), 400,
+         "'requests' has 1001 items; at most 1000 per call"),
+        pytest.param(b"[" + b" " * (4 << 20) + b"]", 413, f"at most {4 << 20}", id="body-over-4MiB"),
+    ],
+)
+def test_a_bad_batch_gets_a_clear_4xx_and_scores_nothing(scorer: tuple[Scorer, int], body: bytes, code: int,
+                                                          says: str) -> None:
+    s, port = scorer
+    load_model(s)
+    got, obj = call(port, "POST", "/score/batch", body)
+    assert got == code
+    assert says in obj["error"]
+    assert s.metrics.registry.get_sample_value("aitm_scorer_http_impressions_total") == 0
+    assert s.metrics.registry.get_sample_value("aitm_scorer_http_requests_total", {"code": str(code)}) == 1
+
+
+def test_a_batch_at_its_limits_is_accepted(tmp_path: Path) -> None:
+    s = Scorer(Settings(data_dir=tmp_path, scorer_http_max_batch=3), CollectorRegistry())
+    s.model = known_model()
+    body = json.dumps({"requests": [{"features": {"a": "x"}}] * 3}).encode()
+    code, out = s.http_score_batch(body)
+    assert code == 200 and len(out["results"]) == 3
+    assert s.http_score_batch(json.dumps({"requests": [{"features": {}}] * 4}).encode()) == (
+        400, {"error": "'requests' has 4 items; at most 3 per call"})
+
+
+def test_every_request_gets_an_access_log_line(scorer: tuple[Scorer, int], caplog: pytest.LogCaptureFixture) -> None:
+    s, port = scorer
+    load_model(s)
+    with caplog.at_level("INFO", logger="aitm.scorer.access"):
+        call(port, "POST", "/score", b'{"features": {"a": "x"}}')
+        call(port, "POST", "/score", b"{bad")
+        call(port, "GET", "/readyz")
+        deadline = time.monotonic() + 5  # a line is written just after its response is sent
+        while len(lines := [r.getMessage() for r in caplog.records if r.name == "aitm.scorer.access"]) < 3:
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.01)
+    assert len(lines) == 3, lines
+    assert '"POST /score HTTP/1.1" 200' in lines[0] and '"POST /score HTTP/1.1" 400' in lines[1]
+    assert '"GET /readyz HTTP/1.1" 200' in lines[2]
+
+
+def test_concurrent_requests_each_get_their_own_answer(scorer: tuple[Scorer, int]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    s, port = scorer
+    s.model = m = known_model(version=9)
+    reqs = [{"bank_id": "bank_9", "features": FEATURES[i % 4], "impression_id": f"c{i}"} for i in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda r: call(port, "POST", "/score", json.dumps(r).encode()), reqs))
+    for req, (code, got) in zip(reqs, answers, strict=True):
+        assert code == 200 and got["impression_id"] == req["impression_id"]
+        assert got["probabilities"] == pytest.approx(expected_by_task(m, req["features"]), abs=1e-6)
+
+
+def test_requests_parsed_in_one_loop_turn_share_one_forward_pass() -> None:
+    import asyncio
+
+    from stream.serve.http import Coalescer
+
+    calls: list[int] = []
+
+    def score_items(items):  # type: ignore[no-untyped-def]
+        calls.append(len(items))
+        return 200, [{"i": it[2]} for it in items]
+
+    async def run() -> list[tuple[int, dict]]:
+        c = Coalescer(score_items, max_items=4)
+        futs = [c.score(("", {}, str(i))) for i in range(6)]  # one turn: 4 + 2
+        first = await asyncio.gather(*futs)
+        return [*first, await c.score(("", {}, "later"))]  # a lone request: a pass of its own
+
+    out = asyncio.run(run())
+    assert calls == [4, 2, 1]
+    assert [o[1]["i"] for o in out] == ["0", "1", "2", "3", "4", "5", "later"]
+
+
+def test_the_traced_model_serves_the_same_bits_as_the_eager_one() -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from stream.serve.scoring import traced
+
+    eager = known_model()
+    assert eager.fast is None  # tracing is opt-in (SCORER_TORCHSCRIPT)
+    m = dataclasses.replace(eager, fast=traced(eager.model, len(eager.encoder.fields)))
+    assert m.fast is not None
+    for n in (1, 3, 50, 513):
+        rows = [FEATURES[i % 4] for i in range(n)]
+        assert np.array_equal(m.predict(rows), eager.predict(rows))
+        want = np.array([list(expected_by_task(m, f).values()) for f in rows])  # (n, T), float64 sigmoid
+        assert np.abs(eager.predict(rows) - want).max() < 1e-7

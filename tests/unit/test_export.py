@@ -1,0 +1,127 @@
+"""``aitm-stream export``: a trained version from the model store, written as ONNX or TorchScript with
+its vocabulary and manifest, scores fresh simulated impressions as the scorer does (within 1e-5)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aitm.checkpoint import make_checkpoint
+from aitm.embedding_table import DynamicTable
+from aitm.features import FeatureEncoder
+from aitm.model import AITM, AITMConfig
+from aitm.train import make_optimizer, train_step
+from simulators.funnel import FunnelSimulator, SimConfig
+from stream.ops.model_store import ModelStore
+from stream.serve import export
+from stream.serve.versions import load_version
+
+
+@pytest.fixture(scope="module", params=["dynamic", "threshold"])
+def store(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> tuple[Path, list[dict[str, str]]]:
+    """Version 3: AITM trained for 40 steps on simulated impressions (with the streaming trainer's
+    dynamic table, or the offline encoder in threshold mode), and fresh impressions of a later day."""
+    torch.manual_seed(0)
+    sim = FunnelSimulator(SimConfig(seed=3, impressions_per_day=10_000))
+    train = sim.day_batch(0)
+    rows = sim.feature_dicts(train)
+    enc: FeatureEncoder | DynamicTable
+    if request.param == "dynamic":
+        enc = DynamicTable(sim.field_names, rows=4096, min_count=5)
+        ids = torch.from_numpy(enc.encode_dicts(rows, update=True, event_time_ms=np.zeros(len(rows), np.int64)))
+    else:
+        enc = FeatureEncoder(sim.field_names, capacity=512, min_count=5)
+        ids = torch.from_numpy(enc.encode_dicts(rows, update=True))  # (N, F)
+    labels = torch.as_tensor(train.labels, dtype=torch.float32)  # (N, T)
+    cfg = AITMConfig(vocab_sizes=enc.vocab_sizes)
+    model = AITM(cfg)
+    opt = make_optimizer(model, lr=3e-3)
+    for _ in range(2):
+        for i in range(0, len(ids), 500):
+            train_step(model, opt, ids[i:i + 500], labels[i:i + 500])
+    root = tmp_path_factory.mktemp("models")
+    ModelStore(root).publish(3, make_checkpoint(model.eval(), cfg, enc.state_dict(), 0))
+    fresh = sim.feature_dicts(sim.day_batch(5, 3000))
+    fresh[0] = {**fresh[0], "city": "a city never seen", "creative_id": "new"}  # out of vocabulary
+    fresh[1] = {k: v for k, v in fresh[1].items() if k != "hour"}  # a field missing
+    return root, fresh
+
+
+def encode_with_vocabulary(vocab: dict, features: list[str], rows: list[dict[str, str]]) -> np.ndarray:
+    """The manifest's encoding rule, written from its text (not the product's encoder)."""
+    by_name = {f["name"]: f for f in vocab["fields"]}
+    out = np.zeros((len(rows), len(features)), dtype=np.int64)
+    for j, name in enumerate(features):
+        field = by_name[name]
+        for i, row in enumerate(rows):
+            value = row.get(name, "")
+            if vocab["mode"] == "hash":
+                out[i, j] = 1 + zlib.crc32(value.encode()) % (field["capacity"] - 1)
+            else:
+                out[i, j] = field["ids"].get(value, vocab["oov_id"])
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_exported_version_scores_as_the_scorer_does(store: tuple[Path, list[dict[str, str]]], tmp_path: Path,
+                                                       fmt: str) -> None:
+    root, fresh = store
+    out = tmp_path / "export"
+    assert export.main(["--version", "3", "--format", fmt, "--out", str(out), "--store", str(root)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    served = load_version(ModelStore(root), 3)
+    assert manifest["model_version"] == 3 and manifest["format"] == fmt
+    assert manifest["features"] == list(served.encoder.fields)
+    assert manifest["tasks"] == ["click", "application", "approval", "activation"]
+    assert set(manifest["files"]) == {export.MODEL_FILE[fmt], "vocabulary.json"}
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    vocab = json.loads((out / "vocabulary.json").read_text())
+    ids = encode_with_vocabulary(vocab, manifest["features"], fresh)  # (N, F)
+    assert (ids == served.encoder.encode_dicts(fresh)).all()
+    assert (ids == 0).any() and (ids != 0).mean() > 0.5  # both known and unknown values
+    want = served.predict(fresh)  # (N, T): what the scorer publishes
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        (got,) = session.run(["probabilities"], {"ids": ids})
+    else:
+        module = torch.jit.load(str(out / "model.pt"))
+        with torch.no_grad():
+            got = module(torch.from_numpy(ids)).numpy()
+    assert got.shape == want.shape == (len(fresh), 4)
+    assert np.abs(got - want).max() <= 1e-5
+    assert (np.diff(got, axis=1) <= 0).all()  # funnel order, as served
+    assert want.std(axis=0).min() > 1e-3  # a trained model: the rows differ, so a mix-up would show
+    # one row at a time, as a single request would be scored
+    if fmt == "onnx":
+        one = session.run(["probabilities"], {"ids": ids[:1]})[0]
+        assert np.abs(one - want[:1]).max() <= 1e-5
+
+
+def test_exporting_a_missing_or_corrupted_version_says_so(store: tuple[Path, list[dict[str, str]]], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = store
+    with pytest.raises(SystemExit) as err:
+        export.main(["--version", "9", "--format", "onnx", "--out", str(tmp_path / "x"), "--store", str(root)])
+    assert err.value.code == 1
+    assert "cannot load version 9" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = bytearray((root / "v00000003.ckpt").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "v00000003.ckpt").write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as err:
+        export.main(["--version", "3", "--format", "torchscript", "--out", str(tmp_path / "y"), "--store", str(bad)])
+    assert err.value.code == 1 and "checksum mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+    with pytest.raises(SystemExit) as err:
+        export.main(["--version", "3", "--format", "pmml", "--out", str(tmp_path / "z"), "--store", str(root)])
+    assert err.value.code == 2

@@ -1,0 +1,228 @@
+"""The batch path (``FunnelJoin.on_batch``, ``parse_events``) makes the same decisions as the
+per-record path (``on_record``, ``parse_event``): the same samples and dead letters per impression,
+in the same order, the same states, due times and counters, whatever the batches."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from stream.contract.events import InvalidEvent, parse_event, parse_events
+from stream.join.driver import BatchRecord, FunnelJoin, JoinTopics, Output
+from stream.join.funnel import FunnelConfig
+from stream.join.store import InMemoryStore
+from stream.ops.clock import FakeClock
+from stream.ops.metrics import JoinerMetrics
+from tests.joinhelpers import TOPICS_5, event_bytes, small_stream
+
+STEP_NAMES = ("impression", "click", "application", "approval", "activation")
+T0 = 1_767_225_600_000
+
+
+# --- parse_events == parse_event, record by record ------------------------------------------------
+
+
+def _same(raws: list[bytes | None], types: list[str | None]) -> None:
+    got = parse_events(raws, types)
+    assert len(got) == len(raws)
+    for raw, etype, g in zip(raws, types, got, strict=True):
+        try:
+            want: object = parse_event(raw if raw is not None else b"", etype)
+        except InvalidEvent as exc:
+            want = exc
+        if isinstance(want, InvalidEvent):
+            assert isinstance(g, InvalidEvent), (raw, g)
+            assert (g.reason, g.message) == (want.reason, want.message), raw
+        else:
+            assert g == want, raw
+
+
+GOOD = event_bytes(1, "i1", T0)
+IMP = event_bytes(0, "i2", T0)
+TRICKY: list[bytes | None] = [
+    GOOD, IMP, b'{"a":1,"a":2}', b'{"x":NaN}', b" " + GOOD, GOOD + b"\n", b"1", b"2", b"12", b"",
+    None, b'{"schema_version":1', b',"event_type":"click"}', b"[1,2]", b"\xff\xfe", "é".encode() + GOOD,
+    GOOD.replace(b'"i1"', '"ï1"'.encode()), b'"str"', b"null", b"{}" * 2, b"x" * 70_000, GOOD[:-1], b"}" + GOOD,
+    GOOD.replace(b'"click"', b'"approval"'), IMP.replace(b'"features":{', b'"features":{"f":1,'),
+]  # fmt: skip
+
+
+def test_parse_events_reads_each_record_as_parse_event_does() -> None:
+    _same(TRICKY, ["click", "impression"] + ["click"] * (len(TRICKY) - 2))
+    for i in range(len(TRICKY)):  # every record beside every other, both orders
+        for j in range(len(TRICKY)):
+            _same([TRICKY[i], TRICKY[j], GOOD], ["click", "click", "click"])
+
+
+fragment = st.one_of(
+    st.sampled_from([b"{", b"}", b"[", b"]", b",", b":", b'"a"', b"1", b" ", b"NaN", b'"\\u00e9"', b"null"]),
+    st.sampled_from([x for x in TRICKY if x is not None and len(x) < 1000]),
+    st.binary(max_size=8),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.lists(fragment, max_size=6).map(b"".join)), max_size=12))
+def test_parse_events_equals_parse_event_on_any_bytes(raws: list[bytes | None]) -> None:
+    _same(raws, ["click"] * len(raws))
+
+
+# --- on_batch == on_record over a simulated stream -------------------------------------------------
+
+
+class Run:
+    """One FunnelJoin on in-memory stores, fed fetch by fetch on a fake clock that follows the
+    delivery time; after each fetch, a sweep of every partition and its commit (as a flush)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.stores: dict[int, InMemoryStore] = {}
+        self.clock = FakeClock(T0)
+        self.join = FunnelJoin(FunnelConfig(), JoinTopics(TOPICS_5, "samples", "dead-letters"),
+                               lambda p: self.stores.setdefault(p, InMemoryStore()), self.clock,
+                               JoinerMetrics(self.registry), max_future_ms=3_600_000)  # fmt: skip
+        self.by_key: dict[bytes, list[tuple[str, bytes]]] = defaultdict(list)
+
+    def collect(self, out: list[Output]) -> None:
+        for o in out:
+            self.by_key[o.key].append((o.topic, o.value))
+
+    def flush(self) -> None:
+        for p in sorted(self.join.parts):
+            if self.join.sweep_due(p, force=True):
+                out: list[Output] = []
+                self.join.sweep(p, out)
+                self.collect(out)
+                wm = self.join.take_sweep(p)
+                if wm is not None:
+                    self.join.persist_swept(p, wm)
+
+    def metric(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        return {tuple(sorted(s.labels.items())): s.value for m in self.registry.collect() for s in m.samples
+                if s.name == name}  # fmt: skip
+
+
+def _fetches(seed: int, chunk: int, delivery: str) -> list[tuple[int, list[BatchRecord]]]:
+    """(deliver_ms, records) per fetch: consecutive records of one partition, up to ``chunk``."""
+    from simulators.faults import kafka_partition
+
+    stream = small_stream(seed=seed, per_day=600, days=2, tail_days=18, delivery=delivery)
+    recs = list(stream)
+    fetches: list[tuple[int, list[BatchRecord]]] = []
+    open_: dict[int, list[BatchRecord]] = {}
+    offsets: dict[tuple[str, int], int] = defaultdict(int)
+    for i, r in enumerate(recs):
+        topic = TOPICS_5[STEP_NAMES.index(r.step)]
+        p = kafka_partition(r.key, 2)
+        off = offsets[(topic, p)]
+        offsets[(topic, p)] += 1
+        batch = open_.setdefault(p, [])
+        behind = i + 1 < len(recs) and i % 7 != 0  # a record now and then read at its topic's end
+        batch.append((topic, p, r.key, r.value if i % 211 else None, off, behind))  # some tombstones too
+        if len(batch) >= chunk or i % (chunk * 3 + 1) == 0:
+            fetches.append((r.deliver_ms, batch))
+            open_[p] = []
+    fetches.extend((recs[-1].deliver_ms, b) for b in open_.values() if b)
+    return fetches
+
+
+@pytest.mark.parametrize(("seed", "chunk", "delivery"), [(1, 1, "realtime"), (2, 37, "realtime"),
+                                                         (3, 500, "batch-feeds"), (4, 64, "lagging")])
+def test_on_batch_decides_as_on_record(seed: int, chunk: int, delivery: str) -> None:
+    fetches = _fetches(seed, chunk, delivery)
+    one, many = Run(), Run()
+    for n, (deliver_ms, batch) in enumerate(fetches):
+        for run in (one, many):
+            if deliver_ms > run.clock.now_ms():
+                run.clock.advance(deliver_ms - run.clock.now_ms())
+        out: list[Output] = []
+        for topic, p, key, value, offset, behind in batch:
+            one.join.on_record(topic, p, key, value, behind, out, offset)
+        one.collect(out)
+        out = []
+        many.join.on_batch(batch, out)
+        many.collect(out)
+        if n % 3 == 2:  # lanes move inside and across batches between two flushes
+            one.flush()
+            many.flush()
+    for run in (one, many):  # everything due, to the end
+        run.clock.advance(40 * 86_400_000)
+        for _ in range(3):
+            run.clock.advance(60_000)
+            for p in run.join.parts:
+                for s in range(5):
+                    run.join.caught_up(p, s)
+            run.flush()
+    assert sum(len(v) for v in one.by_key.values()) > 1000  # the stream produced plenty
+    finals = [v for vs in one.by_key.values() for t, v in vs if t == "samples" and json.loads(v)["kind"] == "final"]
+    assert len(finals) > 500
+    assert dict(many.by_key) == dict(one.by_key)  # every sample and dead letter, per key in order
+    assert {p: s._data for p, s in many.stores.items()} == {p: s._data for p, s in one.stores.items()}
+    assert {p: s._meta for p, s in many.stores.items()} == {p: s._meta for p, s in one.stores.items()}
+    for name in ("aitm_joiner_events_total", "aitm_joiner_duplicate_events_total",
+                 "aitm_joiner_dead_letters_total", "aitm_joiner_samples_total", "aitm_joiner_label_delay_seconds_sum"):
+        assert many.metric(name) == one.metric(name), name
+    assert one.metric("aitm_joiner_duplicate_events_total")  # duplicates did come
+
+
+def test_an_impression_and_its_click_in_one_batch_are_one_state_read_and_one_write() -> None:
+    reads: list[list[bytes]] = []
+    writes: list[bytes] = []
+
+    class Counting(InMemoryStore):
+        def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+            reads.append(list(keys))
+            return super().get_many(keys)
+
+        def put(self, key: bytes, value: bytes, dues: object) -> None:  # type: ignore[override]
+            writes.append(key)
+            super().put(key, value, dues)  # type: ignore[arg-type]
+
+    store = Counting()
+    join = FunnelJoin(FunnelConfig(), JoinTopics(TOPICS_5, "samples", "dead-letters"), lambda p: store,
+                      FakeClock(T0), lateness_ms=(0,) * 5, max_future_ms=0)  # fmt: skip
+    out: list[Output] = []
+    join.on_batch([
+        ("impressions", 0, b"a", event_bytes(0, "a", T0), 0, True),
+        ("impressions", 0, b"b", event_bytes(0, "b", T0), 1, True),
+        ("clicks", 0, b"a", event_bytes(1, "a", T0 + 1000), 0, True),
+        ("clicks", 0, b"a", event_bytes(1, "a", T0 + 1000), 1, False),  # a duplicate
+    ], out)  # fmt: skip
+    assert reads == [[b"a", b"b"]]
+    assert sorted(writes) == [b"a", b"b"]
+    assert not out
+
+
+def test_a_record_is_judged_by_its_own_topic_as_the_records_before_it_in_the_batch_left_it() -> None:
+    """A click read after a later click of its topic moved the click lane past its funnel's final
+    arrived too late (``late``), in a batch exactly as one record at a time."""
+    batch: list[BatchRecord] = [
+        ("impressions", 0, b"a", event_bytes(0, "a", T0), 0, False),
+        ("impressions", 0, b"b", event_bytes(0, "b", T0 + 90 * 60_000), 1, True),
+        ("impressions", 0, b"c", event_bytes(0, "c", T0 + 3 * 3_600_000), 2, True),
+        ("impressions", 0, b"d", event_bytes(0, "d", T0 + 3 * 3_600_000), 3, False),  # the clock: T0 + 3 h
+        ("clicks", 0, b"b", event_bytes(1, "b", T0 + 2 * 3_600_000), 0, True),  # lane 1 -> T0 + 2 h
+        ("clicks", 0, b"a", event_bytes(1, "a", T0 + 30 * 60_000), 1, False),  # a's final was T0 + 1 h
+    ]
+    results = []
+    for batched in (False, True):
+        run = Run()
+        run.join = FunnelJoin(FunnelConfig(), JoinTopics(TOPICS_5, "samples", "dead-letters"),
+                              lambda p, run=run: run.stores.setdefault(p, InMemoryStore()), run.clock,
+                              lateness_ms=(0,) * 5, max_future_ms=0)  # fmt: skip
+        out: list[Output] = []
+        if batched:
+            run.join.on_batch(batch, out)
+        else:
+            for topic, p, key, value, offset, behind in batch:
+                run.join.on_record(topic, p, key, value, behind, out, offset)
+        run.collect(out)
+        results.append(dict(run.by_key))
+    assert results[0] == results[1]
+    dead = [json.loads(v) for t, v in results[1][b"a"] if t == "dead-letters"]
+    assert [(d["reason"], d["source_topic"]) for d in dead] == [("late", "clicks")]
