@@ -390,12 +390,21 @@ def sample_binary(
     watermark_ms: int,
     policy: str,
 ) -> bytes:
-    """``encode_binary`` byte for byte, from the joiner's pre-encoded feature JSON (``sample_bytes``'s twin)."""
-    names, values = _packed_features(features_json)
-    return _encoder.encode(
-        (BINARY_SCHEMA_VERSION, impression_id, bank_id, event_time_ms, names, values, pack_flags(labels, mature),
-         _KIND_CODE[kind], elapsed_ms, seq, watermark_ms, policy)
-    )  # fmt: skip
+    """``encode_binary`` byte for byte, from the joiner's pre-encoded feature JSON (``sample_bytes``'s twin).
+
+    A sample the binary form cannot carry (a feature string that is not Unicode text, e.g. a lone
+    surrogate that JSON's ``\\udc80`` escape lets through) goes out in the JSON form instead:
+    readers take either, and the joiner never stops on one odd impression.
+    """
+    try:
+        names, values = _packed_features(features_json)
+        return _encoder.encode(
+            (BINARY_SCHEMA_VERSION, impression_id, bank_id, event_time_ms, names, values, pack_flags(labels, mature),
+             _KIND_CODE[kind], elapsed_ms, seq, watermark_ms, policy)
+        )  # fmt: skip
+    except (msgspec.MsgspecError, UnicodeError):
+        return sample_bytes(impression_id, bank_id, event_time_ms, features_json, labels, mature, kind, elapsed_ms,
+                            seq, watermark_ms, policy)  # fmt: skip
 
 
 SAMPLE_WRITERS: Final = {"json": sample_bytes, "msgpack": sample_binary}

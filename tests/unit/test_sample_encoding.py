@@ -197,3 +197,13 @@ def test_bench_feed_reports_both_encodings_under_the_issue_keys(tmp_path: Any) -
         assert got["feed_samples_per_s"] > 0 and got["bytes_per_sample"] > 100
     assert report["encodings"]["msgpack"]["bytes_per_sample"] < report["encodings"]["json"]["bytes_per_sample"]
     assert report["same_columns"] is True and report["feed_speedup"] > 0
+
+
+def test_a_sample_the_binary_form_cannot_carry_goes_out_as_json() -> None:
+    odd = s(1, "final", {"a": "\udc80", "b": "ok"})  # a lone surrogate: valid in JSON's escapes, not UTF-8
+    args = (odd.impression_id, odd.bank_id, odd.event_time_ms, features_json(odd.features), odd.labels, odd.mature,
+            odd.kind, odd.elapsed_ms, odd.seq, odd.watermark_ms, odd.policy)
+    raw = sample_binary(*args)
+    assert not is_binary(raw) and raw == sample_bytes(*args)
+    assert parse_sample(raw) == odd
+    assert is_binary(sample_binary(*args[:3], features_json({"a": "x"}), *args[4:]))
