@@ -9,7 +9,7 @@ Labels and masks are per task in funnel order (click, application, approval, act
 - ``msgpack`` (schema version 2): one MessagePack array of the ``SampleRecord`` fields in order,
   the version first: its first two bytes are ``9c 02`` (a fixarray header, which no JSON text
   starts with, then the version). msgspec decodes and type-checks it in C straight into a
-  ``SampleRecord``; the feed turns a chunk of them into columns about 10x faster than JSON.
+  ``SampleRecord``; the feed turns a chunk of them into columns about 7x faster than JSON.
   A reader ignores array items past the ones it knows (a later writer may append fields); a
   layout change that old readers cannot skip takes a new version number.
 
