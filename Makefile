@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests use (a real Kafka client for interop, the real Prometheus, a browser).
 APT_PACKAGES := kcat prometheus chromium
 
-.PHONY: demo test install lock dashboards system-deps lint unit bench-joiner bench-models bench-train bench-stream bench-chaos bench-serve schemas mutation clean
+.PHONY: demo test install lock dashboards system-deps lint unit bench-joiner bench-models bench-train bench-feed bench-stream bench-chaos bench-serve schemas mutation clean
 
 # Reproducible installs: every package pinned by constraints.txt (`make lock` rewrites it from a
 # fresh install). torch is pinned here instead: 2.13.0 is the local CPU wheel.
@@ -65,6 +65,8 @@ bench-models: install
 	$(VENV)/bin/aitm-stream bench models --json reports/bench_models.json
 bench-train: install
 	$(VENV)/bin/aitm-stream bench train --json reports/bench_train.json
+bench-feed: install
+	$(VENV)/bin/aitm-stream bench feed --json reports/bench_feed.json
 bench-stream: install system-deps
 	$(VENV)/bin/aitm-stream bench stream --json reports/bench_stream.json
 bench-chaos: install system-deps

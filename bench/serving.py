@@ -46,6 +46,7 @@ from simulators.faults import Record, SimulatedStream
 from simulators.funnel import DAY_MS, EPOCH_MS, FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
 from stream.contract.events import TASKS
+from stream.contract.samples import InvalidSample, encode_sample, parse_sample
 from stream.contract.versions import parse_version
 from stream.kafka.broker import EmbeddedBroker, ensure_topics, free_port
 from stream.ops.command import command_parser
@@ -177,6 +178,14 @@ def figures(scores: Sequence[VersionScore], since_ms: int) -> dict[str, Any]:
 # --- one profile -------------------------------------------------------------------------------
 
 
+def _as_json(value: bytes) -> str:
+    """A samples record as its JSON form (a binary one re-encoded; an invalid one as it came)."""
+    try:
+        return encode_sample(parse_sample(value)).decode()
+    except InvalidSample:
+        return value.decode(errors="replace")
+
+
 def _stream_times(settings: Settings, dump: Path | None = None) -> dict[int, list[int]]:
     """partition -> watermark_ms of each sample by offset (the event time the stream had reached);
     ``dump``: also write the samples there (NDJSON: partition, offset, timestamp, value) for replays."""
@@ -186,11 +195,11 @@ def _stream_times(settings: Settings, dump: Path | None = None) -> dict[int, lis
         with dump.open("w") as fh:
             for r in recs:
                 fh.write(json.dumps({"partition": r.partition, "offset": r.offset, "timestamp": r.timestamp,
-                                     "value": r.value.decode()}) + "\n")
+                                     "value": _as_json(r.value)}) + "\n")
     for rec in recs:
         try:
-            wm = int(json.loads(rec.value).get("watermark_ms", 0))
-        except (ValueError, TypeError):
+            wm = parse_sample(rec.value).watermark_ms
+        except InvalidSample:
             wm = 0
         rows = out.setdefault(rec.partition, [])
         rows.extend([0] * (rec.offset - len(rows)))  # (gaps never happen; keep offsets aligned)

@@ -14,7 +14,9 @@ from aitm.embedding_table import DynamicTable, Encoder
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
 from aitm.train import make_optimizer, pick_device, train_step
+from bench.feed import measure, simulated_samples
 from bench.report import write_json
+from stream.contract.samples import ENCODINGS
 from stream.ops.command import command_parser
 
 
@@ -36,6 +38,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=0,
                    help="the streaming trainer's embedding table of this many rows (TRAINER_EMBEDDING_ROWS); "
                         "default 0: a fixed table of each field's cardinality + 1")
+    p.add_argument("--feed-encoding", choices=ENCODINGS, default="msgpack",
+                   help="the samples encoding whose feed rate train_vs_feed compares the step with")
+    p.add_argument("--feed-samples", type=int, default=20_000, help="samples the feed rate is timed on")
     return p.parse_args(argv)
 
 
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.as_tensor(encoder.encode_dicts([row]), device=device)  # (1, F)
             torch.sigmoid(model(x)).cpu()  # (1, T)
             lat_dict_ms.append((time.perf_counter_ns() - t0) / 1e6)
+    # the feed's rate in this run: above 1, the step outruns what one feed process can parse
+    feed = measure(simulated_samples(args.feed_samples, args.seed), args.feed_encoding, args.batch, repeats=3)
     skip = min(100, len(lat_ms) // 10)  # warm-up calls
     lat = np.array(lat_ms[skip:])
     lat_dict = np.array(lat_dict_ms[skip:])
@@ -102,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         "score_batch1_p99_ms": round(float(np.percentile(lat, 99)), 4),
         "score_batch1_p50_ms": round(float(np.percentile(lat, 50)), 4),
         "score_dict_batch1_p99_ms": round(float(np.percentile(lat_dict, 99)), 4),
+        "train_vs_feed": round(samples_per_s / feed["feed_samples_per_s"], 3),
+        "feed_samples_per_s": feed["feed_samples_per_s"],
+        "feed_encoding": args.feed_encoding,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"

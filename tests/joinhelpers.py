@@ -24,10 +24,12 @@ def small_stream(seed: int = 1, per_day: int = 2000, days: int = 2, tail_days: i
 class Collected:
     samples: list[Sample] = field(default_factory=list)
     dead: list[dict] = field(default_factory=list)
+    raw_samples: list[bytes] = field(default_factory=list)
 
     def add(self, topic: str, value: bytes, samples_topic: str) -> None:
         if topic == samples_topic:
             self.samples.append(parse_sample(value))
+            self.raw_samples.append(value)
         else:
             self.dead.append(json.loads(value))
 
@@ -90,13 +92,13 @@ class JoinDriver:
     over the same stores (RocksDB under ``db_dir``, or the same in-memory stores)."""
 
     def __init__(self, cfg: object | None = None, db_dir: object | None = None, start_ms: int = 0,
-                 partitions: int = 1, **join_kw: object) -> None:
+                 partitions: int = 1, samples_encoding: str = "json", **join_kw: object) -> None:
         from stream.join.driver import JoinTopics
         from stream.join.funnel import FunnelConfig
         from stream.ops.clock import FakeClock
 
         self.cfg = cfg or FunnelConfig()
-        self.topics = JoinTopics(TOPICS_5, "samples", "dead-letters")
+        self.topics = JoinTopics(TOPICS_5, "samples", "dead-letters", samples_encoding)  # type: ignore[arg-type]
         self.db_dir = db_dir
         self.stores: dict[int, object] = {}
         self.clock = FakeClock(start_ms)

@@ -36,8 +36,10 @@ MISSING_FIELD: Final = "missing_field"
 INVALID_FIELD: Final = "invalid_field"
 UNSUPPORTED_SCHEMA: Final = "unsupported_schema"
 WRONG_TOPIC: Final = "wrong_topic"
+MALFORMED_MSGPACK: Final = "malformed_msgpack"  # binary samples only (stream/contract/samples.py)
 PARSE_REASONS: Final = (
     MALFORMED_JSON,
+    MALFORMED_MSGPACK,
     MISSING_FIELD,
     INVALID_FIELD,
     UNSUPPORTED_SCHEMA,

@@ -58,7 +58,10 @@ def funnel_config(settings: Settings) -> FunnelConfig:
 
 def join_topics(settings: Settings) -> JoinTopics:
     ev = tuple(settings.event_topics().values())
-    return JoinTopics((ev[0], ev[1], ev[2], ev[3], ev[4]), settings.topic_samples, settings.topic_dead_letters)
+    return JoinTopics(
+        (ev[0], ev[1], ev[2], ev[3], ev[4]), settings.topic_samples, settings.topic_dead_letters,
+        settings.samples_encoding,
+    )
 
 
 def _dir_bytes(path: Path) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from stream.contract.events import STEPS, Event, InvalidEvent, dead_letter, parse_event, parse_events
-from stream.contract.samples import KINDS, sample_bytes
+from stream.contract.samples import KINDS, SAMPLE_WRITERS, SampleEncoding
 from stream.join.funnel import (
     LANES,
     NO_SWEPT,
@@ -76,11 +76,13 @@ class Output(NamedTuple):
 
 @dataclass(frozen=True)
 class JoinTopics:
-    """Topic names: the five event topics in step order, samples and dead letters."""
+    """Topic names: the five event topics in step order, samples and dead letters; and the
+    encoding samples are written in (``SAMPLES_ENCODING``; readers take either)."""
 
     events: tuple[str, str, str, str, str]
     samples: str
     dead_letters: str
+    samples_encoding: SampleEncoding = "json"
 
 
 class _Partition:
@@ -127,6 +129,7 @@ class FunnelJoin:
         self._dups_by_type = [metrics.duplicates.labels(type=s) for s in STEPS] if metrics else None
         self._samples_by_kind = {k: metrics.samples.labels(kind=k) for k in KINDS} if metrics else None
         self._dead_by_reason: dict[str, Any] = {}
+        self._sample_bytes = SAMPLE_WRITERS[topics.samples_encoding]
 
     def part(self, partition: int) -> _Partition:
         p = self.parts.get(partition)
@@ -335,7 +338,7 @@ class FunnelJoin:
             raise AssertionError("a sample needs the funnel it describes")
         feats = st.features_json or b"{}"
         for s in res.samples:
-            value = sample_bytes(
+            value = self._sample_bytes(
                 iid, st.bank_id, st.imp_ms, feats, s.labels, s.mature, s.kind, s.elapsed_ms, s.seq,
                 s.watermark_ms, self.cfg.policy,
             )

@@ -1,6 +1,6 @@
 """The trainer's read side: a child process that fetches and parses ``samples`` records.
 
-Parsing JSON is Python work that holds the GIL, about half as costly per sample as the training
+Parsing samples (JSON above all) is Python work that holds the GIL, about half as costly per sample as the training
 step itself; in a thread it stalled the trainer's torch calls (each waits for the GIL on its way
 back), so the feed runs in a process of its own, on the other core. It assigns every partition
 (no consumer group), seeks to the offsets it is given (the beginning where none), and hands over
@@ -26,9 +26,10 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
-from stream.contract.samples import InvalidSample, validate_sample
+from stream.contract.samples import SampleRecord, decode_records
 from stream.kafka import offsets
 from stream.learn.sample_batch import SampleBatch
 
@@ -67,23 +68,27 @@ class Chunk:
 
 
 def parse_chunk(polled: Mapping[Any, list[Any]], fetched_at_s: float = 0.0) -> Chunk:
-    """Parse fetched records (per topic partition, in order) into a ``Chunk``."""
+    """Parse fetched records (per topic partition, in order; either sample encoding, mixed as they
+    come) into a ``Chunk``."""
     chunk = Chunk(fetched_at_s=fetched_at_s)
-    valid: list[dict[str, Any]] = []
+    valid: list[SampleRecord] = []
     for tp, records in polled.items():
         if not records:
             continue
-        for rec in records:
-            try:
-                valid.append(validate_sample(rec.value or b""))
-            except InvalidSample as exc:
-                chunk.invalid.append(
-                    Invalid(rec.topic, rec.partition, rec.offset, rec.key, rec.value, exc.reason, exc.message)
-                )
+        good, bad = decode_records(list(map(_value, records)))
+        valid += good
+        for i, exc in bad:
+            rec = records[i]
+            chunk.invalid.append(
+                Invalid(rec.topic, rec.partition, rec.offset, rec.key, rec.value, exc.reason, exc.message)
+            )
         chunk.offsets[tp.partition] = records[-1].offset + 1
-    chunk.samples = SampleBatch.from_valid(valid)
+    chunk.samples = SampleBatch.from_records(valid)
     chunk.kinds = chunk.samples.kind_counts()
     return chunk
+
+
+_value = attrgetter("value")
 
 
 class SampleFeed:

@@ -12,16 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Final, Literal
 
 import numpy as np
 
-from stream.contract.samples import KINDS, Sample
+from stream.contract.samples import KINDS, Sample, SampleRecord, feature_names
 
 N_TASKS: Final = 4
 FIRST, CORRECTION, FINAL = 0, 1, 2  # kind codes, the order of ``stream.contract.samples.KINDS``
 KIND_CODE: Final = {k: i for i, k in enumerate(KINDS)}
+_TASK_BITS: Final = np.arange(N_TASKS, dtype=np.uint8)
 _KIND_NAMES: Final[tuple[Literal["first"], Literal["correction"], Literal["final"]]] = ("first", "correction", "final")
 
 
@@ -52,6 +53,28 @@ class SampleBatch:
         """Columns straight from objects ``stream.contract.samples.validate_sample`` accepted (the feed's
         path: no ``Sample`` in between; their keys are ``Sample``'s field names)."""
         return cls._build(objs, dict.__getitem__)
+
+    @classmethod
+    def from_records(cls, records: Sequence[SampleRecord]) -> SampleBatch:
+        """Columns from decoded records (``stream.contract.samples.decode_record``: either encoding)."""
+        n = len(records)
+
+        def ints(name: str, dtype: type = np.int64) -> np.ndarray:
+            return np.fromiter(map(attrgetter(name), records), dtype, count=n)
+
+        flags = ints("flags", np.uint8)[:, None]  # (N, 1): bit t label, bit 4 + t mature
+        return cls(
+            impression_ids=list(map(attrgetter("impression_id"), records)),
+            bank_ids=list(map(attrgetter("bank_id"), records)),
+            event_time_ms=ints("event_time_ms"),
+            kind=ints("kind", np.int8),
+            seq=ints("seq"),
+            labels=(flags >> _TASK_BITS & 1).astype(np.int8),
+            mature=(flags >> (_TASK_BITS + N_TASKS) & 1).astype(bool),
+            elapsed_ms=ints("elapsed_ms"),
+            watermark_ms=ints("watermark_ms"),
+            features=_record_columns(records),
+        )
 
     @classmethod
     def _build(cls, rows: Sequence[Any], get: Callable[[Any, str], Any]) -> SampleBatch:
@@ -140,6 +163,21 @@ _ARRAYS: Final = ("event_time_ms", "kind", "seq", "labels", "mature", "elapsed_m
 
 def as_batch(samples: SampleBatch | Sequence[Sample]) -> SampleBatch:
     return samples if isinstance(samples, SampleBatch) else SampleBatch.from_samples(samples)
+
+
+def _record_columns(records: Sequence[SampleRecord]) -> dict[str, list[str]]:
+    """The feature columns of decoded records, sorted by field: one transpose when they share one
+    field list (the usual case: one joiner, one impression schema), else via feature dicts."""
+    if not records:
+        return {}
+    packed = set(map(bytes, map(attrgetter("names"), records)))
+    if len(packed) > 1:
+        return _columns([r.features for r in records])
+    names = feature_names(packed.pop())
+    if not names:
+        return {}
+    values = zip(*map(attrgetter("values"), records), strict=True)  # (F,) tuples of N values
+    return dict(sorted(zip(names, map(list, values), strict=True)))
 
 
 def _columns(rows: Sequence[dict[str, str]]) -> dict[str, list[str]]:

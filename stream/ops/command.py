@@ -27,6 +27,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "joiner": ("bench.joiner", "joiner events/s vs a no-op faust agent and a plain loop"),
     "models": ("bench.models", "offline AITM vs baselines vs the oracle"),
     "train": ("bench.train", "training samples/s and batch-1 scoring latency"),
+    "feed": ("bench.feed", "the trainer feed's samples/s and bytes per sample, JSON vs msgpack"),
     "stream": ("bench.stream", "the streaming learner end to end"),
     "chaos": ("bench.chaos", "kill -9 chaos run: nothing lost"),
     "serving": ("bench.serving", "every published model version against the truth"),

@@ -67,3 +67,23 @@ def test_the_batch_path_meets_the_answer_key(delivery: str, tmp_path: Path) -> N
     d.idle(120_000)
     check_against_truth(stream, d.got)
     assert d.got.repeated_finals() == 0
+
+
+def test_the_joiner_writes_binary_samples_equal_to_its_json_ones() -> None:
+    from stream.contract.samples import is_binary
+
+    stream = small_stream(seed=5, per_day=400, days=1, tail_days=15)
+    records = list(stream)
+    got = {}
+    for encoding in ("json", "msgpack"):
+        d = JoinDriver(FunnelConfig(), start_ms=EPOCH_MS, partitions=2, samples_encoding=encoding)
+        for rec in records:
+            d.feed(STEP_INDEX[rec.step], rec.key, rec.value, rec.deliver_ms)
+        d.idle(120_000)
+        assert {is_binary(v) for v in d.got.raw_samples} == {encoding == "msgpack"}
+        got[encoding] = d.got
+    assert len(got["json"].samples) > 100
+    assert got["msgpack"].samples == got["json"].samples  # the same samples, in the same order
+    check_against_truth(stream, got["msgpack"])
+    mean = {e: sum(map(len, c.raw_samples)) / len(c.raw_samples) for e, c in got.items()}
+    assert mean["msgpack"] < 0.7 * mean["json"], mean

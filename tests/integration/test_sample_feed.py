@@ -14,14 +14,15 @@ from pathlib import Path
 
 from kafka import KafkaProducer
 
-from stream.contract.samples import Sample, encode_sample
+from stream.contract.samples import Sample, encode_binary, encode_sample
 from stream.learn.feed import Chunk, SampleFeed
 from stream.ops.settings import Settings, kafka_client_config
 
 
-def _sample(i: int) -> bytes:
-    return encode_sample(Sample(f"imp-{i}", "bank_1", i, {"a": str(i % 7)}, (0, 0, 0, 0), (False,) * 4,  # type: ignore[arg-type]
-                                "first", 1800_000, 0))
+def _sample(i: int, binary: bool = False) -> bytes:
+    s = Sample(f"imp-{i}", "bank_1", i, {"a": str(i % 7)}, (0, 0, 0, 0), (False,) * 4,  # type: ignore[arg-type]
+               "first", 1800_000, 0)
+    return encode_binary(s) if binary else encode_sample(s)
 
 
 def _produce(settings: Settings, values: list[bytes]) -> None:
@@ -70,6 +71,25 @@ def test_feed_process_parses_in_order_and_resumes_from_offsets(make_settings: Ca
     finally:
         again.close()
     assert [i for c in rest for i in c.samples.impression_ids] == [f"imp-{i}" for i in range(100, 120)]
+
+
+def test_feed_process_reads_json_and_binary_samples_mixed(make_settings: Callable[..., Settings]) -> None:
+    """A joiner switching SAMPLES_ENCODING mid-stream: the trainer's feed reads both, in order."""
+    settings = make_settings()
+    values = [_sample(i, binary=(i // 25) % 2 == 1) for i in range(100)]  # runs of 25 of each
+    values[30] = values[30][:-3]  # a truncated binary record
+    _produce(settings, values)
+    feed = SampleFeed(partial(kafka_client_config, settings, "aiokafka"), settings.topic_samples, {}, chunk_size=40)
+    feed.start_and_wait()
+    try:
+        chunks = _drain(feed, 100)
+    finally:
+        feed.close()
+    got = [c.samples.sample(i) for c in chunks for i in range(len(c.samples))]
+    want = [Sample(f"imp-{i}", "bank_1", i, {"a": str(i % 7)}, (0, 0, 0, 0), (False,) * 4,  # type: ignore[arg-type]
+                   "first", 1800_000, 0) for i in range(100) if i != 30]
+    assert got == want
+    assert [(r.offset, r.reason) for c in chunks for r in c.invalid] == [(30, "malformed_msgpack")]
 
 
 CHILD = """

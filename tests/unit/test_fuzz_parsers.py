@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -83,7 +84,12 @@ def test_huge_values() -> None:
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(st.binary(max_size=500), json_values.map(lambda v: json.dumps(v, allow_nan=True).encode())))
+@given(st.one_of(
+    st.binary(max_size=500), json_values.map(lambda v: json.dumps(v, allow_nan=True).encode()),
+    st.binary(max_size=300).map(lambda b: b"\x9c\x02" + b),  # binary samples: a header, then anything
+    st.lists(st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(max_size=5), st.booleans(), st.none(), st.lists(st.integers(0, 2))),
+             max_size=15).map(lambda v: msgspec.msgpack.encode([2, *v])),
+))  # fmt: skip
 def test_sample_parser(raw: bytes) -> None:
     try:
         parse_sample(raw)
