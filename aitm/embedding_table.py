@@ -43,13 +43,12 @@ import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from itertools import repeat
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
 import torch
 
-from aitm.features import FeatureEncoder
+from aitm.features import FeatureEncoder, columns_of, field_column
 from aitm.sketch import CountMinSketch
 
 OOV = 0
@@ -197,23 +196,13 @@ class DynamicTable:
                 self.now_ms = max(self.now_ms, int(times.max()))
         out = np.empty((n, self.n_fields), dtype=np.int64)
         for f, name in enumerate(self.fields):
-            col = columns.get(name)
-            if col is None:
-                col = [""] * n
-            elif len(col) != n:
-                raise ValueError(f"column {name!r} has {len(col)} values, expected {n}")
-            out[:, f] = self.encode_column(f, col, update, times)
+            out[:, f] = self.encode_column(f, field_column(columns, name, n), update, times)
         return out
 
     def encode_dicts(self, rows: Sequence[Mapping[str, str]], update: bool = False,
                      event_time_ms: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Encode feature dicts ``{field: value_str}`` -> (N, F); a missing field is ``""``."""
-        try:
-            getter = itemgetter(*self.fields)
-            table = [getter(r) for r in rows]
-            columns = list(zip(*table, strict=True)) if self.n_fields > 1 else [table]
-        except KeyError:
-            columns = [[r.get(name, "") for r in rows] for name in self.fields]
+        columns = columns_of(self.fields, rows)
         return self.encode_columns(dict(zip(self.fields, columns, strict=True)), len(rows), update, event_time_ms)
 
     # --- what the learner and the baselines need -----------------------------------------------

@@ -26,6 +26,28 @@ OOV = 0
 MODES = ("threshold", "hash")
 
 
+
+def columns_of(fields: Sequence[str], rows: Sequence[Mapping[str, str]]) -> list[Sequence[str]]:
+    """Feature dicts -> one column of values per field, in ``fields`` order; a missing field is ``""``
+    (one C-level pass per row; a row missing a field falls back to ``.get``)."""
+    try:
+        getter = itemgetter(*fields)
+        table = [getter(r) for r in rows]  # (N,) tuples of F values (a bare value if F = 1)
+        return list(zip(*table, strict=True)) if len(fields) > 1 else [table]
+    except KeyError:
+        return [[r.get(name, "") for r in rows] for name in fields]
+
+
+def field_column(columns: Mapping[str, Sequence[str]], name: str, n: int) -> Sequence[str]:
+    """Field ``name``'s column of ``n`` values (``""`` for each when absent); a column of another
+    length is an error."""
+    col = columns.get(name)
+    if col is None:
+        return [""] * n
+    if len(col) != n:
+        raise ValueError(f"column {name!r} has {len(col)} values, expected {n}")
+    return col
+
 class FeatureEncoder:
     """Maps ``{field: value_str}`` rows to an int64 id matrix (N, F); ids are per field."""
 
@@ -136,12 +158,7 @@ class FeatureEncoder:
         """Encode feature dicts ``{field: value_str}`` -> (N, F); a missing field is ``""``."""
         if not self.fields:
             return np.empty((len(rows), 0), dtype=np.int64)
-        try:  # one C-level pass per row; a row missing a field falls back to .get
-            getter = itemgetter(*self.fields)
-            table = [getter(r) for r in rows]  # (N,) tuples of F values (a bare value if F = 1)
-            columns = list(zip(*table, strict=True)) if len(self.fields) > 1 else [table]
-        except KeyError:
-            columns = [[r.get(name, "") for r in rows] for name in self.fields]
+        columns = columns_of(self.fields, rows)
         return self.encode_columns(dict(zip(self.fields, columns, strict=True)), len(rows), update)
 
     def encode_columns(self, columns: Mapping[str, Sequence[str]], n: int, update: bool = False,
@@ -150,12 +167,7 @@ class FeatureEncoder:
         (``event_time_ms`` is for the dynamic table's expiry; this encoder never expires ids.)"""
         out = np.empty((n, len(self.fields)), dtype=np.int64)
         for f, name in enumerate(self.fields):
-            col = columns.get(name)
-            if col is None:
-                col = [""] * n
-            elif len(col) != n:
-                raise ValueError(f"column {name!r} has {len(col)} values, expected {n}")
-            out[:, f] = self.encode_column(f, col, update)
+            out[:, f] = self.encode_column(f, field_column(columns, name, n), update)
         return out
 
     def take_assigned(self) -> np.ndarray:
