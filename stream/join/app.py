@@ -31,7 +31,7 @@ from stream.join.flusher import Flusher
 from stream.join.funnel import Dues, FunnelConfig, Swept, next_dues
 from stream.join.state_codec import decode_state
 from stream.kafka import offsets
-from stream.kafka.faust_bulk import bulk_consumer
+from stream.kafka.faust_bulk import bulk_consumer, member_lost
 from stream.ops.clock import Clock, SystemClock
 from stream.ops.command import add_loglevel, command_parser
 from stream.ops.metrics import JoinerMetrics, process_registry
@@ -104,7 +104,18 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
     topics = join_topics(settings)
     datadir = Path(settings.data_dir) / "joiner"
     session_s = settings.kafka_session_timeout_ms / 1000.0
-    app = faust.App(
+    flusher_box: list[Flusher] = []
+
+    class JoinerApp(faust.App):
+        async def on_stop(self) -> None:
+            """Before faust stops the fetcher, the consumer (its last commit, leaving the group)
+            and the tables: no flush from now on, and the one in flight completes (see
+            ``stream.join.flusher``)."""
+            for flusher in flusher_box:
+                await flusher.close()
+            await super().on_stop()
+
+    app = JoinerApp(
         settings.joiner_app_id,
         **_faust_broker_kwargs(settings),
         store="rocksdb://",
@@ -146,7 +157,9 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
     source = app.topic(
         *topics.events, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-    flusher = Flusher(app, table, join, clock, settings.joiner_sweep_interval_ms / 1000.0)
+    flusher = Flusher(app, table, join, clock, settings.joiner_sweep_interval_ms / 1000.0,
+                      member_lost=lambda: member_lost(app.consumer))  # fmt: skip
+    flusher_box.append(flusher)
     transport: Any = app.transport
     transport.Consumer = bulk_consumer(transport.Consumer, topics.events, flusher.handle, flusher.flush)
 

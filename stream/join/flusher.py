@@ -9,11 +9,22 @@ states into the local RocksDB, records the acked changelog offsets for faust's r
 the swept watermarks and acknowledges the source records (faust commits their offsets only
 then). One flush is in flight at a time, so the batches of a partition stay in order. A kill -9
 therefore costs nothing that was acknowledged; see docs/joiner.md.
+
+A partition's changelog and outputs are written only while the joiner owns it: the member that
+takes a partition over recovers it from the changelog up to its end, and a member that takes it
+back later recovers from its own persisted offset - a write landing after either point would be
+lost, or would hide the other member's writes before it. So once the app is stopping nothing
+more is flushed (``close`` waits for the flush in flight before the consumer commits and leaves
+the group; what was joined since stays unacknowledged and is read again by the next owner), and
+a member evicted from its group (a stalled process whose session expired) neither flushes nor
+flushes on the revocation that follows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from faust.types import TP
@@ -26,15 +37,25 @@ from stream.kafka.sender import BatchSender
 from stream.ops.clock import Clock
 
 MAX_PENDING = 20_000  # source records between two flushes, at most
+CLOSE_WAIT_S = 30.0  # at a stop, how long the flush in flight may take to be acknowledged
+
+log = logging.getLogger(__name__)
 
 
 class Flusher:
     """The protocol's state for one faust app: its sender, the records not yet acknowledged, the
     offsets handled per event topic partition and the flush in flight."""
 
-    def __init__(self, app: Any, table: Any, join: FunnelJoin, clock: Clock, interval_s: float) -> None:
+    def __init__(
+        self, app: Any, table: Any, join: FunnelJoin, clock: Clock, interval_s: float,
+        member_lost: Callable[[], bool] = lambda: False,
+    ) -> None:  # fmt: skip
+        """``member_lost`` tells whether the consumer's group membership is gone (evicted), e.g.
+        ``stream.kafka.faust_bulk.member_lost``."""
         self.app, self.table, self.join, self.clock = app, table, join, clock
         self.interval_s = interval_s
+        self.member_lost = member_lost
+        self.closed = False  # the app is stopping: nothing more goes out
         self.changelog: str = table.changelog_topic.get_topic_name()
         self.sender: BatchSender | None = None  # made once the producer has started
         self.unacked: list[Any] = []  # source records joined since the last flush
@@ -63,6 +84,34 @@ class Flusher:
         # once per interval, all partitions together: one flush, its acks awaited aside
         return len(self.unacked) >= MAX_PENDING or self.clock.monotonic() - self.last_flush >= self.interval_s
 
+    def may_write(self) -> bool:
+        """Whether this member may write its partitions' changelog and outputs: not while the app
+        stops, nor once its group membership is lost (see the module doc)."""
+        if self.closed or self.app.should_stop:
+            return False
+        if self.member_lost():
+            log.warning("not flushing: this joiner is no longer a member of its group (session expired); "
+                        "its partitions are another member's now")  # fmt: skip
+            return False
+        return True
+
+    async def close(self) -> None:
+        """The app is stopping (before its fetcher, consumer and tables stop): no flush from now on,
+        and the flush in flight completes - its changelog records land, and its source records are
+        acknowledged, before the consumer commits and leaves the group."""
+        self.closed = True
+        await self.wait_inflight(CLOSE_WAIT_S)
+
+    async def wait_inflight(self, timeout_s: float | None = None) -> None:
+        while self.inflight:
+            fut = self.inflight.pop()
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+            except TimeoutError:  # a broker that does not answer: stop anyway, nothing acknowledged
+                log.warning("a flush got no answer from the broker within %.0f s", timeout_s)
+            except Exception:  # its records were not acknowledged: their next owner reads them again
+                log.exception("a flush failed")
+
     def idle(self) -> bool:
         """Whether a flush is owed to a quiet spell (records came, then nothing for an interval)."""
         return self.sender is not None and self.clock.monotonic() - self.last_flush >= self.interval_s
@@ -84,6 +133,9 @@ class Flusher:
             await asyncio.wait(self.inflight)
         if self.inflight:
             self.inflight.pop().result()  # a failed flush stops the agent
+        if not self.may_write():
+            self.last_flush = self.clock.monotonic()
+            return
         self.report_positions()
         swept: list[tuple[int, Swept]] = []
         for p in list(join.parts):
@@ -130,6 +182,13 @@ class Flusher:
             last = await sent.last_offset()
             if sent.topic == self.changelog and last > acked.get(sent.partition, -1):
                 acked[sent.partition] = last
+        if self.member_lost():
+            # evicted while this flush was out: another member may have recovered these partitions
+            # and written after these records. Settling them and recording their offsets as the
+            # persisted ones would make a later recovery here skip that member's writes; leaving
+            # them unacknowledged has their next owner read the source records again.
+            log.warning("a flush completed after this joiner lost its group membership: not settled")
+            return
         for store, drained in written:
             store.settle(drained)
         backend: Any = self.table.data
@@ -173,9 +232,9 @@ class Flusher:
         partition's new store had read it: those funnels lost their due entries and never got a
         final (seen in the two-joiner test)."""
         if self.sender is not None:
-            await self.flush()
-            while self.inflight:
-                await self.inflight.pop()
+            await self.flush()  # nothing when stopping or evicted: then the next owner reads it all again
+            await self.wait_inflight()
+        self.unacked = [m for m in self.unacked if m.tp not in tps]
         for tp in tps:
             self.next_offset.pop(tp, None)
             self.join.forget(tp.partition)

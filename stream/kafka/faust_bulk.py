@@ -139,3 +139,16 @@ def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flu
                 self.diag.unset_flag(CONSUMER_FETCHING)
 
     return BulkConsumer
+
+
+def member_lost(consumer: Any) -> bool:
+    """Whether faust's consumer has lost its group membership: aiokafka resets the member id when
+    the coordinator no longer knows it (a heartbeat answered UnknownMemberId or IllegalGeneration,
+    e.g. after the process stalled past its session timeout) until it joins again. Its partitions
+    may be another member's by then. False when the consumer has not started."""
+    thread = getattr(consumer, "_thread", None)
+    client = getattr(thread, "_consumer", None)
+    coordinator = getattr(client, "_coordinator", None)
+    if coordinator is None:
+        return False
+    return getattr(coordinator, "member_id", None) == ""  # aiokafka's JoinGroupRequest.UNKNOWN_MEMBER_ID

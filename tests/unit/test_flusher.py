@@ -1,0 +1,298 @@
+"""The joiner's flush/ack protocol (``stream.join.flusher``) around the end of a partition's ownership.
+
+The rules (docs/joiner.md, "Delivery, state and recovery"): a joiner writes a partition's changelog
+and outputs only while it owns the partition, so that the member that takes the partition over
+recovers every state from the changelog, and so that a member taking it *back* later, recovering
+from its own persisted changelog offset, skips nothing another member wrote. Hence:
+
+- once the app is stopping, no flush goes out (records joined since the last flush stay
+  unacknowledged: their new owner reads them again), and the flush in flight is awaited before
+  the consumer commits and leaves the group;
+- a member evicted from its group (its session expired: a stalled process) does not flush on the
+  revocation that follows; an owner in good standing does;
+- a flush waits for the one in flight, so the states of a partition settle in order.
+
+A real RocksDB partition (rocksdict) and the real join; the producer and faust's consumer are fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from prometheus_client import CollectorRegistry
+from rocksdict import Options, Rdict
+
+from stream.contract.events import Event, encode_event
+from stream.join.driver import FunnelJoin, JoinTopics
+from stream.join.faust_store import FaustTableStore
+from stream.join.flusher import Flusher
+from stream.join.funnel import FunnelConfig, Swept
+from stream.ops.clock import FakeClock
+from stream.ops.metrics import JoinerMetrics
+
+TOPICS = JoinTopics(("imp", "clk", "app", "apr", "act"), "samples", "dead")
+CHANGELOG = "aitm-joiner-funnels-changelog"
+T0 = 1_767_225_600_000
+
+
+class TP(NamedTuple):
+    topic: str
+    partition: int
+
+
+class Message(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
+
+    @property
+    def tp(self) -> TP:
+        return TP(self.topic, self.partition)
+
+
+class Sent(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+
+    async def last_offset(self) -> int:
+        return self.offset
+
+
+class FakeSender:
+    """Records what would be produced; ``submit`` answers once ``release`` is set (the broker's ack)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, int | None, bytes, bytes | None]] = []
+        self.submitted: list[list[tuple[str, int | None, bytes, bytes | None]]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.offsets: dict[tuple[str, int], int] = {}
+
+    def add(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
+        self.pending.append((topic, partition, key, value))
+
+    def seal(self, topic: str, partition: int, key: bytes, value: bytes | None = None) -> None:
+        self.pending.append((topic, partition, key, value))
+
+    def take(self) -> list[Any]:
+        out, self.pending = self.pending, []
+        return out
+
+    async def submit(self, batch: list[Any]) -> list[Sent]:
+        self.submitted.append(batch)
+        await self.release.wait()
+        sent = []
+        for topic, partition, _, _ in batch:
+            p = partition or 0
+            self.offsets[(topic, p)] = self.offsets.get((topic, p), -1) + 1
+            sent.append(Sent(topic, p, self.offsets[(topic, p)]))
+        return sent
+
+    def records_to(self, topic: str) -> int:
+        return sum(1 for batch in self.submitted for r in batch if r[0] == topic)
+
+
+class FakeConsumer:
+    def __init__(self, tps: set[TP]) -> None:
+        self.tps = tps
+        self.acked: list[Message] = []
+        self._read_offset: dict[TP, int] = {}
+
+    def assignment(self) -> set[TP]:
+        return set(self.tps)
+
+    def ack(self, message: Message) -> None:
+        self.acked.append(message)
+
+    def highwater(self, tp: TP) -> int:
+        return 1_000
+
+
+class FakeBackend:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.dbs: dict[int, Rdict] = {}
+        self.persisted: dict[int, int] = {}
+
+    def _db_for_partition(self, p: int) -> Rdict:
+        if p not in self.dbs:
+            self.dbs[p] = Rdict(str(self.path / f"p{p}"), Options(raw_mode=True))
+        return self.dbs[p]
+
+    def set_persisted_offset(self, tp: Any, offset: int) -> None:
+        self.persisted[tp.partition] = offset
+
+
+class FakeChangelog:
+    def get_topic_name(self) -> str:
+        return CHANGELOG
+
+
+class FakeTable:
+    def __init__(self, path: Path) -> None:
+        self.data = FakeBackend(path)
+        self.changelog_topic = FakeChangelog()
+
+
+class FakeApp:
+    def __init__(self, consumer: FakeConsumer) -> None:
+        self.consumer = consumer
+        self.should_stop = False
+
+
+class Rig:
+    def __init__(self, path: Path, evicted: list[bool] | None = None) -> None:
+        self.clock = FakeClock(T0)
+        self.table = FakeTable(path)
+        cfg = FunnelConfig()
+
+        def due_of(value: bytes, swept: Swept) -> Any:
+            from stream.join.funnel import next_dues
+            from stream.join.state_codec import decode_state
+
+            return next_dues(decode_state(value), swept, cfg)
+
+        self.join = FunnelJoin(
+            cfg, TOPICS, lambda p: FaustTableStore(self.table, p, due_of), self.clock,
+            JoinerMetrics(CollectorRegistry()), lateness_ms=(0, 0, 0, 0, 0), max_future_ms=0,
+        )  # fmt: skip
+        self.consumer = FakeConsumer({TP(t, 0) for t in TOPICS.events})
+        self.app = FakeApp(self.consumer)
+        self.evicted = evicted if evicted is not None else [False]
+        self.flusher = Flusher(self.app, self.table, self.join, self.clock, 0.5,
+                               member_lost=lambda: self.evicted[0])  # fmt: skip
+        self.sender = FakeSender()
+        self.flusher.sender = self.sender  # type: ignore[assignment]
+        self.offset = 0
+
+    def impression(self, iid: str) -> Message:
+        value = encode_event(Event(0, f"{iid}/0", iid, T0, "bank_1", {"f": "v"}))
+        msg = Message("imp", 0, self.offset, iid.encode(), value)
+        self.offset += 1
+        self.flusher.handle(msg, False)
+        return msg
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_a_flush_sends_the_states_then_acknowledges_their_source_records(tmp_path: Path) -> None:
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        msg = rig.impression("i1")
+        await rig.flusher.flush()
+        await rig.flusher.close()
+        assert rig.sender.records_to(CHANGELOG) >= 1  # the state (and the partition's seal)
+        assert rig.consumer.acked == [msg]
+        assert rig.table.data._db_for_partition(0).get(b"i1") is not None  # settled locally
+        assert rig.table.data.persisted[0] >= 0
+
+    asyncio.run(run())
+
+
+def test_no_flush_goes_out_once_the_app_is_stopping(tmp_path: Path) -> None:
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        rig.impression("i1")
+        rig.app.should_stop = True  # SIGTERM: faust's stop has begun (the timers still tick)
+        await rig.flusher.flush()
+        await rig.flusher.wait_inflight()
+        assert rig.sender.submitted == []
+        assert rig.consumer.acked == []  # read again by the partition's next owner
+        assert rig.table.data._db_for_partition(0).get(b"i1") is None
+
+    asyncio.run(run())
+
+
+def test_close_waits_for_the_flush_in_flight_and_stops_later_flushes(tmp_path: Path) -> None:
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        first = rig.impression("i1")
+        rig.sender.release.clear()  # the broker has not answered yet
+        await rig.flusher.flush()
+        await _settle()
+        closing = asyncio.ensure_future(rig.flusher.close())
+        await _settle()
+        assert not closing.done()  # the consumer must not commit and leave before the acks
+        rig.sender.release.set()
+        await closing
+        assert rig.consumer.acked == [first]
+        rig.impression("i2")  # a record the bulk loop handed over while the fetcher stopped
+        await rig.flusher.flush()  # the sweep timer, during the consumer's stop
+        await rig.flusher.wait_inflight()
+        assert len(rig.sender.submitted) == 1
+        assert rig.consumer.acked == [first]
+
+    asyncio.run(run())
+
+
+def test_a_revocation_in_good_standing_flushes_what_is_pending(tmp_path: Path) -> None:
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        msg = rig.impression("i1")
+        await rig.flusher.revoked({TP(t, 0) for t in TOPICS.events})
+        assert rig.sender.records_to(CHANGELOG) >= 1
+        assert rig.consumer.acked == [msg]
+        assert rig.join.parts == {}
+
+    asyncio.run(run())
+
+
+def test_an_evicted_member_writes_nothing_on_its_revocation(tmp_path: Path) -> None:
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        rig.impression("i1")
+        rig.evicted[0] = True  # its session expired; another member owns the partitions now
+        await rig.flusher.revoked({TP(t, 0) for t in TOPICS.events})
+        assert rig.sender.submitted == []
+        assert rig.consumer.acked == []
+        assert rig.join.parts == {}
+        assert rig.table.data._db_for_partition(0).get(b"i1") is None
+        rig.evicted[0] = False  # rejoined and assigned the partition again: the join starts afresh
+        rig.impression("i2")
+        await rig.flusher.flush()
+        await rig.flusher.wait_inflight()
+        assert rig.sender.records_to(CHANGELOG) >= 1
+
+    asyncio.run(run())
+
+
+def test_an_evicted_member_does_not_flush_before_it_learns_of_the_rebalance(tmp_path: Path) -> None:
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        rig.impression("i1")
+        rig.evicted[0] = True
+        await rig.flusher.flush()  # the bulk loop's or the timer's, before the revocation
+        await rig.flusher.wait_inflight()
+        assert rig.sender.submitted == []
+        assert rig.consumer.acked == []
+
+    asyncio.run(run())
+
+
+def test_a_flush_completing_after_an_eviction_is_neither_settled_nor_acknowledged(tmp_path: Path) -> None:
+    """Its changelog records are out, but another member may have written after them: recording
+    their offset as this member's persisted one would make its next recovery skip those writes."""
+
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        rig.impression("i1")
+        rig.sender.release.clear()
+        await rig.flusher.flush()
+        await _settle()
+        rig.evicted[0] = True  # the session expired while the broker took its time
+        rig.sender.release.set()
+        await rig.flusher.wait_inflight()
+        assert rig.sender.records_to(CHANGELOG) >= 1
+        assert rig.consumer.acked == []
+        assert rig.table.data.persisted == {}
+        assert rig.table.data._db_for_partition(0).get(b"i1") is None
+
+    asyncio.run(run())
