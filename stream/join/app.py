@@ -210,6 +210,13 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
 
     app.on_partitions_revoked.connect(on_revoked)  # type: ignore[arg-type]
 
+    async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+        log.info("assigned %s (generation %s)", sorted((tp.topic, tp.partition) for tp in assigned
+                                                       if tp.topic in topics.events[:1] or tp.topic == flusher.changelog),
+                 app.consumer_generation_id)  # fmt: skip
+
+    app.on_partitions_assigned.connect(on_assigned)  # type: ignore[arg-type]
+
     return app, join
 
 

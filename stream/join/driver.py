@@ -33,11 +33,12 @@ from stream.join.funnel import (
 )
 from stream.join.state_codec import decode_state, encode_state
 from stream.join.store import LabelStore
-from stream.join.watermark import PartitionWatermark
+from stream.join.watermark import PartitionWatermark, pack_recent, unpack_recent
 from stream.ops.clock import Clock
 from stream.ops.metrics import JoinerMetrics
 
 SWEPT_KEY = b"swept"
+RECENT_KEY = b"recent"  # the lanes' recent event times as of the stored sweep (watermark.pack_recent)
 FUTURE = "future"
 _SWEPT = struct.Struct(">5q")
 _I64 = struct.Struct(">q")
@@ -86,14 +87,16 @@ class JoinTopics:
 
 
 class _Partition:
-    __slots__ = ("last_sweep_s", "pending_swept", "store", "swept", "wm")
+    __slots__ = ("last_sweep_s", "pending_swept", "store", "swept", "taken_recent", "wm")
 
     def __init__(self, store: LabelStore, lateness_ms: Sequence[int], idle_timeout_s: float, now_s: float) -> None:
         self.store = store
         self.swept: Swept = unpack_swept(store.get_meta(SWEPT_KEY))
-        self.wm = PartitionWatermark(lateness_ms, idle_timeout_s, self.swept, now_s)
+        recent = unpack_recent(store.get_meta(RECENT_KEY))
+        self.wm = PartitionWatermark(lateness_ms, idle_timeout_s, self.swept, now_s, recent)
         self.last_sweep_s = float("-inf")
         self.pending_swept: Swept | None = None
+        self.taken_recent: bytes | None = None  # the lanes' recent times when the sweep was taken
 
 
 class FunnelJoin:
@@ -414,6 +417,7 @@ class FunnelJoin:
         if wm is None or wm == p.swept:
             return None
         p.swept = wm
+        p.taken_recent = pack_recent(p.wm.recent())
         return wm
 
     def persist_swept(self, partition: int, swept: Swept) -> None:
@@ -421,6 +425,9 @@ class FunnelJoin:
         p = self.parts.get(partition)
         if p is not None:  # not revoked meanwhile
             p.store.put_meta(SWEPT_KEY, pack_swept(swept))
+            if p.taken_recent is not None:
+                p.store.put_meta(RECENT_KEY, p.taken_recent)
+                p.taken_recent = None
 
     def watermark_lag_ms(self) -> int:
         lags = [lag for p in self.parts.values() if (lag := p.wm.lag_ms()) is not None]

@@ -3,6 +3,7 @@ go out as changelog records in the joiner's own batches (``stream.join.flusher``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ META_PREFIX = b"\x00"  # table keys of metadata; impression ids are printable
 # were acknowledged, so their funnels were lost on a rebalance (the two-joiner test)
 SEAL_KEY = META_PREFIX + b"seal"
 _MISSING: Any = object()
+log = logging.getLogger(__name__)
 
 
 class FaustTableStore:
@@ -54,6 +56,22 @@ class FaustTableStore:
                 continue
             self._keys.add(bytes(key))
             self._index.set(bytes(key), due_of(bytes(value), swept))
+        log.info("partition %d: %d states read from the local RocksDB (persisted changelog offset %s), swept %s",
+                 partition, len(self._keys), self._persisted(), swept)  # fmt: skip
+
+    def _persisted(self) -> int | None:
+        try:
+            offset: int | None = self._table.data.persisted_offset(
+                type(self)._tp(self._table.changelog_topic.get_topic_name(), self.partition))
+        except Exception:  # a fake table in tests, or faust's API moved: only a log line
+            return None
+        return offset
+
+    @staticmethod
+    def _tp(topic: str, partition: int) -> Any:
+        from faust.types import TP
+
+        return TP(topic, partition)
 
     def get(self, key: bytes) -> bytes | None:
         v = self.outbox.get(key, _MISSING)

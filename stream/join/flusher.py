@@ -113,8 +113,10 @@ class Flusher:
                 log.exception("a flush failed")
 
     def idle(self) -> bool:
-        """Whether a flush is owed to a quiet spell (records came, then nothing for an interval)."""
-        return self.sender is not None and self.clock.monotonic() - self.last_flush >= self.interval_s
+        """Whether a flush is owed to a quiet spell (nothing flushed for an interval): records that
+        came before it, or partitions assigned to a joiner that has had no record since (their
+        lanes still move once their silent topics go idle)."""
+        return self.clock.monotonic() - self.last_flush >= self.interval_s
 
     async def flush(self) -> None:
         """Sweep every partition whose watermark moved, drain every store's writes into the
@@ -210,12 +212,20 @@ class Flusher:
         be idle. A topic with records fetched but not yet handled is behind."""
         consumer: Any = self.app.consumer
         read_offset = consumer._read_offset  # faust's: after a seek, the committed position
+        # faust's partitions being read: those of a table still recovering are paused (not active)
+        active = getattr(consumer, "_active_partitions", None)
         join = self.join
         step_of = join.step_of
         for tp in consumer.assignment():
             step = step_of.get(tp.topic)
-            if step is None or tp.partition not in join.parts:
+            if step is None:
                 continue
+            if tp.partition not in join.parts:
+                # an assigned partition is joined from the moment its state is recovered, not from
+                # its next record: one that gets none (a quiet tail) still sweeps what is due
+                if step != 0 or (active is not None and tp not in active):
+                    continue
+                join.part(tp.partition)
             hw = offsets.highwater(consumer, tp)
             if hw is None:
                 continue
@@ -231,6 +241,9 @@ class Flusher:
         rebalances revoke everything) would otherwise settle its states into RocksDB after the
         partition's new store had read it: those funnels lost their due entries and never got a
         final (seen in the two-joiner test)."""
+        log.info("revoked %s: %d records joined since the last flush, %d flush(es) in flight%s",
+                 sorted((tp.topic, tp.partition) for tp in tps), len(self.unacked), len(self.inflight),
+                 " (membership lost: not flushed)" if self.member_lost() else "")  # fmt: skip
         if self.sender is not None:
             await self.flush()  # nothing when stopping or evicted: then the next owner reads it all again
             await self.wait_inflight()

@@ -29,16 +29,52 @@ Flink waits for each input's watermark. Each lane's watermark is::
 
 Lanes never go back; they start from the swept values stored with the partition's state, so a
 restart resumes where the last sweep was. No warm-up is needed: a lane moves only on its own
-topic's records or once that topic is known to be idle.
+topic's records or once that topic is known to be idle. The topics' recent event times are
+stored with the swept values too (``pack_recent``), as they were when that sweep was taken: a
+new owner (a rebalance, a restart) starts from the same frontiers, so a partition that gets no
+more records after it moved still sees its silent topics go idle and follow the impressions'
+clock - without them its lanes stood still until new impressions came, and in a stream's quiet
+tail its due finals never went out (found by a stress run of two joiners with one of them
+leaving and joining again, scripted in ``bench/rebalance.py``).
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 from stream.join.funnel import LANES, NO_WATERMARK, Swept
 
 _RECENT = 5
+_I64 = struct.Struct(">q")
+
+
+def pack_recent(recent: Sequence[Sequence[int]]) -> bytes:
+    """Each topic's last event times (at most five), as a count byte and big-endian int64s."""
+    out = bytearray()
+    for times in recent:
+        out.append(len(times))
+        for t in times:
+            out += _I64.pack(t)
+    return bytes(out)
+
+
+def unpack_recent(raw: bytes | None) -> list[list[int]]:
+    """``pack_recent``'s lists; none stored (or unreadable): empty lists."""
+    empty: list[list[int]] = [[] for _ in range(LANES)]
+    if not raw:
+        return empty
+    out: list[list[int]] = []
+    i = 0
+    try:
+        for _ in range(LANES):
+            n = raw[i]
+            i += 1
+            out.append([_I64.unpack_from(raw, i + 8 * j)[0] for j in range(min(n, _RECENT))])
+            i += 8 * n
+    except (IndexError, struct.error):
+        return empty
+    return out if i == len(raw) else empty
 
 
 class PartitionWatermark:
@@ -48,13 +84,17 @@ class PartitionWatermark:
     __slots__ = ("_behind", "_born", "_idle_s", "_last", "_lateness", "_recent", "_value")
 
     def __init__(
-        self, lateness_ms: Sequence[int], idle_timeout_s: float, floor: Sequence[int], now_s: float
-    ) -> None:
+        self, lateness_ms: Sequence[int], idle_timeout_s: float, floor: Sequence[int], now_s: float,
+        recent: Sequence[Sequence[int]] | None = None,
+    ) -> None:  # fmt: skip
+        """``recent``: each topic's last event times as ``recent()`` gave them (a new owner's start)."""
         if len(lateness_ms) != LANES or len(floor) != LANES:
             raise ValueError(f"a partition has {LANES} lanes: give 5 lateness values and 5 floors")
         self._lateness = tuple(lateness_ms)
         self._idle_s = idle_timeout_s
-        self._recent: list[list[int]] = [[] for _ in range(LANES)]
+        self._recent: list[list[int]] = [list(r)[-_RECENT:] for r in recent] if recent else [[] for _ in range(LANES)]
+        if len(self._recent) != LANES:
+            raise ValueError(f"a partition has {LANES} lanes: give 5 lists of recent event times")
         self._behind: list[bool | None] = [None] * LANES  # None: position unknown
         self._last: list[float | None] = [None] * LANES  # wall time of the topic's last record
         self._born = now_s
@@ -72,6 +112,10 @@ class PartitionWatermark:
     def report(self, step: int, behind: bool) -> None:
         """What the consumer knows of topic ``step``'s position: has it records left to read?"""
         self._behind[step] = behind
+
+    def recent(self) -> tuple[tuple[int, ...], ...]:
+        """Each topic's last event times (a snapshot, to store with the swept lanes)."""
+        return tuple(tuple(r) for r in self._recent)
 
     def frontier(self, step: int) -> int | None:
         """Second-newest event time of the topic's last five records (None before two)."""

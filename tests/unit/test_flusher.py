@@ -18,6 +18,7 @@ A real RocksDB partition (rocksdict) and the real join; the producer and faust's
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -102,6 +103,11 @@ class FakeConsumer:
         self.tps = tps
         self.acked: list[Message] = []
         self._read_offset: dict[TP, int] = {}
+        self.active: set[TP] = set(tps)
+
+    @property
+    def _active_partitions(self) -> set[TP]:  # faust's: partitions being read (not paused)
+        return self.active
 
     def assignment(self) -> set[TP]:
         return set(self.tps)
@@ -176,6 +182,13 @@ class Rig:
         self.offset += 1
         self.flusher.handle(msg, False)
         return msg
+
+
+def finals_of(rig: Rig, iid: str) -> list[list[int]]:
+    """Labels of the final samples sent for ``iid`` (JSON samples, TOPICS' encoding)."""
+    sent = [json.loads(r[3]) for batch in rig.sender.submitted for r in batch
+            if r[0] == "samples" and r[2] == iid.encode()]  # fmt: skip
+    return [s["labels"] for s in sent if s["kind"] == "final"]
 
 
 async def _settle() -> None:
@@ -294,5 +307,32 @@ def test_a_flush_completing_after_an_eviction_is_neither_settled_nor_acknowledge
         assert rig.consumer.acked == []
         assert rig.table.data.persisted == {}
         assert rig.table.data._db_for_partition(0).get(b"i1") is None
+
+    asyncio.run(run())
+
+
+def test_a_partition_taken_over_is_swept_even_if_no_record_comes_after(tmp_path: Path) -> None:
+    """A partition is joined from the moment it is assigned and recovered, not from its next
+    record: a clicked funnel whose final waits for the applications topic to go idle gets it from
+    the new owner of a partition that receives nothing more (a stream's quiet tail)."""
+
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        day = 86_400_000
+        for step, iid, t in ((0, "i1", T0), (1, "i1", T0 + 60_000), (0, "x1", T0 + 4 * day),
+                             (0, "x2", T0 + 4 * day + 60_000)):  # fmt: skip
+            value = encode_event(Event(step, f"{iid}/{step}", iid, t, "bank_1", {"f": "v"} if step == 0 else None))
+            rig.flusher.handle(Message(TOPICS.events[step], 0, rig.offset, iid.encode(), value), False)
+            rig.offset += 1
+        rig.consumer._read_offset = {TP(t, 0): 1_000 for t in TOPICS.events}  # read to their ends
+        await rig.flusher.flush()
+        await rig.flusher.revoked({TP(t, 0) for t in TOPICS.events})  # and assigned again
+        rig.consumer.active = {TP(t, 0) for t in TOPICS.events}  # recovered: faust resumed them
+        assert finals_of(rig, "i1") == []  # its applications lane has not gone idle yet
+        for _ in range(3):  # the sweep timer, past the idle timeout; no record comes
+            rig.clock.advance(16_000)
+            await rig.flusher.flush()
+            await rig.flusher.wait_inflight()
+        assert finals_of(rig, "i1") == [[1, 0, 0, 0]]
 
     asyncio.run(run())

@@ -462,3 +462,67 @@ def test_a_funnel_whose_final_went_out_in_a_sweep_is_purged_after_the_retention(
     assert r.store(0).get(b"i1") is not None  # kept for the retention period
     lanes_at(T0 + HOUR + CFG.retention_ms + MIN)  # the clicks lane 27 days past the final time
     assert r.store(0).get(b"i1") is None
+
+
+DAY = 24 * HOUR
+
+
+def _clicked_funnel_then_quiet(r: Rig) -> None:
+    """i1 clicked at T0 + 1 min; impressions then run four days on, and the partition goes quiet
+    (every step topic read to its end). i1's final waits on the applications lane, which follows
+    the impressions' clock once that topic is idle."""
+    r.feed(0, "i1", T0)
+    r.feed(1, "i1", T0 + MIN)
+    impressions(r, [T0 + 4 * DAY, T0 + 4 * DAY + MIN])
+    for step in (1, 2, 3, 4):
+        r.join.caught_up(0, step)
+
+
+def _sweep(r: Rig) -> list[dict]:
+    out: list[Output] = []
+    r.join.sweep_due(0, force=True)
+    r.join.sweep(0, out)
+    commit(r)
+    return samples(out)
+
+
+def test_a_partition_taken_over_finishes_its_due_funnels_without_new_records() -> None:
+    """The rule (stream/join/watermark.py): lanes start where the partition's last sweep left
+    them, so a new owner - a rebalance, a restart - goes on where the last one stopped. A
+    partition that gets no more records after the takeover (the tail of a stream, a quiet
+    partner) must still see its silent topics go idle and its due finals out, exactly as its
+    first owner would have: a rebalance changes nothing a user receives."""
+    alone = Rig(idle_timeout_s=30.0)
+    _clicked_funnel_then_quiet(alone)
+    _sweep(alone)
+    alone.clock.advance(31_000)
+    finals = [s for s in _sweep(alone) if s["kind"] == "final" and s["impression_id"] == "i1"]
+    assert [s["labels"] for s in finals] == [[1, 0, 0, 0]]
+
+    moved = Rig(idle_timeout_s=30.0)
+    _clicked_funnel_then_quiet(moved)
+    assert not [s for s in _sweep(moved) if s["kind"] == "final" and s["impression_id"] == "i1"]
+    moved.join.forget(0)  # revoked; the next owner recovers the same store and gets no record
+    moved.join = moved.new_join()
+    for step in (1, 2, 3, 4):
+        moved.join.caught_up(0, step)  # what its consumer reports: read to their ends
+    moved.clock.advance(31_000)
+    finals = [s for s in _sweep(moved) if s["kind"] == "final" and s["impression_id"] == "i1"]
+    assert [s["labels"] for s in finals] == [[1, 0, 0, 0]]
+
+
+def test_the_lanes_recent_event_times_are_stored_with_the_swept_lanes_only() -> None:
+    """They are written with the swept watermarks (once the sweep's outputs are out), as they were
+    when the sweep was taken: records joined after it, whose states may not be stored yet, do not
+    move a new owner's lanes."""
+    r = Rig()
+    impressions(r, [T0, T0 + HOUR])
+    r.join.sweep_due(0, force=True)
+    r.join.sweep(0, [])
+    taken = r.join.take_sweep(0)
+    assert taken is not None
+    impressions(r, [T0 + 5 * HOUR, T0 + 6 * HOUR])  # after the flush's snapshot
+    r.join.persist_swept(0, taken)
+    r.join = r.new_join()
+    assert r.join.part(0).wm.frontier(0) == T0  # the second newest of T0, T0 + 1 h
+    assert r.join.part(0).swept == taken
