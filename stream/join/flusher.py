@@ -84,10 +84,11 @@ class Flusher:
         # once per interval, all partitions together: one flush, its acks awaited aside
         return len(self.unacked) >= MAX_PENDING or self.clock.monotonic() - self.last_flush >= self.interval_s
 
-    def may_write(self) -> bool:
-        """Whether this member may write its partitions' changelog and outputs: not while the app
-        stops, nor once its group membership is lost (see the module doc)."""
-        if self.closed or self.app.should_stop:
+    def may_write(self, final: bool = False) -> bool:
+        """Whether this member may write its partitions' changelog and outputs: not once the app
+        stops (but for ``close``'s own ``final`` flushes), nor once its group membership is lost
+        (see the module doc)."""
+        if self.closed or (self.app.should_stop and not final):
             return False
         if self.member_lost():
             log.warning("not flushing: this joiner is no longer a member of its group (session expired); "
@@ -96,11 +97,24 @@ class Flusher:
         return True
 
     async def close(self) -> None:
-        """The app is stopping (before its fetcher, consumer and tables stop): no flush from now on,
-        and the flush in flight completes - its changelog records land, and its source records are
-        acknowledged, before the consumer commits and leaves the group."""
+        """The app is stopping (before its fetcher, consumer and tables stop, so while it still owns
+        its partitions): flush what is pending and wait for it - its changelog records land and
+        its source records are acknowledged before the consumer commits and leaves the group -
+        then nothing more goes out (``final_flushes``)."""
+        await self.final_flushes(CLOSE_WAIT_S)
         self.closed = True
         await self.wait_inflight(CLOSE_WAIT_S)
+
+    async def final_flushes(self, timeout_s: float | None = None) -> None:
+        """The last flushes of an ownership (a revocation, a stop): everything pending, then the
+        swept lanes that flush stored (they go out with the flush after the one whose outputs they
+        cover), so the next owner starts from them - not from the flush before, which would re-emit
+        that flush's finals and, with a quiet tail, leave the next owner's lanes a little behind."""
+        if self.sender is None:
+            return
+        for _ in range(2):
+            await self.flush(final=True)
+            await self.wait_inflight(timeout_s)
 
     async def wait_inflight(self, timeout_s: float | None = None) -> None:
         while self.inflight:
@@ -118,7 +132,7 @@ class Flusher:
         lanes still move once their silent topics go idle)."""
         return self.clock.monotonic() - self.last_flush >= self.interval_s
 
-    async def flush(self) -> None:
+    async def flush(self, final: bool = False) -> None:
         """Sweep every partition whose watermark moved, drain every store's writes into the
         changelog, take everything queued, and submit it; the acks are awaited by a task, while
         the agent goes on. One flush is in flight at a time (a new one waits for the previous),
@@ -135,7 +149,7 @@ class Flusher:
             await asyncio.wait(self.inflight)
         if self.inflight:
             self.inflight.pop().result()  # a failed flush stops the agent
-        if not self.may_write():
+        if not self.may_write(final):
             self.last_flush = self.clock.monotonic()
             return
         self.report_positions()
@@ -244,9 +258,8 @@ class Flusher:
         log.info("revoked %s: %d records joined since the last flush, %d flush(es) in flight%s",
                  sorted((tp.topic, tp.partition) for tp in tps), len(self.unacked), len(self.inflight),
                  " (membership lost: not flushed)" if self.member_lost() else "")  # fmt: skip
-        if self.sender is not None:
-            await self.flush()  # nothing when stopping or evicted: then the next owner reads it all again
-            await self.wait_inflight()
+        await self.final_flushes()  # nothing when evicted: then the next owner reads it all again
+        await self.wait_inflight()
         self.unacked = [m for m in self.unacked if m.tp not in tps]
         for tp in tps:
             self.next_offset.pop(tp, None)

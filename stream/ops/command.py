@@ -30,6 +30,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "feed": ("bench.feed", "the trainer feed's samples/s and bytes per sample, JSON vs msgpack"),
     "stream": ("bench.stream", "the streaming learner end to end"),
     "chaos": ("bench.chaos", "kill -9 chaos run: nothing lost"),
+    "rebalance": ("bench.rebalance", "two joiners, one leaving and joining again: nothing lost"),
     "serving": ("bench.serving", "every published model version against the truth"),
     "serve": ("bench.serve", "HTTP scoring latency and capacity under a keep-alive load"),
     "churn": ("bench.churn", "the embedding table under ID churn: fixed vs dynamic vs unbounded"),

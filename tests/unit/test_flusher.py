@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry
 from rocksdict import Options, Rdict
 
 from stream.contract.events import Event, encode_event
-from stream.join.driver import FunnelJoin, JoinTopics
-from stream.join.faust_store import FaustTableStore
+from stream.join.driver import RECENT_KEY, SWEPT_KEY, FunnelJoin, JoinTopics
+from stream.join.faust_store import META_PREFIX, FaustTableStore
 from stream.join.flusher import Flusher
 from stream.join.funnel import FunnelConfig, Swept
 from stream.ops.clock import FakeClock
@@ -334,5 +334,31 @@ def test_a_partition_taken_over_is_swept_even_if_no_record_comes_after(tmp_path:
             await rig.flusher.flush()
             await rig.flusher.wait_inflight()
         assert finals_of(rig, "i1") == [[1, 0, 0, 0]]
+
+    asyncio.run(run())
+
+
+def test_the_next_owner_recovers_the_swept_lanes_of_the_last_flush(tmp_path: Path) -> None:
+    """The swept lanes (and their recent event times) a flush stores go out with the flush after
+    it; a revocation sends that one too, so what the changelog holds - what the next owner
+    recovers - is what this member stored last, not the lanes of the flush before (whose finals
+    it would emit again)."""
+
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        for n, t in enumerate((T0, T0 + 3_600_000, T0 + 7_200_000)):
+            value = encode_event(Event(0, f"i{n}/0", f"i{n}", t, "bank_1", {"f": "v"}))
+            rig.flusher.handle(Message("imp", 0, rig.offset, f"i{n}".encode(), value), False)
+            rig.offset += 1
+        await rig.flusher.revoked({TP(t, 0) for t in TOPICS.events})
+        changelog: dict[bytes, bytes | None] = {}
+        for batch in rig.sender.submitted:
+            for topic, _, key, value in batch:
+                if topic == CHANGELOG:
+                    changelog[key] = value  # a compacted changelog: the last value of each key
+        local = rig.table.data._db_for_partition(0)
+        for name in (SWEPT_KEY, RECENT_KEY):
+            assert local.get(META_PREFIX + name) is not None
+            assert changelog.get(META_PREFIX + name) == local.get(META_PREFIX + name)
 
     asyncio.run(run())
