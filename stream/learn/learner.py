@@ -14,7 +14,7 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from stream.learn.prequential import PrequentialEvaluator
 from stream.learn.sample_batch import CORRECTION, FINAL, FIRST, N_TASKS, SampleBatch, as_batch
 from stream.learn.stabilisers import Stabilisers, held_back, init_output_bias
 from stream.learn.weight_average import RecentPredictions, WeightAverage, output_bias_shift
+
+if TYPE_CHECKING:
+    from stream.learn.ranks import RankSync
 
 PENDING_CAP: Final = 500_000  # first-sample predictions awaiting their final label
 SEEN_CAP: Final = 500_000  # (impression id, seq) keys remembered for deduplication
@@ -124,6 +127,7 @@ class OnlineLearner:
         self.stream_start_ms: int | None = None
         self.frozen: FrozenBaseline | None = None
         self.eval_window = eval_window
+        self.sync: RankSync | None = None  # several trainer ranks: their collectives (stream.learn.ranks)
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -162,14 +166,15 @@ class OnlineLearner:
         batch = self.last_batch = self._dedupe(given)
         n = len(batch)
         if n == 0:
+            if self.sync is not None and train:
+                self.sync.idle(self)  # the others' step needs this rank's part of each collective
             empty = np.zeros((0, N_TASKS))
             return StepResult(0, len(given), 0, [], empty, empty, empty, time.perf_counter() - t0)
         if self.stream_start_ms is None:
             self.stream_start_ms = int(batch.event_time_ms.min())
         if self.freeze_after_ms is not None and self.frozen is None:
             self._maybe_freeze(batch)  # before this batch is trained on
-        ids = self.encoder.encode_columns(batch.features, n, update=train,
-                                          event_time_ms=batch.event_time_ms)  # (N, F)
+        ids = self._encode(batch.features, n, train, batch.event_time_ms)  # (N, F)
         self._reset_rows(self.encoder.take_assigned())  # rows given to new values start afresh
         pending = self.pending
         iids = batch.impression_ids
@@ -246,6 +251,8 @@ class OnlineLearner:
             if ready is not None:
                 rows = len(ready)
                 self._optimize(ready, logits, fwd_rows, waited)
+            elif self.sync is not None:
+                self.sync.no_rows(self)
             self.trained_samples += rows
         self.samples_seen += n
         eval_ids = [iids[i] for i in final_rows]
@@ -333,14 +340,28 @@ class OnlineLearner:
             loss = aitm_loss(torch.cat(parts), labels[sel], mask[sel], weight[sel], self.alpha)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            total = self.sync.reduce(self.model, len(ready)) if self.sync is not None else len(ready)
             self.optimizer.step()
+            self.after_step(total)
+            return
         else:
             self._set_training(True)
             train_step(self.model, self.optimizer, torch.as_tensor(ready.ids, device=dev), labels, mask, weight,
                        alpha=self.alpha)
+        self.after_step(len(ready))
+
+    def _encode(self, columns: Mapping[str, Sequence[str]], n: int, update: bool,
+                event_time_ms: np.ndarray) -> np.ndarray:
+        """(N, F) ids; with several ranks, every rank's rows go through the table (``RankSync``)."""
+        if self.sync is not None:
+            return self.sync.encode(self.encoder, columns, n, update, event_time_ms)
+        return self.encoder.encode_columns(columns, n, update=update, event_time_ms=event_time_ms)
+
+    def after_step(self, rows: int) -> None:
+        """After an optimizer step on ``rows`` rows (over every rank): the weight average follows."""
         self.steps += 1
         if self.average is not None:
-            self.average.update(self.model, len(ready))
+            self.average.update(self.model, rows)
             self._average_moved = True
 
     def served_model(self) -> AITM:
