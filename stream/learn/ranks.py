@@ -77,8 +77,16 @@ def init_group(info: RankInfo, device: torch.device, timeout_s: float = 1800.0) 
     timeout covers rank 0 waiting as a standby for the model store's writer lease."""
     if device.type == "cuda":
         torch.cuda.set_device(device.index if device.index is not None else info.local_rank)
-    dist.init_process_group(backend_for(device), rank=info.rank, world_size=info.ranks,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # the group's keys under a prefix per torchrun attempt: after a restart the store may still
+    # hold the dead attempt's addresses, and a fast rank would dial those (measured: "Connection
+    # refused" at init on the second attempt)
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
+                          info.ranks, is_master=not agent and info.rank == 0, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend_for(device), store=dist.PrefixStore(f"aitm-trainer/{attempt}", store),
+                            rank=info.rank, world_size=info.ranks, timeout=timeout)
 
 
 class RankSync:
@@ -197,7 +205,7 @@ def merged_evaluator(states: Sequence[list[dict[str, object]]], window: int) -> 
             "size": labels.size, "count": sum(p.count for p in parts),
             "sums": [sum(p._positives for p in parts), sum(p._pred_sum for p in parts),
                      sum(p._loss_sum for p in parts)],
-            "pos_bins": sum(p._pos_bins for p in parts).tolist(),
-            "neg_bins": sum(p._neg_bins for p in parts).tolist(),
+            "pos_bins": np.sum([p._pos_bins for p in parts], axis=0).tolist(),
+            "neg_bins": np.sum([p._neg_bins for p in parts], axis=0).tolist(),
         })
     return out
