@@ -27,6 +27,7 @@ from aitm.train import make_optimizer, train_step
 from stream.contract.samples import Sample
 from stream.learn.delay_model import DelayModel
 from stream.learn.delayed_feedback import MODES, TrainRows, train_rows
+from stream.learn.device import DevicePath
 from stream.learn.frozen import FrozenBaseline
 from stream.learn.mixing_buffer import MixingBuffer, RowBlock
 from stream.learn.prequential import PrequentialEvaluator
@@ -128,6 +129,7 @@ class OnlineLearner:
         self.frozen: FrozenBaseline | None = None
         self.eval_window = eval_window
         self.sync: RankSync | None = None  # several trainer ranks: their collectives (stream.learn.ranks)
+        self.io = DevicePath(self.device)  # pinned, non-blocking copies; TRAINER_AMP (stream.learn.device)
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -201,7 +203,8 @@ class OnlineLearner:
             self._set_training(False)  # no dropout: this pass scores as well
             before = self.mixer.upcoming(late, n_first)  # rows that waited and go into this step
             x = ids[fwd_rows] if before is None else np.concatenate([ids[fwd_rows], before.ids])
-            out = self.model(torch.as_tensor(x, device=self.device))  # (M + W, T)
+            with self.io.autocast():
+                out = self.model(self.io.to_device(x))  # (M + W, T)
             logits = out[: fwd_rows.size]  # (M, T)
             if before is not None:
                 waited = (before, out[fwd_rows.size :])
@@ -320,9 +323,9 @@ class OnlineLearner:
         buffer when the pass included them (``waited``: what ``MixingBuffer.upcoming`` foresaw);
         any other row gets its own forward pass, in the same graph."""
         dev = self.device
-        labels = torch.as_tensor(ready.labels, device=dev)  # (R, T)
-        mask = torch.as_tensor(ready.mask, device=dev)
-        weight = torch.as_tensor(ready.weight, device=dev)
+        labels = self.io.to_device(ready.labels)  # (R, T)
+        mask = self.io.to_device(ready.mask)
+        weight = self.io.to_device(ready.weight)
         if logits is not None:
             here = ready.origin >= 0
             at = np.minimum(np.searchsorted(fwd_rows, ready.origin[here]), max(fwd_rows.size - 1, 0))  # positions
@@ -334,15 +337,20 @@ class OnlineLearner:
                 if waited is not None and np.array_equal(waited[0].ids, old):
                     parts.append(waited[1])  # foreseen: already in the scoring pass
                 else:
-                    parts.append(self.model(torch.as_tensor(old, device=dev)))  # (W, T)
+                    with self.io.autocast():
+                        parts.append(self.model(self.io.to_device(old)))  # (W, T)
             order = np.concatenate([np.flatnonzero(here), np.flatnonzero(~here)])
             sel = torch.as_tensor(order, device=dev)
-            loss = aitm_loss(torch.cat(parts), labels[sel], mask[sel], weight[sel], self.alpha)
+            loss = aitm_loss(torch.cat(parts).float(), labels[sel], mask[sel], weight[sel], self.alpha)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            total = self.sync.reduce(self.model, len(ready)) if self.sync is not None else len(ready)
-            self.optimizer.step()
-            self.after_step(total)
+            total = [len(ready)]
+
+            def reduce() -> None:  # several ranks: the row-weighted mean gradient, before the step
+                if self.sync is not None:
+                    total[0] = self.sync.reduce(self.model, len(ready))
+
+            self.io.backward_step(loss, self.optimizer, reduce)
+            self.after_step(total[0])
             return
         else:
             self._set_training(True)

@@ -147,9 +147,16 @@ class RankSync:
         """This rank trains no rows this round (empty, or its mixing buffer held them): zero
         gradients into the reduction, and the step the others' rows make."""
         learner.optimizer.zero_grad(set_to_none=True)
+        scaler = learner.io.scaler  # fp16: every rank steps through its scaler, so scales stay equal
+        if scaler is not None:
+            scaler.scale(torch.zeros((), device=learner.device))  # starts its scale on a first idle round
         total = self.reduce(learner.model, 0)
         if total:
-            learner.optimizer.step()
+            if scaler is not None:
+                scaler.step(learner.optimizer)
+                scaler.update()
+            else:
+                learner.optimizer.step()
             learner.after_step(total)
 
     # --- start-up -------------------------------------------------------------------------------

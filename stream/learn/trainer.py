@@ -31,6 +31,7 @@ from aitm.train import pick_device
 from stream.contract.events import dead_letter
 from stream.contract.versions import ModelVersion
 from stream.learn.batcher import Batch, Batcher
+from stream.learn.device import DevicePath
 from stream.learn.feed import Invalid, SampleFeed
 from stream.learn.gauges import TableGauges, set_quality_gauges
 from stream.learn.learner import OnlineLearner, fields_of
@@ -121,9 +122,9 @@ class Trainer:
         model = AITM(config_from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["model_state"])
         encoder = encoder_from_state(ckpt["feature_maps"])
-        return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
+        return self._on_device(OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
                              model=model, freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
-                             stabilisers=stabilisers_from(self.s))
+                             stabilisers=stabilisers_from(self.s)))
 
     def restore(self) -> None:
         """Resume from the newest good version in the store, else warm-start, else wait for data."""
@@ -162,6 +163,11 @@ class Trainer:
         if self.learner.delay is not None and state.get("delay") is not None:
             self.learner.delay.load_state_dict(state["delay"])
 
+    def _on_device(self, learner: OnlineLearner) -> OnlineLearner:
+        """The learner's device path with TRAINER_AMP (stream/learn/device.py)."""
+        learner.io = DevicePath(self.device, self.s.trainer_amp)
+        return learner
+
     def _resume_state(self, extra: dict[str, Any]) -> dict[str, Any]:
         """The learner state a resume loads from a checkpoint's ``extra`` (a rank: its own part)."""
         state: dict[str, Any] = extra["learner"]
@@ -178,9 +184,9 @@ class Trainer:
         encoder = DynamicTable(fields, self.s.trainer_embedding_rows, self.s.trainer_feature_min_count,
                                self.s.trainer_embedding_ttl_ms)
         log.info("cold start: %d feature fields %s", len(fields), ", ".join(fields))
-        return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
+        return self._on_device(OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
                              freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
-                             stabilisers=stabilisers_from(self.s))
+                             stabilisers=stabilisers_from(self.s)))
 
     def _freeze_after_ms(self) -> int | None:
         days = self.s.trainer_freeze_after_days
