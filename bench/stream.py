@@ -68,6 +68,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-requests", type=int, default=None, help="default 20000 (quick 5000)")
     p.add_argument("--latency-rate", type=float, default=500.0, help="requests per second")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="the trainers' device: auto, cpu or cuda (default TRAINER_DEVICE)")
     p.add_argument("--trainer-workers", type=int, default=1, metavar="N",
                    help="trainer ranks under torchrun (gloo on CPU); N > 1 also runs a 1-rank backlog trainer "
                         "for the ratios")
@@ -211,6 +212,8 @@ def _setup(args: argparse.Namespace) -> Run:
         "JOINER_SWEEP_INTERVAL_MS": "50",  # 10 simulated minutes per sweep at 12000x
         "JOINER_MAX_FUTURE_MS": "0",  # simulated event time may run ahead of the wall clock
     }
+    if args.device:
+        env["TRAINER_DEVICE"] = args.device
     return Run(args, work, sim, stream, broker, settings, Supervisor(env, work), http_port, per_day, n_latency)
 
 
@@ -440,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         run.broker.stop()
     report.update(
         wall_s=round(time.monotonic() - t_start, 1),
-        device=str(pick_device("auto")),
+        device=str(pick_device(args.device or run.settings.trainer_device)),
         machine=platform.machine(),
         cpus=os.cpu_count(),
         torch=torch.__version__,
