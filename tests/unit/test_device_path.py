@@ -78,3 +78,22 @@ def test_trainer_amp_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRAINER_AMP", "fp8")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_bench_train_device_path_section_on_cpu() -> None:
+    import argparse
+
+    from bench.train import _device_path
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 30, (400, 3))
+    labels = (rng.random((400, 4)) < 0.3).astype(np.float32)
+    args = argparse.Namespace(seed=0, batch=50, steps=4, warmup=1, amp="bf16", amp_tolerance=0.02)
+    out = _device_path(args, torch.device("cpu"), ids, labels, (30, 30, 30))
+    assert set(out) >= {"host_plain_samples_per_s", "host_overlap_samples_per_s", "overlap_speedup",
+                        "overlap_loss_max_abs_diff", "amp", "amp_samples_per_s", "amp_loss_max_rel_diff",
+                        "amp_losses_within_tolerance"}
+    # on CPU: no pinning, AMP off, and the three loops compute the very same losses
+    assert (out["pinned"], out["amp"]) == (False, "off")
+    assert out["overlap_loss_max_abs_diff"] == 0.0 and out["amp_loss_max_rel_diff"] == 0.0
+    assert out["amp_losses_within_tolerance"] is True
