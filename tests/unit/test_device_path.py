@@ -92,7 +92,7 @@ def test_bench_train_device_path_section_on_cpu() -> None:
     out = _device_path(args, torch.device("cpu"), ids, labels, (30, 30, 30))
     assert set(out) >= {"host_plain_samples_per_s", "host_overlap_samples_per_s", "overlap_speedup",
                         "overlap_loss_max_abs_diff", "amp", "amp_samples_per_s", "amp_loss_max_rel_diff",
-                        "amp_losses_within_tolerance"}
+                        "amp_losses_within_tolerance", "amp_final_loss_rel_diff"}
     # on CPU: no pinning, AMP off, and the three loops compute the very same losses
     assert (out["pinned"], out["amp"]) == (False, "off")
     assert out["overlap_loss_max_abs_diff"] == 0.0 and out["amp_loss_max_rel_diff"] == 0.0
