@@ -122,9 +122,10 @@ class Trainer:
         model = AITM(config_from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["model_state"])
         encoder = encoder_from_state(ckpt["feature_maps"])
-        return self._on_device(OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
-                             model=model, freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
-                             stabilisers=stabilisers_from(self.s)))
+        learner = OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
+                                model=model, freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
+                                stabilisers=stabilisers_from(self.s))
+        return self._on_device(learner)
 
     def restore(self) -> None:
         """Resume from the newest good version in the store, else warm-start, else wait for data."""
@@ -184,9 +185,10 @@ class Trainer:
         encoder = DynamicTable(fields, self.s.trainer_embedding_rows, self.s.trainer_feature_min_count,
                                self.s.trainer_embedding_ttl_ms)
         log.info("cold start: %d feature fields %s", len(fields), ", ".join(fields))
-        return self._on_device(OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
-                             freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
-                             stabilisers=stabilisers_from(self.s)))
+        learner = OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
+                                freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
+                                stabilisers=stabilisers_from(self.s))
+        return self._on_device(learner)
 
     def _freeze_after_ms(self) -> int | None:
         days = self.s.trainer_freeze_after_days
