@@ -68,6 +68,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-requests", type=int, default=None, help="default 20000 (quick 5000)")
     p.add_argument("--latency-rate", type=float, default=500.0, help="requests per second")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="the trainers' device: auto, cpu or cuda (default TRAINER_DEVICE)")
+    p.add_argument("--trainer-workers", type=int, default=1, metavar="N",
+                   help="trainer ranks under torchrun (gloo on CPU); N > 1 also runs a 1-rank backlog trainer "
+                        "for the ratios")
     p.add_argument("--keep", type=Path, default=None, help="keep logs and data here")
     return p.parse_args(argv)
 
@@ -208,6 +212,8 @@ def _setup(args: argparse.Namespace) -> Run:
         "JOINER_SWEEP_INTERVAL_MS": "50",  # 10 simulated minutes per sweep at 12000x
         "JOINER_MAX_FUTURE_MS": "0",  # simulated event time may run ahead of the wall clock
     }
+    if args.device:
+        env["TRAINER_DEVICE"] = args.device
     return Run(args, work, sim, stream, broker, settings, Supervisor(env, work), http_port, per_day, n_latency)
 
 
@@ -219,8 +225,8 @@ def _live(run: Run, report: dict[str, Any]) -> tuple[list[Sample], list[dict[str
     collector = TopicTail(run.settings, [run.settings.topic_samples], lambda r: collected.append(parse_sample(r.value)))
     collector.start()
     run.procs.start("joiner", [*run.cli, "joiner"])
-    run.procs.start("trainer", [*run.cli, "trainer", "--exit-when-idle", "20", "--summary-json",
-                            str(run.work / "trainer_live.json")])
+    run.procs.start("trainer", [*_trainer_cli(run, args.trainer_workers), "--exit-when-idle", "20",
+                                "--summary-json", str(run.work / "trainer_live.json")])
     run.procs.start("scorer", [*run.cli, "scorer"])
     feats = run.sim.feature_dicts(run.sim.day_batch(args.days, 2000))
     probe_body = json.dumps({"bank_id": "bank_1", "features": feats[0]}).encode()
@@ -266,8 +272,8 @@ def _live(run: Run, report: dict[str, Any]) -> tuple[list[Sample], list[dict[str
         "checkpoint_interval_s": run.settings.trainer_checkpoint_interval_ms / 1000,
     }
     report["live_trainer"] = {k: live[k] for k in ("mode", "samples_processed", "trained_rows", "version")}
-    report["live_trainer"]["auc_lifetime"] = {
-        t: live["quality"]["lifetime"][k]["auc"] for k, t in enumerate(TASKS[:N_TASKS])}
+    report["live_trainer"]["auc_lifetime"] = _live_aucs(live)
+    report["live_trainer"]["trainer_workers"] = live.get("trainer_workers", 1)
 
     return collected, feats
 
@@ -299,14 +305,51 @@ def _latency(run: Run, feats: list[dict[str, str]], report: dict[str, Any]) -> N
 
 
 
+def _trainer_cli(run: Run, workers: int) -> list[str]:
+    """``aitm-stream trainer``, as ``workers`` ranks under torchrun when more than one."""
+    if workers <= 1:
+        return [*run.cli, "trainer"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(workers),
+            "-m", "stream.cli", "trainer"]
+
+
+def _live_aucs(summary: dict[str, Any]) -> dict[str, float]:
+    """Lifetime prequential AUC per task of a trainer's summary (every rank's finals merged)."""
+    return {t: round(summary["quality"]["lifetime"][k]["auc"], 4) for k, t in enumerate(TASKS[:N_TASKS])}
+
+
+def _backlog(run: Run, workers: int) -> dict[str, Any]:
+    """A fresh trainer (``workers`` ranks) over the whole samples backlog: its summary."""
+    name = f"trainer_backlog_{workers}"
+    out = run.work / f"{name}.json"
+    run.procs.start(name, [*_trainer_cli(run, workers), "--no-metrics", "--exit-when-idle", "5",
+                           "--summary-json", str(out)], {"DATA_DIR": str(run.work / f"data_{name}")})
+    if run.procs.children[name].proc.wait(timeout=900) != 0:
+        raise RuntimeError(f"the backlog trainer ({workers} ranks) failed; see {name}.log")
+    summary: dict[str, Any] = json.loads(out.read_text())
+    return summary
+
+
 def _throughput(run: Run, report: dict[str, Any]) -> None:
-    """3. Trainer throughput over the backlog, then the offline figure of the same run."""
+    """3. Trainer throughput over the backlog, then the offline figure of the same run; with
+    several trainer workers, a 1-worker backlog trainer as well, for ratios measured in one run."""
     args = run.args
-    run.procs.start("trainer2", [*run.cli, "trainer", "--no-metrics", "--exit-when-idle", "5",
-                             "--summary-json", str(run.work / "trainer_backlog.json")],
-                {"DATA_DIR": str(run.work / "data2")})
-    run.procs.children["trainer2"].proc.wait(timeout=900)
-    backlog = json.loads((run.work / "trainer_backlog.json").read_text())
+    workers = args.trainer_workers
+    backlog = _backlog(run, workers)
+    report["trainer_workers"] = workers
+    if workers > 1:
+        one = _backlog(run, 1)
+        by = {"1": one, str(workers): backlog}
+        rate = {k: b["samples_processed"] / (b["active_seconds"] or float("nan")) for k, b in by.items()}
+        aucs = {k: _live_aucs(b) for k, b in by.items()}
+        report["train_by_workers"] = {k: {"train_samples_per_s": round(rate[k], 1), "auc_final": aucs[k],
+                                          "active_seconds": by[k]["active_seconds"],
+                                          "cpu_seconds": [r["cpu_seconds"] for r in by[k].get("ranks", [by[k]])]}
+                                      for k in by}
+        report["speedup_vs_1_worker"] = round(rate[str(workers)] / rate["1"], 3)
+        delta = {t: round(aucs[str(workers)][t] - aucs["1"][t], 4) for t in MAIN_TASKS}
+        report["auc_vs_1_worker"] = delta
+        report["auc_within_0_005_of_1_worker"] = all(abs(d) <= 0.005 for d in delta.values())
     from bench import train as bench_train
 
     # like with like: the trainer's batch and torch threads
@@ -328,6 +371,7 @@ def _throughput(run: Run, report: dict[str, Any]) -> None:
         train_backlog={k: backlog[k] for k in ("mode", "samples_processed", "trained_rows", "active_seconds",
                                                "lingered_seconds", "busy_seconds")},
     )
+    report["auc_final_backlog"] = _live_aucs(backlog)
 
 
 
@@ -353,6 +397,8 @@ def _quality(run: Run, collected: list[Sample], report: dict[str, Any]) -> None:
     common = set.intersection(*(set(p) for p in pairs.values()))
     ids = sorted(i for i in common if cutoff <= event_ms[i] < last_day_ms)
     report["auc_final"] = {mode: _aucs(p, ids) for mode, p in pairs.items()}
+    if "live_trainer" in report:  # the live trainers' own figure (every final since the start, all ranks)
+        report["auc_final"]["live"] = report["live_trainer"]["auc_lifetime"]
     truth = {r.impression_id: r for r in run.stream.truth}
     ys = np.array([truth[i].labels for i in ids if i in truth])
     ps = np.array([truth[i].p_true for i in ids if i in truth])
@@ -385,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     run = _setup(args)
     report: dict[str, Any] = {"days": args.days, "impressions_per_day": run.per_day, "drift": args.drift,
                               "speedup": args.speedup, "batch": args.batch, "lr": args.lr,
-                              "frozen_days": args.frozen_days, "seed": args.seed}
+                              "frozen_days": args.frozen_days, "seed": args.seed,
+                              "trainer_workers": args.trainer_workers}
     try:
         collected, feats = _live(run, report)
         _latency(run, feats, report)
@@ -396,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         run.broker.stop()
     report.update(
         wall_s=round(time.monotonic() - t_start, 1),
-        device=str(pick_device("auto")),
+        device=str(pick_device(args.device or run.settings.trainer_device)),
         machine=platform.machine(),
         cpus=os.cpu_count(),
         torch=torch.__version__,

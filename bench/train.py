@@ -12,17 +12,84 @@ import torch
 
 from aitm.embedding_table import DynamicTable, Encoder
 from aitm.features import FeatureEncoder
+from aitm.loss import aitm_loss
 from aitm.model import AITM, AITMConfig
 from aitm.train import make_optimizer, pick_device, train_step
 from bench.feed import measure, simulated_samples
 from bench.report import write_json
 from stream.contract.samples import ENCODINGS
+from stream.learn.device import AMP_MODES, DevicePath, Prefetcher
 from stream.ops.command import command_parser
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _host_loop(path: DevicePath, model: AITM, host: list[tuple[np.ndarray, np.ndarray]], overlap: bool,
+               seed: int) -> tuple[float, list[float]]:
+    """The streaming trainer's situation: every batch starts in host memory. Seconds and losses
+    of one pass, with the next batch's copy overlapping the step (pinned, non-blocking, side
+    stream) or with plain blocking copies from pageable memory."""
+    torch.manual_seed(seed)
+    optimizer = make_optimizer(model)
+    model.train()
+    losses: list[torch.Tensor] = []
+    batches = (Prefetcher(path, host) if overlap
+               else ((torch.as_tensor(i).to(path.device), torch.as_tensor(y).to(path.device)) for i, y in host))
+    _sync(path.device)
+    start = time.perf_counter()
+    for ids, labels in batches:
+        with path.autocast():
+            loss = aitm_loss(model(ids).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        path.backward_step(loss, optimizer)
+        losses.append(loss.detach())  # no host sync in the loop
+    _sync(path.device)
+    elapsed = time.perf_counter() - start
+    return elapsed, [float(x) for x in losses]
+
+
+def _device_path(args: argparse.Namespace, device: torch.device, ids: np.ndarray, labels: np.ndarray,
+                 vocab_sizes: tuple[int, ...]) -> dict[str, object]:
+    """Host-to-device training loops: plain copies vs overlapped copies (fp32), and AMP on/off."""
+    rng = np.random.default_rng(args.seed)
+    host = [(ids[idx], labels[idx]) for idx in (rng.integers(0, len(ids), args.batch) for _ in range(args.steps))]
+    runs: dict[str, tuple[float, list[float]]] = {}
+    for name, amp, overlap in (("plain", "off", False), ("overlap", "off", True), ("amp", args.amp, True)):
+        torch.manual_seed(args.seed)
+        model = AITM(AITMConfig(vocab_sizes=vocab_sizes, n_tasks=labels.shape[1])).to(device)
+        path = DevicePath(device, amp)
+        _host_loop(path, model, host[: args.warmup], overlap, args.seed)  # warm-up (allocator, kernels)
+        torch.manual_seed(args.seed)
+        model = AITM(AITMConfig(vocab_sizes=vocab_sizes, n_tasks=labels.shape[1])).to(device)
+        runs[name] = _host_loop(DevicePath(device, amp), model, host, overlap, args.seed)
+    rate = {k: args.steps * args.batch / v[0] for k, v in runs.items()}
+    ref = np.array(runs["overlap"][1])
+    amp_losses = np.array(runs["amp"][1])
+    rel = np.abs(amp_losses - ref) / np.maximum(np.abs(ref), 1e-12)
+    # parity: the two runs' trajectories part a little more every step, so one step's loss may
+    # stray while the training does not; judged on the mean loss of the last fifth of the steps
+    tail = slice(-max(1, len(ref) // 5), None)
+    final = abs(float(amp_losses[tail].mean() - ref[tail].mean())) / max(abs(float(ref[tail].mean())), 1e-12)
+    same = np.array(runs["plain"][1]) - ref
+    return {
+        "host_plain_samples_per_s": round(rate["plain"], 1),
+        "host_overlap_samples_per_s": round(rate["overlap"], 1),
+        "overlap_speedup": round(rate["overlap"] / rate["plain"], 3),
+        # dropout draws the same masks in both: on CPU the losses are equal, on a GPU within float noise
+        "overlap_loss_max_abs_diff": float(np.abs(same).max()),
+        "amp": DevicePath(device, args.amp).amp,
+        "amp_samples_per_s": round(rate["amp"], 1),
+        "amp_speedup": round(rate["amp"] / rate["overlap"], 3),
+        "amp_loss_max_rel_diff": round(float(rel.max()), 5),
+        "amp_loss_mean_rel_diff": round(float(rel.mean()), 5),
+        "amp_final_loss_rel_diff": round(final, 5),
+        "amp_losses_within_tolerance": bool(final <= args.amp_tolerance),
+        "amp_tolerance": args.amp_tolerance,
+        "pinned": DevicePath(device).pin,
+    }
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +108,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--feed-encoding", choices=ENCODINGS, default="msgpack",
                    help="the samples encoding whose feed rate train_vs_feed compares the step with")
     p.add_argument("--feed-samples", type=int, default=20_000, help="samples the feed rate is timed on")
+    p.add_argument("--amp", choices=AMP_MODES, default="bf16",
+                   help="the device_path section's mixed precision (a GPU only; off on CPU)")
+    p.add_argument("--amp-tolerance", type=float, default=0.02,
+                   help="largest relative difference of the AMP mean loss (last fifth of the steps) from fp32")
     return p.parse_args(argv)
 
 
@@ -99,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.as_tensor(encoder.encode_dicts([row]), device=device)  # (1, F)
             torch.sigmoid(model(x)).cpu()  # (1, T)
             lat_dict_ms.append((time.perf_counter_ns() - t0) / 1e6)
+    device_path = _device_path(args, device, ids_np, np.asarray(data.labels, np.float32), encoder.vocab_sizes)
     # the feed's rate in this run: above 1, the step outruns what one feed process can parse
     feed = measure(simulated_samples(args.feed_samples, args.seed), args.feed_encoding, args.batch, repeats=3)
     skip = min(100, len(lat_ms) // 10)  # warm-up calls
@@ -122,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "AITM",
         "params": sum(p.numel() for p in model.parameters()),
         "torch": torch.__version__,
+        "device_path": device_path,
     }
     print(write_json(args.json, report), end="")
     return 0

@@ -102,6 +102,7 @@ class SampleFeed:
         chunk_size: int,
         max_chunks: int = 8,
         start_timeout_s: float = 30.0,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -111,6 +112,10 @@ class SampleFeed:
         self.chunk_size = chunk_size
         self.max_chunks = max_chunks
         self.start_timeout_s = start_timeout_s
+        # (rank, ranks): this feed reads the partitions p with p % ranks == rank (several trainer
+        # ranks split the topic so; stream/learn/ranks.py)
+        self.share = share
+        self.ready = False
         self.highwater: dict[int, int] = {}  # partition -> high watermark of the last fetch response
         self.partitions: list[int] = []
         self._ctx = multiprocessing.get_context("spawn")  # no fork of a process with torch threads
@@ -137,6 +142,7 @@ class SampleFeed:
             raise RuntimeError(f"the samples feed failed: {body}")
         if kind == "ready":
             self.partitions = list(body)
+            self.ready = True
             return None
         self.highwater.update(body.highwater)
         return body if kind == "chunk" else None
@@ -174,13 +180,13 @@ class SampleFeed:
         self._proc = self._ctx.Process(
             target=_child_main,
             args=(self.client_config, self.topic, self.start_offsets, self.chunk_size, self.start_timeout_s,
-                  self._queue, self._halt, os.getpid()),
+                  self._queue, self._halt, os.getpid(), self.share),
             name="aitm-sample-feed",
             daemon=True,
         )
         self._proc.start()
         deadline = time.monotonic() + (timeout_s or self.start_timeout_s + 10)
-        while not self.partitions:
+        while not self.ready:
             if time.monotonic() > deadline:
                 self.close(1)
                 raise RuntimeError("the samples feed did not start in time")
@@ -204,7 +210,8 @@ def _widen_pipe(q: Any, size: int = PIPE_BYTES) -> None:
 
 
 def _child_main(client_config: ClientConfig, topic: str, offsets: Mapping[int, int], chunk_size: int,
-                start_timeout_s: float, out: Any, halt: Any, parent_pid: int) -> None:
+                start_timeout_s: float, out: Any, halt: Any, parent_pid: int,
+                share: tuple[int, int] = (0, 1)) -> None:
     # the trainer decides when the feed stops (``close``): a SIGTERM or Ctrl-C sent to the whole
     # process group must not kill the feed under a trainer that is still finishing its batch
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -212,7 +219,7 @@ def _child_main(client_config: ClientConfig, topic: str, offsets: Mapping[int, i
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s sample-feed %(levelname)s %(message)s")
     out.cancel_join_thread()  # exiting never waits for the parent to drain the queue
     sys.setswitchinterval(0.0005)  # the queue thread gets the GIL from the parser within 0.5 ms
-    child = FetchLoop(client_config, topic, offsets, chunk_size, start_timeout_s, out, halt, parent_pid)
+    child = FetchLoop(client_config, topic, offsets, chunk_size, start_timeout_s, out, halt, parent_pid, share)
     try:
         asyncio.run(child.run())
     except BaseException as exc:  # reported to the trainer by get()
@@ -233,6 +240,7 @@ class FetchLoop:
     out: Any  # the queue to the trainer
     halt: Any  # the trainer's stop event
     parent_pid: int
+    share: tuple[int, int] = (0, 1)  # (rank, ranks): read the partitions p % ranks == rank
 
     def stopping(self) -> bool:
         return bool(self.halt.is_set()) or os.getppid() != self.parent_pid
@@ -274,6 +282,8 @@ class FetchLoop:
                 raise RuntimeError(
                     f"topic {self.topic!r} has no partitions: create it (aitm-stream broker does)"
                 )
+            rank, ranks = self.share
+            parts = {p for p in parts if p % ranks == rank}  # a rank may own none (more ranks than partitions)
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             for tp in tps:
@@ -282,6 +292,8 @@ class FetchLoop:
                 else:
                     await consumer.seek_to_beginning(tp)
             self.put("ready", sorted(parts))
+            while not tps and not self.stopping():  # nothing of ours to read: wait to be stopped
+                await asyncio.sleep(0.1)
             checked_at = time.monotonic()
             guard = offsets.RecreatedGuard()
             highwater: dict[int, int] = {}

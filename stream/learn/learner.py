@@ -14,7 +14,7 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import numpy as np
 import torch
@@ -27,12 +27,16 @@ from aitm.train import make_optimizer, train_step
 from stream.contract.samples import Sample
 from stream.learn.delay_model import DelayModel
 from stream.learn.delayed_feedback import MODES, TrainRows, train_rows
+from stream.learn.device import DevicePath
 from stream.learn.frozen import FrozenBaseline
 from stream.learn.mixing_buffer import MixingBuffer, RowBlock
 from stream.learn.prequential import PrequentialEvaluator
 from stream.learn.sample_batch import CORRECTION, FINAL, FIRST, N_TASKS, SampleBatch, as_batch
 from stream.learn.stabilisers import Stabilisers, held_back, init_output_bias
 from stream.learn.weight_average import RecentPredictions, WeightAverage, output_bias_shift
+
+if TYPE_CHECKING:
+    from stream.learn.ranks import RankSync
 
 PENDING_CAP: Final = 500_000  # first-sample predictions awaiting their final label
 SEEN_CAP: Final = 500_000  # (impression id, seq) keys remembered for deduplication
@@ -124,6 +128,8 @@ class OnlineLearner:
         self.stream_start_ms: int | None = None
         self.frozen: FrozenBaseline | None = None
         self.eval_window = eval_window
+        self.sync: RankSync | None = None  # several trainer ranks: their collectives (stream.learn.ranks)
+        self.io = DevicePath(self.device)  # pinned, non-blocking copies; TRAINER_AMP (stream.learn.device)
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -162,14 +168,15 @@ class OnlineLearner:
         batch = self.last_batch = self._dedupe(given)
         n = len(batch)
         if n == 0:
+            if self.sync is not None and train:
+                self.sync.idle(self)  # the others' step needs this rank's part of each collective
             empty = np.zeros((0, N_TASKS))
             return StepResult(0, len(given), 0, [], empty, empty, empty, time.perf_counter() - t0)
         if self.stream_start_ms is None:
             self.stream_start_ms = int(batch.event_time_ms.min())
         if self.freeze_after_ms is not None and self.frozen is None:
             self._maybe_freeze(batch)  # before this batch is trained on
-        ids = self.encoder.encode_columns(batch.features, n, update=train,
-                                          event_time_ms=batch.event_time_ms)  # (N, F)
+        ids = self._encode(batch.features, n, train, batch.event_time_ms)  # (N, F)
         self._reset_rows(self.encoder.take_assigned())  # rows given to new values start afresh
         pending = self.pending
         iids = batch.impression_ids
@@ -196,7 +203,8 @@ class OnlineLearner:
             self._set_training(False)  # no dropout: this pass scores as well
             before = self.mixer.upcoming(late, n_first)  # rows that waited and go into this step
             x = ids[fwd_rows] if before is None else np.concatenate([ids[fwd_rows], before.ids])
-            out = self.model(torch.as_tensor(x, device=self.device))  # (M + W, T)
+            with self.io.autocast():
+                out = self.model(self.io.to_device(x))  # (M + W, T)
             logits = out[: fwd_rows.size]  # (M, T)
             if before is not None:
                 waited = (before, out[fwd_rows.size :])
@@ -246,6 +254,8 @@ class OnlineLearner:
             if ready is not None:
                 rows = len(ready)
                 self._optimize(ready, logits, fwd_rows, waited)
+            elif self.sync is not None:
+                self.sync.no_rows(self)
             self.trained_samples += rows
         self.samples_seen += n
         eval_ids = [iids[i] for i in final_rows]
@@ -313,9 +323,9 @@ class OnlineLearner:
         buffer when the pass included them (``waited``: what ``MixingBuffer.upcoming`` foresaw);
         any other row gets its own forward pass, in the same graph."""
         dev = self.device
-        labels = torch.as_tensor(ready.labels, device=dev)  # (R, T)
-        mask = torch.as_tensor(ready.mask, device=dev)
-        weight = torch.as_tensor(ready.weight, device=dev)
+        labels = self.io.to_device(ready.labels)  # (R, T)
+        mask = self.io.to_device(ready.mask)
+        weight = self.io.to_device(ready.weight)
         if logits is not None:
             here = ready.origin >= 0
             at = np.minimum(np.searchsorted(fwd_rows, ready.origin[here]), max(fwd_rows.size - 1, 0))  # positions
@@ -327,20 +337,39 @@ class OnlineLearner:
                 if waited is not None and np.array_equal(waited[0].ids, old):
                     parts.append(waited[1])  # foreseen: already in the scoring pass
                 else:
-                    parts.append(self.model(torch.as_tensor(old, device=dev)))  # (W, T)
+                    with self.io.autocast():
+                        parts.append(self.model(self.io.to_device(old)))  # (W, T)
             order = np.concatenate([np.flatnonzero(here), np.flatnonzero(~here)])
             sel = torch.as_tensor(order, device=dev)
-            loss = aitm_loss(torch.cat(parts), labels[sel], mask[sel], weight[sel], self.alpha)
+            loss = aitm_loss(torch.cat(parts).float(), labels[sel], mask[sel], weight[sel], self.alpha)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            total = [len(ready)]
+
+            def reduce() -> None:  # several ranks: the row-weighted mean gradient, before the step
+                if self.sync is not None:
+                    total[0] = self.sync.reduce(self.model, len(ready))
+
+            self.io.backward_step(loss, self.optimizer, reduce)
+            self.after_step(total[0])
+            return
         else:
             self._set_training(True)
             train_step(self.model, self.optimizer, torch.as_tensor(ready.ids, device=dev), labels, mask, weight,
                        alpha=self.alpha)
+        self.after_step(len(ready))
+
+    def _encode(self, columns: Mapping[str, Sequence[str]], n: int, update: bool,
+                event_time_ms: np.ndarray) -> np.ndarray:
+        """(N, F) ids; with several ranks, every rank's rows go through the table (``RankSync``)."""
+        if self.sync is not None:
+            return self.sync.encode(self.encoder, columns, n, update, event_time_ms)
+        return self.encoder.encode_columns(columns, n, update=update, event_time_ms=event_time_ms)
+
+    def after_step(self, rows: int) -> None:
+        """After an optimizer step on ``rows`` rows (over every rank): the weight average follows."""
         self.steps += 1
         if self.average is not None:
-            self.average.update(self.model, len(ready))
+            self.average.update(self.model, rows)
             self._average_moved = True
 
     def served_model(self) -> AITM:

@@ -31,6 +31,7 @@ from aitm.train import pick_device
 from stream.contract.events import dead_letter
 from stream.contract.versions import ModelVersion
 from stream.learn.batcher import Batch, Batcher
+from stream.learn.device import DevicePath
 from stream.learn.feed import Invalid, SampleFeed
 from stream.learn.gauges import TableGauges, set_quality_gauges
 from stream.learn.learner import OnlineLearner, fields_of
@@ -43,6 +44,7 @@ from stream.learn.publication_gate import (
     settled_after_ms,
 )
 from stream.learn.publisher import Publisher
+from stream.learn.ranks import RankInfo
 from stream.learn.sample_batch import SampleBatch
 from stream.learn.stabilisers import stabilisers_from
 from stream.ops.clock import Clock, SystemClock
@@ -120,9 +122,10 @@ class Trainer:
         model = AITM(config_from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["model_state"])
         encoder = encoder_from_state(ckpt["feature_maps"])
-        return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
-                             model=model, freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
-                             stabilisers=stabilisers_from(self.s))
+        learner = OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
+                                model=model, freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
+                                stabilisers=stabilisers_from(self.s))
+        return self._on_device(learner)
 
     def restore(self) -> None:
         """Resume from the newest good version in the store, else warm-start, else wait for data."""
@@ -134,7 +137,7 @@ class Trainer:
             extra = ckpt.get("extra", {})
             self.learner = self._learner_from(ckpt)
             if extra.get("topic") == self.s.topic_samples and "learner" in extra:
-                self.learner.load_state_dict(extra["learner"])
+                self.learner.load_state_dict(self._resume_state(extra))
                 self.offsets = {int(p): int(o) for p, o in extra.get("offsets", {}).items()}
                 if extra.get("holdout") is not None:
                     self.gate.holdout.load_state_dict(extra["holdout"])
@@ -161,14 +164,31 @@ class Trainer:
         if self.learner.delay is not None and state.get("delay") is not None:
             self.learner.delay.load_state_dict(state["delay"])
 
+    def _on_device(self, learner: OnlineLearner) -> OnlineLearner:
+        """The learner's device path with TRAINER_AMP (stream/learn/device.py)."""
+        learner.io = DevicePath(self.device, self.s.trainer_amp)
+        return learner
+
+    def _resume_state(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """The learner state a resume loads from a checkpoint's ``extra`` (a rank: its own part)."""
+        state: dict[str, Any] = extra["learner"]
+        return state
+
+    def _extra_state(self) -> dict[str, Any]:
+        """More for a checkpoint's ``extra`` (several ranks: every rank's own learner state)."""
+        return {}
+
     def _cold_start(self, batch: SampleBatch) -> OnlineLearner:
-        fields = fields_of(batch)
+        return self._new_learner(fields_of(batch))
+
+    def _new_learner(self, fields: tuple[str, ...]) -> OnlineLearner:
         encoder = DynamicTable(fields, self.s.trainer_embedding_rows, self.s.trainer_feature_min_count,
                                self.s.trainer_embedding_ttl_ms)
         log.info("cold start: %d feature fields %s", len(fields), ", ".join(fields))
-        return OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
-                             freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
-                             stabilisers=stabilisers_from(self.s))
+        learner = OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
+                                freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
+                                stabilisers=stabilisers_from(self.s))
+        return self._on_device(learner)
 
     def _freeze_after_ms(self) -> int | None:
         days = self.s.trainer_freeze_after_days
@@ -326,6 +346,7 @@ class Trainer:
             "learner": learner.state_dict(),
             "mode": self.mode,
             "holdout": self.gate.holdout.state_dict(),
+            **self._extra_state(),
         }
         # the checkpoint's model is the served one (the weight average); the trained weights are
         # in the learner state, for a resume
@@ -392,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides["trainer_warm_start"] = args.warm_start
     logging.getLogger("kafka").setLevel(logging.WARNING)
     settings = load_settings(**overrides)
+    ranks = RankInfo.from_env()
+    if ranks.ranks > 1:  # under torchrun: one rank of several (stream/learn/rank_trainer.py)
+        from stream.learn.rank_trainer import main_rank
+
+        return main_rank(settings, ranks, args.mode, args.exit_when_idle, args.summary_json, args.no_metrics)
     torch.set_num_threads(settings.trainer_threads)
     _warm_up_torch()
     from stream.kafka.broker import ensure_topics

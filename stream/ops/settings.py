@@ -149,6 +149,9 @@ class Settings(BaseSettings):
     # mode, then a training pass with the model's dropout
     trainer_one_pass: bool = True
     trainer_device: str = "auto"  # auto = cuda when present, else cpu
+    # mixed precision on a GPU (stream/learn/device.py): bf16 autocast, or fp16 autocast with a
+    # gradient scaler; off keeps fp32. Ignored (off) on CPU, where autocast only slows AITM down
+    trainer_amp: Literal["off", "bf16", "fp16"] = "off"
     # torch intra-op threads on CPU. One: the trainer shares a small machine with the joiner, scorer
     # and broker, and its feed process needs a core; two OpenMP threads that lose a core to another
     # process wait on each other at every op (measured 4-10x slower on a loaded 2-core machine)

@@ -1,0 +1,163 @@
+"""Several trainer ranks on CPU (gloo): the same weights as one process, identical tables and
+weights across ranks, uneven input, and the merged evaluation (stream/learn/ranks.py)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from aitm.embedding_table import DynamicTable
+from aitm.loss import aitm_loss
+from aitm.model import AITM, AITMConfig
+from aitm.train import make_optimizer
+from stream.contract.samples import Sample
+from stream.kafka.broker import free_port
+from stream.learn.learner import OnlineLearner
+from stream.learn.prequential import PrequentialEvaluator
+from stream.learn.ranks import RankInfo, RankSync, local_state, merged_evaluator
+
+FIELDS = ("a", "b", "c")
+ALL = (True, True, True, True)
+
+
+def _sample(i: int, kind: str = "final") -> Sample:
+    rng = np.random.default_rng(i)
+    feats = {f: str(int(rng.integers(0, 12))) for f in FIELDS}
+    labels = tuple(int(x) for x in (rng.random(4) < [0.6, 0.4, 0.3, 0.2]).cumprod())
+    seq = {"first": 0, "final": 5}[kind]
+    return Sample(f"i{i}", "bank_1", 1_000 + i, feats, labels, ALL, kind, 1000, seq)  # type: ignore[arg-type]
+
+
+def _spawn(fn: Any, ranks: int, tmp: Path, *args: Any) -> None:
+    port = free_port()
+    mp.spawn(fn, args=(ranks, port, tmp, *args), nprocs=ranks, join=True)
+
+
+def _join(rank: int, ranks: int, port: int) -> RankSync:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=ranks)
+    return RankSync(RankInfo(rank, ranks))
+
+
+def _model() -> AITM:
+    torch.manual_seed(3)
+    return AITM(AITMConfig(vocab_sizes=[20, 20, 20], n_tasks=4))
+
+
+def _plain_batches(steps: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 20, (n, 3), generator=g), (torch.rand(n, 4, generator=g) < 0.3).float())
+            for _ in range(steps)]
+
+
+def _grad_worker(rank: int, ranks: int, port: int, tmp: Path) -> None:
+    sync = _join(rank, ranks, port)
+    model = _model()
+    model.eval()  # no dropout: the comparison is exact up to float rounding
+    opt = make_optimizer(model, lr=0.01)
+    for x, y in _plain_batches(5, 64):
+        half = slice(rank * 32, (rank + 1) * 32)  # each rank its half of the batch
+        opt.zero_grad(set_to_none=True)
+        aitm_loss(model(x[half]), y[half], alpha=0.0).backward()
+        assert sync.reduce(model, 32) == 64
+        opt.step()
+    torch.save(model.state_dict(), tmp / f"grad{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_train_to_the_weights_of_one_process_on_the_same_batches(tmp_path: Path) -> None:
+    _spawn(_grad_worker, 2, tmp_path)
+    model = _model()
+    model.eval()
+    opt = make_optimizer(model, lr=0.01)
+    for x, y in _plain_batches(5, 64):
+        opt.zero_grad(set_to_none=True)
+        aitm_loss(model(x), y, alpha=0.0).backward()
+        opt.step()
+    one = model.state_dict()
+    r0, r1 = (torch.load(tmp_path / f"grad{r}.pt") for r in range(2))
+    assert any(not torch.equal(one[k], _model().state_dict()[k]) for k in one)  # it did train
+    for k in one:
+        assert torch.equal(r0[k], r1[k]), k  # bit for bit the same on both ranks
+        torch.testing.assert_close(r0[k], one[k], rtol=1e-5, atol=1e-6)
+
+
+def _learner_worker(rank: int, ranks: int, port: int, tmp: Path, plan: list[list[list[int]]]) -> None:
+    sync = _join(rank, ranks, port)
+    torch.manual_seed(0)
+    ln = OnlineLearner(DynamicTable(FIELDS, rows=64, min_count=2, ttl_ms=10**9), mode="fnw", lr=0.05,
+                       eval_window=500)
+    ln.sync = sync
+    sync.broadcast_model(ln.model)
+    for round_ in plan:
+        mine = round_[rank]  # this rank's sample numbers this round; may be empty (uneven input)
+        ln.step([_sample(i, "first") for i in mine] + [_sample(i, "final") for i in mine])
+    out = {"model": ln.model.state_dict(), "table": ln.encoder.state_dict(), "steps": ln.steps,
+           "seen": ln.samples_seen, "evaluator": ln.evaluator.state_dict(), "local": local_state(ln.state_dict())}
+    (tmp / f"learner{rank}.pkl").write_bytes(pickle.dumps(out))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_keep_identical_tables_and_weights_with_uneven_input(tmp_path: Path) -> None:
+    # rank 1 has nothing in rounds 2 and 4, rank 0 nothing in round 3: nobody hangs, and the
+    # ranks with data still step
+    plan = [[list(range(0, 40)), list(range(100, 140))],
+            [list(range(40, 80)), list(range(140, 150))],
+            [list(range(80, 95)), []],
+            [[], list(range(150, 190))],
+            [list(range(200, 260)), []]]
+    _spawn(_learner_worker, 2, tmp_path, plan)
+    r0, r1 = (pickle.loads((tmp_path / f"learner{r}.pkl").read_bytes()) for r in range(2))
+    for k, v in r0["model"].items():
+        assert torch.equal(v, r1["model"][k]), k
+    assert r0["steps"] == r1["steps"] == 5  # one optimizer step per round, on both ranks
+    assert r0["table"]["admissions"] > 0
+    assert _same(r0["table"], r1["table"])  # the same feature table, value for value
+    # each rank evaluated its own impressions only
+    assert (r0["seen"], r1["seen"]) == (2 * (40 + 40 + 15 + 60), 2 * (40 + 10 + 40))
+    merged = merged_evaluator([r0["evaluator"], r1["evaluator"]], 500)
+    assert merged.tasks[0].count == 40 + 40 + 15 + 60 + 40 + 10 + 40
+    assert set(r0["local"]) >= {"pending_ids", "evaluator", "mixer"} and "optimizer" not in r0["local"]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def test_merged_evaluator_equals_one_evaluator_over_all_pairs() -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random((300, 4)) < 0.3).astype(np.float64)
+    p = np.clip(y * 0.3 + rng.random((300, 4)) * 0.7, 0.01, 0.99)
+    one = PrequentialEvaluator(4, 1000)
+    one.update(y, p)
+    parts = [PrequentialEvaluator(4, 500), PrequentialEvaluator(4, 500)]
+    parts[0].update(y[:120], p[:120])
+    parts[1].update(y[120:], p[120:])
+    merged = merged_evaluator([e.state_dict() for e in parts], 500)
+    for a, b in zip(one.values()["lifetime"] + one.values()["sliding"],
+                    merged.values()["lifetime"] + merged.values()["sliding"], strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert np.isclose(a[k], b[k]), k
+
+
+def test_rank_share_splits_partitions_without_overlap() -> None:
+    infos = [RankInfo(r, 3) for r in range(3)]
+    owners = [[i.rank for i in infos if i.owns(p)] for p in range(8)]
+    assert all(len(o) == 1 for o in owners)
+    assert RankInfo.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == RankInfo(1, 2, 1)
+    assert RankInfo.from_env({}) == RankInfo(0, 1, 0)
