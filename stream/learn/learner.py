@@ -21,9 +21,9 @@ import torch
 
 from aitm.embedding_table import Encoder
 from aitm.layers import EMBEDDING_INIT_STD
+from aitm.lazy_adam import LazyAdam
 from aitm.loss import ALPHA, aitm_loss
 from aitm.model import AITM, AITMConfig
-from aitm.train import make_optimizer, train_step
 from stream.contract.samples import Sample
 from stream.learn.delay_model import DelayModel
 from stream.learn.delayed_feedback import MODES, TrainRows, train_rows
@@ -44,6 +44,7 @@ RECENTRE_EVAL_ROWS: Final = 4096
 # over the whole ring): with the same half-life it followed the live model's daily ripple and the
 # sparse steps' swing rose to 1.25-1.29; with 4x, 1.10-1.26 (replays, docs/serving.md)
 RECENTRE_HALF_LIVES: Final = 4.0
+TABLE: Final = "embedding.table.weight"  # the embedding table: trained and averaged row-wise
 
 
 @dataclass
@@ -95,9 +96,11 @@ class OnlineLearner:
             if st.prior_rates is not None:
                 init_output_bias(model, st.prior_rates)
         self.model = model.to(self.device)
-        self.optimizer = make_optimizer(self.model, lr=lr)
+        # lazy row-wise Adam on the embedding table: a step moves only the rows it trained (aitm/lazy_adam.py)
+        self.optimizer = LazyAdam(self.model, self.model.embedding.table, lr=lr)
         self.mixer = MixingBuffer(N_TASKS, st.min_step_rows, st.positive_slack or 1.0, st.positive_half_life)
-        self.average = WeightAverage(self.model, st.ema_half_life_rows) if st.ema_half_life_rows > 0 else None
+        self.average = (WeightAverage(self.model, st.ema_half_life_rows, lazy=TABLE)
+                        if st.ema_half_life_rows > 0 else None)
         self.recent = (RecentPredictions(st.recentre_rows, len(encoder.fields), N_TASKS)
                        if self.average is not None and st.recentre_rows > 0 else None)
         self.bias_shift = np.zeros(N_TASKS)  # the last re-centring's shift of the served biases (logits)
@@ -273,8 +276,7 @@ class OnlineLearner:
             if moment is not None:
                 moment[dst] = 0
         if self.average is not None:
-            avg = cast(AITM, self.average.model).embedding.table.weight
-            avg[dst] = fresh.to(avg)
+            self.average.set_rows(dst, fresh)
 
     def _delay_weights(self, batch: SampleBatch, tr: TrainRows) -> None:
         """Cold-start delay compensation (``stream.learn.delay_model``): add each positive copy of task
@@ -331,16 +333,18 @@ class OnlineLearner:
             order = np.concatenate([np.flatnonzero(here), np.flatnonzero(~here)])
             sel = torch.as_tensor(order, device=dev)
             loss = aitm_loss(torch.cat(parts), labels[sel], mask[sel], weight[sel], self.alpha)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
         else:
             self._set_training(True)
-            train_step(self.model, self.optimizer, torch.as_tensor(ready.ids, device=dev), labels, mask, weight,
-                       alpha=self.alpha)
+            loss = aitm_loss(self.model(torch.as_tensor(ready.ids, device=dev)), labels, mask, weight, self.alpha)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        touched = self.optimizer.touched_rows()  # (R,) the table rows this step moves, and only those
+        if self.average is not None:
+            self.average.catch_up(self.model, touched)  # before the step changes them
+        self.optimizer.step()
         self.steps += 1
         if self.average is not None:
-            self.average.update(self.model, len(ready))
+            self.average.update(self.model, len(ready), touched)
             self._average_moved = True
 
     def served_model(self) -> AITM:
@@ -431,7 +435,7 @@ class OnlineLearner:
             if state.get("average") is not None:
                 self.average.load_state_dict(state["average"])
             else:  # a checkpoint from before the average: start it from the trained weights
-                self.average = WeightAverage(self.model, self.average.half_life)
+                self.average = WeightAverage(self.model, self.average.half_life, lazy=TABLE)
         self.stream_start_ms = state.get("stream_start_ms")
         if self.delay is not None and state.get("delay") is not None:
             self.delay.load_state_dict(state["delay"])
