@@ -109,6 +109,8 @@ class OnlineLearner:
         self.delay = (DelayModel(st.delay_windows_ms, st.delay_max_factor)
                       if st.delay_windows_ms is not None and mode == "fnw" else None)
         self.steps = 0  # optimizer steps, lifetime
+        # table rows the served model changed since the last ``take_changed_rows`` (a delta version)
+        self.changed_rows = np.zeros(self.model.embedding.table.weight.shape[0], bool)
         self.last_batch = SampleBatch.empty()
         # one forward pass per batch, dropout off, both scores the batch and carries the gradient
         # (the scores come from the weights before this batch's update: test-then-train holds).
@@ -266,6 +268,7 @@ class OnlineLearner:
         sparse steps: every value of a field then starts identical - docs/embedding_table.md.)"""
         if rows.size == 0:
             return
+        self.changed_rows[rows] = True
         table = self.model.embedding.table.weight
         gen = torch.Generator().manual_seed(int(np.asarray(self.encoder.marker(), np.int64).sum()) + 1)
         fresh = torch.randn((rows.size, table.shape[1]), generator=gen) * EMBEDDING_INIT_STD  # (R, d)
@@ -342,10 +345,18 @@ class OnlineLearner:
         if self.average is not None:
             self.average.catch_up(self.model, touched)  # before the step changes them
         self.optimizer.step()
+        self.changed_rows[touched.cpu().numpy()] = True
         self.steps += 1
         if self.average is not None:
             self.average.update(self.model, len(ready), touched)
             self._average_moved = True
+
+    def take_changed_rows(self) -> np.ndarray:
+        """(R,) the table rows trained or reset since the previous call (sorted): the rows of the
+        served model a version changes, since the embedding table is trained row-wise."""
+        rows = np.flatnonzero(self.changed_rows)
+        self.changed_rows[rows] = False
+        return rows
 
     def served_model(self) -> AITM:
         """The model a new version serves: the weight average when there is one (its output biases

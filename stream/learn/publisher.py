@@ -23,6 +23,7 @@ class Publisher:
         self.on_published = on_published
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self.writing: Future[ModelVersion] | None = None  # the version being written
+        self.artifact_bytes: dict[str, int] = {}  # size of the last serving artifact written, by kind
 
     def wait(self) -> None:
         """Until the version being written is announced; raises its failure."""
@@ -30,14 +31,18 @@ class Publisher:
             self.writing.result()
 
     def submit(self, version: int, ckpt: dict[str, Any], trained: int, newest_ms: int,
-               oldest_ms: int | None) -> Future[ModelVersion]:
-        """Write and announce ``ckpt`` (a snapshot: nothing may change it meanwhile) as ``version``."""
+               oldest_ms: int | None, artifact: dict[str, Any] | None = None) -> Future[ModelVersion]:
+        """Write and announce ``ckpt`` (a snapshot: nothing may change it meanwhile) as ``version``,
+        with its serving artifact (``aitm.artifact``) when there is one."""
         self.wait()  # in order, and a failure surfaces
-        self.writing = self._writer.submit(self._publish, version, ckpt, trained, newest_ms, oldest_ms)
+        self.writing = self._writer.submit(self._publish, version, ckpt, trained, newest_ms, oldest_ms, artifact)
         return self.writing
 
     def _publish(self, version: int, ckpt: dict[str, Any], trained: int, newest_ms: int,
-                 oldest_ms: int | None) -> ModelVersion:
+                 oldest_ms: int | None, artifact: dict[str, Any] | None = None) -> ModelVersion:
+        if artifact is not None:  # before the checkpoint: a scorer told of the version finds it
+            _, size = self.store.publish_artifact(artifact)
+            self.artifact_bytes[str(artifact["kind"])] = size
         path, digest = self.store.publish(version, ckpt)
         now_ms = self.clock.now_ms()
         v = ModelVersion(

@@ -61,7 +61,7 @@ class Scorer:
         self.policy = BankPolicy.from_settings(settings)
         self.store = ModelStore(settings.model_store_path(), settings.model_store_keep)
         self.model: ScoringModel | None = None  # read by HTTP threads; replaced whole, never mutated
-        self.versions = VersionFollower(settings, self.store, self.metrics.refused_models)
+        self.versions = VersionFollower(settings, self.store, self.metrics.refused_models, self.metrics)
         self.scored = 0
         self._http: HttpServer | None = None
         self.http_latency = self.metrics.latency.labels(path="http")

@@ -1,0 +1,166 @@
+"""Serving artifacts: what a scorer needs of a model version, apart from the training checkpoint.
+
+A training checkpoint carries the served model, the trained weights, the optimizer's moments, the
+weight average, the evaluators and the table's sketch: ~6 copies of the embedding table. A scorer
+needs one copy of the served weights and the vocabulary. Two kinds, plain dicts of tensors and
+lists (``torch.load(weights_only=True)``-safe; written with ``aitm.checkpoint.save_checkpoint``):
+
+- **full**: the model config, every dense weight (everything but the embedding table), the
+  whole table, and the vocabulary (every row in use: its field and value);
+- **delta**: the dense weights, and only the table rows changed since the previous version
+  (``base_version``): their new values, and for rows whose holder changed their new field and
+  value (field -1: freed).
+
+A checksum chain ties them: ``chain = sha256(base_chain + content digest)``, the content digest
+taken over every tensor and value the artifact carries. A reader applies a delta only to the
+version it was made against (``base_version`` and ``base_chain`` equal to its own) and only if
+the recomputed chain matches; otherwise it falls back to a full snapshot. Applying a delta to the
+previous version gives exactly the full snapshot's weights and vocabulary (tested bit for bit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+from typing import Any, Final
+
+import numpy as np
+import torch
+
+from aitm.checkpoint import config_from_dict
+from aitm.embedding_table import DynamicTable
+from aitm.model import AITM
+
+TABLE: Final = "embedding.table.weight"
+FORMAT: Final = 1
+FULL: Final = "full"
+DELTA: Final = "delta"
+
+
+class ArtifactError(Exception):
+    """A serving artifact that does not fit: another base, a broken chain, a damaged payload."""
+
+
+def dense_state(model: AITM) -> dict[str, torch.Tensor]:
+    """Every entry of the model's state but the embedding table, cloned to the CPU."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k != TABLE}
+
+
+def _vocab_of(table: DynamicTable, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    fields = table.row_field[rows].astype(np.int16)
+    values = [table.row_value[r] or "" for r in rows.tolist()]
+    return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(fields), values
+
+
+def content_digest(art: Mapping[str, Any]) -> str:
+    """sha256 over what the artifact carries (kind, versions, rows, values, dense weights, vocabulary)."""
+    h = hashlib.sha256()
+    h.update(f"{art['kind']}|{art['version']}|{art.get('base_version')}|".encode())
+    for name in ("rows", "values", "vocab_rows", "vocab_fields"):
+        h.update(np.ascontiguousarray(art[name].numpy()).tobytes())
+    for name in sorted(art["dense"]):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(art["dense"][name].numpy()).tobytes())
+    h.update("\x1f".join(art["vocab_values"]).encode())
+    return h.hexdigest()
+
+
+def chained(base_chain: str, digest: str) -> str:
+    return hashlib.sha256((base_chain + digest).encode()).hexdigest()
+
+
+def _seal(art: dict[str, Any]) -> dict[str, Any]:
+    art["chain"] = chained(art["base_chain"], content_digest(art))
+    return art
+
+
+def full_artifact(version: int, model: AITM, table: DynamicTable, base_chain: str = "") -> dict[str, Any]:
+    """The whole served version (a snapshot: cloned). ``base_chain`` continues the writer's chain."""
+    used = np.flatnonzero(table.row_field >= 0).astype(np.int64)
+    vrows, vfields, values = _vocab_of(table, used)
+    weight = model.state_dict()[TABLE].detach().cpu()
+    return _seal({
+        "format": FORMAT, "kind": FULL, "version": int(version), "base_version": None, "base_chain": base_chain,
+        "config": dataclasses.asdict(model.config), "fields": list(table.fields), "table_rows": table.rows,
+        "rows": torch.arange(weight.shape[0], dtype=torch.int64), "values": weight.clone(),
+        "dense": dense_state(model), "vocab_rows": vrows, "vocab_fields": vfields, "vocab_values": values,
+    })
+
+
+def delta_artifact(version: int, base_version: int, base_chain: str, model: AITM, table: DynamicTable,
+                   rows: np.ndarray, vocab_rows: np.ndarray) -> dict[str, Any]:
+    """The rows ``rows`` of the served table (changed since ``base_version``) and the dense weights;
+    the vocabulary of ``vocab_rows`` (rows whose holder changed: assigned or freed)."""
+    weight = model.state_dict()[TABLE].detach()
+    at = torch.from_numpy(np.unique(rows).astype(np.int64))
+    vrows, vfields, values = _vocab_of(table, np.unique(vocab_rows).astype(np.int64))
+    return _seal({
+        "format": FORMAT, "kind": DELTA, "version": int(version), "base_version": int(base_version),
+        "base_chain": base_chain, "rows": at, "values": weight[at.to(weight.device)].cpu().clone(),
+        "dense": dense_state(model), "vocab_rows": vrows, "vocab_fields": vfields, "vocab_values": values,
+    })
+
+
+def verify(art: Mapping[str, Any]) -> None:
+    """Raise ``ArtifactError`` unless the artifact's chain matches what it carries."""
+    if art.get("format") != FORMAT or art.get("kind") not in (FULL, DELTA):
+        raise ArtifactError(f"not a serving artifact of format {FORMAT}")
+    if chained(art["base_chain"], content_digest(art)) != art["chain"]:
+        raise ArtifactError(f"version {art['version']}: its content does not match its chain checksum")
+
+
+@dataclasses.dataclass
+class Replica:
+    """A scorer's copy of the served model: one model, one vocabulary, changed in place by deltas."""
+
+    version: int
+    chain: str
+    model: AITM
+    table: DynamicTable
+
+    @classmethod
+    def from_full(cls, art: Mapping[str, Any]) -> Replica:
+        verify(art)
+        if art["kind"] != FULL:
+            raise ArtifactError(f"version {art['version']} is a delta, not a full snapshot")
+        model = AITM(config_from_dict(art["config"]))
+        state = dict(art["dense"])
+        state[TABLE] = art["values"]
+        model.load_state_dict(state)
+        model.eval()
+        # the serving vocabulary: no sketch to speak of, never updated
+        table = DynamicTable(art["fields"], int(art["table_rows"]), sketch_width=16, sketch_depth=1)
+        table.free = np.zeros(0, np.int64)
+        table.n_free = 0
+        _apply_vocab(table, art)
+        return cls(int(art["version"]), str(art["chain"]), model, table)
+
+    @torch.no_grad()
+    def apply(self, art: Mapping[str, Any]) -> None:
+        """Apply the next delta in place; ``ArtifactError`` (nothing changed) unless it is made
+        against this version and its chain holds."""
+        if art.get("kind") != DELTA:
+            raise ArtifactError(f"version {art.get('version')} is not a delta")
+        if art["base_version"] != self.version or art["base_chain"] != self.chain:
+            raise ArtifactError(f"delta {art['version']} is made against version {art['base_version']}, "
+                                f"this replica holds {self.version} (or another chain): the chain is broken")
+        verify(art)
+        weight = self.model.embedding.table.weight
+        weight[art["rows"]] = art["values"].to(weight)
+        self.model.load_state_dict(art["dense"], strict=False)
+        _apply_vocab(self.table, art)
+        self.version, self.chain = int(art["version"]), str(art["chain"])
+
+
+def _apply_vocab(table: DynamicTable, art: Mapping[str, Any]) -> None:
+    """Each listed row's holder replaced: the old value unmapped, the new one mapped (field -1: free)."""
+    for row, f, value in zip(art["vocab_rows"].tolist(), art["vocab_fields"].tolist(), art["vocab_values"],
+                             strict=True):
+        old_f, old_value = int(table.row_field[row]), table.row_value[row]
+        if old_f >= 0 and old_value is not None and table.vocab[old_f].get(old_value) == row - old_f:
+            del table.vocab[old_f][old_value]
+        table.row_field[row] = f
+        table.row_value[row] = value if f >= 0 else None
+        if f >= 0:
+            table.vocab[f][value] = row - f
