@@ -11,10 +11,14 @@ lists (``torch.load(weights_only=True)``-safe; written with ``aitm.checkpoint.sa
   (``base_version``): their new values, and for rows whose holder changed their new field and
   value (field -1: freed).
 
-A checksum chain ties them: ``chain = sha256(base_chain + content digest)``, the content digest
-taken over every tensor and value the artifact carries. A reader applies a delta only to the
-version it was made against (``base_version`` and ``base_chain`` equal to its own) and only if
-the recomputed chain matches; otherwise it falls back to a full snapshot. Applying a delta to the
+A checksum chain ties them: every artifact carries the sha256 of its content (``digest``, over
+every tensor and value it carries) and its version's ``chain``: ``sha256(base_chain + digest)``
+of the version's delta (of the full snapshot, for a version with none: a writer's first). Every
+``full_every`` versions the writer adds a full snapshot beside the delta, with the delta's chain:
+a scorer in step applies the delta, one that starts or has lost the chain loads the snapshot. A
+reader applies a delta only to the version it was made against (``base_version`` and
+``base_chain`` equal to its own) and only if its digest and chain recompute; otherwise it falls
+back to a full snapshot. Applying a delta to the
 previous version gives exactly the full snapshot's weights and vocabulary (tested bit for bit).
 """
 
@@ -70,13 +74,16 @@ def chained(base_chain: str, digest: str) -> str:
     return hashlib.sha256((base_chain + digest).encode()).hexdigest()
 
 
-def _seal(art: dict[str, Any]) -> dict[str, Any]:
-    art["chain"] = chained(art["base_chain"], content_digest(art))
+def _seal(art: dict[str, Any], chain: str | None = None) -> dict[str, Any]:
+    art["digest"] = content_digest(art)
+    art["chain"] = chain if chain is not None else chained(art["base_chain"], art["digest"])
     return art
 
 
-def full_artifact(version: int, model: AITM, table: DynamicTable, base_chain: str = "") -> dict[str, Any]:
-    """The whole served version (a snapshot: cloned). ``base_chain`` continues the writer's chain."""
+def full_artifact(version: int, model: AITM, table: DynamicTable, base_chain: str = "",
+                  chain: str | None = None) -> dict[str, Any]:
+    """The whole served version (a snapshot: cloned). ``base_chain`` continues the writer's chain;
+    ``chain``: the version's chain when its delta defines it (a snapshot written beside a delta)."""
     used = np.flatnonzero(table.row_field >= 0).astype(np.int64)
     vrows, vfields, values = _vocab_of(table, used)
     weight = model.state_dict()[TABLE].detach().cpu()
@@ -85,7 +92,7 @@ def full_artifact(version: int, model: AITM, table: DynamicTable, base_chain: st
         "config": dataclasses.asdict(model.config), "fields": list(table.fields), "table_rows": table.rows,
         "rows": torch.arange(weight.shape[0], dtype=torch.int64), "values": weight.clone(),
         "dense": dense_state(model), "vocab_rows": vrows, "vocab_fields": vfields, "vocab_values": values,
-    })
+    }, chain)
 
 
 def delta_artifact(version: int, base_version: int, base_chain: str, model: AITM, table: DynamicTable,
@@ -103,11 +110,12 @@ def delta_artifact(version: int, base_version: int, base_chain: str, model: AITM
 
 
 def verify(art: Mapping[str, Any]) -> None:
-    """Raise ``ArtifactError`` unless the artifact's chain matches what it carries."""
+    """Raise ``ArtifactError`` unless the artifact's digest (and a delta's chain) match its content."""
     if art.get("format") != FORMAT or art.get("kind") not in (FULL, DELTA):
         raise ArtifactError(f"not a serving artifact of format {FORMAT}")
-    if chained(art["base_chain"], content_digest(art)) != art["chain"]:
-        raise ArtifactError(f"version {art['version']}: its content does not match its chain checksum")
+    digest = content_digest(art)
+    if digest != art["digest"] or (art["kind"] == DELTA and chained(art["base_chain"], digest) != art["chain"]):
+        raise ArtifactError(f"version {art['version']}: its content does not match its checksums")
 
 
 @dataclasses.dataclass

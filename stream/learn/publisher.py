@@ -31,16 +31,16 @@ class Publisher:
             self.writing.result()
 
     def submit(self, version: int, ckpt: dict[str, Any], trained: int, newest_ms: int,
-               oldest_ms: int | None, artifact: dict[str, Any] | None = None) -> Future[ModelVersion]:
+               oldest_ms: int | None, artifacts: list[dict[str, Any]] | None = None) -> Future[ModelVersion]:
         """Write and announce ``ckpt`` (a snapshot: nothing may change it meanwhile) as ``version``,
-        with its serving artifact (``aitm.artifact``) when there is one."""
+        with its serving artifacts (``aitm.artifact``)."""
         self.wait()  # in order, and a failure surfaces
-        self.writing = self._writer.submit(self._publish, version, ckpt, trained, newest_ms, oldest_ms, artifact)
+        self.writing = self._writer.submit(self._publish, version, ckpt, trained, newest_ms, oldest_ms, artifacts or [])
         return self.writing
 
     def _publish(self, version: int, ckpt: dict[str, Any], trained: int, newest_ms: int,
-                 oldest_ms: int | None, artifact: dict[str, Any] | None = None) -> ModelVersion:
-        if artifact is not None:  # before the checkpoint: a scorer told of the version finds it
+                 oldest_ms: int | None, artifacts: list[dict[str, Any]] | None = None) -> ModelVersion:
+        for artifact in artifacts or []:  # before the announcement: a scorer told of the version finds them
             _, size = self.store.publish_artifact(artifact)
             self.artifact_bytes[str(artifact["kind"])] = size
         path, digest = self.store.publish(version, ckpt)

@@ -26,23 +26,25 @@ class ServingWriter:
         self._field: np.ndarray | None = None  # the table's row holders as last published
         self._seq: np.ndarray | None = None
 
-    def artifact(self, version: int, model: AITM, encoder: Encoder, changed_rows: np.ndarray,
-                 full: bool = False) -> dict[str, Any] | None:
-        """The artifact of ``version``: ``model`` served with ``encoder``; ``changed_rows`` the table
-        rows changed since the previous version. None for an encoder without a dynamic table
-        (scorers then load the checkpoint). ``full``: a full snapshot now (on demand)."""
+    def artifacts(self, version: int, model: AITM, encoder: Encoder, changed_rows: np.ndarray,
+                  full: bool = False) -> list[dict[str, Any]]:
+        """The artifacts of ``version``: ``model`` served with ``encoder``; ``changed_rows`` the table
+        rows changed since the previous version. A delta; every ``full_every`` versions (or with
+        ``full``: on demand) a full snapshot beside it, with its chain; a writer's first: a full
+        snapshot alone. None for an encoder without a dynamic table (scorers then load the checkpoint)."""
         if not isinstance(encoder, DynamicTable):
-            return None
+            return []
         holders = encoder.row_field, encoder.row_seq
-        if self.base is None or self._field is None or self._seq is None or full \
-                or self.since_full + 1 >= self.full_every:
-            art = full_artifact(version, model, encoder, self.base[1] if self.base else "")
-            self.since_full = 0
-        else:
+        out: list[dict[str, Any]] = []
+        if self.base is not None and self._field is not None and self._seq is not None:
             moved = np.flatnonzero((holders[0] != self._field) | (holders[1] != self._seq))  # assigned or freed
-            art = delta_artifact(version, self.base[0], self.base[1], model, encoder,
-                                 np.union1d(changed_rows, moved), moved)
+            out.append(delta_artifact(version, self.base[0], self.base[1], model, encoder,
+                                      np.union1d(changed_rows, moved), moved))
             self.since_full += 1
+        if not out or full or self.since_full >= self.full_every:
+            chain = str(out[0]["chain"]) if out else None
+            out.append(full_artifact(version, model, encoder, self.base[1] if self.base else "", chain))
+            self.since_full = 0
         self._field, self._seq = holders[0].copy(), holders[1].copy()
-        self.base = (version, str(art["chain"]))
-        return art
+        self.base = (version, str(out[0]["chain"]))
+        return out

@@ -333,13 +333,13 @@ class Trainer:
         # in the learner state, for a resume
         ckpt = snapshot(make_checkpoint(served, learner.model.config, learner.encoder.state_dict(),
                                        self.version, extra))
-        artifact = self.serving.artifact(self.version, served, learner.encoder, learner.take_changed_rows())
+        artifacts = self.serving.artifacts(self.version, served, learner.encoder, learner.take_changed_rows())
         self.gate.published(self.version, served, known_now(learner.encoder))
         newest_ms = self.new_max_ms
         oldest_ms = self.new_min_ms
         trained = learner.trained_samples
         self.new_min_ms, self.batches_since = None, 0
-        return self.publisher.submit(self.version, ckpt, trained, newest_ms, oldest_ms, artifact)
+        return self.publisher.submit(self.version, ckpt, trained, newest_ms, oldest_ms, artifacts)
 
     def _published(self, v: ModelVersion, now_ms: int) -> None:
         """On the writer thread, once ``v`` is announced: the refresh figures."""

@@ -16,10 +16,11 @@ Announcement (JSON, ``schema_version`` 1)::
 version and the oldest sample that is new in it (freshness = use time minus the latter).
 
 Beside each checkpoint the trainer writes the version's **serving artifact** (``aitm.artifact``):
-``v00000042.full.srv`` (served weights and vocabulary) or ``v00000042.delta.srv`` (the rows changed
-since version 41, and the dense weights), in the same file format (atomic, sha256 inside). Scorers
-load those, not the checkpoint. Pruning keeps the newest ``keep`` artifacts and every artifact
-from the newest full snapshot on, so the newest version can always be rebuilt.
+``v00000042.delta.srv`` (the rows changed since version 41, and the dense weights) and, every N
+versions or after a trainer start, ``v00000042.full.srv`` (served weights and vocabulary), in the
+same file format (atomic, sha256 inside). Scorers load those, not the checkpoint. Pruning keeps the
+newest ``keep`` versions' artifacts and every one from the newest full snapshot on, so the newest
+version can always be rebuilt.
 """
 
 from __future__ import annotations
@@ -111,15 +112,15 @@ class ModelStore:
     def artifact_path(self, version: int, kind: str) -> Path:
         return self.root / f"v{version:08d}.{kind}.srv"
 
-    def artifacts(self) -> dict[int, str]:
-        """Version -> kind (``full`` or ``delta``) of the serving artifacts present."""
-        out: dict[int, str] = {}
+    def artifacts(self) -> dict[int, set[str]]:
+        """Version -> kinds (``full``, ``delta``) of the serving artifacts present."""
+        out: dict[int, set[str]] = {}
         if not self.root.is_dir():
             return out
         for p in self.root.iterdir():
             m = _ARTIFACT.match(p.name)
             if m:
-                out[int(m.group(1))] = m.group(2)
+                out.setdefault(int(m.group(1)), set()).add(m.group(2))
         return out
 
     def publish_artifact(self, artifact: Mapping[str, Any]) -> tuple[Path, int]:
@@ -129,20 +130,19 @@ class ModelStore:
         save_checkpoint(path, artifact)
         size = path.stat().st_size
         present = self.artifacts()
-        fulls = [v for v, k in present.items() if k == "full"]
+        fulls = [v for v, kinds in present.items() if "full" in kinds]
         newest = sorted(present)[-self.keep :]
         floor = min(max(fulls) if fulls else newest[0], newest[0])
-        for v, kind in present.items():
-            if v < floor:
+        for v, kinds in present.items():
+            for kind in kinds if v < floor else ():
                 self.artifact_path(v, kind).unlink(missing_ok=True)
         return path, size
 
-    def load_artifact(self, version: int) -> dict[str, Any]:
-        """A version's serving artifact, its file checksum verified; ``ModelStoreError`` if absent
-        or damaged."""
-        kind = self.artifacts().get(version)
-        if kind is None:
-            raise ModelStoreError(f"no serving artifact for model version {version} in {self.root}")
+    def load_artifact(self, version: int, kind: str) -> dict[str, Any]:
+        """A version's serving artifact of ``kind``, its file checksum verified; ``ModelStoreError``
+        if absent or damaged."""
+        if not self.artifact_path(version, kind).exists():
+            raise ModelStoreError(f"no {kind} serving artifact for model version {version} in {self.root}")
         try:
             return load_checkpoint(self.artifact_path(version, kind))
         except CheckpointError as exc:

@@ -61,11 +61,12 @@ class ReplicaLoader:
         if base is not None and base < target:
             deltas: list[dict[str, Any]] = []
             for v in range(base + 1, target + 1):
-                if arts.get(v) != DELTA:
-                    reason = MISSING if v not in arts else None  # a full snapshot in between: load it
+                if DELTA not in arts.get(v, ()):
+                    # a version with a full snapshot only (the trainer restarted): load that
+                    reason = None if FULL in arts.get(v, ()) else MISSING
                     break
                 try:
-                    deltas.append(self.store.load_artifact(v))
+                    deltas.append(self.store.load_artifact(v, DELTA))
                 except ModelStoreError as exc:
                     log.warning("delta version %d: %s", v, exc)
                     reason = DAMAGED
@@ -74,19 +75,22 @@ class ReplicaLoader:
                 return Plan(target, None, deltas)
         return self._from_full(target, arts, base, reason)
 
-    def _from_full(self, target: int, arts: dict[int, str], base: int | None, reason: str | None) -> Plan | None:
-        for f in sorted((v for v, k in arts.items() if k == FULL and v <= target), reverse=True):
+    def _from_full(self, target: int, arts: dict[int, set[str]], base: int | None,
+                   reason: str | None) -> Plan | None:
+        for f in sorted((v for v, kinds in arts.items() if FULL in kinds and v <= target), reverse=True):
+            if base is not None and f <= base and DELTA not in arts.get(base + 1, ()):
+                return None  # nothing past the replica to load
             try:
-                full = self.store.load_artifact(f)
+                full = self.store.load_artifact(f, FULL)
             except ModelStoreError as exc:
                 log.warning("full snapshot %d: %s", f, exc)
                 continue
             deltas = []
             for v in range(f + 1, target + 1):
-                if arts.get(v) != DELTA:
+                if DELTA not in arts.get(v, ()):
                     break
                 try:
-                    deltas.append(self.store.load_artifact(v))
+                    deltas.append(self.store.load_artifact(v, DELTA))
                 except ModelStoreError:
                     break
             if base is not None and f + len(deltas) <= base:

@@ -45,12 +45,13 @@ class Stream:
         self.k += len(samples)
         self.learner.step(samples)
 
-    def publish(self, store: ModelStore, version: int, full: bool = False) -> dict[str, object]:
+    def publish(self, store: ModelStore, version: int, full: bool = False) -> dict[str, dict[str, object]]:
+        """Write the version's artifacts; by kind."""
         ln = self.learner
-        art = self.writer.artifact(version, ln.served_model(), ln.encoder, ln.take_changed_rows(), full=full)
-        assert art is not None
-        store.publish_artifact(art)
-        return art
+        arts = self.writer.artifacts(version, ln.served_model(), ln.encoder, ln.take_changed_rows(), full=full)
+        for art in arts:
+            store.publish_artifact(art)
+        return {str(a["kind"]): a for a in arts}
 
 
 ROWS = [{"city": f"c{j % 4}", "user": f"u{h}-{j % 5}"} for h in range(8) for j in range(10)]
@@ -65,19 +66,33 @@ def _full_model(art: dict[str, object]) -> ScoringModel:
     return ScoringModel(rep.version, rep.model, rep.table, 0)
 
 
+def test_a_scorer_in_step_applies_the_delta_beside_a_periodic_full_snapshot(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path, keep=50)
+    s = Stream(full_every=2)
+    loader = ReplicaLoader(store)
+    for v in range(1, 4):
+        s.train(v)
+        arts = s.publish(store, v)
+        plan = loader.prepare(v)
+        assert plan is not None and (plan.full is None) == (v > 1)  # 3 has both: the delta is used
+        m = loader.apply(plan)
+        assert np.array_equal(_scores(m), _scores(_full_model(arts[FULL]))) if FULL in arts else m.version == v
+    assert sorted(store.artifacts()[3]) == [DELTA, FULL]
+
+
 def test_a_chain_of_deltas_scores_exactly_as_the_full_snapshot(tmp_path: Path) -> None:
     store = ModelStore(tmp_path, keep=50)
     s = Stream()
     loader = ReplicaLoader(store)
     s.train(0)
-    assert s.publish(store, 1)["kind"] == FULL  # a writer's first artifact is full
+    assert list(s.publish(store, 1)) == [FULL]  # a writer's first artifact is a full snapshot
     m = loader.apply(loader.prepare(1))  # type: ignore[arg-type]
     total = s.learner.model.embedding.table.weight.shape[0]
     sizes = []
     for v in range(2, 7):
         s.train(v)
-        art = s.publish(store, v)
-        assert art["kind"] == DELTA and art["base_version"] == v - 1
+        art = s.publish(store, v)[DELTA]
+        assert art["base_version"] == v - 1
         sizes.append(len(art["rows"]))  # type: ignore[arg-type]
         plan = loader.prepare(v)
         assert plan is not None and plan.full is None  # in place, from the previous version
@@ -120,24 +135,24 @@ def test_a_broken_chain_falls_back_to_the_newest_full_snapshot(tmp_path: Path) -
     assert metrics.registry.get_sample_value("aitm_scorer_refresh_fallbacks_total", {"reason": BROKEN}) == 1
     # the next full snapshot (every N versions, or on demand) repairs it
     s.train(4)
-    full = s.publish(store, 4, full=True)
+    full = s.publish(store, 4, full=True)[FULL]
     m = loader.apply(loader.prepare(4))  # type: ignore[arg-type]
     assert m.version == 4 and np.array_equal(_scores(m), _scores(_full_model(full)))
+    assert loader.replica is not None and loader.replica.chain == full["chain"]
 
 
 def test_a_missing_delta_falls_back_to_the_newest_full_snapshot(tmp_path: Path) -> None:
     store = ModelStore(tmp_path, keep=50)
     metrics = ScorerMetrics(CollectorRegistry())
-    s = Stream(full_every=3)  # full at 1, 4, 7
+    s = Stream(full_every=3)  # a full snapshot at 1, and beside the deltas of 4 and 7
     loader = ReplicaLoader(store, metrics.refresh_fallbacks, metrics.delta_apply)
     s.train(1)
     s.publish(store, 1)
     loader.apply(loader.prepare(1))  # type: ignore[arg-type]
-    arts = {}
     for v in range(2, 6):
         s.train(v)
-        arts[v] = s.publish(store, v)
-    assert [arts[v]["kind"] for v in range(2, 6)] == [DELTA, DELTA, FULL, DELTA]
+        s.publish(store, v)
+    assert store.artifacts() == {1: {FULL}, 2: {DELTA}, 3: {DELTA}, 4: {DELTA, FULL}, 5: {DELTA}}
     store.artifact_path(2, DELTA).unlink()  # lost
     assert loader.prepare(3) is None  # nothing newer reachable: keep serving version 1
     plan = loader.prepare(5)
@@ -151,8 +166,8 @@ def test_a_missing_delta_falls_back_to_the_newest_full_snapshot(tmp_path: Path) 
 def test_the_store_keeps_every_artifact_from_the_newest_full_snapshot(tmp_path: Path) -> None:
     store = ModelStore(tmp_path, keep=2)
     s = Stream(full_every=4)
-    for v in range(1, 8):  # full at 1 and 5
+    for v in range(1, 8):  # full snapshots at 1 and 5
         s.train(v)
         s.publish(store, v)
-    assert store.artifacts() == {5: FULL, 6: DELTA, 7: DELTA}
+    assert store.artifacts() == {5: {DELTA, FULL}, 6: {DELTA}, 7: {DELTA}}
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp file

@@ -221,7 +221,7 @@ def test_published_versions_reach_a_scorer_as_a_full_snapshot_then_deltas(tmp_pa
     for v in range(2, 6):
         t._step(samples(100 * v, 10), 0, 0)
         assert t.checkpoint() is not None
-    assert t.store.artifacts() == {1: "full", 2: "delta", 3: "delta", 4: "full", 5: "delta"}
+    assert t.store.artifacts() == {1: {"full"}, 2: {"delta"}, 3: {"delta"}, 4: {"delta", "full"}, 5: {"delta"}}
     assert t.metrics.registry.get_sample_value("aitm_trainer_version_bytes", {"kind": "delta"}) > 0
     for _, _, value in producer.sent:
         ann = parse_version(value)
