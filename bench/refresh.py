@@ -124,6 +124,7 @@ def run_size(rows: int, seconds: float, settings: Settings, root: Path) -> dict[
     full_load_ms: list[float] = []
     freshness: list[float] = []
     served: list[int] = []
+    timeline: list[tuple[int, int, float, float, bool]] = []  # announced, served, freshness s, load+apply ms, full
 
     def scorer() -> None:
         while (item := announced.get()) is not None:
@@ -143,6 +144,8 @@ def run_size(rows: int, seconds: float, settings: Settings, root: Path) -> dict[
                 full_load_ms.append((c - a) * 1000)
             freshness.append(time.time() - oldest)
             served.append(m.version)
+            timeline.append((version, m.version, round(time.time() - oldest, 2), round((c - a) * 1000, 1),
+                             plan.full is not None))
 
     pub_q: queue.Queue[tuple[int, list[dict[str, Any]], float, float] | None] = queue.Queue(maxsize=1)
 
@@ -208,6 +211,8 @@ def run_size(rows: int, seconds: float, settings: Settings, root: Path) -> dict[
         "full_load_ms": {"p50": _pct(full_load_ms, 50), "max": _pct(full_load_ms, 100)},
         "rows_per_delta": {"p50": _pct([float(r) for r in rows_per_delta], 50), "max": max(rows_per_delta, default=0)},
         "trained_samples_per_s": round(trained / train_s),
+        "timeline": [{"announced": a, "served": v, "freshness_s": f, "load_apply_ms": ms, "from_full": full}
+                     for a, v, f, ms, full in timeline],
     }
 
 
