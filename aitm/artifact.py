@@ -51,22 +51,35 @@ def dense_state(model: AITM) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k != TABLE}
 
 
-def _vocab_of(table: DynamicTable, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    fields = table.row_field[rows].astype(np.int16)
+def _vocab_of(table: DynamicTable, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """The vocabulary of ``rows``: their fields, and their values as one UTF-8 text (a uint8
+    tensor) with each value's length in characters - not a list of strings, which
+    ``torch.save``/``torch.load(weights_only=True)`` pickle one Python object at a time (minutes
+    at 10M rows; this is seconds)."""
     values = [table.row_value[r] or "" for r in rows.tolist()]
-    return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(fields), values
+    text = "".join(values).encode()
+    return {"vocab_rows": torch.from_numpy(rows.astype(np.int64)),
+            "vocab_fields": torch.from_numpy(table.row_field[rows].astype(np.int16)),
+            "vocab_text": torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else torch.zeros(0, dtype=torch.uint8),
+            "vocab_lengths": torch.from_numpy(np.fromiter(map(len, values), np.int64, count=len(values)))}
+
+
+def vocab_values(art: Mapping[str, Any]) -> list[str]:
+    """The values of an artifact's ``vocab_rows``, in order."""
+    text = art["vocab_text"].numpy().tobytes().decode()
+    ends = np.cumsum(art["vocab_lengths"].numpy()).tolist()
+    return [text[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def content_digest(art: Mapping[str, Any]) -> str:
     """sha256 over what the artifact carries (kind, versions, rows, values, dense weights, vocabulary)."""
     h = hashlib.sha256()
     h.update(f"{art['kind']}|{art['version']}|{art.get('base_version')}|".encode())
-    for name in ("rows", "values", "vocab_rows", "vocab_fields"):
+    for name in ("rows", "values", "vocab_rows", "vocab_fields", "vocab_text", "vocab_lengths"):
         h.update(np.ascontiguousarray(art[name].numpy()).tobytes())
     for name in sorted(art["dense"]):
         h.update(name.encode())
         h.update(np.ascontiguousarray(art["dense"][name].numpy()).tobytes())
-    h.update("\x1f".join(art["vocab_values"]).encode())
     return h.hexdigest()
 
 
@@ -85,13 +98,12 @@ def full_artifact(version: int, model: AITM, table: DynamicTable, base_chain: st
     """The whole served version (a snapshot: cloned). ``base_chain`` continues the writer's chain;
     ``chain``: the version's chain when its delta defines it (a snapshot written beside a delta)."""
     used = np.flatnonzero(table.row_field >= 0).astype(np.int64)
-    vrows, vfields, values = _vocab_of(table, used)
     weight = model.state_dict()[TABLE].detach().cpu()
     return _seal({
         "format": FORMAT, "kind": FULL, "version": int(version), "base_version": None, "base_chain": base_chain,
         "config": dataclasses.asdict(model.config), "fields": list(table.fields), "table_rows": table.rows,
         "rows": torch.arange(weight.shape[0], dtype=torch.int64), "values": weight.clone(),
-        "dense": dense_state(model), "vocab_rows": vrows, "vocab_fields": vfields, "vocab_values": values,
+        "dense": dense_state(model), **_vocab_of(table, used),
     }, chain)
 
 
@@ -101,11 +113,10 @@ def delta_artifact(version: int, base_version: int, base_chain: str, model: AITM
     the vocabulary of ``vocab_rows`` (rows whose holder changed: assigned or freed)."""
     weight = model.state_dict()[TABLE].detach()
     at = torch.from_numpy(np.unique(rows).astype(np.int64))
-    vrows, vfields, values = _vocab_of(table, np.unique(vocab_rows).astype(np.int64))
     return _seal({
         "format": FORMAT, "kind": DELTA, "version": int(version), "base_version": int(base_version),
         "base_chain": base_chain, "rows": at, "values": weight[at.to(weight.device)].cpu().clone(),
-        "dense": dense_state(model), "vocab_rows": vrows, "vocab_fields": vfields, "vocab_values": values,
+        "dense": dense_state(model), **_vocab_of(table, np.unique(vocab_rows).astype(np.int64)),
     })
 
 
@@ -162,13 +173,24 @@ class Replica:
 
 
 def _apply_vocab(table: DynamicTable, art: Mapping[str, Any]) -> None:
-    """Each listed row's holder replaced: the old value unmapped, the new one mapped (field -1: free)."""
-    for row, f, value in zip(art["vocab_rows"].tolist(), art["vocab_fields"].tolist(), art["vocab_values"],
-                             strict=True):
-        old_f, old_value = int(table.row_field[row]), table.row_value[row]
+    """Each listed row's holder replaced: the old value unmapped, the new one mapped (field -1: free).
+    A full snapshot fills a fresh table: its dicts are built at once."""
+    rows, fields = art["vocab_rows"].numpy(), art["vocab_fields"].numpy()
+    values = vocab_values(art)
+    holders = table.row_value
+    if art["kind"] == FULL:
+        table.row_field[rows] = fields
+        for row, value in zip(rows.tolist(), values, strict=True):
+            holders[row] = value
+        for f in range(table.n_fields):
+            at = np.flatnonzero(fields == f)
+            table.vocab[f] = dict(zip([values[i] for i in at.tolist()], (rows[at] - f).tolist(), strict=True))
+        return
+    for row, f, value in zip(rows.tolist(), fields.tolist(), values, strict=True):
+        old_f, old_value = int(table.row_field[row]), holders[row]
         if old_f >= 0 and old_value is not None and table.vocab[old_f].get(old_value) == row - old_f:
             del table.vocab[old_f][old_value]
         table.row_field[row] = f
-        table.row_value[row] = value if f >= 0 else None
+        holders[row] = value if f >= 0 else None
         if f >= 0:
             table.vocab[f][value] = row - f
