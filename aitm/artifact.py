@@ -68,7 +68,7 @@ def vocab_values(art: Mapping[str, Any]) -> list[str]:
     """The values of an artifact's ``vocab_rows``, in order."""
     text = art["vocab_text"].numpy().tobytes().decode()
     ends = np.cumsum(art["vocab_lengths"].numpy()).tolist()
-    return [text[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    return [text[a:b] for a, b in zip([0, *ends][: len(ends)], ends, strict=True)]
 
 
 def content_digest(art: Mapping[str, Any]) -> str:
