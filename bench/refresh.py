@@ -152,13 +152,20 @@ def run_size(rows: int, seconds: float, settings: Settings, root: Path) -> dict[
     def publisher() -> None:
         while (item := pub_q.get()) is not None:
             version, arts, oldest, snap_ms = item
-            for art in arts:
-                a = time.perf_counter()
-                _, size = store.publish_artifact(art)
-                kind = str(art["kind"])
-                sizes[kind].append(size)
-                publish_ms[kind].append(snap_ms + (time.perf_counter() - a) * 1000)  # snapshot (all kinds) + this write
+            # as the trainer's publisher: a full snapshot beside a delta is written after the announcement
+            deltas = [a for a in arts if a["kind"] == "delta"]
+            for art in deltas if deltas else arts:
+                write(art, snap_ms)
             announced.put((version, oldest))
+            for art in [a for a in arts if a["kind"] == "full"] if deltas else []:
+                write(art, snap_ms)
+
+    def write(art: dict[str, Any], snap_ms: float) -> None:
+        a = time.perf_counter()
+        _, size = store.publish_artifact(art)
+        kind = str(art["kind"])
+        sizes[kind].append(size)
+        publish_ms[kind].append(snap_ms + (time.perf_counter() - a) * 1000)  # snapshot (all kinds) + this write
 
     threads = [threading.Thread(target=scorer, daemon=True), threading.Thread(target=publisher, daemon=True)]
     for th in threads:

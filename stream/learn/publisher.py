@@ -40,9 +40,13 @@ class Publisher:
 
     def _publish(self, version: int, ckpt: dict[str, Any], trained: int, newest_ms: int,
                  oldest_ms: int | None, artifacts: list[dict[str, Any]] | None = None) -> ModelVersion:
-        for artifact in artifacts or []:  # before the announcement: a scorer told of the version finds them
-            _, size = self.store.publish_artifact(artifact)
-            self.artifact_bytes[str(artifact["kind"])] = size
+        arts = artifacts or []
+        # a full snapshot beside a delta is written after the announcement: a scorer in step needs
+        # only the delta (one starting meanwhile rebuilds from the previous snapshot and the deltas)
+        later = [a for a in arts if a["kind"] == "full"] if any(a["kind"] == "delta" for a in arts) else []
+        for artifact in arts:
+            if not any(artifact is a for a in later):  # before the announcement: a scorer finds them
+                self._write(artifact)
         path, digest = self.store.publish(version, ckpt)
         now_ms = self.clock.now_ms()
         v = ModelVersion(
@@ -54,7 +58,13 @@ class Publisher:
         producer.send(self.topic, key=b"model", value=encode_version(v))
         producer.flush()
         self.on_published(v, now_ms)
+        for artifact in later:
+            self._write(artifact)
         return v
+
+    def _write(self, artifact: dict[str, Any]) -> None:
+        _, size = self.store.publish_artifact(artifact)
+        self.artifact_bytes[str(artifact["kind"])] = size
 
     def close(self) -> None:
         """Finish (write and announce) the version being written, then stop the thread."""
