@@ -171,3 +171,13 @@ def test_the_store_keeps_every_artifact_from_the_newest_full_snapshot(tmp_path: 
         s.publish(store, v)
     assert store.artifacts() == {5: {DELTA, FULL}, 6: {DELTA}, 7: {DELTA}}
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp file
+
+
+def test_the_vocabulary_text_round_trips_empty_and_non_ascii_values() -> None:
+    from aitm.artifact import _vocab_of, vocab_values
+
+    t = DynamicTable(("city",), rows=4, min_count=1, ttl_ms=HOUR, sketch_width=64)
+    t.encode_columns({"city": ["Tromsø", "東京", "x"]}, 3, update=True, event_time_ms=[0, 0, 0])
+    used = np.flatnonzero(t.row_field >= 0)
+    assert sorted(vocab_values(_vocab_of(t, used))) == sorted(["Tromsø", "東京", "x"])
+    assert vocab_values(_vocab_of(t, used[:0])) == []  # a delta with no vocabulary change
