@@ -61,10 +61,16 @@ class DevicePath:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=_DTYPES[self.amp])
 
-    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                      before_step: Any = None) -> None:
+    def backward_step(self, loss: torch.Tensor, optimizer: Any, before_step: Any = None) -> None:
         """``loss.backward()`` then ``optimizer.step()``, through the fp16 gradient scaler when on;
-        ``before_step()`` runs between them (the ranks' gradient all-reduce)."""
+        ``before_step()`` runs between them (the ranks' gradient all-reduce). fp16 needs a torch
+        optimizer (the scaler unscales its param groups): the trainer's row-wise table optimizer
+        (``aitm.lazy_adam.LazyAdam``) is not one, so the trainer refuses fp16 - bf16 needs no scaler."""
+        if self.scaler is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise RuntimeError(
+                "TRAINER_AMP=fp16 needs a gradient scaler over a torch optimizer, and the row-wise "
+                "embedding optimizer (aitm.lazy_adam) is not one: use TRAINER_AMP=bf16 (no scaler needed)"
+            )
         if self.scaler is None:
             loss.backward()
             if before_step is not None:

@@ -21,9 +21,9 @@ import torch
 
 from aitm.embedding_table import Encoder
 from aitm.layers import EMBEDDING_INIT_STD
+from aitm.lazy_adam import LazyAdam
 from aitm.loss import ALPHA, aitm_loss
 from aitm.model import AITM, AITMConfig
-from aitm.train import make_optimizer, train_step
 from stream.contract.samples import Sample
 from stream.learn.delay_model import DelayModel
 from stream.learn.delayed_feedback import MODES, TrainRows, train_rows
@@ -48,6 +48,7 @@ RECENTRE_EVAL_ROWS: Final = 4096
 # over the whole ring): with the same half-life it followed the live model's daily ripple and the
 # sparse steps' swing rose to 1.25-1.29; with 4x, 1.10-1.26 (replays, docs/serving.md)
 RECENTRE_HALF_LIVES: Final = 4.0
+TABLE: Final = "embedding.table.weight"  # the embedding table: trained and averaged row-wise
 
 
 @dataclass
@@ -99,9 +100,11 @@ class OnlineLearner:
             if st.prior_rates is not None:
                 init_output_bias(model, st.prior_rates)
         self.model = model.to(self.device)
-        self.optimizer = make_optimizer(self.model, lr=lr)
+        # lazy row-wise Adam on the embedding table: a step moves only the rows it trained (aitm/lazy_adam.py)
+        self.optimizer = LazyAdam(self.model, self.model.embedding.table, lr=lr)
         self.mixer = MixingBuffer(N_TASKS, st.min_step_rows, st.positive_slack or 1.0, st.positive_half_life)
-        self.average = WeightAverage(self.model, st.ema_half_life_rows) if st.ema_half_life_rows > 0 else None
+        self.average = (WeightAverage(self.model, st.ema_half_life_rows, lazy=TABLE)
+                        if st.ema_half_life_rows > 0 else None)
         self.recent = (RecentPredictions(st.recentre_rows, len(encoder.fields), N_TASKS)
                        if self.average is not None and st.recentre_rows > 0 else None)
         self.bias_shift = np.zeros(N_TASKS)  # the last re-centring's shift of the served biases (logits)
@@ -110,6 +113,8 @@ class OnlineLearner:
         self.delay = (DelayModel(st.delay_windows_ms, st.delay_max_factor)
                       if st.delay_windows_ms is not None and mode == "fnw" else None)
         self.steps = 0  # optimizer steps, lifetime
+        # table rows the served model changed since the last ``take_changed_rows`` (a delta version)
+        self.changed_rows = np.zeros(self.model.embedding.table.weight.shape[0], bool)
         self.last_batch = SampleBatch.empty()
         # one forward pass per batch, dropout off, both scores the batch and carries the gradient
         # (the scores come from the weights before this batch's update: test-then-train holds).
@@ -273,6 +278,7 @@ class OnlineLearner:
         sparse steps: every value of a field then starts identical - docs/embedding_table.md.)"""
         if rows.size == 0:
             return
+        self.changed_rows[rows] = True
         table = self.model.embedding.table.weight
         gen = torch.Generator().manual_seed(int(np.asarray(self.encoder.marker(), np.int64).sum()) + 1)
         fresh = torch.randn((rows.size, table.shape[1]), generator=gen) * EMBEDDING_INIT_STD  # (R, d)
@@ -283,8 +289,7 @@ class OnlineLearner:
             if moment is not None:
                 moment[dst] = 0
         if self.average is not None:
-            avg = cast(AITM, self.average.model).embedding.table.weight
-            avg[dst] = fresh.to(avg)
+            self.average.set_rows(dst, fresh)
 
     def _delay_weights(self, batch: SampleBatch, tr: TrainRows) -> None:
         """Cold-start delay compensation (``stream.learn.delay_model``): add each positive copy of task
@@ -342,21 +347,22 @@ class OnlineLearner:
             order = np.concatenate([np.flatnonzero(here), np.flatnonzero(~here)])
             sel = torch.as_tensor(order, device=dev)
             loss = aitm_loss(torch.cat(parts).float(), labels[sel], mask[sel], weight[sel], self.alpha)
-            self.optimizer.zero_grad(set_to_none=True)
-            total = [len(ready)]
-
-            def reduce() -> None:  # several ranks: the row-weighted mean gradient, before the step
-                if self.sync is not None:
-                    total[0] = self.sync.reduce(self.model, len(ready))
-
-            self.io.backward_step(loss, self.optimizer, reduce)
-            self.after_step(total[0])
-            return
         else:
             self._set_training(True)
-            train_step(self.model, self.optimizer, torch.as_tensor(ready.ids, device=dev), labels, mask, weight,
-                       alpha=self.alpha)
-        self.after_step(len(ready))
+            with self.io.autocast():
+                out = self.model(self.io.to_device(ready.ids))
+            loss = aitm_loss(out.float(), labels, mask, weight, self.alpha)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = [len(ready)]
+        touched: list[torch.Tensor] = []
+
+        def before_step() -> None:
+            if self.sync is not None:  # several ranks: the row-weighted mean gradient, before the step
+                total[0] = self.sync.reduce(self.model, len(ready))
+            touched.append(self.prepare_step())
+
+        self.io.backward_step(loss, self.optimizer, before_step)
+        self.after_step(total[0], touched[0])
 
     def _encode(self, columns: Mapping[str, Sequence[str]], n: int, update: bool,
                 event_time_ms: np.ndarray) -> np.ndarray:
@@ -365,12 +371,29 @@ class OnlineLearner:
             return self.sync.encode(self.encoder, columns, n, update, event_time_ms)
         return self.encoder.encode_columns(columns, n, update=update, event_time_ms=event_time_ms)
 
-    def after_step(self, rows: int) -> None:
-        """After an optimizer step on ``rows`` rows (over every rank): the weight average follows."""
+    def prepare_step(self) -> torch.Tensor:
+        """Just before ``optimizer.step()`` (gradients final, over every rank): the table rows the
+        step moves, and only those; the weight average catches them up first."""
+        touched = self.optimizer.touched_rows()
+        if self.average is not None:
+            self.average.catch_up(self.model, touched)  # before the step changes them
+        return touched
+
+    def after_step(self, rows: int, touched: torch.Tensor) -> None:
+        """After an optimizer step on ``rows`` rows (over every rank) that moved the table rows
+        ``touched``: they are marked changed, and the weight average follows."""
+        self.changed_rows[touched.cpu().numpy()] = True
         self.steps += 1
         if self.average is not None:
-            self.average.update(self.model, rows)
+            self.average.update(self.model, rows, touched)
             self._average_moved = True
+
+    def take_changed_rows(self) -> np.ndarray:
+        """(R,) the table rows trained or reset since the previous call (sorted): the rows of the
+        served model a version changes, since the embedding table is trained row-wise."""
+        rows = np.flatnonzero(self.changed_rows)
+        self.changed_rows[rows] = False
+        return rows
 
     def served_model(self) -> AITM:
         """The model a new version serves: the weight average when there is one (its output biases
@@ -460,7 +483,7 @@ class OnlineLearner:
             if state.get("average") is not None:
                 self.average.load_state_dict(state["average"])
             else:  # a checkpoint from before the average: start it from the trained weights
-                self.average = WeightAverage(self.model, self.average.half_life)
+                self.average = WeightAverage(self.model, self.average.half_life, lazy=TABLE)
         self.stream_start_ms = state.get("stream_start_ms")
         if self.delay is not None and state.get("delay") is not None:
             self.delay.load_state_dict(state["delay"])

@@ -23,6 +23,7 @@ class Publisher:
         self.on_published = on_published
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self.writing: Future[ModelVersion] | None = None  # the version being written
+        self.artifact_bytes: dict[str, int] = {}  # size of the last serving artifact written, by kind
 
     def wait(self) -> None:
         """Until the version being written is announced; raises its failure."""
@@ -30,14 +31,22 @@ class Publisher:
             self.writing.result()
 
     def submit(self, version: int, ckpt: dict[str, Any], trained: int, newest_ms: int,
-               oldest_ms: int | None) -> Future[ModelVersion]:
-        """Write and announce ``ckpt`` (a snapshot: nothing may change it meanwhile) as ``version``."""
+               oldest_ms: int | None, artifacts: list[dict[str, Any]] | None = None) -> Future[ModelVersion]:
+        """Write and announce ``ckpt`` (a snapshot: nothing may change it meanwhile) as ``version``,
+        with its serving artifacts (``aitm.artifact``)."""
         self.wait()  # in order, and a failure surfaces
-        self.writing = self._writer.submit(self._publish, version, ckpt, trained, newest_ms, oldest_ms)
+        self.writing = self._writer.submit(self._publish, version, ckpt, trained, newest_ms, oldest_ms, artifacts or [])
         return self.writing
 
     def _publish(self, version: int, ckpt: dict[str, Any], trained: int, newest_ms: int,
-                 oldest_ms: int | None) -> ModelVersion:
+                 oldest_ms: int | None, artifacts: list[dict[str, Any]] | None = None) -> ModelVersion:
+        arts = artifacts or []
+        # a full snapshot beside a delta is written after the announcement: a scorer in step needs
+        # only the delta (one starting meanwhile rebuilds from the previous snapshot and the deltas)
+        later = [a for a in arts if a["kind"] == "full"] if any(a["kind"] == "delta" for a in arts) else []
+        for artifact in arts:
+            if not any(artifact is a for a in later):  # before the announcement: a scorer finds them
+                self._write(artifact)
         path, digest = self.store.publish(version, ckpt)
         now_ms = self.clock.now_ms()
         v = ModelVersion(
@@ -49,7 +58,13 @@ class Publisher:
         producer.send(self.topic, key=b"model", value=encode_version(v))
         producer.flush()
         self.on_published(v, now_ms)
+        for artifact in later:
+            self._write(artifact)
         return v
+
+    def _write(self, artifact: dict[str, Any]) -> None:
+        _, size = self.store.publish_artifact(artifact)
+        self.artifact_bytes[str(artifact["kind"])] = size
 
     def close(self) -> None:
         """Finish (write and announce) the version being written, then stop the thread."""

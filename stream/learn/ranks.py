@@ -129,10 +129,14 @@ class RankSync:
         if total == 0:
             return 0
         flat = flat[:-1] / total
+        # an embedding trained row-wise (``aitm.lazy_adam``) takes its gradient sparse: the rows any
+        # rank's loss reached (every rank then moves the same rows)
+        sparse = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse}
         at = 0
         for p in params:
             k = p.numel()
-            p.grad = flat[at : at + k].view_as(p).to(p.device, non_blocking=True)
+            g = flat[at : at + k].view_as(p).to(p.device, non_blocking=True)
+            p.grad = g.to_sparse(1) if id(p) in sparse else g
             at += k
         return total
 
@@ -152,12 +156,13 @@ class RankSync:
             scaler.scale(torch.zeros((), device=learner.device))  # starts its scale on a first idle round
         total = self.reduce(learner.model, 0)
         if total:
+            touched = learner.prepare_step()
             if scaler is not None:
                 scaler.step(learner.optimizer)
                 scaler.update()
             else:
                 learner.optimizer.step()
-            learner.after_step(total)
+            learner.after_step(total, touched)
 
     # --- start-up -------------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from stream.learn.publication_gate import (
 )
 from stream.learn.publisher import Publisher
 from stream.learn.ranks import RankInfo
+from stream.learn.refresh import ServingWriter
 from stream.learn.sample_batch import SampleBatch
 from stream.learn.stabilisers import stabilisers_from
 from stream.ops.clock import Clock, SystemClock
@@ -102,6 +103,7 @@ class Trainer:
         self.publisher = Publisher(self.store, settings.topic_model_versions, lambda: self._producer, self.clock,
                                    self._published)
         self._producer: Any = None
+        self.serving = ServingWriter(settings.model_store_full_every)  # the scorers' artifacts
 
     # --- start-up: resume, warm start or cold ---------------------------------------------------
 
@@ -352,12 +354,13 @@ class Trainer:
         # in the learner state, for a resume
         ckpt = snapshot(make_checkpoint(served, learner.model.config, learner.encoder.state_dict(),
                                        self.version, extra))
+        artifacts = self.serving.artifacts(self.version, served, learner.encoder, learner.take_changed_rows())
         self.gate.published(self.version, served, known_now(learner.encoder))
         newest_ms = self.new_max_ms
         oldest_ms = self.new_min_ms
         trained = learner.trained_samples
         self.new_min_ms, self.batches_since = None, 0
-        return self.publisher.submit(self.version, ckpt, trained, newest_ms, oldest_ms)
+        return self.publisher.submit(self.version, ckpt, trained, newest_ms, oldest_ms, artifacts)
 
     def _published(self, v: ModelVersion, now_ms: int) -> None:
         """On the writer thread, once ``v`` is announced: the refresh figures."""
@@ -365,6 +368,8 @@ class Trainer:
         self.published_at_s = time.time()
         self.metrics.checkpoints.inc()
         self.metrics.model_version.set(v.version)
+        for kind, size in self.publisher.artifact_bytes.items():
+            self.metrics.version_bytes.labels(kind=kind).set(size)
         self.metrics.last_update.set(self.published_at_s)
 
     def summary(self, wall_s: float) -> dict[str, Any]:

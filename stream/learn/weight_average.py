@@ -31,6 +31,7 @@ age: ``OnlineLearner.served_model``).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,7 +43,7 @@ from torch import nn
 class WeightAverage:
     """A frozen copy of ``model`` whose parameters follow the model's, averaged over trained rows."""
 
-    def __init__(self, model: nn.Module, half_life: float) -> None:
+    def __init__(self, model: nn.Module, half_life: float, lazy: str | None = None) -> None:
         if half_life <= 0:
             raise ValueError(f"half_life must be > 0 rows, got {half_life}")
         self.half_life = half_life
@@ -53,20 +54,68 @@ class WeightAverage:
         self._mine: list[torch.Tensor] = list(self.model.parameters())  # (walking the modules costs more
         self._theirs: tuple[nn.Module, list[torch.Tensor]] | None = None  # than the update itself)
         self.bias_shift: torch.Tensor | None = None  # added to the average's ``head_b`` (re-centring)
+        names = [n for n, _ in self.model.named_parameters()]
+        if lazy is not None and lazy not in names:
+            raise ValueError(f"no parameter {lazy!r} to average lazily; one of {names}")
+        self.lazy = lazy
+        self._lazy_at = names.index(lazy) if lazy is not None else -1
+        self.log_keep = 0.0  # sum of log(keep) over every update (the lazy rows' clock)
+        n_rows = self._mine[self._lazy_at].shape[0] if lazy is not None else 0
+        self.row_log_keep = torch.zeros(n_rows, dtype=torch.float64)  # (V,) the clock at each row's last update
+
+    def _their_params(self, model: nn.Module) -> list[torch.Tensor]:
+        if self._theirs is None or self._theirs[0] is not model:
+            self._theirs = (model, [p.detach() for p in model.parameters()])
+        return self._theirs[1]
 
     @torch.no_grad()
-    def update(self, model: nn.Module, rows: int) -> None:
-        """Fold in ``model`` as it is after a step on ``rows`` rows."""
+    def catch_up(self, model: nn.Module, touched: torch.Tensor) -> None:
+        """Before a step changes the ``touched`` rows of the lazy table: move their average where
+        the dense average would be now (towards the trained rows, constant since their last
+        update, by the keep factors of the updates in between)."""
+        if self.lazy is None or touched.numel() == 0:
+            return
+        mine, theirs = self._mine[self._lazy_at], self._their_params(model)[self._lazy_at]
+        at = touched.to(mine.device)
+        factor = torch.exp(self.log_keep - self.row_log_keep[touched.cpu()]).to(mine)  # (R,) in (0, 1]
+        w = theirs[at]  # (R, d)
+        mine[at] = w + (mine[at] - w) * factor[:, None]
+        self.row_log_keep[touched.cpu()] = self.log_keep
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, rows: int, touched: torch.Tensor | None = None) -> None:
+        """Fold in ``model`` as it is after a step on ``rows`` rows; with ``touched`` (the lazy
+        table's rows the step changed, already ``catch_up``-ed), only those rows of that table."""
         if rows <= 0:
             return
         self.unshift()  # the average itself never carries a shift: it is solved afresh each time
         keep = min(0.5 ** (rows / self.half_life), self.rows / (self.rows + rows))
-        if self._theirs is None or self._theirs[0] is not model:
-            self._theirs = (model, [p.detach() for p in model.parameters()])
-        torch._foreach_lerp_(self._mine, self._theirs[1], 1.0 - keep)
+        theirs = self._their_params(model)
+        if touched is None or self.lazy is None:
+            torch._foreach_lerp_(self._mine, theirs, 1.0 - keep)
+            self.log_keep += math.log(max(keep, 1e-300))
+            self.row_log_keep.fill_(self.log_keep)  # every row moved: all in step
+        else:
+            k = self._lazy_at
+            if len(self._mine) > 1:
+                torch._foreach_lerp_(self._mine[:k] + self._mine[k + 1 :], theirs[:k] + theirs[k + 1 :], 1.0 - keep)
+            at = touched.to(self._mine[k].device)
+            self._mine[k][at] = torch.lerp(self._mine[k][at], theirs[k][at], 1.0 - keep)
+            self.log_keep += math.log(max(keep, 1e-300))
+            self.row_log_keep[touched.cpu()] = self.log_keep
         for b_avg, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_avg.copy_(b)
         self.rows += rows
+
+    @torch.no_grad()
+    def set_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Rows of the lazy table set to ``values`` in the average (rows recycled for new values,
+        set to the same in the trained model): in step with it from now."""
+        if self.lazy is None:
+            raise ValueError("no lazy table")
+        mine = self._mine[self._lazy_at]
+        mine[rows.to(mine.device)] = values.to(mine)
+        self.row_log_keep[rows.cpu()] = self.log_keep
 
     @torch.no_grad()
     def shift_bias(self, delta: torch.Tensor) -> None:
@@ -85,13 +134,21 @@ class WeightAverage:
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}, "rows": self.rows,
-                "bias_shift": None if self.bias_shift is None else self.bias_shift.clone()}
+                "bias_shift": None if self.bias_shift is None else self.bias_shift.clone(),
+                "log_keep": self.log_keep, "row_log_keep": self.row_log_keep.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])  # as served: the shift included
         self.rows = int(state["rows"])
         shift = state.get("bias_shift")
         self.bias_shift = None if shift is None else torch.as_tensor(shift).clone()
+        # an average from before the lazy rows: every row taken as in step now
+        self.log_keep = float(state.get("log_keep", 0.0))
+        stamps = state.get("row_log_keep")
+        if stamps is not None and len(stamps) == len(self.row_log_keep):
+            self.row_log_keep = torch.as_tensor(stamps, dtype=torch.float64).clone()
+        else:
+            self.row_log_keep.fill_(self.log_keep)
 
 
 class RecentPredictions:

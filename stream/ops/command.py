@@ -34,6 +34,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "serving": ("bench.serving", "every published model version against the truth"),
     "serve": ("bench.serve", "HTTP scoring latency and capacity under a keep-alive load"),
     "churn": ("bench.churn", "the embedding table under ID churn: fixed vs dynamic vs unbounded"),
+    "refresh": ("bench.refresh", "model refresh by full and delta serving artifacts vs table size"),
 }
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 EPILOG = (

@@ -256,6 +256,12 @@ class TrainerMetrics:
             buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
             registry=registry,
         )
+        self.version_bytes = Gauge(
+            "aitm_trainer_version_bytes",
+            "Size of the last serving artifact written, by kind (full snapshot or delta)",
+            ["kind"],
+            registry=registry,
+        )
 
 
 class ScorerMetrics:
@@ -320,6 +326,18 @@ class ScorerMetrics:
         self.consumer_lag = Gauge(
             "aitm_scorer_consumer_lag_records",
             "Records behind the high watermark on impressions",
+            registry=registry,
+        )
+        self.refresh_fallbacks = Counter(
+            "aitm_scorer_refresh_fallbacks",
+            "Model refreshes that fell back to a full snapshot, by reason (missing delta, broken chain, damaged file)",
+            ["reason"],
+            registry=registry,
+        )
+        self.delta_apply = Histogram(
+            "aitm_scorer_delta_apply_seconds",
+            "Wall time to apply one delta version in place",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
             registry=registry,
         )
 

@@ -14,6 +14,13 @@ Announcement (JSON, ``schema_version`` 1)::
 
 ``*_consumed_at_ms`` are wall times at which the trainer consumed the newest sample in this
 version and the oldest sample that is new in it (freshness = use time minus the latter).
+
+Beside each checkpoint the trainer writes the version's **serving artifact** (``aitm.artifact``):
+``v00000042.delta.srv`` (the rows changed since version 41, and the dense weights) and, every N
+versions or after a trainer start, ``v00000042.full.srv`` (served weights and vocabulary), in the
+same file format (atomic, sha256 inside). Scorers load those, not the checkpoint. Pruning keeps the
+newest ``keep`` versions' artifacts and every one from the newest full snapshot on, so the newest
+version can always be rebuilt.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from aitm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^v(\d{8,})\.ckpt$")
+_ARTIFACT = re.compile(r"^v(\d{8,})\.(full|delta)\.srv$")
 
 
 class ModelStoreError(Exception):
@@ -96,6 +104,47 @@ class ModelStore:
                 )
         try:
             return load_checkpoint(path)
+        except CheckpointError as exc:
+            raise ModelStoreError(str(exc)) from exc
+
+    # --- serving artifacts ----------------------------------------------------------------------
+
+    def artifact_path(self, version: int, kind: str) -> Path:
+        return self.root / f"v{version:08d}.{kind}.srv"
+
+    def artifacts(self) -> dict[int, set[str]]:
+        """Version -> kinds (``full``, ``delta``) of the serving artifacts present."""
+        out: dict[int, set[str]] = {}
+        if not self.root.is_dir():
+            return out
+        for p in self.root.iterdir():
+            m = _ARTIFACT.match(p.name)
+            if m:
+                out.setdefault(int(m.group(1)), set()).add(m.group(2))
+        return out
+
+    def publish_artifact(self, artifact: Mapping[str, Any]) -> tuple[Path, int]:
+        """Write a serving artifact atomically; returns its path and size in bytes. Then prune:
+        keep the newest ``keep`` and every one from the newest full snapshot on."""
+        path = self.artifact_path(int(artifact["version"]), str(artifact["kind"]))
+        save_checkpoint(path, artifact)
+        size = path.stat().st_size
+        present = self.artifacts()
+        fulls = [v for v, kinds in present.items() if "full" in kinds]
+        newest = sorted(present)[-self.keep :]
+        floor = min(max(fulls) if fulls else newest[0], newest[0])
+        for v, kinds in present.items():
+            for kind in kinds if v < floor else ():
+                self.artifact_path(v, kind).unlink(missing_ok=True)
+        return path, size
+
+    def load_artifact(self, version: int, kind: str) -> dict[str, Any]:
+        """A version's serving artifact of ``kind``, its file checksum verified; ``ModelStoreError``
+        if absent or damaged."""
+        if not self.artifact_path(version, kind).exists():
+            raise ModelStoreError(f"no {kind} serving artifact for model version {version} in {self.root}")
+        try:
+            return load_checkpoint(self.artifact_path(version, kind))
         except CheckpointError as exc:
             raise ModelStoreError(str(exc)) from exc
 

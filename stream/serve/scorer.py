@@ -60,8 +60,8 @@ class Scorer:
         self.refresh = RefreshMetrics(registry, "scorer", self._model_age)
         self.policy = BankPolicy.from_settings(settings)
         self.store = ModelStore(settings.model_store_path(), settings.model_store_keep)
-        self.model: ScoringModel | None = None  # read by HTTP threads; replaced whole, never mutated
-        self.versions = VersionFollower(settings, self.store, self.metrics.refused_models)
+        self.model: ScoringModel | None = None  # read by HTTP threads; replaced whole (deltas: under its lock)
+        self.versions = VersionFollower(settings, self.store, self.metrics.refused_models, self.metrics)
         self.scored = 0
         self._http: HttpServer | None = None
         self.http_latency = self.metrics.latency.labels(path="http")

@@ -4,8 +4,10 @@ bank's objective and weight - the code behind the ``scores`` topic and ``POST /s
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -72,6 +74,8 @@ class ScoringModel:
     encoder: Encoder
     created_at_ms: int
     fast: torch.jit.ScriptModule | None = field(default=None, compare=False, repr=False)
+    # held while scoring when the model is a replica that deltas change in place (stream.serve.replica)
+    lock: threading.Lock | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_checkpoint(
@@ -89,11 +93,12 @@ class ScoringModel:
     def predict(self, rows: Sequence[Mapping[str, str]]) -> np.ndarray:
         """End-to-end probabilities (N, T) of feature dicts, in funnel order (``funnel_order``):
         what the scores topic and ``POST /score`` publish."""
-        ids = torch.from_numpy(self.encoder.encode_dicts(rows))  # (N, F)
-        if self.fast is not None:
-            out: np.ndarray = self.fast(ids).numpy()
-            return out
-        return funnel_order(torch.sigmoid(self.model(ids)).numpy())
+        with self.lock if self.lock is not None else nullcontext():
+            ids = torch.from_numpy(self.encoder.encode_dicts(rows))  # (N, F)
+            if self.fast is not None:
+                out: np.ndarray = self.fast(ids).numpy()
+                return out
+            return funnel_order(torch.sigmoid(self.model(ids)).numpy())
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any
 from stream.contract.versions import InvalidVersion, ModelVersion, parse_version
 from stream.ops.model_store import ModelStore, ModelStoreError
 from stream.ops.settings import Settings
+from stream.serve.replica import Plan, ReplicaLoader
 from stream.serve.scoring import ScoringModel
 
 log = logging.getLogger(__name__)
@@ -40,20 +41,27 @@ class VersionFollower:
     over once; ``watch`` reads the topic from the start and offers the newest of each poll.
     ``current`` says which version the caller serves (not newer: not loaded)."""
 
-    def __init__(self, settings: Settings, store: ModelStore, refused: Any) -> None:
+    def __init__(self, settings: Settings, store: ModelStore, refused: Any, metrics: Any = None) -> None:
         self.s = settings
         self.store = store
         self.refused = refused  # counter of versions refused
         self.current: ScoringModel | None = None
         self._next: ScoringModel | None = None
+        self._next_plan: tuple[Plan, int] | None = None  # serving artifacts to apply, and created_at_ms
+        self._next_version = -1  # the version ``take`` will hand over
         self._next_freshness_s: float | None = None
         self._next_lock = threading.Lock()
+        # versions with serving artifacts: one replica, deltas applied in place (stream.serve.replica)
+        self.replica = ReplicaLoader(store, getattr(metrics, "refresh_fallbacks", None),
+                                     getattr(metrics, "delta_apply", None), trace=settings.scorer_torchscript)
 
     def offer(self, ann: ModelVersion) -> bool:
         """Load an announced version (verified) as the next model; False if refused or not newer."""
-        current = self._next or self.current
-        if current is not None and ann.version <= current.version:
+        newest = max(self._next_version, self.current.version if self.current is not None else -1)
+        if ann.version <= newest:
             return False
+        if self.replica.has(ann.version):
+            return self._offer_artifacts(ann)
         try:
             path = self.store.root / ann.path.rsplit("/", 1)[-1]
             m = load_version(self.store, ann.version, path, ann.sha256, ann.created_at_ms,
@@ -63,15 +71,39 @@ class VersionFollower:
             log.warning("refusing model version %d: %s", ann.version, exc)
             return False
         with self._next_lock:
-            self._next = m
+            self._next, self._next_plan, self._next_version = m, None, ann.version
+            self._next_freshness_s = ann.min_new_sample_consumed_at_ms / 1000
+        return True
+
+    def _offer_artifacts(self, ann: ModelVersion) -> bool:
+        """Load the serving artifacts that reach ``ann.version`` (applied by ``take``)."""
+        try:
+            plan = self.replica.prepare(ann.version)
+        except (ModelStoreError, KeyError, RuntimeError, ValueError) as exc:
+            self.refused.inc()
+            log.warning("refusing model version %d: %s", ann.version, exc)
+            return False
+        if plan is None:
+            return False
+        with self._next_lock:
+            self._next, self._next_plan, self._next_version = None, (plan, ann.created_at_ms), ann.version
             self._next_freshness_s = ann.min_new_sample_consumed_at_ms / 1000
         return True
 
     def take(self) -> tuple[ScoringModel, float | None] | None:
-        """The pending version and when its newest sample was consumed (s), once; None if none."""
+        """The pending version and when its newest sample was consumed (s), once; None if none.
+        A version of serving artifacts is applied to the replica here (between batches)."""
         with self._next_lock:
             m, self._next = self._next, None
+            plan, self._next_plan = self._next_plan, None
             fresh_from = self._next_freshness_s
+        if plan is not None:
+            try:
+                m = self.replica.apply(*plan)
+            except (ModelStoreError, KeyError, RuntimeError, ValueError) as exc:
+                self.refused.inc()
+                log.warning("refusing model version %d: %s", plan[0].target, exc)
+                return None
         if m is None:
             return None
         self.current = m

@@ -205,3 +205,29 @@ def test_a_warm_start_begins_from_the_given_checkpoint(tmp_path: Path) -> None:
     ids = np.array([[1], [2]])
     np.testing.assert_allclose(t.learner.predict(ids), torch.sigmoid(model.eval()(torch.as_tensor(ids))).detach().numpy(),
                                rtol=1e-6)
+
+
+def test_published_versions_reach_a_scorer_as_a_full_snapshot_then_deltas(tmp_path: Path) -> None:
+    """The trainer writes each version's serving artifact beside its checkpoint; a scorer's
+    follower applies the deltas in place and serves what the checkpoint serves."""
+    from stream.contract.versions import parse_version
+    from stream.ops.metrics import ScorerMetrics
+    from stream.serve.versions import VersionFollower, load_version
+
+    t, _, producer = make(tmp_path, [chunk(0, 10, 10)], model_store_full_every=3)
+    run(t)
+    follower = VersionFollower(t.s, t.store, ScorerMetrics(CollectorRegistry()).refused_models)
+    rows = [{"f": str(i % 5)} for i in range(20)]
+    for v in range(2, 6):
+        t._step(samples(100 * v, 10), 0, 0)
+        assert t.checkpoint() is not None
+    assert t.store.artifacts() == {1: {"full"}, 2: {"delta"}, 3: {"delta"}, 4: {"delta", "full"}, 5: {"delta"}}
+    assert t.metrics.registry.get_sample_value("aitm_trainer_version_bytes", {"kind": "delta"}) > 0
+    for _, _, value in producer.sent:
+        ann = parse_version(value)
+        assert follower.offer(ann)
+        taken = follower.take()
+        assert taken is not None and taken[0].version == ann.version
+        from_ckpt = load_version(t.store, ann.version)  # the checkpoint's served model
+        assert np.array_equal(taken[0].predict(rows), from_ckpt.predict(rows))
+    assert follower.replica.replica is not None and follower.replica.replica.version == 5
