@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from aitm.embedding_table import DynamicTable
-from bench.serving import FreshSets, VersionScore, report_of, score_version
-from simulators.funnel import FunnelSimulator, SimConfig
+from bench.serving import FreshSets, VersionScore, report_of, score_version, simulator
 from stream.contract.samples import Sample, parse_sample
 from stream.learn.learner import OnlineLearner, fields_of
 from stream.learn.sample_batch import SampleBatch
@@ -43,7 +42,7 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Replay ``work``/samples.ndjson; the figures of the versions it takes, as ``bench serving``."""
     s = load_settings()
     torch.set_num_threads(s.trainer_threads)
-    sim = FunnelSimulator(SimConfig(seed=args.seed, impressions_per_day=args.impressions_per_day, drift=args.drift))
+    sim = simulator(args)
     fresh = FreshSets(sim, args.days, args.fresh)
     stream = read_samples(work / "samples.ndjson")
     fields = fields_of([stream[0][1]])

@@ -70,6 +70,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-days", type=float, default=2.0, help="versions before this stream day are not judged")
     p.add_argument("--speedup", type=float, default=12000.0, help="simulated seconds per wall second")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--activation-median-days", type=float, default=2.0,
+                   help="the simulator's median activation delay after approval (its window stays 14 days): "
+                        "checks that the delay correction holds for shorter or longer delays")
     p.add_argument("--keep", type=Path, default=None, help="keep logs, samples and the model store here")
     p.add_argument("--rescore", type=Path, default=None, metavar="DIR",
                    help="no run: recompute the figures of a run kept with --keep DIR")
@@ -80,6 +83,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="no run: a kept run's samples through the delay model, with a model-free delay-corrected "
                         "rate per task against the truth (bench/delay_estimate.py)")
     return p.parse_args(argv)
+
+
+def simulator(args: argparse.Namespace) -> FunnelSimulator:
+    """The simulated world of a run (the same for its replays and rescores)."""
+    return FunnelSimulator(SimConfig(seed=args.seed, impressions_per_day=args.impressions_per_day, drift=args.drift,
+                                     activation_median_days=getattr(args, "activation_median_days", 2.0)))
 
 
 # --- figures -----------------------------------------------------------------------------------
@@ -242,7 +251,7 @@ def _raw(m: ScoringModel, rows: list[dict[str, str]]) -> np.ndarray:
 def run_profile(profile: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Stream one delivery profile through the pipeline and score every version it published."""
     t0 = time.monotonic()
-    sim = FunnelSimulator(SimConfig(seed=args.seed, impressions_per_day=args.impressions_per_day, drift=args.drift))
+    sim = simulator(args)
     fresh = FreshSets(sim, args.days, args.fresh)
     broker = EmbeddedBroker(log_path=work / "tansu.log").start()
     settings = Settings(kafka_bootstrap_servers=broker.bootstrap, data_dir=work / "data", model_store_keep=1_000_000)
@@ -317,7 +326,7 @@ def rescore(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The figures again from a kept run (``--keep``): its model store and its samples dump. The
     announcements are gone with the broker: every version file in the store is taken as published
     (the trainer writes a file only for a version it publishes)."""
-    sim = FunnelSimulator(SimConfig(seed=args.seed, impressions_per_day=args.impressions_per_day, drift=args.drift))
+    sim = simulator(args)
     fresh = FreshSets(sim, args.days, args.fresh)
     times: dict[int, list[int]] = {}
     with (work / "samples.ndjson").open() as fh:
@@ -373,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "days": args.days, "impressions_per_day": args.impressions_per_day, "drift": args.drift,
         "fresh_impressions": args.fresh, "skip_days": args.skip_days, "speedup": args.speedup, "seed": args.seed,
+        "activation_median_days": args.activation_median_days,
         "settings": {k: v for k, v in Settings().model_dump().items() if k.startswith("trainer_") and k not in
                      ("trainer_warm_start",)},
     }
@@ -383,8 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.delay_diagnostic is not None:
             from bench.delay_estimate import delay_diagnostic
 
-            sim = FunnelSimulator(SimConfig(seed=args.seed, impressions_per_day=args.impressions_per_day,
-                                            drift=args.drift))
+            sim = simulator(args)
             truth = FreshSets(sim, args.days, args.fresh).truth_mean()
             report[profile] = {"delay_diagnostic": delay_diagnostic(args.delay_diagnostic / profile, truth)}
             continue

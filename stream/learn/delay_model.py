@@ -19,6 +19,20 @@ lets G be extrapolated past the ages seen so far). The positives are kept as a u
 (never chosen by their delay). Everything is in event time (impression times, partition
 watermarks), so a replay or a restart computes the same factors; the state is checkpointed.
 
+**The window prior** (``prior_windows_ms``, the fourth round of docs/serving.md). A young stream's
+positives only show the delay's head: the truncated likelihood is flat along "shorter and
+narrower", and a fit on a cold start's first 30-60 activations put a two-day median at one day,
+which made the correction too small for days. What fixes the tail is what the product already
+knows: each step has a configured window (``JOINER_WINDOW_<STEP>_MS``), counted from its
+predecessor, and a window is set to hold nearly every conversion. The fit is a MAP estimate with a
+weak prior saying that the step's window (plus the predecessor's fitted median delay, the time the
+step's clock starts) is the ``quantile`` (0.95) quantile of the delay: ``(ln W - mu) / sigma ~
+N(z_q, 0.75)``, with ``ln sigma ~ N(0, 0.5)`` as before. It is a prior, not a rule: its weight is
+that of about one observation, so a delay the positives do show (every step whose delays are short
+beside its stream's age) is the data's; it decides only what they cannot show yet. With it a task
+has a delay estimate from its first positive (the prior alone before), and the served correction
+comes in as positives arrive, ``n / (n + PRIOR_RAMP)``, not after a first fit on 30.
+
 >>> m = DelayModel(windows_ms=(10, 100), max_factor=5.0)
 >>> m.start(0)
 >>> m.factor(1, 100), m.factor(1, 1000)  # no fit yet, and past the window
@@ -41,6 +55,12 @@ REFIT_AGE: Final = 0.02  # ... or the stream aged by 2% of the task's window sin
 # the served correction comes in gradually: 1 / G to the power n / (n + SERVED_RAMP), n the positives
 # seen past MIN_POSITIVES (a first fit on 30 positives is too rough to apply in full at once)
 SERVED_RAMP: Final = 60
+# with the window prior: the served correction is applied to the power n / (n + PRIOR_RAMP), n the
+# positives seen. A cold model starts at its prior rates (TRAINER_PRIOR_RATES) and its predictions
+# are learned from positives only as they come; PRIOR_RAMP positives make it half its own (in logs)
+PRIOR_RAMP: Final = 20
+PRIOR_Z_SD: Final = 0.75  # sd of the window's z-score under the prior (95% -> 80-99.9% at 2 sd)
+PRIOR_LOG_SIGMA_SD: Final = 0.5  # sd of ln sigma around 0 (sigma = 1)
 
 
 def lognormal_cdf(x: np.ndarray | float, mu: float, sigma: float) -> np.ndarray:
@@ -59,17 +79,41 @@ def _erf(z: np.ndarray) -> np.ndarray:
     return torch.special.erf(torch.as_tensor(z, dtype=torch.float64)).numpy()
 
 
-def fit_truncated_lognormal(delays: np.ndarray, truncation: np.ndarray) -> tuple[float, float]:
-    """(mu, sigma) maximising sum(log f(d_i) - log F(T_i)) over a lognormal, d_i <= T_i (all > 0).
+def window_z(quantile: float) -> float:
+    """The standard normal's ``quantile`` quantile: where a window holding that share of the delays
+    sits, in sigmas above the log-median.
 
-    A prior keeps an early fit (every T_i small, the tail unseen; a daily file's steps) from running
-    away: sigma near 1 (a normal on log sigma, sd 0.5) and mu within ~1.5 e-folds of the mean log
-    delay seen (an sd 5 prior let 30 batch-fed activations fit a 28-day median: factor at the cap).
+    >>> round(window_z(0.95), 3)
+    1.645
+    """
+    return float(torch.special.ndtri(torch.tensor(quantile, dtype=torch.float64)))
+
+
+def fit_truncated_lognormal(delays: np.ndarray, truncation: np.ndarray,
+                            window_prior: tuple[float, float] | None = None) -> tuple[float, float]:
+    """(mu, sigma) maximising sum(log f(d_i) - log F(T_i)) over a lognormal, d_i <= T_i (all > 0),
+    plus a log prior.
+
+    ``window_prior`` = (W ms, q): the window prior of the module doc - ``(ln W - mu) / sigma`` is
+    normal around the q-quantile's z-score (sd ``PRIOR_Z_SD``) and ``ln sigma`` around 0 (sd
+    ``PRIOR_LOG_SIGMA_SD``); with no delays at all the prior's mode, ``(ln W - z_q, 1)``.
+    Without it (the third round's prior): sigma near 1 and mu within ~1.5 e-folds of the mean log
+    delay seen - which a truncated sample's mean pulls short (docs/serving.md, fourth round).
+
+    >>> mu, sigma = fit_truncated_lognormal(np.zeros(0), np.zeros(0), (math.e**5, 0.5))
+    >>> round(mu, 6), round(sigma, 6)
+    (5.0, 1.0)
     """
     d = torch.as_tensor(np.log(np.maximum(delays, 1.0)), dtype=torch.float64)  # log ms
     t = torch.as_tensor(np.log(np.maximum(truncation, delays) + 1.0), dtype=torch.float64)
-    centre = float(d.mean())
-    mu = torch.tensor(centre, dtype=torch.float64, requires_grad=True)
+    if window_prior is not None:
+        log_w, z_q = math.log(max(window_prior[0], 1.0)), window_z(window_prior[1])
+        if d.numel() == 0:
+            return log_w - z_q, 1.0
+        centre = log_w - z_q
+    else:
+        centre = float(d.mean())
+    mu = torch.tensor(float(d.mean()), dtype=torch.float64, requires_grad=True)
     log_sigma = torch.tensor(max(math.log(float(d.std()) + 1e-3), -2.0) if d.numel() > 1 else 0.0,
                              dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([mu, log_sigma], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
@@ -80,7 +124,11 @@ def fit_truncated_lognormal(delays: np.ndarray, truncation: np.ndarray) -> tuple
         sigma = log_sigma.exp()
         z = (d - mu) / sigma
         ll = (-log_sigma - 0.5 * z * z).sum() - torch.special.log_ndtr((t - mu) / sigma).sum()
-        prior = -0.5 * (log_sigma / 0.5) ** 2 - 0.5 * ((mu - centre) / 1.5) ** 2
+        if window_prior is not None:
+            prior = (-0.5 * (log_sigma / PRIOR_LOG_SIGMA_SD) ** 2
+                     - 0.5 * (((log_w - mu) / sigma - z_q) / PRIOR_Z_SD) ** 2)
+        else:
+            prior = -0.5 * (log_sigma / 0.5) ** 2 - 0.5 * ((mu - centre) / 1.5) ** 2
         loss = -(ll + prior) / n
         loss.backward()
         return loss
@@ -94,13 +142,22 @@ def fit_truncated_lognormal(delays: np.ndarray, truncation: np.ndarray) -> tuple
 
 class DelayModel:
     """Per task: a delay fit from the positives seen, and the factor for positives arriving at an
-    age. ``windows_ms[t]``: the longest delay task ``t``'s positive can arrive with."""
+    age. ``windows_ms[t]``: the longest delay task ``t``'s positive can arrive with;
+    ``prior_windows_ms[t]``: the step's own window (from its predecessor), the window prior's W, at
+    the ``quantile`` (None: the third round's fit, from 30 positives)."""
 
-    def __init__(self, windows_ms: Sequence[int], max_factor: float = 3.0) -> None:
+    def __init__(self, windows_ms: Sequence[int], max_factor: float = 3.0,
+                 prior_windows_ms: Sequence[int] | None = None, quantile: float = 0.95) -> None:
         if max_factor < 1:
             raise ValueError(f"max_factor must be >= 1, got {max_factor}")
+        if prior_windows_ms is not None and (len(prior_windows_ms) != len(windows_ms) or not 0.5 < quantile < 1):
+            raise ValueError(f"one prior window per task and a quantile in (0.5, 1), got {prior_windows_ms}, {quantile}")
         self.windows_ms = [int(w) for w in windows_ms]
         self.max_factor = float(max_factor)
+        # the window prior (module doc): each step's own window, counted from its predecessor
+        self.prior_windows_ms = None if prior_windows_ms is None else [int(w) for w in prior_windows_ms]
+        self.quantile = float(quantile)
+        self.min_positives = 1 if self.prior_windows_ms is not None else MIN_POSITIVES
         n = len(self.windows_ms)
         self.start_ms: int | None = None  # event time of the stream's first sample
         self.now_ms = 0  # event-time progress: the newest arrival seen
@@ -153,7 +210,7 @@ class DelayModel:
 
     def _maybe_refit(self, task: int) -> None:
         n = self.delays[task].size
-        if n < MIN_POSITIVES:
+        if n < self.min_positives:
             return
         seen_then, now_then = self._fit_at[task]
         if (self.fits[task] is not None and self.seen[task] < REFIT_GROWTH * seen_then
@@ -163,11 +220,20 @@ class DelayModel:
 
     def refit(self, task: int) -> None:
         """Fit task ``task``'s delay now: each kept positive truncated at its impression's age."""
-        if self.delays[task].size < MIN_POSITIVES:
+        if self.delays[task].size < self.min_positives:
             return
         age = np.minimum(self.now_ms - self.imp_ms[task], self.windows_ms[task])
-        self.fits[task] = fit_truncated_lognormal(self.delays[task].astype(np.float64), age.astype(np.float64))
+        self.fits[task] = fit_truncated_lognormal(self.delays[task].astype(np.float64), age.astype(np.float64),
+                                                  self.window_prior(task))
         self._fit_at[task] = (self.seen[task], self.now_ms)
+
+    def window_prior(self, task: int) -> tuple[float, float] | None:
+        """(W, quantile) of the task's window prior: its step's window plus its predecessor's fitted
+        median delay (the step's clock starts at the predecessor's event); None without the prior."""
+        if self.prior_windows_ms is None:
+            return None
+        before = self.fits[task - 1] if task > 0 else None
+        return self.prior_windows_ms[task] + (math.exp(before[0]) if before is not None else 0.0), self.quantile
 
     def cdf(self, task: int, delay_ms: np.ndarray | float) -> np.ndarray:
         """G(delay) = F(delay) / F(W): the fitted delay distribution within the task's window."""
@@ -198,14 +264,21 @@ class DelayModel:
         the positives behind predictions made at those times fall short of their steady rate. The
         served correction: a model that learned while the stream was young predicts about
         p * G(age) where the truth is p (see the module's docstring). It comes in as the fit firms
-        up: to the power n / (n + SERVED_RAMP), n the positives seen past the first fit's 30."""
+        up: to the power n / (n + SERVED_RAMP), n the positives seen past the first fit's 30; with
+        the window prior n / (n + PRIOR_RAMP), n the positives seen."""
         if self.start_ms is None or self.fits[task] is None or weights.size == 0 or self.warm(task):
             return 1.0
         age = np.maximum(self.age_ms(at_ms), 1).astype(np.float64)
         g = np.where(age < self.windows_ms[task], self.cdf(task, age), 1.0)
         mean_g = float((weights * np.maximum(g, 1.0 / self.max_factor)).sum() / max(float(weights.sum()), 1e-300))
+        return float(min(1.0 / max(mean_g, 1e-12), self.max_factor) ** self.ramp(task))
+
+    def ramp(self, task: int) -> float:
+        """The share (in logs) of the completeness factor the served version gets now."""
+        if self.prior_windows_ms is not None:
+            return self.seen[task] / (self.seen[task] + PRIOR_RAMP)
         n = max(self.seen[task] - MIN_POSITIVES, 0)
-        return float(min(1.0 / max(mean_g, 1e-12), self.max_factor) ** (n / (n + SERVED_RAMP)))
+        return n / (n + SERVED_RAMP)
 
     def factor(self, task: int, at_ms: int | None = None) -> float:
         """The factor now (or at ``at_ms``): the gauge ``aitm_trainer_delay_factor``."""

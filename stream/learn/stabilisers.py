@@ -28,7 +28,9 @@ class Stabilisers:
     the live model's predictions over this many recent impressions (0: off); ``delay_windows_ms``:
     per task, the longest delay of a positive - turns the cold-start delay compensation on
     (``stream.learn.delay_model``; None: off), its factor capped at ``delay_max_factor``, applied
-    to the served biases (``delay_in_training`` False) or to the trained positives' weights."""
+    to the served biases (``delay_in_training`` False) or to the trained positives' weights;
+    ``delay_prior_windows_ms``: each step's own window, the delay fit's prior (the window is the
+    ``delay_window_quantile`` quantile of the delay; None: no window prior)."""
 
     min_step_rows: int = 1
     positive_slack: float | None = None
@@ -40,6 +42,8 @@ class Stabilisers:
     delay_windows_ms: tuple[int, ...] | None = None
     delay_max_factor: float = 3.0
     delay_in_training: bool = False
+    delay_prior_windows_ms: tuple[int, ...] | None = None  # each step's own window: the delay fit's prior
+    delay_window_quantile: float = 0.95
 
 
 def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
@@ -86,4 +90,12 @@ def stabilisers_from(s: Settings) -> Stabilisers:
         delay_windows_ms=tuple(settled_after_ms(s)) if s.trainer_delay_correction != "off" else None,
         delay_max_factor=s.trainer_delay_max_factor,
         delay_in_training=s.trainer_delay_correction == "train",
+        delay_prior_windows_ms=step_windows_ms(s) if s.trainer_delay_window_quantile > 0 else None,
+        delay_window_quantile=s.trainer_delay_window_quantile or 0.95,
     )
+
+
+def step_windows_ms(s: Settings) -> tuple[int, ...]:
+    """Each step's own window, counted from its predecessor (the delay fit's window prior)."""
+    return (s.joiner_window_click_ms, s.joiner_window_application_ms, s.joiner_window_approval_ms,
+            s.joiner_window_activation_ms)

@@ -204,6 +204,10 @@ class Settings(BaseSettings):
     # over-predicted: p95 1.18 -> 1.29); "off". docs/serving.md. The factor is capped at the maximum
     trainer_delay_correction: Literal["off", "serve", "train"] = "serve"
     trainer_delay_max_factor: float = Field(default=3.0, ge=1)
+    # the delay fit's window prior: each step's window (JOINER_WINDOW_<STEP>_MS) is taken to hold
+    # this share of its delays, a weak prior that decides the tail a young stream cannot see yet
+    # (docs/serving.md, fourth round); 0 = none (the third round's fit, applied from 30 positives)
+    trainer_delay_window_quantile: float = Field(default=0.95, ge=0, lt=1)
 
     @field_validator("trainer_delay_correction", mode="before")
     @classmethod
