@@ -317,6 +317,8 @@ def test_a_chunked_body_over_the_limit_is_413(scorer: tuple[Scorer, int]) -> Non
 def test_a_batch_is_scored_by_one_version_in_request_order(scorer: tuple[Scorer, int]) -> None:
     s, port = scorer
     s.model = m = known_model(version=6)
+    s.fast.fast_for(m)  # the onnxruntime copy, ready before the first call: every answer from one engine
+    assert s.fast.ready.wait(60) and s.fast.fast_for(m) is not None
     reqs = [{"bank_id": "bank_9" if i % 2 else "bank_1", "features": f, **({"impression_id": f"i{i}"} if i else {})}
             for i, f in enumerate(FEATURES * 30)]  # 120 impressions
     code, body = call(port, "POST", "/score/batch", json.dumps({"requests": reqs}).encode())
