@@ -374,6 +374,41 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _step(port: int, path: str, body_file: Path, rate: float, seconds: float, warmup: float, connections: int,
+          args: argparse.Namespace, work: Path, server_pid: int) -> dict[str, Any]:
+    """One rate in a fresh client process: its figures, the load before, the server's CPU per
+    answered request (warm-up included: a figure the machine's load moves less than latency)."""
+    spec = work / "spec.json"
+    spec.write_text(json.dumps({"port": port, "path": path, "bodies": str(body_file), "rate": rate,
+                                "seconds": seconds, "warmup": warmup, "connections": connections,
+                                "cpu": args.client_cpu}))
+    load_before = os.getloadavg()[0]
+    cpu_before = _cpu_seconds(server_pid)
+    out = subprocess.run([sys.executable, "-m", "bench.serve", "--client", str(spec)],
+                         capture_output=True, text=True, check=False, timeout=seconds * 10 + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"the load client failed: {out.stderr[-2000:]}")
+    step: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    step["load_1m_before"] = round(load_before, 2)
+    served = max(1, step.pop("answered_total"))
+    step["server_cpu_ms_per_request"] = round((_cpu_seconds(server_pid) - cpu_before) * 1000 / served, 3)
+    return step
+
+
+def one_at_a_time(port: int, path: str, body_file: Path, args: argparse.Namespace, work: Path,
+                  server_pid: int, n: int = 3000) -> dict[str, Any]:
+    """The server's CPU per request with one request in flight at a time (one connection, the
+    next sent when the last is answered): no coalescing, no queue - the endpoint's own cost per
+    request, which the machine's load hardly moves (CPU time, not wall time)."""
+    step = _step(port, path, body_file, float(n), 1.0, 0.2, 1, args, work, server_pid)
+    out = {"requests": step["requests"], "codes": step["codes"],
+           "server_cpu_ms_per_request": step["server_cpu_ms_per_request"],
+           "client_cpu_ms_per_request": step["client_cpu_ms_per_request"], "load_1m_before": step["load_1m_before"]}
+    print(f"  {path} one at a time: server CPU {out['server_cpu_ms_per_request']} ms/req, codes {out['codes']}",
+          flush=True)
+    return out
+
+
 def ramp(port: int, path: str, body_file: Path, rates: list[float], args: argparse.Namespace,
          work: Path, server_pid: int) -> dict[str, Any]:
     """Step through ``rates`` (each in a fresh client process) until two fail the 20 ms bound (the
@@ -383,21 +418,8 @@ def ramp(port: int, path: str, body_file: Path, rates: list[float], args: argpar
     for rate in rates:
         if failed >= 2 and rate not in REPORTED_RATES:
             continue  # past the knee: only the rates the report names
-        spec = work / "spec.json"
-        spec.write_text(json.dumps({"port": port, "path": path, "bodies": str(body_file), "rate": rate,
-                                    "seconds": args.seconds, "warmup": args.warmup,
-                                    "connections": args.connections, "cpu": args.client_cpu}))
-        load_before = os.getloadavg()[0]
-        cpu_before = _cpu_seconds(server_pid)
-        out = subprocess.run([sys.executable, "-m", "bench.serve", "--client", str(spec)],
-                             capture_output=True, text=True, check=False, timeout=args.seconds * 10 + 120)
-        if out.returncode != 0:
-            raise RuntimeError(f"the load client failed: {out.stderr[-2000:]}")
-        step = json.loads(out.stdout.strip().splitlines()[-1])
-        step["load_1m_before"] = round(load_before, 2)
-        # the server's CPU per answered request (its warm-up included): a figure the load moves less
-        served = max(1, step.pop("answered_total"))
-        step["server_cpu_ms_per_request"] = round((_cpu_seconds(server_pid) - cpu_before) * 1000 / served, 3)
+        step = _step(port, path, body_file, rate, args.seconds, args.warmup, args.connections, args, work, server_pid)
+        load_before = step["load_1m_before"]
         step["under_20ms"] = _ok(step)
         steps.append(step)
         print(f"  {path} {rate:>6} req/s: achieved {step['achieved_rps']:>8} p50 {step['p50_ms']} "
@@ -458,7 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         batch_file.write_text("\n".join(b.decode() for b in bodies(feats, banks, args.batch)))
         with _server(store, args, old_path=False) as (port, pid):
             print(f"server on port {port}; single requests:", flush=True)
-            report["single"] = {"impressions_per_call": 1, **ramp(port, "/score", single_file, single_rates, args, work, pid)}
+            cost = one_at_a_time(port, "/score", single_file, args, work, pid)
+            report["single"] = {"impressions_per_call": 1, **ramp(port, "/score", single_file, single_rates, args, work, pid),
+                                "one_at_a_time": cost}
             print(f"batched requests ({args.batch} impressions per call):", flush=True)
             report["batched"] = {"impressions_per_call": args.batch,
                                  **ramp(port, "/score/batch", batch_file, batch_rates, args, work, pid)}
@@ -467,9 +491,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare:
             with _server(store, args, old_path=True) as (port, pid):
                 print(f"the old path on port {port}; single requests:", flush=True)
+                old_cost = one_at_a_time(port, "/score", single_file, args, work, pid)
                 old = ramp(port, "/score", single_file, [float(r) for r in REPORTED_RATES], args, work, pid)
-            report["old_path"] = {"server": OLD_PATH, "single": {"rates": old["rates"]},
-                                  "ratios_old_over_new": _ratios(old["rates"], report["single"]["rates"])}
+            ratios = _ratios(old["rates"], report["single"]["rates"])
+            ratios["one_at_a_time"] = _ratios({"x": old_cost}, {"x": report["single"]["one_at_a_time"]})["x"]
+            report["old_path"] = {"server": OLD_PATH, "single": {"rates": old["rates"], "one_at_a_time": old_cost},
+                                  "ratios_old_over_new": ratios}
     report["target"] = {"p999_ms_at_2000_rps_max": TARGET_P999_MS}
     for kind in ("single", "batched"):
         at2000 = report[kind]["rates"].get("2000", {})

@@ -39,6 +39,7 @@ ENGINES: Final = ("onnx", "torch")
 TOLERANCE: Final = 1e-5  # largest |onnxruntime - torch| allowed on the check ids
 CHECK_SIZES: Final = (1, 2, 7, 64, 300)  # batch sizes of the check
 log = logging.getLogger(__name__)
+_EXPORTING = threading.Lock()  # torch's ONNX exporter keeps global state: one export at a time
 
 
 class RowEncoder:
@@ -97,7 +98,7 @@ class OnnxModel:
             served = ServedModel(m.model).eval()
             n_fields = len(m.encoder.fields)
             buf = io.BytesIO()
-            with warnings.catch_warnings(), torch.no_grad():
+            with _EXPORTING, warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated
                 torch.onnx.export(
                     served, (torch.zeros((2, n_fields), dtype=torch.int64),), buf,  # type: ignore[arg-type]
@@ -166,6 +167,9 @@ class Accelerator:
         return None
 
     def _build(self, m: ScoringModel, done: threading.Event) -> None:
+        if self._for is not m:  # a newer version came while this one waited: skip it
+            done.set()
+            return
         fast = OnnxModel.build(m)
         with self._lock:
             if self._for is m:
