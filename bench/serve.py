@@ -146,7 +146,8 @@ def run_server(store: Path, access_log: str, old_path: bool = False) -> int:
                             format="%(asctime)s %(message)s")
     scorer = Scorer(s, CollectorRegistry())
     scorer.model = m = load_version(scorer.store, 1, trace=s.scorer_torchscript)
-    if scorer.fast.fast_for(m) is None and s.scorer_http_engine == "onnx":  # as after a version's first request
+    scorer.fast.build_after = 0  # the steady state: the version's copy built (after BUILD_AFTER impressions)
+    if scorer.fast.fast_for(m) is None and s.scorer_http_engine == "onnx":
         scorer.fast.ready.wait(120)
     app = build_app(scorer, max_batch_bytes=s.scorer_http_max_batch_bytes)
     server = HttpServer(app, "127.0.0.1", 0, access_log=s.scorer_http_access_log, use_uvloop=not old_path,

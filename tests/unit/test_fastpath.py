@@ -95,7 +95,7 @@ def test_the_accelerator_scores_eager_until_the_copy_is_ready_then_through_it(
     version: tuple[ScoringModel, list[dict[str, str]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     m, rows = version
-    acc = Accelerator("onnx")
+    acc = Accelerator("onnx", build_after=0)
     used: list[str] = []
     real_build, real_predict = OnnxModel.build, OnnxModel.predict
     gate = threading.Event()
@@ -126,7 +126,7 @@ def test_a_new_version_is_served_by_its_own_copy(version: tuple[ScoringModel, li
     m, rows = version
     kind = "dynamic" if isinstance(m.encoder, DynamicTable) else "threshold"
     m2, _ = _version(kind, 4, seed=1)
-    acc = Accelerator("onnx")
+    acc = Accelerator("onnx", build_after=0)
     first = _wait_fast(acc, m)
     assert first is not None and first.source is m
     assert acc.fast_for(m2) is None  # a hot reload: the old version's copy is never used for it
@@ -148,7 +148,7 @@ def test_a_failed_export_or_check_leaves_the_eager_model(
 
     with monkeypatch.context() as mp, caplog.at_level(logging.WARNING, logger="stream.serve.fastpath"):
         mp.setattr(torch.onnx, "export", broken)
-        acc = Accelerator("onnx")
+        acc = Accelerator("onnx", build_after=0)
         assert _wait_fast(acc, m) is None
         np.testing.assert_array_equal(acc.predict(m, rows), m.predict(rows))
         assert acc.builds == 1  # not retried on every request
@@ -157,6 +157,24 @@ def test_a_failed_export_or_check_leaves_the_eager_model(
         mp.setattr(fastpath, "TOLERANCE", -1.0)  # no copy can pass the check
         assert OnnxModel.build(m) is None
     assert "onnxruntime differs by" in caplog.text
+
+
+def test_a_version_is_exported_once_it_has_scored_build_after_impressions(
+    version: tuple[ScoringModel, list[dict[str, str]]]
+) -> None:
+    m, rows = version
+    acc = Accelerator("onnx", build_after=10)
+    acc.predict(m, rows[:4])
+    acc.predict(m, rows[:5])
+    assert acc.builds == 0  # 9 impressions: not worth an export yet
+    acc.predict(m, rows[:1])
+    assert acc.builds == 1 and acc.ready.wait(60)
+    assert acc.fast_for(m) is not None
+    m2, _ = _version("threshold", 8, seed=2)
+    acc.predict(m2, rows[:9])  # a new version counts from zero
+    assert acc.builds == 1 and acc.fast_for(m2) is None
+    from stream.serve.fastpath import BUILD_AFTER
+    assert Accelerator().build_after == BUILD_AFTER == 1000
 
 
 def test_engine_torch_never_builds(version: tuple[ScoringModel, list[dict[str, str]]]) -> None:

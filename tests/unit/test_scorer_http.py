@@ -318,6 +318,7 @@ def test_a_chunked_body_over_the_limit_is_413(scorer: tuple[Scorer, int]) -> Non
 def test_a_batch_is_scored_by_one_version_in_request_order(scorer: tuple[Scorer, int]) -> None:
     s, port = scorer
     s.model = m = known_model(version=6)
+    s.fast.build_after = 0
     s.fast.fast_for(m)  # the onnxruntime copy, ready before the first call: every answer from one engine
     assert s.fast.ready.wait(60) and s.fast.fast_for(m) is not None
     reqs = [{"bank_id": "bank_9" if i % 2 else "bank_1", "features": f, **({"impression_id": f"i{i}"} if i else {})}
@@ -454,8 +455,11 @@ def test_the_traced_model_serves_the_same_bits_as_the_eager_one() -> None:
 def test_http_answers_come_from_onnxruntime_within_1e5_and_follow_a_new_version(scorer: tuple[Scorer, int]) -> None:
     s, port = scorer
     s.model = m5 = known_model(version=5)
+    s.fast.build_after = len(FEATURES)  # the version's 4th impression starts its export
     reqs = [{"bank_id": "bank_1", "features": f} for f in FEATURES]
-    assert all(call(port, "POST", "/score", json.dumps(r).encode())[0] == 200 for r in reqs)  # starts the build
+    assert all(call(port, "POST", "/score", json.dumps(r).encode())[0] == 200 for r in reqs[:3])
+    assert s.fast.builds == 0
+    assert call(port, "POST", "/score", json.dumps(reqs[3]).encode())[0] == 200  # starts the build
     assert s.fast.ready.wait(60)
     fast = s.fast.fast_for(m5)
     assert fast is not None and fast.source is m5 and s.fast.builds == 1
