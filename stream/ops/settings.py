@@ -243,7 +243,7 @@ class Settings(BaseSettings):
     # at ~0.3 s of CPU per version loaded (a version every 3 s by default): for HTTP-heavy scorers
     scorer_torchscript: bool = False
     # the HTTP endpoint's forward (stream/serve/fastpath.py): "onnx" = each version exported to
-    # onnxruntime in the background on its first HTTP request (~0.35 s CPU; batch-1 forward 0.40 ->
+    # onnxruntime in the background after 1,000 HTTP impressions (~0.35 s CPU; batch-1 forward 0.40 ->
     # 0.05 ms; checked within 1e-5 of the torch model, else served eager); "torch" = always eager
     scorer_http_engine: Literal["onnx", "torch"] = "onnx"
 
