@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Final
 
@@ -411,10 +411,13 @@ def one_at_a_time(port: int, path: str, body_file: Path, args: argparse.Namespac
 
 
 def ramp(port: int, path: str, body_file: Path, rates: list[float], args: argparse.Namespace,
-         work: Path, server_pid: int) -> dict[str, Any]:
+         work: Path, server_pid: int, twin: tuple[int, int] | None = None) -> dict[str, Any]:
     """Step through ``rates`` (each in a fresh client process) until two fail the 20 ms bound (the
-    rates the report names are measured whatever); the figures of each step and the capacity."""
+    rates the report names are measured whatever); the figures of each step and the capacity.
+    ``twin`` (port, pid): another server (the old path) measured right after each reported rate,
+    so both meet about the same machine load; its figures under ``twin_rates``."""
     steps: list[dict[str, Any]] = []
+    twin_rates: dict[str, Any] = {}
     failed = 0
     for rate in rates:
         if failed >= 2 and rate not in REPORTED_RATES:
@@ -427,6 +430,12 @@ def ramp(port: int, path: str, body_file: Path, rates: list[float], args: argpar
               f"p99 {step['p99_ms']} p999 {step['p999_ms']} ms, lag p99 {step['lag_p99_ms']} ms, "
               f"codes {step['codes']}, server CPU {step['server_cpu_ms_per_request']} ms/req, load {load_before:.2f}",
               flush=True)
+        if twin is not None and rate in REPORTED_RATES:
+            other = _step(twin[0], path, body_file, rate, args.seconds, args.warmup, args.connections, args, work, twin[1])
+            twin_rates[str(int(rate))] = _pick(other)
+            print(f"  {path} {rate:>6} req/s, old path: p50 {other['p50_ms']} p99 {other['p99_ms']} p999 "
+                  f"{other['p999_ms']} ms, codes {other['codes']}, server CPU {other['server_cpu_ms_per_request']} "
+                  f"ms/req, load {other['load_1m_before']:.2f}", flush=True)
         if not step["under_20ms"]:
             failed += 1
     passing = [s["rate"] for s in steps if s["under_20ms"]]
@@ -434,6 +443,7 @@ def ramp(port: int, path: str, body_file: Path, rates: list[float], args: argpar
         "capacity_rps": max(passing) if passing else 0,
         "rates": {str(r): _pick(s) for s in steps for r in REPORTED_RATES if s["rate"] == r},
         "ramp": steps,
+        **({"twin_rates": twin_rates} if twin is not None else {}),
     }
 
 
@@ -479,25 +489,24 @@ def main(argv: list[str] | None = None) -> int:
         single_file, batch_file = work / "single.ndjson", work / "batch.ndjson"
         single_file.write_text("\n".join(b.decode() for b in bodies(feats, banks, 1)))
         batch_file.write_text("\n".join(b.decode() for b in bodies(feats, banks, args.batch)))
-        with _server(store, args, old_path=False) as (port, pid):
+        with _server(store, args, old_path=False) as (port, pid), \
+                (_server(store, args, old_path=True) if args.compare else nullcontext(None)) as twin:
             print(f"server on port {port}; single requests:", flush=True)
             cost = one_at_a_time(port, "/score", single_file, args, work, pid)
-            report["single"] = {"impressions_per_call": 1, **ramp(port, "/score", single_file, single_rates, args, work, pid),
-                                "one_at_a_time": cost}
+            old_cost = one_at_a_time(twin[0], "/score", single_file, args, work, twin[1]) if twin else None
+            single = ramp(port, "/score", single_file, single_rates, args, work, pid, twin)
+            old = single.pop("twin_rates", None)
+            report["single"] = {"impressions_per_call": 1, **single, "one_at_a_time": cost}
+            if old is not None and old_cost is not None:
+                ratios = _ratios(old, report["single"]["rates"])
+                ratios["one_at_a_time"] = _ratios({"x": old_cost}, {"x": cost})["x"]
+                report["old_path"] = {"server": OLD_PATH, "single": {"rates": old, "one_at_a_time": old_cost},
+                                      "ratios_old_over_new": ratios}
             print(f"batched requests ({args.batch} impressions per call):", flush=True)
             report["batched"] = {"impressions_per_call": args.batch,
                                  **ramp(port, "/score/batch", batch_file, batch_rates, args, work, pid)}
             log = store / "access.log"
             report["access_log_lines"] = sum(1 for _ in log.open()) if log.exists() else 0
-        if args.compare:
-            with _server(store, args, old_path=True) as (port, pid):
-                print(f"the old path on port {port}; single requests:", flush=True)
-                old_cost = one_at_a_time(port, "/score", single_file, args, work, pid)
-                old = ramp(port, "/score", single_file, [float(r) for r in REPORTED_RATES], args, work, pid)
-            ratios = _ratios(old["rates"], report["single"]["rates"])
-            ratios["one_at_a_time"] = _ratios({"x": old_cost}, {"x": report["single"]["one_at_a_time"]})["x"]
-            report["old_path"] = {"server": OLD_PATH, "single": {"rates": old["rates"], "one_at_a_time": old_cost},
-                                  "ratios_old_over_new": ratios}
     report["target"] = {"p999_ms_at_2000_rps_max": TARGET_P999_MS}
     for kind in ("single", "batched"):
         at2000 = report[kind]["rates"].get("2000", {})
