@@ -3,11 +3,14 @@
 Three processes: this one (builds an AITM version of the paper's sizes on simulator features,
 publishes it to a model store, starts the others and ramps the rate), the **server** (the
 scorer's real HTTP endpoint, ``stream.serve.http``, with the version loaded through the scorer's
-loader; no Kafka) and the **load client** (aiohttp, ``--connections`` keep-alive connections,
-open loop: requests are issued on a fixed schedule whatever the answers, so a slow server is
-not hidden by a client that waits for it). Latency is from the request's issue to its last
-response byte; the client also reports how late it issued against its schedule (``lag_p99_ms``),
-so a client that could not keep up shows.
+loader and its onnxruntime copy built; no Kafka; pinned to CPU 0) and the **load client**
+(asyncio protocols on uvloop, ``--connections`` keep-alive connections, pinned to CPU 1; open
+loop: requests are due on a fixed schedule whatever the answers, so a slow server is not hidden
+by a client that waits for it). Latency is from the request's scheduled time to its last
+response byte; the client also reports how late it issued against its schedule (``lag_p99_ms``)
+and its own CPU per request. With ``--compare`` (default) a second server runs the old path
+(eager torch, asyncio's loop, aiohttp's access-log formatter), measured right after the new one
+at the reported single rates and one request at a time (``old_path``, ``ratios_old_over_new``).
 
 For single requests (one impression) and batched ones (``--batch`` impressions per call) it
 reports ``p99_ms`` / ``p999_ms`` at 500 and 2,000 requests/s, and ``capacity_rps``: the highest
@@ -17,6 +20,7 @@ achieved (the paper's latency bound). JSON (see README, "Serving")::
     {"single": {"capacity_rps": 3000, "rates": {"500": {"p99_ms": .., "p999_ms": .., ...},
                 "2000": {...}}, "ramp": [{"rate": 250, ...}, ...]},
      "batched": {"impressions_per_call": 100, "capacity_rps": .., "rates": {...}, "ramp": [...]},
+     "old_path": {"single": {"rates": {...}, "one_at_a_time": {...}}, "ratios_old_over_new": {...}},
      "target": {...}, "load": {"before": [1m, 5m, 15m], "after": [...]}, ...}
 """
 
