@@ -43,6 +43,7 @@ from stream.ops.command import add_loglevel, command_parser
 from stream.ops.metrics import RefreshMetrics, ScorerMetrics, process_registry
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings, load_settings
+from stream.serve.fastpath import Accelerator
 from stream.serve.http import BadRequest, HttpServer, Item, parse_batch, parse_request, serve_http
 from stream.serve.scoring import BankPolicy, ScoringModel, score_fields
 from stream.serve.versions import VersionFollower
@@ -63,6 +64,7 @@ class Scorer:
         self.model: ScoringModel | None = None  # read by HTTP threads; replaced whole (deltas: under its lock)
         self.versions = VersionFollower(settings, self.store, self.metrics.refused_models, self.metrics)
         self.scored = 0
+        self.fast = Accelerator(settings.scorer_http_engine)  # HTTP only: onnxruntime copy per version
         self._http: HttpServer | None = None
         self.http_latency = self.metrics.latency.labels(path="http")
         self.http_batch_latency = self.metrics.latency.labels(path="http_batch")
@@ -210,7 +212,7 @@ class Scorer:
         m = self.model
         if m is None:
             return 503, {"error": "no model version loaded yet; retry shortly"}
-        probs = m.predict([feats for _, feats, _ in items])  # (N, T)
+        probs = self.fast.predict(m, [feats for _, feats, _ in items])  # (N, T)
         self.metrics.http_impressions.inc(len(items))
         return 200, [self._answer(m, bank, iid, p) for (bank, _, iid), p in zip(items, probs, strict=True)]
 

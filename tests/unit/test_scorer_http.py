@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -317,6 +318,9 @@ def test_a_chunked_body_over_the_limit_is_413(scorer: tuple[Scorer, int]) -> Non
 def test_a_batch_is_scored_by_one_version_in_request_order(scorer: tuple[Scorer, int]) -> None:
     s, port = scorer
     s.model = m = known_model(version=6)
+    s.fast.build_after = 0
+    s.fast.fast_for(m)  # the onnxruntime copy, ready before the first call: every answer from one engine
+    assert s.fast.ready.wait(60) and s.fast.fast_for(m) is not None
     reqs = [{"bank_id": "bank_9" if i % 2 else "bank_1", "features": f, **({"impression_id": f"i{i}"} if i else {})}
             for i, f in enumerate(FEATURES * 30)]  # 120 impressions
     code, body = call(port, "POST", "/score/batch", json.dumps({"requests": reqs}).encode())
@@ -443,3 +447,82 @@ def test_the_traced_model_serves_the_same_bits_as_the_eager_one() -> None:
         assert np.array_equal(m.predict(rows), eager.predict(rows))
         want = np.array([list(expected_by_task(m, f).values()) for f in rows])  # (n, T), float64 sigmoid
         assert np.abs(eager.predict(rows) - want).max() < 1e-7
+
+
+# --- the fast path (stream/serve/fastpath.py) and the access-log line --------------------------
+
+
+def test_http_answers_come_from_onnxruntime_within_1e5_and_follow_a_new_version(scorer: tuple[Scorer, int]) -> None:
+    s, port = scorer
+    s.model = m5 = known_model(version=5)
+    s.fast.build_after = len(FEATURES)  # the version's 4th impression starts its export
+    reqs = [{"bank_id": "bank_1", "features": f} for f in FEATURES]
+    assert all(call(port, "POST", "/score", json.dumps(r).encode())[0] == 200 for r in reqs[:3])
+    assert s.fast.builds == 0
+    assert call(port, "POST", "/score", json.dumps(reqs[3]).encode())[0] == 200  # starts the build
+    assert s.fast.ready.wait(60)
+    fast = s.fast.fast_for(m5)
+    assert fast is not None and fast.source is m5 and s.fast.builds == 1
+    for f, r in zip(FEATURES, reqs, strict=True):
+        code, got = call(port, "POST", "/score", json.dumps(r).encode())
+        assert code == 200 and got["model_version"] == 5
+        assert got["probabilities"] == pytest.approx(expected_by_task(m5, f), abs=1e-5)
+    # hot reload: a new version is answered by itself at once (eager), then by its own copy
+    torch.manual_seed(7)
+    load_model(s, version=6)
+    m6 = s.model
+    assert m6 is not None and m6 is not m5
+    for _ in range(2):  # before and after its copy is ready
+        for f, r in zip(FEATURES, reqs, strict=True):
+            code, got = call(port, "POST", "/score", json.dumps(r).encode())
+            assert code == 200 and got["model_version"] == 6
+            assert got["probabilities"] == pytest.approx(expected_by_task(m6, f), abs=1e-5)
+        assert s.fast.ready.wait(60)
+    assert s.fast.builds == 2 and s.fast.fast_for(m6) is not None
+    code, batch = call(port, "POST", "/score/batch", json.dumps({"requests": reqs}).encode())
+    assert code == 200 and batch["model_version"] == 6
+    for f, got in zip(FEATURES, batch["results"], strict=True):
+        assert got["probabilities"] == pytest.approx(expected_by_task(m6, f), abs=1e-5)
+
+
+def test_engine_torch_serves_the_eager_model(tmp_path: Path) -> None:
+    s = Scorer(Settings(data_dir=tmp_path, scorer_http_engine="torch"), CollectorRegistry())
+    s.model = m = known_model(version=2)
+    code, out = s.http_score(json.dumps({"features": FEATURES[0]}).encode())
+    assert code == 200 and s.fast.builds == 0
+    want = m.predict([FEATURES[0]])[0]
+    assert [out["probabilities"][t] for t in ("click", "application", "approval", "activation")] == [
+        round(float(p), 7) for p in want]
+
+
+def test_the_access_log_line_is_aiohttps_with_the_same_format() -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+    from aiohttp.web_log import AccessLogger
+
+    from stream.serve.http import ACCESS_LOG_FORMAT, AccessLog
+
+    logger = logging.getLogger("aitm.test.access")
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        for method, path, status, body in (("POST", "/score?x=1", 200, b'{"a":1}'), ("GET", "/nope", 404, b"")):
+            req = make_mocked_request(method, path)
+            resp = web.Response(status=status, body=body)
+            resp._body_length = len(body)  # as after sending
+            AccessLogger(logger, ACCESS_LOG_FORMAT).log(req, resp, 0.0012345)
+            AccessLog(logger, ACCESS_LOG_FORMAT).log(req, resp, 0.0012345)
+            theirs, ours = (r.getMessage() for r in records[-2:])
+            assert ours == theirs, (ours, theirs)
+            assert f'"{method} {path} HTTP/1.1" {status} {len(body)} 0.001234' in ours
+        logger.setLevel(logging.WARNING)
+        assert not AccessLog(logger, ACCESS_LOG_FORMAT).enabled
+    finally:
+        logger.removeHandler(handler)
