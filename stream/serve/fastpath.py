@@ -20,6 +20,7 @@ server CPU there (profile in docs/http.md).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import threading
@@ -99,26 +100,29 @@ class OnnxModel:
             served = ServedModel(m.model).eval()
             n_fields = len(m.encoder.fields)
             buf = io.BytesIO()
-            with _EXPORTING, warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated
-                torch.onnx.export(
-                    served, (torch.zeros((2, n_fields), dtype=torch.int64),), buf,  # type: ignore[arg-type]
-                    input_names=["ids"],
-                    output_names=["probabilities"], dynamic_axes={"ids": {0: "N"}, "probabilities": {0: "N"}},
-                    opset_version=17, dynamo=False,
-                )
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = 1  # batch-1 latency: one thread (as SCORER_THREADS)
-            opts.inter_op_num_threads = 1
-            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            opts.log_severity_level = 3
-            session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-            diff = 0.0
-            with torch.inference_mode():
-                for ids in _check_ids(m):
-                    want = served(torch.from_numpy(ids)).numpy()
-                    got = session.run(None, {"ids": ids})[0]
-                    diff = max(diff, float(np.abs(got - want).max()))
+            # a replica's versions share their weights and the scorer applies a delta in place under
+            # the version's lock (stream.serve.replica): export and check one version's weights
+            with m.lock if m.lock is not None else contextlib.nullcontext():
+                with _EXPORTING, warnings.catch_warnings(), torch.no_grad():
+                    warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated
+                    torch.onnx.export(
+                        served, (torch.zeros((2, n_fields), dtype=torch.int64),), buf,  # type: ignore[arg-type]
+                        input_names=["ids"],
+                        output_names=["probabilities"], dynamic_axes={"ids": {0: "N"}, "probabilities": {0: "N"}},
+                        opset_version=17, dynamo=False,
+                    )
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = 1  # batch-1 latency: one thread (as SCORER_THREADS)
+                opts.inter_op_num_threads = 1
+                opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+                opts.log_severity_level = 3
+                session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+                diff = 0.0
+                with torch.inference_mode():
+                    for ids in _check_ids(m):
+                        want = served(torch.from_numpy(ids)).numpy()
+                        got = session.run(None, {"ids": ids})[0]
+                        diff = max(diff, float(np.abs(got - want).max()))
         except Exception as exc:  # an optimisation: the eager model stays in use
             log.warning("model version %d served eager (ONNX export failed: %s)", m.version, exc)
             return None
