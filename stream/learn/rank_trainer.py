@@ -131,13 +131,7 @@ class RankTrainer(Trainer):
             chunk = None if stopping or stop.is_set() else feed.get(timeout_s=0.0 if ready else 0.05)
             now_ms = self.clock.now_ms()
             if chunk is not None:
-                if self.first_record_s is None:
-                    self.first_record_s = chunk.fetched_at_s
-                self.consumed += len(chunk)
-                for kind, n in chunk.kinds.items():
-                    self.metrics.samples.labels(kind=kind).inc(n)
-                for bad in chunk.invalid:
-                    self._dead_letter(bad)
+                self._intake(chunk)
                 full = batcher.overflow(chunk, now_ms)
                 if full is not None:
                     ready.append(full)

@@ -235,13 +235,7 @@ class Trainer:
             chunk = feed.get(timeout_s=0.1)
             now_ms = self.clock.now_ms()
             if chunk is not None:
-                if self.first_record_s is None:
-                    self.first_record_s = chunk.fetched_at_s
-                self.consumed += len(chunk)
-                for kind, n in chunk.kinds.items():
-                    self.metrics.samples.labels(kind=kind).inc(n)
-                for bad in chunk.invalid:
-                    self._dead_letter(bad)
+                self._intake(chunk)
                 self._train(batcher.overflow(chunk, now_ms))
                 batcher.add(chunk, now_ms, time.monotonic())
             now = time.monotonic()
@@ -308,6 +302,17 @@ class Trainer:
         self.batches_since += 1
         self.new_min_ms = first_at_ms if self.new_min_ms is None else self.new_min_ms
         self.new_max_ms = last_at_ms
+
+    def _intake(self, chunk: Any) -> None:
+        """A fetched chunk's bookkeeping: when the first record came, samples consumed and counted
+        by kind, its invalid records dead-lettered."""
+        if self.first_record_s is None:
+            self.first_record_s = chunk.fetched_at_s
+        self.consumed += len(chunk)
+        for kind, n in chunk.kinds.items():
+            self.metrics.samples.labels(kind=kind).inc(n)
+        for bad in chunk.invalid:
+            self._dead_letter(bad)
 
     def _dead_letter(self, rec: Invalid) -> None:
         self.dead += 1
