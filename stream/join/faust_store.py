@@ -7,6 +7,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from faust.types import TP
+
 from stream.join.driver import SWEPT_KEY, unpack_swept
 from stream.join.funnel import Dues, Swept
 from stream.join.store import DueIndex
@@ -62,16 +64,10 @@ class FaustTableStore:
     def _persisted(self) -> int | None:
         try:
             offset: int | None = self._table.data.persisted_offset(
-                type(self)._tp(self._table.changelog_topic.get_topic_name(), self.partition))
+                TP(self._table.changelog_topic.get_topic_name(), self.partition))
         except Exception:  # a fake table in tests, or faust's API moved: only a log line
             return None
         return offset
-
-    @staticmethod
-    def _tp(topic: str, partition: int) -> Any:
-        from faust.types import TP
-
-        return TP(topic, partition)
 
     def get(self, key: bytes) -> bytes | None:
         v = self.outbox.get(key, _MISSING)
