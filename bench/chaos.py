@@ -24,7 +24,6 @@ import re
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -45,7 +44,7 @@ from bench.topic_reader import TopicTail
 from simulators.delivery import PROFILES
 from simulators.faults import FaultConfig, Record, SimulatedStream
 from simulators.funnel import FunnelSimulator, SimConfig
-from simulators.kafka_sink import produce
+from simulators.kafka_sink import Background, produce
 from stream.kafka.broker import ensure_topics, free_port
 from stream.ops.command import command_parser
 from stream.ops.settings import Settings
@@ -144,11 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 delivered.append(rec)
                 yield rec
 
-        producer = threading.Thread(
-            target=lambda: sent.update(produce(kept(stream), settings, speedup=speedup)),
-            name="producer",
-            daemon=True,
-        )
+        producer = Background(lambda: sent.update(produce(kept(stream), settings, speedup=speedup)))
         producer.start()
         # kills spread over the stream: each victim `kills` times, in a shuffled order
         schedule = [v for v in VICTIMS for _ in range(args.kills)]
@@ -162,7 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             kills[victim] += 1
             time.sleep(rng.uniform(0.5, 2.0))
             sup.start(victim, procfile[victim])
-        producer.join()
+        producer.result()  # every record delivered (NotDelivered otherwise)
         expected = expectations(stream)
         deadline = time.monotonic() + args.drain_timeout
         while time.monotonic() < deadline:

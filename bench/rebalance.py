@@ -23,7 +23,6 @@ import random
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,7 +36,7 @@ from bench.supervisor import Supervisor, read_procfile, wait_http
 from bench.topic_reader import TopicTail
 from simulators.faults import FaultConfig, SimulatedStream
 from simulators.funnel import FunnelSimulator, SimConfig
-from simulators.kafka_sink import produce
+from simulators.kafka_sink import Background, produce
 from stream.kafka.broker import free_port
 from stream.ops.command import command_parser
 from stream.ops.settings import Settings
@@ -102,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(8)  # both members take partitions
         tail = TopicTail(settings, [settings.topic_samples, settings.topic_dead_letters], ledger).start()
         speedup = (1 + args.tail_days) * 86_400 / args.stream_seconds
-        producer = threading.Thread(target=produce, args=(stream, settings), kwargs={"speedup": speedup}, daemon=True)
+        producer = Background(produce, stream, settings, speedup=speedup)
         producer.start()
         t0 = time.monotonic()
         while producer.is_alive():
@@ -116,6 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cycles.append((round(time.monotonic() - t0, 1), how))
             if not sup.alive("joiner"):
                 raise RuntimeError(f"the first joiner died:\n{sup.tail('joiner')}")
+        producer.result()  # every record delivered (NotDelivered otherwise)
         if not sup.alive("joiner_b"):
             sup.start("joiner_b", joiner, second)
         expected = expectations(stream)  # the answer key is complete once every record was made

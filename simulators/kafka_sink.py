@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from simulators.faults import Record
 from simulators.sinks import Progress
 from stream.ops.metrics import SimulatorMetrics
 from stream.ops.settings import Settings
+
+
+class NotDelivered(RuntimeError):
+    """Records the broker did not acknowledge (after the producer's retries): a run that lost
+    part of its input cannot be judged against its answer key, so it says so."""
+
+    def __init__(self, failed: list[tuple[str, bytes | None, str]], counts: dict[str, int]) -> None:
+        self.failed, self.counts = failed, counts
+        first = "; ".join(f"{t} {k!r}: {e}" for t, k, e in failed[:3])
+        super().__init__(
+            f"{len(failed)} of {sum(counts.values())} records were not delivered (first: {first})"
+        )
 
 
 def produce(
@@ -25,7 +39,8 @@ def produce(
     """Send records to Kafka in delivery order, paced by ``speedup`` (simulated s per wall s)
     and/or ``max_rate`` (records per wall second); 0 means as fast as possible. Stretches with
     no record for over ``max_idle_s`` wall seconds (the sparse tail of late activations) are cut
-    short."""
+    short. Raises ``NotDelivered`` once all is sent if the broker refused any record.
+    """
     from kafka import KafkaProducer
 
     topics = settings.event_topics()
@@ -42,6 +57,7 @@ def produce(
         **client_config,
     )
     counts: Counter[str] = Counter()
+    failed: list[tuple[str, bytes | None, str]] = []
     sent, t0, sim0 = 0, time.monotonic(), None
     try:
         for rec in records:
@@ -62,7 +78,8 @@ def produce(
                 producer.flush()
                 time.sleep(wait)
             topic = topics[rec.step]
-            producer.send(topic, key=rec.key, value=rec.value, timestamp_ms=rec.timestamp_ms)
+            future = producer.send(topic, key=rec.key, value=rec.value, timestamp_ms=rec.timestamp_ms)
+            future.add_errback(lambda exc, t=topic, k=rec.key: failed.append((t, k, repr(exc))))
             counts[topic] += 1
             sent += 1
             if metrics is not None:
@@ -76,4 +93,30 @@ def produce(
             progress.out.write("\n")
     finally:
         producer.close()
+    if failed:
+        raise NotDelivered(failed, dict(counts))
     return dict(counts)
+
+
+class Background(threading.Thread):
+    """``fn(*args, **kwargs)`` in a thread whose ``result()`` joins it and returns its value or
+    raises its exception (``produce`` in the background: a producer that could not deliver fails the run
+    that started it)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.args_, self.kwargs_ = fn, args, kwargs
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn(*self.args_, **self.kwargs_)
+        except BaseException as exc:  # handed to result()
+            self.error = exc
+
+    def result(self) -> Any:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value

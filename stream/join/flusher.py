@@ -62,6 +62,7 @@ class Flusher:
         self.next_offset: dict[Any, int] = {}  # per event topic partition: the offset after the last handled
         self.inflight: list[asyncio.Future[None]] = []  # the flush waiting for its acks (one at most)
         self.last_flush = 0.0  # monotonic time of the last flush
+        self.waited: set[Any] = set()  # partitions seen active before their recovery (logged once)
 
     def get_sender(self) -> BatchSender:
         if self.sender is None:
@@ -226,8 +227,12 @@ class Flusher:
         be idle. A topic with records fetched but not yet handled is behind."""
         consumer: Any = self.app.consumer
         read_offset = consumer._read_offset  # faust's: after a seek, the committed position
-        # faust's partitions being read: those of a table still recovering are paused (not active)
+        # faust's partitions being read: those of a table still recovering are paused (not active);
+        # but faust marks a new assignment's partitions active before it pauses them for the
+        # restore, so none is taken while its rebalance is not over (``app.rebalancing``: from the
+        # revocation until the assignment is recovered and resumed)
         active = getattr(consumer, "_active_partitions", None)
+        recovering = bool(getattr(self.app, "rebalancing", False))
         join = self.join
         step_of = join.step_of
         for tp in consumer.assignment():
@@ -238,6 +243,12 @@ class Flusher:
                 # an assigned partition is joined from the moment its state is recovered, not from
                 # its next record: one that gets none (a quiet tail) still sweeps what is due
                 if step != 0 or (active is not None and tp not in active):
+                    continue
+                if recovering:
+                    if tp not in self.waited:
+                        self.waited.add(tp)
+                        log.info("partition %d: active while its rebalance is not over - joined once "
+                                 "its state is recovered", tp.partition)  # fmt: skip
                     continue
                 join.part(tp.partition)
             hw = offsets.highwater(consumer, tp)
@@ -262,5 +273,6 @@ class Flusher:
         await self.wait_inflight()
         self.unacked = [m for m in self.unacked if m.tp not in tps]
         for tp in tps:
+            self.waited.discard(tp)
             self.next_offset.pop(tp, None)
             self.join.forget(tp.partition)

@@ -120,6 +120,10 @@ def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flu
                             hw = behind_hw[tp]
                             if handle(message, hw is not None and offset + 1 < hw):
                                 await flush()
+                                if app.consumer_generation_id != generation:
+                                    # a rebalance came and went during the flush: its seek set the
+                                    # read offsets afresh, which this old record must not move
+                                    break
                         else:
                             await self.wait_first(callback(message), self.suspend_flow.wait())
                         read_offset[tp] = offset

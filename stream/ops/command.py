@@ -8,6 +8,7 @@ error instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 # name -> (module whose main(argv) runs it, one-line summary for users)
@@ -83,5 +84,13 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 
 
 def add_loglevel(parser: argparse.ArgumentParser, default: str = "info") -> None:
-    """``--loglevel``: one of LOG_LEVELS, any case."""
-    parser.add_argument("--loglevel", type=str.lower, choices=LOG_LEVELS, default=default, help="log level")
+    """``--loglevel``: one of LOG_LEVELS, any case; its default is the environment's ``LOG_LEVEL``
+    when that is one of them (so a Procfile's processes can be made verbose without editing it)."""
+    env = os.environ.get("LOG_LEVEL", "").lower()
+    parser.add_argument(
+        "--loglevel",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=env if env in LOG_LEVELS else default,
+        help="log level (default: $LOG_LEVEL, else %(default)s)",
+    )

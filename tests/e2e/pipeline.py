@@ -62,3 +62,21 @@ def processes_with_env(marker: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+EVIDENCE = ("WARNING", "ERROR", "Traceback", "revoked", "assigned", "states read from", "rebalance is not over")
+
+
+def log_evidence(log_dir: Path, names: tuple[str, ...], lines: int = 80) -> str:
+    """The lines of the named processes' logs that explain an ownership change (warnings,
+    errors, revocations, assignments, partition loads: the joiner logs them at ``LOG_LEVEL=info``),
+    the last ``lines`` of each: printed by a test before it fails, so a failure elsewhere (CI)
+    says what the processes saw."""
+    out = []
+    for name in names:
+        path = log_dir / f"{name}.log"
+        text = path.read_text(errors="replace").splitlines() if path.exists() else []
+        picked = [ln[:400] for ln in text if any(w in ln for w in EVIDENCE)]
+        out.append(f"--- {name}: {len(picked)} of {len(text)} lines ---")
+        out.extend(picked[-lines:])
+    return "\n".join(out)

@@ -6,9 +6,12 @@ repeated finals only where a kill explains them, every impression scored."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.e2e.pipeline import log_evidence
 
 
 def test_chaos_loses_and_invents_nothing(tmp_path: Path) -> None:
@@ -17,10 +20,15 @@ def test_chaos_loses_and_invents_nothing(tmp_path: Path) -> None:
         [sys.executable, "-m", "stream.cli", "bench", "chaos", "--days", "2", "--impressions-per-day", "8000",
          "--tail-days", "21", "--kills", "2", "--stream-seconds", "70", "--fault-rate", "0.01",
          "--delivery", "batch-feeds", "--json", str(out), "--data-dir", str(tmp_path / "data")],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, env={**os.environ, "LOG_LEVEL": "info"},
     )  # fmt: skip
     result = json.loads(out.read_text())
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    if r.returncode != 0:  # what failed first, then the evidence: the answer key's examples, the joiner's log
+        checks = {k: v for k, v in result.items() if k.startswith(("labels_", "dead_letters_", "duplicate_", "repeated_",
+                                                                     "impressions_unscored"))}  # fmt: skip
+        print(json.dumps(checks), json.dumps(result["examples"]), r.stderr[-2000:], sep="\n")
+        print(log_evidence(tmp_path / "data" / "logs", ("joiner",)))
+    assert r.returncode == 0, "bench chaos failed its checks (printed above)"
     assert result["kills"] == {"joiner": 2, "trainer": 2, "scorer": 2}
     assert result["restarts"] == {"joiner": 2, "trainer": 2, "scorer": 2}
     assert result["labels_checked"] > 15_000

@@ -6,7 +6,6 @@ scorer's HTTP endpoint is alive at once but ready only with a verified model ver
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +19,7 @@ from bench.supervisor import Supervisor
 from bench.topic_reader import TopicTail
 from simulators.faults import FaultConfig, SimulatedStream
 from simulators.funnel import FunnelSimulator, SimConfig
-from simulators.kafka_sink import produce
+from simulators.kafka_sink import Background, produce
 from stream.ops.settings import Settings
 from tests.e2e.outputs import sample_object
 from tests.e2e.pipeline import pipeline_env, start_pipeline
@@ -52,9 +51,9 @@ def test_published_records_meet_their_schemas_and_readiness_waits_for_a_model(tm
         assert get(f"{http}/livez") == (200, {"status": "alive"})
         assert get(f"{http}/readyz") == (503, {"status": "no model", "model_version": None})
         tail = TopicTail(settings, list(topics), lambda rec: got[topics[rec.topic]].append(rec.value)).start()
-        producer = threading.Thread(target=produce, args=(stream, settings), kwargs={"speedup": 17 * 86_400 / 40})
+        producer = Background(produce, stream, settings, speedup=17 * 86_400 / 40)
         producer.start()
-        producer.join()
+        producer.result()
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and not (
             len(got["scores"]) >= 2_000 and got["model-versions"] and got["dead-letters"]

@@ -3,24 +3,25 @@ joins again, and no final label or score is lost or duplicated (measured)."""
 
 from __future__ import annotations
 
-import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from bench.supervisor import Supervisor, scrape
 from bench.topic_reader import TopicTail
 from simulators.faults import FaultConfig, SimulatedStream
 from simulators.funnel import FunnelSimulator, SimConfig
-from simulators.kafka_sink import produce
+from simulators.kafka_sink import Background, produce
 from stream.kafka.broker import free_port
 from stream.ops.settings import Settings
 from tests.e2e.outputs import Outputs, must_label, must_score
-from tests.e2e.pipeline import pipeline_env, start_pipeline
+from tests.e2e.pipeline import log_evidence, pipeline_env, start_pipeline
 
 
 def test_two_joiners_and_two_scorers_share_and_rebalance(tmp_path: Path) -> None:
     env = pipeline_env(tmp_path)
     env["MODEL_STORE_DIR"] = str(tmp_path / "models")
+    env["LOG_LEVEL"] = "info"  # the joiners log their revocations and assignments (evidence)
     settings = Settings(kafka_bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
     second = {
         "joiner_b": {"DATA_DIR": str(tmp_path / "joiner-b"), "METRICS_PORT_JOINER": str(free_port())},
@@ -38,9 +39,7 @@ def test_two_joiners_and_two_scorers_share_and_rebalance(tmp_path: Path) -> None
             settings, [settings.topic_samples, settings.topic_scores, settings.topic_dead_letters], ledger
         )
         tail.start()
-        producer = threading.Thread(
-            target=produce, args=(stream, settings), kwargs={"speedup": 17 * 86_400 / 60}
-        )
+        producer = Background(produce, stream, settings, speedup=17 * 86_400 / 60)
         producer.start()
         worked = {"joiner_b": 0.0, "scorer_b": 0.0}
         time.sleep(15)
@@ -52,7 +51,7 @@ def test_two_joiners_and_two_scorers_share_and_rebalance(tmp_path: Path) -> None
         time.sleep(15)
         for name, extra in second.items():  # join again
             sup.start(name, procfile[name.split("_")[0]], extra)
-        producer.join()
+        producer.result()  # every record delivered (else NotDelivered says how many were not)
         labelled, scorable = must_label(stream), must_score(stream)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -76,7 +75,15 @@ def test_two_joiners_and_two_scorers_share_and_rebalance(tmp_path: Path) -> None
     rescored = sum(n - 1 for i, n in ledger.scored.items() if n > 1 and i not in delivered_twice)
     print(f"scale-out: {len(labelled)} labels checked, {ledger.final_records} final records, "
           f"{len(ledger.scored)} impressions scored, {rescored} scored twice")  # fmt: skip
-    lost_dead = [(d.get("key"), d["source_topic"], d["reason"]) for d in ledger.dead if d.get("key") in set(lost)]
+    if lost or wrong or conflicting:
+        from kafka.partitioner.default import murmur2
+
+        parts = settings.event_partitions
+        print("lost per partition:", Counter((murmur2(i.encode()) & 0x7FFFFFFF) % parts for i in lost))
+        print(log_evidence(tmp_path / "logs", ("joiner", "joiner_b")))
+    lost_dead = [
+        (d.get("key"), d["source_topic"], d["reason"]) for d in ledger.dead if d.get("key") in set(lost)
+    ]
     assert (len(lost), len(wrong), len(conflicting), len(unscored)) == (0, 0, 0, 0), (
         lost[:10],
         [i for i in lost if i in ledger.sampled][:10],  # lost yet sampled (a first sample came out)
