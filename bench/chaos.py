@@ -257,7 +257,16 @@ def summarise(
                 for i in wrong[:5]
             ],
             "unscored": unscored[:5],
-            "missing_dead": missing_dead[:5],
+            "missing_dead": [
+                {
+                    "dead_letter": list(m),
+                    "faults": list(truth[m[0]].faults) if m[0] in truth else None,
+                    "finals": sorted(map(list, ledger.finals.get(m[0], ()))),
+                    "dead_letters": [(d["source_topic"], d["reason"], d["detail"]) for d in ledger.dead
+                                     if d.get("key") == m[0]],
+                }
+                for m in missing_dead[:5]
+            ],
             "unexplained_dead": unexplained_dead[:5],
         },
     }

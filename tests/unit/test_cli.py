@@ -123,3 +123,26 @@ def test_health_probe(tmp_path: object) -> None:
         server.shutdown()
     down = run("health", HEALTH_URL=f"http://127.0.0.1:{free_port()}/metrics")
     assert down.returncode == 1 and "unhealthy" in down.stderr
+
+
+def test_loglevel_defaults_to_the_environments_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from stream.ops.command import add_loglevel
+
+    def default(env: str | None) -> str:
+        if env is None:
+            monkeypatch.delenv("LOG_LEVEL", raising=False)
+        else:
+            monkeypatch.setenv("LOG_LEVEL", env)
+        p = argparse.ArgumentParser()
+        add_loglevel(p, "warning")
+        return str(p.parse_args([]).loglevel)
+
+    assert default(None) == "warning"
+    assert default("INFO") == "info"
+    assert default("loud") == "warning"  # not a level: the command's own default
+    monkeypatch.setenv("LOG_LEVEL", "info")
+    p = argparse.ArgumentParser()
+    add_loglevel(p, "warning")
+    assert p.parse_args(["--loglevel", "error"]).loglevel == "error"  # the flag still wins
