@@ -181,6 +181,17 @@ def summarise(
             ],
             "wrong": [{"impression_id": i, "truth": list(labelled[i]), "finals": sorted(map(list, ledger.finals[i]))}
                       for i in wrong[:5]],
+            "missing_dead": [
+                {"dead_letter": list(m), "partition": partition(m[0]),
+                 "cause": [d.cause for d in stream.dead_letters if (d.impression_id, d.step, d.reason) == m],
+                 "event_time_ms": [d.event_time_ms for d in stream.dead_letters
+                                   if (d.impression_id, d.step, d.reason) == m],
+                 "truth_labels": list(truth[m[0]].labels) if m[0] in truth else None,
+                 "final_labels": list(truth[m[0]].final_labels or ()) if m[0] in truth else None,
+                 "faults": [(f.kind, f.step) for f in stream.faults if f.impression_id == m[0]],
+                 "finals": sorted(map(list, ledger.finals.get(m[0], ()))), "dead_letters": dead_of.get(m[0], [])}
+                for m in sorted(expected["dead_required"] - seen)[:10]
+            ],
         },
     }
 

@@ -4,7 +4,8 @@ acknowledged only once everything it caused is acknowledged by the broker.
 ``handle`` joins one source record (``stream.kafka.faust_bulk`` calls it from faust's fetch loop)
 and queues its outputs; ``flush`` - once per ``JOINER_SWEEP_INTERVAL_MS``, from the fetch loop
 or a timer - sweeps every partition whose watermarks moved, drains every store's writes into
-the table's changelog, and submits it all; ``complete`` waits for the acks, then writes the
+the table's changelog, and submits it all - the outputs first, the changelog records once the
+outputs are acknowledged; ``complete`` waits for the acks, then writes the
 states into the local RocksDB, records the acked changelog offsets for faust's recovery, stores
 the swept watermarks and acknowledges the source records (faust commits their offsets only
 then). One flush is in flight at a time, so the batches of a partition stay in order. A kill -9
@@ -194,11 +195,23 @@ class Flusher:
         faust's recovery), store the swept watermarks (locally at once, so a restart after a
         kill -9 re-emits at most the last flush's finals; their changelog record goes out with
         the next flush) and acknowledge the source records."""
+        # the outputs (samples, dead letters) first, acknowledged, and only then the changelog
+        # records of the states that caused them: a kill -9 in between leaves the states as they
+        # were, and the next owner redoes those outputs. The other way round, a state change that
+        # landed without its output (a held event dead-lettered by a sweep, a correction) left
+        # nothing to redo: the output was lost for good.
+        changelog = self.changelog
+        outputs = [b for b in batches if b[0] != changelog]
+        states = [b for b in batches if b[0] == changelog]
+        if outputs:
+            for sent in await sender.submit(outputs):
+                await sent.last_offset()
         acked: dict[int, int] = {}
-        for sent in await sender.submit(batches):
-            last = await sent.last_offset()
-            if sent.topic == self.changelog and last > acked.get(sent.partition, -1):
-                acked[sent.partition] = last
+        if states:
+            for sent in await sender.submit(states):
+                last = await sent.last_offset()
+                if last > acked.get(sent.partition, -1):
+                    acked[sent.partition] = last
         if self.member_lost():
             # evicted while this flush was out: another member may have recovered these partitions
             # and written after these records. Settling them and recording their offsets as the

@@ -401,3 +401,108 @@ def test_a_partition_still_recovering_is_joined_only_once_its_states_are_restore
 
     asyncio.run(run())
 
+
+class Killed(Exception):
+    """The process died (kill -9) in the middle of a flush."""
+
+
+class Builder:
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes, bytes | None]] = []
+
+    def append(self, key: bytes, value: bytes | None, timestamp: None) -> bool:
+        self.records.append((key, value))
+        return True
+
+    def record_count(self) -> int:
+        return len(self.records)
+
+
+class Meta(NamedTuple):
+    offset: int
+
+
+class DyingProducer:
+    """aiokafka's producer as ``BatchSender`` uses it: the record batches it submits land on the
+    broker in submission order, until ``survive`` more have landed - then the process dies."""
+
+    def __init__(self) -> None:
+        self.landed: list[tuple[str, int, bytes, bytes | None]] = []
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.survive: int | None = None
+
+    def create_batch(self) -> Builder:
+        return Builder()
+
+    async def send_batch(self, builder: Builder, topic: str, partition: int) -> asyncio.Future[Meta]:
+        if self.survive is not None:
+            if self.survive == 0:
+                raise Killed
+            self.survive -= 1
+        self.landed.extend((topic, partition, k, v) for k, v in builder.records)
+        first = self.offsets.get((topic, partition), 0)
+        self.offsets[(topic, partition)] = first + len(builder.records)
+        fut: asyncio.Future[Meta] = asyncio.get_running_loop().create_future()
+        fut.set_result(Meta(first))
+        return fut
+
+
+def test_a_kill_during_a_flush_never_loses_the_dead_letter_of_a_state_it_changed(tmp_path: Path) -> None:
+    """A click held for an impression that never comes is dead-lettered by a sweep, which also
+    deletes the held state. Whatever part of that flush reaches the broker before a kill -9, the
+    dead letter is delivered - by this flush, or by the next owner redoing it from the changelog.
+    If the state's change could land without it, the next owner would find nothing to redo (the
+    real ``BatchSender`` over a producer that dies after each number of landed batches)."""
+    from stream.kafka.sender import BatchSender
+
+    day = 86_400_000
+
+    async def run(survive: int) -> list[Any]:
+        rig = Rig(tmp_path / f"a{survive}")
+        producer = DyingProducer()
+        rig.flusher.sender = BatchSender(producer, lambda topic, key: 0)
+        click = encode_event(Event(1, "z1/1", "z1", T0, "bank_1", None))
+        rig.flusher.handle(Message("clk", 0, 0, b"z1", click), False)  # held: no impression yet
+        await rig.flusher.flush()
+        await rig.flusher.wait_inflight()
+        rig.offset = 998
+        rig.impression("x1", T0 + day)  # the impressions' clock passes the click's grace period
+        rig.impression("x2", T0 + day + 60_000)
+        rig.consumer._read_offset = {TP(t, 0): 1_000 for t in TOPICS.events}
+        producer.survive = survive
+        try:
+            for _ in range(3):
+                rig.clock.advance(1_000)
+                await rig.flusher.flush()
+                await rig.flusher.wait_inflight()
+        except Killed:
+            pass
+        delivered = [r for r in producer.landed if r[0] == "dead"]
+        # the next owner: the changelog as it landed; the records not acknowledged are read again
+        nxt = Rig(tmp_path / f"b{survive}")
+        db = nxt.table.data._db_for_partition(0)
+        for topic, _, key, value in producer.landed:
+            if topic == CHANGELOG:
+                if value is None:
+                    db.delete(key)
+                else:
+                    db[key] = value
+        acked = {m.offset for m in rig.consumer.acked if m.topic == "imp"}
+        for offset, iid, t in ((998, "x1", T0 + day), (999, "x2", T0 + day + 60_000)):
+            nxt.offset = offset
+            if offset not in acked:
+                nxt.impression(iid, t)
+        nxt.consumer._read_offset = {TP(t, 0): 1_000 for t in TOPICS.events}
+        for _ in range(3):
+            nxt.clock.advance(1_000)
+            await nxt.flusher.flush()
+            await nxt.flusher.wait_inflight()
+        return delivered + [r for batch in nxt.sender.submitted for r in batch if r[0] == "dead"]
+
+    async def every_kill_point() -> None:
+        for survive in range(8):
+            dead = await run(survive)
+            assert any(r[2] == b"z1" for r in dead), f"the dead letter was lost when {survive} batches landed"
+
+    asyncio.run(every_kill_point())
+
