@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -86,6 +87,39 @@ def main(argv: list[str] | None = None) -> int:
     checks = ("labels_lost", "labels_wrong", "duplicate_finals", "dead_letters_missing",
               "dead_letters_unexplained", "repeated_finals_without_a_kill", "impressions_unscored")  # fmt: skip
     return 0 if all(result[k] == 0 for k in checks) else 1
+
+
+# the log line each victim writes once it is at work again after a start: a kill before it (a
+# loaded machine's slow start, a trainer still waiting for the writer lease) would test nothing
+# of what its restart must do (resume from a checkpoint, recover the join state)
+READY_LINE = {"trainer": "trainer: mode", "joiner": "", "scorer": ""}
+READY_WAIT_S = 60.0
+
+
+def _ready_lines(sup: Supervisor, name: str) -> int:
+    line = READY_LINE.get(name, "")
+    log = sup.log_dir / f"{name}.log"
+    if not line or not log.exists():
+        return 0
+    return log.read_text(errors="replace").count(line)
+
+
+def _wait_ready(sup: Supervisor, name: str, before: int) -> None:
+    """Until the restarted ``name`` is at work (its ready line logged once more; its /metrics
+    answering for the others), or READY_WAIT_S."""
+    deadline = time.monotonic() + READY_WAIT_S
+    port = sup.env.get(f"METRICS_PORT_{name.upper()}")
+    while time.monotonic() < deadline and sup.alive(name):
+        if READY_LINE.get(name):
+            if _ready_lines(sup, name) > before:
+                return
+        elif port is not None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).close()
+                return
+            except OSError:
+                pass
+        time.sleep(0.2)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,7 +190,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sup.kill(victim)
             kills[victim] += 1
             time.sleep(rng.uniform(0.5, 2.0))
+            ready_before = _ready_lines(sup, victim)
             sup.start(victim, procfile[victim])
+            _wait_ready(sup, victim, ready_before)
         producer.result()  # every record delivered (NotDelivered otherwise)
         expected = expectations(stream)
         deadline = time.monotonic() + args.drain_timeout
