@@ -50,7 +50,8 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     learner = OnlineLearner(DynamicTable(fields, s.trainer_embedding_rows, s.trainer_feature_min_count,
                                          s.trainer_embedding_ttl_ms),
                             s.trainer_mode, s.trainer_lr, eval_window=s.trainer_eval_window,
-                            one_pass=s.trainer_one_pass, stabilisers=stabilisers_from(s))
+                            one_pass=s.trainer_one_pass, stabilisers=stabilisers_from(s),
+                            alpha=s.trainer_calibrator_alpha)
     scores: list[VersionScore] = []
     watermark = 0
 

@@ -126,7 +126,7 @@ class Trainer:
         encoder = encoder_from_state(ckpt["feature_maps"])
         learner = OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
                                 model=model, freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
-                                stabilisers=stabilisers_from(self.s))
+                                stabilisers=stabilisers_from(self.s), alpha=self.s.trainer_calibrator_alpha)
         return self._on_device(learner)
 
     def restore(self) -> None:
@@ -189,7 +189,7 @@ class Trainer:
         log.info("cold start: %d feature fields %s", len(fields), ", ".join(fields))
         learner = OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
                                 freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
-                                stabilisers=stabilisers_from(self.s))
+                                stabilisers=stabilisers_from(self.s), alpha=self.s.trainer_calibrator_alpha)
         return self._on_device(learner)
 
     def _freeze_after_ms(self) -> int | None:

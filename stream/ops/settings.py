@@ -143,6 +143,15 @@ class Settings(BaseSettings):
     # ~6 steps a day) 1e-2 does best (0.80-0.82) and 3e-3 only 0.70. The default is for
     # 4,000/day and more: the demo's 10,000, and anything real
     trainer_lr: float = Field(default=0.003, gt=0)
+    # weight of AITM's Behavioral Expectation Calibrator in the streaming trainer's loss (the paper's
+    # alpha is 0.6). It is one-sided - max(p_t - p_(t-1), 0) only ever lowers a step and raises the
+    # one before it - and where two steps' rates are close (activation ~0.8 x approval) a model
+    # with any noise crosses that line on some rows even at the true rates, so it pulls the later
+    # step's mean down: replays of the same samples served activation 10-15% lower late in the
+    # stream at 0.6 than at 0, the version left serving 0.77 / 0.78 of the truth against 0.87 / 0.90
+    # (docs/serving.md, fifth round). The served order does not rest on it: every row is projected
+    # (aitm/projection.py). 0.6 restores the paper's loss
+    trainer_calibrator_alpha: float = Field(default=0.0, ge=0)
     # one forward pass per batch, with dropout off, both scores it (test) and carries the gradient
     # (train): a third less torch work. Online, each sample is seen once; dropout made no AUC
     # difference beyond seed noise (replay, docs/streaming.md). false: a scoring pass in eval
