@@ -46,15 +46,14 @@ class Refused:
 
 @dataclass
 class Lane:
-    """One partition's parsed records not yet handed over, in offset order."""
+    """One partition's parsed records not yet handed over, in offset order: samples, and refused
+    records at their place (they take the stream time of the record before them)."""
 
-    records: list[SampleRecord] = field(default_factory=list)
+    items: list[SampleRecord | Refused] = field(default_factory=list)
     keys: list[int] = field(default_factory=list)  # running maximum of watermark_ms: non-decreasing
     offsets: list[int] = field(default_factory=list)
-    refused: list[tuple[int, Refused]] = field(default_factory=list)  # (offset, record)
     end: int | None = None  # the offset after the last record added
     last_key: int = NO_KEY  # the lane's stream time so far
-    handed: int | None = None  # the offset after the last record handed over
 
 
 @dataclass
@@ -78,10 +77,10 @@ class PartitionMerge:
 
     def room(self, partition: int) -> int:
         """Records the lane may still take (fetch the partition only while positive)."""
-        return self.capacity - len(self.lanes[partition].records)
+        return self.capacity - len(self.lanes[partition].items)
 
     def buffered(self) -> int:
-        return sum(len(lane.records) + len(lane.refused) for lane in self.lanes.values())
+        return sum(len(lane.items) for lane in self.lanes.values())
 
     def add(self, partition: int, records: Sequence[Any]) -> None:
         """Parse a partition's fetched records (in offset order) into its lane."""
@@ -89,15 +88,25 @@ class PartitionMerge:
             return
         lane = self.lanes[partition]
         good, bad = decode_records([r.value for r in records])
-        bad_at = {i for i, _ in bad}
-        lane.refused += [(records[i].offset, Refused(records[i], exc.reason, exc.message)) for i, exc in bad]
-        offsets = [r.offset for i, r in enumerate(records) if i not in bad_at] if bad else [r.offset for r in records]
-        keys = list(accumulate(map(attrgetter("watermark_ms"), good), max, initial=lane.last_key))[1:]
-        lane.records += good
-        lane.keys += keys
-        lane.offsets += offsets
-        if keys:
-            lane.last_key = keys[-1]
+        refused = {i: Refused(records[i], exc.reason, exc.message) for i, exc in bad}
+        if refused:
+            it = iter(good)
+            items: list[SampleRecord | Refused] = [refused[i] if i in refused else next(it) for i in range(len(records))]
+        else:
+            items = list(good)
+        if refused:
+            key = lane.last_key
+            for item in items:
+                if isinstance(item, SampleRecord) and item.watermark_ms > key:
+                    key = item.watermark_ms
+                lane.keys.append(key)
+        else:  # the usual chunk: the running maximum in C
+            lane.keys += accumulate(map(attrgetter("watermark_ms"), good), max, initial=lane.last_key)
+            del lane.keys[-len(good) - 1]  # the initial value
+            key = lane.keys[-1]
+        lane.items += items
+        lane.offsets += [r.offset for r in records]
+        lane.last_key = key
         lane.end = records[-1].offset + 1
 
     def forget(self, partition: int) -> None:
@@ -112,9 +121,9 @@ class PartitionMerge:
         return min(times) if times else None
 
     def take(self, limit: int, waiting: Collection[int]) -> Merged | None:
-        """At most ``limit`` samples, merged by stream time (ties: the lower partition first), that
-        no waiting partition can precede; with the refused records before the resume offsets they
-        pass. None when nothing can be handed over."""
+        """At most ``limit`` records (samples and refused ones), merged by stream time (ties: the
+        lower partition first), that no waiting partition can precede; None when nothing can be
+        handed over."""
         parts: list[tuple[int, Lane, int]] = []  # (partition, lane, records it may give)
         for p, lane in self.lanes.items():
             bound = self.bound(p, waiting)
@@ -124,24 +133,19 @@ class PartitionMerge:
         lane_of = np.repeat(np.arange(len(parts)), [n for _, _, n in parts])
         order = np.argsort(keys, kind="stable")[:limit]  # lanes concatenated in partition order
         counts = np.bincount(lane_of[order], minlength=len(parts)).tolist()
-        pool = [r for _, lane, n in parts for r in lane.records[:n]]
-        samples = [pool[i] for i in order.tolist()]
-        refused: list[Refused] = []
+        pool = [r for _, lane, n in parts for r in lane.items[:n]]
+        merged = [pool[i] for i in order.tolist()]
+        samples = [r for r in merged if isinstance(r, SampleRecord)]
+        refused = [r for r in merged if isinstance(r, Refused)] if len(samples) < len(merged) else []
         offsets: dict[int, int] = {}
         for (p, lane, _), n in zip(parts, counts, strict=True):
-            del lane.records[:n], lane.keys[:n]
-            taken = lane.offsets[:n]
-            del lane.offsets[:n]
+            if not n:
+                continue
+            del lane.items[:n], lane.keys[:n], lane.offsets[:n]
             # everything before the next record still held is handed over now
             upto = lane.offsets[0] if lane.offsets else lane.end
-            if upto is None:
-                continue
-            if lane.refused and lane.refused[0][0] < upto:
-                cut = bisect.bisect_left([o for o, _ in lane.refused], upto)
-                refused += [r for _, r in lane.refused[:cut]]
-                del lane.refused[:cut]
-            if (taken or not lane.records) and lane.handed != upto:
-                offsets[p] = lane.handed = upto
+            assert upto is not None  # the lane had records
+            offsets[p] = upto
         if not samples and not refused and not offsets:
             return None
         return Merged(SampleBatch.from_records(samples), refused, offsets)

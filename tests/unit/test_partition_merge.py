@@ -75,13 +75,13 @@ def test_refused_records_and_resume_offsets() -> None:
     merge.add(1, [_rec(1, 0, 20)])
     got = merge.take(2, waiting=[1])  # partition 1 may bring times after 20: 0-3 waits
     assert got is not None
-    assert got.samples.impression_ids == ["p0-o0", "p0-o1"]
-    # the refused record at offset 2 lies before the next record held (offset 3): it goes now,
-    # and partition 0 resumes from 3 - never past a record not yet handed over
-    assert [(r.record.offset, r.reason) for r in got.refused] == [(2, "malformed_json")]
-    assert got.offsets == {0: 3}
+    assert got.samples.impression_ids == ["p0-o0", "p0-o1"] and not got.refused
+    assert got.offsets == {0: 2}  # never past a record not yet handed over
+    # the refused record goes at its place in the stream (the time of the record before it)
     got = merge.take(10, waiting=[1])
-    assert got is not None and got.samples.impression_ids == ["p1-o0"] and got.offsets == {1: 1}
+    assert got is not None
+    assert [(r.record.offset, r.reason) for r in got.refused] == [(2, "malformed_json")]
+    assert got.samples.impression_ids == ["p1-o0"] and got.offsets == {0: 3, 1: 1}
     got = merge.take(10, waiting=[])
     assert got is not None and got.samples.impression_ids == ["p0-o3"] and got.offsets == {0: 4}
     assert merge.take(10, waiting=[]) is None
@@ -112,10 +112,12 @@ def test_any_fetch_timing_gives_the_one_stream_time_order(seed: int, limit: int)
     each resume offset is the next record not yet handed over."""
     rng = random.Random(seed)
     n_parts = rng.randint(1, 4)
-    log = {p: [_rec(p, o, t) for o, t in enumerate(sorted(rng.randrange(0, 60) for _ in range(rng.randint(0, 40))))]
+    log = {p: [_rec(p, o, t) if rng.random() > 0.1 else Rec("samples", p, o, None, b"{broken")
+               for o, t in enumerate(sorted(rng.randrange(0, 60) for _ in range(rng.randint(0, 40))))]
            for p in range(n_parts)}
-    want = [r.value for r in sorted((r for rs in log.values() for r in rs),
-                                    key=lambda r: (_watermark(r), r.partition, r.offset))]
+    good = [r for rs in log.values() for r in rs if r.value != b"{broken"]
+    want = [r.value for r in sorted(good, key=lambda r: (_watermark(r), r.partition, r.offset))]
+    refused: list[tuple[int, int]] = []
     merge = PartitionMerge(range(n_parts), capacity=rng.randint(1, 12))
     fetched = dict.fromkeys(log, 0)
     got: list[str] = []
@@ -131,13 +133,18 @@ def test_any_fetch_timing_gives_the_one_stream_time_order(seed: int, limit: int)
         out = merge.take(limit, [p for p in log if fetched[p] < len(log[p])])
         if out is not None:
             assert len(out.samples) <= limit
+            assert len(out.samples) + len(out.refused) <= limit
             got += out.samples.impression_ids
+            refused += [(r.record.partition, r.record.offset) for r in out.refused]
+            for r in out.refused:  # handed over before its partition's resume offset passes it
+                assert out.offsets[r.record.partition] > r.record.offset >= resume[r.record.partition]
             for p, o in out.offsets.items():
                 assert o >= resume[p]
                 resume[p] = o
-        if len(got) == len(want) and not behind:
+        if len(got) + len(refused) == sum(map(len, log.values())) and not behind:
             break
     assert got == [_iid(v) for v in want]
+    assert sorted(refused) == [(r.partition, r.offset) for rs in log.values() for r in rs if r.value == b"{broken"]
     assert resume == {p: len(rs) for p, rs in log.items() if rs} | {p: 0 for p, rs in log.items() if not rs}
 
 
