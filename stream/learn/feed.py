@@ -4,7 +4,9 @@ Parsing samples (JSON above all) is Python work that holds the GIL, about half a
 step itself; in a thread it stalled the trainer's torch calls (each waits for the GIL on its way
 back), so the feed runs in a process of its own, on the other core. It assigns every partition
 (no consumer group), seeks to the offsets it is given (the beginning where none), and hands over
-``Chunk`` s of at most ``chunk_size`` records, in partition order, through a bounded queue
+``Chunk`` s of at most ``chunk_size`` records through a bounded queue, the partitions merged by
+stream time (``stream.learn.partition_merge``: a backlog comes in the joiner's watermark order,
+not one partition's fetch after another; a caught-up partition holds nothing back)
 (back-pressure: it stops fetching while the trainer is ``max_chunks`` behind). A chunk carries
 its samples as columns (``SampleBatch``), which cross the pipe for about a microsecond per
 sample. Offsets travel with the chunks: the trainer advances its checkpointed offsets only once a
