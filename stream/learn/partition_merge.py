@@ -123,7 +123,10 @@ class PartitionMerge:
     def take(self, limit: int, waiting: Collection[int]) -> Merged | None:
         """At most ``limit`` records (samples and refused ones), merged by stream time (ties: the
         lower partition first), that no waiting partition can precede; None when nothing can be
-        handed over."""
+        handed over. While a partition is behind, exactly ``limit`` or nothing: the trainer's
+        batches of a backlog then do not depend on how its fetches were timed."""
+        if limit > self.capacity:  # the earliest waiting lane could then never make a whole chunk
+            raise ValueError(f"limit {limit} is over the lanes' capacity {self.capacity}")
         parts: list[tuple[int, Lane, int]] = []  # (partition, lane, records it may give)
         for p, lane in self.lanes.items():
             bound = self.bound(p, waiting)
@@ -131,6 +134,8 @@ class PartitionMerge:
             parts.append((p, lane, min(n, limit)))
         keys = np.fromiter((k for _, lane, n in parts for k in lane.keys[:n]), np.int64)
         lane_of = np.repeat(np.arange(len(parts)), [n for _, _, n in parts])
+        if len(keys) < limit and any(q in self.lanes for q in waiting):
+            return None  # behind: only whole chunks, so a backlog is cut into the same batches every run
         order = np.argsort(keys, kind="stable")[:limit]  # lanes concatenated in partition order
         counts = np.bincount(lane_of[order], minlength=len(parts)).tolist()
         pool = [r for _, lane, n in parts for r in lane.items[:n]]

@@ -43,9 +43,10 @@ def test_a_backlog_fetched_a_partition_at_a_time_comes_out_by_stream_time() -> N
     merge = PartitionMerge([0, 1], capacity=100)
     merge.add(0, [_rec(0, o, 10 * o) for o in range(6)])  # times 0, 10, .., 50
     # partition 1 has records on the broker, none fetched yet: nothing may go out
-    assert merge.take(100, waiting=[1]) is None
+    assert merge.take(6, waiting=[1]) is None
     merge.add(1, [_rec(1, o, 10 * o + 5) for o in range(3)])  # times 5, 15, 25; more to come
-    assert _ids(merge, 100, waiting=[1]) == ["p0-o0", "p1-o0", "p0-o1", "p1-o1", "p0-o2", "p1-o2"]
+    assert merge.take(7, waiting=[1]) is None  # behind: whole chunks only (the same batches every run)
+    assert _ids(merge, 6, waiting=[1]) == ["p0-o0", "p1-o0", "p0-o1", "p1-o1", "p0-o2", "p1-o2"]
     merge.add(1, [_rec(1, 3, 35)])  # partition 1 now caught up: nothing holds partition 0 back
     assert _ids(merge, 100, waiting=[]) == ["p0-o3", "p1-o3", "p0-o4", "p0-o5"]
 
@@ -64,7 +65,7 @@ def test_a_lane_waits_for_a_lower_partition_at_the_same_time() -> None:
     merge.add(0, [_rec(0, 0, 7)])
     merge.add(1, [_rec(1, 0, 7)])
     merge.add(2, [_rec(2, 0, 6)])
-    assert _ids(merge, 100, waiting=[0]) == ["p2-o0", "p0-o0"]
+    assert _ids(merge, 2, waiting=[0]) == ["p2-o0", "p0-o0"]
     assert _ids(merge, 100, waiting=[]) == ["p1-o0"]
 
 
@@ -78,7 +79,7 @@ def test_refused_records_and_resume_offsets() -> None:
     assert got.samples.impression_ids == ["p0-o0", "p0-o1"] and not got.refused
     assert got.offsets == {0: 2}  # never past a record not yet handed over
     # the refused record goes at its place in the stream (the time of the record before it)
-    got = merge.take(10, waiting=[1])
+    got = merge.take(2, waiting=[1])
     assert got is not None
     assert [(r.record.offset, r.reason) for r in got.refused] == [(2, "malformed_json")]
     assert got.samples.impression_ids == ["p1-o0"] and got.offsets == {0: 3, 1: 1}
@@ -90,7 +91,7 @@ def test_refused_records_and_resume_offsets() -> None:
 def test_a_lane_only_of_refused_records_is_handed_over_at_once() -> None:
     merge = PartitionMerge([0, 1], capacity=100)
     merge.add(0, [Rec("samples", 0, 5, None, b"{broken")])
-    got = merge.take(10, waiting=[1])  # even while another partition is behind
+    got = merge.take(1, waiting=[1])  # even while another partition is behind
     assert got is not None and len(got.samples) == 0
     assert [r.reason for r in got.refused] == ["malformed_json"] and got.offsets == {0: 6}
 
@@ -101,6 +102,8 @@ def test_room_caps_a_lane() -> None:
     assert merge.room(0) == 1
     with pytest.raises(ValueError, match="capacity"):
         PartitionMerge([0], capacity=0)
+    with pytest.raises(ValueError, match="capacity"):  # a lane must hold a whole chunk
+        merge.take(4, waiting=[])
 
 
 @settings(max_examples=60, deadline=None)
@@ -118,7 +121,7 @@ def test_any_fetch_timing_gives_the_one_stream_time_order(seed: int, limit: int)
     good = [r for rs in log.values() for r in rs if r.value != b"{broken"]
     want = [r.value for r in sorted(good, key=lambda r: (_watermark(r), r.partition, r.offset))]
     refused: list[tuple[int, int]] = []
-    merge = PartitionMerge(range(n_parts), capacity=rng.randint(1, 12))
+    merge = PartitionMerge(range(n_parts), capacity=rng.randint(limit, 3 * limit))
     fetched = dict.fromkeys(log, 0)
     got: list[str] = []
     resume = dict.fromkeys(log, 0)
@@ -130,10 +133,13 @@ def test_any_fetch_timing_gives_the_one_stream_time_order(seed: int, limit: int)
             if n > 0:
                 merge.add(p, log[p][fetched[p] : fetched[p] + n])
                 fetched[p] += n
-        out = merge.take(limit, [p for p in log if fetched[p] < len(log[p])])
+        waiting = [p for p in log if fetched[p] < len(log[p])]
+        out = merge.take(limit, waiting)
         if out is not None:
             assert len(out.samples) <= limit
             assert len(out.samples) + len(out.refused) <= limit
+            if waiting:  # whole chunks while a partition is behind
+                assert len(out.samples) + len(out.refused) == limit
             got += out.samples.impression_ids
             refused += [(r.record.partition, r.record.offset) for r in out.refused]
             for r in out.refused:  # handed over before its partition's resume offset passes it
