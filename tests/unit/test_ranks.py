@@ -161,3 +161,83 @@ def test_rank_share_splits_partitions_without_overlap() -> None:
     assert all(len(o) == 1 for o in owners)
     assert RankInfo.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == RankInfo(1, 2, 1)
     assert RankInfo.from_env({}) == RankInfo(0, 1, 0)
+
+
+class _Producer:
+    """Announcements and dead letters go nowhere (the round pairing is what is tested)."""
+
+    def send(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class _LateFeed:
+    """A rank's feed over a backlog of ``chunks`` on its partition, handed over from ``after_s``
+    on (a feed still fetching): its high watermark says the records are there from the start."""
+
+    def __init__(self, partition: int, chunks: list[Any], after_s: float) -> None:
+        import time
+
+        self.partitions = [partition]
+        self.chunks = chunks
+        self.at = time.monotonic() + after_s
+        self.highwater = {partition: sum(len(c.samples) for c in chunks)}
+
+    def get(self, timeout_s: float) -> Any:
+        import time
+
+        if time.monotonic() < self.at or not self.chunks:
+            time.sleep(timeout_s)
+            return None
+        return self.chunks.pop(0)
+
+    def lag(self, consumed: dict[int, int]) -> int | None:
+        from stream.kafka.offsets import lag
+
+        return lag(self.highwater, consumed)
+
+    def close(self) -> None:
+        pass
+
+
+def _round_worker(rank: int, ranks: int, port: int, tmp: Path) -> None:
+    import threading
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from stream.learn.feed import Chunk
+    from stream.learn.rank_trainer import RankTrainer
+    from stream.learn.sample_batch import SampleBatch
+    from stream.ops.settings import Settings
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=ranks)
+    settings = Settings(data_dir=tmp / f"data{rank}", trainer_batch_size=8, trainer_linger_ms=100)
+    trainer = RankTrainer(settings, CollectorRegistry(), RankInfo(rank, ranks))
+    chunks = []
+    for k in range(3):  # 3 whole batches of 4 samples (the global batch 8 over 2 ranks)
+        ids = range(100 * rank + 4 * k, 100 * rank + 4 * k + 4)
+        chunks.append(Chunk(SampleBatch.from_samples([_sample(i, "first") for i in ids]), [], {rank: 4 * k + 4},
+                            {"first": 4}, time.monotonic(), {rank: 12}))
+    trainer._feed = _LateFeed(rank, chunks, after_s=1.5 if rank == 1 else 0.0)  # type: ignore[assignment]
+    trainer._producer = _Producer()
+    trainer.run(threading.Event(), exit_when_idle_s=1.0)
+    (tmp / f"rounds{rank}.pkl").write_bytes(pickle.dumps((trainer.rounds, trainer.waited_rounds,
+                                                          trainer.learner.samples_seen if trainer.learner else 0)))
+    trainer.publisher.close()
+    dist.destroy_process_group()
+
+
+def test_a_round_waits_for_a_rank_still_reading_its_share_of_a_backlog(tmp_path: Path) -> None:
+    """Rank 1's feed hands its backlog over 1.5 s after rank 0's: the rounds wait for it, so each
+    of the 3 steps pairs a batch of each rank - as on every run of that backlog - instead of rank
+    0 stepping alone on its 3 batches first (6 rounds of half batches, paired by timing)."""
+    _spawn(_round_worker, 2, tmp_path)
+    got = [pickle.loads((tmp_path / f"rounds{r}.pkl").read_bytes()) for r in range(2)]
+    assert [g[0] for g in got] == [3, 3]  # rounds: every one with both ranks' batches
+    assert [g[2] for g in got] == [12, 12]  # every sample stepped on
+    assert got[0][1] > 0  # rank 0 waited for rank 1
