@@ -241,3 +241,47 @@ def test_a_round_waits_for_a_rank_still_reading_its_share_of_a_backlog(tmp_path:
     assert [g[0] for g in got] == [3, 3]  # rounds: every one with both ranks' batches
     assert [g[2] for g in got] == [12, 12]  # every sample stepped on
     assert got[0][1] > 0  # rank 0 waited for rank 1
+
+
+def _masked(i: int, mature: tuple[bool, bool, bool, bool]) -> Sample:
+    s = _sample(i, "final")
+    return Sample(s.impression_id, s.bank_id, s.event_time_ms, s.features, s.labels, mature, "final", 1000, 5)
+
+
+# rank 0's rows have every label mature, rank 1's only the click: per task, the ranks bring very
+# different numbers of unmasked rows (the fake-negative and positive-only rows of fnw do the same)
+MASK_PLAN = [([_masked(i, ALL) for i in range(0, 30)], [_masked(i, (True, False, False, False)) for i in range(100, 130)]),
+             ([_masked(i, ALL) for i in range(30, 35)], [_masked(i, (True, True, False, False)) for i in range(130, 170)]),
+             ([_masked(i, (True, True, True, False)) for i in range(35, 75)], [_masked(i, ALL) for i in range(170, 175)])]
+
+
+def _masked_learner() -> OnlineLearner:
+    torch.manual_seed(0)
+    return OnlineLearner(DynamicTable(FIELDS, rows=64, min_count=1, ttl_ms=10**9), mode="final-only", lr=0.05,
+                         eval_window=500)
+
+
+def _mask_worker(rank: int, ranks: int, port: int, tmp: Path) -> None:
+    sync = _join(rank, ranks, port)
+    ln = _masked_learner()
+    ln.sync = sync
+    sync.broadcast_model(ln.model)
+    for round_ in MASK_PLAN:
+        ln.step(list(round_[rank]))
+    (tmp / f"mask{rank}.pt").write_bytes(pickle.dumps(ln.model.state_dict()))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_with_uneven_label_masks_train_as_one_trainer_on_the_round(tmp_path: Path) -> None:
+    """Each task's loss is a mean over its unmasked (mature) rows. Over 2 ranks it must be the
+    mean over both ranks' rows, as one trainer stepping on the round's rows takes it - not each
+    rank's own mean, weighted by its rows (a rank with 5 unmasked rows of a task then weighed
+    them as much as the other's 40)."""
+    _spawn(_mask_worker, 2, tmp_path)
+    ranks = [pickle.loads((tmp_path / f"mask{r}.pt").read_bytes()) for r in range(2)]
+    one = _masked_learner()
+    for r0, r1 in MASK_PLAN:
+        one.step(list(r0) + list(r1))  # rank order: the table sees the values in the same order
+    for k, v in one.model.state_dict().items():
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+        assert torch.allclose(ranks[0][k], v, rtol=1e-4, atol=1e-6), k
