@@ -235,7 +235,7 @@ def _round_worker(rank: int, ranks: int, port: int, tmp: Path) -> None:
 def test_a_round_waits_for_a_rank_still_reading_its_share_of_a_backlog(tmp_path: Path) -> None:
     """Rank 1's feed hands its backlog over 1.5 s after rank 0's: the rounds wait for it, so each
     of the 3 steps pairs a batch of each rank - as on every run of that backlog - instead of rank
-    0 stepping alone on its 3 batches first (6 rounds of half batches, paired by timing)."""
+    0 stepping alone on its first batches (4 rounds on the old code, paired by timing)."""
     _spawn(_round_worker, 2, tmp_path)
     got = [pickle.loads((tmp_path / f"rounds{r}.pkl").read_bytes()) for r in range(2)]
     assert [g[0] for g in got] == [3, 3]  # rounds: every one with both ranks' batches
