@@ -13,12 +13,15 @@ def bce_per_task(
     labels: torch.Tensor,
     mask: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean binary cross-entropy of each task, (T,).
 
     ``mask`` (B, T), 1 where the label is usable (mature), 0 where it is not yet known;
     ``weight`` (B, T), a per-sample correction (e.g. fake-negative weighting). The mean is
-    over the unmasked samples of each task; a task with none contributes 0.
+    over the unmasked samples of each task; a task with none contributes 0. ``counts`` (T,):
+    the unmasked samples each mean is over when the batch is a shard of a larger one (several
+    data-parallel ranks: the whole batch's counts), default this batch's.
     """
     if logits.shape != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ")
@@ -28,7 +31,8 @@ def bce_per_task(
     if mask is None:
         return loss.mean(0)  # (T,)
     m = mask.to(logits.dtype)  # (B, T)
-    return (loss * m).sum(0) / m.sum(0).clamp_min(1.0)  # (T,)
+    n = m.sum(0) if counts is None else counts.to(logits.dtype)  # (T,)
+    return (loss * m).sum(0) / n.clamp_min(1.0)  # (T,)
 
 
 def calibrator(probs: torch.Tensor) -> torch.Tensor:

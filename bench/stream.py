@@ -72,6 +72,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trainer-workers", type=int, default=1, metavar="N",
                    help="trainer ranks under torchrun (gloo on CPU); N > 1 also runs a 1-rank backlog trainer "
                         "for the ratios")
+    p.add_argument("--backlog-repeats", type=int, default=1, metavar="K",
+                   help="run each backlog trainer (N ranks, and 1 rank when N > 1) K times on the same samples: "
+                        "every run's AUC, their mean and spread")
     p.add_argument("--keep", type=Path, default=None, help="keep logs and data here")
     return p.parse_args(argv)
 
@@ -318,9 +321,9 @@ def _live_aucs(summary: dict[str, Any]) -> dict[str, float]:
     return {t: round(summary["quality"]["lifetime"][k]["auc"], 4) for k, t in enumerate(TASKS[:N_TASKS])}
 
 
-def _backlog(run: Run, workers: int) -> dict[str, Any]:
+def _backlog(run: Run, workers: int, repeat: int = 0) -> dict[str, Any]:
     """A fresh trainer (``workers`` ranks) over the whole samples backlog: its summary."""
-    name = f"trainer_backlog_{workers}"
+    name = f"trainer_backlog_{workers}" + (f"_{repeat}" if repeat else "")
     out = run.work / f"{name}.json"
     run.procs.start(name, [*_trainer_cli(run, workers), "--no-metrics", "--exit-when-idle", "5",
                            "--summary-json", str(out)], {"DATA_DIR": str(run.work / f"data_{name}")})
@@ -330,15 +333,32 @@ def _backlog(run: Run, workers: int) -> dict[str, Any]:
     return summary
 
 
+def _runs(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every run's AUCs on the main tasks, their mean and spread (max - min)."""
+    aucs = [_live_aucs(b) for b in summaries]
+    return {"auc_final_runs": [{t: a[t] for t in MAIN_TASKS} for a in aucs],
+            "auc_final_mean": {t: round(float(np.mean([a[t] for a in aucs])), 4) for t in MAIN_TASKS},
+            "auc_final_spread": {t: round(max(a[t] for a in aucs) - min(a[t] for a in aucs), 4) for t in MAIN_TASKS},
+            "samples_processed_runs": [b["samples_processed"] for b in summaries]}
+
+
 def _throughput(run: Run, report: dict[str, Any]) -> None:
     """3. Trainer throughput over the backlog, then the offline figure of the same run; with
-    several trainer workers, a 1-worker backlog trainer as well, for ratios measured in one run."""
+    several trainer workers, a 1-worker backlog trainer as well, for ratios measured in one run
+    (``--backlog-repeats``: each trainer that many times, alternating, on the same samples)."""
     args = run.args
     workers = args.trainer_workers
-    backlog = _backlog(run, workers)
+    runs: dict[str, list[dict[str, Any]]] = {str(workers): [], "1": []}
+    for k in range(max(1, args.backlog_repeats)):
+        runs[str(workers)].append(_backlog(run, workers, k))
+        if workers > 1:
+            runs["1"].append(_backlog(run, 1, k))
+    backlog = runs[str(workers)][0]
     report["trainer_workers"] = workers
+    report["backlog_repeats"] = max(1, args.backlog_repeats)
+    report["backlog_runs"] = {k: _runs(v) for k, v in runs.items() if v}
     if workers > 1:
-        one = _backlog(run, 1)
+        one = runs["1"][0]
         by = {"1": one, str(workers): backlog}
         rate = {k: b["samples_processed"] / (b["active_seconds"] or float("nan")) for k, b in by.items()}
         aucs = {k: _live_aucs(b) for k, b in by.items()}
@@ -347,7 +367,9 @@ def _throughput(run: Run, report: dict[str, Any]) -> None:
                                           "cpu_seconds": [r["cpu_seconds"] for r in by[k].get("ranks", [by[k]])]}
                                       for k in by}
         report["speedup_vs_1_worker"] = round(rate[str(workers)] / rate["1"], 3)
-        delta = {t: round(aucs[str(workers)][t] - aucs["1"][t], 4) for t in MAIN_TASKS}
+        # the runs' means (one run each by default): the judged difference
+        mean = {k: report["backlog_runs"][k]["auc_final_mean"] for k in ("1", str(workers))}
+        delta = {t: round(mean[str(workers)][t] - mean["1"][t], 4) for t in MAIN_TASKS}
         report["auc_vs_1_worker"] = delta
         report["auc_within_0_005_of_1_worker"] = all(abs(d) <= 0.005 for d in delta.values())
     from bench import train as bench_train

@@ -4,7 +4,9 @@ Parsing samples (JSON above all) is Python work that holds the GIL, about half a
 step itself; in a thread it stalled the trainer's torch calls (each waits for the GIL on its way
 back), so the feed runs in a process of its own, on the other core. It assigns every partition
 (no consumer group), seeks to the offsets it is given (the beginning where none), and hands over
-``Chunk`` s of at most ``chunk_size`` records, in partition order, through a bounded queue
+``Chunk`` s of at most ``chunk_size`` records through a bounded queue, the partitions merged by
+stream time (``stream.learn.partition_merge``: a backlog comes in the joiner's watermark order,
+not one partition's fetch after another; a caught-up partition holds nothing back)
 (back-pressure: it stops fetching while the trainer is ``max_chunks`` behind). A chunk carries
 its samples as columns (``SampleBatch``), which cross the pipe for about a microsecond per
 sample. Offsets travel with the chunks: the trainer advances its checkpointed offsets only once a
@@ -31,10 +33,17 @@ from typing import Any
 
 from stream.contract.samples import SampleRecord, decode_records
 from stream.kafka import offsets
+from stream.learn.partition_merge import Merged, PartitionMerge
 from stream.learn.sample_batch import SampleBatch
 
 log = logging.getLogger(__name__)
 PIPE_BYTES = 1 << 20  # the feed queue's pipe: about a dozen chunks of 500 samples
+# a partition's lane in the merge holds this many chunks of parsed records before it is no longer
+# fetched (stream/learn/partition_merge.py)
+MERGE_LANE_CHUNKS = 4
+# a partition behind its high watermark that sends nothing this long no longer holds the others
+# back (a fetch that keeps failing must not stop the trainer; the order is then not merged)
+MERGE_WAIT_S = 5.0
 ClientConfig = Mapping[str, Any] | Callable[[], Mapping[str, Any]]  # picklable: it goes to the child
 
 
@@ -89,6 +98,13 @@ def parse_chunk(polled: Mapping[Any, list[Any]], fetched_at_s: float = 0.0) -> C
 
 
 _value = attrgetter("value")
+
+
+def _chunk(merged: Merged, fetched_at_s: float, highwater: Mapping[int, int]) -> Chunk:
+    """What the merge handed over, as the chunk the trainer takes."""
+    invalid = [Invalid(r.record.topic, r.record.partition, r.record.offset, r.record.key, r.record.value, r.reason,
+                       r.detail) for r in merged.refused]
+    return Chunk(merged.samples, invalid, merged.offsets, merged.samples.kind_counts(), fetched_at_s, dict(highwater))
 
 
 class SampleFeed:
@@ -294,11 +310,17 @@ class FetchLoop:
             self.put("ready", sorted(parts))
             while not tps and not self.stopping():  # nothing of ours to read: wait to be stopped
                 await asyncio.sleep(0.1)
-            checked_at = time.monotonic()
+            checked_at = last_out = time.monotonic()
             guard = offsets.RecreatedGuard()
             highwater: dict[int, int] = {}
+            merge = PartitionMerge(parts, MERGE_LANE_CHUNKS * self.chunk_size)
+            handed = False  # the last round handed records over: more may be ready, do not wait
             while not self.stopping():
-                polled = await consumer.getmany(timeout_ms=100, max_records=self.chunk_size)
+                wanted = [tp for tp in tps if merge.room(tp.partition) > 0]
+                polled = (await consumer.getmany(*wanted, timeout_ms=0 if handed else 100,
+                                                 max_records=self.chunk_size) if wanted else {})
+                for tp, records in polled.items():
+                    merge.add(tp.partition, records)
                 changed = False
                 for tp in tps:
                     hw = consumer.highwater(tp)
@@ -307,12 +329,23 @@ class FetchLoop:
                         changed = True
                 if time.monotonic() - checked_at >= 1.0:
                     checked_at = time.monotonic()
-                    await offsets.rewind_async(consumer, tps, {tp: highwater.get(tp.partition) for tp in tps}, guard)
-                if polled:
-                    chunk = parse_chunk(polled, time.monotonic())
-                    chunk.highwater = dict(highwater)
-                    self.put("chunk", chunk)
-                elif changed:
-                    self.put("highwater", Chunk(highwater=dict(highwater)))
+                    for tp in await offsets.rewind_async(consumer, tps, {tp: highwater.get(tp.partition) for tp in tps},
+                                                         guard):
+                        merge.forget(tp.partition)
+                waiting = [tp.partition for tp in tps
+                           if tp.partition not in highwater or await consumer.position(tp) < highwater[tp.partition]]
+                merged = merge.take(self.chunk_size, waiting)
+                if merged is None and merge.buffered() and time.monotonic() - last_out >= MERGE_WAIT_S:
+                    log.warning("partitions %s sent nothing for %.0f s although behind: handing over without them",
+                                waiting, MERGE_WAIT_S)
+                    merged = merge.take(self.chunk_size, ())
+                handed = merged is not None
+                if merged is not None:
+                    last_out = time.monotonic()
+                    self.put("chunk", _chunk(merged, last_out, highwater))
+                elif not merge.buffered():
+                    last_out = time.monotonic()
+                    if changed:
+                        self.put("highwater", Chunk(highwater=dict(highwater)))
         finally:
             await consumer.stop()

@@ -22,7 +22,7 @@ import torch
 from aitm.embedding_table import Encoder
 from aitm.layers import EMBEDDING_INIT_STD
 from aitm.lazy_adam import LazyAdam
-from aitm.loss import ALPHA, aitm_loss
+from aitm.loss import ALPHA, aitm_loss, bce_per_task, calibrator
 from aitm.model import AITM, AITMConfig
 from stream.contract.samples import Sample
 from stream.learn.delay_model import DelayModel
@@ -347,12 +347,12 @@ class OnlineLearner:
                         parts.append(self.model(self.io.to_device(old)))  # (W, T)
             order = np.concatenate([np.flatnonzero(here), np.flatnonzero(~here)])
             sel = torch.as_tensor(order, device=dev)
-            loss = aitm_loss(torch.cat(parts).float(), labels[sel], mask[sel], weight[sel], self.alpha)
+            loss = self._loss(torch.cat(parts).float(), labels[sel], mask[sel], weight[sel], ready.mask)
         else:
             self._set_training(True)
             with self.io.autocast():
                 out = self.model(self.io.to_device(ready.ids))
-            loss = aitm_loss(out.float(), labels, mask, weight, self.alpha)
+            loss = self._loss(out.float(), labels, mask, weight, ready.mask)
         self.optimizer.zero_grad(set_to_none=True)
         total = [len(ready)]
         touched: list[torch.Tensor] = []
@@ -364,6 +364,21 @@ class OnlineLearner:
 
         self.io.backward_step(loss, self.optimizer, before_step)
         self.after_step(total[0], touched[0])
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
+              host_mask: np.ndarray) -> torch.Tensor:
+        """The AITM loss of a step's rows. Several ranks: each task's mean is over the unmasked rows
+        of every rank (one small all-reduce), and the BCE part is scaled so that the ranks'
+        row-weighted mean gradient (``RankSync.reduce``) is exactly one trainer's on the round's
+        rows - with each rank's own per-task means, a rank with few unmasked rows of a task
+        weighed them as much as another's many."""
+        if self.sync is None:
+            return aitm_loss(logits, labels, mask, weight, self.alpha)
+        rows = len(host_mask)
+        every = self.sync.counts([float(rows), *np.asarray(host_mask, np.float64).sum(0).tolist()])  # (1 + T,)
+        counts = torch.tensor(every[1:], device=logits.device)
+        loss = bce_per_task(logits, labels, mask, weight, counts).sum() * (every[0] / rows)
+        return loss + self.alpha * calibrator(torch.sigmoid(logits)) if self.alpha else loss
 
     def _encode(self, columns: Mapping[str, Sequence[str]], n: int, update: bool,
                 event_time_ms: np.ndarray) -> np.ndarray:

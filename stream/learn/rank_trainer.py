@@ -49,7 +49,10 @@ from stream.ops.settings import Settings, kafka_client_config
 
 log = logging.getLogger(__name__)
 # per-round flags (element-wise max over ranks)
-HAS, STOP, CHECKPOINT, BUSY, ARMED = range(5)
+HAS, STOP, CHECKPOINT, BUSY, ARMED, WAIT, STALE = range(7)
+# a round waits for a rank whose partitions have records it has not received yet (WAIT), so the
+# ranks step on their batches in the same pairing every run; not longer than this (STALE)
+RANK_WAIT_S = 5.0
 
 
 class RankTrainer(Trainer):
@@ -69,6 +72,8 @@ class RankTrainer(Trainer):
         # 0.04 AUC on a quick bench stream's backlog)
         self.rank_batch = max(1, -(-settings.trainer_batch_size // info.ranks))
         self._ranks_state: dict[str, Any] = {}  # rank 0, at a checkpoint: the other ranks' own state
+        self.received: dict[int, int] = {}  # partition -> offset after the last record the feed handed over
+        self.waited_rounds = 0  # rounds that waited for a rank behind (WAIT)
 
     @property
     def leader(self) -> bool:
@@ -125,12 +130,15 @@ class RankTrainer(Trainer):
         last_ckpt = last_gauges = idle_since = time.monotonic()
         last_quality = 0.0
         stopping = False
+        waiting_since: float | None = None  # rounds wait for a rank behind since then
         trained_at_last_gauge = self.learner.trained_samples if self.learner else 0
         while True:
             was_stopping = stopping  # every rank has flushed its partial batch into ``ready``
-            chunk = None if stopping or stop.is_set() else feed.get(timeout_s=0.0 if ready else 0.05)
+            chunk = (None if stopping or stop.is_set()
+                     else feed.get(timeout_s=0.0 if ready and waiting_since is None else 0.05))
             now_ms = self.clock.now_ms()
             if chunk is not None:
+                self.received.update(chunk.offsets)
                 self._intake(chunk)
                 full = batcher.overflow(chunk, now_ms)
                 if full is not None:
@@ -149,9 +157,16 @@ class RankTrainer(Trainer):
             ckpt_due = self.leader and ((now - last_ckpt) * 1000 >= self.s.trainer_checkpoint_interval_ms
                                         or self.batches_since >= self.s.trainer_checkpoint_batches)
             idle = exit_when_idle_s is not None and not ready and not batcher.n and now - idle_since >= exit_when_idle_s
-            flags = self.sync.flags([bool(ready), stop.is_set(), ckpt_due, not idle, self.consumed > 0])
-            if flags[HAS]:
+            behind = not ready and self._behind()
+            stale = waiting_since is not None and now - waiting_since >= RANK_WAIT_S
+            flags = self.sync.flags([bool(ready), stop.is_set(), ckpt_due, not idle, self.consumed > 0, behind, stale])
+            step = flags[HAS] and (not flags[WAIT] or flags[STALE] or flags[STOP] or was_stopping)
+            if step:
                 self._round(ready.popleft() if ready else None)
+                waiting_since = None
+            elif flags[HAS]:  # a rank is still receiving its share of the stream: its batch pairs with this one
+                self.waited_rounds += 1
+                waiting_since = now if waiting_since is None else waiting_since
             stopping = stopping or bool(flags[STOP])
             if flags[CHECKPOINT]:
                 self._checkpoint_round()
@@ -175,6 +190,16 @@ class RankTrainer(Trainer):
         self.publisher.wait()
         self.update_quality_gauges()
         self.update_lag_gauge()
+
+    def _behind(self) -> bool:
+        """Whether this rank's partitions hold records its feed has not handed over yet (a backlog
+        being read): a round then waits for its batch, so that every run of the same backlog
+        pairs the ranks' batches alike (a rank owning no partition is never behind)."""
+        feed = self._feed
+        if feed is None or not feed.partitions:
+            return False
+        lag = feed.lag(self.received)
+        return lag is None or lag > 0
 
     def _round(self, batch: Batch | None) -> None:
         """One step on every rank: this rank's batch, or an empty one."""
@@ -223,6 +248,7 @@ class RankTrainer(Trainer):
         finals); other ranks: None. A collective: every rank calls it."""
         own = self.summary(wall_s)
         own["rounds"] = self.rounds
+        own["waited_rounds"] = self.waited_rounds
         own["evaluator"] = self.learner.evaluator.state_dict() if self.learner else None
         got: list[Any] = [None] * self.info.ranks if self.leader else []
         dist.gather_object(own, got if self.leader else None, dst=0)
@@ -238,7 +264,7 @@ class RankTrainer(Trainer):
             out["quality"] = merged_evaluator(states, self.s.trainer_eval_window).values()
         out["trainer_workers"] = self.info.ranks
         out["ranks"] = [{k: g[k] for k in ("records_consumed", "samples_processed", "trained_rows", "busy_seconds",
-                                           "active_seconds", "cpu_seconds", "rounds")} for g in got]
+                                           "active_seconds", "cpu_seconds", "rounds", "waited_rounds")} for g in got]
         out.pop("evaluator", None)
         return out
 

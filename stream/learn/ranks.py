@@ -140,6 +140,15 @@ class RankSync:
             at += k
         return total
 
+    def counts(self, values: Sequence[float]) -> list[float]:
+        """A few numbers summed over ranks (the step's rows and each task's unmasked rows: the
+        per-task means of the loss are over the whole round's rows, as one trainer's are)."""
+        t = torch.tensor(list(values), dtype=torch.float64)
+        if self.device.type == "cuda":
+            t = t.to(self.device)
+        dist.all_reduce(t, group=self.group)
+        return [float(x) for x in t.cpu().tolist()]
+
     def idle(self, learner: OnlineLearner) -> None:
         """A round in which this rank has no samples: the same collectives as a step, contributing
         nothing (the table still learns the others' values, the weights still move)."""
@@ -154,6 +163,7 @@ class RankSync:
         scaler = learner.io.scaler  # fp16: every rank steps through its scaler, so scales stay equal
         if scaler is not None:
             scaler.scale(torch.zeros((), device=learner.device))  # starts its scale on a first idle round
+        self.counts([0.0] * (1 + learner.model.config.n_tasks))  # the others' loss normalisation
         total = self.reduce(learner.model, 0)
         if total:
             touched = learner.prepare_step()

@@ -92,6 +92,33 @@ def test_feed_process_reads_json_and_binary_samples_mixed(make_settings: Callabl
     assert [(r.offset, r.reason) for c in chunks for r in c.invalid] == [(30, "malformed_msgpack")]
 
 
+def test_a_backlog_of_several_partitions_comes_out_merged_by_stream_time(
+        make_settings: Callable[..., Settings]) -> None:
+    """A trainer catching up met one partition's fetch after another (a time-shuffled stream, in
+    a different order each run); the feed hands a backlog over in the joiner's watermark order,
+    ties to the lower partition, each partition's own order kept."""
+    settings = make_settings()
+    producer = KafkaProducer(enable_idempotence=False, **settings.kafka_python_config())
+    for p in (1, 0, 2):  # each partition's whole backlog before the next, as a joiner may leave it
+        for i in range(250):
+            s = Sample(f"p{p}-{i}", "bank_1", i, {"a": str(i % 7)}, (0, 0, 0, 0), (False,) * 4,  # type: ignore[arg-type]
+                       "first", 0, 0, watermark_ms=1_000 * i + (10 * p if p < 2 else 0))
+            producer.send(settings.topic_samples, value=encode_binary(s), partition=p)
+    producer.flush()
+    producer.close()
+    feed = SampleFeed(partial(kafka_client_config, settings, "aiokafka"), settings.topic_samples, {}, chunk_size=32)
+    feed.start_and_wait()
+    try:
+        chunks = _drain(feed, 750)
+    finally:
+        feed.close()
+    assert max(len(c) for c in chunks) <= 32
+    got = [i for c in chunks for i in c.samples.impression_ids]
+    assert got == [f"p{p}-{i}" for i in range(250) for p in (0, 2, 1)]  # times 1000i, 1000i, 1000i + 10
+    resumed = {p: o for c in chunks for p, o in c.offsets.items()}
+    assert resumed == {0: 250, 1: 250, 2: 250}
+
+
 CHILD = """
 import sys, time
 from functools import partial

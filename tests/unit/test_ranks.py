@@ -161,3 +161,127 @@ def test_rank_share_splits_partitions_without_overlap() -> None:
     assert all(len(o) == 1 for o in owners)
     assert RankInfo.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == RankInfo(1, 2, 1)
     assert RankInfo.from_env({}) == RankInfo(0, 1, 0)
+
+
+class _Producer:
+    """Announcements and dead letters go nowhere (the round pairing is what is tested)."""
+
+    def send(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class _LateFeed:
+    """A rank's feed over a backlog of ``chunks`` on its partition, handed over from ``after_s``
+    on (a feed still fetching): its high watermark says the records are there from the start."""
+
+    def __init__(self, partition: int, chunks: list[Any], after_s: float) -> None:
+        import time
+
+        self.partitions = [partition]
+        self.chunks = chunks
+        self.at = time.monotonic() + after_s
+        self.highwater = {partition: sum(len(c.samples) for c in chunks)}
+
+    def get(self, timeout_s: float) -> Any:
+        import time
+
+        if time.monotonic() < self.at or not self.chunks:
+            time.sleep(timeout_s)
+            return None
+        return self.chunks.pop(0)
+
+    def lag(self, consumed: dict[int, int]) -> int | None:
+        from stream.kafka.offsets import lag
+
+        return lag(self.highwater, consumed)
+
+    def close(self) -> None:
+        pass
+
+
+def _round_worker(rank: int, ranks: int, port: int, tmp: Path) -> None:
+    import threading
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from stream.learn.feed import Chunk
+    from stream.learn.rank_trainer import RankTrainer
+    from stream.learn.sample_batch import SampleBatch
+    from stream.ops.settings import Settings
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=ranks)
+    settings = Settings(data_dir=tmp / f"data{rank}", trainer_batch_size=8, trainer_linger_ms=100)
+    trainer = RankTrainer(settings, CollectorRegistry(), RankInfo(rank, ranks))
+    chunks = []
+    for k in range(3):  # 3 whole batches of 4 samples (the global batch 8 over 2 ranks)
+        ids = range(100 * rank + 4 * k, 100 * rank + 4 * k + 4)
+        chunks.append(Chunk(SampleBatch.from_samples([_sample(i, "first") for i in ids]), [], {rank: 4 * k + 4},
+                            {"first": 4}, time.monotonic(), {rank: 12}))
+    trainer._feed = _LateFeed(rank, chunks, after_s=1.5 if rank == 1 else 0.0)  # type: ignore[assignment]
+    trainer._producer = _Producer()
+    trainer.run(threading.Event(), exit_when_idle_s=1.0)
+    (tmp / f"rounds{rank}.pkl").write_bytes(pickle.dumps((trainer.rounds, trainer.waited_rounds,
+                                                          trainer.learner.samples_seen if trainer.learner else 0)))
+    trainer.publisher.close()
+    dist.destroy_process_group()
+
+
+def test_a_round_waits_for_a_rank_still_reading_its_share_of_a_backlog(tmp_path: Path) -> None:
+    """Rank 1's feed hands its backlog over 1.5 s after rank 0's: the rounds wait for it, so each
+    of the 3 steps pairs a batch of each rank - as on every run of that backlog - instead of rank
+    0 stepping alone on its first batches (4 rounds on the old code, paired by timing)."""
+    _spawn(_round_worker, 2, tmp_path)
+    got = [pickle.loads((tmp_path / f"rounds{r}.pkl").read_bytes()) for r in range(2)]
+    assert [g[0] for g in got] == [3, 3]  # rounds: every one with both ranks' batches
+    assert [g[2] for g in got] == [12, 12]  # every sample stepped on
+    assert got[0][1] > 0  # rank 0 waited for rank 1
+
+
+def _masked(i: int, mature: tuple[bool, bool, bool, bool]) -> Sample:
+    s = _sample(i, "final")
+    return Sample(s.impression_id, s.bank_id, s.event_time_ms, s.features, s.labels, mature, "final", 1000, 5)
+
+
+# rank 0's rows have every label mature, rank 1's only the click: per task, the ranks bring very
+# different numbers of unmasked rows (the fake-negative and positive-only rows of fnw do the same)
+MASK_PLAN = [([_masked(i, ALL) for i in range(0, 30)], [_masked(i, (True, False, False, False)) for i in range(100, 130)]),
+             ([_masked(i, ALL) for i in range(30, 35)], [_masked(i, (True, True, False, False)) for i in range(130, 170)]),
+             ([_masked(i, (True, True, True, False)) for i in range(35, 75)], [_masked(i, ALL) for i in range(170, 175)])]
+
+
+def _masked_learner() -> OnlineLearner:
+    torch.manual_seed(0)
+    return OnlineLearner(DynamicTable(FIELDS, rows=64, min_count=1, ttl_ms=10**9), mode="final-only", lr=0.05,
+                         eval_window=500)
+
+
+def _mask_worker(rank: int, ranks: int, port: int, tmp: Path) -> None:
+    sync = _join(rank, ranks, port)
+    ln = _masked_learner()
+    ln.sync = sync
+    sync.broadcast_model(ln.model)
+    for round_ in MASK_PLAN:
+        ln.step(list(round_[rank]))
+    (tmp / f"mask{rank}.pt").write_bytes(pickle.dumps(ln.model.state_dict()))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_with_uneven_label_masks_train_as_one_trainer_on_the_round(tmp_path: Path) -> None:
+    """Each task's loss is a mean over its unmasked (mature) rows. Over 2 ranks it must be the
+    mean over both ranks' rows, as one trainer stepping on the round's rows takes it - not each
+    rank's own mean, weighted by its rows (a rank with 5 unmasked rows of a task then weighed
+    them as much as the other's 40)."""
+    _spawn(_mask_worker, 2, tmp_path)
+    ranks = [pickle.loads((tmp_path / f"mask{r}.pt").read_bytes()) for r in range(2)]
+    one = _masked_learner()
+    for r0, r1 in MASK_PLAN:
+        one.step(list(r0) + list(r1))  # rank order: the table sees the values in the same order
+    for k, v in one.model.state_dict().items():
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+        assert torch.allclose(ranks[0][k], v, rtol=1e-4, atol=1e-6), k
