@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from stream.contract.versions import InvalidVersion, ModelVersion, parse_version
-from stream.ops.model_store import ModelStore, ModelStoreError
+from stream.ops.model_store import ModelStore, ModelStoreError, file_sha256
 from stream.ops.settings import Settings
 from stream.serve.replica import Plan, ReplicaLoader
 from stream.serve.scoring import ScoringModel
@@ -60,7 +60,9 @@ class VersionFollower:
         newest = max(self._next_version, self.current.version if self.current is not None else -1)
         if ann.version <= newest:
             return False
-        if self.replica.has(ann.version):
+        if ann.artifact != "checkpoint" or self.replica.has(ann.version):
+            # a serving artifact is announced (an older announcement named the checkpoint: its
+            # version's artifacts, when there are any, are loaded all the same)
             return self._offer_artifacts(ann)
         try:
             path = self.store.root / ann.path.rsplit("/", 1)[-1]
@@ -76,8 +78,20 @@ class VersionFollower:
         return True
 
     def _offer_artifacts(self, ann: ModelVersion) -> bool:
-        """Load the serving artifacts that reach ``ann.version`` (applied by ``take``)."""
+        """Load the serving artifacts that reach ``ann.version`` (applied by ``take``); the announced
+        artifact must be the file announced (its sha256)."""
         try:
+            if ann.artifact != "checkpoint":
+                path = self.store.artifact_path(ann.version, ann.artifact)
+                if path.name != ann.path.rsplit("/", 1)[-1]:
+                    raise ModelStoreError(f"model version {ann.version} announces {ann.path}, not a {ann.artifact} artifact")
+                try:
+                    digest = file_sha256(path)
+                except OSError as exc:
+                    raise ModelStoreError(f"serving artifact {path} cannot be read: {exc}") from exc
+                if digest != ann.sha256:
+                    raise ModelStoreError(f"serving artifact {path} does not match its announced sha256 "
+                                          "(replaced or corrupted after publication)")
             plan = self.replica.prepare(ann.version)
         except (ModelStoreError, KeyError, RuntimeError, ValueError) as exc:
             self.refused.inc()
