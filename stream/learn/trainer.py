@@ -154,7 +154,7 @@ class Trainer:
                     self.gate.holdout.load_state_dict(extra["holdout"])
                 # the version resumed from is the one being served
                 self.gate.published(v, self.learner.served_model(), known_now(self.learner.encoder))
-                log.info("resumed from the training checkpoint of model version %d at offsets %s (next version %d)",
+                log.info("resumed from model version %d (its training checkpoint) at offsets %s; next version %d",
                          v, self.offsets, self.version + 1)
             else:
                 log.info("model version %d is from another topic: used as a warm start", v)

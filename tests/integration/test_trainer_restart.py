@@ -57,6 +57,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         TRAINER_LINGER_MS="100",
         TRAINER_CHECKPOINT_BATCHES="3",
         TRAINER_CHECKPOINT_INTERVAL_MS="600000",
+        TRAINER_TRAINING_CHECKPOINT_INTERVAL_MS="0",  # a training checkpoint with every version here
         TRAINER_FEATURE_MIN_COUNT="1",
         TRAINER_EMBEDDING_ROWS="256",
         TRAINER_THREADS="1",
