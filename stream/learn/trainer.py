@@ -370,9 +370,12 @@ class Trainer:
             **self._extra_state(),
         }
         # the checkpoint's model is the served one (the weight average); the trained weights are
-        # in the learner state, for a resume
-        return snapshot(make_checkpoint(served, learner.model.config, learner.encoder.state_dict(), self.version,
-                                        extra))
+        # in the learner state, for a resume. A dynamic table's state is made of fresh copies
+        # already: walking its vocabulary again (millions of entries) would only cost time here
+        encoder = learner.encoder.state_dict()
+        ckpt: dict[str, Any] = snapshot(make_checkpoint(served, learner.model.config, {}, self.version, extra))
+        ckpt["feature_maps"] = encoder if isinstance(learner.encoder, DynamicTable) else snapshot(encoder)
+        return ckpt
 
     def checkpoint_async(self, training: bool = False) -> Future[ModelVersion] | None:
         """Judge the candidate (the publication gate), then snapshot the next version here - its
