@@ -242,7 +242,7 @@ class TrainerMetrics:
         )
         self.checkpoints = Counter(
             "aitm_trainer_checkpoints",
-            "Checkpoints written",
+            "Model versions published (announced)",
             registry=registry,
         )
         self.consumer_lag = Gauge(

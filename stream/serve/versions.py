@@ -36,6 +36,21 @@ def load_servable(store: ModelStore, version: int, sha256: str | None = None,
     return load_version(store, version, store.root / file_name if file_name else None, sha256, created_at_ms)
 
 
+def load_served(store: ModelStore, version: int, trace: bool = False) -> ScoringModel:
+    """A version as scorers serve it: rebuilt from its serving artifacts when it has them (the newest
+    full snapshot at or before it and the deltas after it, chain verified) - most versions have no
+    training checkpoint - else from its checkpoint. Raises ``ModelStoreError`` when neither loads."""
+    if version in store.artifacts():
+        loader = ReplicaLoader(store, trace=trace)
+        plan = loader.prepare(version)
+        m = loader.apply(plan) if plan is not None else None
+        if m is None or m.version != version:
+            raise ModelStoreError(f"model version {version} cannot be rebuilt from the serving artifacts in "
+                                  f"{store.root} (the chain ends at {m.version if m else 'none'})")
+        return m
+    return load_version(store, version, trace=trace)
+
+
 class VersionFollower:
     """The next model: ``offer`` loads an announced version if newer and verified, ``take`` hands it
     over once; ``watch`` reads the topic from the start and offers the newest of each poll.

@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry
 from stream.contract.schemas import version_schema
 from stream.contract.versions import InvalidVersion, ModelVersion, encode_version, parse_version
 from stream.ops.metrics import ScorerMetrics
-from stream.serve.versions import VersionFollower
+from stream.serve.scoring import ScoringModel
+from stream.serve.versions import VersionFollower, load_served
 from tests.unit.test_trainer_loop import Recording, chunk, make, run, samples
 
 ROWS = [{"f": str(i % 5)} for i in range(20)]
@@ -46,6 +47,10 @@ def test_versions_and_training_checkpoints_have_independent_cadences(tmp_path: P
     assert [a.version for a in announced(producer, t.s.topic_model_versions)] == [1, 2, 3, 4, 5, 6]
     assert sorted(t.store.artifacts()) == [1, 2, 3, 4, 5, 6] and t.store.versions() == [1]
     assert counter(t, "aitm_trainer_training_checkpoints_total") == 1
+    # a version without a training checkpoint loads as served (aitm-stream export's loader)
+    assert t.learner is not None
+    at_six = ScoringModel(6, t.learner.served_model().eval(), t.learner.encoder, 0).predict(ROWS)
+    assert np.array_equal(load_served(t.store, 6).predict(ROWS), at_six)
     # once the training interval has passed, the next version carries one
     t.last_training_ckpt_s -= 3_601
     t._step(samples(900, 10), 0, 0)
@@ -111,8 +116,6 @@ def test_a_restart_resumes_from_the_last_training_checkpoint_and_numbers_on(tmp_
     taken = follower.take()
     assert taken is not None and taken[0].version == 5
     served = second.learner.served_model()
-    from stream.serve.scoring import ScoringModel
-
     expected = ScoringModel(5, served.eval(), second.learner.encoder, 0).predict(ROWS)
     assert np.array_equal(taken[0].predict(ROWS), expected)
     for reason in ("missing_delta", "broken_chain", "damaged_file"):
