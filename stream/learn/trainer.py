@@ -406,7 +406,8 @@ class Trainer:
         artifacts = self.serving.artifacts(self.version, served, learner.encoder, learner.take_changed_rows(),
                                            postpone_full=busy)
         ckpt = None
-        if not artifacts or training or (self._training_due() and not busy):
+        every = self.s.trainer_training_checkpoint_interval_ms
+        if not artifacts or training or every == 0 or (self._training_due() and not busy):
             ckpt = self._training_checkpoint(served)
             self.ckpt_version = self.version
         self.uncheckpointed = ckpt is None
