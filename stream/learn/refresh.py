@@ -49,6 +49,12 @@ class ServingWriter:
             out.append(full_artifact(version, model, encoder, self.base[1] if self.base else "", chain,
                                      defer=chain is not None))
             self.since_full = 0
-        self._field, self._seq = holders[0].copy(), holders[1].copy()
+        if out[0]["kind"] == "delta" and self._field is not None and self._seq is not None:
+            # only the rows that moved differ: updated in place (copying 10M holders afresh each
+            # version cost ~0.3 s of the training thread, mostly page faults)
+            self._field[moved] = holders[0][moved]
+            self._seq[moved] = holders[1][moved]
+        else:
+            self._field, self._seq = holders[0].copy(), holders[1].copy()
         self.base = (version, str(out[0]["chain"]))
         return out
