@@ -56,10 +56,14 @@ def _vocab_of(table: DynamicTable, rows: np.ndarray) -> dict[str, torch.Tensor]:
     tensor) with each value's length in characters - not a list of strings, which
     ``torch.save``/``torch.load(weights_only=True)`` pickle one Python object at a time (minutes
     at 10M rows; this is seconds)."""
-    values = [table.row_value[r] or "" for r in rows.tolist()]
+    return _vocab_from(table.row_field, table.row_value, rows)
+
+
+def _vocab_from(row_field: np.ndarray, row_value: list[str | None], rows: np.ndarray) -> dict[str, torch.Tensor]:
+    values = [row_value[r] or "" for r in rows.tolist()]
     text = "".join(values).encode()
     return {"vocab_rows": torch.from_numpy(rows.astype(np.int64)),
-            "vocab_fields": torch.from_numpy(table.row_field[rows].astype(np.int16)),
+            "vocab_fields": torch.from_numpy(row_field[rows].astype(np.int16)),
             "vocab_text": torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else torch.zeros(0, dtype=torch.uint8),
             "vocab_lengths": torch.from_numpy(np.fromiter(map(len, values), np.int64, count=len(values)))}
 
@@ -94,17 +98,38 @@ def _seal(art: dict[str, Any], chain: str | None = None) -> dict[str, Any]:
 
 
 def full_artifact(version: int, model: AITM, table: DynamicTable, base_chain: str = "",
-                  chain: str | None = None) -> dict[str, Any]:
+                  chain: str | None = None, defer: bool = False) -> dict[str, Any]:
     """The whole served version (a snapshot: cloned). ``base_chain`` continues the writer's chain;
-    ``chain``: the version's chain when its delta defines it (a snapshot written beside a delta)."""
+    ``chain``: the version's chain when its delta defines it (a snapshot written beside a delta).
+    ``defer`` (with ``chain``): only the copies are made here (the table's weights, the row
+    holders: memcpy and a list of references); the vocabulary text and the digest - seconds of
+    Python at 10M rows - are left to ``finish``, on the thread that writes it."""
     used = np.flatnonzero(table.row_field >= 0).astype(np.int64)
     weight = model.state_dict()[TABLE].detach().cpu()
-    return _seal({
+    art = {
         "format": FORMAT, "kind": FULL, "version": int(version), "base_version": None, "base_chain": base_chain,
         "config": dataclasses.asdict(model.config), "fields": list(table.fields), "table_rows": table.rows,
         "rows": torch.arange(weight.shape[0], dtype=torch.int64), "values": weight.clone(),
-        "dense": dense_state(model), **_vocab_of(table, used),
-    }, chain)
+        "dense": dense_state(model),
+    }
+    if defer and chain is not None:
+        art[_PENDING] = (table.row_field.copy(), list(table.row_value), used, chain)
+        art["chain"] = chain  # known now (the delta's); the digest waits for ``finish``
+        return art
+    return _seal({**art, **_vocab_of(table, used)}, chain)
+
+
+_PENDING: Final = "_pending_vocab"
+
+
+def finish(art: dict[str, Any]) -> dict[str, Any]:
+    """A deferred full snapshot (``full_artifact(..., defer=True)``) made whole: its vocabulary
+    built from the holders copied then, and sealed. Anything else: as it is."""
+    if _PENDING not in art:
+        return art
+    row_field, row_value, used, chain = art.pop(_PENDING)
+    art.update(_vocab_from(row_field, row_value, used))
+    return _seal(art, chain)
 
 
 def delta_artifact(version: int, base_version: int, base_chain: str, model: AITM, table: DynamicTable,
@@ -140,6 +165,7 @@ class Replica:
 
     @classmethod
     def from_full(cls, art: Mapping[str, Any]) -> Replica:
+        art = finish(dict(art))  # one built deferred, not yet written
         verify(art)
         if art["kind"] != FULL:
             raise ArtifactError(f"version {art['version']} is a delta, not a full snapshot")

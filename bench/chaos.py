@@ -137,6 +137,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # be days; 2 s is about 6 simulated hours at the default pace
         "JOINER_IDLE_TIMEOUT_MS": str(args.idle_timeout_ms),
         "METRICS_PORT_SIMULATOR": str(free_port()),
+        # training checkpoints every ~1.5 versions instead of every minute (a kill comes every few
+        # seconds here): a killed trainer resumes from a checkpoint older than its last version
+        "TRAINER_TRAINING_CHECKPOINT_INTERVAL_MS": "4000",
     })  # fmt: skip
     settings = Settings(kafka_bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
     procfile = read_procfile()

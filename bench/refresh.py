@@ -4,19 +4,25 @@ For each table size (``--sizes``, default 1M and 10M rows): a dynamic embedding 
 that many synthetic IDs (a ``user_id``-like field; 19 small fields beside it), the streaming
 learner (``OnlineLearner``, the trainer's default settings: lazy row-wise Adam, served weight
 average) stepping back to back on batches of ``TRAINER_BATCH_SIZE`` samples whose IDs are drawn
-Zipf-like from the whole table (the trainer's rate under a backlog), a version every
-``TRAINER_CHECKPOINT_INTERVAL_MS`` - its serving artifact built on the training thread (a
-snapshot) and written by a writer thread into a model store, as the trainer does - and a scorer
-thread that follows the store as a scorer follows ``model-versions`` and applies each version
-to its replica (``stream.serve.replica``). One process, three threads; the training checkpoint
-itself is not written (at 10M rows it holds ~6 copies of the table: docs/embedding_table.md).
+Zipf-like from the whole table (the trainer's rate under a backlog), published by the trainer's
+own path (``Trainer._step`` and ``Trainer.checkpoint_async``: the publication gate, the serving
+artifact built on the training thread, ``stream.learn.publisher.Publisher`` writing and
+announcing it on its writer thread, the periodic full snapshot and the training checkpoint - every
+``TRAINER_TRAINING_CHECKPOINT_INTERVAL_MS``, ~6 copies of the table and the encoder - on its
+background writer) - a version every ``TRAINER_CHECKPOINT_INTERVAL_MS`` - and a scorer thread that
+takes the announcements (a stand-in producer hands them over instead of Kafka) and applies each
+version to its replica (``stream.serve.replica``). One process: training thread, two writer
+threads, scorer thread.
 
 Figures per size: ``version_bytes`` {full, delta (p50 and max)}, ``delta_apply_ms`` (p50, p95,
 max: the scorer applying one delta in place), ``freshness_s`` p50/p95 (the oldest sample new in
 a version consumed by the trainer -> the scorer serves that version), ``publish_ms`` (artifact
 snapshot on the training thread + write, by kind), ``full_load_ms`` (a scorer's first load),
 ``rows_per_delta`` (rows a delta carries: those the steps since the previous version trained), the
-training rate meanwhile, and the process's peak memory.
+training rate meanwhile, and the process's peak memory; ``stall_ms`` (p50/p95/max: the
+training thread's time per version, snapshots included; ``with_training_checkpoint`` those of the
+versions that took a training checkpoint), ``training_checkpoints`` (count, bytes, write seconds)
+and ``refused_versions`` (the publication gate).
 """
 
 from __future__ import annotations
@@ -33,14 +39,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from prometheus_client import CollectorRegistry
 
 from aitm.embedding_table import DynamicTable
 from bench.report import write_json
+from stream.contract.versions import parse_version
 from stream.learn.learner import OnlineLearner
-from stream.learn.refresh import ServingWriter
 from stream.learn.sample_batch import FINAL, SampleBatch
 from stream.learn.stabilisers import stabilisers_from
-from stream.ops.model_store import ModelStore
+from stream.learn.trainer import Trainer
 from stream.ops.settings import Settings
 from stream.serve.replica import ReplicaLoader
 
@@ -106,6 +113,20 @@ def _pct(xs: list[float], q: float) -> float:
     return round(float(np.percentile(xs, q)), 3) if xs else float("nan")
 
 
+class Announcer:
+    """Stands in for the trainer's Kafka producer: hands each ``model-versions`` record to the scorer."""
+
+    def __init__(self, topic: str, to: queue.Queue[Any]) -> None:
+        self.topic, self.to = topic, to
+
+    def send(self, topic: str, key: bytes, value: bytes) -> None:
+        if topic == self.topic:
+            self.to.put(parse_version(value))
+
+    def flush(self) -> None:
+        pass
+
+
 def run_size(rows: int, seconds: float, settings: Settings, root: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     table = filled_table(rows)
@@ -113,13 +134,16 @@ def run_size(rows: int, seconds: float, settings: Settings, root: Path) -> dict[
     learner = OnlineLearner(table, "final-only", settings.trainer_lr, eval_window=settings.trainer_eval_window,
                             one_pass=settings.trainer_one_pass, stabilisers=stabilisers_from(settings))
     fill_s = time.monotonic() - t0
-    store = ModelStore(root / f"rows{rows}", keep=settings.model_store_keep)
-    writer = ServingWriter(settings.model_store_full_every)
+    trainer = Trainer(settings.model_copy(update={"data_dir": root / f"rows{rows}", "model_store_dir": None}),
+                      CollectorRegistry(), mode="final-only")
+    trainer.learner = learner
+    store = trainer.store
     loader = ReplicaLoader(store)
     traffic = Traffic(rows - (len(FIELDS) - 1) * SMALL, settings.trainer_batch_size)
-    announced: queue.Queue[tuple[int, float] | None] = queue.Queue()  # (version, oldest new sample consumed at)
-    sizes: dict[str, list[int]] = {"full": [], "delta": []}
-    publish_ms: dict[str, list[float]] = {"full": [], "delta": []}
+    announced: queue.Queue[Any] = queue.Queue()  # announcements (ModelVersion), then None
+    trainer._producer = Announcer(settings.topic_model_versions, announced)
+    sizes: dict[str, list[int]] = {"full": [], "delta": [], "checkpoint": []}
+    publish_ms: dict[str, list[float]] = {"full": [], "delta": [], "checkpoint": []}
     apply_ms: list[float] = []
     full_load_ms: list[float] = []
     freshness: list[float] = []
@@ -127,12 +151,11 @@ def run_size(rows: int, seconds: float, settings: Settings, root: Path) -> dict[
     timeline: list[tuple[int, int, float, float, bool]] = []  # announced, served, freshness s, load+apply ms, full
 
     def scorer() -> None:
-        while (item := announced.get()) is not None:
-            version, oldest = item
+        while (ann := announced.get()) is not None:
             if announced.qsize():  # a newer one waits: take the newest, as the follower does
                 continue
             a = time.perf_counter()
-            plan = loader.prepare(version)
+            plan = loader.prepare(ann.version)
             if plan is None:
                 continue
             b = time.perf_counter()
@@ -142,81 +165,88 @@ def run_size(rows: int, seconds: float, settings: Settings, root: Path) -> dict[
                 apply_ms.extend([(c - b) * 1000 / max(len(plan.deltas), 1)] * len(plan.deltas))
             else:
                 full_load_ms.append((c - a) * 1000)
-            freshness.append(time.time() - oldest)
+            fresh = time.time() - ann.min_new_sample_consumed_at_ms / 1000
+            freshness.append(fresh)
             served.append(m.version)
-            timeline.append((version, m.version, round(time.time() - oldest, 2), round((c - a) * 1000, 1),
-                             plan.full is not None))
+            timeline.append((ann.version, m.version, round(fresh, 2), round((c - a) * 1000, 1), plan.full is not None))
 
-    pub_q: queue.Queue[tuple[int, list[dict[str, Any]], float, float] | None] = queue.Queue(maxsize=1)
+    publish_artifact, publish_checkpoint = store.publish_artifact, store.publish
 
-    def publisher() -> None:
-        while (item := pub_q.get()) is not None:
-            version, arts, oldest, snap_ms = item
-            # as the trainer's publisher: a full snapshot beside a delta is written after the announcement
-            deltas = [a for a in arts if a["kind"] == "delta"]
-            for art in deltas if deltas else arts:
-                write(art, snap_ms)
-            announced.put((version, oldest))
-            for art in [a for a in arts if a["kind"] == "full"] if deltas else []:
-                write(art, snap_ms)
-
-    def write(art: dict[str, Any], snap_ms: float) -> None:
+    def timed_artifact(art: Any) -> Any:  # the writer threads' writes, by kind
         a = time.perf_counter()
-        _, size = store.publish_artifact(art)
-        kind = str(art["kind"])
-        sizes[kind].append(size)
-        publish_ms[kind].append(snap_ms + (time.perf_counter() - a) * 1000)  # snapshot (all kinds) + this write
+        path, size = publish_artifact(art)
+        sizes[str(art["kind"])].append(size)
+        publish_ms[str(art["kind"])].append((time.perf_counter() - a) * 1000)
+        return path, size
 
-    threads = [threading.Thread(target=scorer, daemon=True), threading.Thread(target=publisher, daemon=True)]
-    for th in threads:
-        th.start()
+    def timed_checkpoint(version: int, ckpt: Any) -> Any:
+        a = time.perf_counter()
+        path, digest = publish_checkpoint(version, ckpt)
+        sizes["checkpoint"].append(path.stat().st_size)
+        publish_ms["checkpoint"].append((time.perf_counter() - a) * 1000)
+        return path, digest
+
+    store.publish_artifact = timed_artifact  # type: ignore[method-assign,assignment]
+    store.publish = timed_checkpoint  # type: ignore[method-assign,assignment]
+    thread = threading.Thread(target=scorer, daemon=True)
+    thread.start()
     for _ in range(3):  # warm-up steps (torch's first passes), not timed
         learner.step(traffic.next(0))
     # version 1, the writer's first: a full snapshot, loaded by the scorer before the timed run
     a = time.perf_counter()
-    pub_q.put((1, writer.artifacts(1, learner.served_model(), table, learner.take_changed_rows()), time.time(),
-               0.0))
+    now_ms = int(time.time() * 1000)
+    trainer._step(traffic.next(0), now_ms, now_ms)
+    trainer.checkpoint_async()
     while not served:
         time.sleep(0.05)
     first_s = time.perf_counter() - a
     freshness.clear()
-    rows_per_delta: list[int] = []
-    version, trained, oldest = 1, 0, None
+    stall_ms: list[float] = []
+    stall_ckpt_ms: list[float] = []
+    trained0 = learner.trained_samples
     start = last = time.monotonic()
+    trainer.last_training_ckpt_s = start  # the training checkpoint's cadence counts from here
     interval = settings.trainer_checkpoint_interval_ms / 1000
     while True:
         now = time.monotonic()
-        if oldest is not None and now - last >= interval:
+        if trainer.new_min_ms is not None and now - last >= interval:
+            before = trainer.ckpt_version
             a = time.perf_counter()
-            version += 1
-            arts = writer.artifacts(version, learner.served_model(), table, learner.take_changed_rows())
-            rows_per_delta.extend(len(art["rows"]) for art in arts if art["kind"] == "delta")
-            pub_q.put((version, arts, oldest, (time.perf_counter() - a) * 1000))  # waits while one is written
-            oldest, last = None, now
+            trainer.checkpoint_async()  # the gate, the snapshots; waits while the previous version is announced
+            stall_ms.append((time.perf_counter() - a) * 1000)
+            if trainer.ckpt_version != before:
+                stall_ckpt_ms.append(stall_ms[-1])
+            last = now
             if now - start >= seconds:
                 break
-        if oldest is None:
-            oldest = time.time()
-        trained += learner.step(traffic.next(0)).trained_rows
+        now_ms = int(time.time() * 1000)
+        trainer._step(traffic.next(0), now_ms, now_ms)
     train_s = time.monotonic() - start
-    pub_q.put(None)
-    threads[1].join()
+    trained = learner.trained_samples - trained0
+    trainer.publisher.close()
     announced.put(None)
-    threads[0].join()
+    thread.join()
+    rows_per_delta = [len(store.load_artifact(v, "delta")["rows"]) for v, kinds in store.artifacts().items()
+                      if "delta" in kinds][-5:]
     return {
         "rows": rows,
         "fill_seconds": round(fill_s, 1),
         "first_full_seconds": round(first_s, 1),  # snapshot, write and a scorer's load of version 1
-        "versions": version,
+        "versions": trainer.version,
         "versions_served": len(served),
+        "refused_versions": trainer.refused,
         "version_bytes": {"full": sizes["full"][0] if sizes["full"] else None,
                           "delta": {"p50": _pct([float(s) for s in sizes["delta"]], 50),
                                     "max": max(sizes["delta"], default=None)}},
         "delta_apply_ms": {"p50": _pct(apply_ms, 50), "p95": _pct(apply_ms, 95), "max": _pct(apply_ms, 100)},
         "freshness_s": {"p50": _pct(freshness, 50), "p95": _pct(freshness, 95), "max": _pct(freshness, 100)},
+        "stall_ms": {"p50": _pct(stall_ms, 50), "p95": _pct(stall_ms, 95), "max": _pct(stall_ms, 100),
+                     "with_training_checkpoint": [round(x, 1) for x in stall_ckpt_ms]},
+        "training_checkpoints": {"count": len(sizes["checkpoint"]), "bytes": max(sizes["checkpoint"], default=None),
+                                 "write_s": [round(x / 1000, 1) for x in publish_ms["checkpoint"]]},
         "publish_ms": {k: {"p50": _pct(v, 50), "max": _pct(v, 100)} for k, v in publish_ms.items()},
         "full_load_ms": {"p50": _pct(full_load_ms, 50), "max": _pct(full_load_ms, 100)},
-        "rows_per_delta": {"p50": _pct([float(r) for r in rows_per_delta], 50), "max": max(rows_per_delta, default=0)},
+        "rows_per_delta": {"last5": rows_per_delta},
         "trained_samples_per_s": round(trained / train_s),
         "timeline": [{"announced": a, "served": v, "freshness_s": f, "load_apply_ms": ms, "from_full": full}
                      for a, v, f, ms, full in timeline],
@@ -228,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, required=True, help="write the figures here")
     p.add_argument("--sizes", default="1000000,10000000", help="table sizes in rows, comma-separated")
-    p.add_argument("--seconds", type=float, default=70.0,
-                   help="training time per size (70 s: one periodic full snapshot at the default settings)")
+    p.add_argument("--seconds", type=float, default=130.0,
+                   help="training time per size (130 s: two periodic full snapshots and two training "
+                        "checkpoints at the default settings)")
     args = p.parse_args(argv)
     settings = Settings()
     torch.set_num_threads(settings.trainer_threads)
@@ -239,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "aitm-stream bench refresh " + " ".join(argv or []),
         "interval_s": settings.trainer_checkpoint_interval_ms / 1000,
         "full_every": settings.model_store_full_every,
+        "training_checkpoint_interval_s": settings.trainer_training_checkpoint_interval_ms / 1000,
         "batch_size": settings.trainer_batch_size,
         "sizes": {},
     }
@@ -250,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     report["version_bytes"] = {k: v["version_bytes"] for k, v in report["sizes"].items()}
     report["delta_apply_ms"] = {k: v["delta_apply_ms"] for k, v in report["sizes"].items()}
     report["freshness_s"] = {k: v["freshness_s"] for k, v in report["sizes"].items()}
+    report["stall_ms"] = {k: v["stall_ms"] for k, v in report["sizes"].items()}
     report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report["load_average"] = {"start": [round(x, 2) for x in load0], "end": [round(x, 2) for x in os.getloadavg()]}
     report["wall_seconds"] = round(time.monotonic() - t0, 1)

@@ -264,6 +264,8 @@ def run_profile(profile: str, args: argparse.Namespace, work: Path) -> dict[str,
         "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
         "DATA_DIR": str(settings.data_dir),
         "MODEL_STORE_KEEP": str(settings.model_store_keep),  # every version stays to be scored
+        # ... from its training checkpoint (its offsets date it): one with every version
+        "TRAINER_TRAINING_CHECKPOINT_INTERVAL_MS": "0",
         "SCORER_HTTP_PORT": str(free_port()),
         "METRICS_PORT_JOINER": str(free_port()),
         "METRICS_PORT_TRAINER": str(free_port()),
@@ -306,8 +308,8 @@ def run_profile(profile: str, args: argparse.Namespace, work: Path) -> dict[str,
         announced = sorted((parse_version(r.value) for r in read_topic(settings, settings.topic_model_versions)),
                            key=lambda v: v.version)
         store = ModelStore(settings.model_store_path(), settings.model_store_keep)
-        scores = [_score_file(store, store.root / Path(a.path).name, a.version, a.sha256, fresh, times)
-                  for a in announced]
+        # the announcement names the serving artifact; its training checkpoint has the offsets
+        scores = [_score_file(store, store.path_of(a.version), a.version, None, fresh, times) for a in announced]
     finally:
         broker.stop()
     report.update(report_of(scores, fresh, args))

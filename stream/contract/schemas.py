@@ -33,7 +33,7 @@ from stream.contract.events import (
 )
 from stream.contract.samples import KINDS, SAMPLE_SCHEMA_VERSION
 from stream.contract.scores import OBJECTIVES, SCORE_FIELDS, SCORE_SCHEMA_VERSION
-from stream.contract.versions import VERSION_SCHEMA, ModelVersion
+from stream.contract.versions import ARTIFACTS, VERSION_SCHEMA, ModelVersion
 
 DRAFT: Final = "https://json-schema.org/draft/2020-12/schema"
 BASE_ID: Final = "https://aitm-stream.example/schemas/"
@@ -145,12 +145,15 @@ def version_schema() -> dict[str, Any]:
     special: dict[str, Any] = {
         "path": {"type": "string", "minLength": 1, "description": "the version's file in the model store"},
         "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "sha256 of the whole file"},
+        "artifact": {"enum": list(ARTIFACTS), "description": "what path is: a serving delta or full snapshot, or "
+                     "a training checkpoint (absent in older records: checkpoint)"},
     }
     props: dict[str, Any] = {"schema_version": {"const": VERSION_SCHEMA}}
     for f in dataclasses.fields(ModelVersion):
         props[f.name] = special.get(f.name) or ({**_COUNT} if f.type in (int, "int") else {"type": "string"})
+    required = [name for name in props if name != "artifact"]  # optional: older announcements lack it
     return _schema("model-versions", "model version announcement",
-                   "A record on the model-versions topic: a published model version.", props, list(props))
+                   "A record on the model-versions topic: a published model version.", props, required)
 
 
 def dead_letter_schema() -> dict[str, Any]:

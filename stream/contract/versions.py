@@ -2,6 +2,13 @@
 
 The trainer announces each version it publishes (after the file is written and verified); every
 scorer follows the topic and loads the newest version it can verify.
+
+``path``/``sha256`` name the file a scorer loads for the version, and ``artifact`` says what it
+is: ``delta`` (``vN.delta.srv``: the rows changed since version N-1, applied to a replica in step),
+``full`` (``vN.full.srv``: a whole serving snapshot, a trainer's first version after a start) or
+``checkpoint`` (``vN.ckpt``, a training checkpoint: versions of encoders without a dynamic table,
+and every announcement written before the field existed - a reader of an old record gets
+``checkpoint``, so the field's addition is backward compatible both ways: old readers ignore it).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from stream.contract.events import (
 )
 
 VERSION_SCHEMA: Final = 1
+ARTIFACTS: Final = ("delta", "full", "checkpoint")  # what ``path`` is
 
 
 class InvalidVersion(InvalidRecord):
@@ -38,6 +46,7 @@ class ModelVersion:
     created_at_ms: int
     max_sample_consumed_at_ms: int
     min_new_sample_consumed_at_ms: int
+    artifact: str = "checkpoint"  # absent in older announcements: they named the checkpoint
 
 
 def encode_version(v: ModelVersion) -> bytes:
@@ -63,4 +72,7 @@ def parse_version(raw: bytes | str) -> ModelVersion:
     sha = obj["sha256"]
     if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise InvalidVersion(INVALID_FIELD, "model version 'sha256' must be 64 lower-case hex digits")
-    return ModelVersion(**{k: obj[k] for k in (*ints, "path", "sha256")})
+    artifact = obj.get("artifact", "checkpoint")
+    if artifact not in ARTIFACTS:
+        raise InvalidVersion(INVALID_FIELD, f"model version 'artifact' must be one of {', '.join(ARTIFACTS)}")
+    return ModelVersion(**{k: obj[k] for k in (*ints, "path", "sha256")}, artifact=artifact)

@@ -186,8 +186,8 @@ class RankTrainer(Trainer):
                 break  # every rank's batches trained (each flushed its partial one)
             if flags[ARMED] and not flags[BUSY]:
                 break  # every rank idle, armed by the first record anywhere
-        self._checkpoint_round()
-        self.publisher.wait()
+        self._checkpoint_round(final=True)
+        self.publisher.wait_all()
         self.update_quality_gauges()
         self.update_lag_gauge()
 
@@ -220,9 +220,10 @@ class RankTrainer(Trainer):
         if batch is not None:
             self.offsets.update(batch.offsets)
 
-    def _checkpoint_round(self) -> None:
+    def _checkpoint_round(self, final: bool = False) -> None:
         """Every rank sends rank 0 its offsets, its new-sample times and its own learner state;
-        rank 0 writes and announces the version (when the gate lets it)."""
+        rank 0 writes and announces the version (when the gate lets it), with a training checkpoint
+        when one is due (``final``: at the stop, always)."""
         learner = self.learner
         mine = {"offsets": dict(self.offsets), "new_min_ms": self.new_min_ms, "new_max_ms": self.new_max_ms,
                 "batches": self.batches_since,
@@ -233,14 +234,17 @@ class RankTrainer(Trainer):
             self.new_min_ms, self.batches_since = None, 0  # rank 0 carries them into the version
             return
         mins = [g["new_min_ms"] for g in got if g["new_min_ms"] is not None]
-        if learner is None or not mins:
+        if learner is None or not (mins or final):
             return
         for r, g in enumerate(got):
             self.offsets.update({p: o for p, o in g["offsets"].items() if RankInfo(r, self.info.ranks).owns(p)})
-        self.new_min_ms = min(mins)
-        self.new_max_ms = max(g["new_max_ms"] for g in got)
         self._ranks_state = {str(r): g["local"] for r, g in enumerate(got) if r and g["local"] is not None}
-        self.checkpoint_async()
+        if mins:
+            self.new_min_ms = min(mins)
+            self.new_max_ms = max(g["new_max_ms"] for g in got)
+            self.checkpoint_async(training=final)
+        if final:
+            self.checkpoint_rest()
         self._ranks_state = {}
 
     def rank_summary(self, wall_s: float) -> dict[str, Any] | None:

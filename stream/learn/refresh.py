@@ -27,11 +27,14 @@ class ServingWriter:
         self._seq: np.ndarray | None = None
 
     def artifacts(self, version: int, model: AITM, encoder: Encoder, changed_rows: np.ndarray,
-                  full: bool = False) -> list[dict[str, Any]]:
+                  full: bool = False, postpone_full: bool = False) -> list[dict[str, Any]]:
         """The artifacts of ``version``: ``model`` served with ``encoder``; ``changed_rows`` the table
         rows changed since the previous version. A delta; every ``full_every`` versions (or with
         ``full``: on demand) a full snapshot beside it, with its chain; a writer's first: a full
-        snapshot alone. None for an encoder without a dynamic table (scorers then load the checkpoint)."""
+        snapshot alone. None for an encoder without a dynamic table (scorers then load the checkpoint).
+        ``postpone_full``: the periodic snapshot waits for a later version (the previous one is
+        still being written). A snapshot beside a delta is built deferred (``aitm.artifact.finish``
+        completes it on the writer's thread)."""
         if not isinstance(encoder, DynamicTable):
             return []
         holders = encoder.row_field, encoder.row_seq
@@ -41,10 +44,17 @@ class ServingWriter:
             out.append(delta_artifact(version, self.base[0], self.base[1], model, encoder,
                                       np.union1d(changed_rows, moved), moved))
             self.since_full += 1
-        if not out or full or self.since_full >= self.full_every:
+        if not out or full or (self.since_full >= self.full_every and not postpone_full):
             chain = str(out[0]["chain"]) if out else None
-            out.append(full_artifact(version, model, encoder, self.base[1] if self.base else "", chain))
+            out.append(full_artifact(version, model, encoder, self.base[1] if self.base else "", chain,
+                                     defer=chain is not None))
             self.since_full = 0
-        self._field, self._seq = holders[0].copy(), holders[1].copy()
+        if out[0]["kind"] == "delta" and self._field is not None and self._seq is not None:
+            # only the rows that moved differ: updated in place (copying 10M holders afresh each
+            # version cost ~0.3 s of the training thread, mostly page faults)
+            self._field[moved] = holders[0][moved]
+            self._seq[moved] = holders[1][moved]
+        else:
+            self._field, self._seq = holders[0].copy(), holders[1].copy()
         self.base = (version, str(out[0]["chain"]))
         return out

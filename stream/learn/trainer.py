@@ -1,11 +1,16 @@
 """``aitm-stream trainer``: consume ``samples``, test-then-train AITM, checkpoint, announce versions.
 
 A kafka-python consumer with no group: it assigns every partition of the samples topic and seeks
-to the offsets stored in the last good checkpoint (the beginning when there is none), so a
-restarted trainer - even after ``kill -9`` - trains again on every sample after that checkpoint
-and never trusts a group commit. Each checkpoint is a model version in the model store
-(``stream.ops.model_store``) and is announced on ``model-versions``. CPU-heavy torch work runs in this
-process only. See docs/streaming.md.
+to the offsets stored in the last good training checkpoint (the beginning when there is none), so
+a restarted trainer - even after ``kill -9`` - trains again on every sample after that checkpoint
+and never trusts a group commit. Two cadences: a model version every
+``TRAINER_CHECKPOINT_INTERVAL_MS`` (its serving artifact - a delta of the rows changed, every
+``MODEL_STORE_FULL_EVERY`` a full snapshot - announced on ``model-versions``), and a training
+checkpoint (everything a resume needs, offsets included: the only place they are kept) with the
+version due every ``TRAINER_TRAINING_CHECKPOINT_INTERVAL_MS`` and at a clean stop. A restart
+resumes from the last training checkpoint (older than the last version) and numbers its versions
+on from the highest in the store. CPU-heavy torch work runs in this process only. See
+docs/streaming.md and docs/embedding_table.md.
 """
 
 from __future__ import annotations
@@ -90,6 +95,9 @@ class Trainer:
         self.learner: OnlineLearner | None = None
         self.offsets: dict[int, int] = {}  # partition -> next offset to consume (trained or dead-lettered)
         self.version = 0
+        self.ckpt_version = 0  # the version of the last training checkpoint (written or being written)
+        self.last_training_ckpt_s = time.monotonic()
+        self.uncheckpointed = False  # a version was announced since the last training checkpoint
         self.new_min_ms: int | None = None  # consumed-at of the oldest sample not yet in a version
         self.new_max_ms = 0
         self.batches_since = 0
@@ -101,7 +109,7 @@ class Trainer:
         self.batcher: Batcher | None = None  # made by run()
         self._feed: SampleFeed | None = None
         self.publisher = Publisher(self.store, settings.topic_model_versions, lambda: self._producer, self.clock,
-                                   self._published)
+                                   self._published, self._checkpointed)
         self._producer: Any = None
         self.serving = ServingWriter(settings.model_store_full_every)  # the scorers' artifacts
 
@@ -131,11 +139,12 @@ class Trainer:
 
     def restore(self) -> None:
         """Resume from the newest good version in the store, else warm-start, else wait for data."""
-        versions = self.store.versions()
-        self.version = versions[-1] if versions else 0
+        # never reuse a number: versions after the last training checkpoint were announced too
+        self.version = self.store.latest_version()
         latest = self.store.load_latest()
         if latest is not None:
             v, ckpt = latest
+            self.ckpt_version = v
             extra = ckpt.get("extra", {})
             self.learner = self._learner_from(ckpt)
             if extra.get("topic") == self.s.topic_samples and "learner" in extra:
@@ -145,7 +154,8 @@ class Trainer:
                     self.gate.holdout.load_state_dict(extra["holdout"])
                 # the version resumed from is the one being served
                 self.gate.published(v, self.learner.served_model(), known_now(self.learner.encoder))
-                log.info("resumed from model version %d at offsets %s", v, self.offsets)
+                log.info("resumed from model version %d (its training checkpoint) at offsets %s; next version %d",
+                         v, self.offsets, self.version + 1)
             else:
                 log.info("model version %d is from another topic: used as a warm start", v)
             return
@@ -211,7 +221,7 @@ class Trainer:
         self._feed = feed
 
     def close(self) -> None:
-        self.publisher.close()  # a version being written is finished and announced
+        self.publisher.close()  # a version (and a checkpoint) being written is finished and announced
         if self._feed is not None:
             self._feed.close()
         if self._producer is not None:
@@ -262,9 +272,7 @@ class Trainer:
                 break  # armed by the first record, so a slow upstream start is not "idle"
         if batcher.n:
             self._train(batcher.take(self.clock.now_ms()))
-        if self.new_min_ms is not None:
-            self.checkpoint()
-        self.publisher.wait()
+        self.final_checkpoint()
         self.update_quality_gauges()
         self.update_lag_gauge()
 
@@ -321,22 +329,69 @@ class Trainer:
                             partition=rec.partition, offset=rec.offset, key=rec.key, time_ms=self.clock.now_ms())
         self._producer.send(self.s.topic_dead_letters, key=rec.key or b"", value=value)
 
-    def checkpoint(self) -> ModelVersion | None:
-        """Write the next version and announce it; returns once it is published (None when the
-        publication gate refused it)."""
-        pending = self.checkpoint_async()
+    def checkpoint(self, training: bool = False) -> ModelVersion | None:
+        """Write the next version and announce it (``training``: with a training checkpoint, whatever
+        the cadence); returns once it is announced (None when the publication gate refused it)."""
+        pending = self.checkpoint_async(training)
         return pending.result() if pending is not None else None
 
-    def checkpoint_async(self) -> Future[ModelVersion] | None:
-        """Judge the candidate (the publication gate), then snapshot the next version (served
-        model, encoder, optimizer, learner state, offsets) here, and write, fsync and announce it
-        on the writer thread while training goes on: a checkpoint costs the loop only its
-        snapshot (tensor copies), not ~0.15 s of serialisation and I/O. One is in flight at a
-        time; a failed write raises here, at the next checkpoint. A refused candidate is counted
-        and logged, and nothing is written: a restart resumes from the last published version."""
+    def final_checkpoint(self) -> None:
+        """At a clean stop: the last version, and a training checkpoint of the state reached, so a
+        restart re-reads nothing; then until everything is written."""
+        if self.new_min_ms is not None and self.learner is not None:
+            self.checkpoint(training=True)
+        self.checkpoint_rest()
+
+    def checkpoint_rest(self) -> None:
+        """At a clean stop, after the last version: when versions were announced since the last
+        training checkpoint and nothing was trained since the last one, that version's training
+        state (the current one) is written; then until everything is written."""
+        if self.learner is not None and self.uncheckpointed and self.new_min_ms is None:
+            self.ckpt_version, self.uncheckpointed = self.version, False
+            self.publisher.checkpoint_only(self.version, self._training_checkpoint(self.learner.served_model()))
+        self.publisher.wait_all()
+
+    def _training_due(self) -> bool:
+        every = self.s.trainer_training_checkpoint_interval_ms
+        return every == 0 or (time.monotonic() - self.last_training_ckpt_s) * 1000 >= every
+
+    def _training_checkpoint(self, served: Any) -> dict[str, Any]:
+        """The training checkpoint of the current state (a snapshot: tensors cloned), with the
+        offsets it covers: a restart resumes from exactly here."""
+        learner = self.learner
+        assert learner is not None
+        self.last_training_ckpt_s = time.monotonic()
+        extra = {
+            "topic": self.s.topic_samples,
+            "offsets": dict(self.offsets),
+            "learner": learner.state_dict(),
+            "mode": self.mode,
+            "holdout": self.gate.holdout.state_dict(),
+            **self._extra_state(),
+        }
+        # the checkpoint's model is the served one (the weight average); the trained weights are
+        # in the learner state, for a resume. A dynamic table's state is made of fresh copies
+        # already: walking its vocabulary again (millions of entries) would only cost time here
+        encoder = learner.encoder.state_dict()
+        ckpt: dict[str, Any] = snapshot(make_checkpoint(served, learner.model.config, {}, self.version, extra))
+        ckpt["feature_maps"] = encoder if isinstance(learner.encoder, DynamicTable) else snapshot(encoder)
+        return ckpt
+
+    def checkpoint_async(self, training: bool = False) -> Future[ModelVersion] | None:
+        """Judge the candidate (the publication gate), then snapshot the next version here - its
+        serving artifact (``ServingWriter``) and, when due (or ``training``), the training
+        checkpoint (served model, encoder, optimizer, learner state, offsets) - and write and
+        announce it on the writer threads while training goes on (``Publisher``): a version costs
+        the loop only its snapshots (``aitm_trainer_publish_stall_seconds``). A training checkpoint
+        falls due every ``TRAINER_TRAINING_CHECKPOINT_INTERVAL_MS``; while the previous one (or a
+        full snapshot) is still being written it waits for a later version. One version is in
+        flight at a time; a failed write raises here, at the next checkpoint. A refused candidate is
+        counted and logged, and nothing is written: a restart resumes from the last training
+        checkpoint."""
         learner = self.learner
         if learner is None:
             raise RuntimeError("nothing to checkpoint before the first batch")
+        t0 = time.perf_counter()
         served = learner.served_model()
         verdict = self.gate.judge(served)
         if not verdict.publish:
@@ -347,25 +402,28 @@ class Trainer:
             return None
         self.publisher.wait()  # in order, and a failure surfaces
         self.version += 1
-        extra = {
-            "topic": self.s.topic_samples,
-            "offsets": dict(self.offsets),
-            "learner": learner.state_dict(),
-            "mode": self.mode,
-            "holdout": self.gate.holdout.state_dict(),
-            **self._extra_state(),
-        }
-        # the checkpoint's model is the served one (the weight average); the trained weights are
-        # in the learner state, for a resume
-        ckpt = snapshot(make_checkpoint(served, learner.model.config, learner.encoder.state_dict(),
-                                       self.version, extra))
-        artifacts = self.serving.artifacts(self.version, served, learner.encoder, learner.take_changed_rows())
+        busy = self.publisher.background_busy()
+        artifacts = self.serving.artifacts(self.version, served, learner.encoder, learner.take_changed_rows(),
+                                           postpone_full=busy)
+        ckpt = None
+        every = self.s.trainer_training_checkpoint_interval_ms
+        if not artifacts or training or every == 0 or (self._training_due() and not busy):
+            ckpt = self._training_checkpoint(served)
+            self.ckpt_version = self.version
+        self.uncheckpointed = ckpt is None
         self.gate.published(self.version, served, known_now(learner.encoder))
         newest_ms = self.new_max_ms
         oldest_ms = self.new_min_ms
         trained = learner.trained_samples
         self.new_min_ms, self.batches_since = None, 0
-        return self.publisher.submit(self.version, ckpt, trained, newest_ms, oldest_ms, artifacts)
+        pending = self.publisher.submit(self.version, ckpt, trained, newest_ms, oldest_ms, artifacts)
+        self.metrics.publish_stall.observe(time.perf_counter() - t0)
+        return pending
+
+    def _checkpointed(self, version: int, size: int) -> None:
+        """On a writer thread, once the training checkpoint of ``version`` is written."""
+        self.metrics.training_checkpoints.inc()
+        self.metrics.version_bytes.labels(kind="checkpoint").set(size)
 
     def _published(self, v: ModelVersion, now_ms: int) -> None:
         """On the writer thread, once ``v`` is announced: the refresh figures."""

@@ -242,7 +242,7 @@ class TrainerMetrics:
         )
         self.checkpoints = Counter(
             "aitm_trainer_checkpoints",
-            "Checkpoints written",
+            "Model versions published (announced)",
             registry=registry,
         )
         self.consumer_lag = Gauge(
@@ -258,8 +258,20 @@ class TrainerMetrics:
         )
         self.version_bytes = Gauge(
             "aitm_trainer_version_bytes",
-            "Size of the last serving artifact written, by kind (full snapshot or delta)",
+            "Size of the last serving artifact written, by kind (full snapshot or delta; checkpoint: "
+            "the training checkpoint)",
             ["kind"],
+            registry=registry,
+        )
+        self.training_checkpoints = Counter(
+            "aitm_trainer_training_checkpoints",
+            "Training checkpoints written (TRAINER_TRAINING_CHECKPOINT_INTERVAL_MS, and at a clean stop)",
+            registry=registry,
+        )
+        self.publish_stall = Histogram(
+            "aitm_trainer_publish_stall_seconds",
+            "Training-thread time a published version costs (snapshots; the writes are on writer threads)",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=registry,
         )
 

@@ -15,10 +15,13 @@ Announcement (JSON, ``schema_version`` 1)::
 ``*_consumed_at_ms`` are wall times at which the trainer consumed the newest sample in this
 version and the oldest sample that is new in it (freshness = use time minus the latter).
 
-Beside each checkpoint the trainer writes the version's **serving artifact** (``aitm.artifact``):
+Training checkpoints are written at their own, slower cadence (``TRAINER_TRAINING_CHECKPOINT_INTERVAL_MS``),
+so most versions have no ``.ckpt``; every version has a **serving artifact** (``aitm.artifact``):
 ``v00000042.delta.srv`` (the rows changed since version 41, and the dense weights) and, every N
 versions or after a trainer start, ``v00000042.full.srv`` (served weights and vocabulary), in the
-same file format (atomic, sha256 inside). Scorers load those, not the checkpoint. Pruning keeps the
+same file format (atomic, sha256 inside). Scorers load those, not the checkpoint; the announcement
+names the artifact (``artifact``: ``delta``/``full``; ``checkpoint`` for an encoder without a
+dynamic table, whose versions are all checkpoints, and in announcements older than the field). Pruning keeps the
 newest ``keep`` versions' artifacts and every one from the newest full snapshot on, so the newest
 version can always be rebuilt.
 """
@@ -32,6 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from aitm.artifact import finish
 from aitm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -127,7 +131,7 @@ class ModelStore:
         """Write a serving artifact atomically; returns its path and size in bytes. Then prune:
         keep the newest ``keep`` and every one from the newest full snapshot on."""
         path = self.artifact_path(int(artifact["version"]), str(artifact["kind"]))
-        save_checkpoint(path, artifact)
+        save_checkpoint(path, finish(dict(artifact)))  # a deferred full snapshot is completed here
         size = path.stat().st_size
         present = self.artifacts()
         fulls = [v for v, kinds in present.items() if "full" in kinds]
@@ -138,15 +142,23 @@ class ModelStore:
                 self.artifact_path(v, kind).unlink(missing_ok=True)
         return path, size
 
-    def load_artifact(self, version: int, kind: str) -> dict[str, Any]:
-        """A version's serving artifact of ``kind``, its file checksum verified; ``ModelStoreError``
-        if absent or damaged."""
-        if not self.artifact_path(version, kind).exists():
+    def load_artifact(self, version: int, kind: str, sha256: str | None = None) -> dict[str, Any]:
+        """A version's serving artifact of ``kind``, its file checksum verified (and the whole
+        file's sha256, when an announcement gives it); ``ModelStoreError`` if absent or damaged."""
+        path = self.artifact_path(version, kind)
+        if not path.exists():
             raise ModelStoreError(f"no {kind} serving artifact for model version {version} in {self.root}")
+        if sha256 is not None and file_sha256(path) != sha256:
+            raise ModelStoreError(f"serving artifact {path} does not match its announced sha256: refusing it")
         try:
-            return load_checkpoint(self.artifact_path(version, kind))
+            return load_checkpoint(path)
         except CheckpointError as exc:
             raise ModelStoreError(str(exc)) from exc
+
+    def latest_version(self) -> int:
+        """The highest version number with a file here (a training checkpoint or a serving artifact):
+        a restarted trainer numbers on from it, never reusing a number it may have announced."""
+        return max([0, *self.versions(), *self.artifacts()])
 
     def load_latest(self) -> tuple[int, dict[str, Any]] | None:
         """The newest version that loads and verifies, skipping (and logging) corrupted ones."""

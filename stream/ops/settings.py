@@ -168,6 +168,14 @@ class Settings(BaseSettings):
     # a checkpoint (= a model version) every this many batches or seconds, whichever first
     trainer_checkpoint_batches: int = Field(default=200, ge=1)
     trainer_checkpoint_interval_ms: int = Field(default=3000, ge=100)
+    # the training checkpoint (served and trained weights, optimizer, table, evaluators, holdout,
+    # sample offsets: what a restart, a standby or a rank group resumes from) is written with the
+    # version due after this many ms since the last one, and always at a clean stop; its own
+    # cadence, because at millions of rows it is ~6 copies of the table. Samples consumed after
+    # it are trained again after a kill -9 (their offsets are saved only with it). 0 = with every
+    # version (the checkpoint then also serves encoders without a dynamic table, which have no
+    # serving artifact: those always checkpoint every version)
+    trainer_training_checkpoint_interval_ms: int = Field(default=60_000, ge=0)
     # keep a copy of the model frozen after this many days of impression event time (from the
     # first sample); it only scores, on the same final labels, for aitm_trainer_frozen_auc_ratio.
     # 0 = off

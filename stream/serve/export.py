@@ -1,7 +1,7 @@
 """``aitm-stream export``: a model version as a file another runtime can serve.
 
 ``aitm-stream export --version N --format onnx|torchscript --out DIR`` loads version N through the
-scorer's own loader (``stream.serve.versions.load_version``: verified, as served) and writes:
+scorer's own loader (``stream.serve.versions.load_served``: verified, as served) and writes:
 
 - ``model.onnx`` (opset 17) or ``model.pt`` (TorchScript): local feature ids ``ids`` (N, F) int64
   in -> ``probabilities`` (N, T) float32 out, the end-to-end probabilities in funnel order, exactly
@@ -101,16 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from stream.ops.model_store import ModelStore, ModelStoreError
     from stream.ops.settings import load_settings
-    from stream.serve.versions import load_version
+    from stream.serve.versions import load_served
 
     root = args.store if args.store is not None else load_settings().model_store_path()
     if not root.is_dir():
         p.error(f"no model store at {root}; pass --store or set MODEL_STORE_DIR")
     store = ModelStore(root)
     try:
-        m = load_version(store, args.version)
+        m = load_served(store, args.version)
     except (ModelStoreError, KeyError, RuntimeError, ValueError) as exc:
-        have = store.versions()
+        have = sorted({*store.versions(), *store.artifacts()})
         p.exit(1, f"aitm-stream export: cannot load version {args.version} from {root}: {exc} "
                   f"(versions there: {have[0] if have else 'none'}..{have[-1] if have else ''})\n")
     manifest = export(m, args.format, args.out)

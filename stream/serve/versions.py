@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from stream.contract.versions import InvalidVersion, ModelVersion, parse_version
-from stream.ops.model_store import ModelStore, ModelStoreError
+from stream.ops.model_store import ModelStore, ModelStoreError, file_sha256
 from stream.ops.settings import Settings
 from stream.serve.replica import Plan, ReplicaLoader
 from stream.serve.scoring import ScoringModel
@@ -36,6 +36,21 @@ def load_servable(store: ModelStore, version: int, sha256: str | None = None,
     return load_version(store, version, store.root / file_name if file_name else None, sha256, created_at_ms)
 
 
+def load_served(store: ModelStore, version: int, trace: bool = False) -> ScoringModel:
+    """A version as scorers serve it: rebuilt from its serving artifacts when it has them (the newest
+    full snapshot at or before it and the deltas after it, chain verified) - most versions have no
+    training checkpoint - else from its checkpoint. Raises ``ModelStoreError`` when neither loads."""
+    if version in store.artifacts():
+        loader = ReplicaLoader(store, trace=trace)
+        plan = loader.prepare(version)
+        m = loader.apply(plan) if plan is not None else None
+        if m is None or m.version != version:
+            raise ModelStoreError(f"model version {version} cannot be rebuilt from the serving artifacts in "
+                                  f"{store.root} (the chain ends at {m.version if m else 'none'})")
+        return m
+    return load_version(store, version, trace=trace)
+
+
 class VersionFollower:
     """The next model: ``offer`` loads an announced version if newer and verified, ``take`` hands it
     over once; ``watch`` reads the topic from the start and offers the newest of each poll.
@@ -60,7 +75,9 @@ class VersionFollower:
         newest = max(self._next_version, self.current.version if self.current is not None else -1)
         if ann.version <= newest:
             return False
-        if self.replica.has(ann.version):
+        if ann.artifact != "checkpoint" or self.replica.has(ann.version):
+            # a serving artifact is announced (an older announcement named the checkpoint: its
+            # version's artifacts, when there are any, are loaded all the same)
             return self._offer_artifacts(ann)
         try:
             path = self.store.root / ann.path.rsplit("/", 1)[-1]
@@ -76,8 +93,20 @@ class VersionFollower:
         return True
 
     def _offer_artifacts(self, ann: ModelVersion) -> bool:
-        """Load the serving artifacts that reach ``ann.version`` (applied by ``take``)."""
+        """Load the serving artifacts that reach ``ann.version`` (applied by ``take``); the announced
+        artifact must be the file announced (its sha256)."""
         try:
+            if ann.artifact != "checkpoint":
+                path = self.store.artifact_path(ann.version, ann.artifact)
+                if path.name != ann.path.rsplit("/", 1)[-1]:
+                    raise ModelStoreError(f"model version {ann.version} announces {ann.path}, not a {ann.artifact} artifact")
+                try:
+                    digest = file_sha256(path)
+                except OSError as exc:
+                    raise ModelStoreError(f"serving artifact {path} cannot be read: {exc}") from exc
+                if digest != ann.sha256:
+                    raise ModelStoreError(f"serving artifact {path} does not match its announced sha256 "
+                                          "(replaced or corrupted after publication)")
             plan = self.replica.prepare(ann.version)
         except (ModelStoreError, KeyError, RuntimeError, ValueError) as exc:
             self.refused.inc()

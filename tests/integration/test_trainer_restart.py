@@ -57,6 +57,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         TRAINER_LINGER_MS="100",
         TRAINER_CHECKPOINT_BATCHES="3",
         TRAINER_CHECKPOINT_INTERVAL_MS="600000",
+        TRAINER_TRAINING_CHECKPOINT_INTERVAL_MS="0",  # a training checkpoint with every version here
         TRAINER_FEATURE_MIN_COUNT="1",
         TRAINER_EMBEDDING_ROWS="256",
         TRAINER_THREADS="1",
@@ -127,3 +128,70 @@ def test_kill_9_then_resume_from_the_last_good_checkpoint(
     assert extra["learner"]["trained_samples"] + waiting == expected_rows  # ... and trained on exactly once
     n_finals = sum(s.kind == "final" for s in samples)
     assert summary["quality"]["lifetime"][0]["count"] == n_finals  # each final evaluated once
+
+
+def test_kill_9_resumes_from_a_training_checkpoint_older_than_the_last_version(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Training checkpoints at their own (slow) cadence: a trainer killed after announcing versions
+    past its last training checkpoint is resumed from that checkpoint's offsets (the samples after
+    it trained again, each exactly once in the final lineage), and numbers on past every version
+    announced; its first version is a full serving snapshot."""
+    from bench.topic_reader import read_topic
+    from stream.contract.versions import parse_version
+
+    settings = make_settings(samples_partitions=4)
+    samples = make_samples(N_IMPRESSIONS)
+    half = len(samples) // 2
+    producer = KafkaProducer(**settings.kafka_python_config(), linger_ms=5)
+
+    def send(part: list[Sample]) -> None:
+        for s in part:
+            producer.send(settings.topic_samples, key=s.impression_id.encode(), value=encode_sample(s))
+        producer.flush()
+
+    trained = [s for s in samples if not held_back([s.impression_id], settings.trainer_holdout_share)[0]]
+    expected_rows = sum(1 + s.labels[0] for s in trained if s.kind == "first") + sum(
+        1 for s in trained if s.kind == "correction"
+    )
+    env = {**env_for(settings), "TRAINER_TRAINING_CHECKPOINT_INTERVAL_MS": "600000"}
+    log = tmp_path / "trainer.log"
+    store = ModelStore(settings.model_store_path())
+    send(samples[:half])
+    first = trainer(env, log, "--exit-when-idle", "2")  # a clean stop: its training checkpoint
+    assert first.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert len(store.versions()) == 1, log.read_text()[-3000:]
+    ckpt_version = store.versions()[0]
+    ckpt_offsets = store.load(ckpt_version)["extra"]["offsets"]
+    assert 0 < sum(ckpt_offsets.values()) <= half
+
+    send(samples[half:])
+    producer.close()
+    second = trainer(env, log)
+    deadline = time.monotonic() + 90
+    while max(store.artifacts(), default=0) < ckpt_version + 3 and time.monotonic() < deadline and second.poll() is None:
+        time.sleep(0.02)
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+    announced_before = max(store.artifacts())
+    assert announced_before >= ckpt_version + 3, log.read_text()[-3000:]
+    assert store.versions() == [ckpt_version]  # versions announced, no training checkpoint since
+
+    summary_path = tmp_path / "summary.json"
+    third = trainer(env, log, "--exit-when-idle", "3", "--summary-json", str(summary_path))
+    assert third.wait(timeout=120) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert f"resumed from model version {ckpt_version} (its training checkpoint) at offsets" in text
+    v, ckpt = store.load_latest()  # type: ignore[misc]
+    assert v > announced_before
+    extra = ckpt["extra"]
+    assert sum(extra["offsets"].values()) == len(samples)  # every record consumed ...
+    mixer = extra["learner"]["mixer"]
+    waiting = sum(len(b["ids"]) for b in mixer["ready"]) + sum(len(b["ids"]) for q in mixer["held"] for b in q)
+    assert extra["learner"]["trained_samples"] + waiting == expected_rows  # ... and trained on exactly once
+    anns = [parse_version(r.value) for r in read_topic(settings, settings.topic_model_versions, 2.0)]
+    numbers = [a.version for a in anns]
+    assert numbers == sorted(set(numbers))  # never a number twice, always upwards
+    after = [a for a in anns if a.version > announced_before]
+    assert after and after[0].artifact == "full" and all(a.artifact in ("delta", "full") for a in after)
+    assert all(Path(a.path).exists() for a in anns)  # each names its serving artifact (kept: MODEL_STORE_KEEP)

@@ -153,35 +153,49 @@ def test_the_checkpoint_is_the_snapshot_not_what_training_did_while_it_was_writt
     announced = len(producer.sent)
     at_snapshot = copy.deepcopy(t.learner.served_model().state_dict())
     trained_then = t.learner.trained_samples
-    pending = t.checkpoint_async()
-    assert pending is not None and not pending.done()
-    t._step(samples(100, 10), 0, 0)  # training goes on while the version is written
+    pending = t.checkpoint_async(training=True)
+    assert pending is not None
+    # the version is announced (its serving delta) while its training checkpoint is still written
+    v = pending.result(timeout=30)
+    assert v.version == 2 and v.trained_samples == trained_then and v.artifact == "delta"
+    assert t.publisher.background_busy() and t.store.versions() == [1]
+    t._step(samples(100, 10), 0, 0)  # training goes on while the checkpoint is written
     assert any(not torch.equal(v, at_snapshot[k]) for k, v in t.learner.served_model().state_dict().items())
     release.set()
-    v = pending.result(timeout=30)
-    assert v.version == 2 and v.trained_samples == trained_then
+    t.publisher.wait_all()
     ckpt = t.store.load(2)
     for k, tensor in at_snapshot.items():
         assert torch.equal(ckpt["model_state"][k], tensor), k
     assert ckpt["extra"]["offsets"] == {0: 10}
-    assert [topic for topic, _, _ in producer.sent[announced:]] == [t.s.topic_model_versions]  # once written
+    assert [topic for topic, _, _ in producer.sent[announced:]] == [t.s.topic_model_versions]
 
 
 def test_a_failed_write_surfaces_at_the_next_checkpoint(tmp_path: Path) -> None:
     t, _, producer = make(tmp_path, [chunk(0, 10, 10)])
     run(t)
 
-    def broken(version: int, ckpt: dict[str, Any]) -> Any:
+    def broken(*_: Any) -> Any:
         raise OSError("disk full")
 
-    t.store.publish = broken  # type: ignore[method-assign]
+    t.store.publish_artifact = broken  # type: ignore[method-assign]
     announced = len(producer.sent)
     pending = t.checkpoint_async()
     assert pending is not None
     with pytest.raises(OSError, match="disk full"):
         t.checkpoint_async()  # the next one waits for the previous write, and raises its error
     assert producer.sent[announced:] == []  # never announced
-    assert t.store.versions() == [1]
+    assert t.store.versions() == [1] and t.store.artifacts() == {1: {"full"}}
+    t.publisher.close()
+    # a failed training checkpoint (written after the announcement) surfaces at the next version
+    t, _, _ = make(tmp_path / "b", [chunk(0, 10, 10)])
+    run(t)
+    t.store.publish = broken  # type: ignore[method-assign]
+    t._step(samples(100, 10), 0, 0)
+    assert t.checkpoint_async(training=True) is not None
+    t.publisher.background.exception(timeout=30)  # type: ignore[union-attr]
+    t._step(samples(200, 10), 0, 0)
+    with pytest.raises(OSError, match="disk full"):
+        t.checkpoint_async()
     t.publisher.close()
 
 
@@ -220,8 +234,10 @@ def test_published_versions_reach_a_scorer_as_a_full_snapshot_then_deltas(tmp_pa
     rows = [{"f": str(i % 5)} for i in range(20)]
     for v in range(2, 6):
         t._step(samples(100 * v, 10), 0, 0)
-        assert t.checkpoint() is not None
+        assert t.checkpoint(training=True) is not None  # a checkpoint to compare each version with
+        t.publisher.wait_all()  # (a periodic full snapshot waits while a checkpoint is written)
     assert t.store.artifacts() == {1: {"full"}, 2: {"delta"}, 3: {"delta"}, 4: {"delta", "full"}, 5: {"delta"}}
+    assert [parse_version(v).artifact for _, _, v in producer.sent] == ["full", "delta", "delta", "delta", "delta"]
     assert t.metrics.registry.get_sample_value("aitm_trainer_version_bytes", {"kind": "delta"}) > 0
     for _, _, value in producer.sent:
         ann = parse_version(value)
