@@ -44,17 +44,23 @@ def _drain(feed: SampleFeed, n: int, timeout_s: float = 30.0) -> list[Chunk]:
     return chunks
 
 
+def _read(settings: Settings, n: int, offsets: dict[int, int] | None = None, chunk_size: int = 32) -> tuple[list[Chunk], SampleFeed]:
+    """``n`` records through a feed process started at ``offsets`` (closed after)."""
+    feed = SampleFeed(partial(kafka_client_config, settings, "aiokafka"), settings.topic_samples, offsets or {},
+                      chunk_size=chunk_size)
+    feed.start_and_wait()
+    try:
+        return _drain(feed, n), feed
+    finally:
+        feed.close()
+
+
 def test_feed_process_parses_in_order_and_resumes_from_offsets(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings()
     values = [_sample(i) for i in range(120)]
     values[50] = b"{broken"
     _produce(settings, values)
-    feed = SampleFeed(partial(kafka_client_config, settings, "aiokafka"), settings.topic_samples, {}, chunk_size=32)
-    feed.start_and_wait()
-    try:
-        chunks = _drain(feed, 120)
-    finally:
-        feed.close()
+    chunks, feed = _read(settings, 120, chunk_size=32)
     assert max(len(c) for c in chunks) <= 32
     ids = [i for c in chunks for i in c.samples.impression_ids]
     assert ids == [f"imp-{i}" for i in range(120) if i != 50]
@@ -63,13 +69,7 @@ def test_feed_process_parses_in_order_and_resumes_from_offsets(make_settings: Ca
     assert chunks[-1].offsets[0] == 120
     assert feed.lag({0: 100}) == 20  # high watermarks came back with the chunks
 
-    again = SampleFeed(partial(kafka_client_config, settings, "aiokafka"), settings.topic_samples, {0: 100},
-                       chunk_size=500)
-    again.start_and_wait()
-    try:
-        rest = _drain(again, 20)
-    finally:
-        again.close()
+    rest, _ = _read(settings, 20, {0: 100}, chunk_size=500)
     assert [i for c in rest for i in c.samples.impression_ids] == [f"imp-{i}" for i in range(100, 120)]
 
 
@@ -79,12 +79,7 @@ def test_feed_process_reads_json_and_binary_samples_mixed(make_settings: Callabl
     values = [_sample(i, binary=(i // 25) % 2 == 1) for i in range(100)]  # runs of 25 of each
     values[30] = values[30][:-3]  # a truncated binary record
     _produce(settings, values)
-    feed = SampleFeed(partial(kafka_client_config, settings, "aiokafka"), settings.topic_samples, {}, chunk_size=40)
-    feed.start_and_wait()
-    try:
-        chunks = _drain(feed, 100)
-    finally:
-        feed.close()
+    chunks, _ = _read(settings, 100, chunk_size=40)
     got = [c.samples.sample(i) for c in chunks for i in range(len(c.samples))]
     want = [Sample(f"imp-{i}", "bank_1", i, {"a": str(i % 7)}, (0, 0, 0, 0), (False,) * 4,  # type: ignore[arg-type]
                    "first", 1800_000, 0) for i in range(100) if i != 30]
@@ -106,12 +101,7 @@ def test_a_backlog_of_several_partitions_comes_out_merged_by_stream_time(
             producer.send(settings.topic_samples, value=encode_binary(s), partition=p)
     producer.flush()
     producer.close()
-    feed = SampleFeed(partial(kafka_client_config, settings, "aiokafka"), settings.topic_samples, {}, chunk_size=32)
-    feed.start_and_wait()
-    try:
-        chunks = _drain(feed, 750)
-    finally:
-        feed.close()
+    chunks, _ = _read(settings, 750, chunk_size=32)
     assert max(len(c) for c in chunks) <= 32
     got = [i for c in chunks for i in c.samples.impression_ids]
     assert got == [f"p{p}-{i}" for i in range(250) for p in (0, 2, 1)]  # times 1000i, 1000i, 1000i + 10

@@ -178,6 +178,8 @@ def samples(n: int, seed: int) -> list[Sample]:
 
 
 def trainer(tmp_path: Path, registry: CollectorRegistry, **overrides: Any) -> Trainer:
+    # a training checkpoint with every version: these tests read versions by their checkpoints
+    overrides.setdefault("trainer_training_checkpoint_interval_ms", 0)
     settings = Settings(data_dir=tmp_path, trainer_mode="final-only", trainer_holdout_share=0.3,
                         trainer_gate_min_rows=200, trainer_feature_min_count=1, trainer_embedding_rows=64,
                         trainer_min_step_rows=1, trainer_freeze_after_days=0, **overrides)
@@ -192,6 +194,7 @@ def test_the_trainer_refuses_a_bad_candidate_and_counts_it(tmp_path: Path, caplo
     t._step(SampleBatch.from_samples(samples(2000, 0)), 0, 0)
     assert min(t.gate.holdout.counts()) > 200  # the held-back slice, never trained on
     assert t.checkpoint() is not None  # nothing served yet: published
+    t.publisher.wait_all()  # its training checkpoint is written after the announcement
     store = ModelStore(t.store.root)
     assert store.versions() == [1]
     # a candidate whose activation blew up, as after the last impression in issue 19
@@ -201,6 +204,7 @@ def test_the_trainer_refuses_a_bad_candidate_and_counts_it(tmp_path: Path, caplo
         learner.served_model().head_b[3] = 2.0
     with caplog.at_level(logging.WARNING):
         assert t.checkpoint() is None
+    t.publisher.wait_all()
     assert "not published (log_loss)" in caplog.text
     assert registry.get_sample_value("aitm_trainer_refused_versions_total", {"reason": "log_loss"}) == 1
     assert registry.get_sample_value("aitm_trainer_refused_versions_total", {"reason": "calibration"}) == 0
@@ -217,6 +221,7 @@ def test_served_version_gauges_report_the_published_version_on_held_back_finals(
     t._step(SampleBatch.from_samples(data[1500:]), 0, 0)
     v = t.checkpoint()
     assert v is not None
+    t.publisher.wait_all()
     t.update_quality_gauges()
     # independently: the published file, scored by the scorer's own code, on the held-back finals
     m = ScoringModel.from_checkpoint(v.version, ModelStore(t.store.root).load(v.version))
