@@ -21,15 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaProducer
 
 from bench.topic_reader import read_topic
-from stream.contract.samples import encode_sample
 from stream.contract.versions import parse_version
 from stream.learn.learner import held_back
 from stream.ops.model_store import ModelStore
 from stream.ops.settings import Settings
-from tests.integration.test_trainer_restart import N_MALFORMED, env_for, make_samples
+from tests.integration.test_trainer_restart import N_MALFORMED, env_for, make_samples, produce_with_malformed
 
 N_IMPRESSIONS = 4000
 
@@ -60,13 +58,7 @@ def test_two_ranks_publish_once_merge_evaluation_and_survive_kill_9(
 ) -> None:
     settings = make_settings(samples_partitions=4)
     samples = make_samples(N_IMPRESSIONS)
-    producer = KafkaProducer(**settings.kafka_python_config(), linger_ms=5)
-    for s in samples:
-        producer.send(settings.topic_samples, key=s.impression_id.encode(), value=encode_sample(s))
-    for i in range(N_MALFORMED):
-        producer.send(settings.topic_samples, key=f"bad-{i}".encode(), value=b'{"schema_version": 1, "kind"')
-    producer.flush()
-    producer.close()
+    produce_with_malformed(settings, samples)
     trained = [s for s in samples if not held_back([s.impression_id], settings.trainer_holdout_share)[0]]
     expected_rows = sum(1 + s.labels[0] for s in trained if s.kind == "first") + sum(
         1 for s in trained if s.kind == "correction")

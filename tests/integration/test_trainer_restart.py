@@ -66,6 +66,18 @@ def env_for(settings: Settings) -> dict[str, str]:
     return {**os.environ, **env}
 
 
+def produce_with_malformed(settings: Settings, samples: list[Sample]) -> None:
+    """``samples`` onto the samples topic, keyed by impression, then N_MALFORMED broken records
+    (they go to dead letters; the trainer keeps going)."""
+    producer = KafkaProducer(**settings.kafka_python_config(), linger_ms=5)
+    for s in samples:
+        producer.send(settings.topic_samples, key=s.impression_id.encode(), value=encode_sample(s))
+    for i in range(N_MALFORMED):
+        producer.send(settings.topic_samples, key=f"bad-{i}".encode(), value=b'{"schema_version": 1, "kind"')
+    producer.flush()
+    producer.close()
+
+
 def trainer(env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "stream.cli", "trainer", "--no-metrics", *extra]
     return subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
@@ -76,13 +88,7 @@ def test_kill_9_then_resume_from_the_last_good_checkpoint(
 ) -> None:
     settings = make_settings(samples_partitions=4)
     samples = make_samples(N_IMPRESSIONS)
-    producer = KafkaProducer(**settings.kafka_python_config(), linger_ms=5)
-    for s in samples:
-        producer.send(settings.topic_samples, key=s.impression_id.encode(), value=encode_sample(s))
-    for i in range(N_MALFORMED):  # bad records go to dead letters; the trainer keeps going
-        producer.send(settings.topic_samples, key=f"bad-{i}".encode(), value=b'{"schema_version": 1, "kind"')
-    producer.flush()
-    producer.close()
+    produce_with_malformed(settings, samples)
     total_records = len(samples) + N_MALFORMED
     # the held-back slice (a hash of the impression id) is never trained on
     trained = [s for s in samples if not held_back([s.impression_id], settings.trainer_holdout_share)[0]]

@@ -12,44 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from aitm.checkpoint import make_checkpoint
-from aitm.embedding_table import DynamicTable
-from aitm.features import FeatureEncoder
-from aitm.model import AITM, AITMConfig
-from aitm.train import make_optimizer, train_step
-from simulators.funnel import FunnelSimulator, SimConfig
 from stream.ops.model_store import ModelStore
 from stream.serve import export
 from stream.serve.versions import load_version
+from tests.modelhelpers import trained_checkpoint
 
 
 @pytest.fixture(scope="module", params=["dynamic", "threshold"])
 def store(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> tuple[Path, list[dict[str, str]]]:
     """Version 3: AITM trained for 40 steps on simulated impressions (with the streaming trainer's
     dynamic table, or the offline encoder in threshold mode), and fresh impressions of a later day."""
-    torch.manual_seed(0)
-    sim = FunnelSimulator(SimConfig(seed=3, impressions_per_day=10_000))
-    train = sim.day_batch(0)
-    rows = sim.feature_dicts(train)
-    enc: FeatureEncoder | DynamicTable
-    if request.param == "dynamic":
-        enc = DynamicTable(sim.field_names, rows=4096, min_count=5)
-        ids = torch.from_numpy(enc.encode_dicts(rows, update=True, event_time_ms=np.zeros(len(rows), np.int64)))
-    else:
-        enc = FeatureEncoder(sim.field_names, capacity=512, min_count=5)
-        ids = torch.from_numpy(enc.encode_dicts(rows, update=True))  # (N, F)
-    labels = torch.as_tensor(train.labels, dtype=torch.float32)  # (N, T)
-    cfg = AITMConfig(vocab_sizes=enc.vocab_sizes)
-    model = AITM(cfg)
-    opt = make_optimizer(model, lr=3e-3)
-    for _ in range(2):
-        for i in range(0, len(ids), 500):
-            train_step(model, opt, ids[i:i + 500], labels[i:i + 500])
+    checkpoint, fresh = trained_checkpoint(request.param, 0, 3, 10_000, epochs=2)
     root = tmp_path_factory.mktemp("models")
-    ModelStore(root).publish(3, make_checkpoint(model.eval(), cfg, enc.state_dict(), 0))
-    fresh = sim.feature_dicts(sim.day_batch(5, 3000))
-    fresh[0] = {**fresh[0], "city": "a city never seen", "creative_id": "new"}  # out of vocabulary
-    fresh[1] = {k: v for k, v in fresh[1].items() if k != "hour"}  # a field missing
+    ModelStore(root).publish(3, checkpoint)
     return root, fresh
 
 

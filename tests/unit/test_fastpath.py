@@ -11,43 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from aitm.checkpoint import make_checkpoint
 from aitm.embedding_table import DynamicTable
 from aitm.features import FeatureEncoder
-from aitm.model import AITM, AITMConfig
-from aitm.train import make_optimizer, train_step
-from simulators.funnel import FunnelSimulator, SimConfig
 from stream.serve import fastpath
 from stream.serve.fastpath import Accelerator, OnnxModel, RowEncoder
 from stream.serve.scoring import ScoringModel
+from tests.modelhelpers import trained_checkpoint
 
 
 def _version(kind: str, version: int, seed: int = 0) -> tuple[ScoringModel, list[dict[str, str]]]:
     """A version trained for a few steps on simulated impressions (the streaming trainer's dynamic
     table, or the offline encoder in threshold mode) and fresh impressions of a later day, one with
     unseen values and one with a field missing."""
-    torch.manual_seed(seed)
-    sim = FunnelSimulator(SimConfig(seed=3 + seed, impressions_per_day=6_000))
-    train = sim.day_batch(0)
-    rows = sim.feature_dicts(train)
-    enc: FeatureEncoder | DynamicTable
-    if kind == "dynamic":
-        enc = DynamicTable(sim.field_names, rows=4096, min_count=5)
-        ids = torch.from_numpy(enc.encode_dicts(rows, update=True, event_time_ms=np.zeros(len(rows), np.int64)))
-    else:
-        enc = FeatureEncoder(sim.field_names, capacity=512, min_count=5)
-        ids = torch.from_numpy(enc.encode_dicts(rows, update=True))  # (N, F)
-    labels = torch.as_tensor(train.labels, dtype=torch.float32)  # (N, T)
-    cfg = AITMConfig(vocab_sizes=enc.vocab_sizes)
-    model = AITM(cfg)
-    opt = make_optimizer(model, lr=3e-3)
-    for i in range(0, len(ids), 500):
-        train_step(model, opt, ids[i:i + 500], labels[i:i + 500])
-    m = ScoringModel.from_checkpoint(version, make_checkpoint(model.eval(), cfg, enc.state_dict(), 0), 1)
-    fresh = sim.feature_dicts(sim.day_batch(5, 3000))
-    fresh[0] = {**fresh[0], "city": "a city never seen", "creative_id": "new"}  # out of vocabulary
-    fresh[1] = {k: v for k, v in fresh[1].items() if k != "hour"}  # a field missing
-    return m, fresh
+    checkpoint, fresh = trained_checkpoint(kind, seed, 3 + seed, 6_000, epochs=1)
+    return ScoringModel.from_checkpoint(version, checkpoint, 1), fresh
 
 
 @pytest.fixture(scope="module", params=["dynamic", "threshold"])

@@ -1,0 +1,47 @@
+"""Shared helpers for the serving tests: a small AITM trained on simulated impressions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from aitm.checkpoint import make_checkpoint
+from aitm.embedding_table import DynamicTable
+from aitm.features import FeatureEncoder
+from aitm.model import AITM, AITMConfig
+from aitm.train import make_optimizer, train_step
+from simulators.funnel import FunnelSimulator, SimConfig
+
+
+def trained_checkpoint(
+    kind: str, torch_seed: int, sim_seed: int, impressions_per_day: int, epochs: int
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """A checkpoint of AITM trained ``epochs`` times over one simulated day (``kind`` "dynamic": the
+    streaming trainer's dynamic table; else the offline encoder in threshold mode), in batches of
+    500, and 3,000 fresh impressions of a later day, the first with values never seen and the
+    second with a field missing."""
+    torch.manual_seed(torch_seed)
+    sim = FunnelSimulator(SimConfig(seed=sim_seed, impressions_per_day=impressions_per_day))
+    train = sim.day_batch(0)
+    rows = sim.feature_dicts(train)
+    enc: FeatureEncoder | DynamicTable
+    if kind == "dynamic":
+        enc = DynamicTable(sim.field_names, rows=4096, min_count=5)
+        ids = torch.from_numpy(enc.encode_dicts(rows, update=True, event_time_ms=np.zeros(len(rows), np.int64)))
+    else:
+        enc = FeatureEncoder(sim.field_names, capacity=512, min_count=5)
+        ids = torch.from_numpy(enc.encode_dicts(rows, update=True))  # (N, F)
+    labels = torch.as_tensor(train.labels, dtype=torch.float32)  # (N, T)
+    cfg = AITMConfig(vocab_sizes=enc.vocab_sizes)
+    model = AITM(cfg)
+    opt = make_optimizer(model, lr=3e-3)
+    for _ in range(epochs):
+        for i in range(0, len(ids), 500):
+            train_step(model, opt, ids[i:i + 500], labels[i:i + 500])
+    checkpoint = make_checkpoint(model.eval(), cfg, enc.state_dict(), 0)
+    fresh = sim.feature_dicts(sim.day_batch(5, 3000))
+    fresh[0] = {**fresh[0], "city": "a city never seen", "creative_id": "new"}  # out of vocabulary
+    fresh[1] = {k: v for k, v in fresh[1].items() if k != "hour"}  # a field missing
+    return checkpoint, fresh
