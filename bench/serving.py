@@ -254,7 +254,8 @@ def run_profile(profile: str, args: argparse.Namespace, work: Path) -> dict[str,
     sim = simulator(args)
     fresh = FreshSets(sim, args.days, args.fresh)
     broker = EmbeddedBroker(log_path=work / "tansu.log").start()
-    settings = Settings(kafka_bootstrap_servers=broker.bootstrap, data_dir=work / "data", model_store_keep=1_000_000)
+    settings = Settings(kafka_bootstrap_servers=broker.bootstrap, data_dir=work / "data", model_store_keep=1_000_000,
+                        model_store_keep_checkpoints=1_000_000)
     # the days' events, then every late one (the tail), as the simulator's delivery profile delivers them
     records: Iterable[Record] = SimulatedStream(sim, args.days, delivery=profile.replace("_", "-"),
                                                 partitions=settings.event_partitions)
@@ -264,6 +265,7 @@ def run_profile(profile: str, args: argparse.Namespace, work: Path) -> dict[str,
         "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
         "DATA_DIR": str(settings.data_dir),
         "MODEL_STORE_KEEP": str(settings.model_store_keep),  # every version stays to be scored
+        "MODEL_STORE_KEEP_CHECKPOINTS": str(settings.model_store_keep_checkpoints),
         # ... from its training checkpoint (its offsets date it): one with every version
         "TRAINER_TRAINING_CHECKPOINT_INTERVAL_MS": "0",
         "SCORER_HTTP_PORT": str(free_port()),

@@ -84,7 +84,8 @@ class Trainer:
         self.table_gauges = TableGauges(self.metrics)
         self.published_at_s = 0.0  # before the model-age gauge: /metrics may be scraped while we start
         self.refresh = RefreshMetrics(registry, "trainer", self._model_age)
-        self.store = ModelStore(settings.model_store_path(), settings.model_store_keep)
+        self.store = ModelStore(settings.model_store_path(), settings.model_store_keep,
+                                settings.model_store_keep_checkpoints)
         self.device = pick_device(settings.trainer_device)
         self.gate = PublicationGate(HoldoutSet(settled_after_ms(settings), settings.trainer_holdout_window),
                                     settings.trainer_gate_min_rows, settings.trainer_gate_log_loss_margin,

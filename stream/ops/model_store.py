@@ -56,11 +56,14 @@ def file_sha256(path: Path) -> str:
 
 
 class ModelStore:
-    """A directory of numbered versions; keeps the newest ``keep``."""
+    """A directory of numbered versions; keeps the newest ``keep`` versions' serving artifacts and
+    the newest ``keep_checkpoints`` training checkpoints (``keep`` of them in a store without
+    artifacts, where the checkpoints are what is served)."""
 
-    def __init__(self, root: Path, keep: int = 20) -> None:
+    def __init__(self, root: Path, keep: int = 20, keep_checkpoints: int | None = None) -> None:
         self.root = Path(root)
         self.keep = keep
+        self.keep_checkpoints = keep if keep_checkpoints is None else keep_checkpoints
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a reader on a read-only mount, before any writer made the directory
@@ -85,7 +88,9 @@ class ModelStore:
         path = self.path_of(version)
         save_checkpoint(path, checkpoint)
         digest = file_sha256(path)
-        for old in self.versions()[: -self.keep]:
+        # beside serving artifacts a checkpoint only resumes training (and holds the optimizer too)
+        keep = self.keep_checkpoints if self.artifacts() else self.keep
+        for old in self.versions()[: -max(keep, 1)]:
             self.path_of(old).unlink(missing_ok=True)
         return path, digest
 

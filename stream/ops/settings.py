@@ -248,6 +248,9 @@ class Settings(BaseSettings):
     # model store: a directory of versions; keep this many newest
     model_store_dir: Path | None = None  # default: DATA_DIR/models
     model_store_keep: int = Field(default=20, ge=2)
+    # training checkpoints (model, optimizer, offsets: only a restart reads them) kept beside the
+    # serving artifacts; the newest that loads is resumed from, the one before covers a damaged file
+    model_store_keep_checkpoints: int = Field(default=3, ge=2)
     # a version's serving artifact is a full snapshot every this many versions (and after every
     # trainer start), a delta of the rows changed since the previous version otherwise; 1 = always full
     model_store_full_every: int = Field(default=20, ge=1)

@@ -60,7 +60,8 @@ class Scorer:
         self.metrics = ScorerMetrics(registry)
         self.refresh = RefreshMetrics(registry, "scorer", self._model_age)
         self.policy = BankPolicy.from_settings(settings)
-        self.store = ModelStore(settings.model_store_path(), settings.model_store_keep)
+        self.store = ModelStore(settings.model_store_path(), settings.model_store_keep,
+                                settings.model_store_keep_checkpoints)
         self.model: ScoringModel | None = None  # read by HTTP threads; replaced whole (deltas: under its lock)
         self.versions = VersionFollower(settings, self.store, self.metrics.refused_models, self.metrics)
         self.scored = 0

@@ -62,6 +62,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         TRAINER_EMBEDDING_ROWS="256",
         TRAINER_THREADS="1",
         MODEL_STORE_KEEP="1000",
+        MODEL_STORE_KEEP_CHECKPOINTS="1000",
     )
     return {**os.environ, **env}
 

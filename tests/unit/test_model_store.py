@@ -80,3 +80,26 @@ def test_a_reader_waits_for_a_store_it_cannot_create(tmp_path: Path) -> None:
     store = ModelStore(blocker / "models")  # mkdir fails (the parent is a file): an OSError
     assert store.versions() == []
     assert store.load_latest() is None
+
+
+def test_training_checkpoints_beside_serving_artifacts_keep_their_own_count(tmp_path: Path) -> None:
+    """A trainer that writes serving artifacts needs its training checkpoints only to resume: the
+    store keeps the newest ``keep_checkpoints`` of those (each holds the whole model and optimizer),
+    while the served history keeps ``keep`` versions' artifacts."""
+    store = ModelStore(tmp_path, keep=4, keep_checkpoints=2)
+    for v in range(1, 9):
+        store.publish_artifact({"version": v, "kind": "full"})
+        if v % 2 == 0:
+            store.publish(v, checkpoint(v))
+    assert store.versions() == [6, 8]
+    assert sorted(store.artifacts()) == [5, 6, 7, 8]
+    assert store.load_latest() is not None and store.load_latest()[0] == 8  # type: ignore[index]
+
+
+def test_checkpoint_only_versions_are_the_served_form_and_keep_the_served_count(tmp_path: Path) -> None:
+    """A store with no serving artifacts (a fixed-vocabulary warm start, an older trainer) serves its
+    checkpoints: they keep ``keep`` versions, whatever ``keep_checkpoints`` says."""
+    store = ModelStore(tmp_path, keep=4, keep_checkpoints=2)
+    for v in range(1, 7):
+        store.publish(v, checkpoint(v))
+    assert store.versions() == [3, 4, 5, 6]
