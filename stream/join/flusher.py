@@ -34,6 +34,7 @@ from stream.join.driver import FunnelJoin, Output
 from stream.join.faust_store import SEAL_KEY, FaustTableStore
 from stream.join.funnel import Swept
 from stream.kafka import offsets
+from stream.kafka.partitioner import producer_partition_of
 from stream.kafka.sender import BatchSender
 from stream.ops.clock import Clock
 
@@ -68,8 +69,9 @@ class Flusher:
     def get_sender(self) -> BatchSender:
         if self.sender is None:
             producer: Any = self.app.producer  # faust's; its aiokafka producer makes the record batches
-            self.sender = BatchSender(producer._ensure_producer(),
-                                      lambda t, k: producer.key_partition(t, k).partition)
+            client = producer._ensure_producer()
+            self.sender = BatchSender(client, producer_partition_of(
+                client, lambda t, k: producer.key_partition(t, k).partition))
         return self.sender
 
     def handle(self, message: Any, behind: bool) -> bool:
