@@ -167,9 +167,8 @@ def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flu
                                 if handle(batch):
                                     await flush()
                             await asyncio.sleep(0)
-                    if pending:  # the fetch's last records
-                        if handle(pending):
-                            await flush()
+                    if pending and handle(pending):  # the fetch's last records
+                        await flush()
                     self.diag.unset_flag(CONSUMER_FETCHING)
             except self.consumer_stopped_errors:
                 if self.transport.app.should_stop:

@@ -218,6 +218,7 @@ def test_without_a_rebalance_every_record_is_handled_once_in_order() -> None:
 def test_a_fetch_is_handed_over_as_one_batch() -> None:
     batches: list[list[int]] = []
     handled, _ = run_bulk_loop([_nothing] * 4, batches=batches)
+    assert handled == list(range(10, 30))
     assert batches == [[10, 11, 12, 13, 14], [15, 16, 17, 18, 19], [20, 21, 22, 23, 24], [25, 26, 27, 28, 29]]
 
 
