@@ -1,7 +1,7 @@
 """``aitm-stream joiner``: the faust app that joins the five event topics into training samples.
 
-faust's consumer reads the co-partitioned event topics and hands each record straight to the
-join (``stream.kafka.faust_bulk``, past faust's per-event agent path; the agent only subscribes the
+faust's consumer reads the co-partitioned event topics and hands them, a fetched batch at a
+time, straight to the join (``stream.kafka.faust_bulk``, past faust's per-event agent path; the agent only subscribes the
 topics). Per-impression funnel state lives in a faust Table (``store="rocksdb://"``,
 rocksdict) whose changelog restores it after a restart. The records drive
 ``stream.join.driver.FunnelJoin``: one table write per event at most, state values in a
@@ -161,7 +161,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
                       member_lost=lambda: member_lost(app.consumer))  # fmt: skip
     flusher_box.append(flusher)
     transport: Any = app.transport
-    transport.Consumer = bulk_consumer(transport.Consumer, topics.events, flusher.handle, flusher.flush)
+    transport.Consumer = bulk_consumer(transport.Consumer, topics.events, flusher.handle_batch, flusher.flush)
 
     @app.agent(source)
     async def funnel_join(stream: Any) -> None:

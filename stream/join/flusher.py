@@ -1,8 +1,8 @@
 """The joiner's flush/ack protocol: what is joined goes out in batches, and a source record is
 acknowledged only once everything it caused is acknowledged by the broker.
 
-``handle`` joins one source record (``stream.kafka.faust_bulk`` calls it from faust's fetch loop)
-and queues its outputs; ``flush`` - once per ``JOINER_SWEEP_INTERVAL_MS``, from the fetch loop
+``handle_batch`` joins a batch of source records (``stream.kafka.faust_bulk`` calls it from faust's
+fetch loop) and queues their outputs; ``flush`` - once per ``JOINER_SWEEP_INTERVAL_MS``, from the fetch loop
 or a timer - sweeps every partition whose watermarks moved, drains every store's writes into
 the table's changelog, and submits it all - the outputs first, the changelog records once the
 outputs are acknowledged; ``complete`` waits for the acks, then writes the
@@ -34,6 +34,7 @@ from stream.join.driver import FunnelJoin, Output
 from stream.join.faust_store import SEAL_KEY, FaustTableStore
 from stream.join.funnel import Swept
 from stream.kafka import offsets
+from stream.kafka.partitioner import producer_partition_of
 from stream.kafka.sender import BatchSender
 from stream.ops.clock import Clock
 
@@ -68,23 +69,32 @@ class Flusher:
     def get_sender(self) -> BatchSender:
         if self.sender is None:
             producer: Any = self.app.producer  # faust's; its aiokafka producer makes the record batches
-            self.sender = BatchSender(producer._ensure_producer(),
-                                      lambda t, k: producer.key_partition(t, k).partition)
+            client = producer._ensure_producer()
+            self.sender = BatchSender(client, producer_partition_of(
+                client, lambda t, k: producer.key_partition(t, k).partition))
         return self.sender
 
     def handle(self, message: Any, behind: bool) -> bool:
-        """Join one source record; True when a flush is due. It is acknowledged in ``complete``."""
+        """Join one source record (``handle_batch`` of one); True when a flush is due."""
+        return self.handle_batch([(message, behind)])
+
+    def handle_batch(self, batch: list[tuple[Any, bool]]) -> bool:
+        """Join source records, ``(message, behind its high watermark)`` in fetch order, as one
+        batch (``FunnelJoin.on_batch``); True when a flush is due. They are acknowledged in
+        ``complete``."""
         sender = self.get_sender()
         out: list[Output] = []
-        self.join.on_record(message.topic, message.partition, message.key, message.value, behind, out,
-                            message.offset)
+        self.join.on_batch([(m.topic, m.partition, m.key, m.value, m.offset, behind) for m, behind in batch], out)
         add = sender.add
         for o in out:
             add(o.topic, o.key, o.value)
-        self.unacked.append(message)
-        self.next_offset[message.tp] = message.offset + 1
+        unacked = self.unacked
+        next_offset = self.next_offset
+        for m, _ in batch:
+            unacked.append(m)
+            next_offset[m.tp] = m.offset + 1
         # once per interval, all partitions together: one flush, its acks awaited aside
-        return len(self.unacked) >= MAX_PENDING or self.clock.monotonic() - self.last_flush >= self.interval_s
+        return len(unacked) >= MAX_PENDING or self.clock.monotonic() - self.last_flush >= self.interval_s
 
     def may_write(self, final: bool = False) -> bool:
         """Whether this member may write its partitions' changelog and outputs: not once the app

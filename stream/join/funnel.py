@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+import msgspec
+
 from stream.contract.events import STEPS, Event
 
 NONE: Final = -1  # "step not reached" in FunnelState.times
@@ -347,9 +349,23 @@ _C_ENCODE: Final = (
 )
 
 
+_MSGSPEC_ENCODE: Final = msgspec.json.Encoder().encode
+
+
 def features_json(features: Mapping[str, str] | None) -> bytes:
-    """The compact JSON of a feature map, as ``json.dumps(..., separators=(",", ":"))`` writes it."""
+    """The compact JSON of a feature map, as ``json.dumps(..., separators=(",", ":"))`` writes it.
+
+    msgspec's encoder is ~7x quicker than the json module's C encoder; it writes non-ASCII text
+    and DEL as UTF-8 where ``json.dumps`` escapes them (``\\u00e9``), and refuses lone surrogates,
+    so its bytes are taken only when they are printable ASCII - then they are ``json.dumps``'s
+    byte for byte (tests/unit/test_join_batch.py) - and the json module writes the rest."""
     feats = features if type(features) is dict else dict(features or {})
+    try:
+        out = _MSGSPEC_ENCODE(feats)
+    except (TypeError, UnicodeError):
+        out = b"\x7f"  # not for msgspec: the json module decides (and words any error)
+    if out.isascii() and b"\x7f" not in out:
+        return out
     if _C_ENCODE is None:  # pragma: no cover - a Python without the json C accelerator
         return _FEATURES_ENCODER.encode(feats).encode()
     return "".join(_C_ENCODE(feats, 0)).encode()

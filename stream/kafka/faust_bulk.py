@@ -6,9 +6,13 @@ lock and awaits flow control and the producer buffer, builds an ``Event`` and qu
 agent's ``Stream`` iterator takes it off the queue and calls the sensors. On the joiner's bench
 that is about 90 us per record, the whole of a do-nothing agent's cost and more than the join.
 
-``bulk_consumer()`` subclasses faust's consumer with a fetch loop that calls ``handle(message,
-behind)`` for the records of the chosen topics, synchronously and in fetch order, and awaits
-``flush()`` when it returns True. Everything else stays faust's:
+``bulk_consumer()`` subclasses faust's consumer with a fetch loop that hands the records of the
+chosen topics to ``handle([(message, behind), ...])`` a batch at a time, synchronously and in
+fetch order, and awaits ``flush()`` when it returns True. A batch is the records read between two
+awaits of the loop (at most ``YIELD_EVERY``): it is handed over before the loop awaits anything (a
+gap, a commit, another topic's record, flow control, a yield) and at the end of the fetch, so
+every flag the loop checks (flow, generation, rebalancing) reads as it did for the one-record loop.
+Everything else stays faust's:
 
 - the consumer group, rebalances, the pausing of partitions while tables recover, and flow
   control: a batch stops at a rebalance (consumer flow stopped, or a new generation) exactly
@@ -26,9 +30,10 @@ slow-processing checks), and the handler must not block. It relies on faust inte
 refuses any other version, and ``tests/unit/test_faust_bulk.py`` fails when faust's own loop (the
 one copied here) is not the one this was written against.
 
-Records are handed over one at a time. A version that handed whole fetched batches to
-``FunnelJoin.on_batch`` (issue 16) failed the chaos bench under heavy load while this loop passed
-beside it; see docs/joiner.md, "Round 5".
+Batches (issue 16): handing over a batch saves the join its per-record work (one decode call, one
+multi-get per partition, one write per impression). An earlier version of it failed the chaos
+bench, which was traced to false "topic was recreated" rewinds (fixed since: ``RecreatedGuard``);
+see docs/joiner.md.
 """
 
 from __future__ import annotations
@@ -43,11 +48,12 @@ import faust
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.types import TP
 
-Handle = Callable[[Any, bool], bool]  # (message, behind its high watermark) -> flush now?
+# [(message, behind its high watermark)] in fetch order -> flush now?
+Handle = Callable[[list[tuple[Any, bool]]], bool]
 Flush = Callable[[], Awaitable[None]]
 FAUST_VERSION = "0.15.3"  # the faust-streaming whose consumer loop this copies
 log = logging.getLogger(__name__)
-YIELD_EVERY = 100  # records handled between two yields to the event loop, as faust's loop
+YIELD_EVERY = 100  # records read between two yields to the event loop, as faust's loop (and a batch's most)
 
 
 def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flush) -> type:
@@ -97,6 +103,10 @@ def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flu
                         continue
                     generation = app.consumer_generation_id
                     behind_hw: dict[TP, int | None] = {}
+                    # records of ``topics`` read but not yet handed over: handed over as one batch
+                    # before every await (so no batch spans one, and every flag the loop checks is
+                    # as the one-record loop saw it), every YIELD_EVERY records and at the fetch's end
+                    pending: list[tuple[Any, bool]] = []
                     for tp, record in self.scheduler.iterate(records):
                         if not self.flow_active or app.consumer_generation_id != generation:
                             break  # a rebalance began: its seek reads the rest again
@@ -107,7 +117,8 @@ def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flu
                             if monitor is not None:
                                 monitor.track_tp_end_offset(tp, hw)
                                 monitor.stream_inbound_time[tp] = monotonic()
-                        if tp.topic in bulk and app.rebalancing:
+                        bulk_record = tp.topic in bulk
+                        if bulk_record and app.rebalancing:
                             # faust resumes the partitions (and its flow, which recovery uses for
                             # the changelogs) before its rebalance ends with a seek to the committed
                             # offsets: a record handled now can be one that seek rewinds past, and
@@ -121,34 +132,43 @@ def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flu
                         r_offset = read_offset[tp]
                         if r_offset is not None and offset < r_offset:
                             continue  # read already (faust drops these too)
-                        if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
-                            if tp.topic in bulk:  # records faust will count as read: say so (evidence)
+                        gap = bool(r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic))
+                        commit = self._commit_every is not None and consumer._n_acked >= self._commit_every
+                        if pending and (gap or commit or not bulk_record or not flow_control.is_active()):
+                            batch, pending = pending, []  # an await follows: hand over what came before
+                            if handle(batch):
+                                await flush()
+                            if not self.flow_active or app.consumer_generation_id != generation:
+                                break  # a rebalance came during the flush: its seek set the read offsets
+                        if gap:
+                            if bulk_record:  # records faust will count as read: say so (evidence)
                                 log.warning("%s[%d]: offset %d follows %d - faust counts the %d records between "
                                             "as read (a gap)", tp.topic, tp.partition, offset, r_offset,
                                             offset - r_offset - 1)  # fmt: skip
                             await self._add_gap(tp, r_offset + 1, offset)
-                        if self._commit_every is not None and consumer._n_acked >= self._commit_every:
+                        if commit:
                             consumer._n_acked = 0
                             await self.commit()
-                        if tp.topic in bulk:
+                        if bulk_record:
                             if not flow_control.is_active():
                                 await self.wait_first(flow_control.acquire(), self.suspend_flow.wait())
                                 if not self.flow_active or app.consumer_generation_id != generation:
                                     break
                             hw = behind_hw[tp]
-                            if handle(message, hw is not None and offset + 1 < hw):
-                                await flush()
-                                if app.consumer_generation_id != generation:
-                                    # a rebalance came and went during the flush: its seek set the
-                                    # read offsets afresh, which this old record must not move
-                                    break
+                            pending.append((message, hw is not None and offset + 1 < hw))
                         else:
                             await self.wait_first(callback(message), self.suspend_flow.wait())
                         read_offset[tp] = offset
                         since_yield += 1
                         if since_yield >= YIELD_EVERY:
                             since_yield = 0
+                            if pending:
+                                batch, pending = pending, []
+                                if handle(batch):
+                                    await flush()
                             await asyncio.sleep(0)
+                    if pending and handle(pending):  # the fetch's last records
+                        await flush()
                     self.diag.unset_flag(CONSUMER_FETCHING)
             except self.consumer_stopped_errors:
                 if self.transport.app.should_stop:

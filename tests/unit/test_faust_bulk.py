@@ -37,7 +37,7 @@ async def _flush() -> None:
 
 
 def test_bulk_consumer_subclasses_faust_consumer_and_overrides_only_the_fetch_loop() -> None:
-    cls = bulk_consumer(Consumer, ["impressions"], lambda message, behind: False, _flush)
+    cls = bulk_consumer(Consumer, ["impressions"], lambda batch: False, _flush)
     assert issubclass(cls, Consumer)
     overridden = {name for name, v in vars(cls).items() if callable(v) and not name.startswith("__")}
     assert overridden == {"_drain_messages"}
@@ -48,7 +48,7 @@ def test_bulk_consumer_refuses_a_consumer_without_the_internals_it_uses() -> Non
         pass
 
     with pytest.raises(TypeError, match="faust-streaming changed"):
-        bulk_consumer(Other, ["impressions"], lambda message, behind: False, _flush)
+        bulk_consumer(Other, ["impressions"], lambda batch: False, _flush)
 
 
 def test_the_installed_faust_is_the_one_the_bulk_loop_copies() -> None:
@@ -67,7 +67,7 @@ def test_the_installed_faust_is_the_one_the_bulk_loop_copies() -> None:
 def test_bulk_consumer_refuses_another_faust_version(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(faust_bulk.faust, "__version__", "0.16.0")
     with pytest.raises(TypeError, match=r"copies faust-streaming 0\.15\.3's consumer loop, and 0\.16\.0 is installed"):
-        bulk_consumer(Consumer, ["impressions"], lambda message, behind: False, _flush)
+        bulk_consumer(Consumer, ["impressions"], lambda batch: False, _flush)
 
 
 class Record(NamedTuple):
@@ -162,12 +162,15 @@ class FakeFaustConsumer:
         self._read_offset[self.tp] = self.committed
 
 
-def run_bulk_loop(script: list[Any], committed: int = 10, end: int = 30) -> tuple[list[int], FakeFaustConsumer]:
+def run_bulk_loop(script: list[Any], committed: int = 10, end: int = 30, batches: list[list[int]] | None = None,
+                  ) -> tuple[list[int], FakeFaustConsumer]:  # fmt: skip
     handled: list[int] = []
     app = FakeApp()
 
-    def handle(message: Any, behind: bool) -> bool:
-        handled.append(message.offset)
+    def handle(batch: list[tuple[Any, bool]]) -> bool:
+        handled.extend(message.offset for message, _ in batch)
+        if batches is not None:
+            batches.append([message.offset for message, _ in batch])
         return False
 
     cls = bulk_consumer(FakeFaustConsumer, ["impressions"], handle, _flush)
@@ -210,3 +213,45 @@ def test_without_a_rebalance_every_record_is_handled_once_in_order() -> None:
     handled, consumer = run_bulk_loop([_nothing] * 5)
     assert handled == list(range(10, 30)) and consumer.gaps == []
 
+
+
+def test_a_fetch_is_handed_over_as_one_batch() -> None:
+    batches: list[list[int]] = []
+    handled, _ = run_bulk_loop([_nothing] * 4, batches=batches)
+    assert handled == list(range(10, 30))
+    assert batches == [[10, 11, 12, 13, 14], [15, 16, 17, 18, 19], [20, 21, 22, 23, 24], [25, 26, 27, 28, 29]]
+
+
+def test_the_records_before_an_await_are_handed_over_before_it() -> None:
+    """A batch never spans an await of the loop: the records before a gap (faust's ``_add_gap``
+    counts the offsets between as read) are joined before faust hears of the gap, as the
+    one-record loop did, so a rebalance in that await finds them handled."""
+    batches: list[list[int]] = []
+    handled_at_gap: list[int] = []
+    app = FakeApp()
+    handled: list[int] = []
+
+    def handle(batch: list[tuple[Any, bool]]) -> bool:
+        handled.extend(m.offset for m, _ in batch)
+        batches.append([m.offset for m, _ in batch])
+        return False
+
+    class Gappy(FakeFaustConsumer):
+        async def _wait_next_records(self, timeout: float) -> tuple[dict[TP, list[Record]], set[TP]]:
+            if self.script:
+                self.script.pop(0)
+                return {self.tp: [Record(o) for o in (10, 11, 12, 15, 16)]}, {self.tp}
+            self._stopped.set()
+            return {}, {self.tp}
+
+        async def _add_gap(self, tp: TP, start: int, end: int) -> None:
+            handled_at_gap.append(len(handled))
+            await super()._add_gap(tp, start, end)
+
+    cls = bulk_consumer(Gappy, ["impressions"], handle, _flush)
+    consumer = cls(app, handled, 10, 30)
+    consumer.script = [_nothing]
+    asyncio.run(consumer._drain_messages(consumer))
+    assert consumer.gaps == [(13, 15)]
+    assert batches == [[10, 11, 12], [15, 16]]
+    assert handled_at_gap == [3]

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from stream.contract.events import InvalidEvent, parse_event, parse_events
 from stream.join.driver import BatchRecord, FunnelJoin, JoinTopics, Output
-from stream.join.funnel import FunnelConfig
+from stream.join.funnel import FunnelConfig, features_json
 from stream.join.store import InMemoryStore
 from stream.ops.clock import FakeClock
 from stream.ops.metrics import JoinerMetrics
@@ -226,3 +226,16 @@ def test_a_record_is_judged_by_its_own_topic_as_the_records_before_it_in_the_bat
     assert results[0] == results[1]
     dead = [json.loads(v) for t, v in results[1][b"a"] if t == "dead-letters"]
     assert [(d["reason"], d["source_topic"]) for d in dead] == [("late", "clicks")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), st.text(max_size=12), max_size=6))
+def test_features_json_is_the_json_modules_compact_form_byte_for_byte(feats: dict[str, str]) -> None:
+    """Printable ASCII from msgspec, everything else (non-ASCII, DEL, control characters, lone
+    surrogates) as the json module writes it: the state and the samples keep the same bytes."""
+    assert features_json(feats) == json.dumps(feats, separators=(",", ":")).encode()
+
+
+def test_features_json_of_the_characters_msgspec_writes_otherwise() -> None:
+    for text in ("caf\u00e9", "a\x7fb", "\u2028", "\udc80", "\x00\x1f", "/\\\""):
+        assert features_json({"k": text}) == json.dumps({"k": text}, separators=(",", ":")).encode(), text

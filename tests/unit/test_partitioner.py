@@ -1,0 +1,57 @@
+"""The joiner's murmur2 partitioner is aiokafka's, byte for byte, on any key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream.kafka.partitioner import key_partition, murmur2, producer_partition_of
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=80))
+def test_murmur2_is_kafkas(key: bytes) -> None:
+    assert murmur2(key) == aiokafka_murmur2(key)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=40), st.integers(min_value=1, max_value=64))
+def test_key_partition_is_the_default_partitioners(key: bytes, n: int) -> None:
+    parts = list(range(n))
+    assert key_partition(key, parts) == DefaultPartitioner()(key, parts, parts)
+
+
+class _Metadata:
+    def __init__(self, topics: dict[str, set[int]]) -> None:
+        self.topics = topics
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        return self.topics.get(topic)
+
+
+class _Producer:
+    def __init__(self, partitioner: Any, topics: dict[str, set[int]]) -> None:
+        self._partitioner = partitioner
+        self._metadata = _Metadata(topics)
+
+
+def _fallback(topic: str, key: bytes) -> int:
+    return -1
+
+
+def test_the_producers_partition_or_its_own_answer() -> None:
+    producer = _Producer(DefaultPartitioner(), {"samples": {0, 1, 2, 3}})
+    partition_of = producer_partition_of(producer, _fallback)
+    for i in range(200):
+        key = f"imp-{i}".encode()
+        assert partition_of("samples", key) == DefaultPartitioner()(key, [0, 1, 2, 3], [0, 1, 2, 3])
+    assert partition_of("unknown-topic", b"k") == -1  # the producer knows no partitions: it decides
+
+
+def test_another_partitioner_is_left_to_the_producer() -> None:
+    producer = _Producer(lambda key, parts, available: parts[0], {"samples": {0, 1}})
+    assert producer_partition_of(producer, _fallback) is _fallback
