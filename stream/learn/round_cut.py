@@ -106,16 +106,24 @@ class RoundPool:
         trained: per partition, the first sample still held, or past every record received."""
         if k > self.n:
             raise ValueError(f"{k} samples asked, {self.n} held")
-        batch = SampleBatch.concat(self.parts) if len(self.parts) != 1 else self.parts[0]
         first_at = int(self.at_ms[0]) if k else now_ms
+        out: list[SampleBatch] = []
+        need = k
+        while need:  # whole parts, and the one the cut falls in split (no copy of the rest)
+            part = self.parts[0]
+            if len(part) <= need:
+                out.append(self.parts.pop(0))
+                need -= len(part)
+            else:
+                out.append(part.take(np.arange(need)))
+                self.parts[0] = part.take(np.arange(need, len(part)))
+                need = 0
         keys = self.keys[:k]
-        self.parts = [batch.take(np.arange(k, self.n))] if 0 < k < self.n else ([batch] if not k and self.n else [])
         self.keys, self.at_ms, self.mono = self.keys[k:], self.at_ms[k:], self.mono[k:]
         offsets = dict(self.received)
         for p in np.unique(self.keys[:, 1]).tolist():
             offsets[p] = int(self.keys[self.keys[:, 1] == p, 2].min())
-        mine = batch if k == len(batch) else batch.take(np.arange(k))
-        return Batch([mine] if k else [], first_at, now_ms, offsets, keys)
+        return Batch(out, first_at, now_ms, offsets, keys)
 
 
 __all__ = ["NO_KEYS", "RoundPool", "plan_round"]
