@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from stream.learn.feed import Chunk
 from stream.learn.sample_batch import SampleBatch
 
@@ -19,6 +21,7 @@ class Batch:
     first_at_ms: int
     last_at_ms: int
     offsets: dict[int, int]
+    keys: np.ndarray | None = None  # (N, 3) the samples' place in the merged order (several ranks)
 
 
 @dataclass

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
+import numpy as np
+
 from stream.contract.samples import SampleRecord, decode_records
 from stream.kafka import offsets
 from stream.learn.partition_merge import Merged, PartitionMerge
@@ -71,6 +73,9 @@ class Chunk:
     kinds: dict[str, int] = field(default_factory=dict)  # samples per kind
     fetched_at_s: float = 0.0  # monotonic time the records were fetched (system-wide clock)
     highwater: dict[int, int] = field(default_factory=dict)  # partition -> high watermark at the fetch
+    # (S, 3) int64: the samples' (stream time, partition, offset), their place in the order of all
+    # partitions merged (stream.learn.partition_merge); several ranks cut their rounds on it
+    keys: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))
 
     def __len__(self) -> int:
         return len(self.samples) + len(self.invalid)
@@ -104,7 +109,8 @@ def _chunk(merged: Merged, fetched_at_s: float, highwater: Mapping[int, int]) ->
     """What the merge handed over, as the chunk the trainer takes."""
     invalid = [Invalid(r.record.topic, r.record.partition, r.record.offset, r.record.key, r.record.value, r.reason,
                        r.detail) for r in merged.refused]
-    return Chunk(merged.samples, invalid, merged.offsets, merged.samples.kind_counts(), fetched_at_s, dict(highwater))
+    return Chunk(merged.samples, invalid, merged.offsets, merged.samples.kind_counts(), fetched_at_s, dict(highwater),
+                 merged.keys)
 
 
 class SampleFeed:

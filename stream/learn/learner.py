@@ -154,7 +154,8 @@ class OnlineLearner:
             for m in self._modules:
                 object.__setattr__(m, "training", flag)
 
-    def _dedupe(self, batch: SampleBatch) -> SampleBatch:
+    def _dedupe(self, batch: SampleBatch) -> tuple[SampleBatch, list[int] | None]:
+        """The batch without samples seen before, and the rows kept (None: all of them)."""
         seen = self._seen
         keep: list[int] = []
         for i, key in enumerate(zip(batch.impression_ids, batch.seq.tolist(), strict=True)):
@@ -164,14 +165,20 @@ class OnlineLearner:
             keep.append(i)
         while len(seen) > SEEN_CAP:
             del seen[next(iter(seen))]
-        return batch if len(keep) == len(batch) else batch.take(keep)
+        return (batch, None) if len(keep) == len(batch) else (batch.take(keep), keep)
 
-    def step(self, samples: SampleBatch | Sequence[Sample], train: bool = True) -> StepResult:
+    def step(self, samples: SampleBatch | Sequence[Sample], train: bool = True,
+             order: np.ndarray | None = None) -> StepResult:
         """Score the batch, evaluate its finals, then (``train``) update on it. Test-then-train.
-        ``self.last_batch`` is the deduplicated batch the result's rows refer to."""
+        ``self.last_batch`` is the deduplicated batch the result's rows refer to. ``order`` (N, 3),
+        with several ranks: the samples' keys in the merged order of all partitions, the order in
+        which the table meets every rank's rows (``RankSync.encode``)."""
         t0 = time.perf_counter()
         given = as_batch(samples)
-        batch = self.last_batch = self._dedupe(given)
+        batch, kept = self._dedupe(given)
+        self.last_batch = batch
+        if order is not None and kept is not None:
+            order = order[kept]
         n = len(batch)
         if n == 0:
             if self.sync is not None and train:
@@ -182,7 +189,7 @@ class OnlineLearner:
             self.stream_start_ms = int(batch.event_time_ms.min())
         if self.freeze_after_ms is not None and self.frozen is None:
             self._maybe_freeze(batch)  # before this batch is trained on
-        ids = self._encode(batch.features, n, train, batch.event_time_ms)  # (N, F)
+        ids = self._encode(batch.features, n, train, batch.event_time_ms, order)  # (N, F)
         self._reset_rows(self.encoder.take_assigned())  # rows given to new values start afresh
         pending = self.pending
         iids = batch.impression_ids
@@ -381,10 +388,10 @@ class OnlineLearner:
         return loss + self.alpha * calibrator(torch.sigmoid(logits)) if self.alpha else loss
 
     def _encode(self, columns: Mapping[str, Sequence[str]], n: int, update: bool,
-                event_time_ms: np.ndarray) -> np.ndarray:
+                event_time_ms: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
         """(N, F) ids; with several ranks, every rank's rows go through the table (``RankSync``)."""
         if self.sync is not None:
-            return self.sync.encode(self.encoder, columns, n, update, event_time_ms)
+            return self.sync.encode(self.encoder, columns, n, update, event_time_ms, order)
         return self.encoder.encode_columns(columns, n, update=update, event_time_ms=event_time_ms)
 
     def prepare_step(self) -> torch.Tensor:

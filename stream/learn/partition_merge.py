@@ -64,6 +64,9 @@ class Merged:
     samples: SampleBatch
     refused: list[Refused]
     offsets: dict[int, int]
+    # (S, 3) int64: each sample's place in the merged order - (stream time, partition, offset) - so
+    # that N ranks, each merging its own share, can cut rounds on the order of all partitions
+    keys: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))
 
 
 class PartitionMerge:
@@ -142,6 +145,11 @@ class PartitionMerge:
         merged = [pool[i] for i in order.tolist()]
         samples = [r for r in merged if isinstance(r, SampleRecord)]
         refused = [r for r in merged if isinstance(r, Refused)] if len(samples) < len(merged) else []
+        offs = np.fromiter((o for _, lane, n in parts for o in lane.offsets[:n]), np.int64)
+        place = np.stack([keys[order], np.asarray([p for p, _, _ in parts], np.int64)[lane_of[order]], offs[order]],
+                         axis=1)  # (M, 3)
+        if refused:
+            place = place[np.fromiter((isinstance(r, SampleRecord) for r in merged), bool, count=len(merged))]
         offsets: dict[int, int] = {}
         for (p, lane, _), n in zip(parts, counts, strict=True):
             if not n:
@@ -153,7 +161,7 @@ class PartitionMerge:
             offsets[p] = upto
         if not samples and not refused and not offsets:
             return None
-        return Merged(SampleBatch.from_records(samples), refused, offsets)
+        return Merged(SampleBatch.from_records(samples), refused, offsets, place)
 
 
 __all__ = ["Lane", "Merged", "PartitionMerge", "Refused"]

@@ -26,7 +26,6 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,11 @@ import torch
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry, start_http_server
 
-from stream.learn.batcher import Batch, Batcher
+from stream.learn.batcher import Batch
 from stream.learn.feed import SampleFeed
 from stream.learn.learner import OnlineLearner, fields_of
 from stream.learn.ranks import LOCAL_STATE, RankInfo, RankSync, init_group, local_state, merged_evaluator
+from stream.learn.round_cut import RoundPool, plan_round
 from stream.learn.sample_batch import SampleBatch
 from stream.learn.trainer import QUALITY_REFRESH_S, Trainer, _warm_up_torch
 from stream.ops.clock import Clock
@@ -48,10 +48,8 @@ from stream.ops.metrics import process_registry
 from stream.ops.settings import Settings, kafka_client_config
 
 log = logging.getLogger(__name__)
-# per-round flags (element-wise max over ranks)
-HAS, STOP, CHECKPOINT, BUSY, ARMED, WAIT, STALE = range(7)
-# a round waits for a rank whose partitions have records it has not received yet (WAIT), so the
-# ranks step on their batches in the same pairing every run; not longer than this (STALE)
+# a round waits for a rank whose partitions have records it has not received yet and that could
+# bring samples before the round's cut (stream.learn.round_cut); not longer than this
 RANK_WAIT_S = 5.0
 
 
@@ -66,14 +64,17 @@ class RankTrainer(Trainer):
         self.info = info
         self.sync = RankSync(info, self.device)
         self.rounds = 0
-        # the global batch stays TRAINER_BATCH_SIZE: each rank gathers its share, so N ranks make
-        # as many optimizer steps over a stream as one trainer, on batches of the same size (with
-        # each rank batching the full size, 2 ranks made half the steps on twice the rows and lost
-        # 0.04 AUC on a quick bench stream's backlog)
+        # the global batch stays TRAINER_BATCH_SIZE: a round is the next TRAINER_BATCH_SIZE samples
+        # of all partitions' merged order, each rank training its part (stream.learn.round_cut), so
+        # N ranks make one trainer's steps on one trainer's batches (with each rank batching the
+        # full size, 2 ranks made half the steps on twice the rows and lost 0.04 AUC on a quick
+        # bench stream's backlog). The feed's chunks are a rank's share of a round.
         self.rank_batch = max(1, -(-settings.trainer_batch_size // info.ranks))
         self._ranks_state: dict[str, Any] = {}  # rank 0, at a checkpoint: the other ranks' own state
         self.received: dict[int, int] = {}  # partition -> offset after the last record the feed handed over
-        self.waited_rounds = 0  # rounds that waited for a rank behind (WAIT)
+        self.waited_rounds = 0  # rounds that waited for a rank behind
+        self.pool: RoundPool | None = None  # made by run()
+        self._lingered_s = 0.0
 
     @property
     def leader(self) -> bool:
@@ -119,56 +120,65 @@ class RankTrainer(Trainer):
     # --- the loop -------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, exit_when_idle_s: float | None = None) -> None:
-        """Rounds until every rank is idle (``exit_when_idle_s``) or any rank is stopped."""
+        """Rounds until every rank is idle (``exit_when_idle_s``) or any rank is stopped.
+
+        Each round every rank shows the keys of its next ``TRAINER_BATCH_SIZE`` held samples (one
+        all-gather, with its flags); every rank then computes the same cut
+        (``stream.learn.round_cut.plan_round``): the next batch of the order of all partitions, the
+        batch one trainer would train, each rank training its own part of it."""
         feed = self._feed
         if feed is None:
             raise RuntimeError("connect() first")
         if self.learner is not None:
             self._attach(self.learner)
-        batcher = self.batcher = Batcher(self.rank_batch, self.s.trainer_linger_ms)
-        ready: deque[Batch] = deque()
-        last_ckpt = last_gauges = idle_since = time.monotonic()
+        pool = self.pool = RoundPool()
+        size = self.s.trainer_batch_size
+        last_ckpt = last_gauges = idle_since = last_chunk = time.monotonic()
         last_quality = 0.0
         stopping = False
         waiting_since: float | None = None  # rounds wait for a rank behind since then
         trained_at_last_gauge = self.learner.trained_samples if self.learner else 0
         while True:
-            was_stopping = stopping  # every rank has flushed its partial batch into ``ready``
-            chunk = (None if stopping or stop.is_set()
-                     else feed.get(timeout_s=0.0 if ready and waiting_since is None else 0.05))
-            now_ms = self.clock.now_ms()
-            if chunk is not None:
+            # what the feed has, up to two global batches held (then the feed's queue holds back)
+            timeout = 0.0 if pool.n >= size and waiting_since is None else 0.05
+            while not (stopping or stop.is_set()) and pool.n < 2 * size:
+                chunk = feed.get(timeout_s=timeout)
+                if chunk is None:
+                    break
+                timeout = 0.0
                 self.received.update(chunk.offsets)
                 self._intake(chunk)
-                full = batcher.overflow(chunk, now_ms)
-                if full is not None:
-                    ready.append(full)
-                batcher.add(chunk, now_ms, time.monotonic())
-            now = time.monotonic()
-            due = batcher.due(now_ms, now)
-            if due is not None:
-                ready.append(due)
-            if (stopping or stop.is_set()) and batcher.n:
-                ready.append(batcher.take(now_ms))
-            if not ready:
-                self.offsets.update(batcher.settled_offsets())
-            if chunk is not None or batcher.n or ready:
+                last_chunk = time.monotonic()
+                pool.add(chunk, self.clock.now_ms(), last_chunk)
+                idle_since = last_chunk
+            now, now_ms = time.monotonic(), self.clock.now_ms()
+            if not pool.n:
+                self.offsets.update(pool.received)  # every record received is trained or dead-lettered
+            else:
                 idle_since = now
             ckpt_due = self.leader and ((now - last_ckpt) * 1000 >= self.s.trainer_checkpoint_interval_ms
                                         or self.batches_since >= self.s.trainer_checkpoint_batches)
-            idle = exit_when_idle_s is not None and not ready and not batcher.n and now - idle_since >= exit_when_idle_s
-            behind = not ready and self._behind()
+            idle = exit_when_idle_s is not None and not pool.n and now - idle_since >= exit_when_idle_s
             stale = waiting_since is not None and now - waiting_since >= RANK_WAIT_S
-            flags = self.sync.flags([bool(ready), stop.is_set(), ckpt_due, not idle, self.consumed > 0, behind, stale])
-            step = flags[HAS] and (not flags[WAIT] or flags[STALE] or flags[STOP] or was_stopping)
-            if step:
-                self._round(ready.popleft() if ready else None)
+            lingered = pool.n > 0 and pool.waited_s(now) * 1000 >= self.s.trainer_linger_ms
+            every = self.sync.gather((pool.head(size), self._behind(), lingered, stop.is_set(), ckpt_due, not idle,
+                                      self.consumed > 0, stale))
+            heads = [e[0] for e in every]
+            behind = [bool(e[1]) for e in every]
+            stopping = stopping or any(e[3] for e in every)
+            held = sum(len(h) for h in heads)
+            plan = plan_round(heads, behind, size, any(e[2] for e in every),
+                              flush=stopping or any(e[7] for e in every))
+            if plan is not None:
+                if held < size and not stopping:
+                    self._lingered_s += max(0.0, now - last_chunk)
+                k = plan[self.info.rank]
+                self._round(pool.take(k, now_ms) if k else None)
                 waiting_since = None
-            elif flags[HAS]:  # a rank is still receiving its share of the stream: its batch pairs with this one
+            elif held and any(behind):  # a rank is still receiving its share: the cut may need it
                 self.waited_rounds += 1
                 waiting_since = now if waiting_since is None else waiting_since
-            stopping = stopping or bool(flags[STOP])
-            if flags[CHECKPOINT]:
+            if any(e[4] for e in every):
                 self._checkpoint_round()
                 last_ckpt = time.monotonic()
             if now - last_gauges >= 1.0:
@@ -182,14 +192,19 @@ class RankTrainer(Trainer):
                         last_quality = now
                 last_gauges = now
                 self.update_lag_gauge()
-            if was_stopping and not flags[HAS]:
-                break  # every rank's batches trained (each flushed its partial one)
-            if flags[ARMED] and not flags[BUSY]:
+            if stopping and plan is None and not held:
+                break  # every rank's held samples trained
+            if any(e[6] for e in every) and not any(e[5] for e in every):
                 break  # every rank idle, armed by the first record anywhere
         self._checkpoint_round(final=True)
         self.publisher.wait_all()
         self.update_quality_gauges()
         self.update_lag_gauge()
+
+    @property
+    def lingered_s(self) -> float:
+        """Seconds partial rounds waited (TRAINER_LINGER_MS) with nothing new to read."""
+        return self._lingered_s
 
     def _behind(self) -> bool:
         """Whether this rank's partitions hold records its feed has not handed over yet (a backlog

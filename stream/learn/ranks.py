@@ -100,18 +100,32 @@ class RankSync:
     # --- 1. the feature table -------------------------------------------------------------------
 
     def encode(self, encoder: Encoder, columns: Mapping[str, Sequence[str]], n: int, update: bool = False,
-               event_time_ms: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-        """``encoder.encode_columns`` over every rank's rows in rank order; this rank's (N, F)."""
+               event_time_ms: Sequence[int] | np.ndarray | None = None,
+               order: np.ndarray | None = None) -> np.ndarray:
+        """``encoder.encode_columns`` over every rank's rows; this rank's (N, F). The rows go
+        through the table in the order of their keys ``order`` (N, 3) - (stream time, partition,
+        offset), the order one trainer meets them in (``stream.learn.round_cut``) - when every rank
+        with rows gives them, else in rank order."""
         times = np.zeros(0, np.int64) if event_time_ms is None else np.asarray(event_time_ms, np.int64)
-        mine = ({k: list(v) for k, v in columns.items()}, n, times)
+        mine = ({k: list(v) for k, v in columns.items()}, n, times, order if order is not None and len(order) == n else None)
         parts: list[Any] = [None] * self.info.ranks
         dist.all_gather_object(parts, mine, group=self.group)
-        names = sorted({name for cols, _, _ in parts for name in cols})
-        merged = {name: [v for cols, k, _ in parts for v in (cols.get(name) or [""] * k)] for name in names}
-        total = sum(k for _, k, _ in parts)
-        all_times = np.concatenate([t for _, _, t in parts]) if event_time_ms is not None else None
+        names = sorted({name for cols, _, _, _ in parts for name in cols})
+        merged = {name: [v for cols, k, _, _ in parts for v in (cols.get(name) or [""] * k)] for name in names}
+        total = sum(k for _, k, _, _ in parts)
+        all_times = np.concatenate([t for _, _, t, _ in parts]) if event_time_ms is not None else None
+        perm: np.ndarray | None = None
+        if total and all(o is not None for _, k, _, o in parts if k):
+            keys = np.concatenate([o for _, k, _, o in parts if k])  # (sum N, 3)
+            perm = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0]))
+            merged = {name: [col[i] for i in perm.tolist()] for name, col in merged.items()}
+            all_times = all_times[perm] if all_times is not None else None
         ids = encoder.encode_columns(merged, total, update=update, event_time_ms=all_times)  # (sum N, F)
-        start = sum(k for _, k, _ in parts[: self.info.rank])
+        if perm is not None:
+            back = np.empty_like(ids)
+            back[perm] = ids
+            ids = back
+        start = sum(k for _, k, _, _ in parts[: self.info.rank])
         return ids[start : start + n]
 
     # --- 2. the gradients -----------------------------------------------------------------------

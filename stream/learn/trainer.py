@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -290,14 +291,14 @@ class Trainer:
         if not ready.parts:  # only dead letters or empty chunks: nothing to train
             self.offsets.update(ready.offsets)
             return
-        self._step(SampleBatch.concat(ready.parts), ready.first_at_ms, ready.last_at_ms)
+        self._step(SampleBatch.concat(ready.parts), ready.first_at_ms, ready.last_at_ms, ready.keys)
         self.offsets.update(ready.offsets)
 
-    def _step(self, batch: SampleBatch, first_at_ms: int, last_at_ms: int) -> None:
+    def _step(self, batch: SampleBatch, first_at_ms: int, last_at_ms: int, order: np.ndarray | None = None) -> None:
         if self.learner is None:
             self.learner = self._cold_start(batch)
         t0 = time.perf_counter()
-        res = self.learner.step(batch)
+        res = self.learner.step(batch, order=order)
         dt = time.perf_counter() - t0
         self.busy_s += dt
         self.last_train_s = time.monotonic()

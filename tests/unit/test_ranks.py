@@ -221,8 +221,9 @@ def _round_worker(rank: int, ranks: int, port: int, tmp: Path) -> None:
     chunks = []
     for k in range(3):  # 3 whole batches of 4 samples (the global batch 8 over 2 ranks)
         ids = range(100 * rank + 4 * k, 100 * rank + 4 * k + 4)
+        keys = np.array([(4 * k + j, rank, 4 * k + j) for j in range(4)], np.int64)  # the ranks' streams interleave
         chunks.append(Chunk(SampleBatch.from_samples([_sample(i, "first") for i in ids]), [], {rank: 4 * k + 4},
-                            {"first": 4}, time.monotonic(), {rank: 12}))
+                            {"first": 4}, time.monotonic(), {rank: 12}, keys))
     trainer._feed = _LateFeed(rank, chunks, after_s=1.5 if rank == 1 else 0.0)  # type: ignore[assignment]
     trainer._producer = _Producer()
     trainer.run(threading.Event(), exit_when_idle_s=1.0)

@@ -84,9 +84,9 @@ class Recording(Trainer):
         super().__init__(*a, **kw)
         self.batches: list[int] = []
 
-    def _step(self, batch: SampleBatch, first_at_ms: int, last_at_ms: int) -> None:
+    def _step(self, batch: SampleBatch, first_at_ms: int, last_at_ms: int, order: np.ndarray | None = None) -> None:
         self.batches.append(len(batch))
-        super()._step(batch, first_at_ms, last_at_ms)
+        super()._step(batch, first_at_ms, last_at_ms, order)
 
 
 def make(tmp_path: Path, chunks: list[Chunk], **settings: Any) -> tuple[Recording, Feed, Producer]:
