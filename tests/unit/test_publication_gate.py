@@ -180,6 +180,7 @@ def samples(n: int, seed: int) -> list[Sample]:
 def trainer(tmp_path: Path, registry: CollectorRegistry, **overrides: Any) -> Trainer:
     # a training checkpoint with every version: these tests read versions by their checkpoints
     overrides.setdefault("trainer_training_checkpoint_interval_ms", 0)
+    overrides.setdefault("model_store_keep_checkpoints", 1000)
     settings = Settings(data_dir=tmp_path, trainer_mode="final-only", trainer_holdout_share=0.3,
                         trainer_gate_min_rows=200, trainer_feature_min_count=1, trainer_embedding_rows=64,
                         trainer_min_step_rows=1, trainer_freeze_after_days=0, **overrides)

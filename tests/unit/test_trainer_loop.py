@@ -228,7 +228,8 @@ def test_published_versions_reach_a_scorer_as_a_full_snapshot_then_deltas(tmp_pa
     from stream.ops.metrics import ScorerMetrics
     from stream.serve.versions import VersionFollower, load_version
 
-    t, _, producer = make(tmp_path, [chunk(0, 10, 10)], model_store_full_every=3)
+    t, _, producer = make(tmp_path, [chunk(0, 10, 10)], model_store_full_every=3,
+                        model_store_keep_checkpoints=10)
     run(t)
     follower = VersionFollower(t.s, t.store, ScorerMetrics(CollectorRegistry()).refused_models)
     rows = [{"f": str(i % 5)} for i in range(20)]
