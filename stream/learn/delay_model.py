@@ -273,6 +273,15 @@ class DelayModel:
         mean_g = float((weights * np.maximum(g, 1.0 / self.max_factor)).sum() / max(float(weights.sum()), 1e-300))
         return float(min(1.0 / max(mean_g, 1e-12), self.max_factor) ** self.ramp(task))
 
+    def completeness(self, task: int) -> float:
+        """G(the stream's age now): the share of task ``task``'s steady rate of positives arriving
+        now (at least ``1 / max_factor``; 1 before a fit, before the stream started and past the
+        window). The mixing buffer paces late positives by it (docs/serving.md, sixth round)."""
+        if self.start_ms is None or self.fits[task] is None or self.warm(task):
+            return 1.0
+        g = float(self.cdf(task, float(max(self.now_ms - self.start_ms, 1)))[()])
+        return min(max(g, 1.0 / self.max_factor), 1.0)
+
     def ramp(self, task: int) -> float:
         """The share (in logs) of the completeness factor the served version gets now."""
         if self.prior_windows_ms is not None:

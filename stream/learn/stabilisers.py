@@ -21,7 +21,8 @@ class Stabilisers:
 
     ``min_step_rows``: rows an optimizer step needs (small batches are gathered); ``positive_slack``:
     late positives are released at most at this multiple of their usual rate per first sample
-    (None: at once); ``ema_half_life_rows``: serve an average of the weights (0: the trained ones);
+    (None: at once), that rate counted at the delay model's completeness (``positive_pace_steady``)
+    or as seen; ``ema_half_life_rows``: serve an average of the weights (0: the trained ones);
     ``holdout_share``: impressions never trained on, whose finals judge the served versions;
     ``prior_rates``: end-to-end rates a cold-started model starts from (None: its biases start at 0,
     which is 50% on every step); ``recentre_rows``: re-centre the served average's output biases on
@@ -35,6 +36,7 @@ class Stabilisers:
     min_step_rows: int = 1
     positive_slack: float | None = None
     positive_half_life: float = 20_000.0
+    positive_pace_steady: bool = False  # late positives' usual rate: the steady one (measured / G), not as seen
     ema_half_life_rows: float = 0.0
     holdout_share: float = 0.0
     prior_rates: tuple[float, ...] | None = None  # a new model's output biases start at their log-odds
@@ -83,6 +85,7 @@ def stabilisers_from(s: Settings) -> Stabilisers:
     return Stabilisers(
         min_step_rows=s.trainer_min_step_rows,
         positive_slack=s.trainer_positive_slack or None,
+        positive_pace_steady=s.trainer_positive_pace == "steady",
         ema_half_life_rows=s.trainer_ema_half_life_rows,
         holdout_share=s.trainer_holdout_share,
         prior_rates=tuple(s.trainer_prior_rates) or None,
