@@ -179,3 +179,15 @@ def test_the_completeness_survives_a_checkpoint() -> None:
     again.load_state_dict(buf.state_dict())
     np.testing.assert_allclose(again.rates(), buf.rates())
     assert again.rates()[3] == pytest.approx(0.2, rel=0.1)  # the steady rate, not the ~0.05 seen
+
+
+def test_the_pace_setting_reaches_the_stabilisers() -> None:
+    from pydantic import ValidationError
+
+    from stream.learn.stabilisers import stabilisers_from
+    from stream.ops.settings import Settings
+
+    assert stabilisers_from(Settings()).positive_pace_steady is False  # the rate seen (docs/serving.md, sixth round)
+    assert stabilisers_from(Settings(trainer_positive_pace="steady")).positive_pace_steady is True
+    with pytest.raises(ValidationError):
+        Settings(trainer_positive_pace="fast")  # type: ignore[arg-type]
