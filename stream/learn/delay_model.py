@@ -147,7 +147,8 @@ class DelayModel:
     the ``quantile`` (None: the third round's fit, from 30 positives)."""
 
     def __init__(self, windows_ms: Sequence[int], max_factor: float = 3.0,
-                 prior_windows_ms: Sequence[int] | None = None, quantile: float = 0.95) -> None:
+                 prior_windows_ms: Sequence[int] | None = None, quantile: float = 0.95,
+                 prior_ramp: float = PRIOR_RAMP) -> None:
         if max_factor < 1:
             raise ValueError(f"max_factor must be >= 1, got {max_factor}")
         if prior_windows_ms is not None and (len(prior_windows_ms) != len(windows_ms) or not 0.5 < quantile < 1):
@@ -157,6 +158,9 @@ class DelayModel:
         # the window prior (module doc): each step's own window, counted from its predecessor
         self.prior_windows_ms = None if prior_windows_ms is None else [int(w) for w in prior_windows_ms]
         self.quantile = float(quantile)
+        if prior_ramp < 0:
+            raise ValueError(f"prior_ramp must be >= 0, got {prior_ramp}")
+        self.prior_ramp = float(prior_ramp)  # with the window prior: n / (n + prior_ramp); 0 = in full
         self.min_positives = 1 if self.prior_windows_ms is not None else MIN_POSITIVES
         n = len(self.windows_ms)
         self.start_ms: int | None = None  # event time of the stream's first sample
@@ -285,7 +289,7 @@ class DelayModel:
     def ramp(self, task: int) -> float:
         """The share (in logs) of the completeness factor the served version gets now."""
         if self.prior_windows_ms is not None:
-            return self.seen[task] / (self.seen[task] + PRIOR_RAMP)
+            return 1.0 if self.prior_ramp == 0 else self.seen[task] / (self.seen[task] + self.prior_ramp)
         n = max(self.seen[task] - MIN_POSITIVES, 0)
         return n / (n + SERVED_RAMP)
 

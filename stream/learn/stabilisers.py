@@ -46,6 +46,7 @@ class Stabilisers:
     delay_in_training: bool = False
     delay_prior_windows_ms: tuple[int, ...] | None = None  # each step's own window: the delay fit's prior
     delay_window_quantile: float = 0.95
+    delay_served_ramp: float = 20.0  # the served correction's ramp, n / (n + this) with the window prior
 
 
 def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
@@ -95,6 +96,7 @@ def stabilisers_from(s: Settings) -> Stabilisers:
         delay_in_training=s.trainer_delay_correction == "train",
         delay_prior_windows_ms=step_windows_ms(s) if s.trainer_delay_window_quantile > 0 else None,
         delay_window_quantile=s.trainer_delay_window_quantile or 0.95,
+        delay_served_ramp=s.trainer_delay_served_ramp,
     )
 
 

@@ -232,6 +232,10 @@ class Settings(BaseSettings):
     # this share of its delays, a weak prior that decides the tail a young stream cannot see yet
     # (docs/serving.md, fourth round); 0 = none (the third round's fit, applied from 30 positives)
     trainer_delay_window_quantile: float = Field(default=0.95, ge=0, lt=1)
+    # with the window prior, the served correction comes in as (1 / G)^(n / (n + this)), n the
+    # task's positives seen: a cold model starts at its prior rates, not at p x G; 0 = in full from
+    # the first positive (docs/serving.md, fourth and sixth rounds)
+    trainer_delay_served_ramp: float = Field(default=20.0, ge=0)
 
     @field_validator("trainer_delay_correction", mode="before")
     @classmethod

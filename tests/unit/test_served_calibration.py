@@ -401,3 +401,10 @@ def test_the_learner_paces_late_positives_by_the_delay_models_completeness() -> 
             assert mixer.expected[3] == pytest.approx(mixer.firsts)
         rate[steady] = float(mixer.rates()[3])
     assert rate[True] > 1.1 * rate[False]  # the usual rate the queue drains at: raised by 1 / G
+
+
+def test_the_learner_builds_its_delay_model_with_the_served_ramp() -> None:
+    ln = OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.01, eval_window=100,
+                       stabilisers=Stabilisers(delay_windows_ms=(DAY, 2 * DAY, 3 * DAY, WINDOW),
+                                               delay_prior_windows_ms=(DAY, DAY, DAY, DAY), delay_served_ramp=5.0))
+    assert ln.delay is not None and ln.delay.prior_ramp == 5.0
