@@ -31,7 +31,8 @@ N(z_q, 0.75)``, with ``ln sigma ~ N(0, 0.5)`` as before. It is a prior, not a ru
 that of about one observation, so a delay the positives do show (every step whose delays are short
 beside its stream's age) is the data's; it decides only what they cannot show yet. With it a task
 has a delay estimate from its first positive (the prior alone before), and the served correction
-comes in as positives arrive, ``n / (n + PRIOR_RAMP)``, not after a first fit on 30.
+comes in as positives arrive, ``n / (n + prior_ramp)`` (``TRAINER_DELAY_SERVED_RAMP``: 20 in the
+fourth round, 5 since the sixth), not after a first fit on 30.
 
 >>> m = DelayModel(windows_ms=(10, 100), max_factor=5.0)
 >>> m.start(0)
@@ -57,7 +58,8 @@ REFIT_AGE: Final = 0.02  # ... or the stream aged by 2% of the task's window sin
 SERVED_RAMP: Final = 60
 # with the window prior: the served correction is applied to the power n / (n + PRIOR_RAMP), n the
 # positives seen. A cold model starts at its prior rates (TRAINER_PRIOR_RATES) and its predictions
-# are learned from positives only as they come; PRIOR_RAMP positives make it half its own (in logs)
+# are learned from positives only as they come; PRIOR_RAMP positives make it half its own (in logs).
+# The default of ``prior_ramp``; the trainer's comes from TRAINER_DELAY_SERVED_RAMP (docs/serving.md)
 PRIOR_RAMP: Final = 20
 PRIOR_Z_SD: Final = 0.75  # sd of the window's z-score under the prior (95% -> 80-99.9% at 2 sd)
 PRIOR_LOG_SIGMA_SD: Final = 0.5  # sd of ln sigma around 0 (sigma = 1)
@@ -269,7 +271,7 @@ class DelayModel:
         served correction: a model that learned while the stream was young predicts about
         p * G(age) where the truth is p (see the module's docstring). It comes in as the fit firms
         up: to the power n / (n + SERVED_RAMP), n the positives seen past the first fit's 30; with
-        the window prior n / (n + PRIOR_RAMP), n the positives seen."""
+        the window prior n / (n + prior_ramp), n the positives seen."""
         if self.start_ms is None or self.fits[task] is None or weights.size == 0 or self.warm(task):
             return 1.0
         age = np.maximum(self.age_ms(at_ms), 1).astype(np.float64)

@@ -233,9 +233,11 @@ class Settings(BaseSettings):
     # (docs/serving.md, fourth round); 0 = none (the third round's fit, applied from 30 positives)
     trainer_delay_window_quantile: float = Field(default=0.95, ge=0, lt=1)
     # with the window prior, the served correction comes in as (1 / G)^(n / (n + this)), n the
-    # task's positives seen: a cold model starts at its prior rates, not at p x G; 0 = in full from
-    # the first positive (docs/serving.md, fourth and sixth rounds)
-    trainer_delay_served_ramp: float = Field(default=20.0, ge=0)
+    # task's positives seen: a cold model starts at its prior rates, not at p x G. 20 (the fourth
+    # round's) left activation's versions of days 3-7 at 0.7-0.8 of the truth; 5 lifts them (p05
+    # +0.04-0.07 in replays of kept runs, nothing else judged moves) but raises the first two days'
+    # versions (up to 1.33 in one replay); 0 = in full from the first positive (docs/serving.md, sixth round)
+    trainer_delay_served_ramp: float = Field(default=5.0, ge=0)
 
     @field_validator("trainer_delay_correction", mode="before")
     @classmethod

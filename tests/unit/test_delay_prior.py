@@ -154,7 +154,7 @@ def test_the_served_ramp_is_a_setting_and_zero_applies_the_correction_in_full() 
         factors[ramp] = model.completeness_factor(0, at, w)
         assert factors[ramp] == pytest.approx(full ** (n / (n + ramp)))
     assert factors[20.0] < factors[5.0] < factors[0.0] == pytest.approx(full)  # 0: in full from the first positive
-    assert stabilisers_from(Settings()).delay_served_ramp == PRIOR_RAMP == 20
-    assert stabilisers_from(Settings(trainer_delay_served_ramp=5)).delay_served_ramp == 5
+    assert stabilisers_from(Settings()).delay_served_ramp == 5  # the sixth round's default
+    assert stabilisers_from(Settings(trainer_delay_served_ramp=20)).delay_served_ramp == PRIOR_RAMP == 20
     with pytest.raises(ValueError):
         DelayModel([DAY], 3.0, [DAY], prior_ramp=-1)
