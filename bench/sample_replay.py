@@ -53,12 +53,16 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                             one_pass=s.trainer_one_pass, stabilisers=stabilisers_from(s),
                             alpha=s.trainer_calibrator_alpha)
     scores: list[VersionScore] = []
+    held: list[list[int]] = []  # per version: late positives waiting in the mixing buffer, per task
+    served: list[tuple[list[float], list[float]]] = []  # ... and the served delay correction, bias shift
     watermark = 0
 
     def take_version() -> None:
         m = ScoringModel(len(scores) + 1, copy.deepcopy(learner.served_model()).eval(),
                          copy.deepcopy(learner.encoder), 0)
         scores.append(score_version(m, fresh, watermark))
+        held.append([sum(len(b) for b in q) for q in learner.mixer.held])
+        served.append((learner.completeness.tolist(), learner.bias_shift.tolist()))
 
     batch: list[Sample] = []
     first_at = last_version_at = stream[0][0]
@@ -77,6 +81,10 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         learner.step(SampleBatch.from_samples(batch))
     take_version()
     out = report_of(scores, fresh, args)
+    for row, waiting, (factor, shift) in zip(out["per_version"], held, served, strict=True):
+        row["held_late_positives"] = waiting
+        row["delay_correction"] = [round(x, 3) for x in factor]
+        row["bias_shift"] = [round(x, 3) for x in shift]
     lifetime = learner.metric_values()["lifetime"]
     out["prequential_auc_lifetime"] = [round(v["auc"], 4) for v in lifetime]
     out["stabilisers"] = {k: v for k, v in vars(stabilisers_from(s)).items()}

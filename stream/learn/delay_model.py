@@ -31,7 +31,8 @@ N(z_q, 0.75)``, with ``ln sigma ~ N(0, 0.5)`` as before. It is a prior, not a ru
 that of about one observation, so a delay the positives do show (every step whose delays are short
 beside its stream's age) is the data's; it decides only what they cannot show yet. With it a task
 has a delay estimate from its first positive (the prior alone before), and the served correction
-comes in as positives arrive, ``n / (n + PRIOR_RAMP)``, not after a first fit on 30.
+comes in as positives arrive, ``n / (n + prior_ramp)`` (``TRAINER_DELAY_SERVED_RAMP``: 20 in the
+fourth round, 5 since the sixth), not after a first fit on 30.
 
 >>> m = DelayModel(windows_ms=(10, 100), max_factor=5.0)
 >>> m.start(0)
@@ -57,7 +58,8 @@ REFIT_AGE: Final = 0.02  # ... or the stream aged by 2% of the task's window sin
 SERVED_RAMP: Final = 60
 # with the window prior: the served correction is applied to the power n / (n + PRIOR_RAMP), n the
 # positives seen. A cold model starts at its prior rates (TRAINER_PRIOR_RATES) and its predictions
-# are learned from positives only as they come; PRIOR_RAMP positives make it half its own (in logs)
+# are learned from positives only as they come; PRIOR_RAMP positives make it half its own (in logs).
+# The default of ``prior_ramp``; the trainer's comes from TRAINER_DELAY_SERVED_RAMP (docs/serving.md)
 PRIOR_RAMP: Final = 20
 PRIOR_Z_SD: Final = 0.75  # sd of the window's z-score under the prior (95% -> 80-99.9% at 2 sd)
 PRIOR_LOG_SIGMA_SD: Final = 0.5  # sd of ln sigma around 0 (sigma = 1)
@@ -147,7 +149,8 @@ class DelayModel:
     the ``quantile`` (None: the third round's fit, from 30 positives)."""
 
     def __init__(self, windows_ms: Sequence[int], max_factor: float = 3.0,
-                 prior_windows_ms: Sequence[int] | None = None, quantile: float = 0.95) -> None:
+                 prior_windows_ms: Sequence[int] | None = None, quantile: float = 0.95,
+                 prior_ramp: float = PRIOR_RAMP) -> None:
         if max_factor < 1:
             raise ValueError(f"max_factor must be >= 1, got {max_factor}")
         if prior_windows_ms is not None and (len(prior_windows_ms) != len(windows_ms) or not 0.5 < quantile < 1):
@@ -157,6 +160,9 @@ class DelayModel:
         # the window prior (module doc): each step's own window, counted from its predecessor
         self.prior_windows_ms = None if prior_windows_ms is None else [int(w) for w in prior_windows_ms]
         self.quantile = float(quantile)
+        if prior_ramp < 0:
+            raise ValueError(f"prior_ramp must be >= 0, got {prior_ramp}")
+        self.prior_ramp = float(prior_ramp)  # with the window prior: n / (n + prior_ramp); 0 = in full
         self.min_positives = 1 if self.prior_windows_ms is not None else MIN_POSITIVES
         n = len(self.windows_ms)
         self.start_ms: int | None = None  # event time of the stream's first sample
@@ -265,7 +271,7 @@ class DelayModel:
         served correction: a model that learned while the stream was young predicts about
         p * G(age) where the truth is p (see the module's docstring). It comes in as the fit firms
         up: to the power n / (n + SERVED_RAMP), n the positives seen past the first fit's 30; with
-        the window prior n / (n + PRIOR_RAMP), n the positives seen."""
+        the window prior n / (n + prior_ramp), n the positives seen."""
         if self.start_ms is None or self.fits[task] is None or weights.size == 0 or self.warm(task):
             return 1.0
         age = np.maximum(self.age_ms(at_ms), 1).astype(np.float64)
@@ -273,10 +279,19 @@ class DelayModel:
         mean_g = float((weights * np.maximum(g, 1.0 / self.max_factor)).sum() / max(float(weights.sum()), 1e-300))
         return float(min(1.0 / max(mean_g, 1e-12), self.max_factor) ** self.ramp(task))
 
+    def completeness(self, task: int) -> float:
+        """G(the stream's age now): the share of task ``task``'s steady rate of positives arriving
+        now (at least ``1 / max_factor``; 1 before a fit, before the stream started and past the
+        window). The mixing buffer paces late positives by it (docs/serving.md, sixth round)."""
+        if self.start_ms is None or self.fits[task] is None or self.warm(task):
+            return 1.0
+        g = float(self.cdf(task, float(max(self.now_ms - self.start_ms, 1)))[()])
+        return min(max(g, 1.0 / self.max_factor), 1.0)
+
     def ramp(self, task: int) -> float:
         """The share (in logs) of the completeness factor the served version gets now."""
         if self.prior_windows_ms is not None:
-            return self.seen[task] / (self.seen[task] + PRIOR_RAMP)
+            return 1.0 if self.prior_ramp == 0 else self.seen[task] / (self.seen[task] + self.prior_ramp)
         n = max(self.seen[task] - MIN_POSITIVES, 0)
         return n / (n + SERVED_RAMP)
 

@@ -111,7 +111,7 @@ class OnlineLearner:
         self.completeness = np.ones(N_TASKS)  # the last served delay correction (x the live mean)
         self._average_moved = False  # trained since the served biases were last re-centred
         self.delay = (DelayModel(st.delay_windows_ms, st.delay_max_factor, st.delay_prior_windows_ms,
-                                 st.delay_window_quantile)
+                                 st.delay_window_quantile, st.delay_served_ramp)
                       if st.delay_windows_ms is not None and mode == "fnw" else None)
         self.steps = 0  # optimizer steps, lifetime
         # table rows the served model changed since the last ``take_changed_rows`` (a delta version)
@@ -209,12 +209,13 @@ class OnlineLearner:
         fwd_rows = np.zeros(0, np.int64)
         holdout = held_back(iids, self.stabilisers.holdout_share)
         late, n_first = self._late_rows(batch, holdout)
+        pace = self._pace_completeness()
         waited: tuple[RowBlock, torch.Tensor] | None = None  # rows from the buffer and their logits
         if train and self.one_pass:
             fwd = need | (kind == FINAL) if self.mode == "final-only" else need  # + the rows it trains
             fwd_rows = np.flatnonzero(fwd)
             self._set_training(False)  # no dropout: this pass scores as well
-            before = self.mixer.upcoming(late, n_first)  # rows that waited and go into this step
+            before = self.mixer.upcoming(late, n_first, pace)  # rows that waited and go into this step
             x = ids[fwd_rows] if before is None else np.concatenate([ids[fwd_rows], before.ids])
             with self.io.autocast():
                 out = self.model(self.io.to_device(x))  # (M + W, T)
@@ -263,7 +264,7 @@ class OnlineLearner:
             mine = ~holdout[tr.index]  # the held-back slice is never trained on
             index = tr.index[mine]
             block = RowBlock.of(ids[index], tr.labels[mine], tr.mask[mine], tr.weight[mine], origin=index)
-            ready = self.mixer.add(block, late[index], n_first)
+            ready = self.mixer.add(block, late[index], n_first, pace)
             if ready is not None:
                 rows = len(ready)
                 self._optimize(ready, logits, fwd_rows, waited)
@@ -328,6 +329,15 @@ class OnlineLearner:
                         & (batch.labels[np.arange(len(batch)), step] == 1))
             late[credited] = step[credited]
         return late, int(((batch.kind == FIRST) & ~holdout).sum())
+
+    def _pace_completeness(self) -> np.ndarray | None:
+        """(T,) the completeness G of each task's late positives arriving now, from the delay model
+        (``MixingBuffer``: the queues drain at the steady rate, not the cold start's rate seen so
+        far); None when the pace is the rate seen (``TRAINER_POSITIVE_PACE=seen``) or there is no
+        delay model."""
+        if self.delay is None or not self.stabilisers.positive_pace_steady:
+            return None
+        return np.array([self.delay.completeness(t) for t in range(N_TASKS)])
 
     def _optimize(self, ready: RowBlock, logits: torch.Tensor | None, fwd_rows: np.ndarray,
                   waited: tuple[RowBlock, torch.Tensor] | None) -> None:

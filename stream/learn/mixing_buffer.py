@@ -16,6 +16,13 @@ close to the stream's usual one:
   no new impressions (the tail) nothing is released - the positives wait, checkpointed, for the
   negatives they belong with. No row is ever dropped: over time every positive is trained once,
   with the weight it arrived with; only its timing changes;
+- *usual* means the steady rate: while a stream is younger than a task's delay its late positives
+  arrive at only G(age) of it (``stream.learn.delay_model``), and the rate seen since the start
+  trails the growing rate - paced at 2 x that average, a cold start's queue held about a day of
+  activations that the delay model had counted as arrived (docs/serving.md, sixth round). So the
+  caller may say, with each batch, the ``completeness`` G of each task's arrivals now: a first
+  sample then counts as G of one in the rate's denominator (1, the default, once the stream is
+  older than the delay);
 - an optimizer step needs ``min_rows`` ready rows: a quiet stream gathers small batches into
   one step instead of taking a full Adam step on a handful of rows.
 
@@ -112,6 +119,7 @@ class MixingBuffer:
         self.held: list[list[RowBlock]] = [[] for _ in range(n_tasks)]
         self.arrived = np.zeros(n_tasks)  # late positives that arrived, decayed per first sample
         self.firsts = 0.0  # first samples, decayed the same way
+        self.expected = np.zeros(n_tasks)  # ... each counted at the completeness of its moment
         self.budget = np.zeros(n_tasks)  # late positives each task may still release
 
     @property
@@ -123,29 +131,36 @@ class MixingBuffer:
         return sum(len(b) for b in self.ready)
 
     def rates(self) -> np.ndarray:
-        """(T,) late positives per first sample, as measured so far."""
-        return self.arrived / self.firsts if self.firsts > 0 else np.zeros(self.n_tasks)
+        """(T,) late positives per first sample at their steady rate, as measured so far (the
+        arrivals over the first samples, each counted at the completeness it came with)."""
+        return np.where(self.expected > 0, self.arrived / np.maximum(self.expected, 1e-300), 0.0)
 
-    def _after(self, late_counts: np.ndarray, n_first: int) -> tuple[float, np.ndarray, np.ndarray]:
-        """(firsts, arrived, budget) once a batch with ``late_counts`` (T,) late positives and
-        ``n_first`` first samples is added - the pace, before any release."""
+    def _after(self, late_counts: np.ndarray, n_first: int,
+               completeness: np.ndarray | None) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        """(firsts, expected, arrived, budget) once a batch with ``late_counts`` (T,) late positives
+        and ``n_first`` first samples, whose tasks' arrivals were ``completeness`` (T,) of their
+        steady rate (None: 1), is added - the pace, before any release."""
+        g = np.ones(self.n_tasks) if completeness is None else np.asarray(completeness, np.float64)
+        if g.shape != (self.n_tasks,) or not ((g > 0) & (g <= 1)).all():
+            raise ValueError(f"one completeness in (0, 1] per task, got {g}")
         decay = 0.5 ** (n_first / self.half_life)
         firsts = self.firsts * decay + n_first
+        expected = self.expected * decay + n_first * g
         arrived = self.arrived * decay + late_counts
-        rates = arrived / firsts if firsts > 0 else np.zeros(self.n_tasks)
+        rates = np.where(expected > 0, arrived / np.maximum(expected, 1e-300), 0.0)
         allowance = self.slack * rates * n_first  # (T,)
         # carry at most one row (or one batch's allowance) over: idle stretches must not save up
         # a budget that lets a whole burst through at once
         budget = np.minimum(self.budget + allowance, np.maximum(allowance, 1.0))
-        return firsts, arrived, budget
+        return firsts, expected, arrived, budget
 
-    def upcoming(self, late_task: np.ndarray, n_first: int) -> RowBlock | None:
+    def upcoming(self, late_task: np.ndarray, n_first: int, completeness: np.ndarray | None = None) -> RowBlock | None:
         """The rows already here that ``add`` with the same arguments will put into the next step,
         in the order it will (rows ready from earlier batches, then each task's released queue
         head), so that a caller can run them through the model in the same pass as the batch;
         None when there are none."""
         counts = np.bincount(np.asarray(late_task)[np.asarray(late_task) >= 0], minlength=self.n_tasks)[: self.n_tasks]
-        _, _, budget = self._after(counts.astype(np.float64), n_first)
+        _, _, _, budget = self._after(counts.astype(np.float64), n_first, completeness)
         parts = list(self.ready)
         if n_first > 0:
             for t in range(self.n_tasks):
@@ -158,16 +173,19 @@ class MixingBuffer:
         parts = [b.waited() for b in parts if len(b)]
         return RowBlock.concat(parts) if parts else None
 
-    def add(self, rows: RowBlock, late_task: np.ndarray, n_first: int) -> RowBlock | None:
+    def add(self, rows: RowBlock, late_task: np.ndarray, n_first: int,
+            completeness: np.ndarray | None = None) -> RowBlock | None:
         """Take a batch's training rows (``late_task[i]``: the task row ``i`` is a late positive of,
-        or -1) and the number of first samples the batch brought; return the rows of the next
-        optimizer step, or None while fewer than ``min_rows`` are ready. Rows of this batch keep
-        their ``origin``; rows that waited have none."""
+        or -1), the number of first samples the batch brought and (optionally) the completeness of
+        each task's arrivals now (see the module doc); return the rows of the next optimizer step,
+        or None while fewer than ``min_rows`` are ready. Rows of this batch keep their ``origin``;
+        rows that waited have none."""
         late_task = np.asarray(late_task, np.int64)
         if late_task.shape != (len(rows),):
             raise ValueError(f"one task (or -1) per row: {late_task.shape} for {len(rows)} rows")
         counts = np.bincount(late_task[late_task >= 0], minlength=self.n_tasks)[: self.n_tasks]
-        self.firsts, self.arrived, self.budget = self._after(counts.astype(np.float64), n_first)
+        self.firsts, self.expected, self.arrived, self.budget = self._after(counts.astype(np.float64), n_first,
+                                                                            completeness)
         self.ready = [b.waited() for b in self.ready]
         self.held = [[b.waited() for b in q] for q in self.held]
         self.ready.append(rows.take(late_task < 0))
@@ -211,6 +229,7 @@ class MixingBuffer:
             "held": [[b.state_dict() for b in q] for q in self.held],
             "arrived": self.arrived.tolist(),
             "firsts": self.firsts,
+            "expected": self.expected.tolist(),
             "budget": self.budget.tolist(),
         }
 
@@ -219,4 +238,6 @@ class MixingBuffer:
         self.held = [[RowBlock.from_state_dict(b) for b in q] for q in state["held"]]
         self.arrived = np.asarray(state["arrived"], np.float64)
         self.firsts = float(state["firsts"])
+        # a checkpoint from before the completeness: every first sample counted as one
+        self.expected = np.asarray(state.get("expected", [self.firsts] * self.n_tasks), np.float64)
         self.budget = np.asarray(state["budget"], np.float64)

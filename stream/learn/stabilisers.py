@@ -21,7 +21,8 @@ class Stabilisers:
 
     ``min_step_rows``: rows an optimizer step needs (small batches are gathered); ``positive_slack``:
     late positives are released at most at this multiple of their usual rate per first sample
-    (None: at once); ``ema_half_life_rows``: serve an average of the weights (0: the trained ones);
+    (None: at once), that rate counted at the delay model's completeness (``positive_pace_steady``)
+    or as seen; ``ema_half_life_rows``: serve an average of the weights (0: the trained ones);
     ``holdout_share``: impressions never trained on, whose finals judge the served versions;
     ``prior_rates``: end-to-end rates a cold-started model starts from (None: its biases start at 0,
     which is 50% on every step); ``recentre_rows``: re-centre the served average's output biases on
@@ -35,6 +36,7 @@ class Stabilisers:
     min_step_rows: int = 1
     positive_slack: float | None = None
     positive_half_life: float = 20_000.0
+    positive_pace_steady: bool = False  # late positives' usual rate: the steady one (measured / G), not as seen
     ema_half_life_rows: float = 0.0
     holdout_share: float = 0.0
     prior_rates: tuple[float, ...] | None = None  # a new model's output biases start at their log-odds
@@ -44,6 +46,7 @@ class Stabilisers:
     delay_in_training: bool = False
     delay_prior_windows_ms: tuple[int, ...] | None = None  # each step's own window: the delay fit's prior
     delay_window_quantile: float = 0.95
+    delay_served_ramp: float = 20.0  # the served correction's ramp, n / (n + this) with the window prior
 
 
 def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
@@ -83,6 +86,7 @@ def stabilisers_from(s: Settings) -> Stabilisers:
     return Stabilisers(
         min_step_rows=s.trainer_min_step_rows,
         positive_slack=s.trainer_positive_slack or None,
+        positive_pace_steady=s.trainer_positive_pace == "steady",
         ema_half_life_rows=s.trainer_ema_half_life_rows,
         holdout_share=s.trainer_holdout_share,
         prior_rates=tuple(s.trainer_prior_rates) or None,
@@ -92,6 +96,7 @@ def stabilisers_from(s: Settings) -> Stabilisers:
         delay_in_training=s.trainer_delay_correction == "train",
         delay_prior_windows_ms=step_windows_ms(s) if s.trainer_delay_window_quantile > 0 else None,
         delay_window_quantile=s.trainer_delay_window_quantile or 0.95,
+        delay_served_ramp=s.trainer_delay_served_ramp,
     )
 
 

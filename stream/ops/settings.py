@@ -200,6 +200,13 @@ class Settings(BaseSettings):
     # first sample, so a burst (a daily activation file, the tail after the last impression) is
     # spread over the impressions that follow it; 0 = at once (as before)
     trainer_positive_slack: float = Field(default=2.0, ge=0)
+    # that usual rate: "seen" = late positives per first sample since the stream began (decayed);
+    # "steady" = each first sample counted at the delay model's completeness G(age) of its moment
+    # (a cold start's positives arrive at G of their steady rate, so the rate seen trails it and
+    # the queue holds about a day of activations). "steady" drains that queue but, replayed on two
+    # kept runs, lifted activation's p05 on one (0.68 -> 0.72) and lowered its median and raised
+    # approval's p95 past 1.25 on the other: not the default (docs/serving.md, sixth round)
+    trainer_positive_pace: Literal["steady", "seen"] = "seen"
     # the served model is an average of the trained weights with this half-life in trained rows
     # (about 1.5 days of rows at 4,000 impressions a day, 0.6 at 10,000); 0 = serve the trained
     # weights. 4,000 left the sparse steps' swing at 1.3-1.5x between versions, 8,000 at 1.1-1.2x
@@ -225,6 +232,12 @@ class Settings(BaseSettings):
     # this share of its delays, a weak prior that decides the tail a young stream cannot see yet
     # (docs/serving.md, fourth round); 0 = none (the third round's fit, applied from 30 positives)
     trainer_delay_window_quantile: float = Field(default=0.95, ge=0, lt=1)
+    # with the window prior, the served correction comes in as (1 / G)^(n / (n + this)), n the
+    # task's positives seen: a cold model starts at its prior rates, not at p x G. 20 (the fourth
+    # round's) left activation's versions of days 3-7 at 0.7-0.8 of the truth; 5 lifts them (p05
+    # +0.04-0.07 in replays of kept runs, nothing else judged moves) but raises the first two days'
+    # versions (up to 1.33 in one replay); 0 = in full from the first positive (docs/serving.md, sixth round)
+    trainer_delay_served_ramp: float = Field(default=5.0, ge=0)
 
     @field_validator("trainer_delay_correction", mode="before")
     @classmethod

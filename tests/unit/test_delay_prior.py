@@ -138,3 +138,23 @@ def test_the_settings_turn_the_prior_on_and_off() -> None:
     assert stabilisers_from(Settings(trainer_delay_window_quantile=0)).delay_prior_windows_ms is None
     with pytest.raises(ValueError):
         DelayModel([DAY], 3.0, [DAY], quantile=0.3)
+
+
+def test_the_served_ramp_is_a_setting_and_zero_applies_the_correction_in_full() -> None:
+    imp, arrival = cold_stream(2.0, 30, 2.0, 1.1, 0)
+    at, w = np.array([1 * DAY, 2 * DAY]), np.array([1.0, 1.0])
+    factors = {}
+    for ramp in (20.0, 5.0, 0.0):
+        model = DelayModel([WINDOW], 3.0, [STEP], prior_ramp=ramp)
+        model.start(0)
+        model.observe(0, imp, arrival)
+        model.refit(0)
+        n = model.seen[0]
+        full = min(1 / float(np.mean(np.maximum(model.cdf(0, at), 1 / 3))), 3.0)
+        factors[ramp] = model.completeness_factor(0, at, w)
+        assert factors[ramp] == pytest.approx(full ** (n / (n + ramp)))
+    assert factors[20.0] < factors[5.0] < factors[0.0] == pytest.approx(full)  # 0: in full from the first positive
+    assert stabilisers_from(Settings()).delay_served_ramp == 5  # the sixth round's default
+    assert stabilisers_from(Settings(trainer_delay_served_ramp=20)).delay_served_ramp == PRIOR_RAMP == 20
+    with pytest.raises(ValueError):
+        DelayModel([DAY], 3.0, [DAY], prior_ramp=-1)

@@ -130,3 +130,64 @@ def test_weight_average_follows_with_its_half_life() -> None:
     again = WeightAverage(m, half_life=100)
     again.load_state_dict(state)
     assert again.model.weight.item() == pytest.approx(0.5) and again.rows == 1100
+
+
+def cold_start(buf: MixingBuffer, tell_completeness: bool, batches: int = 200) -> list[int]:
+    """A stream's first ``batches`` batches of 100 impressions: task 3's late positives arrive at
+    G(age) of their steady rate 0.2 per impression, G growing from 0 to 1 over 150 batches (a
+    delay's warm-up). The rows held after each batch."""
+    held, owed, serial = [], 0.0, 0
+    for k in range(batches):
+        g = min(1.0, (k + 1) / 150)
+        owed += 0.2 * 100 * g
+        n = int(owed)
+        owed -= n
+        block = RowBlock.concat([negatives(100, serial), late(n, 3, serial + 100)])
+        serial += 100 + n
+        buf.add(block, np.array([-1] * 100 + [3] * n), n_first=100,
+                completeness=np.full(T, g) if tell_completeness else None)
+        held.append(buf.held_rows)
+    return held
+
+
+def test_a_cold_start_is_paced_by_the_steady_rate_not_the_rate_seen_so_far() -> None:
+    # the rule (docs/serving.md, sixth round): late positives are released at up to slack x their
+    # *usual* rate per first sample; while the stream is younger than the delay, the rate seen so
+    # far is G of it, so each first sample counts at the completeness G of the moment it came
+    told = cold_start(MixingBuffer(T, min_rows=1, slack=2.0, half_life=1e6), tell_completeness=True)
+    # slack 2 x the steady 0.2 per impression: every batch's arrivals (<= 20) go out with it
+    assert max(told[10:]) <= 20
+    # the rate seen since the start trails the growing rate: the queue holds more than two batches'
+    # arrivals through the warm-up (it drains only once G is 1 and the average catches up)
+    seen = cold_start(MixingBuffer(T, min_rows=1, slack=2.0, half_life=1e6), tell_completeness=False)
+    assert max(seen[:150]) > 40
+
+
+def test_the_tail_still_waits_when_the_pace_knows_the_completeness() -> None:
+    buf = MixingBuffer(T, min_rows=1, slack=2.0, half_life=1e6)
+    cold_start(buf, tell_completeness=True, batches=60)
+    before = buf.held_rows
+    for i in range(20):  # no impressions: nothing is released, whatever the completeness
+        assert buf.add(late(5, 3, 10**6 + 5 * i), np.full(5, 3), n_first=0, completeness=np.full(T, 0.5)) is None
+    assert buf.held_rows == before + 100
+
+
+def test_the_completeness_survives_a_checkpoint() -> None:
+    buf = MixingBuffer(T, min_rows=1, slack=2.0, half_life=1e6)
+    cold_start(buf, tell_completeness=True, batches=40)
+    again = MixingBuffer(T, min_rows=1, slack=2.0, half_life=1e6)
+    again.load_state_dict(buf.state_dict())
+    np.testing.assert_allclose(again.rates(), buf.rates())
+    assert again.rates()[3] == pytest.approx(0.2, rel=0.1)  # the steady rate, not the ~0.05 seen
+
+
+def test_the_pace_setting_reaches_the_stabilisers() -> None:
+    from pydantic import ValidationError
+
+    from stream.learn.stabilisers import stabilisers_from
+    from stream.ops.settings import Settings
+
+    assert stabilisers_from(Settings()).positive_pace_steady is False  # the rate seen (docs/serving.md, sixth round)
+    assert stabilisers_from(Settings(trainer_positive_pace="steady")).positive_pace_steady is True
+    with pytest.raises(ValidationError):
+        Settings(trainer_positive_pace="fast")  # type: ignore[arg-type]

@@ -370,3 +370,41 @@ def test_the_old_boolean_setting_still_reads() -> None:
     assert Settings().trainer_delay_correction == "serve"
     with pytest.raises(ValueError):
         Settings(trainer_delay_correction="sometimes")  # type: ignore[arg-type]
+
+
+def test_the_learner_paces_late_positives_by_the_delay_models_completeness() -> None:
+    """Sixth round: the mixing buffer counts each first sample at the delay model's completeness of
+    its moment (``TRAINER_POSITIVE_PACE=steady``), so a cold start's queue drains at the steady
+    rate; ``seen`` keeps the rate seen since the start."""
+    imp, arrival = cold_stream(3.0, 600)
+    t0 = 1_767_225_600_000
+    chunks = np.array_split(np.arange(imp.size), 10)
+    rate = {}
+    for steady in (False, True):
+        torch.manual_seed(0)
+        ln = OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.01, eval_window=100,
+                           stabilisers=Stabilisers(positive_slack=2.0, delay_windows_ms=(DAY, 2 * DAY, 3 * DAY, WINDOW),
+                                                   delay_max_factor=3.0, positive_pace_steady=steady))
+        for k, chunk in enumerate(chunks):
+            ln.step(stream_batch(imp[chunk] + t0, arrival[chunk] + t0, 1000 * k))
+        delay, mixer = ln.delay, ln.mixer
+        assert delay is not None
+        g = delay.completeness(3)
+        assert g == pytest.approx(float(delay.cdf(3, delay.now_ms - delay.start_ms)))  # G(the stream's age)
+        assert 1 / 3 <= g < 0.9
+        pace = ln._pace_completeness()
+        if steady:
+            assert pace is not None and pace[3] == g
+            assert mixer.expected[3] < 0.9 * mixer.firsts  # first samples counted at G < 1
+        else:
+            assert pace is None
+            assert mixer.expected[3] == pytest.approx(mixer.firsts)
+        rate[steady] = float(mixer.rates()[3])
+    assert rate[True] > 1.1 * rate[False]  # the usual rate the queue drains at: raised by 1 / G
+
+
+def test_the_learner_builds_its_delay_model_with_the_served_ramp() -> None:
+    ln = OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.01, eval_window=100,
+                       stabilisers=Stabilisers(delay_windows_ms=(DAY, 2 * DAY, 3 * DAY, WINDOW),
+                                               delay_prior_windows_ms=(DAY, DAY, DAY, DAY), delay_served_ramp=5.0))
+    assert ln.delay is not None and ln.delay.prior_ramp == 5.0
