@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 BENCHES: dict[str, tuple[str, str]] = {
     "joiner": ("bench.joiner", "joiner events/s vs a no-op faust agent and a plain loop"),
     "models": ("bench.models", "offline AITM vs baselines vs the oracle"),
+    "ablation": ("bench.ablation", "our AITM vs a reference one from the original code, knob by knob"),
     "train": ("bench.train", "training samples/s and batch-1 scoring latency"),
     "feed": ("bench.feed", "the trainer feed's samples/s and bytes per sample, JSON vs msgpack"),
     "stream": ("bench.stream", "the streaming learner end to end"),
