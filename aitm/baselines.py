@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aitm.layers import FusedEmbedding, FusedTowers
+from aitm.layers import FusedEmbedding, FusedTowers, glorot_uniform_
 from aitm.model import AITM, AITMConfig
 
 TOWER = (128, 64, 32)  # per-task tower of MLP and ESMM, as AITM's
@@ -30,8 +30,7 @@ class TaskHeads(nn.Module):
 
     def __init__(self, n_tasks: int, k: int) -> None:
         super().__init__()
-        bound = 1.0 / math.sqrt(k)
-        self.w = nn.Parameter(torch.empty(n_tasks, k, 1).uniform_(-bound, bound))
+        self.w = nn.Parameter(glorot_uniform_(torch.empty(n_tasks, k, 1), k, 1))  # as Dense(1)
         self.b = nn.Parameter(torch.zeros(n_tasks, 1, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

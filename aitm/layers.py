@@ -42,6 +42,23 @@ class FastDropout(nn.Module):
         return f"p={self.p}"
 
 
+def glorot_uniform_(w: torch.Tensor, fan_in: int, fan_out: int) -> torch.Tensor:
+    """Glorot-uniform init in place, U(+-sqrt(6 / (fan_in + fan_out))): Keras' default, which the
+    original AITM code relies on. torch's ``nn.Linear`` default, U(+-1/sqrt(fan_in)), is 1.6-2.4x
+    narrower on AITM's layers and cost 0.004-0.006 AUC on every converting step (docs/models.md)."""
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    with torch.no_grad():
+        return w.uniform_(-bound, bound)
+
+
+def dense(fan_in: int, fan_out: int) -> nn.Linear:
+    """``nn.Linear`` with Glorot-uniform weights and zero bias (Keras' ``Dense`` default)."""
+    layer = nn.Linear(fan_in, fan_out)
+    glorot_uniform_(layer.weight, fan_in, fan_out)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class FusedEmbedding(nn.Module):
     """All categorical fields in one table: field ``i``'s local id ``j`` is row offset[i] + j."""
 
@@ -77,6 +94,7 @@ class FusedTowers(nn.Module):
     """``n`` independent MLP towers (Linear, ReLU, dropout per layer) run as batched matmuls.
 
     Input is either shared (B, in) or one per tower (n, B, in); output is (n, B, dims[-1]).
+    Weights start Glorot-uniform and biases at zero, as Keras' ``Dense`` (``glorot_uniform_``).
     """
 
     def __init__(self, in_dim: int, n: int, dims: Sequence[int], dropouts: Sequence[float]) -> None:
@@ -89,9 +107,8 @@ class FusedTowers(nn.Module):
         self.drops = nn.ModuleList(FastDropout(p) for p in dropouts)
         fan_in = in_dim
         for width in dims:
-            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init
-            self.weights.append(nn.Parameter(torch.empty(n, fan_in, width).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(n, 1, width).uniform_(-bound, bound)))
+            self.weights.append(nn.Parameter(glorot_uniform_(torch.empty(n, fan_in, width), fan_in, width)))
+            self.biases.append(nn.Parameter(torch.zeros(n, 1, width)))
             fan_in = width
         self.out_dim = fan_in
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aitm.layers import FastDropout, FusedEmbedding, FusedTowers
+from aitm.layers import FastDropout, FusedEmbedding, FusedTowers, dense, glorot_uniform_
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,16 @@ class AIT(nn.Module):
 
     def forward(self, q_t: torch.Tensor, p_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, k), (B, k) -> z_t (B, k) and the weights (B, 2) on (q_t, p_{t-1})."""
+        w, value = self.weights_and_values(q_t, p_prev)
+        z = (w.unsqueeze(-1) * value).sum(1)  # (B, k)
+        return z, w
+
+    def weights_and_values(self, q_t: torch.Tensor, p_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The softmax weights (B, 2) and the values h1(u) (B, 2, k) of u in (q_t, p_{t-1})."""
         u = torch.stack((q_t, p_prev), dim=1)  # (B, 2, k)
         query, key, value = self.qkv(u).split(self.k, dim=-1)  # 3 x (B, 2, k)
         scores = (query * key).sum(-1) / math.sqrt(self.k)  # (B, 2): each input's own q.k
-        w = torch.softmax(scores, dim=1)  # (B, 2)
-        z = (w.unsqueeze(-1) * value).sum(1)  # (B, k)
-        return z, w
+        return torch.softmax(scores, dim=1), value  # (B, 2), (B, 2, k)
 
 
 class AITM(nn.Module):
@@ -64,11 +68,11 @@ class AITM(nn.Module):
         self.embedding = FusedEmbedding(config.vocab_sizes, config.emb_dim)
         self.towers = FusedTowers(self.embedding.out_dim, t, config.tower_dims, config.dropouts)
         self.transfers = nn.ModuleList(
-            nn.Sequential(nn.Linear(k, config.transfer_dim), nn.ReLU(), FastDropout(config.dropouts[-1]))
+            nn.Sequential(dense(k, config.transfer_dim), nn.ReLU(), FastDropout(config.dropouts[-1]))
             for _ in range(t - 1)
         )
         self.aits = nn.ModuleList(AIT(k) for _ in range(t - 1))
-        self.head_w = nn.Parameter(torch.empty(t, k).uniform_(-1 / math.sqrt(k), 1 / math.sqrt(k)))
+        self.head_w = nn.Parameter(glorot_uniform_(torch.empty(t, k), k, 1))  # T Dense(1) heads
         self.head_b = nn.Parameter(torch.zeros(t))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -133,3 +133,28 @@ def test_regularized_parameters_are_embeddings_and_attention() -> None:
     reg = model.regularized_parameters()
     assert reg[0] is model.embedding.table.weight
     assert len(reg) == 1 + 3 and all(isinstance(p, nn.Parameter) for p in reg)
+
+
+def _glorot_bound(fan_in: int, fan_out: int) -> float:
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def _is_glorot(w: torch.Tensor, fan_in: int, fan_out: int) -> bool:
+    """Uniform within the Glorot bound and filling it (torch's default is 1.6-2.4x narrower)."""
+    bound, top = _glorot_bound(fan_in, fan_out), float(w.detach().abs().max())
+    return 0.9 * bound < top <= bound
+
+
+def test_dense_layers_start_as_keras_dense_glorot_uniform_and_zero_bias() -> None:
+    torch.manual_seed(0)
+    model = AITM(AITMConfig(vocab_sizes=VOCAB))
+    fan_in = model.embedding.out_dim
+    for w, b, width in zip(model.towers.weights, model.towers.biases, (128, 64, 32), strict=True):
+        assert all(_is_glorot(w[i], fan_in, width) for i in range(w.shape[0]))
+        assert b.abs().max() == 0
+        fan_in = width
+    for seq in model.transfers:
+        lin = seq[0]
+        assert isinstance(lin, nn.Linear)
+        assert _is_glorot(lin.weight, 32, 32) and lin.bias.abs().max() == 0
+    assert _is_glorot(model.head_w, 32, 1) and model.head_b.abs().max() == 0
