@@ -8,7 +8,8 @@ validation sum of AUCs. A variant is a base model and knobs, e.g. ``ours+emb=0.0
 
 - bases: ``ours`` (the product's ``AITM``), ``ref`` (``bench.reference.ReferenceAITM``,
   built like the original code), or a baseline name (``ESMM``, ``MLP``, ``MMoE``, ...);
-- ``emb=STD`` embedding init std; ``dense=glorot|torch`` init of towers, transfer and heads;
+- ``emb=STD`` embedding init std; ``dense=glorot|he|torch|zbias`` init of towers, transfer and
+  heads (``glorot-tower``: all but the heads); ``head=glorot|torch`` the heads' weights alone;
   ``attn=normal|torch`` init of the AIT maps; ``shared=0|1`` one AIT for all transitions (ref);
   ``tdrop=0|1`` dropout after the transfer layer; ``bn=1`` batch norm in the towers (ref);
   ``opt=fused|plain`` Adam kernel; ``l2=default|none|all|emb`` L2 targets; ``alpha=A`` the
@@ -166,6 +167,8 @@ def _product_aitm(vocab: tuple[int, ...], n_tasks: int, knobs: dict[str, str]) -
         nn.init.normal_(model.embedding.table.weight, std=float(knobs["emb"]))
     if "dense" in knobs:
         _reinit_dense(model, knobs["dense"])
+    if "head" in knobs:
+        _init_(model.head_w, None, model.head_w.shape[1], 1, knobs["head"])
     if knobs.get("attn") == "normal":
         for m in model.aits:
             assert isinstance(m, AIT)
@@ -204,6 +207,10 @@ def build_variant(spec: str, vocab: tuple[int, ...], n_tasks: int) -> tuple[nn.M
     model = build_model(base, vocab, n_tasks)
     if "dense" in knobs:
         _reinit_any(model, knobs["dense"])
+    if "head" in knobs:
+        for m in model.modules():
+            if isinstance(m, TaskHeads):
+                _init_(m.w, None, m.w.shape[1], 1, knobs["head"])
     if "emb" in knobs:
         for m in model.modules():
             if isinstance(m, FusedEmbedding):

@@ -60,6 +60,14 @@ def test_knobs_reach_the_product_model() -> None:
     glorot, _ = build_variant("ours+dense=glorot", VOCAB, 4)
     assert isinstance(glorot, AITM)
     assert glorot.towers.biases[0].abs().max() == 0
+    # head=: the heads' weights alone (k = 32: Glorot bound sqrt(6/33) vs torch's 1/sqrt(32))
+    torch.manual_seed(0)
+    wide, _ = build_variant("ours+dense=torch+head=glorot", VOCAB, 4)
+    narrow, _ = build_variant("ours+head=torch", VOCAB, 4)
+    assert isinstance(wide, AITM) and isinstance(narrow, AITM)
+    assert float(wide.head_w.abs().max()) > 1 / math.sqrt(32)
+    assert float(narrow.head_w.abs().max()) <= 1 / math.sqrt(32)
+    assert wide.towers.biases[0].abs().max() > 0  # the towers keep torch's init
 
 
 def test_l2_targets_and_adam_kernel() -> None:
