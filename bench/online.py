@@ -73,7 +73,9 @@ def init_prior_bias(model: nn.Module, rates: Sequence[float]) -> None:
 def learner_for(name: str, settings: Settings, fields: tuple[str, ...], seed: int) -> OnlineLearner:
     """The trainer's learner (its settings, a fresh embedding table) around the network ``name``."""
     s = settings
-    table = DynamicTable(fields, s.trainer_embedding_rows, s.trainer_feature_min_count, s.trainer_embedding_ttl_ms)
+    table = DynamicTable(
+        fields, s.trainer_embedding_rows, s.trainer_feature_min_count, s.trainer_embedding_ttl_ms
+    )
     torch.manual_seed(seed)
     model = build_model(name, table.vocab_sizes, N_TASKS)
     if s.trainer_prior_rates:
@@ -81,9 +83,18 @@ def learner_for(name: str, settings: Settings, fields: tuple[str, ...], seed: in
     freeze_ms = int(s.trainer_freeze_after_days * DAY_MS) if s.trainer_freeze_after_days else None
     # the learner needs of its network only forward(ids) -> (B, T) logits and ``embedding.table``
     # (the lazily trained table), which every baseline has; AITM is its annotated type
-    return OnlineLearner(table, s.trainer_mode, s.trainer_lr, eval_window=s.trainer_eval_window,
-                         model=cast(AITM, model), seed=seed, freeze_after_ms=freeze_ms, one_pass=s.trainer_one_pass,
-                         stabilisers=stabilisers_from(s), alpha=s.trainer_calibrator_alpha)
+    return OnlineLearner(
+        table,
+        s.trainer_mode,
+        s.trainer_lr,
+        eval_window=s.trainer_eval_window,
+        model=cast(AITM, model),
+        seed=seed,
+        freeze_after_ms=freeze_ms,
+        one_pass=s.trainer_one_pass,
+        stabilisers=stabilisers_from(s),
+        alpha=s.trainer_calibrator_alpha,
+    )
 
 
 def run_model(name: str, seed: int, batches: list[SampleBatch], settings: Settings) -> dict[str, Any]:
@@ -114,13 +125,21 @@ def final_aucs(preds: dict[str, np.ndarray], truth: list[TruthRow]) -> list[floa
 
 
 def _by_task(values: Sequence[float | None] | np.ndarray) -> dict[str, float | None]:
-    return {t: (None if v is None or np.isnan(v) else round(float(v), 4)) for t, v in zip(TASKS, values, strict=True)}
+    return {
+        t: (None if v is None or np.isnan(v) else round(float(v), 4))
+        for t, v in zip(TASKS, values, strict=True)
+    }
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Mean and std (ddof 1) over seeds per model and task; the frozen comparison likewise."""
-    out: dict[str, Any] = {"auc_final": {}, "auc_final_std": {}, "auc_final_runs": {},
-                           "auc_frozen": {}, "auc_live_paired": {}}
+    out: dict[str, Any] = {
+        "auc_final": {},
+        "auc_final_std": {},
+        "auc_final_runs": {},
+        "auc_frozen": {},
+        "auc_live_paired": {},
+    }
     for name, rs in runs.items():
         a = np.array([r["auc_final"] for r in rs], np.float64)  # (S, T)
         out["auc_final"][name] = _by_task(a.mean(0))
@@ -134,14 +153,23 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     """Markdown: auc_final mean ± std per model and task, and live vs frozen."""
-    lines = [f"# Online: {report['source']}", "", "| model | " + " | ".join(TASKS) + " |",
-             "|---" * (len(TASKS) + 1) + "|"]
+    lines = [
+        f"# Online: {report['source']}",
+        "",
+        "| model | " + " | ".join(TASKS) + " |",
+        "|---" * (len(TASKS) + 1) + "|",
+    ]
     for name, m in report["auc_final"].items():
         sd = report["auc_final_std"][name]
         lines.append(f"| {name} | " + " | ".join(f"{m[t]:.4f} ± {sd[t]:.4f}" for t in TASKS) + " |")
     if report["auc_frozen"]:
-        lines += ["", "Live vs frozen on the same finals (lifetime AUC after the freeze):", "",
-                  "| model | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
+        lines += [
+            "",
+            "Live vs frozen on the same finals (lifetime AUC after the freeze):",
+            "",
+            "| model | " + " | ".join(TASKS) + " |",
+            "|---" * (len(TASKS) + 1) + "|",
+        ]
         for name, fz in report["auc_frozen"].items():
             live = report["auc_live_paired"][name]
             lines.append(f"| {name} | " + " | ".join(f"{live[t]:.4f} vs {fz[t]:.4f}" for t in TASKS) + " |")
@@ -173,16 +201,22 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     torch.set_num_threads(settings.trainer_threads)
     t0, load0 = time.monotonic(), os.getloadavg()
-    sim = FunnelSimulator(SimConfig(seed=args.sim_seed, impressions_per_day=args.impressions_per_day,
-                                    drift=args.drift))
+    sim = FunnelSimulator(
+        SimConfig(seed=args.sim_seed, impressions_per_day=args.impressions_per_day, drift=args.drift)
+    )
     stream = SimulatedStream(sim, args.days)
     samples = joined_samples(stream, settings)
-    batches = [as_batch(samples[i : i + settings.trainer_batch_size])
-               for i in range(0, len(samples), settings.trainer_batch_size)]
+    batches = [
+        as_batch(samples[i : i + settings.trainer_batch_size])
+        for i in range(0, len(samples), settings.trainer_batch_size)
+    ]
     first_eval = EPOCH_MS + int(args.skip_days * DAY_MS)
-    truth = [r for r in stream.truth
-             if not r.tail and r.final_labels is not None and r.event_time_ms >= first_eval]
-    print(f"{len(samples):,} samples joined in {time.monotonic() - t0:.0f} s; {len(truth):,} judged", flush=True)
+    truth = [
+        r for r in stream.truth if not r.tail and r.final_labels is not None and r.event_time_ms >= first_eval
+    ]
+    print(
+        f"{len(samples):,} samples joined in {time.monotonic() - t0:.0f} s; {len(truth):,} judged", flush=True
+    )
     runs: dict[str, list[dict[str, Any]]] = {}
     for name in models:
         for seed in range(args.seeds):
@@ -192,16 +226,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} seed {seed}: {r['auc_final']} ({r['wall_s']} s)", flush=True)
     report: dict[str, Any] = {
         "source": f"funnel simulator (seed {args.sim_seed}), {args.days} days x {args.impressions_per_day} "
-                  f"impressions, {settings.trainer_mode}, lr {settings.trainer_lr}",
+        f"impressions, {settings.trainer_mode}, lr {settings.trainer_lr}",
         **summarise(runs),
         "seeds": list(range(args.seeds)),
         "tasks": list(TASKS),
-        "days": args.days, "impressions_per_day": args.impressions_per_day, "skip_days": args.skip_days,
-        "sim_seed": args.sim_seed, "drift": args.drift,
-        "samples": len(samples), "judged_impressions": len(truth),
-        "settings": {"trainer_mode": settings.trainer_mode, "trainer_lr": settings.trainer_lr,
-                     "trainer_batch_size": settings.trainer_batch_size,
-                     "trainer_freeze_after_days": settings.trainer_freeze_after_days},
+        "days": args.days,
+        "impressions_per_day": args.impressions_per_day,
+        "skip_days": args.skip_days,
+        "sim_seed": args.sim_seed,
+        "drift": args.drift,
+        "samples": len(samples),
+        "judged_impressions": len(truth),
+        "settings": {
+            "trainer_mode": settings.trainer_mode,
+            "trainer_lr": settings.trainer_lr,
+            "trainer_batch_size": settings.trainer_batch_size,
+            "trainer_freeze_after_days": settings.trainer_freeze_after_days,
+        },
         "wall_s": {name: [r["wall_s"] for r in rs] for name, rs in runs.items()},
         "seconds": round(time.monotonic() - t0, 1),
         "load_avg_1m": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
