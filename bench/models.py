@@ -24,7 +24,9 @@ from aitm.model import AIT, AITM
 from aitm.train import Split, TrainConfig, fit, predict_proba, task_aucs
 from bench.models_report import (
     FUNNEL_STEPS,
+    ait_series,
     family_table,
+    plot_ait_weights,
     plot_aucs,
     plot_curve,
     plot_families,
@@ -299,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             **meta,
         }
         plot_families(report, args.families_plot or args.json.with_name(args.json.stem + "_families.png"))
+    series = ait_series(report)
+    if series:  # the paper's Figure 6, per table: weight on p_(t-1) and its share of z_t, by labels
+        plot_ait_weights(series, args.json.with_name(args.json.stem + "_ait.png"), "AITM: AIT on p_(t-1)")
     report.update(quick=args.quick, seconds=round(time.perf_counter() - start, 1))
     write_json(args.json, report, allow_nan=False)
     md = (render_markdown(report) if "models" in report else "") + render_families(report)

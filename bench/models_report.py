@@ -124,6 +124,18 @@ def render_families(report: dict[str, Any]) -> str:
         if oracle:
             lines.append("| Oracle (true p) | " + " | ".join(_f(oracle.get(t)) for t in tasks) + " |")
         lines.append("")
+        weights = info.get("ait_weight_by_stage")
+        if weights:
+            lines += [
+                "AITM's mean AIT weight on p_(t-1) (and its share of z_t) by (previous, current) label:",
+                "",
+            ]
+            lines += ["| Transfer | 00 | 10 | 11 |", "|---|---|---|---|"]
+            for pair, w in weights.items():
+                lines.append(
+                    f"| {pair} | {_f(w['00'], '.3f')} | {_f(w['10'], '.3f')} | {_f(w['11'], '.3f')} |"
+                )
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -303,3 +315,22 @@ def plot_ait_weights(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def ait_series(report: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """The AIT weights of every table in ``report`` (the simulator's and each family's), as
+    ``plot_ait_weights`` takes them: a panel of weights and one of value shares per table."""
+    tables: dict[str, dict[str, Any]] = {}
+    if "ait_weight_by_stage" in report:
+        tables["simulator"] = report["ait_weight_by_stage"]
+    for family, meta in (report.get("families_meta") or {}).items():
+        if isinstance(meta, dict) and "ait_weight_by_stage" in meta:
+            tables[family] = meta["ait_weight_by_stage"]
+    series: dict[str, dict[str, dict[str, float | None]]] = {}
+    for name, by_pair in tables.items():
+        weights = {k: v for k, v in by_pair.items() if not k.startswith("share ")}
+        shares = {k.removeprefix("share "): v for k, v in by_pair.items() if k.startswith("share ")}
+        series[f"{name}: weight"] = weights
+        if shares:
+            series[f"{name}: value share"] = shares
+    return series

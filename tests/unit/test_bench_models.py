@@ -42,6 +42,16 @@ def test_families_key_holds_mean_and_std_per_family_model_and_task(tmp_path: Pat
     assert report["families_meta"]["cascade"]["oracle_auc"]["click"] > 0.6
     assert "### cascade" in out.with_suffix(".md").read_text()
     assert (tmp_path / "m_families.png").stat().st_size > 0
+    # the paper's Figure 6 per family: AITM's weight on p_(t-1) and its value share, by labels
+    weights = report["families_meta"]["cascade"]["ait_weight_by_stage"]
+    assert set(weights) == {
+        f"{k}{a}->{b}"
+        for k in ("", "share ")
+        for a, b in (("click", "application"), ("application", "approval"), ("approval", "activation"))
+    }
+    assert 0.0 < weights["click->application"]["00"] < 1.0  # a softmax weight
+    assert "AIT weight on p_(t-1)" in out.with_suffix(".md").read_text()
+    assert (tmp_path / "m_ait.png").stat().st_size > 0
 
 
 def _feats(pairs: list[tuple[str, str]]) -> str:
