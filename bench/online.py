@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=14, help="simulated days of impressions")
     p.add_argument("--impressions-per-day", type=int, default=4000)
     p.add_argument("--skip-days", type=float, default=2.0, help="impressions before this day are not judged")
-    p.add_argument("--seeds", type=int, default=3, help="training seeds per model")
+    p.add_argument("--seeds", type=int, default=5, help="training seeds per model")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated")
     p.add_argument("--sim-seed", type=int, default=0)
     p.add_argument("--drift", type=float, default=0.03, help="radians/day of concept drift")
