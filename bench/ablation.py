@@ -334,7 +334,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sim-seed", type=int, default=7)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated")
+    p.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated BASE+KNOB=VALUE+...: bases ours, ref, ESMM, MLP, ...; knobs in bench/ablation.py",
+    )
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
