@@ -4,7 +4,7 @@ The simulator's records for ``--days`` days go once through the joiner's ``Funne
 (``bench.paced_join``: no broker, so every model sees the very same samples in the very same
 order), then through one ``OnlineLearner`` per model and training seed - the trainer's core with
 its settings from the environment (``TRAINER_MODE`` fnw by default, ``TRAINER_LR``, batch size,
-stabilisers), test-then-train. Only the network differs: AITM, ESMM, MMoE, PLE and the
+stabilisers, ``TRAINER_DENSE_INIT`` unless ``--dense-init`` says otherwise), test-then-train. Only the network differs: AITM, ESMM, MMoE, PLE and the
 single-task MLP (``aitm.baselines``), each with its output biases started at the funnel's prior
 rates as the product's AITM (``TRAINER_PRIOR_RATES``; ESMM's heads are conditionals, so theirs
 start at the conditional rates).
@@ -33,6 +33,7 @@ from torch import nn
 from aitm.baselines import ESMM, TaskHeads, build_model
 from aitm.embedding_table import DynamicTable
 from aitm.evaluate import auc
+from aitm.layers import DENSE_INITS
 from aitm.model import AITM
 from bench.churn import joined_samples
 from bench.report import write_json
@@ -77,7 +78,7 @@ def learner_for(name: str, settings: Settings, fields: tuple[str, ...], seed: in
         fields, s.trainer_embedding_rows, s.trainer_feature_min_count, s.trainer_embedding_ttl_ms
     )
     torch.manual_seed(seed)
-    model = build_model(name, table.vocab_sizes, N_TASKS)
+    model = build_model(name, table.vocab_sizes, N_TASKS, dense_init=s.trainer_dense_init)
     if s.trainer_prior_rates:
         init_prior_bias(model, s.trainer_prior_rates)
     freeze_ms = int(s.trainer_freeze_after_days * DAY_MS) if s.trainer_freeze_after_days else None
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated")
     p.add_argument("--sim-seed", type=int, default=0)
     p.add_argument("--drift", type=float, default=0.03, help="radians/day of concept drift")
+    p.add_argument("--dense-init", choices=DENSE_INITS, default=None,
+                   help="how the networks' dense layers start (default: the product's TRAINER_DENSE_INIT)")
     return p
 
 
@@ -199,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.skip_days < args.days:
         p.error("--skip-days must be at least 0 and below --days")
     settings = Settings()
+    if args.dense_init is not None:
+        settings = settings.model_copy(update={"trainer_dense_init": args.dense_init})
     torch.set_num_threads(settings.trainer_threads)
     t0, load0 = time.monotonic(), os.getloadavg()
     sim = FunnelSimulator(
@@ -235,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "skip_days": args.skip_days,
         "sim_seed": args.sim_seed,
         "drift": args.drift,
+        "dense_init": settings.trainer_dense_init,
         "samples": len(samples),
         "judged_impressions": len(truth),
         "settings": {
