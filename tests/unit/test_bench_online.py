@@ -37,6 +37,15 @@ def test_the_learner_trains_the_named_network() -> None:
     assert isinstance(learner_for("AITM", Settings(), ("a", "b"), seed=0).model, AITM)
 
 
+def test_the_networks_start_with_the_products_dense_init_unless_told() -> None:
+    for name in ("AITM", "ESMM"):
+        torch.manual_seed(0)
+        product = learner_for(name, Settings(), ("a", "b"), seed=0).model
+        glorot = learner_for(name, Settings(trainer_dense_init="glorot"), ("a", "b"), seed=0).model
+        assert float(product.towers.biases[0].detach().abs().max()) > 0  # "torch": nn.Linear's biases
+        assert float(glorot.towers.biases[0].detach().abs().max()) == 0
+
+
 def test_a_tiny_online_run_writes_auc_final_per_model_and_the_seeds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -46,6 +55,7 @@ def test_a_tiny_online_run_writes_auc_final_per_model_and_the_seeds(
     assert main([*argv, "--seeds", "2", "--models", "AITM,MLP"]) == 0
     report = json.loads(out.read_text())
     assert report["seeds"] == [0, 1]
+    assert report["dense_init"] == Settings().trainer_dense_init == "torch"  # the product's
     assert set(report["auc_final"]) == {"AITM", "MLP"}
     for name in ("AITM", "MLP"):
         aucs = report["auc_final"][name]
@@ -62,6 +72,12 @@ def test_a_tiny_online_run_writes_auc_final_per_model_and_the_seeds(
     assert main([*argv, "--seeds", "1", "--models", "AITM", "--json", str(tmp_path / "again.json")]) == 0
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["auc_final_runs"]["AITM"][0] == report["auc_final_runs"]["AITM"][0]
+    # --dense-init overrides the product's: another start, other figures
+    glorot = tmp_path / "glorot.json"
+    assert main([*argv, "--seeds", "1", "--models", "AITM", "--dense-init", "glorot", "--json", str(glorot)]) == 0
+    other = json.loads(glorot.read_text())
+    assert other["dense_init"] == "glorot"
+    assert other["auc_final_runs"]["AITM"][0] != report["auc_final_runs"]["AITM"][0]
 
 
 def test_unknown_models_are_a_usage_error(tmp_path: Path) -> None:
