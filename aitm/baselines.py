@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aitm.layers import FusedEmbedding, FusedTowers
+from aitm.layers import DenseInit, FusedEmbedding, FusedTowers, check_dense_init, glorot_uniform_
 from aitm.model import AITM, AITMConfig
 
 TOWER = (128, 64, 32)  # per-task tower of MLP and ESMM, as AITM's
@@ -26,12 +26,17 @@ MOE_TOWER_DROP = (0.3,)
 
 
 class TaskHeads(nn.Module):
-    """One linear logit per task on per-task features (T, B, k) -> (B, T)."""
+    """One linear logit per task on per-task features (T, B, k) -> (B, T); zero bias, weights
+    Glorot-uniform as Keras' Dense(1) or, with ``init="torch"``, U(+-1/sqrt(k))."""
 
-    def __init__(self, n_tasks: int, k: int) -> None:
+    def __init__(self, n_tasks: int, k: int, init: DenseInit = "glorot") -> None:
         super().__init__()
-        bound = 1.0 / math.sqrt(k)
-        self.w = nn.Parameter(torch.empty(n_tasks, k, 1).uniform_(-bound, bound))
+        check_dense_init(init)
+        if init == "glorot":
+            self.w = nn.Parameter(glorot_uniform_(torch.empty(n_tasks, k, 1), k, 1))  # as Dense(1)
+        else:
+            bound = 1.0 / math.sqrt(k)
+            self.w = nn.Parameter(torch.empty(n_tasks, k, 1).uniform_(-bound, bound))
         self.b = nn.Parameter(torch.zeros(n_tasks, 1, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -45,11 +50,12 @@ class SingleTaskMLP(nn.Module):
     since gradients and Adam states never mix.
     """
 
-    def __init__(self, vocab_sizes: Sequence[int], n_tasks: int, emb_dim: int = 5) -> None:
+    def __init__(self, vocab_sizes: Sequence[int], n_tasks: int, emb_dim: int = 5,
+                 dense_init: DenseInit = "glorot") -> None:
         super().__init__()
         self.embedding = FusedEmbedding(vocab_sizes, emb_dim, copies=n_tasks)
-        self.towers = FusedTowers(self.embedding.out_dim, n_tasks, TOWER, TOWER_DROP)
-        self.heads = TaskHeads(n_tasks, TOWER[-1])
+        self.towers = FusedTowers(self.embedding.out_dim, n_tasks, TOWER, TOWER_DROP, dense_init)
+        self.heads = TaskHeads(n_tasks, TOWER[-1], dense_init)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.heads(self.towers(self.embedding(ids)))  # (B, T)
@@ -64,11 +70,12 @@ def end_to_end_logits(cond_logits: torch.Tensor) -> torch.Tensor:
 class ESMM(nn.Module):
     """ESMM over T steps: y_t = product of the per-step conditional probabilities up to t."""
 
-    def __init__(self, vocab_sizes: Sequence[int], n_tasks: int, emb_dim: int = 5) -> None:
+    def __init__(self, vocab_sizes: Sequence[int], n_tasks: int, emb_dim: int = 5,
+                 dense_init: DenseInit = "glorot") -> None:
         super().__init__()
         self.embedding = FusedEmbedding(vocab_sizes, emb_dim)
-        self.towers = FusedTowers(self.embedding.out_dim, n_tasks, TOWER, TOWER_DROP)
-        self.heads = TaskHeads(n_tasks, TOWER[-1])
+        self.towers = FusedTowers(self.embedding.out_dim, n_tasks, TOWER, TOWER_DROP, dense_init)
+        self.heads = TaskHeads(n_tasks, TOWER[-1], dense_init)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return end_to_end_logits(self.heads(self.towers(self.embedding(ids))))  # (B, T)
@@ -82,17 +89,18 @@ def _mix(gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
 class MoE(nn.Module):
     """OMoE (one gate shared by all tasks) or MMoE (a gate per task) over 2 x T shared experts."""
 
-    def __init__(self, vocab_sizes: Sequence[int], n_tasks: int, multi_gate: bool, emb_dim: int = 5) -> None:
+    def __init__(self, vocab_sizes: Sequence[int], n_tasks: int, multi_gate: bool, emb_dim: int = 5,
+                 dense_init: DenseInit = "glorot") -> None:
         super().__init__()
         self.n_tasks = n_tasks
         self.n_experts = 2 * n_tasks
         n_gates = n_tasks if multi_gate else 1
         self.embedding = FusedEmbedding(vocab_sizes, emb_dim)
         d = self.embedding.out_dim
-        self.experts = FusedTowers(d, self.n_experts, EXPERT, TOWER_DROP)
+        self.experts = FusedTowers(d, self.n_experts, EXPERT, TOWER_DROP, dense_init)
         self.gates = nn.Linear(d, n_gates * self.n_experts)
-        self.towers = FusedTowers(EXPERT[-1], n_tasks, MOE_TOWER, MOE_TOWER_DROP)
-        self.heads = TaskHeads(n_tasks, MOE_TOWER[-1])
+        self.towers = FusedTowers(EXPERT[-1], n_tasks, MOE_TOWER, MOE_TOWER_DROP, dense_init)
+        self.heads = TaskHeads(n_tasks, MOE_TOWER[-1], dense_init)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         v = self.embedding(ids)  # (B, d)
@@ -108,12 +116,13 @@ class MoE(nn.Module):
 class CGCLevel(nn.Module):
     """One PLE extraction level: a specific expert per task plus T shared experts, gated."""
 
-    def __init__(self, in_dim: int, n_tasks: int, dims: Sequence[int], last: bool) -> None:
+    def __init__(self, in_dim: int, n_tasks: int, dims: Sequence[int], last: bool,
+                 dense_init: DenseInit = "glorot") -> None:
         super().__init__()
         self.n_tasks = n_tasks
         drops = TOWER_DROP[-len(dims) :]
-        self.specific = FusedTowers(in_dim, n_tasks, dims, drops)
-        self.shared = FusedTowers(in_dim, n_tasks, dims, drops)
+        self.specific = FusedTowers(in_dim, n_tasks, dims, drops, dense_init)
+        self.shared = FusedTowers(in_dim, n_tasks, dims, drops, dense_init)
         self.gate_w = nn.Parameter(torch.empty(n_tasks, in_dim, 1 + n_tasks))
         self.gate_b = nn.Parameter(torch.zeros(n_tasks, 1, 1 + n_tasks))
         nn.init.uniform_(self.gate_w, -1 / math.sqrt(in_dim), 1 / math.sqrt(in_dim))
@@ -137,15 +146,16 @@ class CGCLevel(nn.Module):
 class PLE(nn.Module):
     """Progressive Layered Extraction: two CGC levels, experts [64, 32] then [16]."""
 
-    def __init__(self, vocab_sizes: Sequence[int], n_tasks: int, emb_dim: int = 5) -> None:
+    def __init__(self, vocab_sizes: Sequence[int], n_tasks: int, emb_dim: int = 5,
+                 dense_init: DenseInit = "glorot") -> None:
         super().__init__()
         self.n_tasks = n_tasks
         self.embedding = FusedEmbedding(vocab_sizes, emb_dim)
         d = self.embedding.out_dim
-        self.level1 = CGCLevel(d, n_tasks, EXPERT[:2], last=False)
-        self.level2 = CGCLevel(EXPERT[1], n_tasks, EXPERT[2:], last=True)
-        self.towers = FusedTowers(EXPERT[-1], n_tasks, MOE_TOWER, MOE_TOWER_DROP)
-        self.heads = TaskHeads(n_tasks, MOE_TOWER[-1])
+        self.level1 = CGCLevel(d, n_tasks, EXPERT[:2], last=False, dense_init=dense_init)
+        self.level2 = CGCLevel(EXPERT[1], n_tasks, EXPERT[2:], last=True, dense_init=dense_init)
+        self.towers = FusedTowers(EXPERT[-1], n_tasks, MOE_TOWER, MOE_TOWER_DROP, dense_init)
+        self.heads = TaskHeads(n_tasks, MOE_TOWER[-1], dense_init)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         v = self.embedding(ids)  # (B, d)
@@ -158,16 +168,19 @@ class PLE(nn.Module):
 NEURAL_MODELS = ("MLP", "ESMM", "OMoE", "MMoE", "PLE", "AITM")
 
 
-def build_model(name: str, vocab_sizes: Sequence[int], n_tasks: int) -> nn.Module:
-    """A network by its name in the paper's tables, with the paper's sizes."""
+def build_model(name: str, vocab_sizes: Sequence[int], n_tasks: int, dense_init: DenseInit = "glorot") -> nn.Module:
+    """A network by its name in the paper's tables, with the paper's sizes; ``dense_init`` is how
+    its dense layers start (``aitm.layers.DenseInit``)."""
     vocab = tuple(vocab_sizes)
+    di = dense_init
+    check_dense_init(di)
     builders: dict[str, Any] = {
-        "MLP": lambda: SingleTaskMLP(vocab, n_tasks),
-        "ESMM": lambda: ESMM(vocab, n_tasks),
-        "OMoE": lambda: MoE(vocab, n_tasks, multi_gate=False),
-        "MMoE": lambda: MoE(vocab, n_tasks, multi_gate=True),
-        "PLE": lambda: PLE(vocab, n_tasks),
-        "AITM": lambda: AITM(AITMConfig(vocab_sizes=vocab, n_tasks=n_tasks)),
+        "MLP": lambda: SingleTaskMLP(vocab, n_tasks, dense_init=di),
+        "ESMM": lambda: ESMM(vocab, n_tasks, dense_init=di),
+        "OMoE": lambda: MoE(vocab, n_tasks, multi_gate=False, dense_init=di),
+        "MMoE": lambda: MoE(vocab, n_tasks, multi_gate=True, dense_init=di),
+        "PLE": lambda: PLE(vocab, n_tasks, dense_init=di),
+        "AITM": lambda: AITM(AITMConfig(vocab_sizes=vocab, n_tasks=n_tasks, dense_init=di)),
     }
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose from {NEURAL_MODELS}")

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aitm.layers import FastDropout, FusedEmbedding, FusedTowers
+from aitm.layers import (
+    DenseInit,
+    FastDropout,
+    FusedEmbedding,
+    FusedTowers,
+    check_dense_init,
+    dense,
+    glorot_uniform_,
+)
 
 
 @dataclass(frozen=True)
@@ -21,8 +29,14 @@ class AITMConfig:
     tower_dims: tuple[int, ...] = (128, 64, 32)  # f_t; the last width is k of the AIT module
     dropouts: tuple[float, ...] = (0.1, 0.3, 0.3)  # one per tower layer
     transfer_dim: int = 32  # g_{t-1}: one ReLU layer; must equal k so p and q can be mixed
+    # how towers, transfers and heads start (aitm/layers.py DenseInit): "glorot" as Keras' Dense
+    # (the original code; +0.005-0.007 AUC) or "torch", nn.Linear's default, which the streaming
+    # trainer keeps (TRAINER_DENSE_INIT): its served-score smoothing was tuned on it. Checkpoints
+    # written before this field load with the default (the init no longer matters once loaded)
+    dense_init: DenseInit = "glorot"
 
     def __post_init__(self) -> None:
+        check_dense_init(self.dense_init)
         if self.n_tasks < 1:
             raise ValueError(f"n_tasks must be >= 1, got {self.n_tasks}")
         if self.transfer_dim != self.tower_dims[-1]:
@@ -42,12 +56,16 @@ class AIT(nn.Module):
 
     def forward(self, q_t: torch.Tensor, p_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, k), (B, k) -> z_t (B, k) and the weights (B, 2) on (q_t, p_{t-1})."""
+        w, value = self.weights_and_values(q_t, p_prev)
+        z = (w.unsqueeze(-1) * value).sum(1)  # (B, k)
+        return z, w
+
+    def weights_and_values(self, q_t: torch.Tensor, p_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The softmax weights (B, 2) and the values h1(u) (B, 2, k) of u in (q_t, p_{t-1})."""
         u = torch.stack((q_t, p_prev), dim=1)  # (B, 2, k)
         query, key, value = self.qkv(u).split(self.k, dim=-1)  # 3 x (B, 2, k)
         scores = (query * key).sum(-1) / math.sqrt(self.k)  # (B, 2): each input's own q.k
-        w = torch.softmax(scores, dim=1)  # (B, 2)
-        z = (w.unsqueeze(-1) * value).sum(1)  # (B, k)
-        return z, w
+        return torch.softmax(scores, dim=1), value  # (B, 2), (B, 2, k)
 
 
 class AITM(nn.Module):
@@ -62,13 +80,17 @@ class AITM(nn.Module):
         self.config = config
         t, k = config.n_tasks, config.tower_dims[-1]
         self.embedding = FusedEmbedding(config.vocab_sizes, config.emb_dim)
-        self.towers = FusedTowers(self.embedding.out_dim, t, config.tower_dims, config.dropouts)
+        init = config.dense_init
+        self.towers = FusedTowers(self.embedding.out_dim, t, config.tower_dims, config.dropouts, init)
         self.transfers = nn.ModuleList(
-            nn.Sequential(nn.Linear(k, config.transfer_dim), nn.ReLU(), FastDropout(config.dropouts[-1]))
+            nn.Sequential(dense(k, config.transfer_dim, init), nn.ReLU(), FastDropout(config.dropouts[-1]))
             for _ in range(t - 1)
         )
         self.aits = nn.ModuleList(AIT(k) for _ in range(t - 1))
-        self.head_w = nn.Parameter(torch.empty(t, k).uniform_(-1 / math.sqrt(k), 1 / math.sqrt(k)))
+        if init == "glorot":
+            self.head_w = nn.Parameter(glorot_uniform_(torch.empty(t, k), k, 1))  # T Dense(1) heads
+        else:
+            self.head_w = nn.Parameter(torch.empty(t, k).uniform_(-1 / math.sqrt(k), 1 / math.sqrt(k)))
         self.head_b = nn.Parameter(torch.zeros(t))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

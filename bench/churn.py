@@ -94,7 +94,8 @@ def run_variant(name: str, encoder: Encoder, batches: list[SampleBatch], setting
     """Test-then-train over ``batches``; first-sample predictions and the table's figures by day."""
     torch.manual_seed(0)
     learner = OnlineLearner(encoder, settings.trainer_mode, settings.trainer_lr, eval_window=settings.trainer_eval_window,
-                            one_pass=settings.trainer_one_pass, stabilisers=stabilisers_from(settings))
+                            one_pass=settings.trainer_one_pass, stabilisers=stabilisers_from(settings),
+                            dense_init=settings.trainer_dense_init)
     preds: dict[str, np.ndarray] = {}
     by_day: list[int] = []
     rows_by_day: list[int] = []

@@ -25,6 +25,15 @@ def pick(snap: Snapshot, proc: str, name: str, **labels: str) -> float:
     return total if found else math.nan
 
 
+def fmt(value: float, spec: str) -> str:
+    """``format(value, spec)``, but "n/a" (right-aligned to the spec's width) for NaN: a task the
+    data has no labels for (an Ali-CCP replay has no approval or activation) is not a number."""
+    if not math.isnan(value):
+        return format(value, spec)
+    width = spec.split(".")[0].lstrip("<>^=+- ")
+    return format("n/a", f">{width}") if width.isdigit() else "n/a"
+
+
 def by_label(snap: Snapshot, proc: str, name: str, label: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for (n, lbls), v in snap.get(proc, {}).items():
@@ -75,7 +84,7 @@ class Timeline:
         day = self.sim_day(snap)
         ev = self.rate("joiner", "aitm_joiner_events_total", i)
         aucs = " ".join(
-            f"{t[:4]} {pick(snap, 'trainer', 'aitm_trainer_auc_ratio', task=t, window='sliding'):.3f}"
+            f"{t[:4]} {fmt(pick(snap, 'trainer', 'aitm_trainer_auc_ratio', task=t, window='sliding'), '.3f')}"
             for t in TASKS
         )
         version = pick(snap, "scorer", "aitm_scorer_model_version")
@@ -104,7 +113,8 @@ class Timeline:
                 )
             ]
             rows.append(
-                f"{t:<12}{vals[0]:>11.4f}{vals[1]:>10.4f}{vals[2]:>20.4f}{vals[3]:>8.4f}{vals[4]:>10.4f}{vals[5]:>8.3f}"
+                f"{t:<12}{fmt(vals[0], '>11.4f')}{fmt(vals[1], '>10.4f')}{fmt(vals[2], '>20.4f')}"
+                f"{fmt(vals[3], '>8.4f')}{fmt(vals[4], '>10.4f')}{fmt(vals[5], '>8.3f')}"
             )
         sent = by_label(self.latest("simulator"), "simulator", "aitm_simulator_records_total", "topic")
         dead = by_label(self.latest("joiner"), "joiner", "aitm_joiner_dead_letters_total", "reason")

@@ -1,7 +1,9 @@
 """``aitm-stream bench models``: AITM vs the paper's baselines vs the simulator's oracle.
 
 Trains every model on time-ordered splits over several seeds and writes a Table-2-style
-markdown report, a JSON summary and plots (AUC per task, learning curve).
+markdown report, a JSON summary and plots (AUC per task, learning curve). Then the same
+models on each simulator family of ``simulators.families`` (docs/models.md says why these
+three): JSON key ``families`` {family: {model: {task: {"mean", "std"}}}}.
 """
 
 from __future__ import annotations
@@ -18,13 +20,25 @@ import torch
 
 from aitm.baselines import NEURAL_MODELS, LightGBMBaseline, build_model
 from aitm.features import FeatureEncoder
-from aitm.model import AITM
+from aitm.model import AIT, AITM
 from aitm.train import Split, TrainConfig, fit, predict_proba, task_aucs
-from bench.models_report import plot_aucs, plot_curve, render_markdown, summarise
+from bench.models_report import (
+    FUNNEL_STEPS,
+    ait_series,
+    family_table,
+    plot_ait_weights,
+    plot_aucs,
+    plot_curve,
+    plot_families,
+    render_families,
+    render_markdown,
+    summarise,
+)
 from bench.report import write_json
 from stream.ops.command import command_parser
 
 ALL_MODELS = ("LightGBM", *NEURAL_MODELS)
+FAMILY_SEED = 7  # one world per family, as declared in docs/models.md
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,8 @@ class Data:
     val: tuple[np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray]
     test_p_true: np.ndarray | None  # (N_test, T) true probabilities, None on real data
+    # the data's task measuring each funnel step, None where the data has no such step
+    funnel_steps: dict[str, str | None] | None = None
 
 
 def _log(msg: str) -> None:
@@ -97,24 +113,69 @@ def aliccp_data(root: Path, min_count: int, limit: int | None, seed: int) -> Dat
         val=(x_all[is_val], y_train[is_val]),
         test=(encoder.encode_dicts(test_rows), y_test),
         test_p_true=None,
+        # as the replay maps them (simulators.replay): purchase arrives as the application step
+        funnel_steps={"click": "click", "application": "purchase", "approval": None, "activation": None},
     )
 
 
-def ait_weight_by_stage(model: AITM, test: Split, tasks: tuple[str, ...]) -> dict[str, Any]:
-    """Mean AIT weight on p_{t-1} by (previous, current) label: 00, 10, 11 (paper Figure 6)."""
+def family_data(family: str, n: int, seed: int, min_count: int) -> Data:
+    """``n`` impressions of a simulator family in time order: 70% train, 10% validation, 20% test."""
+    from simulators.families import TASKS, generate
+
+    d = generate(family, n, seed)
+    n_train, n_val = int(n * 0.7), int(n * 0.1)
+    if n_train < 1 or n_val < 1 or n_train + n_val >= n:
+        raise ValueError(f"{n} impressions are too few for train / validation / test splits")
+    tr, va, te = slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, n)
+    encoder = FeatureEncoder(d.field_names, capacity=10**9, min_count=min_count)
+    x_train = encoder.encode_array(d.features[tr], update=True)
+    return Data(
+        source=f"family {family} (seed {seed}, {n} impressions)",
+        tasks=TASKS,
+        vocab_sizes=tuple(len(v) + 1 for v in encoder.vocab),
+        train=(x_train, d.labels[tr]),
+        val=(encoder.encode_array(d.features[va]), d.labels[va]),
+        test=(encoder.encode_array(d.features[te]), d.labels[te]),
+        test_p_true=d.p_true[te],
+    )
+
+
+@torch.inference_mode()
+def ait_weights_and_shares(model: AITM, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per impression and transition t-1 -> t, (B, T-1) each: the AIT weight on p_{t-1}, and the
+    share of p_{t-1} in z_t's make-up, |w_p h1(p)| / (|w_p h1(p)| + |w_q h1(q)|) (the weight alone
+    says little when the two values differ in size)."""
     model.eval()
-    with torch.inference_mode():
-        w = torch.cat(
-            [model.forward_with_weights(test.ids[i : i + 50_000])[1] for i in range(0, len(test), 50_000)]
-        )
-    w_np, y = w.numpy(), test.labels.numpy().astype(int)
+    v = model.embedding(ids)  # (B, F*d)
+    q = model.towers(v)  # (T, B, k)
+    z, weights, shares = q[0], [], []
+    for i, (transfer, ait) in enumerate(zip(model.transfers, model.aits, strict=True)):
+        assert isinstance(ait, AIT)
+        w, value = ait.weights_and_values(q[i + 1], transfer(z))  # (B, 2), (B, 2, k)
+        part = w.unsqueeze(-1) * value  # (B, 2, k)
+        size = part.norm(dim=-1)  # (B, 2)
+        weights.append(w[:, 1])
+        shares.append(size[:, 1] / size.sum(1).clamp_min(1e-12))
+        z = part.sum(1)  # (B, k)
+    empty = v.new_zeros(v.shape[0], 0)
+    return (torch.stack(weights, 1), torch.stack(shares, 1)) if weights else (empty, empty)
+
+
+def ait_weight_by_stage(model: AITM, test: Split, tasks: tuple[str, ...]) -> dict[str, Any]:
+    """Mean AIT weight on p_{t-1} (and its share, key ``share``) by (previous, current) test label:
+    00, 10, 11 (the paper's Figure 6)."""
+    parts = [ait_weights_and_shares(model, test.ids[i : i + 50_000]) for i in range(0, len(test), 50_000)]
+    w_np = torch.cat([p[0] for p in parts]).numpy()
+    share_np = torch.cat([p[1] for p in parts]).numpy()
+    y = test.labels.numpy().astype(int)
     out: dict[str, Any] = {}
     for t in range(1, len(tasks)):
         stage = y[:, t - 1] * 10 + y[:, t]
-        out[f"{tasks[t - 1]}->{tasks[t]}"] = {
-            f"{s:02d}": float(w_np[stage == s, t - 1].mean()) if (stage == s).any() else None
-            for s in (0, 10, 11)
-        }
+        for key, arr in (("", w_np), ("share ", share_np)):
+            out[f"{key}{tasks[t - 1]}->{tasks[t]}"] = {
+                f"{s:02d}": float(arr[stage == s, t - 1].mean()) if (stage == s).any() else None
+                for s in (0, 10, 11)
+            }
     return out
 
 
@@ -144,13 +205,30 @@ def run_lightgbm(data: Data, seed: int) -> dict[str, Any]:
     return {"test_auc": task_aucs(data.test[1], model.predict_proba(data.test[0]))}
 
 
+def run_models(
+    data: Data, models: list[str], n_seeds: int, cfg: TrainConfig
+) -> dict[str, list[dict[str, Any]]]:
+    """Every model over ``n_seeds`` training seeds on ``data``."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name in models:
+        runs[name] = []
+        for seed in range(n_seeds):
+            t0 = time.perf_counter()
+            r = run_lightgbm(data, seed) if name == "LightGBM" else run_neural(name, data, seed, cfg)
+            runs[name].append(r)
+            _log(
+                f"{name} seed {seed}: test AUC {np.round(r['test_auc'], 4).tolist()} ({time.perf_counter() - t0:.0f}s)"
+            )
+    return runs
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = command_parser("bench models")
     p.add_argument("--json", type=Path, default=Path("reports/bench_models.json"))
     p.add_argument("--md", type=Path, default=None, help="markdown table (default: JSON path .md)")
     p.add_argument("--plot", type=Path, default=None, help="AUC plot (default: JSON path .png)")
     p.add_argument("--curve-plot", type=Path, default=None, help="learning curve PNG")
-    p.add_argument("--quick", action="store_true", help="small run, under 5 min on 2 cores")
+    p.add_argument("--quick", action="store_true", help="CI-size run: 10 days, 2 seeds, families of 50k")
     p.add_argument("--days", type=int, default=None, help="simulated days (default 20, quick 10)")
     p.add_argument("--seeds", type=int, default=None, help="training seeds (default 5, quick 2)")
     p.add_argument("--max-epochs", type=int, default=None, help="default 10, quick 6")
@@ -162,6 +240,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--aliccp", type=Path, default=None, help="Ali-CCP directory instead of the simulator")
     p.add_argument("--aliccp-limit", type=int, default=None, help="read at most this many rows per split")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--families",
+        default="funnel,tanh_product,cascade",
+        help="simulator families to compare the models on ('' for none)",
+    )
+    p.add_argument(
+        "--family-n", type=int, default=None, help="impressions per family (default 400k, quick 50k)"
+    )
+    p.add_argument("--families-only", action="store_true", help="skip the simulator table and curve")
+    p.add_argument("--families-plot", type=Path, default=None, help="PNG (default: JSON path _families.png)")
     return p.parse_args(argv)
 
 
@@ -169,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; write JSON, markdown and plots."""
     args = _parse(argv)
     torch.set_num_threads(args.threads)
-    days = args.days or (10 if args.quick else 20)
     n_seeds = args.seeds or (2 if args.quick else 5)
     cfg = TrainConfig(max_epochs=args.max_epochs or (6 if args.quick else 10), patience=2)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -177,23 +264,71 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown models {sorted(unknown)}; choose from {ALL_MODELS}")
     start = time.perf_counter()
+    report: dict[str, Any] = {}
+    if not args.families_only:
+        report = _main_table(args, models, n_seeds, cfg)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    if families and args.aliccp is None:
+        fam_cfg = TrainConfig(**{**cfg.__dict__, "max_epochs": 4 if args.quick else cfg.max_epochs})
+        n = args.family_n or (50_000 if args.quick else 400_000)
+        tables: dict[str, Any] = {}
+        meta: dict[str, Any] = {}
+        for family in families:
+            data = family_data(family, n, FAMILY_SEED, args.min_count)
+            _log(
+                f"{data.source}: train {len(data.train[0])}, val {len(data.val[0])}, test {len(data.test[0])}"
+            )
+            runs = run_models(data, models, n_seeds, fam_cfg)
+            oracle = task_aucs(data.test[1], data.test_p_true) if data.test_p_true is not None else None
+            full = summarise(data.tasks, runs, oracle, {})
+            tables[family] = family_table(full)
+            meta[family] = {
+                "source": data.source,
+                "sizes": {"train": len(data.train[0]), "val": len(data.val[0]), "test": len(data.test[0])},
+                "oracle_auc": full["oracle_auc"],
+                "auc_runs": {m: e["auc_runs"] for m, e in full["models"].items()},
+                **(
+                    {"ait_weight_by_stage": full["ait_weight_by_stage"]}
+                    if "ait_weight_by_stage" in full
+                    else {}
+                ),
+            }
+        report["families"] = tables
+        report["families_meta"] = {
+            "seed": FAMILY_SEED,
+            "seeds": n_seeds,
+            "train_config": fam_cfg.__dict__,
+            **meta,
+        }
+        plot_families(report, args.families_plot or args.json.with_name(args.json.stem + "_families.png"))
+    series = ait_series(report)
+    if series:  # the paper's Figure 6, per table: weight on p_(t-1) and its share of z_t, by labels
+        plot_ait_weights(series, args.json.with_name(args.json.stem + "_ait.png"), "AITM: AIT on p_(t-1)")
+    report.update(quick=args.quick, seconds=round(time.perf_counter() - start, 1))
+    write_json(args.json, report, allow_nan=False)
+    md = (render_markdown(report) if "models" in report else "") + render_families(report)
+    (args.md or args.json.with_suffix(".md")).write_text(md)
+    if "models" in report:
+        plot_aucs(report, args.plot or args.json.with_suffix(".png"))
+        if report.get("learning_curve"):
+            plot_curve(report, args.curve_plot or args.json.with_name(args.json.stem + "_curve.png"))
+    print(md)
+    return 0
+
+
+def _main_table(
+    args: argparse.Namespace, models: list[str], n_seeds: int, cfg: TrainConfig
+) -> dict[str, Any]:
+    """The simulator (or Ali-CCP) table, with the learning curve on a full simulator run."""
+    days = args.days or (10 if args.quick else 20)
     if args.aliccp is not None:
         data = aliccp_data(args.aliccp, args.min_count, args.aliccp_limit, args.sim_seed)
     else:
         data = simulated_data(days, args.sim_seed, args.min_count)
     _log(f"{data.source}: train {len(data.train[0])}, val {len(data.val[0])}, test {len(data.test[0])}")
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for name in models:
-        runs[name] = []
-        for seed in range(n_seeds):
-            t0 = time.perf_counter()
-            r = run_lightgbm(data, seed) if name == "LightGBM" else run_neural(name, data, seed, cfg)
-            runs[name].append(r)
-            _log(
-                f"{name} seed {seed}: test AUC {np.round(r['test_auc'], 4).tolist()} ({time.perf_counter() - t0:.0f}s)"
-            )
+    runs = run_models(data, models, n_seeds, cfg)
     curve: dict[str, Any] = {}
-    if not (args.quick or args.no_curve):
+    if not (args.quick or args.no_curve or args.aliccp is not None):
         fracs = [float(f) for f in args.curve_sizes.split(",")]
         for name in ("AITM", "MLP"):
             curve[name] = []
@@ -214,17 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes={"train": len(data.train[0]), "val": len(data.val[0]), "test": len(data.test[0])},
         seeds=n_seeds,
         train_config=cfg.__dict__,
-        quick=args.quick,
-        seconds=round(time.perf_counter() - start, 1),
     )
-    write_json(args.json, report, allow_nan=False)
-    md_path = args.md or args.json.with_suffix(".md")
-    md_path.write_text(render_markdown(report))
-    plot_aucs(report, args.plot or args.json.with_suffix(".png"))
-    if curve:
-        plot_curve(report, args.curve_plot or args.json.with_name(args.json.stem + "_curve.png"))
-    print(render_markdown(report))
-    return 0
+    report["funnel_steps"] = data.funnel_steps or {t: t for t in FUNNEL_STEPS if t in data.tasks}
+    return report
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def _replay(samples: list[Sample], fields: tuple[str, ...], settings: Settings, 
     table = DynamicTable(fields, settings.trainer_embedding_rows, settings.trainer_feature_min_count,
                          settings.trainer_embedding_ttl_ms)  # the trainer's table, at its default settings
     learner = OnlineLearner(table, mode=mode, lr=lr,
-                            stabilisers=stabilisers)
+                            stabilisers=stabilisers, dense_init=settings.trainer_dense_init)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     chunks = batches if batches is not None else [samples[i : i + batch] for i in range(0, len(samples), batch)]
     for chunk in chunks:

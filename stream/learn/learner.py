@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from aitm.embedding_table import Encoder
-from aitm.layers import EMBEDDING_INIT_STD
+from aitm.layers import EMBEDDING_INIT_STD, DenseInit
 from aitm.lazy_adam import LazyAdam
 from aitm.loss import ALPHA, aitm_loss, bce_per_task, calibrator
 from aitm.model import AITM, AITMConfig
@@ -86,6 +86,7 @@ class OnlineLearner:
         freeze_after_ms: int | None = None,
         one_pass: bool = True,
         stabilisers: Stabilisers | None = None,
+        dense_init: DenseInit = "torch",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown delayed-feedback mode {mode!r}; one of {MODES}")
@@ -96,7 +97,7 @@ class OnlineLearner:
         self.alpha = alpha
         st = self.stabilisers = stabilisers or Stabilisers()
         if model is None:
-            model = AITM(AITMConfig(vocab_sizes=encoder.vocab_sizes, n_tasks=N_TASKS))
+            model = AITM(AITMConfig(vocab_sizes=encoder.vocab_sizes, n_tasks=N_TASKS, dense_init=dense_init))
             if st.prior_rates is not None:
                 init_output_bias(model, st.prior_rates)
         self.model = model.to(self.device)

@@ -201,7 +201,8 @@ class Trainer:
         log.info("cold start: %d feature fields %s", len(fields), ", ".join(fields))
         learner = OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
                                 freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
-                                stabilisers=stabilisers_from(self.s), alpha=self.s.trainer_calibrator_alpha)
+                                stabilisers=stabilisers_from(self.s), alpha=self.s.trainer_calibrator_alpha,
+                                dense_init=self.s.trainer_dense_init)
         return self._on_device(learner)
 
     def _freeze_after_ms(self) -> int | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,10 +12,12 @@ from aitm.baselines import (
     NEURAL_MODELS,
     LightGBMBaseline,
     SingleTaskMLP,
+    TaskHeads,
     build_model,
     end_to_end_logits,
 )
 from aitm.evaluate import auc
+from aitm.layers import FusedTowers
 
 VOCAB = (7, 3, 11, 5)
 
@@ -81,3 +85,26 @@ def test_lightgbm_learns_a_categorical_signal() -> None:
     assert p.shape == (1000, 2)
     assert auc(y[5000:, 0], p[:, 0]) > 0.75
     assert auc(y[5000:, 1], p[:, 1]) > 0.7
+
+
+@pytest.mark.parametrize("name", ["MLP", "ESMM", "OMoE", "MMoE", "PLE", "AITM"])
+def test_dense_init_reaches_every_tower_and_head(name: str) -> None:
+    """"torch": towers' weights and biases U(+-1/sqrt(fan_in)) and heads U(+-1/sqrt(k)) with zero
+    bias, as before issue 17; "glorot" (the default): zero tower and head biases."""
+    torch.manual_seed(0)
+    old = build_model(name, (5, 7, 3), 4, dense_init="torch")
+    torch.manual_seed(0)
+    new = build_model(name, (5, 7, 3), 4)
+    towers = [m for m in old.modules() if isinstance(m, FusedTowers)]
+    assert towers
+    for t in towers:
+        for w, b in zip(t.weights, t.biases, strict=True):
+            bound = 1 / math.sqrt(w.shape[1])
+            assert 0 < float(b.detach().abs().max()) <= bound and float(w.detach().abs().max()) <= bound
+    for t in (m for m in new.modules() if isinstance(m, FusedTowers)):
+        assert all(float(b.detach().abs().max()) == 0 for b in t.biases)
+    heads = [m for m in old.modules() if isinstance(m, TaskHeads)]
+    for h in heads:  # AITM has its own heads: covered in test_model.py
+        k = h.w.shape[1]
+        top = float(h.w.detach().abs().max())
+        assert 0.5 / math.sqrt(k) < top <= 1 / math.sqrt(k) and float(h.b.detach().abs().max()) == 0

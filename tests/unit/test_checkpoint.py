@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from aitm.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
+from aitm.checkpoint import (
+    CheckpointError,
+    config_from_dict,
+    load_checkpoint,
+    make_checkpoint,
+    save_checkpoint,
+)
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
 
@@ -85,3 +91,20 @@ def test_arbitrary_objects_are_refused_by_weights_only(tmp_path: Path) -> None:
     save_checkpoint(path, {"step": 1, "obj": Path("/x")})  # not plain data: valid checksum
     with pytest.raises(CheckpointError, match="unpickle"):
         load_checkpoint(path)
+
+
+def test_a_config_written_before_dense_init_loads_with_the_default(tmp_path: Path) -> None:
+    model, cfg, enc, ids = _setup()
+    ckpt = make_checkpoint(model, cfg, enc.state_dict(), step=1)
+    del ckpt["config"]["dense_init"]  # as checkpoints and artifacts written before the field
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, ckpt)
+    loaded = load_checkpoint(path)
+    old_cfg = config_from_dict(loaded["config"])
+    assert old_cfg.dense_init == "glorot" and old_cfg.vocab_sizes == cfg.vocab_sizes
+    restored = AITM(old_cfg)
+    restored.load_state_dict(loaded["model_state"])
+    torch.testing.assert_close(restored.eval()(ids), model.eval()(ids))
+    torch_cfg = AITMConfig(vocab_sizes=enc.vocab_sizes, dense_init="torch")  # and the field round-trips
+    save_checkpoint(path, make_checkpoint(AITM(torch_cfg), torch_cfg, enc.state_dict(), step=2))
+    assert config_from_dict(load_checkpoint(path)["config"]) == torch_cfg

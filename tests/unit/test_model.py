@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from aitm.layers import FastDropout, FusedEmbedding, FusedTowers
+from aitm.layers import FastDropout, FusedEmbedding, FusedTowers, dense
 from aitm.model import AIT, AITM, AITMConfig
 
 VOCAB = (7, 3, 11, 5)
@@ -133,3 +133,82 @@ def test_regularized_parameters_are_embeddings_and_attention() -> None:
     reg = model.regularized_parameters()
     assert reg[0] is model.embedding.table.weight
     assert len(reg) == 1 + 3 and all(isinstance(p, nn.Parameter) for p in reg)
+
+
+def _glorot_bound(fan_in: int, fan_out: int) -> float:
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def _is_glorot(w: torch.Tensor, fan_in: int, fan_out: int) -> bool:
+    """Uniform within the Glorot bound and filling it (torch's default is 1.6-2.4x narrower)."""
+    bound, top = _glorot_bound(fan_in, fan_out), float(w.detach().abs().max())
+    return 0.9 * bound < top <= bound
+
+
+def test_dense_layers_start_as_keras_dense_glorot_uniform_and_zero_bias() -> None:
+    torch.manual_seed(0)
+    model = AITM(AITMConfig(vocab_sizes=VOCAB))
+    fan_in = model.embedding.out_dim
+    for w, b, width in zip(model.towers.weights, model.towers.biases, (128, 64, 32), strict=True):
+        assert all(_is_glorot(w[i], fan_in, width) for i in range(w.shape[0]))
+        assert b.abs().max() == 0
+        fan_in = width
+    for seq in model.transfers:
+        lin = seq[0]
+        assert isinstance(lin, nn.Linear)
+        assert _is_glorot(lin.weight, 32, 32) and lin.bias.abs().max() == 0
+    assert _is_glorot(model.head_w, 32, 1) and model.head_b.abs().max() == 0
+
+
+def _main_init_state(vocab: tuple[int, ...], n_tasks: int, seed: int) -> dict[str, torch.Tensor]:
+    """A copy of main's AITM construction before issue 17 (nn.Linear's default everywhere),
+    drawn in the same order from the same seed: the reference ``dense_init="torch"`` must equal."""
+    torch.manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    state["embedding.table.weight"] = FusedEmbedding(vocab, 5).table.weight.detach().clone()
+    fan_in = 5 * len(vocab)
+    for i, width in enumerate((128, 64, 32)):
+        bound = 1.0 / math.sqrt(fan_in)  # main: weights and biases U(+-1/sqrt(fan_in))
+        state[f"towers.weights.{i}"] = torch.empty(n_tasks, fan_in, width).uniform_(-bound, bound)
+        state[f"towers.biases.{i}"] = torch.empty(n_tasks, 1, width).uniform_(-bound, bound)
+        fan_in = width
+    for i in range(n_tasks - 1):  # main: nn.Linear(k, transfer_dim) as is
+        lin = nn.Linear(32, 32)
+        state[f"transfers.{i}.0.weight"], state[f"transfers.{i}.0.bias"] = lin.weight.detach(), lin.bias.detach()
+    for i in range(n_tasks - 1):
+        state[f"aits.{i}.qkv.weight"] = AIT(32).qkv.weight.detach()
+    state["head_w"] = torch.empty(n_tasks, 32).uniform_(-1 / math.sqrt(32), 1 / math.sqrt(32))
+    state["head_b"] = torch.zeros(n_tasks)
+    return state
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_torch_dense_init_reproduces_mains_model_exactly(seed: int) -> None:
+    want = _main_init_state(VOCAB, 4, seed)
+    torch.manual_seed(seed)
+    got = AITM(AITMConfig(vocab_sizes=VOCAB, dense_init="torch")).state_dict()
+    assert set(got) == set(want)
+    for name, w in want.items():
+        assert torch.equal(got[name], w), name
+    torch.manual_seed(seed)  # the default is the other one
+    assert not torch.equal(AITM(AITMConfig(vocab_sizes=VOCAB)).state_dict()["head_w"], want["head_w"])
+
+
+def test_torch_dense_init_has_nonzero_biases_within_the_linear_bound() -> None:
+    torch.manual_seed(0)
+    towers = FusedTowers(20, 3, (16, 8), (0.0, 0.0), init="torch")
+    fan_in = 20
+    for w, b in zip(towers.weights, towers.biases, strict=True):
+        bound = 1 / math.sqrt(fan_in)
+        assert 0.9 * bound < float(w.detach().abs().max()) <= bound
+        assert 0.5 * bound < float(b.detach().abs().max()) <= bound
+        fan_in = w.shape[-1]
+    lin = dense(32, 32, "torch")
+    assert float(lin.bias.detach().abs().max()) > 0 and float(lin.weight.detach().abs().max()) <= 1 / math.sqrt(32)
+
+
+def test_an_unknown_dense_init_is_refused() -> None:
+    with pytest.raises(ValueError, match="dense init"):
+        AITMConfig(vocab_sizes=VOCAB, dense_init="he")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dense init"):
+        FusedTowers(4, 1, (2,), (0.0,), init="zeros")  # type: ignore[arg-type]

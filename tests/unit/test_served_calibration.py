@@ -52,6 +52,10 @@ def noisy_iterates(k: int = 12, seed: int = 0) -> tuple[list[AITM], torch.Tensor
     base = AITM(AITMConfig(vocab_sizes=(6, 6, 6))).eval()
     with torch.no_grad():
         base.head_b.fill_(-4.0)  # ~2% on every task
+        # a trained table's scale (not the init's 0.1): the towers' outputs, which the heads' noise
+        # multiplies, then differ across impressions as a trained model's do (with zero-bias
+        # Glorot towers an untrained model's outputs are too small for the heads' noise to matter)
+        base.embedding.table.weight.normal_(0.0, 1.0)
     out = []
     for _ in range(k):
         m = copy.deepcopy(base)

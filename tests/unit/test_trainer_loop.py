@@ -248,3 +248,19 @@ def test_published_versions_reach_a_scorer_as_a_full_snapshot_then_deltas(tmp_pa
         from_ckpt = load_version(t.store, ann.version)  # the checkpoint's served model
         assert np.array_equal(taken[0].predict(rows), from_ckpt.predict(rows))
     assert follower.replica.replica is not None and follower.replica.replica.version == 5
+
+
+@pytest.mark.parametrize("init", ["torch", "glorot"])
+def test_the_dense_init_setting_reaches_the_cold_started_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, init: str
+) -> None:
+    monkeypatch.setenv("TRAINER_DENSE_INIT", init)
+    t, _, _ = make(tmp_path, [])
+    learner = t._new_learner(("f", "g"))
+    assert learner.model.config.dense_init == init
+    biases = [float(b.detach().abs().max()) for b in learner.model.towers.biases]
+    assert all(b > 0 for b in biases) if init == "torch" else all(b == 0 for b in biases)
+
+
+def test_the_product_keeps_the_previous_dense_init_by_default() -> None:
+    assert Settings().trainer_dense_init == "torch"  # until the served-score smoothing is re-tuned

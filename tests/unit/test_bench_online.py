@@ -1,0 +1,86 @@
+"""``bench online``: every model through the same online learner on the same joined samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aitm.baselines import build_model
+from aitm.model import AITM
+from bench.online import MODELS, init_prior_bias, learner_for, main
+from stream.ops.settings import Settings
+
+TASKS = ["click", "application", "approval", "activation"]
+RATES = (0.2, 0.02, 0.01, 0.005)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_starts_at_the_prior_rates(name: str) -> None:
+    model = build_model(name, (5, 7, 3), 4).eval()
+    init_prior_bias(model, RATES)
+    # with near-zero embeddings the towers' outputs are small: the start sits near the rates
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p.shape[1] == 5:  # the embedding table
+                p.zero_()
+        probs = torch.sigmoid(model(torch.zeros(1, 3, dtype=torch.int64)))[0].numpy()
+    assert np.allclose(probs, RATES, rtol=0.35), (name, probs)
+
+
+def test_the_learner_trains_the_named_network() -> None:
+    learner = learner_for("ESMM", Settings(), ("a", "b"), seed=0)
+    assert type(learner.model).__name__ == "ESMM"
+    assert isinstance(learner_for("AITM", Settings(), ("a", "b"), seed=0).model, AITM)
+
+
+def test_the_networks_start_with_the_products_dense_init_unless_told() -> None:
+    for name in ("AITM", "ESMM"):
+        torch.manual_seed(0)
+        product = learner_for(name, Settings(), ("a", "b"), seed=0).model
+        glorot = learner_for(name, Settings(trainer_dense_init="glorot"), ("a", "b"), seed=0).model
+        assert float(product.towers.biases[0].detach().abs().max()) > 0  # "torch": nn.Linear's biases
+        assert float(glorot.towers.biases[0].detach().abs().max()) == 0
+
+
+def test_a_tiny_online_run_writes_auc_final_per_model_and_the_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRAINER_FREEZE_AFTER_DAYS", "1")
+    out = tmp_path / "online.json"
+    argv = ["--json", str(out), "--days", "4", "--impressions-per-day", "600", "--skip-days", "1"]
+    assert main([*argv, "--seeds", "2", "--models", "AITM,MLP"]) == 0
+    report = json.loads(out.read_text())
+    assert report["seeds"] == [0, 1]
+    assert report["dense_init"] == Settings().trainer_dense_init == "torch"  # the product's
+    assert set(report["auc_final"]) == {"AITM", "MLP"}
+    for name in ("AITM", "MLP"):
+        aucs = report["auc_final"][name]
+        assert list(aucs) == TASKS
+        runs = report["auc_final_runs"][name]
+        assert len(runs) == 2 and runs[0] != runs[1]  # two training seeds, two different learners
+        assert aucs["click"] == pytest.approx(np.mean([r["click"] for r in runs]), abs=1e-4)
+        assert aucs["click"] > 0.55  # learned something on the busiest step in four days
+        # the frozen copy (after day 1) and the live model on the same finals
+        assert list(report["auc_frozen"][name]) == TASKS
+        assert report["auc_live_paired"][name]["click"] > report["auc_frozen"][name]["click"]
+    assert report["judged_impressions"] > 1500
+    # the same samples and seeds give the same figures (no broker, no wall clock in the loop)
+    assert main([*argv, "--seeds", "1", "--models", "AITM", "--json", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["auc_final_runs"]["AITM"][0] == report["auc_final_runs"]["AITM"][0]
+    # --dense-init overrides the product's: another start, other figures
+    glorot = tmp_path / "glorot.json"
+    assert main([*argv, "--seeds", "1", "--models", "AITM", "--dense-init", "glorot", "--json", str(glorot)]) == 0
+    other = json.loads(glorot.read_text())
+    assert other["dense_init"] == "glorot"
+    assert other["auc_final_runs"]["AITM"][0] != report["auc_final_runs"]["AITM"][0]
+
+
+def test_unknown_models_are_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as err:
+        main(["--json", str(tmp_path / "x.json"), "--models", "AITM,GPT"])
+    assert err.value.code == 2
