@@ -9,7 +9,7 @@ import pytest
 
 from stream.contract.events import Event
 from stream.contract.frozen import fast_new
-from stream.join.funnel import FunnelState, Held, SampleOut
+from stream.join.funnel import FunnelState, Held, Result, SampleOut
 
 
 @pytest.mark.parametrize(
@@ -32,6 +32,14 @@ def test_fast_new_builds_the_same_frozen_object(cls: type, args: tuple[object, .
     assert not hasattr(fast, "__dict__")
     changed = dataclasses.replace(fast, **{name: getattr(slow, name)})
     assert changed == slow and type(changed) is cls
+
+
+def test_fast_new_builds_a_plain_slotted_dataclass_too() -> None:
+    new = fast_new(Result)
+    a, b = new(None, True, [], [], False), new(None, True, [], [], False)
+    assert type(a) is Result and a == Result(None, changed=True) and a.samples is not b.samples
+    a.changed = False  # not frozen: stays settable
+    assert a == Result(None)
 
 
 def test_fast_new_refuses_what_it_cannot_build_alike() -> None:
