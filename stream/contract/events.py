@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from stream.contract.frozen import fast_new
+
 SCHEMA_VERSION: Final = 1
 STEPS: Final = ("impression", "click", "application", "approval", "activation")
 TASKS: Final = STEPS[1:]
@@ -90,6 +92,9 @@ class Event:
         if self.features is not None:
             d["features"] = dict(self.features)
         return d
+
+
+_new_event: Final = fast_new(Event)  # the decode's constructor (stream/contract/frozen.py)
 
 
 def encode_event(event: Event) -> bytes:
@@ -225,7 +230,7 @@ def event_from_json(obj: Any, expected_type: str | None = None) -> Event:
             and 0 < len(eid) <= MAX_ID_LEN and 0 < len(iid) <= MAX_ID_LEN and 0 < len(bank) <= MAX_ID_LEN
             and eid.isprintable() and iid.isprintable() and bank.isprintable()
         ):  # fmt: skip
-            return Event(step, eid, iid, ts, bank, _features(obj) if step == 0 else None)
+            return _new_event(step, eid, iid, ts, bank, _features(obj) if step == 0 else None)
     return _event_from_json_checked(obj, expected_type)
 
 

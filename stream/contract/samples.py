@@ -82,9 +82,41 @@ _json_str = json.encoder.encode_basestring_ascii  # C: quoted and escaped as jso
 _BOOL = (b"false", b"true")
 _SAMPLE_TEMPLATE: Final = (
     b'{"schema_version":%d,"impression_id":%b,"bank_id":%b,"event_time_ms":%d,"features":%b,'
-    b'"labels":[%d,%d,%d,%d],"mature":[%b,%b,%b,%b],"kind":%b,"elapsed_ms":%d,"seq":%d,'
-    b'"watermark_ms":%d,"policy":%b}'
+    b'"labels":[%b],"mature":[%b],"kind":%b,"elapsed_ms":%d,"seq":%d,"watermark_ms":%d,"policy":%b}'
 )
+# the few values a sample's fields take (labels and mature: 16 each; kind, policy: a handful;
+# banks: a few dozen), encoded once: a sample then costs one quoted id and one % format
+_LABELS: Final[dict[tuple[int, int, int, int], bytes]] = {}
+_MATURE: Final[dict[tuple[bool, bool, bool, bool], bytes]] = {}
+_QUOTED: Final[dict[str, bytes]] = {}  # kind, policy and bank ids, JSON-quoted
+_QUOTED_MAX: Final = 4096  # cleared when full (bank ids are few; this only bounds a bad stream)
+
+
+def _quoted(text: str) -> bytes:
+    q = _QUOTED.get(text)
+    if q is None:
+        if len(_QUOTED) >= _QUOTED_MAX:
+            _QUOTED.clear()
+        q = _QUOTED[text] = _json_str(text).encode()
+    return q
+
+
+def _labels_json(labels: tuple[int, int, int, int]) -> bytes:
+    b = _LABELS.get(labels)
+    if b is None:
+        b = b"%d,%d,%d,%d" % tuple(labels)
+        if len(_LABELS) < 64:  # well-formed labels are 0/1: 16 keys
+            _LABELS[labels] = b
+    return b
+
+
+def _mature_json(mature: tuple[bool, bool, bool, bool]) -> bytes:
+    b = _MATURE.get(mature)
+    if b is None:
+        b = b",".join(_BOOL[m] for m in mature)
+        if len(_MATURE) < 64:
+            _MATURE[mature] = b
+    return b
 
 
 def sample_bytes(
@@ -105,10 +137,10 @@ def sample_bytes(
     ``features_json`` must be the compact JSON of the feature map (``stream.join.funnel.features_json``).
     """
     return _SAMPLE_TEMPLATE % (
-        SAMPLE_SCHEMA_VERSION, _json_str(impression_id).encode(), _json_str(bank_id).encode(), event_time_ms,
-        features_json, labels[0], labels[1], labels[2], labels[3],
-        _BOOL[mature[0]], _BOOL[mature[1]], _BOOL[mature[2]], _BOOL[mature[3]],
-        _json_str(kind).encode(), elapsed_ms, seq, watermark_ms, _json_str(policy).encode(),
+        SAMPLE_SCHEMA_VERSION, _json_str(impression_id).encode(), _QUOTED.get(bank_id) or _quoted(bank_id),
+        event_time_ms, features_json, _LABELS.get(labels) or _labels_json(labels),
+        _MATURE.get(mature) or _mature_json(mature), _QUOTED.get(kind) or _quoted(kind), elapsed_ms, seq,
+        watermark_ms, _QUOTED.get(policy) or _quoted(policy),
     )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from stream.contract.events import STEPS, Event
+from stream.contract.frozen import fast_new
 
 NONE: Final = -1  # "step not reached" in FunnelState.times
 NEVER: Final = 2**62  # a due time that never comes
@@ -139,9 +140,18 @@ class Result:
     duplicate: bool = False
 
 
+# the hot path builds its frozen dataclasses through these (all fields, positional): a frozen
+# dataclass's own __init__ costs ~3x as much (stream/contract/frozen.py); same objects
+new_state: Final = fast_new(FunnelState)  # (bank_id, imp_ms, features_json, times, held)
+new_held: Final = fast_new(Held)  # (step, event_time_ms, event_id, raw, lane_ms)
+_new_sample: Final = fast_new(SampleOut)
+_new_result: Final = fast_new(Result)  # (state, changed, samples, rejects, duplicate): fresh lists each
+_NO_TIMES: Final = (NONE, NONE, NONE, NONE)
+
+
 def _with_held(state: FunnelState, held: tuple[Held, ...]) -> FunnelState:
     """``replace(state, held=held)`` without ``dataclasses.replace``'s field walk (the hot path)."""
-    return FunnelState(state.bank_id, state.imp_ms, state.features_json, state.times, held)
+    return new_state(state.bank_id, state.imp_ms, state.features_json, state.times, held)
 
 
 # --- derived quantities -------------------------------------------------------------------
@@ -292,7 +302,7 @@ def _sample(
     state: FunnelState, kind: SampleKind, seq: int, at_ms: int, wm: int, swept: Swept, cfg: FunnelConfig
 ) -> SampleOut:
     ripe = (True, True, True, True) if kind == "final" else mature(state, swept, cfg)
-    return SampleOut(kind, seq, labels(state), ripe, max(0, at_ms - state.imp_ms), wm)
+    return _new_sample(kind, seq, labels(state), ripe, max(0, at_ms - state.imp_ms), wm)
 
 
 def _apply_in_order(state: FunnelState, cfg: FunnelConfig, res: Result) -> FunnelState:
@@ -312,7 +322,7 @@ def _apply_in_order(state: FunnelState, cfg: FunnelConfig, res: Result) -> Funne
         else:
             times = list(state.times)
             times[h.step - 1] = h.event_time_ms
-            state = FunnelState(state.bank_id, state.imp_ms, state.features_json, (times[0], times[1], times[2], times[3]), rest)
+            state = new_state(state.bank_id, state.imp_ms, state.features_json, (times[0], times[1], times[2], times[3]), rest)
     return state
 
 
@@ -385,41 +395,41 @@ def advance(state: FunnelState | None, event: Event, raw: bytes, swept: Swept, c
         if s == 0:
             if t + cfg.retention_ms <= swept[0]:
                 return Result(None, rejects=[Reject(LATE, 0, raw, "impression older than the retention period")])
-            res = Result(None, changed=True)
-            res.state = _settle(FunnelState(event.bank_id, t, features_json(event.features)), swept, cfg, res, True)
+            res = _new_result(None, True, [], [], False)
+            res.state = _settle(new_state(event.bank_id, t, features_json(event.features), _NO_TIMES, ()), swept, cfg, res, True)
             return res
-        h = Held(s, t, event.event_id, raw, swept[s])
+        h = new_held(s, t, event.event_id, raw, swept[s])
         if swept[0] >= hold_due(h, 0, cfg):
             return Result(None, rejects=[_reject_stub_event(s, t, raw, swept, cfg)])
-        return Result(FunnelState(event.bank_id, NONE, None, held=(h,)), changed=True)
+        return _new_result(new_state(event.bank_id, NONE, None, _NO_TIMES, (h,)), True, [], [], False)
 
     if any(h.step == s for h in state.held):
-        return Result(state, duplicate=True)
+        return _new_result(state, False, [], [], True)
     if state.imp_ms == NONE:
         if s != 0:
-            h = Held(s, t, event.event_id, raw, swept[s])
+            h = new_held(s, t, event.event_id, raw, swept[s])
             if swept[0] >= hold_due(h, 0, cfg):
                 return Result(state, rejects=[_reject_stub_event(s, t, raw, swept, cfg)])
-            return Result(_with_held(state, (*state.held, h)), changed=True)
+            return _new_result(_with_held(state, (*state.held, h)), True, [], [], False)
         if t + cfg.retention_ms <= swept[0]:
             return Result(state, rejects=[Reject(LATE, 0, raw, "impression older than the retention period")])
-        res = Result(None, changed=True)
-        new = _apply_in_order(FunnelState(event.bank_id, t, features_json(event.features), held=state.held), cfg, res)
+        res = _new_result(None, True, [], [], False)
+        new = _apply_in_order(new_state(event.bank_id, t, features_json(event.features), _NO_TIMES, state.held), cfg, res)
         res.state = _settle(new, swept, cfg, res, True)
         return res
 
     if step_time(state, s) != NONE:
-        return Result(state, duplicate=True)
+        return _new_result(state, False, [], [], True)
     if is_final(state, swept, cfg):
         return Result(state, rejects=[_reject(state, s, t, raw, cfg, True)])
     r = reached(state)
     if s > r + 1:  # predecessor missing: hold it (or give up if its topic is already past it)
-        h = Held(s, t, event.event_id, raw, swept[s])
+        h = new_held(s, t, event.event_id, raw, swept[s])
         if swept[r + 1] >= hold_due(h, r + 1, cfg):
             return Result(state, rejects=[_reject(state, s, t, raw, cfg, False)])
-        return Result(_with_held(state, (*state.held, h)), changed=True)
-    res = Result(state, changed=True)
-    new = _apply_in_order(_with_held(state, (Held(s, t, event.event_id, raw, swept[s]), *state.held)), cfg, res)
+        return _new_result(_with_held(state, (*state.held, h)), True, [], [], False)
+    res = _new_result(state, True, [], [], False)
+    new = _apply_in_order(_with_held(state, (new_held(s, t, event.event_id, raw, swept[s]), *state.held)), cfg, res)
     r_new = reached(new)
     if r_new == r:  # the event itself was rejected (out of its window / before its predecessor)
         res.changed = False
@@ -433,7 +443,7 @@ def advance(state: FunnelState | None, event: Event, raw: bytes, swept: Swept, c
 def sweep(state: FunnelState, prev: Swept, now: Swept, cfg: FunnelConfig) -> Result:
     """Time-driven work due as the lanes move from ``prev`` to ``now``: held events that gave up on
     their predecessor, the first sample, the final sample, and the purge (``state=None``)."""
-    res = Result(state)
+    res = _new_result(state, False, [], [], False)
     if state.imp_ms == NONE:
         keep = tuple(h for h in state.held if now[0] < hold_due(h, 0, cfg))
         for h in state.held:

@@ -41,7 +41,7 @@ import marshal
 import struct
 from typing import Final
 
-from stream.join.funnel import FunnelState, Held, features_json
+from stream.join.funnel import FunnelState, Held, features_json, new_held, new_state
 
 VERSION: Final = 4
 _HEAD: Final = struct.Struct(">BqqqqqBHI")  # version, imp_ms, 4 times, n_held, bank len, features len
@@ -103,14 +103,14 @@ def _decode_v4(data: bytes) -> FunnelState:
                 pos += _HELD.size
                 eid = data[pos : pos + n_id].decode()
                 pos += n_id
-                out.append(Held(step, t, eid, data[pos : pos + n_raw], lane))
+                out.append(new_held(step, t, eid, data[pos : pos + n_raw], lane))
                 pos += n_raw
             held = tuple(out)
     except (struct.error, UnicodeDecodeError) as exc:
         raise ValueError(f"funnel state (codec version {VERSION}) is corrupt: {exc}") from None
     if pos != len(data):
         raise ValueError(f"funnel state (codec version {VERSION}) is corrupt: {len(data)} bytes, its fields take {pos}")
-    return FunnelState(bank, imp, feats, (t0, t1, t2, t3), held)
+    return new_state(bank, imp, feats, (t0, t1, t2, t3), held)
 
 
 def _decode_marshal(data: bytes) -> FunnelState:
