@@ -73,16 +73,25 @@ def simulated_data(days: int, seed: int, min_count: int) -> Data:
     tr = batch.day < n_train
     va = (batch.day >= n_train) & (batch.day < n_train + n_val)
     te = batch.day >= n_train + n_val
-    encoder = FeatureEncoder(sim.field_names, capacity=10**9, min_count=min_count)
-    x_train = encoder.encode_array(batch.features[tr], update=True)
+    return _split_in_time(f"simulator (seed {seed}, {days} days x {len(batch) // days} impressions)", TASKS,
+                          sim.field_names, batch.features, batch.labels, batch.p_true, (tr, va, te), min_count)
+
+
+def _split_in_time(source: str, tasks: tuple[str, ...], field_names: Any, features: np.ndarray, labels: np.ndarray,
+                   p_true: np.ndarray, parts: tuple[Any, Any, Any], min_count: int) -> Data:
+    """Train / validation / test rows (``parts``: index arrays or slices), encoded with a
+    vocabulary learnt on the training rows alone."""
+    tr, va, te = parts
+    encoder = FeatureEncoder(field_names, capacity=10**9, min_count=min_count)
+    x_train = encoder.encode_array(features[tr], update=True)
     return Data(
-        source=f"simulator (seed {seed}, {days} days x {len(batch) // days} impressions)",
-        tasks=TASKS,
+        source=source,
+        tasks=tasks,
         vocab_sizes=tuple(len(v) + 1 for v in encoder.vocab),
-        train=(x_train, batch.labels[tr]),
-        val=(encoder.encode_array(batch.features[va]), batch.labels[va]),
-        test=(encoder.encode_array(batch.features[te]), batch.labels[te]),
-        test_p_true=batch.p_true[te],
+        train=(x_train, labels[tr]),
+        val=(encoder.encode_array(features[va]), labels[va]),
+        test=(encoder.encode_array(features[te]), labels[te]),
+        test_p_true=p_true[te],
     )
 
 
@@ -126,18 +135,9 @@ def family_data(family: str, n: int, seed: int, min_count: int) -> Data:
     n_train, n_val = int(n * 0.7), int(n * 0.1)
     if n_train < 1 or n_val < 1 or n_train + n_val >= n:
         raise ValueError(f"{n} impressions are too few for train / validation / test splits")
-    tr, va, te = slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, n)
-    encoder = FeatureEncoder(d.field_names, capacity=10**9, min_count=min_count)
-    x_train = encoder.encode_array(d.features[tr], update=True)
-    return Data(
-        source=f"family {family} (seed {seed}, {n} impressions)",
-        tasks=TASKS,
-        vocab_sizes=tuple(len(v) + 1 for v in encoder.vocab),
-        train=(x_train, d.labels[tr]),
-        val=(encoder.encode_array(d.features[va]), d.labels[va]),
-        test=(encoder.encode_array(d.features[te]), d.labels[te]),
-        test_p_true=d.p_true[te],
-    )
+    parts = (slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, n))
+    return _split_in_time(f"family {family} (seed {seed}, {n} impressions)", TASKS, d.field_names, d.features,
+                          d.labels, d.p_true, parts, min_count)
 
 
 @torch.inference_mode()
