@@ -42,6 +42,7 @@ from aitm.loss import ALPHA, aitm_loss
 from aitm.model import AIT, AITM, AITMConfig
 from aitm.train import Split, predict_proba, regularized_parameters, task_aucs
 from bench.reference import ReferenceAITM, ReferenceConfig
+from bench.report import write_with_markdown
 from stream.ops.command import command_parser
 
 DEFAULT_VARIANTS = (
@@ -371,10 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=1) + "\n")
     report["summary"] = summarise({v: runs[v] for v in runs})
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
-    md = render(report)
-    args.json.with_suffix(".md").write_text(md)
-    print(md)
+    write_with_markdown(args.json, report, render(report))
     return 0
 
 

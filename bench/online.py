@@ -36,7 +36,7 @@ from aitm.evaluate import auc
 from aitm.layers import DENSE_INITS
 from aitm.model import AITM
 from bench.churn import joined_samples
-from bench.report import write_json
+from bench.report import write_with_markdown
 from simulators.faults import SimulatedStream, TruthRow
 from simulators.funnel import DAY_MS, EPOCH_MS, TASKS, FunnelSimulator, SimConfig
 from stream.learn.learner import OnlineLearner
@@ -253,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.monotonic() - t0, 1),
         "load_avg_1m": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
     }
-    write_json(args.json, report, allow_nan=False)
-    md = render(report)
-    args.json.with_suffix(".md").write_text(md)
-    print(md)
+    write_with_markdown(args.json, report, render(report), allow_nan=False)
     return 0
 
 

@@ -13,3 +13,10 @@ def write_json(path: Path, report: Any, **dumps: Any) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
+
+
+def write_with_markdown(path: Path, report: Any, md: str, **dumps: Any) -> None:
+    """``report`` as JSON at ``path``, ``md`` beside it (``.md``) and on stdout."""
+    write_json(path, report, **dumps)
+    path.with_suffix(".md").write_text(md)
+    print(md)

@@ -11,7 +11,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,8 @@ from stream.learn.feed import Chunk, _chunk
 from stream.learn.partition_merge import PartitionMerge
 from stream.learn.round_cut import RoundPool, plan_round
 from stream.learn.sample_batch import SampleBatch
-from tests.unit.test_ranks import _Producer, _spawn
+from tests.unit.test_partition_merge import Rec
+from tests.unit.test_ranks import _LateFeed, _Producer, _spawn
 
 PARTITIONS = 4
 BATCH = 40
@@ -82,14 +83,6 @@ def test_pool_resume_offsets_never_pass_a_sample_not_trained() -> None:
 # --- 2 gloo ranks against one trainer, both through the feed's merge ------------------------------
 
 
-class Rec(NamedTuple):
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
 def _backlog() -> dict[int, list[Rec]]:
     """Impressions over 4 partitions (by a hash of the id, as the joiner keys them), each with a
     first sample and, later, its final; a partition's records in the order the joiner wrote them."""
@@ -111,7 +104,7 @@ def _backlog() -> dict[int, list[Rec]]:
     return out
 
 
-class _MergeFeed:
+class _MergeFeed(_LateFeed):
     """A feed over a backlog of ``partitions``: fetches of random size from a random partition (as
     aiokafka's come), through the feed's own ``PartitionMerge`` and chunking."""
 
@@ -120,6 +113,7 @@ class _MergeFeed:
 
         rng = random.Random(seed)
         self.partitions = partitions
+        self.at = 0.0  # handed over from the start
         self.highwater = {p: len(backlog[p]) for p in partitions}
         merge = PartitionMerge(partitions, MERGE_LANE_CHUNKS * chunk_size)
         at = dict.fromkeys(partitions, 0)
@@ -139,19 +133,6 @@ class _MergeFeed:
             if not waiting and not merge.buffered():
                 break
 
-    def get(self, timeout_s: float) -> Any:
-        if not self.chunks:
-            time.sleep(timeout_s)
-            return None
-        return self.chunks.pop(0)
-
-    def lag(self, consumed: dict[int, int]) -> int | None:
-        from stream.kafka.offsets import lag
-
-        return lag(self.highwater, consumed)
-
-    def close(self) -> None:
-        pass
 
 
 def _settings(tmp: Path) -> Any:
