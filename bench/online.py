@@ -152,28 +152,26 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
-def render(report: dict[str, Any]) -> str:
-    """Markdown: auc_final mean ± std per model and task, and live vs frozen."""
-    lines = [
-        f"# Online: {report['source']}",
-        "",
+def _model_table(cells: dict[str, list[str]]) -> list[str]:
+    """Markdown rows: a header of the tasks, then one row of cells per model."""
+    return [
         "| model | " + " | ".join(TASKS) + " |",
         "|---" * (len(TASKS) + 1) + "|",
+        *(f"| {name} | " + " | ".join(row) + " |" for name, row in cells.items()),
     ]
-    for name, m in report["auc_final"].items():
-        sd = report["auc_final_std"][name]
-        lines.append(f"| {name} | " + " | ".join(f"{m[t]:.4f} ± {sd[t]:.4f}" for t in TASKS) + " |")
+
+
+def render(report: dict[str, Any]) -> str:
+    """Markdown: auc_final mean ± std per model and task, and live vs frozen."""
+    sd = report["auc_final_std"]
+    lines = [f"# Online: {report['source']}", ""]
+    lines += _model_table({name: [f"{m[t]:.4f} ± {sd[name][t]:.4f}" for t in TASKS]
+                           for name, m in report["auc_final"].items()})
     if report["auc_frozen"]:
-        lines += [
-            "",
-            "Live vs frozen on the same finals (lifetime AUC after the freeze):",
-            "",
-            "| model | " + " | ".join(TASKS) + " |",
-            "|---" * (len(TASKS) + 1) + "|",
-        ]
-        for name, fz in report["auc_frozen"].items():
-            live = report["auc_live_paired"][name]
-            lines.append(f"| {name} | " + " | ".join(f"{live[t]:.4f} vs {fz[t]:.4f}" for t in TASKS) + " |")
+        live = report["auc_live_paired"]
+        lines += ["", "Live vs frozen on the same finals (lifetime AUC after the freeze):", ""]
+        lines += _model_table({name: [f"{live[name][t]:.4f} vs {fz[t]:.4f}" for t in TASKS]
+                               for name, fz in report["auc_frozen"].items()})
     return "\n".join(lines) + "\n"
 
 
