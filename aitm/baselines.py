@@ -12,10 +12,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from aitm.layers import DenseInit, FusedEmbedding, FusedTowers, check_dense_init, glorot_uniform_
+from aitm.layers import (
+    DenseInit,
+    FusedEmbedding,
+    FusedTowers,
+    check_dense_init,
+    end_to_end_logits,
+    glorot_uniform_,
+)
 from aitm.model import AITM, AITMConfig
 
 TOWER = (128, 64, 32)  # per-task tower of MLP and ESMM, as AITM's
@@ -59,12 +65,6 @@ class SingleTaskMLP(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.heads(self.towers(self.embedding(ids)))  # (B, T)
-
-
-def end_to_end_logits(cond_logits: torch.Tensor) -> torch.Tensor:
-    """Conditional step logits (B, T) -> logits of the products prod_{s<=t} p_s, (B, T)."""
-    log_p = torch.cumsum(F.logsigmoid(cond_logits), dim=1).clamp(max=-1e-6)  # (B, T) log p
-    return log_p - torch.log(-torch.expm1(log_p))  # logit = log p - log(1 - p)
 
 
 class ESMM(nn.Module):
@@ -165,7 +165,8 @@ class PLE(nn.Module):
         return self.heads(self.towers(h))  # (B, T)
 
 
-NEURAL_MODELS = ("MLP", "ESMM", "OMoE", "MMoE", "PLE", "AITM")
+# "AITM-cond": AITM with step-conditional heads (AITMConfig.head = "conditional"; docs/models.md)
+NEURAL_MODELS = ("MLP", "ESMM", "OMoE", "MMoE", "PLE", "AITM", "AITM-cond")
 
 
 def build_model(name: str, vocab_sizes: Sequence[int], n_tasks: int, dense_init: DenseInit = "glorot") -> nn.Module:
@@ -181,6 +182,7 @@ def build_model(name: str, vocab_sizes: Sequence[int], n_tasks: int, dense_init:
         "MMoE": lambda: MoE(vocab, n_tasks, multi_gate=True, dense_init=di),
         "PLE": lambda: PLE(vocab, n_tasks, dense_init=di),
         "AITM": lambda: AITM(AITMConfig(vocab_sizes=vocab, n_tasks=n_tasks, dense_init=di)),
+        "AITM-cond": lambda: AITM(AITMConfig(vocab_sizes=vocab, n_tasks=n_tasks, dense_init=di, head="conditional")),
     }
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose from {NEURAL_MODELS}")

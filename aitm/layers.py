@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _INT16_SPAN = 65536
@@ -74,6 +75,17 @@ def dense(fan_in: int, fan_out: int, init: DenseInit = "glorot") -> nn.Linear:
         glorot_uniform_(layer.weight, fan_in, fan_out)
         nn.init.zeros_(layer.bias)
     return layer
+
+
+def end_to_end_logits(cond_logits: torch.Tensor) -> torch.Tensor:
+    """Conditional step logits (B, T) -> logits of the products p_t = prod_{s<=t} sigmoid(c_s), (B, T).
+
+    ESMM's output, and AITM's with ``head="conditional"``. In log space: log p_t is a cumulative
+    sum of log-sigmoids (never underflows), log(1 - p_t) = log(-expm1(log p_t)) (log1mexp, exact
+    near 0), log p_t capped at -1e-6 so a saturated chain stays finite (logit <= 13.8).
+    """
+    log_p = torch.cumsum(F.logsigmoid(cond_logits), dim=1).clamp(max=-1e-6)  # (B, T) log p
+    return log_p - torch.log(-torch.expm1(log_p))  # logit = log p - log(1 - p)
 
 
 class FusedEmbedding(nn.Module):

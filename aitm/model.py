@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -15,8 +16,16 @@ from aitm.layers import (
     FusedTowers,
     check_dense_init,
     dense,
+    end_to_end_logits,
     glorot_uniform_,
 )
+
+# what a task's head predicts (docs/models.md, "The output parametrisation"): "joint" - the
+# paper's - each end-to-end probability by its own sigmoid, the funnel order only encouraged by
+# the calibrator; "conditional" - each head a step conditional, p_t = p_(t-1) * sigmoid(c_t) as
+# ESMM's, the order held by construction
+AITMHead = Literal["joint", "conditional"]
+AITM_HEADS: tuple[AITMHead, ...] = ("joint", "conditional")
 
 
 @dataclass(frozen=True)
@@ -34,9 +43,15 @@ class AITMConfig:
     # trainer keeps (TRAINER_DENSE_INIT): its served-score smoothing was tuned on it. Checkpoints
     # written before this field load with the default (the init no longer matters once loaded)
     dense_init: DenseInit = "glorot"
+    # "joint" (the paper's: head t's logit is p_t's) or "conditional" (head t's logit is the step
+    # conditional's, p_t = p_(t-1) * sigmoid(c_t)): AITM_HEADS. Checkpoints written before this
+    # field load as "joint", the head they were trained with
+    head: AITMHead = "joint"
 
     def __post_init__(self) -> None:
         check_dense_init(self.dense_init)
+        if self.head not in AITM_HEADS:
+            raise ValueError(f"unknown AITM head {self.head!r}; choose from {AITM_HEADS}")
         if self.n_tasks < 1:
             raise ValueError(f"n_tasks must be >= 1, got {self.n_tasks}")
         if self.transfer_dim != self.tower_dims[-1]:
@@ -72,7 +87,9 @@ class AITM(nn.Module):
     """Shared embedding, a tower per task, AIT from task t-1 to t, a logit head per task.
 
     ``forward`` returns end-to-end logits (B, T); ``forward_with_weights`` also returns the
-    AIT weight on p_{t-1} for tasks 2..T, shape (B, T-1).
+    AIT weight on p_{t-1} for tasks 2..T, shape (B, T-1). ``head_logits`` are the heads' own
+    logits: the end-to-end ones (``head="joint"``) or the step conditionals c_t
+    (``head="conditional"``), whose end-to-end logits are those of prod_{s<=t} sigmoid(c_s).
     """
 
     def __init__(self, config: AITMConfig) -> None:
@@ -99,6 +116,17 @@ class AITM(nn.Module):
 
     def forward_with_weights(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T) and the AIT weight on p_{t-1} for t = 2..T, (B, T-1)."""
+        logits, w_prev = self.head_logits_with_weights(ids)  # (B, T), (B, T-1)
+        if self.config.head == "conditional":
+            logits = end_to_end_logits(logits)  # (B, T): p_t = prod_{s<=t} sigmoid(c_s)
+        return logits, w_prev
+
+    def head_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The heads' own logits (B, T): end-to-end (joint) or the step conditionals c_t."""
+        return self.head_logits_with_weights(ids)[0]
+
+    def head_logits_with_weights(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The heads' own logits (B, T) and the AIT weight on p_{t-1} for t = 2..T, (B, T-1)."""
         v = self.embedding(ids)  # (B, F*d)
         q = self.towers(v)  # (T, B, k)
         zs = [q[0]]  # z_1 = q_1
@@ -109,7 +137,7 @@ class AITM(nn.Module):
             zs.append(z)
             weights.append(w[:, 1])  # (B,)
         z_all = torch.stack(zs, dim=1)  # (B, T, k)
-        logits = (z_all * self.head_w).sum(-1) + self.head_b  # (B, T)
+        logits = (z_all * self.head_w).sum(-1) + self.head_b  # (B, T): the heads' logits
         no_weights = logits.new_zeros(logits.shape[0], 0)  # (B, 0) when T = 1
         w_prev = torch.stack(weights, dim=1) if weights else no_weights  # (B, T-1)
         return logits, w_prev

@@ -4,9 +4,10 @@ The simulator's records for ``--days`` days go once through the joiner's ``Funne
 (``bench.paced_join``: no broker, so every model sees the very same samples in the very same
 order), then through one ``OnlineLearner`` per model and training seed - the trainer's core with
 its settings from the environment (``TRAINER_MODE`` fnw by default, ``TRAINER_LR``, batch size,
-stabilisers, ``TRAINER_DENSE_INIT`` unless ``--dense-init`` says otherwise), test-then-train. Only the network differs: AITM, ESMM, MMoE, PLE and the
-single-task MLP (``aitm.baselines``), each with its output biases started at the funnel's prior
-rates as the product's AITM (``TRAINER_PRIOR_RATES``; ESMM's heads are conditionals, so theirs
+stabilisers, ``TRAINER_DENSE_INIT`` unless ``--dense-init`` says otherwise), test-then-train. Only the network differs: AITM (the paper's joint heads),
+AITM-cond (AITM with step-conditional heads, docs/models.md), ESMM, MMoE, PLE and the single-task
+MLP (``aitm.baselines``), each with its output biases started at the funnel's prior rates as the
+product's AITM (``TRAINER_PRIOR_RATES``; ESMM's and AITM-cond's heads are conditionals, so theirs
 start at the conditional rates).
 
 Figures: ``auc_final`` {model: {task: auc}}, the mean over ``seeds`` of the AUC of the prediction
@@ -45,13 +46,13 @@ from stream.learn.stabilisers import init_output_bias, stabilisers_from
 from stream.ops.command import command_parser
 from stream.ops.settings import Settings
 
-MODELS = ("AITM", "ESMM", "MMoE", "PLE", "MLP")
+MODELS = ("AITM", "AITM-cond", "ESMM", "MMoE", "PLE", "MLP")  # AITM-cond: step-conditional heads
 
 
 def init_prior_bias(model: nn.Module, rates: Sequence[float]) -> None:
     """Start a network's output biases at the log-odds of the funnel's end-to-end ``rates``, as the
-    trainer does for AITM (``init_output_bias``); ESMM's heads are step conditionals, so theirs
-    start at the conditional rates ``rate_t / rate_{t-1}``.
+    trainer does for AITM (``init_output_bias``); ESMM's heads (and AITM-cond's) are step
+    conditionals, so theirs start at the conditional rates ``rate_t / rate_{t-1}``.
 
     >>> m = build_model("ESMM", (3,), 2)
     >>> init_prior_bias(m, (0.5, 0.1))

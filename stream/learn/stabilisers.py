@@ -66,7 +66,8 @@ def init_output_bias(model: AITM, rates: Sequence[float]) -> None:
     """Start the output biases at the log-odds of ``rates`` (made non-increasing along the funnel and
     kept inside (1e-6, 1 - 1e-6)) instead of 0, which is 50% on every step: the model then starts
     near the funnel's base rates instead of spending its first days - and its first versions -
-    learning them.
+    learning them. A conditional head (``head="conditional"``) starts at the step conditionals'
+    log-odds, rate_t / rate_(t-1), as ESMM's heads: its end-to-end start is the same.
 
     >>> from aitm.model import AITMConfig
     >>> m = AITM(AITMConfig(vocab_sizes=(3,), n_tasks=2))
@@ -77,6 +78,8 @@ def init_output_bias(model: AITM, rates: Sequence[float]) -> None:
     if len(rates) != model.config.n_tasks:
         raise ValueError(f"one prior rate per task: {len(rates)} for {model.config.n_tasks} tasks")
     p = np.clip(np.minimum.accumulate(np.asarray(rates, np.float64)), 1e-6, 1 - 1e-6)
+    if model.config.head == "conditional":
+        p = np.clip(p / np.concatenate(([1.0], p[:-1])), 1e-6, 1 - 1e-6)  # the step conditionals
     with torch.no_grad():
         model.head_b.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=model.head_b.dtype))
 

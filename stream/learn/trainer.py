@@ -202,7 +202,8 @@ class Trainer:
         learner = OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
                                 freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
                                 stabilisers=stabilisers_from(self.s), alpha=self.s.trainer_calibrator_alpha,
-                                dense_init=self.s.trainer_dense_init)
+                                dense_init=self.s.trainer_dense_init,
+                                head=self.s.trainer_aitm_head)
         return self._on_device(learner)
 
     def _freeze_after_ms(self) -> int | None:

@@ -193,18 +193,45 @@ def output_bias_shift(model: nn.Module, ids: torch.Tensor, target: Sequence[floa
     """The shift of ``model.head_b`` (per task, logit space; (T,)) that makes the ``weights``-weighted
     mean of sigmoid(model(ids)) equal ``target`` per task. Newton steps on each
     task's one scalar (the mean of a sigmoid is increasing in the bias, so it converges in a few).
-    ``lower=False``: only raise a bias (a shift below 0 is clamped to 0)."""
+    ``lower=False``: only raise a bias (a shift below 0 is clamped to 0).
+
+    A model whose heads are step conditionals (AITM with ``head="conditional"``: p_t = p_(t-1) *
+    sigmoid(c_t)) has each bias move its step and every later one: the shifts are found step by
+    step along the funnel, each with the earlier steps' shifts in place (``_conditional_shift``).
+    """
     was = model.training
     model.eval()
-    logits = model(ids).double()  # (N, T)
+    conditional = getattr(getattr(model, "config", None), "head", "joint") == "conditional"
+    head_logits = getattr(model, "head_logits", None)
+    logits = (head_logits(ids) if conditional and head_logits is not None else model(ids)).double()  # (N, T)
     model.train(was)
     w = torch.as_tensor(weights, dtype=torch.float64, device=logits.device)
     w = w / w.sum()
     goal = torch.as_tensor(np.clip(np.asarray(target, np.float64), 1e-6, 1 - 1e-6), device=logits.device)
+    if conditional:
+        return _conditional_shift(logits, w, goal, steps, lower)
     delta = torch.zeros(logits.shape[1], dtype=torch.float64, device=logits.device)
     for _ in range(steps):
         p = torch.sigmoid(logits + delta)  # (N, T)
         gap = (w[:, None] * p).sum(0) - goal  # (T,)
         slope = (w[:, None] * p * (1 - p)).sum(0).clamp_min(1e-12)
         delta = (delta - gap / slope).clamp(-3.0 if lower else 0.0, 3.0)  # at most e^3: a guard, not a limit
+    return delta
+
+
+def _conditional_shift(cond: torch.Tensor, w: torch.Tensor, goal: torch.Tensor, steps: int,
+                       lower: bool) -> torch.Tensor:
+    """The shifts (T,) of step-conditional logits ``cond`` (N, T) that bring the ``w``-weighted mean
+    of p_t = prod_{s<=t} sigmoid(c_s + d_s) to ``goal`` (T,): Newton on d_t for t = 1..T in turn,
+    the shifts of the steps before in place (dp_t / dd_t = p_t * (1 - sigmoid(c_t + d_t)))."""
+    delta = torch.zeros(cond.shape[1], dtype=torch.float64, device=cond.device)
+    log_before = torch.zeros(cond.shape[0], dtype=torch.float64, device=cond.device)  # (N,) log p_(t-1)
+    for t in range(cond.shape[1]):
+        for _ in range(steps):
+            c = cond[:, t] + delta[t]  # (N,)
+            p = torch.exp(log_before + torch.nn.functional.logsigmoid(c))  # (N,) p_t
+            gap = (w * p).sum() - goal[t]
+            slope = (w * p * torch.sigmoid(-c)).sum().clamp_min(1e-12)
+            delta[t] = (delta[t] - gap / slope).clamp(-3.0 if lower else 0.0, 3.0)
+        log_before = log_before + torch.nn.functional.logsigmoid(cond[:, t] + delta[t])
     return delta

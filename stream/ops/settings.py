@@ -159,6 +159,11 @@ class Settings(BaseSettings):
     # 19 wants >= 0.8 and <= 1.3): the served-score smoothing was tuned on "torch" (nn.Linear's
     # default), which the product keeps until it is re-tuned (docs/models.md)
     trainer_dense_init: Literal["glorot", "torch"] = "torch"
+    # what AITM's task heads predict (aitm/model.py AITMHead): "joint", the paper's - each
+    # end-to-end probability by its own sigmoid - or "conditional" - each head a step conditional,
+    # p_t = p_(t-1) * sigmoid(c_t) as ESMM's, the funnel order held by construction (docs/models.md,
+    # "The output parametrisation"). A checkpoint keeps the head it was trained with
+    trainer_aitm_head: Literal["joint", "conditional"] = "joint"
     # one forward pass per batch, with dropout off, both scores it (test) and carries the gradient
     # (train): a third less torch work. Online, each sample is seen once; dropout made no AUC
     # difference beyond seed noise (replay, docs/streaming.md). false: a scoring pass in eval

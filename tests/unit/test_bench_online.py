@@ -37,6 +37,13 @@ def test_the_learner_trains_the_named_network() -> None:
     assert isinstance(learner_for("AITM", Settings(), ("a", "b"), seed=0).model, AITM)
 
 
+def test_aitm_cond_is_aitm_with_conditional_heads_and_aitm_the_papers() -> None:
+    cond = learner_for("AITM-cond", Settings(), ("a", "b"), seed=0).model
+    joint = learner_for("AITM", Settings(), ("a", "b"), seed=0).model
+    assert isinstance(cond, AITM) and cond.config.head == "conditional"
+    assert isinstance(joint, AITM) and joint.config.head == "joint"
+
+
 def test_the_networks_start_with_the_products_dense_init_unless_told() -> None:
     for name in ("AITM", "ESMM"):
         torch.manual_seed(0)

@@ -262,5 +262,18 @@ def test_the_dense_init_setting_reaches_the_cold_started_model(
     assert all(b > 0 for b in biases) if init == "torch" else all(b == 0 for b in biases)
 
 
+@pytest.mark.parametrize("head", ["joint", "conditional"])
+def test_the_aitm_head_setting_reaches_the_cold_started_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, head: str
+) -> None:
+    monkeypatch.setenv("TRAINER_AITM_HEAD", head)
+    t, _, _ = make(tmp_path, [])
+    learner = t._new_learner(("f", "g"))
+    assert learner.model.config.head == head
+    rates = np.asarray(t.s.trainer_prior_rates)  # and it starts at the prior rates either way
+    expect = rates if head == "joint" else rates / np.concatenate(([1.0], rates[:-1]))
+    np.testing.assert_allclose(learner.model.head_b.detach().numpy(), np.log(expect / (1 - expect)), rtol=1e-5)
+
+
 def test_the_product_keeps_the_previous_dense_init_by_default() -> None:
     assert Settings().trainer_dense_init == "torch"  # until the served-score smoothing is re-tuned
