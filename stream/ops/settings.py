@@ -143,6 +143,13 @@ class Settings(BaseSettings):
     # ~6 steps a day) 1e-2 does best (0.80-0.82) and 3e-3 only 0.70. The default is for
     # 4,000/day and more: the demo's 10,000, and anything real
     trainer_lr: float = Field(default=0.003, gt=0)
+    # "volume": the rate follows the stream's volume, TRAINER_LR x sqrt(TRAINER_LR_REF_IMPRESSIONS /
+    # impressions a day) within [0.25, 4] x TRAINER_LR, the volume measured in event time over a
+    # day (TRAINER_LR itself during the first day); "fixed": TRAINER_LR at every volume
+    # (stream/learn/lr_schedule.py; docs/models.md, "The learning rate across volumes")
+    trainer_lr_scale: Literal["volume", "fixed"] = "fixed"
+    # impressions a day at which TRAINER_LR is the right rate (where 3e-3 was measured good)
+    trainer_lr_ref_impressions: float = Field(default=4000.0, gt=0)
     # weight of AITM's Behavioral Expectation Calibrator in the streaming trainer's loss (the paper's
     # alpha is 0.6). It is one-sided - max(p_t - p_(t-1), 0) only ever lowers a step and raises the
     # one before it - and where two steps' rates are close (activation ~0.8 x approval) a model
