@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             "trainer_lr": settings.trainer_lr,
             "trainer_lr_scale": settings.trainer_lr_scale,
             "trainer_lr_ref_impressions": settings.trainer_lr_ref_impressions,
+            "trainer_lr_volume_power": settings.trainer_lr_volume_power,
             "trainer_batch_size": settings.trainer_batch_size,
             "trainer_freeze_after_days": settings.trainer_freeze_after_days,
         },

@@ -35,6 +35,7 @@ class VolumeScale:
     of event time."""
 
     ref_per_day: float = 4_000.0
+    power: float = 0.5  # lr ~ (ref / volume) ** power
     tau_days: float = 1.0
     warmup_hours: float = 24.0
 
@@ -85,7 +86,7 @@ class VolumeRate:
         assert self.start_ms is not None and self.last_ms is not None
         if self.last_ms - self.start_ms < self.scale.warmup_hours * HOUR_MS or not self.count:
             return self.base_lr
-        factor = math.sqrt(self.scale.ref_per_day / self.per_day)
+        factor = (self.scale.ref_per_day / self.per_day) ** self.scale.power
         return self.base_lr * min(max(factor, LR_MIN_FACTOR), LR_MAX_FACTOR)
 
     def state_dict(self) -> dict[str, Any]:

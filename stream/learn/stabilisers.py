@@ -100,7 +100,8 @@ def stabilisers_from(s: Settings) -> Stabilisers:
         delay_prior_windows_ms=step_windows_ms(s) if s.trainer_delay_window_quantile > 0 else None,
         delay_window_quantile=s.trainer_delay_window_quantile or 0.95,
         delay_served_ramp=s.trainer_delay_served_ramp,
-        lr_volume=VolumeScale(ref_per_day=s.trainer_lr_ref_impressions) if s.trainer_lr_scale == "volume" else None,
+        lr_volume=VolumeScale(ref_per_day=s.trainer_lr_ref_impressions, power=s.trainer_lr_volume_power)
+        if s.trainer_lr_scale == "volume" else None,
     )
 
 

@@ -150,5 +150,7 @@ def test_a_restart_from_the_checkpointed_state_continues_the_same_rate() -> None
 def test_the_setting_turns_it_on_with_its_reference_volume() -> None:
     assert stabilisers_from(Settings(trainer_lr_scale="fixed")).lr_volume is None
     st = stabilisers_from(Settings(trainer_lr_scale="volume", trainer_lr_ref_impressions=2_000))
-    assert st.lr_volume == VolumeScale(ref_per_day=2_000)
+    assert st.lr_volume == VolumeScale(ref_per_day=2_000, power=0.5)
+    st = stabilisers_from(Settings(trainer_lr_scale="volume", trainer_lr_volume_power=1.0))
+    assert st.lr_volume == VolumeScale(ref_per_day=4_000, power=1.0)
     assert DAY_MS == 24 * HOUR_MS
