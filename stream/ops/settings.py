@@ -147,7 +147,7 @@ class Settings(BaseSettings):
     # impressions a day) within [0.25, 4] x TRAINER_LR, the volume measured in event time over a
     # day (TRAINER_LR itself during the first day); "fixed": TRAINER_LR at every volume
     # (stream/learn/lr_schedule.py; docs/models.md, "The learning rate across volumes")
-    trainer_lr_scale: Literal["volume", "fixed"] = "fixed"
+    trainer_lr_scale: Literal["volume", "fixed"] = "volume"
     # impressions a day at which TRAINER_LR is the right rate (where 3e-3 was measured good)
     trainer_lr_ref_impressions: float = Field(default=4000.0, gt=0)
     # the power of (reference / volume) the rate follows: 0.5 from the tracking argument (drift
