@@ -2,9 +2,15 @@
 
 With a fixed batch, a stream of R impressions a day takes about R/B optimizer steps a day: the
 drift each step must track is ~1/R while each step's gradient noise stays the same, and the rate
-that tracks a drifting optimum best with SGD-like steps goes as sqrt(drift / noise) ~ R^(-1/2). So
+that tracks a drifting optimum best with SGD-like steps goes as sqrt(drift / noise) ~ R^(-1/2); a
+rate that keeps the distance moved per day of event time goes as R^(-1). So
 
-    lr = TRAINER_LR x sqrt(TRAINER_LR_REF_IMPRESSIONS / R), clipped to [LR_MIN_FACTOR, LR_MAX_FACTOR] x TRAINER_LR
+    lr = TRAINER_LR x (TRAINER_LR_REF_IMPRESSIONS / R) ^ TRAINER_LR_VOLUME_POWER,
+         clipped to [LR_MIN_FACTOR, LR_MAX_FACTOR] x TRAINER_LR
+
+with the power 0.75 by measurement (``bench online`` at 1,500, 4,000 and 20,000 impressions a day:
+at 0.5 AITM's live model stayed below its frozen copy on activation at 20,000 a day; at 1 ESMM's
+``auc_final`` fell at 20,000 a day and AITM's varied three times as much between seeds at 1,500)
 
 with R the first samples (impressions) a day, measured in EVENT time (an exponential average
 over a day of the samples' own times, never the wall clock: a replay gets
@@ -35,7 +41,7 @@ class VolumeScale:
     of event time."""
 
     ref_per_day: float = 4_000.0
-    power: float = 0.5  # lr ~ (ref / volume) ** power
+    power: float = 0.75  # lr ~ (ref / volume) ** power (TRAINER_LR_VOLUME_POWER; see the module's docstring)
     tau_days: float = 1.0
     warmup_hours: float = 24.0
 
@@ -43,7 +49,7 @@ class VolumeScale:
 class VolumeRate:
     """Impressions a day in event time, and the learning rate that follows from them.
 
-    >>> v = VolumeRate(3e-3, VolumeScale(ref_per_day=2_400))
+    >>> v = VolumeRate(3e-3, VolumeScale(ref_per_day=2_400, power=0.5))
     >>> for hour in range(1, 49):  # 9,600 impressions a day: 4x the reference -> half the rate
     ...     _ = v.observe(400, hour * HOUR_MS, (hour - 1) * HOUR_MS)
     >>> round(v.per_day), round(v.lr, 6)

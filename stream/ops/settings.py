@@ -155,7 +155,7 @@ class Settings(BaseSettings):
     trainer_lr_ref_impressions: float = Field(default=4000.0, gt=0)
     # the power of (reference / volume) the rate follows: 0.5 from the tracking argument (drift
     # per step ~ 1/volume, noise per step constant); 1 keeps the rate per day of event time constant
-    trainer_lr_volume_power: float = Field(default=0.5, ge=0, le=1)
+    trainer_lr_volume_power: float = Field(default=0.75, ge=0, le=1)
     # weight of AITM's Behavioral Expectation Calibrator in the streaming trainer's loss (the paper's
     # alpha is 0.6). It is one-sided - max(p_t - p_(t-1), 0) only ever lowers a step and raises the
     # one before it - and where two steps' rates are close (activation ~0.8 x approval) a model

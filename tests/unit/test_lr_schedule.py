@@ -29,17 +29,21 @@ def _steady(rate: VolumeRate, per_day: float, days: float, step_h: float = 1.0) 
     return out
 
 
-@pytest.mark.parametrize(("per_day", "factor"), [
-    (4_000, 1.0),  # the reference: TRAINER_LR itself
-    (1_000, 2.0),  # a quarter of the reference: twice the rate
-    (16_000, 0.5),
-    (20_000, math.sqrt(4_000 / 20_000)),
-    (100, 4.0),  # clipped at 4 x TRAINER_LR
-    (1_000_000, 0.25),  # clipped at 0.25 x TRAINER_LR
+@pytest.mark.parametrize(("per_day", "power", "factor"), [
+    (4_000, 0.5, 1.0),  # the reference: TRAINER_LR itself
+    (1_000, 0.5, 2.0),  # a quarter of the reference: twice the rate
+    (16_000, 0.5, 0.5),
+    (20_000, 0.5, math.sqrt(4_000 / 20_000)),
+    (4_000, 0.75, 1.0),  # the default power
+    (20_000, 0.75, 0.2 ** 0.75),  # 9.0e-4 at 20,000 a day
+    (1_500, 0.75, (4_000 / 1_500) ** 0.75),  # 6.3e-3 at 1,500 a day
+    (16_000, 1.0, 0.25),
+    (100, 0.5, 4.0),  # clipped at 4 x TRAINER_LR
+    (1_000_000, 0.5, 0.25),  # clipped at 0.25 x TRAINER_LR
 ])
-def test_the_rate_at_a_known_steady_volume_is_the_base_rate_times_the_root_of_ref_over_volume(
-        per_day: float, factor: float) -> None:
-    rate = VolumeRate(BASE, VolumeScale(ref_per_day=4_000))
+def test_the_rate_at_a_known_steady_volume_is_the_base_rate_times_a_power_of_ref_over_volume(
+        per_day: float, power: float, factor: float) -> None:
+    rate = VolumeRate(BASE, VolumeScale(ref_per_day=4_000, power=power))
     lrs = _steady(rate, per_day, days=4)
     assert rate.per_day == pytest.approx(per_day, rel=1e-6)
     assert lrs[-1] == pytest.approx(BASE * factor, rel=1e-6)
@@ -71,7 +75,7 @@ def test_only_event_time_moves_the_average_and_it_never_runs_backwards() -> None
 
 
 def test_the_volume_follows_a_change_within_a_few_days() -> None:
-    rate = VolumeRate(BASE, VolumeScale(ref_per_day=4_000))
+    rate = VolumeRate(BASE, VolumeScale(ref_per_day=4_000, power=0.5))
     _steady(rate, 4_000, days=3)
     assert rate.lr == pytest.approx(BASE, rel=1e-3)
     start = rate.last_ms
@@ -113,9 +117,9 @@ def _learner(scale: VolumeScale | None) -> OnlineLearner:
 
 def test_the_learner_steps_at_the_rate_of_the_volume_on_every_parameter() -> None:
     ln = _learner(VolumeScale(ref_per_day=4_000))
-    for batch in _rounds(960, days=3):  # 960 a day: sqrt(4000 / 960) = 2.04 x the base rate
+    for batch in _rounds(960, days=3):  # 960 a day: (4000 / 960) ^ 0.75 = 2.92 x the base rate
         ln.step(batch)
-    want = BASE * math.sqrt(4_000 / 960)
+    want = BASE * (4_000 / 960) ** 0.75
     assert ln.lr_rate is not None and ln.lr_rate.lr == pytest.approx(want, rel=0.02)
     assert ln.optimizer.lr == ln.lr_rate.lr  # the table's rows
     assert {g["lr"] for g in ln.optimizer.dense.param_groups} == {ln.lr_rate.lr}  # and every dense group
@@ -150,7 +154,7 @@ def test_a_restart_from_the_checkpointed_state_continues_the_same_rate() -> None
 def test_the_setting_turns_it_on_with_its_reference_volume() -> None:
     assert stabilisers_from(Settings(trainer_lr_scale="fixed")).lr_volume is None
     st = stabilisers_from(Settings(trainer_lr_scale="volume", trainer_lr_ref_impressions=2_000))
-    assert st.lr_volume == VolumeScale(ref_per_day=2_000, power=0.5)
+    assert st.lr_volume == VolumeScale(ref_per_day=2_000, power=0.75)  # the default power
     st = stabilisers_from(Settings(trainer_lr_scale="volume", trainer_lr_volume_power=1.0))
     assert st.lr_volume == VolumeScale(ref_per_day=4_000, power=1.0)
     assert DAY_MS == 24 * HOUR_MS
