@@ -10,7 +10,7 @@ rate that keeps the distance moved per day of event time goes as R^(-1). So
 
 with the power 0.75 by measurement (``bench online`` at 1,500, 4,000 and 20,000 impressions a day:
 at 0.5 AITM's live model stayed below its frozen copy on activation at 20,000 a day; at 1 ESMM's
-``auc_final`` fell at 20,000 a day and AITM's varied three times as much between seeds at 1,500)
+``auc_final`` fell at 20,000 a day and AITM's varied two to four times as much between seeds at 1,500)
 
 with R the first samples (impressions) a day, measured in EVENT time (an exponential average
 over a day of the samples' own times, never the wall clock: a replay gets
