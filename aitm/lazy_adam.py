@@ -48,6 +48,12 @@ class LazyAdam:
         self.dense = torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, fused=True)
         self.rows: dict[str, Any] = {}  # the table's state: step, exp_avg, exp_avg_sq (made at the first step)
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps, the table's rows and every dense group alike."""
+        self.lr = lr
+        for group in self.dense.param_groups:
+            group["lr"] = lr
+
     @property
     def state(self) -> dict[torch.Tensor, dict[str, Any]]:
         out: dict[torch.Tensor, dict[str, Any]] = dict(self.dense.state)

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} seed {seed}: {r['auc_final']} ({r['wall_s']} s)", flush=True)
     report: dict[str, Any] = {
         "source": f"funnel simulator (seed {args.sim_seed}), {args.days} days x {args.impressions_per_day} "
-        f"impressions, {settings.trainer_mode}, lr {settings.trainer_lr}",
+        f"impressions, {settings.trainer_mode}, lr {settings.trainer_lr} ({settings.trainer_lr_scale})",
         **summarise(runs),
         "seeds": list(range(args.seeds)),
         "tasks": list(TASKS),
@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "trainer_mode": settings.trainer_mode,
             "trainer_lr": settings.trainer_lr,
+            "trainer_lr_scale": settings.trainer_lr_scale,
+            "trainer_lr_ref_impressions": settings.trainer_lr_ref_impressions,
+            "trainer_lr_volume_power": settings.trainer_lr_volume_power,
             "trainer_batch_size": settings.trainer_batch_size,
             "trainer_freeze_after_days": settings.trainer_freeze_after_days,
         },

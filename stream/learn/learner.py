@@ -29,6 +29,7 @@ from stream.learn.delay_model import DelayModel
 from stream.learn.delayed_feedback import MODES, TrainRows, train_rows
 from stream.learn.device import DevicePath
 from stream.learn.frozen import FrozenBaseline
+from stream.learn.lr_schedule import VolumeRate
 from stream.learn.mixing_buffer import MixingBuffer, RowBlock
 from stream.learn.prequential import PrequentialEvaluator
 from stream.learn.sample_batch import CORRECTION, FINAL, FIRST, N_TASKS, SampleBatch, as_batch
@@ -104,6 +105,9 @@ class OnlineLearner:
         self.model = model.to(self.device)
         # lazy row-wise Adam on the embedding table: a step moves only the rows it trained (aitm/lazy_adam.py)
         self.optimizer = LazyAdam(self.model, self.model.embedding.table, lr=lr)
+        # TRAINER_LR_SCALE=volume: the rate follows the impressions a day (None: ``lr`` throughout)
+        self.base_lr = lr
+        self.lr_rate = VolumeRate(lr, st.lr_volume) if st.lr_volume is not None else None
         self.mixer = MixingBuffer(N_TASKS, st.min_step_rows, st.positive_slack or 1.0, st.positive_half_life)
         self.average = (WeightAverage(self.model, st.ema_half_life_rows, lazy=TABLE)
                         if st.ema_half_life_rows > 0 else None)
@@ -182,6 +186,8 @@ class OnlineLearner:
         if order is not None and kept is not None:
             order = order[kept]
         n = len(batch)
+        if self.lr_rate is not None and train:
+            self._follow_volume(batch)  # with several ranks a collective: before an idle round's
         if n == 0:
             if self.sync is not None and train:
                 self.sync.idle(self)  # the others' step needs this rank's part of each collective
@@ -278,6 +284,17 @@ class OnlineLearner:
         held = np.flatnonzero(holdout)
         return StepResult(n, len(given) - n, rows, eval_ids, y_eval, p_eval, probs, time.perf_counter() - t0,
                           held, ids[held])
+
+    def _follow_volume(self, batch: SampleBatch) -> None:
+        """Feed the round's first samples and event times (over every rank) to the rate that
+        follows the volume, and set the optimizer's rate for this round's step."""
+        assert self.lr_rate is not None
+        firsts = int((batch.kind == FIRST).sum())
+        times = (int(batch.event_time_ms.min()), int(batch.event_time_ms.max())) if len(batch) else None
+        if self.sync is not None:
+            firsts, times = self.sync.volume(firsts, times)
+        if times is not None:
+            self.optimizer.set_lr(self.lr_rate.observe(firsts, times[1], times[0]))
 
     @torch.no_grad()
     def _reset_rows(self, rows: np.ndarray) -> None:
@@ -500,6 +517,7 @@ class OnlineLearner:
             "stream_start_ms": self.stream_start_ms,
             "delay": None if self.delay is None else self.delay.state_dict(),
             "frozen": None if self.frozen is None else self.frozen.state_dict(),
+            "lr_rate": None if self.lr_rate is None else self.lr_rate.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -522,6 +540,10 @@ class OnlineLearner:
         self.stream_start_ms = state.get("stream_start_ms")
         if self.delay is not None and state.get("delay") is not None:
             self.delay.load_state_dict(state["delay"])
+        if self.lr_rate is not None and state.get("lr_rate") is not None:
+            self.lr_rate.load_state_dict(state["lr_rate"])
+        # the rate of this run's settings (or the one the volume reached), not the checkpoint's groups'
+        self.optimizer.set_lr(self.base_lr if self.lr_rate is None else self.lr_rate.lr)
         frozen = state.get("frozen")
         if frozen is not None:
             self.freeze(int(frozen["cutoff_ms"]))

@@ -163,6 +163,15 @@ class RankSync:
         dist.all_reduce(t, group=self.group)
         return [float(x) for x in t.cpu().tolist()]
 
+    def volume(self, first_samples: int, times_ms: tuple[int, int] | None) -> tuple[int, tuple[int, int] | None]:
+        """The round's first samples summed over ranks and its (earliest, latest) event time over
+        ranks (None: no rank had samples): what the learning rate that follows the volume is fed,
+        so every rank computes the same rate (``stream.learn.lr_schedule``)."""
+        every = self.gather((first_samples, times_ms))
+        spans = [t for _, t in every if t is not None]
+        total = sum(n for n, _ in every)
+        return total, (min(a for a, _ in spans), max(b for _, b in spans)) if spans else None
+
     def idle(self, learner: OnlineLearner) -> None:
         """A round in which this rank has no samples: the same collectives as a step, contributing
         nothing (the table still learns the others' values, the weights still move)."""

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from aitm.model import AITM
+from stream.learn.lr_schedule import VolumeScale
 from stream.learn.publication_gate import settled_after_ms
 from stream.ops.settings import Settings
 
@@ -31,7 +32,8 @@ class Stabilisers:
     (``stream.learn.delay_model``; None: off), its factor capped at ``delay_max_factor``, applied
     to the served biases (``delay_in_training`` False) or to the trained positives' weights;
     ``delay_prior_windows_ms``: each step's own window, the delay fit's prior (the window is the
-    ``delay_window_quantile`` quantile of the delay; None: no window prior)."""
+    ``delay_window_quantile`` quantile of the delay; None: no window prior); ``lr_volume``: the
+    learning rate follows the stream's volume (``stream.learn.lr_schedule``; None: fixed)."""
 
     min_step_rows: int = 1
     positive_slack: float | None = None
@@ -47,6 +49,7 @@ class Stabilisers:
     delay_prior_windows_ms: tuple[int, ...] | None = None  # each step's own window: the delay fit's prior
     delay_window_quantile: float = 0.95
     delay_served_ramp: float = 20.0  # the served correction's ramp, n / (n + this) with the window prior
+    lr_volume: VolumeScale | None = None
 
 
 def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
@@ -100,6 +103,8 @@ def stabilisers_from(s: Settings) -> Stabilisers:
         delay_prior_windows_ms=step_windows_ms(s) if s.trainer_delay_window_quantile > 0 else None,
         delay_window_quantile=s.trainer_delay_window_quantile or 0.95,
         delay_served_ramp=s.trainer_delay_served_ramp,
+        lr_volume=VolumeScale(ref_per_day=s.trainer_lr_ref_impressions, power=s.trainer_lr_volume_power)
+        if s.trainer_lr_scale == "volume" else None,
     )
 
 

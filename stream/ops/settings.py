@@ -141,8 +141,24 @@ class Settings(BaseSettings):
     # impressions/day 0.836-0.837 at 3e-3 (3 seeds), 0.833 at 2e-3, 0.793 at 5e-3, 0.787-0.816
     # at 1e-2 (there a model frozen after 4 days scored 0.798-0.812); at 1,500/day (toy traffic,
     # ~6 steps a day) 1e-2 does best (0.80-0.82) and 3e-3 only 0.70. The default is for
-    # 4,000/day and more: the demo's 10,000, and anything real
+    # 4,000/day and more: the demo's 10,000, and anything real. With TRAINER_LR_SCALE=volume (the
+    # default) it is the rate at TRAINER_LR_REF_IMPRESSIONS a day, scaled to the measured volume
     trainer_lr: float = Field(default=0.003, gt=0)
+    # "volume": the rate follows the stream's volume, TRAINER_LR x sqrt(TRAINER_LR_REF_IMPRESSIONS /
+    # impressions a day) within [0.25, 4] x TRAINER_LR, the volume measured in event time over a
+    # day (TRAINER_LR itself during the first day); "fixed": TRAINER_LR at every volume
+    # (stream/learn/lr_schedule.py; docs/models.md, "The learning rate across volumes"). bench
+    # online, fixed -> volume: auc_final at 1,500/day +0.006-0.032 on every step (AITM and ESMM, 3
+    # seeds), at 4,000/day the same, at 20,000/day activation +0.022 (AITM) / +0.035 (ESMM)
+    trainer_lr_scale: Literal["volume", "fixed"] = "volume"
+    # impressions a day at which TRAINER_LR is the right rate (where 3e-3 was measured good)
+    trainer_lr_ref_impressions: float = Field(default=4000.0, gt=0)
+    # the power of (reference / volume) the rate follows: 0.5 from the tracking argument (drift
+    # per step ~ 1/volume, noise per step constant); 1 keeps the distance moved per day of event
+    # time constant. bench online (AITM, ESMM; 1,500 / 4,000 / 20,000 a day): at 0.5 AITM's live
+    # activation stayed below its day-3 copy at 20,000 a day (0.8670 vs 0.8717); at 1 ESMM's
+    # auc_final lost 0.004-0.006 on application / approval there; 0.75 beat frozen everywhere
+    trainer_lr_volume_power: float = Field(default=0.75, ge=0, le=1)
     # weight of AITM's Behavioral Expectation Calibrator in the streaming trainer's loss (the paper's
     # alpha is 0.6). It is one-sided - max(p_t - p_(t-1), 0) only ever lowers a step and raises the
     # one before it - and where two steps' rates are close (activation ~0.8 x approval) a model

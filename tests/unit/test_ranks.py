@@ -19,7 +19,8 @@ from aitm.model import AITM, AITMConfig
 from aitm.train import make_optimizer
 from stream.contract.samples import Sample
 from stream.kafka.broker import free_port
-from stream.learn.learner import OnlineLearner
+from stream.learn.learner import OnlineLearner, Stabilisers
+from stream.learn.lr_schedule import VolumeRate, VolumeScale
 from stream.learn.prequential import PrequentialEvaluator
 from stream.learn.ranks import RankInfo, RankSync, local_state, merged_evaluator
 
@@ -286,3 +287,48 @@ def test_two_ranks_with_uneven_label_masks_train_as_one_trainer_on_the_round(tmp
     for k, v in one.model.state_dict().items():
         assert torch.equal(ranks[0][k], ranks[1][k]), k
         assert torch.allclose(ranks[0][k], v, rtol=1e-4, atol=1e-6), k
+
+
+def _timed(i: int, hour: int, kind: str) -> Sample:
+    s = _sample(i, kind)
+    return Sample(s.impression_id, s.bank_id, hour * 3_600_000, s.features, s.labels, s.mature, s.kind,
+                  s.elapsed_ms, s.seq)
+
+
+def _volume_worker(rank: int, ranks: int, port: int, tmp: Path, plan: list[list[list[int]]]) -> None:
+    sync = _join(rank, ranks, port)
+    torch.manual_seed(0)
+    ln = OnlineLearner(DynamicTable(FIELDS, rows=64, min_count=2, ttl_ms=10**12), mode="fnw", lr=3e-3,
+                       eval_window=500, stabilisers=Stabilisers(lr_volume=VolumeScale(ref_per_day=400)))
+    ln.sync = sync
+    sync.broadcast_model(ln.model)
+    lrs = []
+    for hour, round_ in enumerate(plan):
+        mine = round_[rank]
+        ln.step([_timed(i, hour, "first") for i in mine] + [_timed(i, hour, "final") for i in mine])
+        lrs.append((ln.optimizer.lr, sorted({g["lr"] for g in ln.optimizer.dense.param_groups})))
+    out = {"lrs": lrs, "model": ln.model.state_dict(), "rate": ln.lr_rate.state_dict() if ln.lr_rate else None}
+    (tmp / f"volume{rank}.pkl").write_bytes(pickle.dumps(out))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_with_uneven_volumes_step_at_the_same_rate_every_round(tmp_path: Path) -> None:
+    # hourly rounds over two days; rank 0 has most of the impressions, rank 1 a few or none: each
+    # rank alone would measure a different volume, but the rate is fed the round's sums
+    rng = np.random.default_rng(5)
+    plan, nxt = [], 0
+    for hour in range(50):
+        a, b = int(rng.integers(2, 9)), int(rng.integers(0, 3)) if hour % 5 else 0
+        plan.append([list(range(nxt, nxt + a)), list(range(nxt + a, nxt + a + b))])
+        nxt += a + b
+    _spawn(_volume_worker, 2, tmp_path, plan)
+    r0, r1 = (pickle.loads((tmp_path / f"volume{r}.pkl").read_bytes()) for r in range(2))
+    assert r0["lrs"] == r1["lrs"]  # the table's rate and every dense group's, round by round
+    assert r0["rate"] == r1["rate"]
+    one = VolumeRate(3e-3, VolumeScale(ref_per_day=400))  # one trainer fed both ranks' impressions
+    assert [lr for lr, _ in r0["lrs"]] == [one.observe(len(a) + len(b), h * 3_600_000, h * 3_600_000)
+                                           for h, (a, b) in enumerate(plan)]
+    assert r0["lrs"][0][0] == 3e-3 and 3e-3 < r0["lrs"][-1][0] < 3e-3 * 4  # ~130 a day: ~1.75x
+    assert all(len(groups) == 1 and groups[0] == lr for lr, groups in r0["lrs"])
+    for k, v in r0["model"].items():
+        assert torch.equal(v, r1["model"][k]), k
