@@ -23,6 +23,6 @@ def test_the_setting_reaches_the_producer_the_joiner_batches_with(tmp_path: Path
 
 
 def test_default_and_bounds(tmp_path: Path) -> None:
-    assert load_settings(data_dir=tmp_path).joiner_producer_max_batch_bytes == 262_144
+    assert load_settings(data_dir=tmp_path).joiner_producer_max_batch_bytes == 65_536
     with pytest.raises(ValidationError):  # over faust's max_request_size and Kafka's message.max.bytes
         load_settings(data_dir=tmp_path, joiner_producer_max_batch_bytes=2_000_000)
