@@ -128,6 +128,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         recovery_consistency_check=settings.recovery_consistency_check(),
         consumer_auto_offset_reset="earliest",
         table_standby_replicas=0,
+        producer_max_batch_size=settings.joiner_producer_max_batch_bytes,
         stream_wait_empty=False,
         web_enabled=settings.joiner_web_port > 0,
         web_port=settings.joiner_web_port or 6066,

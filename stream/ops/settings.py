@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     joiner_recovery_consistency_check: bool | None = None
     # faust's own web server: 0 = off
     joiner_web_port: int = Field(default=0, ge=0)
+    # the largest record batch the joiner's producer builds (aiokafka's max_batch_size); faust's
+    # default, 16 KB, costs ~1.5-2 us more CPU per record (docs/joiner.md, round 8: 64 KB
+    # measured best, 256 KB no better). Keep it under the broker's message.max.bytes.
+    joiner_producer_max_batch_bytes: int = Field(default=65_536, ge=1024, le=1_000_000)
 
     # --- trainer (stream/learn/trainer.py): test-then-train on samples; docs/streaming.md
     # delayed feedback: "fnw" (fake-negative weighting, trains at the first sample) or
