@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -32,6 +32,7 @@ from stream.learn.frozen import FrozenBaseline
 from stream.learn.mixing_buffer import MixingBuffer, RowBlock
 from stream.learn.prequential import PrequentialEvaluator
 from stream.learn.sample_batch import CORRECTION, FINAL, FIRST, N_TASKS, SampleBatch, as_batch
+from stream.learn.served_level import ArrivedCounts
 from stream.learn.stabilisers import Stabilisers, held_back, init_output_bias
 from stream.learn.weight_average import RecentPredictions, WeightAverage, output_bias_shift
 
@@ -110,6 +111,10 @@ class OnlineLearner:
                        if self.average is not None and st.recentre_rows > 0 else None)
         self.bias_shift = np.zeros(N_TASKS)  # the last re-centring's shift of the served biases (logits)
         self.completeness = np.ones(N_TASKS)  # the last served delay correction (x the live mean)
+        # the served level from a delay-corrected count of arrived positives (seventh round)
+        self.arrived = (ArrivedCounts(st.served_level_rows, N_TASKS)
+                        if self.recent is not None and st.served_level_tasks else None)
+        self.served_level = np.full((N_TASKS, 3), np.nan)  # the last (rate, positives, sum of G) per task
         self._average_moved = False  # trained since the served biases were last re-centred
         self.delay = (DelayModel(st.delay_windows_ms, st.delay_max_factor, st.delay_prior_windows_ms,
                                  st.delay_window_quantile, st.delay_served_ramp)
@@ -262,6 +267,8 @@ class OnlineLearner:
                 fr = np.flatnonzero((kind == FIRST) & ~holdout)  # the impressions, as trained on
                 self.recent.add(ids[fr], probs[fr].astype(np.float64), float(self.trained_samples),
                                 _arrival_ms(batch)[fr])
+            if self.arrived is not None:
+                self._count_arrived(batch, holdout)
             mine = ~holdout[tr.index]  # the held-back slice is never trained on
             index = tr.index[mine]
             block = RowBlock.of(ids[index], tr.labels[mine], tr.mask[mine], tr.weight[mine], origin=index)
@@ -319,6 +326,29 @@ class OnlineLearner:
                 tr.weight[pos, t] *= delay.factors(t, arrival[rows]).astype(np.float32)
             delay.observe(t, batch.event_time_ms[rows], arrival[rows])
         delay.advance(int(arrival.max()))
+
+    def _count_arrived(self, batch: SampleBatch, holdout: np.ndarray) -> None:
+        """The trained impressions' first samples join the count of arrived positives, and later
+        copies (corrections) credit theirs (``stream.learn.served_level``)."""
+        assert self.arrived is not None
+        iids, kind = batch.impression_ids, batch.kind
+        first = np.flatnonzero((kind == FIRST) & ~holdout)
+        self.arrived.add_firsts([iids[i] for i in first], batch.event_time_ms[first], batch.labels[first])
+        later = np.flatnonzero((kind == CORRECTION) & ~holdout)
+        self.arrived.credit([iids[i] for i in later], batch.labels[later])
+
+    def _completeness_now(self, task: int) -> Callable[[np.ndarray], np.ndarray]:
+        """G of task ``task`` at the age now of impressions with these event times (1 without a
+        delay model, before its fit and past the window)."""
+        delay = self.delay
+        if delay is None:
+            return lambda at: np.ones(np.shape(at))
+
+        def g(at: np.ndarray) -> np.ndarray:
+            age = np.maximum(delay.now_ms - np.asarray(at, np.int64), 1).astype(np.float64)
+            out: np.ndarray = np.where(age < delay.windows_ms[task], delay.cdf(task, age), 1.0)
+            return out
+        return g
 
     def _late_rows(self, batch: SampleBatch, holdout: np.ndarray) -> tuple[np.ndarray, int]:
         """(N,) the task each row is a paced late positive of (-1: none), and the first samples the
@@ -445,11 +475,23 @@ class OnlineLearner:
                 self.completeness = np.array([self.delay.completeness_factor(t, recent.at_ms[every], w)
                                               for t in range(N_TASKS)])
                 target = np.minimum(target * self.completeness, 0.999)
+            level = list(self.stabilisers.served_level_tasks) if self.arrived is not None else []
+            for t in level:  # the served level from the count of arrived positives (seventh round)
+                assert self.arrived is not None
+                cap = 1.0 / self.delay.max_factor if self.delay is not None else 0.0
+                self.served_level[t] = self.arrived.level(t, self._completeness_now(t), float(target[t]),
+                                                          self.stabilisers.served_level_pseudo_count, cap)
+                target[t] = self.served_level[t, 0]
             x = torch.as_tensor(recent.ids[every], device=self.device)
             self.average.unshift()
-            # raised only: the average's shrink is always downward (Jensen, convex region); a live
-            # model below its average is the cold start's dip, which the average rightly lags
-            delta = output_bias_shift(self.average.model, x, target.tolist(), w, lower=False)
+            # raised only, but for a level from the count: the average's shrink is always downward
+            # (Jensen, convex region); a live model below its average is the cold start's dip,
+            # which the average rightly lags
+            delta = output_bias_shift(self.average.model, x, target.tolist(), w, lower=bool(level))
+            if level:
+                keep = torch.zeros(N_TASKS, dtype=torch.bool, device=delta.device)
+                keep[level] = True
+                delta = torch.where(keep, delta, delta.clamp_min(0.0))
             self.average.shift_bias(delta)
             self.bias_shift = delta.cpu().numpy()
             self._average_moved = False
@@ -498,6 +540,7 @@ class OnlineLearner:
             "average": None if self.average is None else self.average.state_dict(),
             "stream_start_ms": self.stream_start_ms,
             "delay": None if self.delay is None else self.delay.state_dict(),
+            "arrived": None if self.arrived is None else self.arrived.state_dict(),
             "frozen": None if self.frozen is None else self.frozen.state_dict(),
         }
 
@@ -521,6 +564,8 @@ class OnlineLearner:
         self.stream_start_ms = state.get("stream_start_ms")
         if self.delay is not None and state.get("delay") is not None:
             self.delay.load_state_dict(state["delay"])
+        if self.arrived is not None and state.get("arrived") is not None:
+            self.arrived.load_state_dict(state["arrived"])
         frozen = state.get("frozen")
         if frozen is not None:
             self.freeze(int(frozen["cutoff_ms"]))

@@ -245,6 +245,16 @@ class Settings(BaseSettings):
     # +0.04-0.07 in replays of kept runs, nothing else judged moves) but raises the first two days'
     # versions (up to 1.33 in one replay); 0 = in full from the first positive (docs/serving.md, sixth round)
     trainer_delay_served_ramp: float = Field(default=5.0, ge=0)
+    # the served level from a delay-corrected count (stream/learn/served_level.py, docs/serving.md,
+    # seventh round): for these tasks the served biases are shifted so that the served mean on recent
+    # impressions is (positives arrived for the newest TRAINER_SERVED_LEVEL_ROWS impressions + c) /
+    # (sum of G(their age) + c / m), m the model's own served mean (the live mean x 1 / mean G),
+    # c the pseudo-count (in positives) - instead of m itself, which assumes the live model has
+    # learned every positive that arrived; [] = off
+    trainer_served_level_tasks: list[Literal["click", "application", "approval", "activation"]] = Field(
+        default_factory=list)
+    trainer_served_level_pseudo_count: float = Field(default=10.0, ge=0)
+    trainer_served_level_rows: int = Field(default=32768, ge=1)
 
     @field_validator("trainer_delay_correction", mode="before")
     @classmethod
