@@ -112,7 +112,7 @@ class OnlineLearner:
         self.bias_shift = np.zeros(N_TASKS)  # the last re-centring's shift of the served biases (logits)
         self.completeness = np.ones(N_TASKS)  # the last served delay correction (x the live mean)
         # the served level from a delay-corrected count of arrived positives (seventh round)
-        self.arrived = (ArrivedCounts(st.served_level_rows, N_TASKS)
+        self.arrived = (ArrivedCounts(st.served_level_rows, N_TASKS, len(encoder.fields))
                         if self.recent is not None and st.served_level_tasks else None)
         self.served_level = np.full((N_TASKS, 3), np.nan)  # the last (rate, positives, sum of G) per task
         self._average_moved = False  # trained since the served biases were last re-centred
@@ -268,7 +268,7 @@ class OnlineLearner:
                 self.recent.add(ids[fr], probs[fr].astype(np.float64), float(self.trained_samples),
                                 _arrival_ms(batch)[fr])
             if self.arrived is not None:
-                self._count_arrived(batch, holdout)
+                self._count_arrived(batch, holdout, ids, probs)
             mine = ~holdout[tr.index]  # the held-back slice is never trained on
             index = tr.index[mine]
             block = RowBlock.of(ids[index], tr.labels[mine], tr.mask[mine], tr.weight[mine], origin=index)
@@ -327,15 +327,43 @@ class OnlineLearner:
             delay.observe(t, batch.event_time_ms[rows], arrival[rows])
         delay.advance(int(arrival.max()))
 
-    def _count_arrived(self, batch: SampleBatch, holdout: np.ndarray) -> None:
-        """The trained impressions' first samples join the count of arrived positives, and later
-        copies (corrections) credit theirs (``stream.learn.served_level``)."""
+    def _count_arrived(self, batch: SampleBatch, holdout: np.ndarray, ids: np.ndarray, probs: np.ndarray) -> None:
+        """The trained impressions join the count of arrived positives (``stream.learn.served_level``):
+        by their first sample, or, without one, by their final (settled); corrections and finals
+        credit the positives they bring."""
         assert self.arrived is not None
         iids, kind = batch.impression_ids, batch.kind
         first = np.flatnonzero((kind == FIRST) & ~holdout)
-        self.arrived.add_firsts([iids[i] for i in first], batch.event_time_ms[first], batch.labels[first])
+        self.arrived.add([iids[i] for i in first], ids[first], batch.event_time_ms[first], batch.labels[first],
+                         probs[first], settled=False)
         later = np.flatnonzero((kind == CORRECTION) & ~holdout)
         self.arrived.credit([iids[i] for i in later], batch.labels[later])
+        final = np.flatnonzero((kind == FINAL) & ~holdout)
+        self.arrived.add([iids[i] for i in final], ids[final], batch.event_time_ms[final], batch.labels[final],
+                         probs[final], settled=True)
+
+    def _level_shift(self, recentred: torch.Tensor) -> torch.Tensor:
+        """The served bias shift with the counted tasks' levels from the count of arrived positives
+        (``stream.learn.served_level``): for each, the shift that makes the served mean on the
+        counted impressions the count's rate, shrunk towards the model's own (the live model's
+        mean there x the completeness factor); the other tasks keep ``recentred``."""
+        arrived = self.arrived
+        assert arrived is not None and self.average is not None
+        n = arrived.size
+        every = slice(0, n, -(-n // RECENTRE_EVAL_ROWS))
+        own = np.nan_to_num(np.nanmean(arrived.probs[:n], 0)) * self.completeness  # (T,)
+        cap = 1.0 / self.delay.max_factor if self.delay is not None else 0.0
+        target = own.copy()
+        for t in self.stabilisers.served_level_tasks:
+            self.served_level[t] = arrived.level(t, self._completeness_now(t), float(own[t]),
+                                                 self.stabilisers.served_level_pseudo_count, cap)
+            target[t] = self.served_level[t, 0]
+        x = torch.as_tensor(arrived.ids[every], device=self.device)
+        w = np.ones(x.shape[0])
+        level = output_bias_shift(self.average.model, x, np.clip(target, 1e-6, 0.999).tolist(), w, lower=True)
+        counted = torch.zeros(N_TASKS, dtype=torch.bool, device=level.device)
+        counted[list(self.stabilisers.served_level_tasks)] = True
+        return torch.where(counted, level.to(recentred), recentred)
 
     def _completeness_now(self, task: int) -> Callable[[np.ndarray], np.ndarray]:
         """G of task ``task`` at the age now of impressions with these event times (1 without a
@@ -475,23 +503,13 @@ class OnlineLearner:
                 self.completeness = np.array([self.delay.completeness_factor(t, recent.at_ms[every], w)
                                               for t in range(N_TASKS)])
                 target = np.minimum(target * self.completeness, 0.999)
-            level = list(self.stabilisers.served_level_tasks) if self.arrived is not None else []
-            for t in level:  # the served level from the count of arrived positives (seventh round)
-                assert self.arrived is not None
-                cap = 1.0 / self.delay.max_factor if self.delay is not None else 0.0
-                self.served_level[t] = self.arrived.level(t, self._completeness_now(t), float(target[t]),
-                                                          self.stabilisers.served_level_pseudo_count, cap)
-                target[t] = self.served_level[t, 0]
             x = torch.as_tensor(recent.ids[every], device=self.device)
             self.average.unshift()
-            # raised only, but for a level from the count: the average's shrink is always downward
-            # (Jensen, convex region); a live model below its average is the cold start's dip,
-            # which the average rightly lags
-            delta = output_bias_shift(self.average.model, x, target.tolist(), w, lower=bool(level))
-            if level:
-                keep = torch.zeros(N_TASKS, dtype=torch.bool, device=delta.device)
-                keep[level] = True
-                delta = torch.where(keep, delta, delta.clamp_min(0.0))
+            # raised only: the average's shrink is always downward (Jensen, convex region); a live
+            # model below its average is the cold start's dip, which the average rightly lags
+            delta = output_bias_shift(self.average.model, x, target.tolist(), w, lower=False)
+            if self.arrived is not None and self.arrived.size >= RECENTRE_MIN_ROWS:
+                delta = self._level_shift(delta)
             self.average.shift_bias(delta)
             self.bias_shift = delta.cpu().numpy()
             self._average_moved = False

@@ -12,14 +12,27 @@ A count needs no model: of the newest impressions i (first samples, as trained),
 t_i, the positives of task ``t`` that have *arrived* so far number P, and with G the task's delay
 distribution the expected count is ``r * sum_i G(now - t_i)``; the rate's maximum-likelihood
 estimate is ``P / S``, S = sum_i G(now - t_i). A small count is noisy, so it is shrunk towards the
-model's own served mean m by a pseudo-count c (a gamma prior of mean m worth c positives):
-``(P + c) / (S + c / m)``. One bias shift per task changes no ranking (no AUC), only the level.
+model's own served mean m by a pseudo-count c, in positives: ``(P * P / S + c * m) / (P + c)`` - the
+count's share grows with the positives it rests on. (Not the gamma prior's ``(P + c) / (S + c / m)``:
+that one gives the model's mean the weight of c / m impressions, which is all of them when a
+live model that has not learned its positives yet predicts next to nothing.) One bias shift per task changes no ranking (no AUC), only the level.
 
-``ArrivedCounts`` keeps, for the newest ``capacity`` impressions, their event time and which tasks'
-positives have arrived (an impression counts once per task, whatever copies carry it).
+**Which impressions.** The joiner sends a first sample only for an impression still open when it
+is due (``JOINER_OBSERVE_MS`` after it): mostly the ones that clicked. The others reach the trainer
+only as a final (settled: a non-clicker's final comes with its click window). A count over first
+samples alone is a count over clickers - whose application rate is 4x the impressions' - so the
+count keeps every impression the trainer meets, its first sample or, failing one, its final; and
+the served shift for a counted task is solved on these impressions (their encoded features are
+kept), not on the re-centring ring's (first samples only). An impression whose final has come is
+settled: it counts in full (G = 1) with its final labels.
 
->>> c = ArrivedCounts(capacity=3, n_tasks=2)
->>> c.add_firsts(["a", "b"], np.array([0, 10]), np.array([[1, 0], [0, 0]]))
+``ArrivedCounts`` keeps, for the newest ``capacity`` impressions, their encoded features, event time,
+the live model's prediction when it met them, whether they are settled and which tasks' positives
+have arrived (an impression counts once per task, whatever copies carry it).
+
+>>> c = ArrivedCounts(capacity=3, n_tasks=2, n_fields=1)
+>>> z = np.zeros((2, 1), np.int64)
+>>> c.add(["a", "b"], z, np.array([0, 10]), np.array([[1, 0], [0, 0]]), np.zeros((2, 2)), settled=False)
 >>> c.credit(["b", "zz"], np.array([[1, 1], [1, 1]]))  # "zz" is not kept: ignored
 >>> c.positives().tolist(), c.size
 ([2, 1], 2)
@@ -34,43 +47,54 @@ import numpy as np
 
 
 class ArrivedCounts:
-    """A ring of the newest ``capacity`` impressions: event time and, per task, whether a positive
-    has arrived for it (first sample or any later copy)."""
+    """A ring of the newest ``capacity`` impressions the trainer met: encoded features, event time,
+    the live prediction then, settled or not, and per task whether a positive has arrived for it."""
 
-    def __init__(self, capacity: int, n_tasks: int) -> None:
+    def __init__(self, capacity: int, n_tasks: int, n_fields: int) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
+        self.ids = np.zeros((capacity, n_fields), np.int64)
+        self.probs = np.zeros((capacity, n_tasks), np.float64)
         self.at_ms = np.zeros(capacity, np.int64)
         self.hit = np.zeros((capacity, n_tasks), bool)
-        self.ids: list[str | None] = [None] * capacity
+        self.settled = np.zeros(capacity, bool)
+        self.keys: list[str | None] = [None] * capacity
         self.slot: dict[str, int] = {}
         self.size = 0
         self._next = 0
 
-    def add_firsts(self, impression_ids: Sequence[str], event_ms: np.ndarray, labels: np.ndarray) -> None:
-        """New impressions (their first samples): ids, event times (N,), labels so far (N, T)."""
-        for iid, at, lab in zip(impression_ids, np.asarray(event_ms, np.int64).tolist(),
-                                np.asarray(labels) > 0, strict=True):
-            if iid in self.slot:  # a repeated first sample: only its labels count
-                self.hit[self.slot[iid]] |= lab
+    def add(self, impression_ids: Sequence[str], ids: np.ndarray, event_ms: np.ndarray, labels: np.ndarray,
+            probs: np.ndarray, settled: bool) -> None:
+        """Impressions met: their ids, encoded features (N, F), event times (N,), labels so far
+        (N, T), the live predictions (N, T); ``settled``: these are finals (every label in). One
+        already kept is credited instead."""
+        lab = np.asarray(labels) > 0
+        at = np.asarray(event_ms, np.int64)
+        for j, iid in enumerate(impression_ids):
+            k = self.slot.get(iid)
+            if k is not None:
+                self.hit[k] |= lab[j]
+                self.settled[k] |= settled
                 continue
             k = self._next
-            old = self.ids[k]
+            old = self.keys[k]
             if old is not None:
                 del self.slot[old]
-            self.ids[k], self.at_ms[k], self.hit[k] = iid, at, lab
-            self.slot[iid] = k
+            self.keys[k], self.slot[iid] = iid, k
+            self.ids[k], self.at_ms[k], self.hit[k], self.probs[k], self.settled[k] = ids[j], at[j], lab[j], probs[j], settled
             self._next = (k + 1) % self.capacity
             self.size = min(self.size + 1, self.capacity)
 
-    def credit(self, impression_ids: Sequence[str], labels: np.ndarray) -> None:
-        """Later copies (corrections): their labels (N, T) mark the kept impressions' positives."""
+    def credit(self, impression_ids: Sequence[str], labels: np.ndarray, settled: bool = False) -> None:
+        """Later copies (corrections; finals with ``settled``): their labels (N, T) mark the kept
+        impressions' positives."""
         pos = np.asarray(labels) > 0
         for iid, lab in zip(impression_ids, pos, strict=True):
             k = self.slot.get(iid)
-            if k is not None and lab.any():
+            if k is not None:
                 self.hit[k] |= lab
+                self.settled[k] |= settled
 
     def positives(self) -> np.ndarray:
         """(T,) impressions kept with an arrived positive, per task."""
@@ -79,24 +103,35 @@ class ArrivedCounts:
 
     def level(self, task: int, completeness: Callable[[np.ndarray], np.ndarray], model_mean: float,
               pseudo_count: float, min_mean_g: float = 0.0) -> tuple[float, float, float]:
-        """(rate, P, S): task ``task``'s rate from the arrived count, shrunk towards ``model_mean``
-        by ``pseudo_count`` positives; ``completeness`` maps the kept impressions' event times (K,) to
-        G of their age now (K,). The mean G is kept at least ``min_mean_g`` (the delay model's cap)."""
+        """(rate, P, S): task ``task``'s rate from the arrived count, ``P / S``, shrunk towards
+        ``model_mean`` by ``pseudo_count`` positives (module doc); ``completeness`` maps event times
+        (K,) to G of their age now (K,), a settled impression counts 1. The mean G is kept at least
+        ``min_mean_g`` (the delay model's cap)."""
         n = self.size
         p = float(self.hit[:n, task].sum())
-        s = float(np.asarray(completeness(self.at_ms[:n]), np.float64).sum()) if n else 0.0
+        g = np.asarray(completeness(self.at_ms[:n]), np.float64) if n else np.zeros(0)
+        s = float(np.where(self.settled[:n], 1.0, g).sum())
         s = max(s, min_mean_g * n)
-        m = min(max(model_mean, 1e-9), 1.0)
-        rate = (p + pseudo_count) / (s + pseudo_count / m) if s + pseudo_count > 0 else m
+        if p == 0 or s <= 0:
+            return float(model_mean), p, s
+        rate = (p * (p / s) + pseudo_count * model_mean) / (p + pseudo_count)
         return float(min(rate, 0.999)), p, s
 
     def state_dict(self) -> dict[str, Any]:
         n, k = self.size, self._next
         order = [(k - n + j) % self.capacity for j in range(n)]  # oldest first
-        return {"ids": [self.ids[i] for i in order], "at_ms": self.at_ms[order].tolist(),
-                "hit": self.hit[order].astype(np.int8).tolist()}
+        return {"keys": [self.keys[i] for i in order], "ids": self.ids[order].tolist(),
+                "at_ms": self.at_ms[order].tolist(), "hit": self.hit[order].astype(np.int8).tolist(),
+                "probs": self.probs[order].tolist(), "settled": self.settled[order].tolist()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.__init__(self.capacity, self.hit.shape[1])  # type: ignore[misc]
-        hit = np.asarray(state["hit"], np.int8).reshape(-1, self.hit.shape[1])
-        self.add_firsts(list(state["ids"]), np.asarray(state["at_ms"], np.int64), hit)
+        n_tasks, n_fields = self.hit.shape[1], self.ids.shape[1]
+        self.__init__(self.capacity, n_tasks, n_fields)  # type: ignore[misc]
+        settled = np.asarray(state["settled"], bool)
+        keys = list(state["keys"])
+        ids = np.asarray(state["ids"], np.int64).reshape(-1, n_fields)
+        hit = np.asarray(state["hit"], np.int8).reshape(-1, n_tasks)
+        probs = np.asarray(state["probs"], np.float64).reshape(-1, n_tasks)
+        at = np.asarray(state["at_ms"], np.int64)
+        for j, key in enumerate(keys):
+            self.add([key], ids[j : j + 1], at[j : j + 1], hit[j : j + 1], probs[j : j + 1], bool(settled[j]))

@@ -247,10 +247,11 @@ class Settings(BaseSettings):
     trainer_delay_served_ramp: float = Field(default=5.0, ge=0)
     # the served level from a delay-corrected count (stream/learn/served_level.py, docs/serving.md,
     # seventh round): for these tasks the served biases are shifted so that the served mean on recent
-    # impressions is (positives arrived for the newest TRAINER_SERVED_LEVEL_ROWS impressions + c) /
-    # (sum of G(their age) + c / m), m the model's own served mean (the live mean x 1 / mean G),
-    # c the pseudo-count (in positives) - instead of m itself, which assumes the live model has
-    # learned every positive that arrived; [] = off
+    # impressions is P / S, P the positives arrived for the newest TRAINER_SERVED_LEVEL_ROWS
+    # impressions and S the sum of G(their age now), shrunk towards m, the model's own served mean
+    # (the live mean x 1 / mean G), by a pseudo-count c of positives: (P x P / S + c x m) / (P + c) -
+    # instead of m itself, which assumes the live model has learned every positive that arrived;
+    # [] = off
     trainer_served_level_tasks: list[Literal["click", "application", "approval", "activation"]] = Field(
         default_factory=list)
     trainer_served_level_pseudo_count: float = Field(default=10.0, ge=0)
