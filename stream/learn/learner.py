@@ -117,7 +117,7 @@ class OnlineLearner:
         self.served_level = np.full((N_TASKS, 3), np.nan)  # the last (rate, positives, sum of G) per task
         self._average_moved = False  # trained since the served biases were last re-centred
         self.delay = (DelayModel(st.delay_windows_ms, st.delay_max_factor, st.delay_prior_windows_ms,
-                                 st.delay_window_quantile, st.delay_served_ramp)
+                                 st.delay_window_quantile, st.delay_served_ramp, st.delay_window_prior_sd)
                       if st.delay_windows_ms is not None and mode == "fnw" else None)
         self.steps = 0  # optimizer steps, lifetime
         # table rows the served model changed since the last ``take_changed_rows`` (a delta version)

@@ -47,6 +47,7 @@ class Stabilisers:
     delay_in_training: bool = False
     delay_prior_windows_ms: tuple[int, ...] | None = None  # each step's own window: the delay fit's prior
     delay_window_quantile: float = 0.95
+    delay_window_prior_sd: float = 0.75  # the window prior's sd of the window's z-score
     delay_served_ramp: float = 20.0  # the served correction's ramp, n / (n + this) with the window prior
     # the served level from a delay-corrected count of arrived positives (stream.learn.served_level):
     # the tasks it sets, its pseudo-count and the impressions counted
@@ -102,6 +103,7 @@ def stabilisers_from(s: Settings) -> Stabilisers:
         delay_in_training=s.trainer_delay_correction == "train",
         delay_prior_windows_ms=step_windows_ms(s) if s.trainer_delay_window_quantile > 0 else None,
         delay_window_quantile=s.trainer_delay_window_quantile or 0.95,
+        delay_window_prior_sd=s.trainer_delay_window_prior_sd,
         delay_served_ramp=s.trainer_delay_served_ramp,
         served_level_pseudo_count=s.trainer_served_level_pseudo_count,
         served_level_rows=s.trainer_served_level_rows,

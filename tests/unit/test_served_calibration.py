@@ -410,8 +410,9 @@ def test_the_learner_paces_late_positives_by_the_delay_models_completeness() -> 
 def test_the_learner_builds_its_delay_model_with_the_served_ramp() -> None:
     ln = OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.01, eval_window=100,
                        stabilisers=Stabilisers(delay_windows_ms=(DAY, 2 * DAY, 3 * DAY, WINDOW),
-                                               delay_prior_windows_ms=(DAY, DAY, DAY, DAY), delay_served_ramp=5.0))
-    assert ln.delay is not None and ln.delay.prior_ramp == 5.0
+                                               delay_prior_windows_ms=(DAY, DAY, DAY, DAY), delay_served_ramp=5.0,
+                                               delay_window_prior_sd=0.25))
+    assert ln.delay is not None and ln.delay.prior_ramp == 5.0 and ln.delay.prior_z_sd == 0.25
 
 
 # --- the served level from a delay-corrected count (seventh round) ------------------------------
