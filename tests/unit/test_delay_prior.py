@@ -176,7 +176,7 @@ def test_a_stronger_window_prior_pulls_a_fast_cold_start_towards_the_window() ->
         median[sd] = math.exp(model.fits[0][0]) / DAY
     prior_median = STEP * math.exp(-window_z(0.95)) / DAY  # 2.7 days: the window's 95%, sigma 1
     assert median[0.75] < median[0.25] < prior_median
-    assert stabilisers_from(Settings()).delay_window_prior_sd == 0.75
-    assert stabilisers_from(Settings(trainer_delay_window_prior_sd=0.25)).delay_window_prior_sd == 0.25
+    assert stabilisers_from(Settings()).delay_window_prior_sd == 0.25  # the seventh round's default
+    assert stabilisers_from(Settings(trainer_delay_window_prior_sd=0.75)).delay_window_prior_sd == 0.75
     with pytest.raises(ValueError):
         DelayModel([DAY], 3.0, [DAY], prior_z_sd=0)
