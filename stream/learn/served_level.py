@@ -11,11 +11,18 @@ activation sat at 0.62-0.78 of the truth with the correction fully applied.
 A count needs no model: of the newest impressions i (first samples, as trained), with event times
 t_i, the positives of task ``t`` that have *arrived* so far number P, and with G the task's delay
 distribution the expected count is ``r * sum_i G(now - t_i)``; the rate's maximum-likelihood
-estimate is ``P / S``, S = sum_i G(now - t_i). A small count is noisy, so it is shrunk towards the
-model's own served mean m by a pseudo-count c, in positives: ``(P * P / S + c * m) / (P + c)`` - the
+estimate is ``P / S``, S = sum_i G(now - t_i) - for impressions of one rate. Here they are not: an
+impression the trainer meets only by its final (below) is settled, mostly a non-clicker that can
+never convert, while the open impressions (first samples) carry every positive still to come. So
+the count is stratified: the settled impressions' positives as they are, the open ones' expected
+total at their own rate ``P_open / S_open`` (S_open = the sum of G over the open impressions):
+``(P_settled + n_open x P_open / S_open) / n``. (One rate for all, ``P / S``, read about half the
+truth: the settled negatives' full weight in S dilutes the open impressions' G.) A small count is
+noisy, so it is shrunk towards the model's own served mean m by a pseudo-count c, in positives: ``(P * count + c * m) / (P + c)`` - the
 count's share grows with the positives it rests on. (Not the gamma prior's ``(P + c) / (S + c / m)``:
 that one gives the model's mean the weight of c / m impressions, which is all of them when a
-live model that has not learned its positives yet predicts next to nothing.) One bias shift per task changes no ranking (no AUC), only the level.
+live model that has not learned its positives yet predicts next to nothing.) One bias shift per
+task changes no ranking (no AUC), only the level.
 
 **Which impressions.** The joiner sends a first sample only for an impression still open when it
 is due (``JOINER_OBSERVE_MS`` after it): mostly the ones that clicked. The others reach the trainer
@@ -103,18 +110,25 @@ class ArrivedCounts:
 
     def level(self, task: int, completeness: Callable[[np.ndarray], np.ndarray], model_mean: float,
               pseudo_count: float, min_mean_g: float = 0.0) -> tuple[float, float, float]:
-        """(rate, P, S): task ``task``'s rate from the arrived count, ``P / S``, shrunk towards
+        """(rate, P, S): task ``task``'s rate from the arrived count (stratified, module doc), shrunk towards
         ``model_mean`` by ``pseudo_count`` positives (module doc); ``completeness`` maps event times
         (K,) to G of their age now (K,), a settled impression counts 1. The mean G is kept at least
         ``min_mean_g`` (the delay model's cap)."""
         n = self.size
-        p = float(self.hit[:n, task].sum())
-        g = np.asarray(completeness(self.at_ms[:n]), np.float64) if n else np.zeros(0)
-        s = float(np.where(self.settled[:n], 1.0, g).sum())
-        s = max(s, min_mean_g * n)
-        if p == 0 or s <= 0:
-            return float(model_mean), p, s
-        rate = (p * (p / s) + pseudo_count * model_mean) / (p + pseudo_count)
+        if n == 0:
+            return float(model_mean), 0.0, 0.0
+        hit, settled = self.hit[:n, task], self.settled[:n]
+        p = float(hit.sum())
+        if p == 0:
+            return float(model_mean), p, 0.0
+        open_ = ~settled
+        g = np.asarray(completeness(self.at_ms[:n][open_]), np.float64)
+        s_open = max(float(g.sum()), min_mean_g * int(open_.sum()))
+        p_open = float(hit[open_].sum())
+        expected = float(hit[settled].sum()) + (p_open / s_open * int(open_.sum()) if s_open > 0 else 0.0)
+        count = expected / n  # settled impressions as they are, open ones at their own rate / G
+        s = float(settled.sum()) + s_open
+        rate = (p * count + pseudo_count * model_mean) / (p + pseudo_count)
         return float(min(rate, 0.999)), p, s
 
     def state_dict(self) -> dict[str, Any]:
