@@ -11,13 +11,14 @@ activation sat at 0.62-0.78 of the truth with the correction fully applied.
 A count needs no model: of the newest impressions i (first samples, as trained), with event times
 t_i, the positives of task ``t`` that have *arrived* so far number P, and with G the task's delay
 distribution the expected count is ``r * sum_i G(now - t_i)``; the rate's maximum-likelihood
-estimate is ``P / S``, S = sum_i G(now - t_i) - for impressions of one rate. Here they are not: an
-impression the trainer meets only by its final (below) is settled, mostly a non-clicker that can
-never convert, while the open impressions (first samples) carry every positive still to come. So
-the count is stratified: the settled impressions' positives as they are, the open ones' expected
-total at their own rate ``P_open / S_open`` (S_open = the sum of G over the open impressions):
-``(P_settled + n_open x P_open / S_open) / n``. (One rate for all, ``P / S``, read about half the
-truth: the settled negatives' full weight in S dilutes the open impressions' G.) A small count is
+estimate is ``P / S``, S = sum_i G(now - t_i) - for impressions of one rate. Here they are not: most
+impressions never click, are settled at once (their final comes with the click window) and can never
+convert, and G's mean over them is near 1 - it would dilute the G of the impressions whose positives
+are still to come. So G is averaged over the impressions that can still convert (those met by a first
+sample, or clicked), and the rate over all n is ``P / (n x that mean G)``. (Two other forms read
+0.5-0.7 of the truth mid-stream, docs/serving.md, seventh round: one G-weighted rate over every
+impression, and a count stratified by settled / open - an activated funnel's final goes out at its
+activation, so the settled impressions hold nearly every positive and the open ones none.) A small count is
 noisy, so it is shrunk towards the model's own served mean m by a pseudo-count c, in positives: ``(P * count + c * m) / (P + c)`` - the
 count's share grows with the positives it rests on. (Not the gamma prior's ``(P + c) / (S + c / m)``:
 that one gives the model's mean the weight of c / m impressions, which is all of them when a
@@ -66,6 +67,7 @@ class ArrivedCounts:
         self.at_ms = np.zeros(capacity, np.int64)
         self.hit = np.zeros((capacity, n_tasks), bool)
         self.settled = np.zeros(capacity, bool)
+        self.first = np.zeros(capacity, bool)  # met by a first sample (not only by its final)
         self.keys: list[str | None] = [None] * capacity
         self.slot: dict[str, int] = {}
         self.size = 0
@@ -90,6 +92,7 @@ class ArrivedCounts:
                 del self.slot[old]
             self.keys[k], self.slot[iid] = iid, k
             self.ids[k], self.at_ms[k], self.hit[k], self.probs[k], self.settled[k] = ids[j], at[j], lab[j], probs[j], settled
+            self.first[k] = not settled
             self._next = (k + 1) % self.capacity
             self.size = min(self.size + 1, self.capacity)
 
@@ -117,18 +120,16 @@ class ArrivedCounts:
         n = self.size
         if n == 0:
             return float(model_mean), 0.0, 0.0
-        hit, settled = self.hit[:n, task], self.settled[:n]
+        hit = self.hit[:n, task]
         p = float(hit.sum())
         if p == 0:
             return float(model_mean), p, 0.0
-        open_ = ~settled
-        g = np.asarray(completeness(self.at_ms[:n][open_]), np.float64)
-        s_open = max(float(g.sum()), min_mean_g * int(open_.sum()))
-        p_open = float(hit[open_].sum())
-        expected = float(hit[settled].sum()) + (p_open / s_open * int(open_.sum()) if s_open > 0 else 0.0)
-        count = expected / n  # settled impressions as they are, open ones at their own rate / G
-        s = float(settled.sum()) + s_open
-        rate = (p * count + pseudo_count * model_mean) / (p + pseudo_count)
+        # the impressions that can still convert: met by a first sample, or clicked
+        pool = self.first[:n] | self.hit[:n, 0] if task > 0 else np.ones(n, bool)
+        g = np.asarray(completeness(self.at_ms[:n][pool]), np.float64)
+        mean_g = max(float(g.mean()) if g.size else 1.0, min_mean_g)
+        s = n * mean_g
+        rate = (p * (p / s) + pseudo_count * model_mean) / (p + pseudo_count)
         return float(min(rate, 0.999)), p, s
 
     def state_dict(self) -> dict[str, Any]:
@@ -136,7 +137,8 @@ class ArrivedCounts:
         order = [(k - n + j) % self.capacity for j in range(n)]  # oldest first
         return {"keys": [self.keys[i] for i in order], "ids": self.ids[order].tolist(),
                 "at_ms": self.at_ms[order].tolist(), "hit": self.hit[order].astype(np.int8).tolist(),
-                "probs": self.probs[order].tolist(), "settled": self.settled[order].tolist()}
+                "probs": self.probs[order].tolist(), "settled": self.settled[order].tolist(),
+                "first": self.first[order].tolist()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         n_tasks, n_fields = self.hit.shape[1], self.ids.shape[1]
@@ -147,5 +149,7 @@ class ArrivedCounts:
         hit = np.asarray(state["hit"], np.int8).reshape(-1, n_tasks)
         probs = np.asarray(state["probs"], np.float64).reshape(-1, n_tasks)
         at = np.asarray(state["at_ms"], np.int64)
+        first = np.asarray(state.get("first", ~settled), bool)
         for j, key in enumerate(keys):
-            self.add([key], ids[j : j + 1], at[j : j + 1], hit[j : j + 1], probs[j : j + 1], bool(settled[j]))
+            self.add([key], ids[j : j + 1], at[j : j + 1], hit[j : j + 1], probs[j : j + 1], not first[j])
+            self.settled[self.slot[key]] = settled[j]
