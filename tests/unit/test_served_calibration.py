@@ -494,32 +494,40 @@ def test_a_model_that_learns_late_positives_late_still_serves_the_counted_level(
 def test_the_count_shrinks_to_the_model_mean_when_little_is_expected_and_survives_a_checkpoint() -> None:
     from stream.learn.served_level import ArrivedCounts
 
-    c = ArrivedCounts(capacity=1000, n_tasks=1, n_fields=2)
+    c = ArrivedCounts(capacity=1000, n_tasks=2, n_fields=2)
     keys = [f"i{i}" for i in range(1000)]
-    c.add(keys, np.zeros((1000, 2), np.int64), np.zeros(1000, np.int64), np.zeros((1000, 1)), np.zeros((1000, 1)),
+    c.add(keys, np.zeros((1000, 2), np.int64), np.zeros(1000, np.int64), np.zeros((1000, 2)), np.zeros((1000, 2)),
           settled=False)
-    c.credit(["i1", "i1", "i2"], np.ones((3, 1)))  # one positive per impression, however many copies
-    assert c.positives().tolist() == [2]
+    c.credit(["i1", "i1", "i2"], np.ones((3, 2)))  # one positive per impression, however many copies
+    assert c.positives().tolist() == [2, 2]
     # two positives: mostly the model's mean; with no pseudo-count the count; G is floored
-    assert c.level(0, lambda at: np.ones(at.shape), 0.01, 10.0)[0] == pytest.approx((2 * 0.002 + 10 * 0.01) / 12)
-    assert c.level(0, lambda at: np.full(at.shape, 0.5), 0.01, 0.0)[0] == pytest.approx(2 / 500)
-    assert c.level(0, lambda at: np.full(at.shape, 0.001), 0.01, 0.0, min_mean_g=1 / 3)[2] == pytest.approx(1000 / 3)
-    assert c.level(0, lambda at: np.ones(at.shape), 1e-30, 10.0)[0] == pytest.approx(2 * 0.002 / 12)  # nor a collapsed one
-    # a settled impression (its final came) counts in full, whatever G says
-    c.credit(keys[:100], np.zeros((100, 1)), settled=True)
-    assert c.level(0, lambda at: np.full(at.shape, 0.5), 0.01, 0.0)[2] == pytest.approx(100 + 450)
-    # an impression met only by its final joins settled, with its labels
-    c.add(["f"], np.ones((1, 2), np.int64), np.ones(1, np.int64), np.ones((1, 1)), np.zeros((1, 1)), settled=True)
-    assert c.positives().tolist() == [3] and c.settled[c.slot["f"]] and "i0" not in c.slot
-    c.credit(keys[3:500], np.ones((497, 1)))  # many positives: the count decides
-    assert c.level(0, lambda at: np.ones(at.shape), 0.9, 10.0)[0] == pytest.approx((500 * 0.5 + 9) / 510)
-    again = ArrivedCounts(capacity=1000, n_tasks=1, n_fields=2)
-    again.load_state_dict(c.state_dict())
-    assert again.positives().tolist() == c.positives().tolist() and set(again.slot) == set(c.slot)
-    for key in ("f", "i1", "i600"):
-        a, b = again.slot[key], c.slot[key]
-        assert (again.settled[a], again.hit[a].tolist(), again.ids[a].tolist()) == (c.settled[b], c.hit[b].tolist(),
-                                                                                     c.ids[b].tolist())
+    assert c.level(1, lambda at: np.ones(at.shape), 0.01, 10.0)[0] == pytest.approx((2 * 0.002 + 10 * 0.01) / 12)
+    assert c.level(1, lambda at: np.full(at.shape, 0.5), 0.01, 0.0)[0] == pytest.approx(2 / 500)
+    assert c.level(1, lambda at: np.full(at.shape, 0.001), 0.01, 0.0, min_mean_g=1 / 3)[2] == pytest.approx(1000 / 3)
+    assert c.level(1, lambda at: np.ones(at.shape), 1e-30, 10.0)[0] == pytest.approx(2 * 0.002 / 12)  # nor a collapsed one
+    # 500 impressions met only by their final, not clicked (settled, never to convert): they count in
+    # the impressions, not in the mean G of those that can still convert
+    c2 = ArrivedCounts(capacity=2000, n_tasks=2, n_fields=2)
+    c2.load_state_dict(c.state_dict())
+    c2.add([f"f{i}" for i in range(500)], np.ones((500, 2), np.int64), np.ones(500, np.int64), np.zeros((500, 2)),
+           np.zeros((500, 2)), settled=True)
+    assert c2.size == 1500 and c2.settled[c2.slot["f0"]] and not c2.first[c2.slot["f0"]]
+    half = lambda at: np.full(at.shape, 0.5)  # noqa: E731
+    assert c2.level(1, half, 0.01, 0.0)[2] == pytest.approx(1500 * 0.5)  # n x mean G over the 1,000
+    assert c2.level(0, half, 0.01, 0.0)[2] == pytest.approx(1500 * 0.5)  # click: every impression can
+    # a clicked one met only by its final joins the pool; many positives: the count decides
+    c2.add(["g"], np.ones((1, 2), np.int64), np.ones(1, np.int64), np.ones((1, 2)), np.zeros((1, 2)), settled=True)
+    assert c2.positives().tolist() == [3, 3]
+    c2.credit(keys[3:500], np.ones((497, 2)))
+    rate, p, s_ = c2.level(1, np.ones_like, 0.9, 10.0)
+    assert (p, s_) == (500, 1501) and rate == pytest.approx((500 * 500 / 1501 + 9) / 510)
+    again = ArrivedCounts(capacity=2000, n_tasks=2, n_fields=2)
+    again.load_state_dict(c2.state_dict())
+    assert again.positives().tolist() == c2.positives().tolist() and set(again.slot) == set(c2.slot)
+    for key in ("f0", "g", "i1", "i600"):
+        a, b = again.slot[key], c2.slot[key]
+        assert (again.settled[a], again.first[a], again.hit[a].tolist(), again.ids[a].tolist()) == (
+            c2.settled[b], c2.first[b], c2.hit[b].tolist(), c2.ids[b].tolist())
 
 
 def test_the_served_level_settings_read() -> None:
