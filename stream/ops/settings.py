@@ -252,11 +252,12 @@ class Settings(BaseSettings):
     # versions (up to 1.33 in one replay); 0 = in full from the first positive (docs/serving.md, sixth round)
     trainer_delay_served_ramp: float = Field(default=5.0, ge=0)
     # the served level from a delay-corrected count (stream/learn/served_level.py, docs/serving.md,
-    # seventh round): for these tasks the served biases are shifted so that the served mean on recent
-    # impressions is P / S, P the positives arrived for the newest TRAINER_SERVED_LEVEL_ROWS
-    # impressions and S the sum of G(their age now), shrunk towards m, the model's own served mean
-    # (the live mean x 1 / mean G), by a pseudo-count c of positives: (P x P / S + c x m) / (P + c) -
-    # instead of m itself, which assumes the live model has learned every positive that arrived;
+    # seventh round): for these tasks the served biases are shifted so that the served mean on the
+    # newest TRAINER_SERVED_LEVEL_ROWS impressions is P / (n x mean G), P the positives arrived for
+    # them and G of their age averaged over those that can still convert, shrunk towards the model's
+    # own served mean (the live mean x 1 / mean G) by the pseudo-count, in positives - instead of
+    # that own mean, which assumes the live model has learned every positive that arrived. Replays:
+    # it lifts batch-fed activation's p05 but swings its first days past 1.3 and lowers realtime's;
     # [] = off
     trainer_served_level_tasks: list[Literal["click", "application", "approval", "activation"]] = Field(
         default_factory=list)
