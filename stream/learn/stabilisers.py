@@ -52,7 +52,7 @@ class Stabilisers:
     # the served level from a delay-corrected count of arrived positives (stream.learn.served_level):
     # the tasks it sets, its pseudo-count and the impressions counted
     served_level_tasks: tuple[int, ...] = ()  # none: off
-    served_level_pseudo_count: float = 10.0
+    served_level_pseudo_count: float = 100.0
     served_level_rows: int = 32768
 
 

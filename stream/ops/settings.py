@@ -261,7 +261,7 @@ class Settings(BaseSettings):
     # [] = off
     trainer_served_level_tasks: list[Literal["click", "application", "approval", "activation"]] = Field(
         default_factory=list)
-    trainer_served_level_pseudo_count: float = Field(default=10.0, ge=0)
+    trainer_served_level_pseudo_count: float = Field(default=100.0, ge=0)
     trainer_served_level_rows: int = Field(default=32768, ge=1)
 
     @field_validator("trainer_delay_correction", mode="before")
