@@ -92,12 +92,13 @@ def window_z(quantile: float) -> float:
 
 
 def fit_truncated_lognormal(delays: np.ndarray, truncation: np.ndarray,
-                            window_prior: tuple[float, float] | None = None) -> tuple[float, float]:
+                            window_prior: tuple[float, float] | None = None,
+                            z_sd: float = PRIOR_Z_SD) -> tuple[float, float]:
     """(mu, sigma) maximising sum(log f(d_i) - log F(T_i)) over a lognormal, d_i <= T_i (all > 0),
     plus a log prior.
 
     ``window_prior`` = (W ms, q): the window prior of the module doc - ``(ln W - mu) / sigma`` is
-    normal around the q-quantile's z-score (sd ``PRIOR_Z_SD``) and ``ln sigma`` around 0 (sd
+    normal around the q-quantile's z-score (sd ``z_sd``, by default ``PRIOR_Z_SD``) and ``ln sigma`` around 0 (sd
     ``PRIOR_LOG_SIGMA_SD``); with no delays at all the prior's mode, ``(ln W - z_q, 1)``.
     Without it (the third round's prior): sigma near 1 and mu within ~1.5 e-folds of the mean log
     delay seen - which a truncated sample's mean pulls short (docs/serving.md, fourth round).
@@ -128,7 +129,7 @@ def fit_truncated_lognormal(delays: np.ndarray, truncation: np.ndarray,
         ll = (-log_sigma - 0.5 * z * z).sum() - torch.special.log_ndtr((t - mu) / sigma).sum()
         if window_prior is not None:
             prior = (-0.5 * (log_sigma / PRIOR_LOG_SIGMA_SD) ** 2
-                     - 0.5 * (((log_w - mu) / sigma - z_q) / PRIOR_Z_SD) ** 2)
+                     - 0.5 * (((log_w - mu) / sigma - z_q) / z_sd) ** 2)
         else:
             prior = -0.5 * (log_sigma / 0.5) ** 2 - 0.5 * ((mu - centre) / 1.5) ** 2
         loss = -(ll + prior) / n
@@ -150,7 +151,7 @@ class DelayModel:
 
     def __init__(self, windows_ms: Sequence[int], max_factor: float = 3.0,
                  prior_windows_ms: Sequence[int] | None = None, quantile: float = 0.95,
-                 prior_ramp: float = PRIOR_RAMP) -> None:
+                 prior_ramp: float = PRIOR_RAMP, prior_z_sd: float = PRIOR_Z_SD) -> None:
         if max_factor < 1:
             raise ValueError(f"max_factor must be >= 1, got {max_factor}")
         if prior_windows_ms is not None and (len(prior_windows_ms) != len(windows_ms) or not 0.5 < quantile < 1):
@@ -163,6 +164,9 @@ class DelayModel:
         if prior_ramp < 0:
             raise ValueError(f"prior_ramp must be >= 0, got {prior_ramp}")
         self.prior_ramp = float(prior_ramp)  # with the window prior: n / (n + prior_ramp); 0 = in full
+        if prior_z_sd <= 0:
+            raise ValueError(f"prior_z_sd must be > 0, got {prior_z_sd}")
+        self.prior_z_sd = float(prior_z_sd)  # the window prior's sd of the window's z-score
         self.min_positives = 1 if self.prior_windows_ms is not None else MIN_POSITIVES
         n = len(self.windows_ms)
         self.start_ms: int | None = None  # event time of the stream's first sample
@@ -230,7 +234,7 @@ class DelayModel:
             return
         age = np.minimum(self.now_ms - self.imp_ms[task], self.windows_ms[task])
         self.fits[task] = fit_truncated_lognormal(self.delays[task].astype(np.float64), age.astype(np.float64),
-                                                  self.window_prior(task))
+                                                  self.window_prior(task), self.prior_z_sd)
         self._fit_at[task] = (self.seen[task], self.now_ms)
 
     def window_prior(self, task: int) -> tuple[float, float] | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -33,6 +33,7 @@ from stream.learn.lr_schedule import VolumeRate
 from stream.learn.mixing_buffer import MixingBuffer, RowBlock
 from stream.learn.prequential import PrequentialEvaluator
 from stream.learn.sample_batch import CORRECTION, FINAL, FIRST, N_TASKS, SampleBatch, as_batch
+from stream.learn.served_level import ArrivedCounts
 from stream.learn.stabilisers import Stabilisers, held_back, init_output_bias
 from stream.learn.weight_average import RecentPredictions, WeightAverage, output_bias_shift
 
@@ -115,9 +116,13 @@ class OnlineLearner:
                        if self.average is not None and st.recentre_rows > 0 else None)
         self.bias_shift = np.zeros(N_TASKS)  # the last re-centring's shift of the served biases (logits)
         self.completeness = np.ones(N_TASKS)  # the last served delay correction (x the live mean)
+        # the served level from a delay-corrected count of arrived positives (seventh round)
+        self.arrived = (ArrivedCounts(st.served_level_rows, N_TASKS, len(encoder.fields))
+                        if self.recent is not None and st.served_level_tasks else None)
+        self.served_level = np.full((N_TASKS, 3), np.nan)  # the last (rate, positives, sum of G) per task
         self._average_moved = False  # trained since the served biases were last re-centred
         self.delay = (DelayModel(st.delay_windows_ms, st.delay_max_factor, st.delay_prior_windows_ms,
-                                 st.delay_window_quantile, st.delay_served_ramp)
+                                 st.delay_window_quantile, st.delay_served_ramp, st.delay_window_prior_sd)
                       if st.delay_windows_ms is not None and mode == "fnw" else None)
         self.steps = 0  # optimizer steps, lifetime
         # table rows the served model changed since the last ``take_changed_rows`` (a delta version)
@@ -269,6 +274,8 @@ class OnlineLearner:
                 fr = np.flatnonzero((kind == FIRST) & ~holdout)  # the impressions, as trained on
                 self.recent.add(ids[fr], probs[fr].astype(np.float64), float(self.trained_samples),
                                 _arrival_ms(batch)[fr])
+            if self.arrived is not None:
+                self._count_arrived(batch, holdout, ids, probs)
             mine = ~holdout[tr.index]  # the held-back slice is never trained on
             index = tr.index[mine]
             block = RowBlock.of(ids[index], tr.labels[mine], tr.mask[mine], tr.weight[mine], origin=index)
@@ -337,6 +344,57 @@ class OnlineLearner:
                 tr.weight[pos, t] *= delay.factors(t, arrival[rows]).astype(np.float32)
             delay.observe(t, batch.event_time_ms[rows], arrival[rows])
         delay.advance(int(arrival.max()))
+
+    def _count_arrived(self, batch: SampleBatch, holdout: np.ndarray, ids: np.ndarray, probs: np.ndarray) -> None:
+        """The trained impressions join the count of arrived positives (``stream.learn.served_level``):
+        by their first sample, or, without one, by their final (settled); corrections and finals
+        credit the positives they bring."""
+        assert self.arrived is not None
+        iids, kind = batch.impression_ids, batch.kind
+        first = np.flatnonzero((kind == FIRST) & ~holdout)
+        self.arrived.add([iids[i] for i in first], ids[first], batch.event_time_ms[first], batch.labels[first],
+                         probs[first], settled=False)
+        later = np.flatnonzero((kind == CORRECTION) & ~holdout)
+        self.arrived.credit([iids[i] for i in later], batch.labels[later])
+        final = np.flatnonzero((kind == FINAL) & ~holdout)
+        self.arrived.add([iids[i] for i in final], ids[final], batch.event_time_ms[final], batch.labels[final],
+                         probs[final], settled=True)
+
+    def _level_shift(self, recentred: torch.Tensor) -> torch.Tensor:
+        """The served bias shift with the counted tasks' levels from the count of arrived positives
+        (``stream.learn.served_level``): for each, the shift that makes the served mean on the
+        counted impressions the count's rate, shrunk towards the model's own (the live model's
+        mean there x the completeness factor); the other tasks keep ``recentred``."""
+        arrived = self.arrived
+        assert arrived is not None and self.average is not None
+        n = arrived.size
+        every = slice(0, n, -(-n // RECENTRE_EVAL_ROWS))
+        own = np.nan_to_num(np.nanmean(arrived.probs[:n], 0)) * self.completeness  # (T,)
+        cap = 1.0 / self.delay.max_factor if self.delay is not None else 0.0
+        target = own.copy()
+        for t in self.stabilisers.served_level_tasks:
+            self.served_level[t] = arrived.level(t, self._completeness_now(t), float(own[t]),
+                                                 self.stabilisers.served_level_pseudo_count, cap)
+            target[t] = self.served_level[t, 0]
+        x = torch.as_tensor(arrived.ids[every], device=self.device)
+        w = np.ones(x.shape[0])
+        level = output_bias_shift(self.average.model, x, np.clip(target, 1e-6, 0.999).tolist(), w, lower=True)
+        counted = torch.zeros(N_TASKS, dtype=torch.bool, device=level.device)
+        counted[list(self.stabilisers.served_level_tasks)] = True
+        return torch.where(counted, level.to(recentred), recentred)
+
+    def _completeness_now(self, task: int) -> Callable[[np.ndarray], np.ndarray]:
+        """G of task ``task`` at the age now of impressions with these event times (1 without a
+        delay model, before its fit and past the window)."""
+        delay = self.delay
+        if delay is None:
+            return lambda at: np.ones(np.shape(at))
+
+        def g(at: np.ndarray) -> np.ndarray:
+            age = np.maximum(delay.now_ms - np.asarray(at, np.int64), 1).astype(np.float64)
+            out: np.ndarray = np.where(age < delay.windows_ms[task], delay.cdf(task, age), 1.0)
+            return out
+        return g
 
     def _late_rows(self, batch: SampleBatch, holdout: np.ndarray) -> tuple[np.ndarray, int]:
         """(N,) the task each row is a paced late positive of (-1: none), and the first samples the
@@ -468,6 +526,8 @@ class OnlineLearner:
             # raised only: the average's shrink is always downward (Jensen, convex region); a live
             # model below its average is the cold start's dip, which the average rightly lags
             delta = output_bias_shift(self.average.model, x, target.tolist(), w, lower=False)
+            if self.arrived is not None and self.arrived.size >= RECENTRE_MIN_ROWS:
+                delta = self._level_shift(delta)
             self.average.shift_bias(delta)
             self.bias_shift = delta.cpu().numpy()
             self._average_moved = False
@@ -516,6 +576,7 @@ class OnlineLearner:
             "average": None if self.average is None else self.average.state_dict(),
             "stream_start_ms": self.stream_start_ms,
             "delay": None if self.delay is None else self.delay.state_dict(),
+            "arrived": None if self.arrived is None else self.arrived.state_dict(),
             "frozen": None if self.frozen is None else self.frozen.state_dict(),
             "lr_rate": None if self.lr_rate is None else self.lr_rate.state_dict(),
         }
@@ -544,6 +605,8 @@ class OnlineLearner:
             self.lr_rate.load_state_dict(state["lr_rate"])
         # the rate of this run's settings (or the one the volume reached), not the checkpoint's groups'
         self.optimizer.set_lr(self.base_lr if self.lr_rate is None else self.lr_rate.lr)
+        if self.arrived is not None and state.get("arrived") is not None:
+            self.arrived.load_state_dict(state["arrived"])
         frozen = state.get("frozen")
         if frozen is not None:
             self.freeze(int(frozen["cutoff_ms"]))

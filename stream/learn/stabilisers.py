@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from aitm.model import AITM
+from stream.contract.events import TASKS
 from stream.learn.lr_schedule import VolumeScale
 from stream.learn.publication_gate import settled_after_ms
 from stream.ops.settings import Settings
@@ -48,8 +49,14 @@ class Stabilisers:
     delay_in_training: bool = False
     delay_prior_windows_ms: tuple[int, ...] | None = None  # each step's own window: the delay fit's prior
     delay_window_quantile: float = 0.95
+    delay_window_prior_sd: float = 0.75  # the window prior's sd of the window's z-score
     delay_served_ramp: float = 20.0  # the served correction's ramp, n / (n + this) with the window prior
     lr_volume: VolumeScale | None = None
+    # the served level from a delay-corrected count of arrived positives (stream.learn.served_level):
+    # the tasks it sets, its pseudo-count and the impressions counted
+    served_level_tasks: tuple[int, ...] = ()  # none: off
+    served_level_pseudo_count: float = 100.0
+    served_level_rows: int = 32768
 
 
 def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
@@ -102,9 +109,13 @@ def stabilisers_from(s: Settings) -> Stabilisers:
         delay_in_training=s.trainer_delay_correction == "train",
         delay_prior_windows_ms=step_windows_ms(s) if s.trainer_delay_window_quantile > 0 else None,
         delay_window_quantile=s.trainer_delay_window_quantile or 0.95,
+        delay_window_prior_sd=s.trainer_delay_window_prior_sd,
         delay_served_ramp=s.trainer_delay_served_ramp,
         lr_volume=VolumeScale(ref_per_day=s.trainer_lr_ref_impressions, power=s.trainer_lr_volume_power)
         if s.trainer_lr_scale == "volume" else None,
+        served_level_pseudo_count=s.trainer_served_level_pseudo_count,
+        served_level_rows=s.trainer_served_level_rows,
+        served_level_tasks=tuple(TASKS.index(t) for t in s.trainer_served_level_tasks),
     )
 
 

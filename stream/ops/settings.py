@@ -264,12 +264,30 @@ class Settings(BaseSettings):
     # this share of its delays, a weak prior that decides the tail a young stream cannot see yet
     # (docs/serving.md, fourth round); 0 = none (the third round's fit, applied from 30 positives)
     trainer_delay_window_quantile: float = Field(default=0.95, ge=0, lt=1)
+    # ... and its strength: the sd of the window's z-score under the prior, smaller is stronger.
+    # 0.75 (the fourth round's, about one positive's weight) let a cold start's fast first
+    # activations fit a median of 1.3-1.4 days where the run's is 1.8-2.5; 0.25 lifted activation's
+    # p05 in replays of two kept runs, 0.72 -> 0.85 / 0.81 realtime, 0.63 -> 0.67 batch-fed, nothing
+    # else judged moving (docs/serving.md, seventh round)
+    trainer_delay_window_prior_sd: float = Field(default=0.25, gt=0)
     # with the window prior, the served correction comes in as (1 / G)^(n / (n + this)), n the
     # task's positives seen: a cold model starts at its prior rates, not at p x G. 20 (the fourth
     # round's) left activation's versions of days 3-7 at 0.7-0.8 of the truth; 5 lifts them (p05
     # +0.04-0.07 in replays of kept runs, nothing else judged moves) but raises the first two days'
     # versions (up to 1.33 in one replay); 0 = in full from the first positive (docs/serving.md, sixth round)
     trainer_delay_served_ramp: float = Field(default=5.0, ge=0)
+    # the served level from a delay-corrected count (stream/learn/served_level.py, docs/serving.md,
+    # seventh round): for these tasks the served biases are shifted so that the served mean on the
+    # newest TRAINER_SERVED_LEVEL_ROWS impressions is P / (n x mean G), P the positives arrived for
+    # them and G of their age averaged over those that can still convert, shrunk towards the model's
+    # own served mean (the live mean x 1 / mean G) by the pseudo-count, in positives - instead of
+    # that own mean, which assumes the live model has learned every positive that arrived. Replays:
+    # it lifts batch-fed activation's p05 but swings its first days past 1.3 and lowers realtime's;
+    # [] = off
+    trainer_served_level_tasks: list[Literal["click", "application", "approval", "activation"]] = Field(
+        default_factory=list)
+    trainer_served_level_pseudo_count: float = Field(default=100.0, ge=0)
+    trainer_served_level_rows: int = Field(default=32768, ge=1)
 
     @field_validator("trainer_delay_correction", mode="before")
     @classmethod

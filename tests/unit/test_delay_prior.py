@@ -158,3 +158,25 @@ def test_the_served_ramp_is_a_setting_and_zero_applies_the_correction_in_full() 
     assert stabilisers_from(Settings(trainer_delay_served_ramp=20)).delay_served_ramp == PRIOR_RAMP == 20
     with pytest.raises(ValueError):
         DelayModel([DAY], 3.0, [DAY], prior_ramp=-1)
+
+
+def test_a_stronger_window_prior_pulls_a_fast_cold_start_towards_the_window() -> None:
+    """Seventh round: ``TRAINER_DELAY_WINDOW_PRIOR_SD``. A cold start whose first positives happen to
+    be fast (here the delay's median is 1.2 days, not the 2 the window's 95% says): the default sd
+    (0.75) leaves the fit the data's, a small one pulls its median towards the window's; the setting
+    reaches the learner's delay model."""
+    imp, arrival = cold_stream(4.0, 15, 1.2, 1.1, 0)
+    median = {}
+    for sd in (0.75, 0.25):
+        model = DelayModel([WINDOW], 3.0, [STEP], prior_z_sd=sd)
+        model.start(0)
+        model.observe(0, imp, arrival)
+        model.refit(0)
+        assert model.fits[0] is not None
+        median[sd] = math.exp(model.fits[0][0]) / DAY
+    prior_median = STEP * math.exp(-window_z(0.95)) / DAY  # 2.7 days: the window's 95%, sigma 1
+    assert median[0.75] < median[0.25] < prior_median
+    assert stabilisers_from(Settings()).delay_window_prior_sd == 0.25  # the seventh round's default
+    assert stabilisers_from(Settings(trainer_delay_window_prior_sd=0.75)).delay_window_prior_sd == 0.75
+    with pytest.raises(ValueError):
+        DelayModel([DAY], 3.0, [DAY], prior_z_sd=0)

@@ -410,5 +410,130 @@ def test_the_learner_paces_late_positives_by_the_delay_models_completeness() -> 
 def test_the_learner_builds_its_delay_model_with_the_served_ramp() -> None:
     ln = OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.01, eval_window=100,
                        stabilisers=Stabilisers(delay_windows_ms=(DAY, 2 * DAY, 3 * DAY, WINDOW),
-                                               delay_prior_windows_ms=(DAY, DAY, DAY, DAY), delay_served_ramp=5.0))
-    assert ln.delay is not None and ln.delay.prior_ramp == 5.0
+                                               delay_prior_windows_ms=(DAY, DAY, DAY, DAY), delay_served_ramp=5.0,
+                                               delay_window_prior_sd=0.25))
+    assert ln.delay is not None and ln.delay.prior_ramp == 5.0 and ln.delay.prior_z_sd == 0.25
+
+
+# --- the served level from a delay-corrected count (seventh round) ------------------------------
+
+
+def late_learner(level: bool) -> OnlineLearner:
+    """A learner whose late positives wait long in the mixing buffer (a tight pace): its live model
+    learns them later than they arrive, as batch-fed activation did."""
+    torch.manual_seed(0)
+    st = Stabilisers(positive_slack=1.0, delay_windows_ms=(DAY, 2 * DAY, 3 * DAY, WINDOW), delay_max_factor=3.0,
+                     prior_rates=(0.05, 0.05, 0.05, 0.05),
+                     ema_half_life_rows=200, recentre_rows=2000, served_level_tasks=(3,) if level else (),
+                     served_level_pseudo_count=10.0, served_level_rows=100_000)
+    return OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.01, eval_window=100,
+                         stabilisers=st)
+
+
+def served_mean(ln: OnlineLearner, ids: np.ndarray | None = None) -> np.ndarray:
+    """(T,) the served model's mean on ``ids`` (N, F) (by default the re-centring ring's impressions)."""
+    served = ln.served_model()
+    assert ln.recent is not None
+    x = ln.recent.ids[: ln.recent.size] if ids is None else ids
+    with torch.no_grad():
+        p = torch.sigmoid(served(torch.as_tensor(x))).double().numpy()
+    out: np.ndarray = p.mean(0)
+    return out
+
+
+def funnel_batches(days: float, per_day: int, rate: float, t0: int, seed: int = 5) -> tuple[list[list[Sample]], np.ndarray]:
+    """A cold stream in event-time order, cut into two-hour batches: every impression's first sample
+    when it comes, and, for the ``rate`` share that activates, its correction when the activation
+    arrives (the module's lognormal delay). Also the arrival times of the activations."""
+    rng = np.random.default_rng(seed)
+    n = int(days * per_day)
+    imp = np.sort(rng.uniform(0, days * DAY, n)).astype(np.int64) + t0
+    converts = rng.random(n) < rate
+    arrival = imp + np.exp(rng.normal(MU, SIGMA, n)).astype(np.int64)
+    events: list[tuple[int, Sample]] = []
+    for i in range(n):
+        t, feats = int(imp[i]), {"a": str(i % 4), "b": "1", "c": "2"}
+        events.append((t, Sample(f"i{i}", "bank_1", t, feats, (0, 0, 0, 0), (False,) * 4, "first", 0, 0, t)))
+        a = int(arrival[i])
+        if converts[i] and a < t0 + days * DAY:
+            events.append((a, Sample(f"i{i}", "bank_1", t, feats, (1, 1, 1, 1), (True, True, True, False),
+                                     "correction", a - t, 4, a)))
+    events.sort(key=lambda e: e[0])
+    cut = np.searchsorted([e[0] for e in events], t0 + np.arange(1, int(days * 12) + 1) * DAY // 12)
+    return [[e[1] for e in events[lo:hi]] for lo, hi in zip(np.r_[0, cut[:-1]], cut, strict=True)], arrival[converts]
+
+
+def test_a_model_that_learns_late_positives_late_still_serves_the_counted_level() -> None:
+    """One impression in 20 activates, after a 2-day lognormal delay; the live model learns the late
+    positives only as the mixing buffer releases them (a tight pace). Served at the live mean x
+    1 / mean G it is well below the truth; served at the count's level it is near the truth, the
+    count being shrunk (arrived positives / sum of G(age now)) (served_level's module doc)."""
+    t0 = 1_767_225_600_000
+    batches, arrival = funnel_batches(4.0, 6000, 0.05, t0)
+    got, learners = {}, {}
+    for level in (False, True):
+        ln = late_learner(level)
+        for b in batches:
+            ln.step(b)
+        got[level], learners[level] = served_mean(ln), ln
+    truth = 0.05
+    assert sum(len(b) for b in learners[False].mixer.held[3]) > 30  # the late positives wait
+    assert got[False][3] < 0.75 * truth  # served from the live model: too low
+    assert 0.8 * truth < got[True][3] < 1.25 * truth  # served from the count: right
+    ln = learners[True]
+    assert ln.arrived is not None and ln.delay is not None
+    rate, positives, sum_g = ln.served_level[3]
+    assert positives == ln.arrived.positives()[3] == np.count_nonzero(arrival <= ln.delay.now_ms)
+    ages = np.maximum(ln.delay.now_ms - ln.arrived.at_ms[: ln.arrived.size], 1).astype(np.float64)
+    assert sum_g == pytest.approx(float(ln.delay.cdf(3, ages).sum()))
+    assert served_mean(ln, ln.arrived.ids[: ln.arrived.size])[3] == pytest.approx(rate, rel=0.02)  # solved there (on a subsample)
+    assert rate > positives / ln.arrived.size  # corrected for the positives still to come
+    assert np.isnan(ln.served_level[0]).all()  # click is not a level task: the live model's, as before
+
+
+def test_the_count_shrinks_to_the_model_mean_when_little_is_expected_and_survives_a_checkpoint() -> None:
+    from stream.learn.served_level import ArrivedCounts
+
+    c = ArrivedCounts(capacity=1000, n_tasks=2, n_fields=2)
+    keys = [f"i{i}" for i in range(1000)]
+    c.add(keys, np.zeros((1000, 2), np.int64), np.zeros(1000, np.int64), np.zeros((1000, 2)), np.zeros((1000, 2)),
+          settled=False)
+    c.credit(["i1", "i1", "i2"], np.ones((3, 2)))  # one positive per impression, however many copies
+    assert c.positives().tolist() == [2, 2]
+    # two positives: mostly the model's mean; with no pseudo-count the count; G is floored
+    assert c.level(1, lambda at: np.ones(at.shape), 0.01, 10.0)[0] == pytest.approx((2 * 0.002 + 10 * 0.01) / 12)
+    assert c.level(1, lambda at: np.full(at.shape, 0.5), 0.01, 0.0)[0] == pytest.approx(2 / 500)
+    assert c.level(1, lambda at: np.full(at.shape, 0.001), 0.01, 0.0, min_mean_g=1 / 3)[2] == pytest.approx(1000 / 3)
+    assert c.level(1, lambda at: np.ones(at.shape), 1e-30, 10.0)[0] == pytest.approx(2 * 0.002 / 12)  # nor a collapsed one
+    # 500 impressions met only by their final, not clicked (settled, never to convert): they count in
+    # the impressions, not in the mean G of those that can still convert
+    c2 = ArrivedCounts(capacity=2000, n_tasks=2, n_fields=2)
+    c2.load_state_dict(c.state_dict())
+    c2.add([f"f{i}" for i in range(500)], np.ones((500, 2), np.int64), np.ones(500, np.int64), np.zeros((500, 2)),
+           np.zeros((500, 2)), settled=True)
+    assert c2.size == 1500 and c2.settled[c2.slot["f0"]] and not c2.first[c2.slot["f0"]]
+    half = lambda at: np.full(at.shape, 0.5)  # noqa: E731
+    assert c2.level(1, half, 0.01, 0.0)[2] == pytest.approx(1500 * 0.5)  # n x mean G over the 1,000
+    assert c2.level(0, half, 0.01, 0.0)[2] == pytest.approx(1500 * 0.5)  # click: every impression can
+    # a clicked one met only by its final joins the pool; many positives: the count decides
+    c2.add(["g"], np.ones((1, 2), np.int64), np.ones(1, np.int64), np.ones((1, 2)), np.zeros((1, 2)), settled=True)
+    assert c2.positives().tolist() == [3, 3]
+    c2.credit(keys[3:500], np.ones((497, 2)))
+    rate, p, s_ = c2.level(1, np.ones_like, 0.9, 10.0)
+    assert (p, s_) == (500, 1501) and rate == pytest.approx((500 * 500 / 1501 + 9) / 510)
+    again = ArrivedCounts(capacity=2000, n_tasks=2, n_fields=2)
+    again.load_state_dict(c2.state_dict())
+    assert again.positives().tolist() == c2.positives().tolist() and set(again.slot) == set(c2.slot)
+    for key in ("f0", "g", "i1", "i600"):
+        a, b = again.slot[key], c2.slot[key]
+        assert (again.settled[a], again.first[a], again.hit[a].tolist(), again.ids[a].tolist()) == (
+            c2.settled[b], c2.first[b], c2.hit[b].tolist(), c2.ids[b].tolist())
+
+
+def test_the_served_level_settings_read() -> None:
+    from stream.learn.stabilisers import stabilisers_from
+    from stream.ops.settings import Settings
+
+    st = stabilisers_from(Settings(trainer_served_level_tasks=["approval", "activation"]))  # type: ignore[list-item]
+    assert st.served_level_tasks == (2, 3)
+    assert stabilisers_from(Settings(trainer_served_level_tasks=[])).served_level_tasks == ()
