@@ -153,8 +153,11 @@ class Settings(BaseSettings):
     # day (TRAINER_LR itself during the first day); "fixed": TRAINER_LR at every volume
     # (stream/learn/lr_schedule.py; docs/models.md, "The learning rate across volumes"). bench
     # online, fixed -> volume: auc_final at 1,500/day +0.006-0.032 on every step (AITM and ESMM, 3
-    # seeds), at 4,000/day the same, at 20,000/day activation +0.022 (AITM) / +0.035 (ESMM)
-    trainer_lr_scale: Literal["volume", "fixed"] = "volume"
+    # seeds), at 4,000/day the same, at 20,000/day activation +0.022 (AITM) / +0.035 (ESMM).
+    # Default "fixed": the volume is counted as first samples, and a joiner whose lanes run ahead
+    # of the impressions lane sends first samples for only some impressions (bench serving: 26%),
+    # so the rate overshoots (2.7x there; served swing 1.74) - docs/models.md, same section
+    trainer_lr_scale: Literal["volume", "fixed"] = "fixed"
     # impressions a day at which TRAINER_LR is the right rate (where 3e-3 was measured good)
     trainer_lr_ref_impressions: float = Field(default=4000.0, gt=0)
     # the power of (reference / volume) the rate follows: 0.5 from the tracking argument (drift
