@@ -255,6 +255,12 @@ class DelayModel:
         out: np.ndarray = lognormal_cdf(x, *fit) / max(top, 1e-12)
         return out
 
+    def windowed_cdf(self, task: int, age_ms: np.ndarray) -> np.ndarray:
+        """G at these ages (ms, > 0): the fitted distribution within the window, 1 at or past it."""
+        age = np.asarray(age_ms, np.float64)
+        out: np.ndarray = np.where(age < self.windows_ms[task], self.cdf(task, age), 1.0)
+        return out
+
     def factors(self, task: int, arrival_ms: np.ndarray) -> np.ndarray:
         """(P,) weight of positives of ``task`` arriving at these event times: 1 / G(age), capped at
         ``max_factor``; 1 at or past the window, before a fit, or before the stream started."""
@@ -278,8 +284,7 @@ class DelayModel:
         the window prior n / (n + prior_ramp), n the positives seen."""
         if self.start_ms is None or self.fits[task] is None or weights.size == 0 or self.warm(task):
             return 1.0
-        age = np.maximum(self.age_ms(at_ms), 1).astype(np.float64)
-        g = np.where(age < self.windows_ms[task], self.cdf(task, age), 1.0)
+        g = self.windowed_cdf(task, np.maximum(self.age_ms(at_ms), 1))
         mean_g = float((weights * np.maximum(g, 1.0 / self.max_factor)).sum() / max(float(weights.sum()), 1e-300))
         return float(min(1.0 / max(mean_g, 1e-12), self.max_factor) ** self.ramp(task))
 

@@ -390,11 +390,7 @@ class OnlineLearner:
         if delay is None:
             return lambda at: np.ones(np.shape(at))
 
-        def g(at: np.ndarray) -> np.ndarray:
-            age = np.maximum(delay.now_ms - np.asarray(at, np.int64), 1).astype(np.float64)
-            out: np.ndarray = np.where(age < delay.windows_ms[task], delay.cdf(task, age), 1.0)
-            return out
-        return g
+        return lambda at: delay.windowed_cdf(task, np.maximum(delay.now_ms - np.asarray(at, np.int64), 1))
 
     def _late_rows(self, batch: SampleBatch, holdout: np.ndarray) -> tuple[np.ndarray, int]:
         """(N,) the task each row is a paced late positive of (-1: none), and the first samples the

@@ -81,10 +81,8 @@ class ArrivedCounts:
         lab = np.asarray(labels) > 0
         at = np.asarray(event_ms, np.int64)
         for j, iid in enumerate(impression_ids):
-            k = self.slot.get(iid)
-            if k is not None:
-                self.hit[k] |= lab[j]
-                self.settled[k] |= settled
+            if iid in self.slot:
+                self.credit([iid], lab[j : j + 1], settled)
                 continue
             k = self._next
             old = self.keys[k]
