@@ -57,6 +57,7 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     held: list[list[int]] = []  # per version: late positives waiting in the mixing buffer, per task
     served: list[tuple[list[float], list[float]]] = []  # ... and the served delay correction, bias shift
     levels: list[list[list[float]]] = []  # ... and the count's (rate, positives, sum of G) per task
+    ratios: list[list[list[float]]] = []  # ... and the counted step rates' (ratio, positives, sum of G)
     watermark = 0
 
     def take_version() -> None:
@@ -66,6 +67,7 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         held.append([sum(len(b) for b in q) for q in learner.mixer.held])
         served.append((learner.completeness.tolist(), learner.bias_shift.tolist()))
         levels.append([[round(float(v), 5) for v in row] for row in learner.served_level])
+        ratios.append([[round(float(v), 4) for v in row] for row in learner.served_ratio])
 
     batch: list[Sample] = []
     first_at = last_version_at = stream[0][0]
@@ -84,8 +86,10 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         learner.step(SampleBatch.from_samples(batch))
     take_version()
     out = report_of(scores, fresh, args)
-    for row, waiting, (factor, shift), level in zip(out["per_version"], held, served, levels, strict=True):
+    for row, waiting, (factor, shift), level, ratio in zip(out["per_version"], held, served, levels, ratios,
+                                                           strict=True):
         row["served_level"] = level
+        row["served_ratio"] = ratio
         row["held_late_positives"] = waiting
         row["delay_correction"] = [round(x, 3) for x in factor]
         row["bias_shift"] = [round(x, 3) for x in shift]

@@ -34,6 +34,7 @@ from stream.learn.mixing_buffer import MixingBuffer, RowBlock
 from stream.learn.prequential import PrequentialEvaluator
 from stream.learn.sample_batch import CORRECTION, FINAL, FIRST, N_TASKS, SampleBatch, as_batch
 from stream.learn.served_level import ArrivedCounts
+from stream.learn.served_ratio import StepCounts
 from stream.learn.stabilisers import Stabilisers, held_back, init_output_bias
 from stream.learn.weight_average import RecentPredictions, WeightAverage, output_bias_shift
 
@@ -120,6 +121,10 @@ class OnlineLearner:
         self.arrived = (ArrivedCounts(st.served_level_rows, N_TASKS, len(encoder.fields))
                         if self.recent is not None and st.served_level_tasks else None)
         self.served_level = np.full((N_TASKS, 3), np.nan)  # the last (rate, positives, sum of G) per task
+        # steps served at their predecessor's level x a counted step rate (eighth round)
+        self.step_counts = ({t: StepCounts(st.served_ratio_rows) for t in st.served_ratio_tasks if t > 0}
+                            if self.recent is not None else {})
+        self.served_ratio = np.full((N_TASKS, 3), np.nan)  # the last (ratio, step positives, sum of G) per task
         self._average_moved = False  # trained since the served biases were last re-centred
         self.delay = (DelayModel(st.delay_windows_ms, st.delay_max_factor, st.delay_prior_windows_ms,
                                  st.delay_window_quantile, st.delay_served_ramp, st.delay_window_prior_sd)
@@ -276,6 +281,8 @@ class OnlineLearner:
                                 _arrival_ms(batch)[fr])
             if self.arrived is not None:
                 self._count_arrived(batch, holdout, ids, probs)
+            if self.step_counts:
+                self._count_steps(batch, holdout)
             mine = ~holdout[tr.index]  # the held-back slice is never trained on
             index = tr.index[mine]
             block = RowBlock.of(ids[index], tr.labels[mine], tr.mask[mine], tr.weight[mine], origin=index)
@@ -359,6 +366,35 @@ class OnlineLearner:
         final = np.flatnonzero((kind == FINAL) & ~holdout)
         self.arrived.add([iids[i] for i in final], ids[final], batch.event_time_ms[final], batch.labels[final],
                          probs[final], settled=True)
+
+    def _count_steps(self, batch: SampleBatch, holdout: np.ndarray) -> None:
+        """The samples' step positives join the counts of the served step rates
+        (``stream.learn.served_ratio``), with their arrival (event time)."""
+        arrival = _arrival_ms(batch)
+        mine = np.flatnonzero(~holdout)
+        iids = [batch.impression_ids[i] for i in mine]
+        labels, final = batch.labels[mine] > 0, batch.kind[mine] == FINAL
+        for t, counts in self.step_counts.items():
+            counts.observe(iids, labels[:, t - 1], labels[:, t], arrival[mine], final)
+
+    def _ratio_targets(self, target: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """``target`` (T,) with each counted step's served level set to its predecessor's times the
+        counted step rate (in funnel order: a counted predecessor's own new level carries on), and
+        the tasks so set."""
+        st = self.stabilisers
+        out = target.copy()
+        done: list[int] = []
+        for t in sorted(self.step_counts):
+            counts = self.step_counts[t]
+            if counts.size == 0 or out[t - 1] <= 0:
+                continue
+            own = float(min(target[t] / out[t - 1], 1.0)) if t - 1 in done else float(min(target[t] / target[t - 1], 1.0))
+            r, a, g = counts.ratio(st.step_windows_ms[t], st.delay_window_quantile, st.delay_window_prior_sd, own,
+                                   st.served_ratio_pseudo_count, st.served_ratio_min_g)
+            self.served_ratio[t] = (r, a, g)
+            out[t] = min(out[t - 1] * r, 0.999)
+            done.append(t)
+        return out, done
 
     def _level_shift(self, recentred: torch.Tensor) -> torch.Tensor:
         """The served bias shift with the counted tasks' levels from the count of arrived positives
@@ -519,9 +555,20 @@ class OnlineLearner:
                 target = np.minimum(target * self.completeness, 0.999)
             x = torch.as_tensor(recent.ids[every], device=self.device)
             self.average.unshift()
+            ratio_target, counted = self._ratio_targets(target) if self.step_counts else (target, [])
+            if counted and self.stabilisers.served_ratio_raise_only:
+                # both levels are low in a cold start, each for its own reason (docs/serving.md,
+                # eighth round): the counted step rate may raise the live model's, never lower it
+                target = np.maximum(target, ratio_target)
             # raised only: the average's shrink is always downward (Jensen, convex region); a live
             # model below its average is the cold start's dip, which the average rightly lags
             delta = output_bias_shift(self.average.model, x, target.tolist(), w, lower=False)
+            if counted and not self.stabilisers.served_ratio_raise_only:
+                # set: these may be lowered too, their level is counted, not the live model's
+                both = output_bias_shift(self.average.model, x, ratio_target.tolist(), w, lower=True)
+                mask = torch.zeros(N_TASKS, dtype=torch.bool, device=delta.device)
+                mask[counted] = True
+                delta = torch.where(mask, both.to(delta), delta)
             if self.arrived is not None and self.arrived.size >= RECENTRE_MIN_ROWS:
                 delta = self._level_shift(delta)
             self.average.shift_bias(delta)
@@ -573,6 +620,7 @@ class OnlineLearner:
             "stream_start_ms": self.stream_start_ms,
             "delay": None if self.delay is None else self.delay.state_dict(),
             "arrived": None if self.arrived is None else self.arrived.state_dict(),
+            "step_counts": {t: c.state_dict() for t, c in self.step_counts.items()},
             "frozen": None if self.frozen is None else self.frozen.state_dict(),
             "lr_rate": None if self.lr_rate is None else self.lr_rate.state_dict(),
         }
@@ -603,6 +651,9 @@ class OnlineLearner:
         self.optimizer.set_lr(self.base_lr if self.lr_rate is None else self.lr_rate.lr)
         if self.arrived is not None and state.get("arrived") is not None:
             self.arrived.load_state_dict(state["arrived"])
+        for t, kept in (state.get("step_counts") or {}).items():
+            if int(t) in self.step_counts:
+                self.step_counts[int(t)].load_state_dict(kept)
         frozen = state.get("frozen")
         if frozen is not None:
             self.freeze(int(frozen["cutoff_ms"]))

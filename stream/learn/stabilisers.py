@@ -57,6 +57,15 @@ class Stabilisers:
     served_level_tasks: tuple[int, ...] = ()  # none: off
     served_level_pseudo_count: float = 100.0
     served_level_rows: int = 32768
+    # a step served at its predecessor's level x the step rate counted on the predecessor's
+    # positives (stream.learn.served_ratio): the tasks, the pseudo-count, the predecessors kept, and
+    # each step's own window (its delay's prior; from the settings' JOINER_WINDOW_<STEP>_MS)
+    served_ratio_tasks: tuple[int, ...] = ()  # none: off
+    served_ratio_pseudo_count: float = 30.0
+    served_ratio_rows: int = 65536
+    served_ratio_raise_only: bool = True  # the counted level may raise the live model's, not lower it
+    served_ratio_min_g: float = 0.5  # predecessors whose G is under this are left out of the count
+    step_windows_ms: tuple[int, ...] = (3_600_000, 3 * 86_400_000, 86_400_000, 14 * 86_400_000)
 
 
 def held_back(impression_ids: Sequence[str], share: float) -> np.ndarray:
@@ -116,6 +125,12 @@ def stabilisers_from(s: Settings) -> Stabilisers:
         served_level_pseudo_count=s.trainer_served_level_pseudo_count,
         served_level_rows=s.trainer_served_level_rows,
         served_level_tasks=tuple(TASKS.index(t) for t in s.trainer_served_level_tasks),
+        served_ratio_tasks=tuple(sorted(TASKS.index(t) for t in s.trainer_served_ratio_tasks)),
+        served_ratio_pseudo_count=s.trainer_served_ratio_pseudo_count,
+        served_ratio_rows=s.trainer_served_ratio_rows,
+        served_ratio_raise_only=s.trainer_served_ratio_mode == "raise",
+        served_ratio_min_g=s.trainer_served_ratio_min_g,
+        step_windows_ms=step_windows_ms(s),
     )
 
 

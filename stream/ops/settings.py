@@ -291,6 +291,22 @@ class Settings(BaseSettings):
         default_factory=list)
     trainer_served_level_pseudo_count: float = Field(default=100.0, ge=0)
     trainer_served_level_rows: int = Field(default=32768, ge=1)
+    # a step served at its predecessor's served level times the step rate counted on the
+    # predecessor's positives (stream/learn/served_ratio.py, docs/serving.md, eighth round):
+    # R = A / sum G_c(age), A the predecessors whose step positive arrived, G_c the step's own delay
+    # (from the predecessor's arrival, window JOINER_WINDOW_<STEP>_MS as its prior), shrunk towards
+    # the model's own ratio by the pseudo-count, in predecessors; over the newest ..._ROWS of them.
+    # [] = off (the served level is the live model's own x the completeness factor)
+    trainer_served_ratio_tasks: list[Literal["application", "approval", "activation"]] = Field(
+        default=["activation"])  # pydantic copies a mutable default per instance
+    trainer_served_ratio_pseudo_count: float = Field(default=30.0, ge=0)
+    trainer_served_ratio_rows: int = Field(default=65536, ge=1)
+    # "raise": the counted level only raises the served level above the live model's own (x the
+    # completeness factor); "set": it sets it
+    trainer_served_ratio_mode: Literal["raise", "set"] = "raise"
+    # predecessors whose fitted G is under this are left out of the count (the fit's head is
+    # where a lognormal is least right: served_ratio.py)
+    trainer_served_ratio_min_g: float = Field(default=0.5, ge=0, lt=1)
 
     @field_validator("trainer_delay_correction", mode="before")
     @classmethod

@@ -1,0 +1,212 @@
+"""A step served at its predecessor's served level times the step rate counted on the predecessor's
+positives (stream/learn/served_ratio.py; docs/serving.md, eighth round)."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import stream.learn.served_ratio
+from aitm.features import FeatureEncoder
+from stream.contract.samples import Sample
+from stream.learn.learner import RECENTRE_HALF_LIVES, OnlineLearner
+from stream.learn.served_ratio import StepCounts
+from stream.learn.stabilisers import Stabilisers
+
+DAY = 86_400_000
+WINDOW = 14 * DAY
+T0 = 1_767_225_600_000
+
+
+def test_doctests() -> None:
+    assert doctest.testmod(stream.learn.served_ratio).failed == 0
+
+
+def young_step(rate: float, days: float, per_day: int, seed: int = 0,
+               median_days: float = 2.0, sigma: float = 1.1) -> tuple[np.ndarray, np.ndarray]:
+    """Predecessor positives arriving uniformly over ``days``, each followed by the step's positive
+    with probability ``rate`` after a lognormal delay; (predecessor arrival, step arrival or -1)."""
+    rng = np.random.default_rng(seed)
+    before = np.sort(rng.uniform(0, days * DAY, int(days * per_day))).astype(np.int64)
+    delay = (median_days * DAY * np.exp(sigma * rng.standard_normal(before.size))).astype(np.int64)
+    hit = (rng.random(before.size) < rate) & (delay < WINDOW)
+    return before, np.where(hit, before + delay, -1)
+
+
+def counted(before: np.ndarray, step: np.ndarray, now: int) -> StepCounts:
+    """What a trainer would have counted by ``now``: each predecessor as it arrived, then its step."""
+    c = StepCounts(capacity=100_000)
+    events = sorted([(int(t), 0, i) for i, t in enumerate(before) if t <= now]
+                    + [(int(t), 1, i) for i, t in enumerate(step) if 0 <= t <= now])
+    for t, kind, i in events:
+        c.observe([f"i{i}"], np.array([1]), np.array([kind]), np.array([t]), np.zeros(1, bool))
+    return c
+
+
+@pytest.mark.parametrize("days", [4.0, 6.0, 9.0])
+def test_a_young_streams_step_rate_is_counted_on_its_own_clock(days: float) -> None:
+    # the rule: of predecessors of age a_i, a step of rate R has R x sum G(a_i) positives by now;
+    # the share arrived so far (A / n) is far below R while the stream is younger than the delays
+    rate = 0.75
+    estimates, naive = [], []
+    for seed in range(8):
+        before, step = young_step(rate, days, per_day=60, seed=seed)
+        now = int(days * DAY)
+        c = counted(before, step, now)
+        r, a, s = c.ratio(WINDOW, 0.95, 0.25, own=0.1, pseudo_count=0.0)
+        estimates.append(r)
+        naive.append(a / c.size)
+        assert s < c.size  # young predecessors count for less than one
+    assert np.mean(naive) < 0.8 * rate  # what a plain count would serve
+    assert np.mean(estimates) == pytest.approx(rate, rel=0.1)
+    # ... and every seed's estimate is nearer the rate than its plain count
+    assert all(abs(e - rate) < abs(n - rate) for e, n in zip(estimates, naive, strict=True))
+
+
+def test_the_count_is_shrunk_towards_the_models_own_ratio_and_untimed_pairs_count_in_full() -> None:
+    before, step = young_step(0.75, 6.0, per_day=60, seed=3)
+    now = int(6 * DAY)
+    c = counted(before, step, now)
+    r0, a, s = c.ratio(WINDOW, 0.95, 0.25, own=0.2, pseudo_count=0.0)
+    r1, _, _ = c.ratio(WINDOW, 0.95, 0.25, own=0.2, pseudo_count=s)  # as many pseudo as counted
+    assert r1 == pytest.approx((a + s * 0.2) / (2 * s))
+    assert 0.2 < r1 < r0
+    # a final that brings both positives at once (no first sample): counted, settled, not timed
+    n_pairs = c.pairs()[0].size
+    c.observe(["late"], np.array([1]), np.array([1]), np.array([c.last_hit_ms]), np.array([True]))
+    assert c.pairs()[0].size == n_pairs
+    _, a2, s2 = c.ratio(WINDOW, 0.95, 0.25, own=0.2, pseudo_count=0.0)
+    assert (a2, s2) == pytest.approx((a + 1, s + 1), rel=1e-6)
+    # a step positive with no predecessor kept is ignored; the ring keeps the newest
+    c.observe(["nobody"], np.array([0]), np.array([1]), np.array([now]), np.zeros(1, bool))
+    assert "nobody" not in c.slot
+    small = StepCounts(capacity=2)
+    for k in range(3):
+        small.observe([f"p{k}"], np.array([1]), np.array([0]), np.array([k]), np.zeros(1, bool))
+    assert small.size == 2 and set(small.slot) == {"p1", "p2"}
+    again = StepCounts(capacity=2)
+    again.load_state_dict(small.state_dict())
+    def kept(c: StepCounts) -> dict[str, int]:
+        return {key: int(c.before_ms[k]) for key, k in c.slot.items()}
+
+    assert kept(again) == kept(small) == {"p1": 1, "p2": 2}
+
+
+FIELDS = ("a", "b", "c")
+
+
+def funnel_stream(days: float, per_day: int, seed: int = 0) -> list[list[Sample]]:
+    """A 4-step funnel whose last step (rate 0.75 of the third) arrives ~2 days late, in hourly
+    batches of samples: a first sample per impression, then a correction per new positive."""
+    rng = np.random.default_rng(seed)
+    n = int(days * per_day)
+    imp = np.sort(rng.uniform(0, days * DAY, n)).astype(np.int64)
+    a = rng.integers(0, 4, n)
+    p1 = 0.2 + 0.05 * a
+    y1 = rng.random(n) < p1
+    y2 = y1 & (rng.random(n) < 0.3)
+    y3 = y2 & (rng.random(n) < 0.6)
+    delay = (2 * DAY * np.exp(1.1 * rng.standard_normal(n))).astype(np.int64)
+    y4 = y3 & (rng.random(n) < 0.75) & (delay < WINDOW)
+    events: list[tuple[int, Sample]] = []
+    for i in range(n):
+        t = T0 + int(imp[i])
+        feats = {"a": str(a[i]), "b": str(int(rng.integers(0, 4))), "c": "1"}
+        lab = (int(y1[i]), int(y2[i]), int(y3[i]), 0)
+        events.append((t + 60_000, Sample(f"i{i}", "bank_1", t, feats, lab, (True, True, True, False), "first",
+                                          60_000, 0, t + 60_000)))
+        if y4[i]:
+            at = t + 60_000 + int(delay[i])
+            events.append((at, Sample(f"i{i}", "bank_1", t, feats, (lab[0], lab[1], lab[2], 1), (True,) * 4,
+                                      "correction", at - t, 4, at)))
+    events.sort(key=lambda e: e[0])
+    hours: dict[int, list[Sample]] = {}
+    for at, s in events:
+        if at <= T0 + days * DAY:
+            hours.setdefault((at - T0) // 3_600_000, []).append(s)
+    return [hours[h] for h in sorted(hours)]
+
+
+def ratio_learner(tasks: tuple[int, ...]) -> OnlineLearner:
+    torch.manual_seed(0)
+    return OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.01, eval_window=100,
+                         stabilisers=Stabilisers(ema_half_life_rows=200, recentre_rows=4000,
+                                                 served_ratio_tasks=tasks, served_ratio_pseudo_count=10.0))
+
+
+def served_means(ln: OnlineLearner) -> np.ndarray:
+    served = ln.served_model()
+    recent = ln.recent
+    assert recent is not None
+    w = recent.weights(float(ln.trained_samples), RECENTRE_HALF_LIVES * 200)
+    with torch.no_grad():
+        p = torch.sigmoid(served(torch.as_tensor(recent.ids[: recent.size]))).double().numpy()
+    out: np.ndarray = (w[:, None] * p).sum(0) / w.sum()
+    return out
+
+
+def test_the_learner_serves_the_last_step_at_its_predecessors_level_times_the_counted_rate() -> None:
+    # three days of a funnel whose last step arrives ~2 days late: the live model learns it at a
+    # fraction of its rate; the counted step rate puts the served ratio near the true 0.75
+    plain, counted_ln = ratio_learner(()), ratio_learner((3,))
+    for batch in funnel_stream(3.0, 1500):
+        plain.step(batch)
+        counted_ln.step(batch)
+    p_plain, p_counted = served_means(plain), served_means(counted_ln)
+    assert p_plain[3] / p_plain[2] < 0.5  # the live model's own ratio: far below the step's rate
+    r, a, s = counted_ln.served_ratio[3]
+    assert a > 20 and s < a / 0.5  # the predecessors with G >= 0.5 only
+    assert r == pytest.approx(0.75, rel=0.15)
+    assert p_counted[3] / p_counted[2] == pytest.approx(r, rel=0.02)
+    np.testing.assert_allclose(p_counted[:3], p_plain[:3], rtol=1e-6)  # the other steps as before
+    assert np.isnan(counted_ln.served_ratio[:3]).all()
+    # the counts survive a checkpoint: a restarted learner serves the same ratio
+    again = ratio_learner((3,))
+    again.load_state_dict(counted_ln.state_dict())
+    assert again.step_counts[3].size == counted_ln.step_counts[3].size
+    assert again.step_counts[3].last_hit_ms == counted_ln.step_counts[3].last_hit_ms > 0
+    r2, _, _ = again.step_counts[3].ratio(WINDOW, 0.95, 0.25, 0.5, 10.0)
+    r1, _, _ = counted_ln.step_counts[3].ratio(WINDOW, 0.95, 0.25, 0.5, 10.0)
+    assert math.isclose(r1, r2)
+
+
+def test_the_served_ratio_settings_read() -> None:
+    from stream.learn.stabilisers import stabilisers_from
+    from stream.ops.settings import Settings
+
+    st = stabilisers_from(Settings(trainer_served_ratio_tasks=["approval", "activation"]))
+    assert st.served_ratio_tasks == (2, 3)
+    assert st.step_windows_ms[3] == 14 * DAY
+    assert stabilisers_from(Settings(trainer_served_ratio_tasks=[])).served_ratio_tasks == ()
+    with pytest.raises(ValueError):
+        Settings(trainer_served_ratio_tasks=["click"])
+
+
+def test_raise_keeps_a_live_level_above_the_count_and_set_lowers_it() -> None:
+    # the same stream, then a burst of approvals that never activate, long matured: the counted
+    # step rate falls far below the live model's own; "raise" keeps the live level, "set" serves the count
+    served: dict[bool, np.ndarray] = {}
+    for raise_only in (True, False):
+        torch.manual_seed(0)
+        ln = OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.01, eval_window=100,
+                           stabilisers=Stabilisers(ema_half_life_rows=200, recentre_rows=4000, served_ratio_tasks=(3,),
+                                                   served_ratio_pseudo_count=0.0, served_ratio_raise_only=raise_only))
+        for batch in funnel_stream(3.0, 1500):
+            ln.step(batch)
+        counts = ln.step_counts[3]
+        old = counts.last_hit_ms - WINDOW  # matured: a full window ago
+        n = 20 * counts.size
+        counts.observe([f"never{k}" for k in range(n)], np.ones(n, bool), np.zeros(n, bool), np.full(n, old),
+                       np.zeros(n, bool))
+        ln._average_moved = True
+        served[raise_only] = served_means(ln)
+        r = ln.served_ratio[3][0]
+        assert r < 0.1
+    raised, set_ = served[True], served[False]
+    np.testing.assert_allclose(raised[:3], set_[:3], rtol=1e-6)
+    assert set_[3] / set_[2] == pytest.approx(ln.served_ratio[3][0], rel=0.02)
+    assert raised[3] / raised[2] > 2 * set_[3] / set_[2]  # the live model's own level, not lowered to the count
