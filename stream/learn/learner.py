@@ -386,9 +386,9 @@ class OnlineLearner:
         done: list[int] = []
         for t in sorted(self.step_counts):
             counts = self.step_counts[t]
-            if counts.size == 0 or out[t - 1] <= 0:
+            if counts.size == 0 or out[t - 1] <= 0 or target[t - 1] <= 0:
                 continue
-            own = float(min(target[t] / out[t - 1], 1.0)) if t - 1 in done else float(min(target[t] / target[t - 1], 1.0))
+            own = float(min(target[t] / target[t - 1], 1.0))  # the live model's own step rate
             r, a, g = counts.ratio(st.step_windows_ms[t], st.delay_window_quantile, st.delay_window_prior_sd, own,
                                    st.served_ratio_pseudo_count, st.served_ratio_min_g)
             self.served_ratio[t] = (r, a, g)

@@ -48,6 +48,13 @@ def _join(rank: int, ranks: int, port: int) -> RankSync:
     return RankSync(RankInfo(rank, ranks))
 
 
+def _leave() -> None:
+    """Leave the group together: a rank that tears gloo down while the other still has a collective
+    in flight aborts it (SIGABRT, "terminate called without an active exception", seen once)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _model() -> AITM:
     torch.manual_seed(3)
     return AITM(AITMConfig(vocab_sizes=[20, 20, 20], n_tasks=4))
@@ -71,7 +78,7 @@ def _grad_worker(rank: int, ranks: int, port: int, tmp: Path) -> None:
         assert sync.reduce(model, 32) == 64
         opt.step()
     torch.save(model.state_dict(), tmp / f"grad{rank}.pt")
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_two_gloo_ranks_train_to_the_weights_of_one_process_on_the_same_batches(tmp_path: Path) -> None:
@@ -104,7 +111,7 @@ def _learner_worker(rank: int, ranks: int, port: int, tmp: Path, plan: list[list
     out = {"model": ln.model.state_dict(), "table": ln.encoder.state_dict(), "steps": ln.steps,
            "seen": ln.samples_seen, "evaluator": ln.evaluator.state_dict(), "local": local_state(ln.state_dict())}
     (tmp / f"learner{rank}.pkl").write_bytes(pickle.dumps(out))
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_two_ranks_keep_identical_tables_and_weights_with_uneven_input(tmp_path: Path) -> None:
@@ -231,7 +238,7 @@ def _round_worker(rank: int, ranks: int, port: int, tmp: Path) -> None:
     (tmp / f"rounds{rank}.pkl").write_bytes(pickle.dumps((trainer.rounds, trainer.waited_rounds,
                                                           trainer.learner.samples_seen if trainer.learner else 0)))
     trainer.publisher.close()
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_a_round_waits_for_a_rank_still_reading_its_share_of_a_backlog(tmp_path: Path) -> None:
@@ -271,7 +278,7 @@ def _mask_worker(rank: int, ranks: int, port: int, tmp: Path) -> None:
     for round_ in MASK_PLAN:
         ln.step(list(round_[rank]))
     (tmp / f"mask{rank}.pt").write_bytes(pickle.dumps(ln.model.state_dict()))
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_two_ranks_with_uneven_label_masks_train_as_one_trainer_on_the_round(tmp_path: Path) -> None:
@@ -309,7 +316,7 @@ def _volume_worker(rank: int, ranks: int, port: int, tmp: Path, plan: list[list[
         lrs.append((ln.optimizer.lr, sorted({g["lr"] for g in ln.optimizer.dense.param_groups})))
     out = {"lrs": lrs, "model": ln.model.state_dict(), "rate": ln.lr_rate.state_dict() if ln.lr_rate else None}
     (tmp / f"volume{rank}.pkl").write_bytes(pickle.dumps(out))
-    dist.destroy_process_group()
+    _leave()
 
 
 def test_two_ranks_with_uneven_volumes_step_at_the_same_rate_every_round(tmp_path: Path) -> None:
