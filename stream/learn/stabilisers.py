@@ -64,7 +64,7 @@ class Stabilisers:
     served_ratio_pseudo_count: float = 30.0
     served_ratio_rows: int = 65536
     served_ratio_raise_only: bool = True  # the counted level may raise the live model's, not lower it
-    served_ratio_min_g: float = 0.5  # predecessors whose G is under this are left out of the count
+    served_ratio_min_g: float = 0.65  # predecessors whose G is under this are left out of the count
     step_windows_ms: tuple[int, ...] = (3_600_000, 3 * 86_400_000, 86_400_000, 14 * 86_400_000)
 
 

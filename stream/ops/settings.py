@@ -306,7 +306,7 @@ class Settings(BaseSettings):
     trainer_served_ratio_mode: Literal["raise", "set"] = "raise"
     # predecessors whose fitted G is under this are left out of the count (the fit's head is
     # where a lognormal is least right: served_ratio.py)
-    trainer_served_ratio_min_g: float = Field(default=0.5, ge=0, lt=1)
+    trainer_served_ratio_min_g: float = Field(default=0.65, ge=0, lt=1)
 
     @field_validator("trainer_delay_correction", mode="before")
     @classmethod

@@ -135,7 +135,8 @@ def ratio_learner(tasks: tuple[int, ...]) -> OnlineLearner:
     torch.manual_seed(0)
     return OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.01, eval_window=100,
                          stabilisers=Stabilisers(ema_half_life_rows=200, recentre_rows=4000,
-                                                 served_ratio_tasks=tasks, served_ratio_pseudo_count=10.0))
+                                                 served_ratio_tasks=tasks, served_ratio_pseudo_count=10.0,
+                                                 served_ratio_min_g=0.5))  # a 3-day stream: few have G >= 0.65
 
 
 def served_means(ln: OnlineLearner) -> np.ndarray:
@@ -194,7 +195,8 @@ def test_raise_keeps_a_live_level_above_the_count_and_set_lowers_it() -> None:
         torch.manual_seed(0)
         ln = OnlineLearner(FeatureEncoder(FIELDS, capacity=8, min_count=1), mode="fnw", lr=0.01, eval_window=100,
                            stabilisers=Stabilisers(ema_half_life_rows=200, recentre_rows=4000, served_ratio_tasks=(3,),
-                                                   served_ratio_pseudo_count=0.0, served_ratio_raise_only=raise_only))
+                                                   served_ratio_pseudo_count=0.0, served_ratio_raise_only=raise_only,
+                                                   served_ratio_min_g=0.5))
         for batch in funnel_stream(3.0, 1500):
             ln.step(batch)
         counts = ln.step_counts[3]
