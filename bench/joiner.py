@@ -48,15 +48,37 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def next_poll_s(remaining: float, rate: float | None, fine_s: float = 0.05, coarse_s: float = 0.5) -> float:
+    """How long to wait before the next poll of a worker's event counter: ``fine_s`` until a rate
+    is known and near the end, else a quarter of the time the rest would take at ``rate`` (at most
+    ``coarse_s``). Each poll is a ``/metrics`` request served inside the measured process and
+    charged to its CPU (20 polls a second cost the joiner several us per event: issue 16, round 9),
+    so it is polled sparsely; ``rate`` is the fastest seen between two polls, so the wait ends
+    before the last record unless the worker speeds up more than fourfold - the end is timed to
+    ``fine_s``, as when polled every ``fine_s``.
+
+    >>> next_poll_s(40_000, None), next_poll_s(40_000, 10_000.0), next_poll_s(8_000, 10_000.0), next_poll_s(1_000, 10_000.0)
+    (0.05, 0.5, 0.2, 0.05)
+    """
+    if rate is None or rate <= 0:
+        return fine_s
+    return min(coarse_s, max(fine_s, 0.25 * remaining / rate))
+
+
 def _measure_process(
     cmd: list[str], env: dict[str, str], port: int, metric: str, total: int, timeout_s: float
-) -> tuple[float, float]:
-    """Start ``cmd``; (events/s, CPU microseconds per event) between its first and its
-    ``total``-th record (polled)."""
+) -> tuple[float, float, int, float]:
+    """Start ``cmd``; (events/s, CPU microseconds per event, polls, end window) between its first and
+    its ``total``-th record, polled (``next_poll_s``: every 50 ms until the first record is counted
+    and near the end, sparsely in between); the end window is the time between the last two polls
+    (the last record came within it)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout_s
         first: tuple[float, float, float] | None = None
+        polls = 0
+        rate: float | None = None
+        last: tuple[float, float] | None = None
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd} exited with {proc.returncode}")
@@ -64,12 +86,20 @@ def _measure_process(
                 raise RuntimeError(f"{cmd} did not consume {total} records within {timeout_s}s")
             n = _scrape(port, metric)
             now = time.monotonic()
+            if first is not None:
+                polls += 1
             if first is None and n > 0:
                 first = (now, n, _cpu_s(proc.pid))
+            elif last is not None and now > last[0]:
+                rate = max(rate or 0.0, (n - last[1]) / (now - last[0]))  # the fastest seen
             if n >= total and first is not None:
                 events = max(n - first[1], 1.0)
-                return events / max(now - first[0], 1e-9), (_cpu_s(proc.pid) - first[2]) * 1e6 / events
-            time.sleep(0.05)
+                # the last record came between the poll before and this one: how closely the end is timed
+                window = now - last[0] if last is not None else 0.0
+                cpu = (_cpu_s(proc.pid) - first[2]) * 1e6 / events
+                return events / max(now - first[0], 1e-9), cpu, polls, window
+            last = (now, n)
+            time.sleep(next_poll_s(total - n, rate))
     finally:
         proc.terminate()
         try:
@@ -118,9 +148,10 @@ def noop_main(argv: list[str]) -> int:
     return 0
 
 
-async def _consume_only(settings: Settings, total: int) -> float:
+async def _consume_only(settings: Settings, total: int) -> tuple[float, int]:
     """An aiokafka consume-only loop over the event topics (the broker's and the client's share of
-    the cost, nothing else); events/s from its first record to its ``total``-th."""
+    the cost, nothing else): (events/s after its first fetched batch to its ``total``-th record,
+    the size of that first batch)."""
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(
@@ -129,16 +160,18 @@ async def _consume_only(settings: Settings, total: int) -> float:
         heartbeat_interval_ms=1500, **settings.aiokafka_config(),
     )
     await consumer.start()
-    n, t0, nbytes = 0, 0.0, 0
+    n, t0, nbytes, n0 = 0, 0.0, 0, 0
     try:
         while n < total:
             batch = await consumer.getmany(timeout_ms=500)
-            if batch and not t0:
-                t0 = time.monotonic()
             for msgs in batch.values():
                 n += len(msgs)
                 nbytes += sum(len(m.value or b"") for m in msgs)  # touch every record, as a reader does
-        return n / (time.monotonic() - t0)
+            if batch and not t0:
+                # the clock starts once the first records are in hand, so those are not counted:
+                # their fetch began before it (the joiner's rate is counted the same way)
+                t0, n0 = time.monotonic(), n
+        return (n - n0) / (time.monotonic() - t0), n0
     finally:
         await consumer.stop()
 
@@ -225,16 +258,16 @@ def main(argv: list[str] | None = None) -> int:
         total = len(records)
         print(f"produced {total} records to {broker.bootstrap}", flush=True)
 
-        consume = asyncio.run(_consume_only(settings, total))
-        print(f"aiokafka consume-only loop: {consume:,.0f} events/s", flush=True)
+        consume, consume_first = asyncio.run(_consume_only(settings, total))
+        print(f"aiokafka consume-only loop: {consume:,.0f} events/s (first batch {consume_first}, not timed)", flush=True)
         port = free_port()
-        noop, noop_cpu = _measure_process(
+        noop, noop_cpu, _, _ = _measure_process(
             [sys.executable, "-m", "stream.cli", "bench", "joiner", "--noop-worker", str(port), str(work / "noop")],
             _env(settings), port, "aitm_bench_noop_events_total", total, args.timeout,
         )
         print(f"faust no-op agent: {noop:,.0f} events/s", flush=True)
         port = free_port()
-        joiner, joiner_cpu = _measure_process(
+        joiner, joiner_cpu, joiner_polls, joiner_end_window = _measure_process(
             [sys.executable, "-m", "stream.cli", "joiner"],
             _env(settings, METRICS_PORT_JOINER=str(port), DATA_DIR=str(work / "joiner"), JOINER_APP_ID="aitm-bench-joiner"),
             port, "aitm_joiner_events_total", total, args.timeout,
@@ -256,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         "events": total,
         "cpu_count": os.cpu_count(),
         "load_1min_at_start": load_at_start,
+        "joiner_metric_polls": joiner_polls,
+        "joiner_end_window_s": round(joiner_end_window, 3),
+        "consume_first_batch_events": consume_first,
     }
     print(write_json(args.json, result), end="")
     return 0

@@ -131,6 +131,8 @@ class FunnelJoin:
         self._events_by_type = [metrics.events.labels(type=s) for s in STEPS] if metrics else None
         self._dups_by_type = [metrics.duplicates.labels(type=s) for s in STEPS] if metrics else None
         self._samples_by_kind = {k: metrics.samples.labels(kind=k) for k in KINDS} if metrics else None
+        self._kind_counts = dict.fromkeys(KINDS, 0)  # samples emitted since ``_publish_metrics``
+        self._delays_ms: list[int] = []  # the final samples' label delays since then
         self._dead_by_reason: dict[str, Any] = {}
         self._sample_bytes = SAMPLE_WRITERS[topics.samples_encoding]
 
@@ -200,6 +202,7 @@ class FunnelJoin:
         self._apply(p, ikey, event.impression_id, res, old is not None, out, partition)
         if res.duplicate and self._dups_by_type is not None:
             self._dups_by_type[step].inc()
+        self._publish_metrics()
 
     # --- per fetched batch ------------------------------------------------------------------
 
@@ -299,6 +302,7 @@ class FunnelJoin:
             for step, n in enumerate(dups):
                 if n:
                     self._dups_by_type[step].inc(n)
+        self._publish_metrics()
 
     def _emit(self, res: Result, ikey: bytes, iid: str, out: list[Output], partition: int,
               prior: FunnelState | None) -> None:
@@ -346,10 +350,26 @@ class FunnelJoin:
                 s.watermark_ms, self.cfg.policy,
             )
             out.append(Output(self.topics.samples, ikey, value))
-            if self.metrics and self._samples_by_kind is not None:
-                self._samples_by_kind[s.kind].inc()
+            if self.metrics is not None:
+                self._kind_counts[s.kind] += 1
                 if s.kind == "final":
-                    self.metrics.label_delay.observe(s.elapsed_ms / 1000.0)
+                    self._delays_ms.append(s.elapsed_ms)
+
+    def _publish_metrics(self) -> None:
+        """The samples' counters and label delays, counted in plain Python as they were emitted,
+        applied to the metrics once per call of ``on_record``, ``on_batch`` and ``sweep`` (a
+        counter ``inc`` and a histogram ``observe`` take a lock each: ~1.5 us per event when done
+        per sample)."""
+        if self._samples_by_kind is None or self.metrics is None:
+            return
+        counts = self._kind_counts
+        for kind, n in counts.items():
+            if n:
+                self._samples_by_kind[kind].inc(n)
+                counts[kind] = 0
+        if self._delays_ms:
+            self.metrics.label_delay.observe_many([d / 1000.0 for d in self._delays_ms])
+            self._delays_ms.clear()
 
     def _dead(
         self,
@@ -405,6 +425,7 @@ class FunnelJoin:
             res = sweep(state, prev, wm, self.cfg)
             self._apply(p, ikey, ikey.decode(), res, True, out, partition, swept=wm, prior=state)
         p.pending_swept = wm
+        self._publish_metrics()
         return n
 
     def take_sweep(self, partition: int) -> Swept | None:

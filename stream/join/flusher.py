@@ -239,10 +239,14 @@ class Flusher:
         if messages:
             consumer = self.app.consumer
             assigned = consumer.assignment()
-            ack = consumer.ack
-            for message in messages:
-                if message.tp in assigned:  # a revoked one is read again by its new owner
-                    ack(message)
+            ack_many = getattr(consumer, "ack_many", None)  # the bulk loop's: faust's ack, once per flush
+            if ack_many is not None:
+                ack_many([m for m in messages if m.tp in assigned])  # a revoked one is read again by its new owner
+            else:
+                ack = consumer.ack
+                for message in messages:
+                    if message.tp in assigned:
+                        ack(message)
 
     def report_positions(self) -> None:
         """Tell the join, per event topic partition it holds, whether the consumer has read it to

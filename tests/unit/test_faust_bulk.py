@@ -29,6 +29,7 @@ FAUST_INTERNALS = {
     "_to_message": "6a0ee0c2072f534ccadb9ff28a90f43b09484c5ec393ad0cac976c996e7704d3",
     "_add_gap": "4df2573ded7c1c2cde04dc6bde6d4480cb5875ef565256e56966b585ae39b1c1",
     "perform_seek": "0e8c130ff4b0afd82c0be9c5fd831316e10febc62c94032833911096e156d7c6",
+    "ack": "5fcf41cf45153475de3790dc56fec1b83335956dc8b3bf7ff6bbb2b57627f03f",  # BulkConsumer.ack_many copies it
 }
 
 
@@ -40,7 +41,8 @@ def test_bulk_consumer_subclasses_faust_consumer_and_overrides_only_the_fetch_lo
     cls = bulk_consumer(Consumer, ["impressions"], lambda batch: False, _flush)
     assert issubclass(cls, Consumer)
     overridden = {name for name, v in vars(cls).items() if callable(v) and not name.startswith("__")}
-    assert overridden == {"_drain_messages"}
+    assert overridden == {"_drain_messages", "ack_many"}
+    assert not hasattr(Consumer, "ack_many")  # an addition, not an override
 
 
 def test_bulk_consumer_refuses_a_consumer_without_the_internals_it_uses() -> None:
@@ -72,6 +74,8 @@ def test_bulk_consumer_refuses_another_faust_version(monkeypatch: pytest.MonkeyP
 
 class Record(NamedTuple):
     offset: int
+    key: bytes | None = None
+    value: bytes | None = None
 
 
 class Message(NamedTuple):
@@ -150,6 +154,9 @@ class FakeFaustConsumer:
 
     def _to_message(self, tp: TP, record: Record) -> Message:
         return Message(tp, record.offset)
+
+    def ack(self, message: Any) -> bool:  # faust's is checked by its digest above
+        return True
 
     async def _add_gap(self, tp: TP, start: int, end: int) -> None:
         self.gaps.append((start, end))
@@ -255,3 +262,71 @@ def test_the_records_before_an_await_are_handed_over_before_it() -> None:
     assert consumer.gaps == [(13, 15)]
     assert batches == [[10, 11, 12], [15, 16]]
     assert handled_at_gap == [3]
+
+
+class _Topics:
+    def acks_enabled_for(self, topic: str) -> bool:
+        return topic != "no-acks"
+
+
+class _AckApp:
+    topics = _Topics()
+
+
+def _bare_consumer(cls: type) -> Any:
+    """A faust consumer with the state its ``ack`` keeps (as faust's ``Consumer.__init__`` sets it)."""
+    from weakref import WeakSet
+
+    c: Any = object.__new__(cls)
+    c.app = _AckApp()
+    c._acked, c._acked_index = defaultdict(list), defaultdict(set)
+    c._committed_offset = defaultdict(lambda: None)
+    c._unacked_messages, c._waiting_for_ack, c._n_acked = WeakSet(), None, 0
+    return c
+
+
+def test_ack_many_leaves_faust_state_as_its_own_ack_one_at_a_time() -> None:
+    """``BulkConsumer.ack_many`` (one lock per flush) against faust's ``Consumer.ack`` per message, over
+    light ``BulkMessage``s and faust's own ``ConsumerMessage``s: offsets below the committed one, acked
+    twice, of a topic without acks, on several partitions."""
+    from faust.types.tuples import ConsumerMessage
+
+    from stream.kafka.faust_bulk import BulkMessage
+
+    cls = bulk_consumer(Consumer, ["impressions"], lambda batch: False, _flush)
+
+    def messages() -> list[Any]:
+        out: list[Any] = []
+        for topic, partition, offset in [("impressions", 0, o) for o in range(3, 9)] + [
+            ("clicks", 1, 4), ("clicks", 1, 2), ("no-acks", 0, 1), ("impressions", 0, 5), ("clicks", 1, 7),
+        ]:  # fmt: skip
+            tp = TP(topic, partition)
+            if offset % 2:
+                out.append(BulkMessage(tp, Record(offset, b"k", b"v")))
+            else:
+                out.append(ConsumerMessage(topic, partition, offset, 0.0, 0, None, b"k", b"v", None, tp=tp))
+        return out
+
+    ones, many = _bare_consumer(cls), _bare_consumer(cls)
+    for c in (ones, many):
+        c._committed_offset[TP("impressions", 0)] = 4  # 3 is below it: marked acked, not recorded
+    first, second = messages(), messages()
+    for m in first:
+        Consumer.ack(ones, m)
+    assert many.ack_many(second) == ones._n_acked
+    assert [m.acked for m in second] == [m.acked for m in first] == [True] * len(first)
+    assert dict(many._acked) == dict(ones._acked) and dict(many._acked_index) == dict(ones._acked_index)
+    assert many._n_acked == ones._n_acked == 8
+    assert ones._acked[TP("impressions", 0)] == [4, 5, 6, 7, 8]
+    assert many.ack_many(second) == 0  # acked already: nothing changes
+    assert many._n_acked == 8
+
+
+def test_a_bulk_message_carries_what_the_join_and_faust_ack_read() -> None:
+    from stream.kafka.faust_bulk import BulkMessage
+
+    tp = TP("impressions", 2)
+    m = BulkMessage(tp, Record(41, b"i1", b"{}"))
+    assert (m.topic, m.partition, m.offset, m.key, m.value, m.tp, m.acked) == ("impressions", 2, 41, b"i1", b"{}", tp, False)
+    c = _bare_consumer(bulk_consumer(Consumer, ["impressions"], lambda batch: False, _flush))
+    assert Consumer.ack(c, m) and m.acked and c._acked[tp] == [41]
