@@ -57,6 +57,7 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     held: list[list[int]] = []  # per version: late positives waiting in the mixing buffer, per task
     served: list[tuple[list[float], list[float]]] = []  # ... and the served delay correction, bias shift
     levels: list[list[list[float]]] = []  # ... and the count's (rate, positives, sum of G) per task
+    rates: list[tuple[float, float | None]] = []  # ... and the learning rate, the volume it follows (a day)
     watermark = 0
 
     def take_version() -> None:
@@ -66,6 +67,8 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         held.append([sum(len(b) for b in q) for q in learner.mixer.held])
         served.append((learner.completeness.tolist(), learner.bias_shift.tolist()))
         levels.append([[round(float(v), 5) for v in row] for row in learner.served_level])
+        vol = learner.lr_rate.per_day if learner.lr_rate is not None else None
+        rates.append((learner.optimizer.lr, None if vol is None or vol != vol else round(vol, 1)))
 
     batch: list[Sample] = []
     first_at = last_version_at = stream[0][0]
@@ -84,8 +87,11 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         learner.step(SampleBatch.from_samples(batch))
     take_version()
     out = report_of(scores, fresh, args)
-    for row, waiting, (factor, shift), level in zip(out["per_version"], held, served, levels, strict=True):
+    for row, waiting, (factor, shift), level, (lr, vol) in zip(out["per_version"], held, served, levels, rates,
+                                                                strict=True):
         row["served_level"] = level
+        row["learning_rate"] = lr
+        row["volume_per_day"] = vol  # TRAINER_LR_SCALE=volume: the impressions a day it measured
         row["held_late_positives"] = waiting
         row["delay_correction"] = [round(x, 3) for x in factor]
         row["bias_shift"] = [round(x, 3) for x in shift]
