@@ -192,6 +192,7 @@ def test_the_volume_is_the_impressions_a_day_whatever_share_of_them_got_a_first_
 
 def test_the_setting_turns_it_on_with_its_reference_volume() -> None:
     assert stabilisers_from(Settings(trainer_lr_scale="fixed")).lr_volume is None
+    assert Settings.model_fields["trainer_lr_scale"].default == "volume"  # the product's default
     st = stabilisers_from(Settings(trainer_lr_scale="volume", trainer_lr_ref_impressions=2_000))
     assert st.lr_volume == VolumeScale(ref_per_day=2_000, power=0.75)  # the default power
     st = stabilisers_from(Settings(trainer_lr_scale="volume", trainer_lr_volume_power=1.0))
