@@ -58,6 +58,7 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     served: list[tuple[list[float], list[float]]] = []  # ... and the served delay correction, bias shift
     levels: list[list[list[float]]] = []  # ... and the count's (rate, positives, sum of G) per task
     ratios: list[list[list[float]]] = []  # ... and the counted step rates' (ratio, positives, sum of G)
+    rates: list[tuple[float, float | None]] = []  # ... and the learning rate, the volume it follows (a day)
     watermark = 0
 
     def take_version() -> None:
@@ -68,6 +69,8 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         served.append((learner.completeness.tolist(), learner.bias_shift.tolist()))
         levels.append([[round(float(v), 5) for v in row] for row in learner.served_level])
         ratios.append([[round(float(v), 4) for v in row] for row in learner.served_ratio])
+        vol = learner.lr_rate.per_day if learner.lr_rate is not None else None
+        rates.append((learner.optimizer.lr, None if vol is None or vol != vol else round(vol, 1)))
 
     batch: list[Sample] = []
     first_at = last_version_at = stream[0][0]
@@ -86,10 +89,12 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         learner.step(SampleBatch.from_samples(batch))
     take_version()
     out = report_of(scores, fresh, args)
-    for row, waiting, (factor, shift), level, ratio in zip(out["per_version"], held, served, levels, ratios,
-                                                           strict=True):
+    for row, waiting, (factor, shift), level, ratio, (lr, vol) in zip(out["per_version"], held, served, levels,
+                                                                       ratios, rates, strict=True):
         row["served_level"] = level
         row["served_ratio"] = ratio
+        row["learning_rate"] = lr
+        row["volume_per_day"] = vol  # TRAINER_LR_SCALE=volume: the impressions a day it measured
         row["held_late_positives"] = waiting
         row["delay_correction"] = [round(x, 3) for x in factor]
         row["bias_shift"] = [round(x, 3) for x in shift]

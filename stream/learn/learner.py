@@ -300,15 +300,36 @@ class OnlineLearner:
                           held, ids[held])
 
     def _follow_volume(self, batch: SampleBatch) -> None:
-        """Feed the round's first samples and event times (over every rank) to the rate that
+        """Feed the round's new impressions and event times (over every rank) to the rate that
         follows the volume, and set the optimizer's rate for this round's step."""
         assert self.lr_rate is not None
-        firsts = int((batch.kind == FIRST).sum())
+        fresh = self._new_impressions(batch)
         times = (int(batch.event_time_ms.min()), int(batch.event_time_ms.max())) if len(batch) else None
         if self.sync is not None:
-            firsts, times = self.sync.volume(firsts, times)
+            fresh, times = self.sync.volume(fresh, times)
         if times is not None:
-            self.optimizer.set_lr(self.lr_rate.observe(firsts, times[1], times[0]))
+            self.optimizer.set_lr(self.lr_rate.observe(fresh, times[1], times[0]))
+
+    def _new_impressions(self, batch: SampleBatch) -> int:
+        """The impressions this (deduplicated) batch shows for the first time: its first samples,
+        and its finals of impressions with no first sample (none pending, none earlier in the
+        batch). Every impression the joiner accepts gets exactly one final and at most one first,
+        the first before the final, so each is counted once, by its earliest sample, whatever the
+        emission policy: the joiner sends a first only when the funnel is not yet final at
+        impression + ``JOINER_OBSERVE_MS`` (none at all under the ``matured`` policy), so counting
+        first samples alone read 26% of the impressions in a kept ``bench serving`` run. A rank
+        sees every sample of its impressions (the samples are keyed by impression id) and
+        ``pending`` is in its checkpoint, so the ranks' sums are the stream's impressions; a final
+        whose first was evicted past ``PENDING_CAP`` counts twice (as for its evaluation)."""
+        kind = batch.kind
+        fresh = int((kind == FIRST).sum())
+        finals = np.flatnonzero(kind == FINAL)
+        if finals.size:
+            iids = batch.impression_ids
+            pending = self.pending
+            firsts_here = {iids[i] for i in np.flatnonzero(kind == FIRST).tolist()}
+            fresh += sum(1 for i in finals.tolist() if iids[i] not in pending and iids[i] not in firsts_here)
+        return fresh
 
     @torch.no_grad()
     def _reset_rows(self, rows: np.ndarray) -> None:

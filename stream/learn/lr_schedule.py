@@ -12,13 +12,16 @@ with the power 0.75 by measurement (``bench online`` at 1,500, 4,000 and 20,000 
 at 0.5 AITM's live model stayed below its frozen copy on activation at 20,000 a day; at 1 ESMM's
 ``auc_final`` fell at 20,000 a day and AITM's varied two to four times as much between seeds at 1,500)
 
-with R the first samples (impressions) a day, measured in EVENT time (an exponential average
-over a day of the samples' own times, never the wall clock: a replay gets
-the same rates; one day, since traffic has a daily cycle), and ``TRAINER_LR`` itself during the
+with R the impressions a day - each counted once, by the first sample of any kind the trainer
+meets for it (its first sample, or its final when the joiner sent it none: the joiner's emission
+policy decides which impressions get a first; ``OnlineLearner._new_impressions``) - measured
+in EVENT time (an exponential average over a day of the samples' own times, never the wall
+clock: a replay gets the same rates; one day, since traffic has a daily cycle), and ``TRAINER_LR`` itself during the
 first day of event time (a rate measured over part of a day is that part's rate: the night's is a
 fifth of the evening's). The state is small and checkpointed with the learner; with several trainer ranks
 every rank feeds it the round's counts summed over all ranks (``RankSync.volume``), so every
-rank computes the same rate every round (docs/models.md, "The learning rate across volumes").
+rank computes the same rate every round (docs/models.md, "The learning rate across volumes"):
+a rank sees every sample of its partitions' impressions, so the sum over ranks is the stream's.
 """
 
 from __future__ import annotations
@@ -61,17 +64,17 @@ class VolumeRate:
         self.scale = scale
         self.start_ms: int | None = None  # event time of the first observation
         self.last_ms: int | None = None  # latest event time seen (the clock only moves forward)
-        self.count = 0.0  # first samples, exponentially decayed in event time
+        self.count = 0.0  # impressions, exponentially decayed in event time
         self.span_ms = 0.0  # the decayed time those were counted over (-> tau at steady state)
         self.lr = base_lr
 
     @property
     def per_day(self) -> float:
-        """The measured first samples a day (NaN before any time has passed)."""
+        """The measured impressions a day (NaN before any time has passed)."""
         return self.count / self.span_ms * DAY_MS if self.span_ms > 0 else math.nan
 
-    def observe(self, first_samples: float, max_event_ms: int, min_event_ms: int | None = None) -> float:
-        """Count a round's ``first_samples`` (over every rank) up to event time ``max_event_ms``
+    def observe(self, impressions: float, max_event_ms: int, min_event_ms: int | None = None) -> float:
+        """Count a round's new ``impressions`` (over every rank) up to event time ``max_event_ms``
         (the round's latest; the first round's clock starts at its earliest, ``min_event_ms``);
         the learning rate for this round's step."""
         if self.start_ms is None or self.last_ms is None:
@@ -83,7 +86,7 @@ class VolumeRate:
         # the samples arrived evenly over the dt just passed: their decayed weight is the mean of
         # the decay over it (exact for a steady stream, whatever the round's length)
         spread = (1.0 - decay) * tau / dt if dt else 1.0
-        self.count = self.count * decay + float(first_samples) * spread
+        self.count = self.count * decay + float(impressions) * spread
         self.span_ms = self.span_ms * decay + tau * (1.0 - decay)
         self.lr = self._rate()
         return self.lr

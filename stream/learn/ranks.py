@@ -163,11 +163,12 @@ class RankSync:
         dist.all_reduce(t, group=self.group)
         return [float(x) for x in t.cpu().tolist()]
 
-    def volume(self, first_samples: int, times_ms: tuple[int, int] | None) -> tuple[int, tuple[int, int] | None]:
-        """The round's first samples summed over ranks and its (earliest, latest) event time over
-        ranks (None: no rank had samples): what the learning rate that follows the volume is fed,
-        so every rank computes the same rate (``stream.learn.lr_schedule``)."""
-        every = self.gather((first_samples, times_ms))
+    def volume(self, impressions: int, times_ms: tuple[int, int] | None) -> tuple[int, tuple[int, int] | None]:
+        """The round's new impressions summed over ranks (each rank sees only its partitions'
+        impressions, every sample of each: the sum is the stream's) and its (earliest, latest)
+        event time over ranks (None: no rank had samples): what the learning rate that follows
+        the volume is fed, so every rank computes the same rate (``stream.learn.lr_schedule``)."""
+        every = self.gather((impressions, times_ms))
         spans = [t for _, t in every if t is not None]
         total = sum(n for n, _ in every)
         return total, (min(a for a, _ in spans), max(b for _, b in spans)) if spans else None

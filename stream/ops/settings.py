@@ -148,16 +148,17 @@ class Settings(BaseSettings):
     # 4,000/day and more: the demo's 10,000, and anything real. With TRAINER_LR_SCALE=volume (the
     # default) it is the rate at TRAINER_LR_REF_IMPRESSIONS a day, scaled to the measured volume
     trainer_lr: float = Field(default=0.003, gt=0)
-    # "volume": the rate follows the stream's volume, TRAINER_LR x sqrt(TRAINER_LR_REF_IMPRESSIONS /
-    # impressions a day) within [0.25, 4] x TRAINER_LR, the volume measured in event time over a
-    # day (TRAINER_LR itself during the first day); "fixed": TRAINER_LR at every volume
-    # (stream/learn/lr_schedule.py; docs/models.md, "The learning rate across volumes"). bench
-    # online, fixed -> volume: auc_final at 1,500/day +0.006-0.032 on every step (AITM and ESMM, 3
-    # seeds), at 4,000/day the same, at 20,000/day activation +0.022 (AITM) / +0.035 (ESMM).
-    # Default "fixed": the volume is counted as first samples, and a joiner whose lanes run ahead
-    # of the impressions lane sends first samples for only some impressions (bench serving: 26%),
-    # so the rate overshoots (2.7x there; served swing 1.74) - docs/models.md, same section
-    trainer_lr_scale: Literal["volume", "fixed"] = "fixed"
+    # "volume" (the default): the rate follows the stream's volume, TRAINER_LR x
+    # (TRAINER_LR_REF_IMPRESSIONS / impressions a day) ^ TRAINER_LR_VOLUME_POWER within [0.25, 4] x
+    # TRAINER_LR, the impressions counted once each by their earliest sample (a first, or a final
+    # with no first: the joiner sends firsts for only some impressions when its lanes run ahead)
+    # and averaged in event time over a day (TRAINER_LR itself during the first day); "fixed":
+    # TRAINER_LR at every volume (stream/learn/lr_schedule.py; docs/models.md, "The learning rate
+    # across volumes"). bench online, fixed -> volume: auc_final at 1,500/day +0.006-0.032 on every
+    # step (AITM and ESMM, 3 seeds), at 4,000/day the same, at 20,000/day activation +0.022 (AITM)
+    # / +0.035 (ESMM), live above frozen everywhere; bench serving replays (keep19, keep19b): the
+    # served calibration and swing as fixed's (counting first samples only, the rate went to 2.7x)
+    trainer_lr_scale: Literal["volume", "fixed"] = "volume"
     # impressions a day at which TRAINER_LR is the right rate (where 3e-3 was measured good)
     trainer_lr_ref_impressions: float = Field(default=4000.0, gt=0)
     # the power of (reference / volume) the rate follows: 0.5 from the tracking argument (drift

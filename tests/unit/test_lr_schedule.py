@@ -151,8 +151,48 @@ def test_a_restart_from_the_checkpointed_state_continues_the_same_rate() -> None
     assert resumed.optimizer.lr == straight.optimizer.lr
 
 
+def _partial_rounds(per_day: int, days: int, share_first: float, final_lag_h: int = 0) -> list[list[Sample]]:
+    """Hourly rounds of ``per_day`` impressions a day where only ``share_first`` of them get a first
+    sample (and a correction when clicked), every one its final ``final_lag_h`` rounds later: the
+    joiner with its other lanes running ahead (a non-clicked funnel is final before its first is
+    due, so it gets the final alone) or the ``matured`` policy (``share_first`` 0: finals only)."""
+    per_hour = per_day // 24
+    hours = days * 24
+    out: list[list[Sample]] = [[] for _ in range(hours + final_lag_h)]
+    every = max(1, round(1 / share_first)) if share_first > 0 else 0
+    for h in range(hours):
+        for i in range(h * per_hour, (h + 1) * per_hour):
+            t = h + (i % per_hour) / per_hour
+            if every and i % every == 0:
+                out[h].append(_sample(i, t, "first"))
+                s = _sample(i, t, "first")
+                out[h].append(Sample(s.impression_id, s.bank_id, s.event_time_ms, s.features, s.labels, s.mature,
+                                     "correction", 2000, 1))  # a correction is not an impression either
+            out[h + final_lag_h].append(_sample(i, t, "final"))
+    return out[:hours]  # a stream that goes on: the last hours' finals are still to come
+
+
+@pytest.mark.parametrize(("share_first", "final_lag_h"), [
+    (1.0, 0),  # every impression gets a first (bench online's in-process joiner)
+    (0.25, 0),  # a quarter (bench serving's kept run: 26%), the others' finals in the same round
+    (0.25, 5),  # ... and every final five hours after the impression, a first's final included
+    (0.0, 2),  # the matured policy: finals only
+])
+def test_the_volume_is_the_impressions_a_day_whatever_share_of_them_got_a_first_sample(
+        share_first: float, final_lag_h: int) -> None:
+    # the documented rule: R is the impressions a day (each counted once, by the first sample it
+    # gets of any kind), not the first samples a day - which the joiner sends for only some
+    ln = _learner(VolumeScale(ref_per_day=4_000))
+    for batch in _partial_rounds(2_400, days=3, share_first=share_first, final_lag_h=final_lag_h):
+        ln.step(batch)
+    assert ln.lr_rate is not None
+    assert ln.lr_rate.per_day == pytest.approx(2_400, rel=0.03)
+    assert ln.lr_rate.lr == pytest.approx(BASE * (4_000 / 2_400) ** 0.75, rel=0.03)
+
+
 def test_the_setting_turns_it_on_with_its_reference_volume() -> None:
     assert stabilisers_from(Settings(trainer_lr_scale="fixed")).lr_volume is None
+    assert Settings.model_fields["trainer_lr_scale"].default == "volume"  # the product's default
     st = stabilisers_from(Settings(trainer_lr_scale="volume", trainer_lr_ref_impressions=2_000))
     assert st.lr_volume == VolumeScale(ref_per_day=2_000, power=0.75)  # the default power
     st = stabilisers_from(Settings(trainer_lr_scale="volume", trainer_lr_volume_power=1.0))
