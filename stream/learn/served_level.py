@@ -53,25 +53,21 @@ from typing import Any
 
 import numpy as np
 
+from stream.learn.keyed_ring import KeyedSlots
 
-class ArrivedCounts:
+
+class ArrivedCounts(KeyedSlots):
     """A ring of the newest ``capacity`` impressions the trainer met: encoded features, event time,
     the live prediction then, settled or not, and per task whether a positive has arrived for it."""
 
     def __init__(self, capacity: int, n_tasks: int, n_fields: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
+        super().__init__(capacity)
         self.ids = np.zeros((capacity, n_fields), np.int64)
         self.probs = np.zeros((capacity, n_tasks), np.float64)
         self.at_ms = np.zeros(capacity, np.int64)
         self.hit = np.zeros((capacity, n_tasks), bool)
         self.settled = np.zeros(capacity, bool)
         self.first = np.zeros(capacity, bool)  # met by a first sample (not only by its final)
-        self.keys: list[str | None] = [None] * capacity
-        self.slot: dict[str, int] = {}
-        self.size = 0
-        self._next = 0
 
     def add(self, impression_ids: Sequence[str], ids: np.ndarray, event_ms: np.ndarray, labels: np.ndarray,
             probs: np.ndarray, settled: bool) -> None:
@@ -84,15 +80,9 @@ class ArrivedCounts:
             if iid in self.slot:
                 self.credit([iid], lab[j : j + 1], settled)
                 continue
-            k = self._next
-            old = self.keys[k]
-            if old is not None:
-                del self.slot[old]
-            self.keys[k], self.slot[iid] = iid, k
+            k = self.claim(iid)
             self.ids[k], self.at_ms[k], self.hit[k], self.probs[k], self.settled[k] = ids[j], at[j], lab[j], probs[j], settled
             self.first[k] = not settled
-            self._next = (k + 1) % self.capacity
-            self.size = min(self.size + 1, self.capacity)
 
     def credit(self, impression_ids: Sequence[str], labels: np.ndarray, settled: bool = False) -> None:
         """Later copies (corrections; finals with ``settled``): their labels (N, T) mark the kept
@@ -131,8 +121,7 @@ class ArrivedCounts:
         return float(min(rate, 0.999)), p, s
 
     def state_dict(self) -> dict[str, Any]:
-        n, k = self.size, self._next
-        order = [(k - n + j) % self.capacity for j in range(n)]  # oldest first
+        order = self.order()
         return {"keys": [self.keys[i] for i in order], "ids": self.ids[order].tolist(),
                 "at_ms": self.at_ms[order].tolist(), "hit": self.hit[order].astype(np.int8).tolist(),
                 "probs": self.probs[order].tolist(), "settled": self.settled[order].tolist(),

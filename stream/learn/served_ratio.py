@@ -59,25 +59,20 @@ from typing import Any
 import numpy as np
 
 from stream.learn.delay_model import fit_truncated_lognormal, lognormal_cdf
+from stream.learn.keyed_ring import KeyedSlots
 
 
-class StepCounts:
+class StepCounts(KeyedSlots):
     """The newest ``capacity`` impressions with a positive of a step's predecessor: when that
     positive arrived (event time), when the step's own arrived (-1: not yet), and whether the two
     came together (untimed: not fitted) or the impression is settled (its final came: counts 1)."""
 
     def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
+        super().__init__(capacity)
         self.before_ms = np.zeros(capacity, np.int64)
         self.hit_ms = np.full(capacity, -1, np.int64)
         self.together = np.zeros(capacity, bool)
         self.settled = np.zeros(capacity, bool)
-        self.keys: list[str | None] = [None] * capacity
-        self.slot: dict[str, int] = {}
-        self.size = 0
-        self._next = 0
         self.last_hit_ms = -1  # the newest arrival of the step's positive: how far its source has delivered
 
     def observe(self, impression_ids: Sequence[str], before: np.ndarray, step: np.ndarray,
@@ -91,16 +86,10 @@ class StepCounts:
             if k is None:
                 if not before[j]:
                     continue
-                k = self._next
-                old = self.keys[k]
-                if old is not None:
-                    del self.slot[old]
-                self.keys[k], self.slot[iid] = iid, k
+                k = self.claim(iid)
                 self.before_ms[k], self.hit_ms[k] = at, -1
                 self.together[k] = bool(step[j])
                 self.settled[k] = False
-                self._next = (k + 1) % self.capacity
-                self.size = min(self.size + 1, self.capacity)
             if step[j] and self.hit_ms[k] < 0:
                 self.hit_ms[k] = at
                 self.last_hit_ms = max(self.last_hit_ms, at)
@@ -142,8 +131,7 @@ class StepCounts:
         return float(min(max(r, 0.0), 1.0)), a, s
 
     def state_dict(self) -> dict[str, Any]:
-        n, k = self.size, self._next
-        order = [(k - n + j) % self.capacity for j in range(n)]  # oldest first
+        order = self.order()
         return {"keys": [self.keys[i] for i in order], "before_ms": self.before_ms[order].tolist(),
                 "hit_ms": self.hit_ms[order].tolist(), "together": self.together[order].tolist(),
                 "settled": self.settled[order].tolist(),
@@ -153,9 +141,8 @@ class StepCounts:
         self.__init__(self.capacity)  # type: ignore[misc]
         keys = list(state["keys"])[-self.capacity:]
         m = len(keys)
+        for key in keys:
+            self.claim(key)
         for name in ("before_ms", "hit_ms", "together", "settled"):
             getattr(self, name)[:m] = np.asarray(state[name])[-m:] if m else []
-        self.keys[:m] = keys
-        self.slot = {key: i for i, key in enumerate(keys) if key is not None}
-        self.size, self._next = m, m % self.capacity
         self.last_hit_ms = int(state.get("last_hit_ms", -1))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import stream.learn.keyed_ring
 import stream.learn.served_ratio
 from aitm.features import FeatureEncoder
 from stream.contract.samples import Sample
@@ -23,7 +24,9 @@ T0 = 1_767_225_600_000
 
 
 def test_doctests() -> None:
-    assert doctest.testmod(stream.learn.served_ratio).failed == 0
+    for module in (stream.learn.served_ratio, stream.learn.keyed_ring):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
 def young_step(rate: float, days: float, per_day: int, seed: int = 0,
