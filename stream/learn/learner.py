@@ -396,7 +396,10 @@ class OnlineLearner:
         iids = [batch.impression_ids[i] for i in mine]
         labels, final = batch.labels[mine] > 0, batch.kind[mine] == FINAL
         for t, counts in self.step_counts.items():
-            counts.observe(iids, labels[:, t - 1], labels[:, t], arrival[mine], final)
+            # labels are cumulative: a sample without the predecessor's positive changes nothing kept
+            rows = np.flatnonzero(labels[:, t - 1])
+            counts.observe([iids[i] for i in rows], labels[rows, t - 1], labels[rows, t], arrival[mine][rows],
+                           final[rows])
 
     def _ratio_targets(self, target: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """``target`` (T,) with each counted step's served level set to its predecessor's times the
