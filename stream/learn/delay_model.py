@@ -77,6 +77,20 @@ def lognormal_cdf(x: np.ndarray | float, mu: float, sigma: float) -> np.ndarray:
     return out
 
 
+def windowed_lognormal_cdf(age_ms: np.ndarray, fit: tuple[float, float], window_ms: float) -> np.ndarray:
+    """G(age) = F(age) / F(W) of a lognormal ``fit`` (mu, sigma) restricted to the window W: 1 at or
+    past it.
+
+    >>> [round(float(v), 3) for v in windowed_lognormal_cdf(np.array([1.0, 5.0]), (0.0, 1.0), 5.0)]
+    [0.528, 1.0]
+    """
+    age = np.asarray(age_ms, np.float64)
+    top = float(lognormal_cdf(float(window_ms), *fit))
+    inside = lognormal_cdf(np.minimum(age, window_ms), *fit) / max(top, 1e-12)
+    out: np.ndarray = np.where(age < window_ms, inside, 1.0)
+    return out
+
+
 def _erf(z: np.ndarray) -> np.ndarray:
     return torch.special.erf(torch.as_tensor(z, dtype=torch.float64)).numpy()
 
@@ -248,12 +262,10 @@ class DelayModel:
     def cdf(self, task: int, delay_ms: np.ndarray | float) -> np.ndarray:
         """G(delay) = F(delay) / F(W): the fitted delay distribution within the task's window."""
         fit = self.fits[task]
-        x = np.minimum(np.asarray(delay_ms, np.float64), self.windows_ms[task])
+        x = np.asarray(delay_ms, np.float64)
         if fit is None:
             return np.ones_like(x)
-        top = float(lognormal_cdf(float(self.windows_ms[task]), *fit))
-        out: np.ndarray = lognormal_cdf(x, *fit) / max(top, 1e-12)
-        return out
+        return windowed_lognormal_cdf(x, fit, self.windows_ms[task])
 
     def windowed_cdf(self, task: int, age_ms: np.ndarray) -> np.ndarray:
         """G at these ages (ms, > 0): the fitted distribution within the window, 1 at or past it."""

@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from stream.learn.delay_model import fit_truncated_lognormal, lognormal_cdf
+from stream.learn.delay_model import fit_truncated_lognormal, windowed_lognormal_cdf
 from stream.learn.keyed_ring import KeyedSlots
 
 
@@ -117,12 +117,10 @@ class StepCounts(KeyedSlots):
             return float(own), 0.0, 0.0
         now_ms = self.last_hit_ms
         delays, before = self.pairs()
-        # every kept predecessor that arrived after the source's last delivery has age 0: G = 0
         fit = fit_truncated_lognormal(np.clip(delays, 1.0, window_ms), np.minimum(now_ms - before, window_ms),
                                       (window_ms, quantile), z_sd)
-        age = np.maximum(now_ms - self.before_ms[:n], 1).astype(np.float64)
-        top = float(lognormal_cdf(float(window_ms), *fit))
-        g = np.where(age < window_ms, lognormal_cdf(np.minimum(age, window_ms), *fit) / max(top, 1e-12), 1.0)
+        # a kept predecessor that arrived after the source's last delivery has age 0: G = 0
+        g = windowed_lognormal_cdf(np.maximum(now_ms - self.before_ms[:n], 1), fit, window_ms)
         done = self.settled[:n] | self.together[:n]  # settled, or converted with no time to learn
         g = np.where(done, 1.0, g)
         kept = g >= min_g
