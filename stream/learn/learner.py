@@ -390,8 +390,10 @@ class OnlineLearner:
 
     def _count_steps(self, batch: SampleBatch, holdout: np.ndarray) -> None:
         """The samples' step positives join the counts of the served step rates
-        (``stream.learn.served_ratio``), with their arrival (event time)."""
-        arrival = _arrival_ms(batch)
+        (``stream.learn.served_ratio``), at the event time of what each sample reflects (the
+        newest label's event for a correction or a final: a daily file's activation at its own
+        time, not the file's)."""
+        arrival = batch.event_time_ms + batch.elapsed_ms
         mine = np.flatnonzero(~holdout)
         iids = [batch.impression_ids[i] for i in mine]
         labels, final = batch.labels[mine] > 0, batch.kind[mine] == FINAL
@@ -413,6 +415,10 @@ class OnlineLearner:
             if counts.size == 0 or out[t - 1] <= 0 or target[t - 1] <= 0:
                 continue
             own = float(min(target[t] / target[t - 1], 1.0))  # the live model's own step rate
+            if st.served_ratio_prior_target and st.prior_rates is not None and st.prior_rates[t - 1] > 0:
+                # a cold model's own ratio reads low (it learns late positives late): no lower than the
+                # configured funnel's step rate, which the count overrules as it grows
+                own = max(own, min(st.prior_rates[t] / st.prior_rates[t - 1], 1.0))
             r, a, g = counts.ratio(st.step_windows_ms[t], st.delay_window_quantile, st.delay_window_prior_sd, own,
                                    st.served_ratio_pseudo_count, st.served_ratio_min_g)
             self.served_ratio[t] = (r, a, g)

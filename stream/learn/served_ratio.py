@@ -12,37 +12,42 @@ problem (approval: p05 0.84-0.91 in every replay and live run).
 Activation's mean is approval's mean times the step rate ``R = P(activation | approval)`` weighted
 by approval: ``mean(p_act) = mean(p_appr) x R`` over any impressions, whatever each one's own
 conditional rate. ``R`` is counted on the approvals themselves, on the step's own clock - from each
-approval's arrival to its activation's - which is one lognormal with the step's configured window
-(``JOINER_WINDOW_ACTIVATION_MS`` counts from the approval): of the kept approvals, A have
-activated so far, and each approval i of age a_i contributes G_c(a_i) expected activations per
-unit rate, so ``R = A / sum_i G_c(a_i)`` (a settled impression, whose final came, counts 1). G_c
-is a right-truncated lognormal fitted on the kept pairs (delay from the approval's arrival to the
-activation's, truncated at the approval's age) with the window prior of the delay model (the
-window at its quantile): the same fit as ``stream.learn.delay_model``, on one step instead of four.
-A small count is noisy, so R is shrunk towards the model's own ratio by a pseudo-count c, in
-approvals: ``(A + c x R_own) / (S + c)``.
+approval to its activation, in the event time of what each sample reflects - which is one lognormal
+with the step's configured window (``JOINER_WINDOW_ACTIVATION_MS`` counts from the approval): of the
+kept approvals, A have activated so far, and each approval i of age a_i would have shown its
+activation by now with probability G_c(a_i) if it has one, so ``E[A] = R x sum_i G_c(a_i)`` and
+``R = A / sum_i G_c(a_i)``. Every approval counts its G, converted or not: the joiner sends the last
+step's positive in the impression's final (the funnel is complete), and counting such an approval as
+settled (1) where an unconverted one of the same age counts G < 1 read R at 0.57-0.70 of the truth
+(the ninth round of docs/serving.md); only an approval settled *without* the step (its window has
+passed) counts 1. G_c is a right-truncated lognormal fitted on the kept pairs (the delay, truncated
+at the approval's age) with the window prior of the delay model (the window at its quantile): the
+same fit as ``stream.learn.delay_model``, on one step instead of four. A small count is noisy, so R
+is shrunk by a pseudo-count c, in approvals, ``(A + c x R_0) / (S + c)``, towards the live model's
+own ratio - or, by default, the higher of it and the configured funnel's step rate
+(``TRAINER_PRIOR_RATES``; ``TRAINER_SERVED_RATIO_TARGET``): a cold model's own ratio reads low, for
+it learns late positives late (0.60-0.67 of the truth on days 5-7 of a batch-fed replay).
 
-**The source's clock.** Ages are counted to the newest arrival of the step's positive, not to the
-newest sample: a partner that sends its activations in a daily file has delivered nothing of the
-hours since its last file, and counting those hours as time to convert would lower R a little
-more each hour until the next file (in a replay of a batch-fed run R swung 0.43-0.72 between
-versions half a day apart that way). A predecessor that arrived after that newest delivery has age
-0. A source that delivers as conversions happen has its newest arrival minutes ago.
+**The source's clock.** Times are the events the samples reflect (``event_time_ms + elapsed_ms``:
+the approval's, the activation's), and ages are counted to the newest event of the step the source
+has delivered, not to the newest sample: a partner that sends its activations in a daily file has
+delivered nothing of the hours since its file's cut, and counting those hours as time to convert
+would lower R a little more each hour until the next file (in a replay of a batch-fed run R swung
+0.43-0.72 between versions half a day apart that way). On event time a file's delays are the
+conversions' own, not rounded up to the next file. A predecessor after that newest delivery has age
+0. A source that delivers as conversions happen has its newest event minutes ago.
 
 **The young predecessors are left out** (``min_g``, ``TRAINER_SERVED_RATIO_MIN_G``, 0.65): those
-whose fitted G is under it. Their G rests on the head of the fit, which a lognormal gets least right
-(the real delay has a floor: a conversion takes some hours, a file waits for its day) and where a
-small error is a large share of a small G. In a kept run's samples (days 4-13) the count read the
-step rate at 0.70-0.91 (realtime) and 0.75-1.09 (batch-fed) of what the same predecessors' eventual
-conversions gave; with those under G 0.5 left out at 0.80-0.94 and 0.88-1.41, under 0.65 at
-0.88-1.04 and 0.98-1.41, under 0.8 at 1.00-1.38 and 1.01-1.41 (the lognormal's tail, too heavy for
-the real delay, under-states G of the old ones: docs/serving.md, eighth round). The early
-over-reading (days 3-5, a few dozen positives) is what the pseudo-count holds. What is lost is the newest predecessors: the count
-follows a step rate that changes slowly.
+whose fitted G is under it. Their G rests on the head of the fit, which a young stream's fit gets
+least right, and where a small error is a large share of a small G: in a kept realtime run's
+samples (days 4-11) the count read 0.81-0.92 of the same approvals' eventual rate with every
+approval, 0.95-1.07 with G >= 0.65 (docs/serving.md, ninth round). What is lost is the newest
+predecessors: the count follows a step rate that changes slowly.
 
-Pairs the trainer cannot time are kept out of the fit but not out of the count: an impression met
-only by its final (the joiner sent no first sample) brings its approval and activation at once,
-already settled; a multi-step correction brings both at once too.
+**Untimed pairs** - an impression met only by its final (the joiner sent no first sample), a
+partner's file holding both an approval and its activation - bring both positives at once. They are
+kept out of the fit, and counted as the delay's share at zero: G_c(a) = p0 + (1 - p0) G(a), p0 the
+untimed share of the step's positives the kept approvals will have had (``zero_delay_share``).
 
 >>> c = StepCounts(capacity=8)
 >>> c.observe(["a", "b", "c"], np.array([1, 1, 0]), np.array([0, 0, 0]), np.array([10, 10, 10]), np.zeros(3, bool))
@@ -62,10 +67,23 @@ from stream.learn.delay_model import fit_truncated_lognormal, windowed_lognormal
 from stream.learn.keyed_ring import KeyedSlots
 
 
+def zero_delay_share(untimed: int, g_timed: np.ndarray) -> float:
+    """The share of the step's positives that arrive with their predecessor (delay 0), of all the
+    positives the kept predecessors will have had: each timed one seen at G stands for 1 / G
+    (Horvitz-Thompson; G floored at 0.05), an untimed one for itself - it is never late.
+
+    >>> zero_delay_share(0, np.array([0.5])), zero_delay_share(2, np.array([0.5, 1.0]))
+    (0.0, 0.4)
+    """
+    timed = float((1.0 / np.maximum(g_timed, 0.05)).sum())
+    return untimed / (untimed + timed) if untimed else 0.0
+
+
 class StepCounts(KeyedSlots):
     """The newest ``capacity`` impressions with a positive of a step's predecessor: when that
-    positive arrived (event time), when the step's own arrived (-1: not yet), and whether the two
-    came together (untimed: not fitted) or the impression is settled (its final came: counts 1)."""
+    positive happened (the event time its sample reflects), when the step's own did (-1: not yet),
+    and whether the two came together (untimed: not fitted) or the impression is settled (its final
+    came; without the step's positive it counts 1)."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
@@ -73,13 +91,13 @@ class StepCounts(KeyedSlots):
         self.hit_ms = np.full(capacity, -1, np.int64)
         self.together = np.zeros(capacity, bool)
         self.settled = np.zeros(capacity, bool)
-        self.last_hit_ms = -1  # the newest arrival of the step's positive: how far its source has delivered
+        self.last_hit_ms = -1  # the newest event of the step's positive: how far its source has delivered
 
     def observe(self, impression_ids: Sequence[str], before: np.ndarray, step: np.ndarray,
                 arrival_ms: np.ndarray, settled: np.ndarray) -> None:
-        """Samples (N,): whether each carries the predecessor's positive, the step's positive, when
-        it arrived (event time) and whether it is a final. Labels are cumulative: a copy counts
-        only what is new."""
+        """Samples (N,): whether each carries the predecessor's positive, the step's positive, the
+        event time it reflects and whether it is a final. Labels are cumulative: a copy counts only
+        what is new."""
         for j, iid in enumerate(impression_ids):
             k = self.slot.get(iid)
             at = int(arrival_ms[j])
@@ -96,7 +114,7 @@ class StepCounts(KeyedSlots):
             self.settled[k] |= bool(settled[j])
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
-        """(delays, arrival times of the predecessor) of the timed pairs kept, ms: what the step's
+        """(delays, event times of the predecessor) of the timed pairs kept, ms: what the step's
         delay is fitted on (each truncated at its predecessor's age)."""
         n = self.size
         timed = (self.hit_ms[:n] >= 0) & ~self.together[:n]
@@ -108,9 +126,9 @@ class StepCounts(KeyedSlots):
         """(R, A, S): the step rate counted on the kept predecessors (module doc), shrunk towards
         ``own`` by ``pseudo_count`` predecessors; ``own`` alone before the step's first positive.
         Predecessors whose G is under ``min_g`` are left out (module doc).
-        Ages are counted to the newest arrival of the step's positive, not to the newest sample: a
+        Ages are counted to the newest event of the step's positive, not to the newest sample: a
         source that delivers in files (a bank's daily activation file) has delivered nothing of
-        the hours since its last file, and counting them would lower the rate until the next file
+        the hours since its file's cut, and counting them would lower the rate until the next file
         (module doc)."""
         n = self.size
         if n == 0 or self.last_hit_ms < 0:
@@ -121,10 +139,12 @@ class StepCounts(KeyedSlots):
                                       (window_ms, quantile), z_sd)
         # a kept predecessor that arrived after the source's last delivery has age 0: G = 0
         g = windowed_lognormal_cdf(np.maximum(now_ms - self.before_ms[:n], 1), fit, window_ms)
-        done = self.settled[:n] | self.together[:n]  # settled, or converted with no time to learn
-        g = np.where(done, 1.0, g)
+        hit, together = self.hit_ms[:n] >= 0, self.together[:n]
+        p0 = zero_delay_share(int(together.sum()), g[hit & ~together])
+        g = p0 + (1.0 - p0) * g  # a converted predecessor counts its G too, settled or not (module doc)
+        g = np.where(self.settled[:n] & ~hit, 1.0, g)  # settled unconverted: it cannot convert any more
         kept = g >= min_g
-        a, s = float(((self.hit_ms[:n] >= 0) & kept).sum()), float(g[kept].sum())
+        a, s = float((hit & kept).sum()), float(g[kept].sum())
         r = (a + pseudo_count * own) / (s + pseudo_count) if s + pseudo_count > 0 else own
         return float(min(max(r, 0.0), 1.0)), a, s
 

@@ -65,6 +65,7 @@ class Stabilisers:
     served_ratio_rows: int = 65536
     served_ratio_raise_only: bool = True  # the counted level may raise the live model's, not lower it
     served_ratio_min_g: float = 0.65  # predecessors whose G is under this are left out of the count
+    served_ratio_prior_target: bool = True  # shrink the count towards max(own ratio, prior rates' ratio)
     step_windows_ms: tuple[int, ...] = (3_600_000, 3 * 86_400_000, 86_400_000, 14 * 86_400_000)
 
 
@@ -130,6 +131,7 @@ def stabilisers_from(s: Settings) -> Stabilisers:
         served_ratio_rows=s.trainer_served_ratio_rows,
         served_ratio_raise_only=s.trainer_served_ratio_mode == "raise",
         served_ratio_min_g=s.trainer_served_ratio_min_g,
+        served_ratio_prior_target=s.trainer_served_ratio_target == "prior",
         step_windows_ms=step_windows_ms(s),
     )
 

@@ -295,19 +295,24 @@ class Settings(BaseSettings):
     # a step served at its predecessor's served level times the step rate counted on the
     # predecessor's positives (stream/learn/served_ratio.py, docs/serving.md, eighth round):
     # R = A / sum G_c(age), A the predecessors whose step positive arrived, G_c the step's own delay
-    # (from the predecessor's arrival, window JOINER_WINDOW_<STEP>_MS as its prior), shrunk towards
-    # the model's own ratio by the pseudo-count, in predecessors; over the newest ..._ROWS of them.
+    # (from the predecessor's event, window JOINER_WINDOW_<STEP>_MS as its prior), shrunk towards
+    # TRAINER_SERVED_RATIO_TARGET by the pseudo-count, in predecessors; over the newest ..._ROWS of them.
     # [] = off (the served level is the live model's own x the completeness factor)
     trainer_served_ratio_tasks: list[Literal["application", "approval", "activation"]] = Field(
-        default=["activation"])  # pydantic copies a mutable default per instance
+        default=["application", "approval", "activation"])  # pydantic copies a mutable default per instance
     trainer_served_ratio_pseudo_count: float = Field(default=30.0, ge=0)
     trainer_served_ratio_rows: int = Field(default=65536, ge=1)
-    # "raise": the counted level only raises the served level above the live model's own (x the
-    # completeness factor); "set": it sets it
-    trainer_served_ratio_mode: Literal["raise", "set"] = "raise"
+    # "set": the counted level sets the served level (the default since the ninth round, when the
+    # count stopped reading low); "raise": it only raises it above the live model's own (x the
+    # completeness factor)
+    trainer_served_ratio_mode: Literal["raise", "set"] = "set"
     # predecessors whose fitted G is under this are left out of the count (the fit's head is
     # where a lognormal is least right: served_ratio.py)
     trainer_served_ratio_min_g: float = Field(default=0.65, ge=0, lt=1)
+    # what the count is shrunk towards: "prior" - the higher of the live model's own ratio and the
+    # step rate of TRAINER_PRIOR_RATES (the model's own reads low in a cold start: it learns late
+    # positives late); "own" - the live model's own ratio alone
+    trainer_served_ratio_target: Literal["prior", "own"] = "prior"
 
     @field_validator("trainer_delay_correction", mode="before")
     @classmethod
