@@ -207,6 +207,10 @@ def labels(state: FunnelState) -> tuple[int, int, int, int]:
 
 def mature(state: FunnelState, swept: Swept, cfg: FunnelConfig) -> tuple[bool, bool, bool, bool]:
     """Per task: is its label settled (positive, or its window closed by its own topic's lane)?"""
+    t = state.times
+    if t == _NO_TIMES:  # the usual first sample: the click's window decides all four (the hot path)
+        neg = state.imp_ms != NONE and state.imp_ms + cfg.windows_ms[0] <= swept[1]
+        return (neg, neg, neg, neg)
     out: list[bool] = []
     settled_negative = False
     for k in range(4):
@@ -340,9 +344,10 @@ def _settle(state: FunnelState, swept: Swept, cfg: FunnelConfig, res: Result, cr
                 res.rejects.append(_reject(state, h.step, h.event_time_ms, h.raw, cfg, False))
         state = _with_held(state, keep)
     if final:
-        for h in state.held:  # they can never count now
-            res.rejects.append(_reject(state, h.step, h.event_time_ms, h.raw, cfg, False))
-        state = _with_held(state, ())
+        if state.held:
+            for h in state.held:  # they can never count now
+                res.rejects.append(_reject(state, h.step, h.event_time_ms, h.raw, cfg, False))
+            state = _with_held(state, ())
         res.samples.append(_sample(state, "final", FINAL_SEQ, final_at(state, cfg), swept[lane], swept, cfg))
     return state
 
@@ -395,6 +400,11 @@ def advance(state: FunnelState | None, event: Event, raw: bytes, swept: Swept, c
         if s == 0:
             if t + cfg.retention_ms <= swept[0]:
                 return Result(None, rejects=[Reject(LATE, 0, raw, "impression older than the retention period")])
+            fa, fd = t + cfg.windows_ms[0], t + cfg.observe_ms
+            if swept[1] < fa and (fd > swept[0] or fd >= fa or cfg.policy != "early"):
+                # the usual impression: not final, no first sample due at once - ``_settle`` has nothing to do
+                return _new_result(new_state(event.bank_id, t, features_json(event.features), _NO_TIMES, ()), True,
+                                   [], [], False)  # fmt: skip
             res = _new_result(None, True, [], [], False)
             res.state = _settle(new_state(event.bank_id, t, features_json(event.features), _NO_TIMES, ()), swept, cfg, res, True)
             return res
