@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -383,6 +384,14 @@ def main(argv: list[str] | None = None) -> int:
         args.fresh += 1  # a day batch is drawn per (seed, day, n): another n is another draw
     t0 = time.monotonic()
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    try:
+        return _main(args, profiles, root, t0)
+    finally:
+        if args.keep is None:  # the two runs' logs, stores and samples: ~2.3 GB
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _main(args: argparse.Namespace, profiles: list[str], root: Path, t0: float) -> int:
     report: dict[str, Any] = {
         "days": args.days, "impressions_per_day": args.impressions_per_day, "drift": args.drift,
         "fresh_impressions": args.fresh, "skip_days": args.skip_days, "speedup": args.speedup, "seed": args.seed,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,20 @@ def test_figures_judge_versions_past_the_warm_up_and_every_version_for_the_order
     assert f["calibration"]["click"]["p95"] <= 1.0  # the warm-up version's 2.0 is not judged
     assert f["non_monotone_share"]["max"] == 1.0  # ... but its rows out of order count
     assert f["last_version_calibration"]["activation"] == pytest.approx(0.8)
+
+
+def test_a_run_without_keep_leaves_no_working_directory_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a live run's two profiles leave ~2.3 GB of logs, stores and samples: gone at the end, also
+    # when the run fails; --keep keeps them
+    work = tmp_path / "work"
+
+    def mkdtemp(prefix: str = "") -> str:
+        work.mkdir()
+        (work / "realtime").mkdir()
+        return str(work)
+
+    monkeypatch.setattr(bench.serving.tempfile, "mkdtemp", mkdtemp)
+    with pytest.raises(FileNotFoundError):
+        bench.serving.main(["--replay", str(tmp_path / "no-such-run"), "--profiles", "realtime",
+                      "--json", str(tmp_path / "out.json")])
+    assert not work.exists()
