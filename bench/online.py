@@ -46,7 +46,8 @@ from stream.learn.stabilisers import init_output_bias, stabilisers_from
 from stream.ops.command import command_parser
 from stream.ops.settings import Settings
 
-MODELS = ("AITM", "AITM-cond", "ESMM", "MMoE", "PLE", "MLP")  # AITM-cond: step-conditional heads
+# AITM-cond: step-conditional heads; AITM-gated, AITM-cond-gated: the transfer a gated residual from 0
+MODELS = ("AITM", "AITM-cond", "AITM-gated", "AITM-cond-gated", "ESMM", "MMoE", "PLE", "MLP")
 
 
 def init_prior_bias(model: nn.Module, rates: Sequence[float]) -> None:
