@@ -168,6 +168,8 @@ class PLE(nn.Module):
 # "AITM-cond": AITM with step-conditional heads (AITMConfig.head = "conditional"; docs/models.md)
 # "AITM-gated", "AITM-cond-gated": the transfer as a gated residual from 0 (AITMConfig.transfer)
 NEURAL_MODELS = ("MLP", "ESMM", "OMoE", "MMoE", "PLE", "AITM", "AITM-cond", "AITM-gated", "AITM-cond-gated")
+# variants the benches run only when named (--models): not in their default lists, which stay as long
+VARIANT_MODELS = ("AITM-gated", "AITM-cond-gated")
 
 
 def build_model(name: str, vocab_sizes: Sequence[int], n_tasks: int, dense_init: DenseInit = "glorot") -> nn.Module:

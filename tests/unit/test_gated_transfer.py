@@ -94,3 +94,13 @@ def test_build_model_names_it_and_checkpoints_keep_it(tmp_path: Path) -> None:
 def test_an_unknown_transfer_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown AITM transfer"):
         AITMConfig(vocab_sizes=VOCAB, transfer="residual")  # type: ignore[arg-type]
+
+
+def test_the_benches_run_the_gated_variants_only_when_named() -> None:
+    from bench.models import _parse
+    from bench.online import MODELS, build_parser
+
+    assert "AITM-cond-gated" in MODELS  # accepted by name
+    for default in (build_parser().parse_args([]).models, _parse([]).models):
+        names = default.split(",")
+        assert "AITM-cond" in names and "AITM-gated" not in names and "AITM-cond-gated" not in names
