@@ -166,7 +166,10 @@ class PLE(nn.Module):
 
 
 # "AITM-cond": AITM with step-conditional heads (AITMConfig.head = "conditional"; docs/models.md)
-NEURAL_MODELS = ("MLP", "ESMM", "OMoE", "MMoE", "PLE", "AITM", "AITM-cond")
+# "AITM-gated", "AITM-cond-gated": the transfer as a gated residual from 0 (AITMConfig.transfer)
+NEURAL_MODELS = ("MLP", "ESMM", "OMoE", "MMoE", "PLE", "AITM", "AITM-cond", "AITM-gated", "AITM-cond-gated")
+# variants the benches run only when named (--models): not in their default lists, which stay as long
+VARIANT_MODELS = ("AITM-gated", "AITM-cond-gated")
 
 
 def build_model(name: str, vocab_sizes: Sequence[int], n_tasks: int, dense_init: DenseInit = "glorot") -> nn.Module:
@@ -183,6 +186,9 @@ def build_model(name: str, vocab_sizes: Sequence[int], n_tasks: int, dense_init:
         "PLE": lambda: PLE(vocab, n_tasks, dense_init=di),
         "AITM": lambda: AITM(AITMConfig(vocab_sizes=vocab, n_tasks=n_tasks, dense_init=di)),
         "AITM-cond": lambda: AITM(AITMConfig(vocab_sizes=vocab, n_tasks=n_tasks, dense_init=di, head="conditional")),
+        "AITM-gated": lambda: AITM(AITMConfig(vocab_sizes=vocab, n_tasks=n_tasks, dense_init=di, transfer="gated")),
+        "AITM-cond-gated": lambda: AITM(AITMConfig(vocab_sizes=vocab, n_tasks=n_tasks, dense_init=di,
+                                                   head="conditional", transfer="gated")),
     }
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose from {NEURAL_MODELS}")

@@ -26,6 +26,13 @@ from aitm.layers import (
 # ESMM's, the order held by construction
 AITMHead = Literal["joint", "conditional"]
 AITM_HEADS: tuple[AITMHead, ...] = ("joint", "conditional")
+# how task t's representation takes in the information transferred from task t-1 (docs/models.md,
+# "The transfer as a gated residual"): "ait" - the paper's - z_t = AIT(q_t, p_(t-1)); "gated" -
+# z_t = q_t + g_t * AIT(q_t, p_(t-1)), g_t a per-unit gate starting at 0, so the model starts as
+# per-task towers under the heads (with the conditional head exactly ESMM's product) and the
+# transfer enters only as far as the loss asks for it
+AITMTransfer = Literal["ait", "gated"]
+AITM_TRANSFERS: tuple[AITMTransfer, ...] = ("ait", "gated")
 
 
 @dataclass(frozen=True)
@@ -47,11 +54,16 @@ class AITMConfig:
     # conditional's, p_t = p_(t-1) * sigmoid(c_t)): AITM_HEADS. Checkpoints written before this
     # field load as "joint", the head they were trained with
     head: AITMHead = "joint"
+    # "ait" (the paper's: z_t = AIT(q_t, p_(t-1))) or "gated" (z_t = q_t + g_t * AIT(q_t, p_(t-1)),
+    # g_t starting at 0): AITM_TRANSFERS. Checkpoints written before this field load as "ait"
+    transfer: AITMTransfer = "ait"
 
     def __post_init__(self) -> None:
         check_dense_init(self.dense_init)
         if self.head not in AITM_HEADS:
             raise ValueError(f"unknown AITM head {self.head!r}; choose from {AITM_HEADS}")
+        if self.transfer not in AITM_TRANSFERS:
+            raise ValueError(f"unknown AITM transfer {self.transfer!r}; choose from {AITM_TRANSFERS}")
         if self.n_tasks < 1:
             raise ValueError(f"n_tasks must be >= 1, got {self.n_tasks}")
         if self.transfer_dim != self.tower_dims[-1]:
@@ -104,6 +116,8 @@ class AITM(nn.Module):
             for _ in range(t - 1)
         )
         self.aits = nn.ModuleList(AIT(k) for _ in range(t - 1))
+        # transfer="gated": one gate per unit of z_t, t = 2..T, at 0 (the start is the towers alone)
+        self.transfer_gate = nn.Parameter(torch.zeros(t - 1, k)) if config.transfer == "gated" else None
         if init == "glorot":
             self.head_w = nn.Parameter(glorot_uniform_(torch.empty(t, k), k, 1))  # T Dense(1) heads
         else:
@@ -134,6 +148,8 @@ class AITM(nn.Module):
         for i, (transfer, ait) in enumerate(zip(self.transfers, self.aits, strict=True)):
             p_prev = transfer(zs[-1])  # (B, k)
             z, w = ait(q[i + 1], p_prev)  # (B, k), (B, 2)
+            if self.transfer_gate is not None:
+                z = q[i + 1] + self.transfer_gate[i] * z  # (B, k): the tower plus the gated transfer
             zs.append(z)
             weights.append(w[:, 1])  # (B,)
         z_all = torch.stack(zs, dim=1)  # (B, T, k)

@@ -96,7 +96,7 @@ def run_variant(name: str, encoder: Encoder, batches: list[SampleBatch], setting
     learner = OnlineLearner(encoder, settings.trainer_mode, settings.trainer_lr, eval_window=settings.trainer_eval_window,
                             one_pass=settings.trainer_one_pass, stabilisers=stabilisers_from(settings),
                             dense_init=settings.trainer_dense_init,
-                            head=settings.trainer_aitm_head)
+                            head=settings.trainer_aitm_head, transfer=settings.trainer_aitm_transfer)
     preds: dict[str, np.ndarray] = {}
     by_day: list[int] = []
     rows_by_day: list[int] = []

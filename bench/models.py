@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aitm.baselines import NEURAL_MODELS, LightGBMBaseline, build_model
+from aitm.baselines import NEURAL_MODELS, VARIANT_MODELS, LightGBMBaseline, build_model
 from aitm.features import FeatureEncoder
 from aitm.model import AIT, AITM
 from aitm.train import Split, TrainConfig, fit, predict_proba, task_aucs
@@ -232,7 +232,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--days", type=int, default=None, help="simulated days (default 20, quick 10)")
     p.add_argument("--seeds", type=int, default=None, help="training seeds (default 5, quick 2)")
     p.add_argument("--max-epochs", type=int, default=None, help="default 10, quick 6")
-    p.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated subset")
+    p.add_argument("--models", default=",".join(m for m in ALL_MODELS if m not in VARIANT_MODELS),
+                   help=f"comma-separated subset (by name only: {', '.join(VARIANT_MODELS)})")
     p.add_argument("--sim-seed", type=int, default=0, help="seed of the simulated world")
     p.add_argument("--min-count", type=int, default=10, help="rarer values map to OOV")
     p.add_argument("--curve-sizes", default="0.25,0.5,1.0", help="learning-curve train fractions")

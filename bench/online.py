@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aitm.baselines import ESMM, TaskHeads, build_model
+from aitm.baselines import ESMM, VARIANT_MODELS, TaskHeads, build_model
 from aitm.embedding_table import DynamicTable
 from aitm.evaluate import auc
 from aitm.layers import DENSE_INITS
@@ -46,7 +46,8 @@ from stream.learn.stabilisers import init_output_bias, stabilisers_from
 from stream.ops.command import command_parser
 from stream.ops.settings import Settings
 
-MODELS = ("AITM", "AITM-cond", "ESMM", "MMoE", "PLE", "MLP")  # AITM-cond: step-conditional heads
+# AITM-cond: step-conditional heads; AITM-gated, AITM-cond-gated: the transfer a gated residual from 0
+MODELS = ("AITM", "AITM-cond", "AITM-gated", "AITM-cond-gated", "ESMM", "MMoE", "PLE", "MLP")
 
 
 def init_prior_bias(model: nn.Module, rates: Sequence[float]) -> None:
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impressions-per-day", type=int, default=4000)
     p.add_argument("--skip-days", type=float, default=2.0, help="impressions before this day are not judged")
     p.add_argument("--seeds", type=int, default=5, help="training seeds per model")
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated")
+    p.add_argument("--models", default=",".join(m for m in MODELS if m not in VARIANT_MODELS),
+                   help=f"comma-separated (by name only: {', '.join(VARIANT_MODELS)})")
     p.add_argument("--sim-seed", type=int, default=0)
     p.add_argument("--drift", type=float, default=0.03, help="radians/day of concept drift")
     p.add_argument("--dense-init", choices=DENSE_INITS, default=None,

@@ -134,7 +134,7 @@ def run_size(rows: int, seconds: float, settings: Settings, root: Path) -> dict[
     learner = OnlineLearner(table, "final-only", settings.trainer_lr, eval_window=settings.trainer_eval_window,
                             one_pass=settings.trainer_one_pass, stabilisers=stabilisers_from(settings),
                             dense_init=settings.trainer_dense_init,
-                            head=settings.trainer_aitm_head)
+                            head=settings.trainer_aitm_head, transfer=settings.trainer_aitm_transfer)
     fill_s = time.monotonic() - t0
     trainer = Trainer(settings.model_copy(update={"data_dir": root / f"rows{rows}", "model_store_dir": None}),
                       CollectorRegistry(), mode="final-only")

@@ -52,7 +52,7 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                             s.trainer_mode, s.trainer_lr, eval_window=s.trainer_eval_window,
                             one_pass=s.trainer_one_pass, stabilisers=stabilisers_from(s),
                             alpha=s.trainer_calibrator_alpha, dense_init=s.trainer_dense_init,
-                            head=s.trainer_aitm_head)
+                            head=s.trainer_aitm_head, transfer=s.trainer_aitm_transfer)
     scores: list[VersionScore] = []
     held: list[list[int]] = []  # per version: late positives waiting in the mixing buffer, per task
     served: list[tuple[list[float], list[float]]] = []  # ... and the served delay correction, bias shift

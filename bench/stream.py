@@ -127,7 +127,7 @@ def _replay(samples: list[Sample], fields: tuple[str, ...], settings: Settings, 
                          settings.trainer_embedding_ttl_ms)  # the trainer's table, at its default settings
     learner = OnlineLearner(table, mode=mode, lr=lr,
                             stabilisers=stabilisers, dense_init=settings.trainer_dense_init,
-                            head=settings.trainer_aitm_head)
+                            head=settings.trainer_aitm_head, transfer=settings.trainer_aitm_transfer)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     chunks = batches if batches is not None else [samples[i : i + batch] for i in range(0, len(samples), batch)]
     for chunk in chunks:

@@ -23,7 +23,7 @@ from aitm.embedding_table import Encoder
 from aitm.layers import EMBEDDING_INIT_STD, DenseInit
 from aitm.lazy_adam import LazyAdam
 from aitm.loss import ALPHA, aitm_loss, bce_per_task, calibrator
-from aitm.model import AITM, AITMConfig, AITMHead
+from aitm.model import AITM, AITMConfig, AITMHead, AITMTransfer
 from stream.contract.samples import Sample
 from stream.learn.delay_model import DelayModel
 from stream.learn.delayed_feedback import MODES, TrainRows, train_rows
@@ -91,6 +91,7 @@ class OnlineLearner:
         stabilisers: Stabilisers | None = None,
         dense_init: DenseInit = "torch",
         head: AITMHead = "joint",
+        transfer: AITMTransfer = "ait",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown delayed-feedback mode {mode!r}; one of {MODES}")
@@ -101,7 +102,8 @@ class OnlineLearner:
         self.alpha = alpha
         st = self.stabilisers = stabilisers or Stabilisers()
         if model is None:
-            model = AITM(AITMConfig(vocab_sizes=encoder.vocab_sizes, n_tasks=N_TASKS, dense_init=dense_init, head=head))
+            model = AITM(AITMConfig(vocab_sizes=encoder.vocab_sizes, n_tasks=N_TASKS, dense_init=dense_init, head=head,
+                                    transfer=transfer))
             if st.prior_rates is not None:
                 init_output_bias(model, st.prior_rates)
         self.model = model.to(self.device)

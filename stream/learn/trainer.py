@@ -203,7 +203,7 @@ class Trainer:
                                 freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
                                 stabilisers=stabilisers_from(self.s), alpha=self.s.trainer_calibrator_alpha,
                                 dense_init=self.s.trainer_dense_init,
-                                head=self.s.trainer_aitm_head)
+                                head=self.s.trainer_aitm_head, transfer=self.s.trainer_aitm_transfer)
         return self._on_device(learner)
 
     def _freeze_after_ms(self) -> int | None:

@@ -275,5 +275,16 @@ def test_the_aitm_head_setting_reaches_the_cold_started_model(
     np.testing.assert_allclose(learner.model.head_b.detach().numpy(), np.log(expect / (1 - expect)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("transfer", ["ait", "gated"])
+def test_the_aitm_transfer_setting_reaches_the_cold_started_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transfer: str
+) -> None:
+    monkeypatch.setenv("TRAINER_AITM_TRANSFER", transfer)
+    t, _, _ = make(tmp_path, [])
+    model = t._new_learner(("f", "g")).model
+    assert model.config.transfer == transfer
+    assert (model.transfer_gate is not None) == (transfer == "gated")
+
+
 def test_the_product_keeps_the_previous_dense_init_by_default() -> None:
     assert Settings().trainer_dense_init == "torch"  # until the served-score smoothing is re-tuned
