@@ -22,6 +22,7 @@ from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
 from stream.contract.samples import Sample
 from stream.learn.feed import Chunk, Invalid
+from stream.learn.learner import OnlineLearner
 from stream.learn.sample_batch import SampleBatch
 from stream.learn.trainer import Trainer
 from stream.ops.settings import Settings
@@ -250,13 +251,18 @@ def test_published_versions_reach_a_scorer_as_a_full_snapshot_then_deltas(tmp_pa
     assert follower.replica.replica is not None and follower.replica.replica.version == 5
 
 
+def cold_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str, value: str) -> tuple[Trainer, OnlineLearner]:
+    """(trainer, learner) of a cold start with the environment's ``setting`` at ``value``."""
+    monkeypatch.setenv(setting, value)
+    t, _, _ = make(tmp_path, [])
+    return t, t._new_learner(("f", "g"))
+
+
 @pytest.mark.parametrize("init", ["torch", "glorot"])
 def test_the_dense_init_setting_reaches_the_cold_started_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, init: str
 ) -> None:
-    monkeypatch.setenv("TRAINER_DENSE_INIT", init)
-    t, _, _ = make(tmp_path, [])
-    learner = t._new_learner(("f", "g"))
+    _, learner = cold_started(tmp_path, monkeypatch, "TRAINER_DENSE_INIT", init)
     assert learner.model.config.dense_init == init
     biases = [float(b.detach().abs().max()) for b in learner.model.towers.biases]
     assert all(b > 0 for b in biases) if init == "torch" else all(b == 0 for b in biases)
@@ -266,9 +272,7 @@ def test_the_dense_init_setting_reaches_the_cold_started_model(
 def test_the_aitm_head_setting_reaches_the_cold_started_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, head: str
 ) -> None:
-    monkeypatch.setenv("TRAINER_AITM_HEAD", head)
-    t, _, _ = make(tmp_path, [])
-    learner = t._new_learner(("f", "g"))
+    t, learner = cold_started(tmp_path, monkeypatch, "TRAINER_AITM_HEAD", head)
     assert learner.model.config.head == head
     rates = np.asarray(t.s.trainer_prior_rates)  # and it starts at the prior rates either way
     expect = rates if head == "joint" else rates / np.concatenate(([1.0], rates[:-1]))
@@ -279,9 +283,7 @@ def test_the_aitm_head_setting_reaches_the_cold_started_model(
 def test_the_aitm_transfer_setting_reaches_the_cold_started_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transfer: str
 ) -> None:
-    monkeypatch.setenv("TRAINER_AITM_TRANSFER", transfer)
-    t, _, _ = make(tmp_path, [])
-    model = t._new_learner(("f", "g")).model
+    model = cold_started(tmp_path, monkeypatch, "TRAINER_AITM_TRANSFER", transfer)[1].model
     assert model.config.transfer == transfer
     assert (model.transfer_gate is not None) == (transfer == "gated")
 
