@@ -395,14 +395,14 @@ class OnlineLearner:
         (``stream.learn.served_ratio``), at the event time of what each sample reflects (the
         newest label's event for a correction or a final: a daily file's activation at its own
         time, not the file's)."""
-        arrival = batch.event_time_ms + batch.elapsed_ms
         mine = np.flatnonzero(~holdout)
+        at_ms = (batch.event_time_ms + batch.elapsed_ms)[mine]
         iids = [batch.impression_ids[i] for i in mine]
         labels, final = batch.labels[mine] > 0, batch.kind[mine] == FINAL
         for t, counts in self.step_counts.items():
             # labels are cumulative: a sample without the predecessor's positive changes nothing kept
             rows = np.flatnonzero(labels[:, t - 1])
-            counts.observe([iids[i] for i in rows], labels[rows, t - 1], labels[rows, t], arrival[mine][rows],
+            counts.observe([iids[i] for i in rows], labels[rows, t - 1], labels[rows, t], at_ms[rows],
                            final[rows])
 
     def _ratio_targets(self, target: np.ndarray) -> tuple[np.ndarray, list[int]]:

@@ -94,13 +94,13 @@ class StepCounts(KeyedSlots):
         self.last_hit_ms = -1  # the newest event of the step's positive: how far its source has delivered
 
     def observe(self, impression_ids: Sequence[str], before: np.ndarray, step: np.ndarray,
-                arrival_ms: np.ndarray, settled: np.ndarray) -> None:
+                at_ms: np.ndarray, settled: np.ndarray) -> None:
         """Samples (N,): whether each carries the predecessor's positive, the step's positive, the
         event time it reflects and whether it is a final. Labels are cumulative: a copy counts only
         what is new."""
         for j, iid in enumerate(impression_ids):
             k = self.slot.get(iid)
-            at = int(arrival_ms[j])
+            at = int(at_ms[j])
             if k is None:
                 if not before[j]:
                     continue
