@@ -400,13 +400,12 @@ def advance(state: FunnelState | None, event: Event, raw: bytes, swept: Swept, c
         if s == 0:
             if t + cfg.retention_ms <= swept[0]:
                 return Result(None, rejects=[Reject(LATE, 0, raw, "impression older than the retention period")])
-            fa, fd = t + cfg.windows_ms[0], t + cfg.observe_ms
-            if swept[1] < fa and (fd > swept[0] or fd >= fa or cfg.policy != "early"):
+            fresh = new_state(event.bank_id, t, features_json(event.features), _NO_TIMES, ())
+            if not is_final(fresh, swept, cfg) and first_due(fresh, cfg) > swept[0]:
                 # the usual impression: not final, no first sample due at once - ``_settle`` has nothing to do
-                return _new_result(new_state(event.bank_id, t, features_json(event.features), _NO_TIMES, ()), True,
-                                   [], [], False)  # fmt: skip
+                return _new_result(fresh, True, [], [], False)
             res = _new_result(None, True, [], [], False)
-            res.state = _settle(new_state(event.bank_id, t, features_json(event.features), _NO_TIMES, ()), swept, cfg, res, True)
+            res.state = _settle(fresh, swept, cfg, res, True)
             return res
         h = new_held(s, t, event.event_id, raw, swept[s])
         if swept[0] >= hold_due(h, 0, cfg):
