@@ -137,7 +137,7 @@ class StepCounts(KeyedSlots):
         delays, before = self.pairs()
         fit = fit_truncated_lognormal(np.clip(delays, 1.0, window_ms), np.minimum(now_ms - before, window_ms),
                                       (window_ms, quantile), z_sd)
-        # a kept predecessor that arrived after the source's last delivery has age 0: G = 0
+        # a kept predecessor whose event is after the newest one the source delivered has age 0: G = 0
         g = windowed_lognormal_cdf(np.maximum(now_ms - self.before_ms[:n], 1), fit, window_ms)
         hit, together = self.hit_ms[:n] >= 0, self.together[:n]
         p0 = zero_delay_share(int(together.sum()), g[hit & ~together])
