@@ -3,7 +3,7 @@
 Trains every model on time-ordered splits over several seeds and writes a Table-2-style
 markdown report, a JSON summary and plots (AUC per task, learning curve). Then the same
 models on each simulator family of ``simulators.families`` (docs/models.md says why these
-three): JSON key ``families`` {family: {model: {task: {"mean", "std"}}}}.
+four): JSON key ``families`` {family: {model: {task: {"mean", "std"}}}}.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--families",
-        default="funnel,tanh_product,cascade",
+        default="funnel,tanh_product,cascade,adverse",
         help="simulator families to compare the models on ('' for none)",
     )
     p.add_argument(

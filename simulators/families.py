@@ -1,8 +1,8 @@
-"""Simulator families for offline model comparisons: three ways a funnel's truth can be built.
+"""Simulator families for offline model comparisons: four ways a funnel's truth can be built.
 
 Each family draws impressions with categorical features, the true end-to-end probability of
 every step and monotone labels (``y_1 >= y_2 >= ... >= y_T``), in time order, deterministic
-per seed. Why these three is declared in docs/models.md ("Simulator families"):
+per seed. Why these four is declared in docs/models.md ("Simulator families"):
 
 - ``funnel``: the project's simulator (``simulators.funnel``): a product of step conditionals.
 - ``tanh_product``: a held-out-style product of step conditionals written apart from it:
@@ -11,6 +11,9 @@ per seed. Why these three is declared in docs/models.md ("Simulator families"):
 - ``cascade``: sequential dependence that a product of independently modelled conditionals
   does not share: step t's conditional logit is the previous step's conditional logit (scaled)
   plus a small term of its own, so keen audiences pass every step; later steps are very sparse.
+- ``adverse``: the same, but approval carries application's conditional logit with a *negative*
+  weight (adverse selection: the keenest applicants are the riskiest to approve), so the
+  end-to-end ranking of the late steps is not the earlier steps'; later steps are very sparse.
 
 >>> d = generate("cascade", 2_000, seed=1)
 >>> d.features.shape, d.labels.shape, bool((d.labels[:, 1:] <= d.labels[:, :-1]).all())
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 TASKS = ("click", "application", "approval", "activation")
-FAMILIES = ("funnel", "tanh_product", "cascade")
+FAMILIES = ("funnel", "tanh_product", "cascade", "adverse")
 N_FIELDS = 20
 MIN_CARD, MAX_CARD = 5, 20_000
 _CALIBRATION_ROWS = 60_000
@@ -55,7 +58,7 @@ class FamilySpec:
     linear_scale: float  # std of the linear term of each step's logit
     interaction_scale: float  # std of the tanh x tanh term
     task_correlation: float  # share of the step weights drawn from a shared component
-    carry: float = 0.0  # cascade: weight of the previous step's conditional logit
+    carry: float | tuple[float, ...] = 0.0  # weight of the previous step's conditional logit (per later step)
     own: float = 1.0  # cascade: scale of a later step's own term
     k: int = 8  # width of the hidden per-value embeddings
     pairs: int = 4  # tanh x tanh products per step
@@ -73,6 +76,15 @@ SPECS: dict[str, FamilySpec] = {
         interaction_scale=0.8,
         task_correlation=0.0,
         carry=0.5,
+        own=0.7,
+    ),
+    # as cascade, but approval's conditional carries application's with a negative weight
+    "adverse": FamilySpec(
+        rates=(0.15, 0.015, 0.005, 0.0025),
+        linear_scale=0.9,
+        interaction_scale=0.8,
+        task_correlation=0.0,
+        carry=(0.5, -0.8, 0.5),
         own=0.7,
     ),
 }
@@ -136,7 +148,7 @@ class HiddenLogits:
 
 
 class FamilyWorld:
-    """The hidden world of ``tanh_product`` or ``cascade``: features, truth and labels by seed."""
+    """The hidden world of ``tanh_product``, ``cascade`` or ``adverse``: features, truth and labels by seed."""
 
     def __init__(self, family: str, seed: int) -> None:
         if family not in SPECS:
@@ -160,14 +172,16 @@ class FamilyWorld:
         return s.linear_scale * (lin - mu_l) / sd_l + s.interaction_scale * (inter - mu_i) / sd_i
 
     def _conditional_logits(self, raw: np.ndarray, bias: np.ndarray) -> np.ndarray:
-        """(N, T) conditional logits; in ``cascade`` step t carries step t-1's logit."""
+        """(N, T) conditional logits; in ``cascade`` and ``adverse`` step t carries step t-1's logit."""
         out = raw + bias
-        if self.spec.carry:
+        carry = self.spec.carry
+        if carry:
+            weights = carry if isinstance(carry, tuple) else (carry,) * (out.shape[1] - 1)
             own = raw.copy()
-            own[:, 1:] *= self.spec.own  # cascade: a later step's own term, beside the carried one
+            own[:, 1:] *= self.spec.own  # a later step's own term, beside the carried one
             out = own + bias
             for t in range(1, out.shape[1]):
-                out[:, t] += self.spec.carry * (out[:, t - 1] - bias[t - 1])
+                out[:, t] += weights[t - 1] * (out[:, t - 1] - bias[t - 1])
         return out
 
     def _calibrate(self, codes: np.ndarray) -> None:

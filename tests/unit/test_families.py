@@ -75,6 +75,21 @@ def test_cascade_later_steps_are_sparse_and_carry_the_earlier_ones() -> None:
     assert auc(d.labels[:, 3], d.p_true[:, 2]) > 0.8
 
 
+def test_adverse_approval_reverses_application() -> None:
+    # adverse selection: approval's conditional falls where application's rises (cascade: rises),
+    # and the later steps stay as sparse as cascade's
+    adverse, cascade = FamilyWorld("adverse", 3), FamilyWorld("cascade", 3)
+    d = generate("adverse", N, seed=3)
+    rates = d.labels.mean(0)
+    assert rates[3] < 0.005 and rates[2] < 0.01
+    cond = adverse.conditional_probs(d.features)
+    assert np.corrcoef(np.log(cond[:, 1]), np.log(cond[:, 2]))[0, 1] < -0.4
+    cond_c = cascade.conditional_probs(generate("cascade", N, seed=3).features)
+    assert np.corrcoef(np.log(cond_c[:, 1]), np.log(cond_c[:, 2]))[0, 1] > 0.4
+    # so the earlier step ranks approval's labels worse than approval's own truth does
+    assert auc(d.labels[:, 2], d.p_true[:, 2]) > auc(d.labels[:, 2], d.p_true[:, 1]) + 0.005
+
+
 def test_unknown_family_and_bad_size_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="unknown family"):
         generate("nope", 10)
