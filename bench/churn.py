@@ -37,7 +37,7 @@ from bench.report import write_json
 from simulators.faults import SimulatedStream
 from simulators.funnel import DAY_MS, EPOCH_MS, TASKS, FunnelSimulator, SimConfig
 from stream.contract.samples import Sample, parse_sample
-from stream.learn.learner import OnlineLearner
+from stream.learn.learner import OnlineLearner, model_options
 from stream.learn.sample_batch import FIRST, SampleBatch, as_batch
 from stream.learn.stabilisers import stabilisers_from
 from stream.ops.settings import Settings
@@ -95,8 +95,7 @@ def run_variant(name: str, encoder: Encoder, batches: list[SampleBatch], setting
     torch.manual_seed(0)
     learner = OnlineLearner(encoder, settings.trainer_mode, settings.trainer_lr, eval_window=settings.trainer_eval_window,
                             one_pass=settings.trainer_one_pass, stabilisers=stabilisers_from(settings),
-                            dense_init=settings.trainer_dense_init,
-                            head=settings.trainer_aitm_head, transfer=settings.trainer_aitm_transfer)
+                            **model_options(settings))
     preds: dict[str, np.ndarray] = {}
     by_day: list[int] = []
     rows_by_day: list[int] = []

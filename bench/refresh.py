@@ -44,7 +44,7 @@ from prometheus_client import CollectorRegistry
 from aitm.embedding_table import DynamicTable
 from bench.report import write_json
 from stream.contract.versions import parse_version
-from stream.learn.learner import OnlineLearner
+from stream.learn.learner import OnlineLearner, model_options
 from stream.learn.sample_batch import FINAL, SampleBatch
 from stream.learn.stabilisers import stabilisers_from
 from stream.learn.trainer import Trainer
@@ -133,8 +133,7 @@ def run_size(rows: int, seconds: float, settings: Settings, root: Path) -> dict[
     torch.manual_seed(0)
     learner = OnlineLearner(table, "final-only", settings.trainer_lr, eval_window=settings.trainer_eval_window,
                             one_pass=settings.trainer_one_pass, stabilisers=stabilisers_from(settings),
-                            dense_init=settings.trainer_dense_init,
-                            head=settings.trainer_aitm_head, transfer=settings.trainer_aitm_transfer)
+                            **model_options(settings))
     fill_s = time.monotonic() - t0
     trainer = Trainer(settings.model_copy(update={"data_dir": root / f"rows{rows}", "model_store_dir": None}),
                       CollectorRegistry(), mode="final-only")

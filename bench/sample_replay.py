@@ -24,7 +24,7 @@ import torch
 from aitm.embedding_table import DynamicTable
 from bench.serving import FreshSets, VersionScore, report_of, score_version, simulator
 from stream.contract.samples import Sample, parse_sample
-from stream.learn.learner import OnlineLearner, fields_of
+from stream.learn.learner import OnlineLearner, fields_of, model_options
 from stream.learn.sample_batch import SampleBatch
 from stream.learn.stabilisers import stabilisers_from
 from stream.ops.settings import load_settings
@@ -51,8 +51,7 @@ def replay(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                                          s.trainer_embedding_ttl_ms),
                             s.trainer_mode, s.trainer_lr, eval_window=s.trainer_eval_window,
                             one_pass=s.trainer_one_pass, stabilisers=stabilisers_from(s),
-                            alpha=s.trainer_calibrator_alpha, dense_init=s.trainer_dense_init,
-                            head=s.trainer_aitm_head, transfer=s.trainer_aitm_transfer)
+                            alpha=s.trainer_calibrator_alpha, **model_options(s))
     scores: list[VersionScore] = []
     held: list[list[int]] = []  # per version: late positives waiting in the mixing buffer, per task
     served: list[tuple[list[float], list[float]]] = []  # ... and the served delay correction, bias shift

@@ -44,7 +44,7 @@ from stream.contract.events import TASKS
 from stream.contract.samples import Sample, parse_sample
 from stream.contract.versions import parse_version
 from stream.kafka.broker import EmbeddedBroker, ensure_topics, free_port
-from stream.learn.learner import OnlineLearner
+from stream.learn.learner import OnlineLearner, model_options
 from stream.learn.sample_batch import N_TASKS
 from stream.learn.stabilisers import Stabilisers, stabilisers_from
 from stream.ops.command import command_parser
@@ -126,8 +126,7 @@ def _replay(samples: list[Sample], fields: tuple[str, ...], settings: Settings, 
     table = DynamicTable(fields, settings.trainer_embedding_rows, settings.trainer_feature_min_count,
                          settings.trainer_embedding_ttl_ms)  # the trainer's table, at its default settings
     learner = OnlineLearner(table, mode=mode, lr=lr,
-                            stabilisers=stabilisers, dense_init=settings.trainer_dense_init,
-                            head=settings.trainer_aitm_head, transfer=settings.trainer_aitm_transfer)
+                            stabilisers=stabilisers, **model_options(settings))
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     chunks = batches if batches is not None else [samples[i : i + batch] for i in range(0, len(samples), batch)]
     for chunk in chunks:

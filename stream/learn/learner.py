@@ -14,7 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, TypedDict, cast
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from stream.learn.weight_average import RecentPredictions, WeightAverage, output
 
 if TYPE_CHECKING:
     from stream.learn.ranks import RankSync
+    from stream.ops.settings import Settings
 
 PENDING_CAP: Final = 500_000  # first-sample predictions awaiting their final label
 SEEN_CAP: Final = 500_000  # (impression id, seq) keys remembered for deduplication
@@ -52,6 +53,22 @@ RECENTRE_EVAL_ROWS: Final = 4096
 # sparse steps' swing rose to 1.25-1.29; with 4x, 1.10-1.26 (replays, docs/serving.md)
 RECENTRE_HALF_LIVES: Final = 4.0
 TABLE: Final = "embedding.table.weight"  # the embedding table: trained and averaged row-wise
+
+
+class ModelOptions(TypedDict):
+    """The network's shape, as ``OnlineLearner`` takes it (keyword arguments)."""
+
+    dense_init: DenseInit
+    head: AITMHead
+    transfer: AITMTransfer
+
+
+def model_options(s: Settings) -> ModelOptions:
+    """The network's shape from the settings (``TRAINER_DENSE_INIT``, ``TRAINER_AITM_HEAD``,
+    ``TRAINER_AITM_TRANSFER``): the trainer and every bench that stands in for it take it from
+    here, ``OnlineLearner(..., **model_options(s))``, so a new option reaches them all."""
+    return ModelOptions(dense_init=s.trainer_dense_init, head=s.trainer_aitm_head,
+                        transfer=s.trainer_aitm_transfer)
 
 
 @dataclass

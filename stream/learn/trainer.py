@@ -40,7 +40,7 @@ from stream.learn.batcher import Batch, Batcher
 from stream.learn.device import DevicePath
 from stream.learn.feed import Invalid, SampleFeed
 from stream.learn.gauges import TableGauges, set_quality_gauges
-from stream.learn.learner import OnlineLearner, fields_of
+from stream.learn.learner import OnlineLearner, fields_of, model_options
 from stream.learn.publication_gate import (
     DAY_MS,
     REASONS,
@@ -202,8 +202,7 @@ class Trainer:
         learner = OnlineLearner(encoder, self.mode, self.s.trainer_lr, self.device, self.s.trainer_eval_window,
                                 freeze_after_ms=self._freeze_after_ms(), one_pass=self.s.trainer_one_pass,
                                 stabilisers=stabilisers_from(self.s), alpha=self.s.trainer_calibrator_alpha,
-                                dense_init=self.s.trainer_dense_init,
-                                head=self.s.trainer_aitm_head, transfer=self.s.trainer_aitm_transfer)
+                                **model_options(self.s))
         return self._on_device(learner)
 
     def _freeze_after_ms(self) -> int | None:

@@ -18,11 +18,12 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from aitm.checkpoint import make_checkpoint
+from aitm.embedding_table import DynamicTable
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
 from stream.contract.samples import Sample
 from stream.learn.feed import Chunk, Invalid
-from stream.learn.learner import OnlineLearner
+from stream.learn.learner import OnlineLearner, model_options
 from stream.learn.sample_batch import SampleBatch
 from stream.learn.trainer import Trainer
 from stream.ops.settings import Settings
@@ -286,6 +287,17 @@ def test_the_aitm_transfer_setting_reaches_the_cold_started_model(
     model = cold_started(tmp_path, monkeypatch, "TRAINER_AITM_TRANSFER", transfer)[1].model
     assert model.config.transfer == transfer
     assert (model.transfer_gate is not None) == (transfer == "gated")
+
+
+def test_model_options_carry_every_shape_setting_to_a_bench_learner(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the benches that stand in for the trainer build their learner with model_options(settings):
+    # each shape setting, away from its default, reaches the network they build
+    for name, value in (("TRAINER_DENSE_INIT", "glorot"), ("TRAINER_AITM_HEAD", "conditional"),
+                        ("TRAINER_AITM_TRANSFER", "gated")):
+        monkeypatch.setenv(name, value)
+    learner = OnlineLearner(DynamicTable(("f", "g"), 1000), **model_options(Settings()))
+    config = learner.model.config
+    assert (config.dense_init, config.head, config.transfer) == ("glorot", "conditional", "gated")
 
 
 def test_the_product_keeps_the_previous_dense_init_by_default() -> None:
