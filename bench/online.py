@@ -177,6 +177,14 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _carry(text: str) -> tuple[float, float, float]:
+    try:
+        a, b, c = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--carry takes three comma-separated numbers, got {text!r}") from None
+    return a, b, c
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("bench online")
     p.add_argument("--json", type=Path, default=Path("reports/bench_online.json"))
@@ -188,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated (by name only: {', '.join(VARIANT_MODELS)})")
     p.add_argument("--sim-seed", type=int, default=0)
     p.add_argument("--drift", type=float, default=0.03, help="radians/day of concept drift")
+    p.add_argument("--carry", type=_carry, default=(0.0, 0.0, 0.0),
+                   help="three weights: step t's conditional logit carries weight x step t-1's (simulators.funnel "
+                        "SimConfig.carry; '0.5,-0.8,0.5' is docs/models.md's adverse world)")
     p.add_argument("--dense-init", choices=DENSE_INITS, default=None,
                    help="how the networks' dense layers start (default: the product's TRAINER_DENSE_INIT)")
     return p
@@ -208,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(settings.trainer_threads)
     t0, load0 = time.monotonic(), os.getloadavg()
     sim = FunnelSimulator(
-        SimConfig(seed=args.sim_seed, impressions_per_day=args.impressions_per_day, drift=args.drift)
+        SimConfig(seed=args.sim_seed, impressions_per_day=args.impressions_per_day, drift=args.drift,
+                  carry=args.carry)
     )
     stream = SimulatedStream(sim, args.days)
     samples = joined_samples(stream, settings)
@@ -230,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             r["auc_final"] = final_aucs(r.pop("preds"), truth)
             runs.setdefault(name, []).append(r)
             print(f"{name} seed {seed}: {r['auc_final']} ({r['wall_s']} s)", flush=True)
+    world = f"seed {args.sim_seed}" + (f", carry {list(args.carry)}" if any(args.carry) else "")
     report: dict[str, Any] = {
-        "source": f"funnel simulator (seed {args.sim_seed}), {args.days} days x {args.impressions_per_day} "
+        "source": f"funnel simulator ({world}), {args.days} days x {args.impressions_per_day} "
         f"impressions, {settings.trainer_mode}, lr {settings.trainer_lr} ({settings.trainer_lr_scale})",
         **summarise(runs),
         "seeds": list(range(args.seeds)),
@@ -241,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "skip_days": args.skip_days,
         "sim_seed": args.sim_seed,
         "drift": args.drift,
+        "carry": list(args.carry),
         "dense_init": settings.trainer_dense_init,
         "samples": len(samples),
         "judged_impressions": len(truth),

@@ -101,6 +101,10 @@ class SimConfig:
     # (with its own hidden effect and attributes) that takes over its popularity. Over D days a
     # field of C values shows about C * (1 + churn * D) IDs. 0 = the same IDs forever
     churn: float = 0.0
+    # sequential dependence: step t's conditional logit also carries ``carry[t-1]`` x step t-1's
+    # (centred, itself carried). (0.5, -0.8, 0.5) is the ``adverse`` world of docs/models.md: the
+    # keenest applicants are the riskiest to approve. All 0 = the steps' logits as drawn
+    carry: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -276,6 +280,10 @@ class FunnelSimulator:
             comps = self._components(feats, params)
             total = sum((c - mu) * s for c, (mu, s) in zip(comps, norm, strict=True))
             out += np.reshape(weight, (-1, 1)) * total
+        carry = self.config.carry
+        if any(carry):
+            for t in range(1, len(TASKS)):
+                out[:, t] += carry[t - 1] * out[:, t - 1]
         return out + self._bias
 
     def conditional_probs(self, feats: np.ndarray, day: np.ndarray | int) -> np.ndarray:

@@ -91,3 +91,12 @@ def test_unknown_models_are_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as err:
         main(["--json", str(tmp_path / "x.json"), "--models", "AITM,GPT"])
     assert err.value.code == 2
+
+
+def test_carry_takes_three_weights(tmp_path: Path) -> None:
+    from bench.online import build_parser
+
+    assert build_parser().parse_args(["--carry", "0.5,-0.8,0.5"]).carry == (0.5, -0.8, 0.5)
+    with pytest.raises(SystemExit) as err:
+        main(["--json", str(tmp_path / "x.json"), "--carry", "0.5,-0.8"])
+    assert err.value.code == 2

@@ -159,3 +159,17 @@ def test_fault_rates_and_marks() -> None:
             rec = recs[order[(f.impression_id.encode(), f.step)]]
             assert rec.deliver_ms - rec.timestamp_ms >= 20 * DAY_MS
     assert json.dumps([f.expected_reason for f in stream.faults])  # serialisable
+
+
+def test_carry_reverses_approval_on_application_and_keeps_the_rates() -> None:
+    # the adverse world (docs/models.md): approval's conditional carries application's with a
+    # negative weight, so the two fall and rise against each other; the rates are still solved
+    plain = FunnelSimulator(SimConfig(seed=3, impressions_per_day=20_000))
+    adverse = FunnelSimulator(SimConfig(seed=3, impressions_per_day=20_000, carry=(0.5, -0.8, 0.5)))
+    b = plain.day_batch(0)
+    corr = {}
+    for name, sim in (("plain", plain), ("adverse", adverse)):
+        lc = np.log(sim.conditional_probs(b.features, 0))
+        corr[name] = np.corrcoef(lc[:, 1], lc[:, 2])[0, 1]
+        assert np.allclose(sim.day_batch(1).labels.mean(0), plain.day_batch(1).labels.mean(0), rtol=0.25)
+    assert corr["plain"] > 0 and corr["adverse"] < -0.2, corr
