@@ -37,3 +37,22 @@ class KeyedSlots:
         """The kept slots, oldest first (a checkpoint's order)."""
         n, k = self.size, self._next
         return [(k - n + j) % self.capacity for j in range(n)]
+
+    def compact(self, kept: list[int]) -> None:
+        """Keep only the slots ``kept`` (oldest first), moved to slots 0..m-1 in that order; a
+        subclass moves its columns the same way (``column[:m] = column[kept]``).
+
+        >>> r = KeyedSlots(3)
+        >>> [r.claim(k) for k in "abcd"], r.order()
+        ([0, 1, 2, 0], [1, 2, 0])
+        >>> r.compact([1, 0]); r.size, r.slot
+        (2, {'b': 0, 'd': 1})
+        >>> r.claim("e"), r.order()
+        (2, [0, 1, 2])
+        """
+        keys = [self.keys[k] for k in kept]
+        m = len(keys)
+        self.keys = [*keys, *[None] * (self.capacity - m)]
+        self.slot = {key: i for i, key in enumerate(keys) if key is not None}
+        self.size = m
+        self._next = m % self.capacity

@@ -141,7 +141,8 @@ class OnlineLearner:
                         if self.recent is not None and st.served_level_tasks else None)
         self.served_level = np.full((N_TASKS, 3), np.nan)  # the last (rate, positives, sum of G) per task
         # steps served at their predecessor's level x a counted step rate (eighth round)
-        self.step_counts = ({t: StepCounts(st.served_ratio_rows) for t in st.served_ratio_tasks if t > 0}
+        self.step_counts = ({t: StepCounts(st.served_ratio_rows, st.step_windows_ms[t])
+                             for t in st.served_ratio_tasks if t > 0}
                             if self.recent is not None else {})
         self.served_ratio = np.full((N_TASKS, 3), np.nan)  # the last (ratio, step positives, sum of G) per task
         self._average_moved = False  # trained since the served biases were last re-centred

@@ -302,7 +302,8 @@ class Settings(BaseSettings):
     # predecessor's positives (stream/learn/served_ratio.py, docs/serving.md, eighth round):
     # R = A / sum G_c(age), A the predecessors whose step positive arrived, G_c the step's own delay
     # (from the predecessor's event, window JOINER_WINDOW_<STEP>_MS as its prior), shrunk towards
-    # TRAINER_SERVED_RATIO_TARGET by the pseudo-count, in predecessors; over the newest ..._ROWS of them.
+    # TRAINER_SERVED_RATIO_TARGET by the pseudo-count, in predecessors; over at most ..._ROWS of them: the
+    # newest, or once they no longer reach back a step's window, a hash sample of the window's.
     # [] = off (the served level is the live model's own x the completeness factor)
     trainer_served_ratio_tasks: list[Literal["application", "approval", "activation"]] = Field(
         default=["application", "approval", "activation"])  # pydantic copies a mutable default per instance

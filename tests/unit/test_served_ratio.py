@@ -52,6 +52,35 @@ def counted(before: np.ndarray, step: np.ndarray, now: int, step_settles: bool =
     return c
 
 
+def test_at_high_volume_the_count_keeps_a_sample_of_the_whole_window_not_the_newest_hours() -> None:
+    # the rule: R = A / sum G over predecessors of every age up to the step's window. A ring of the
+    # newest 4,000 of 2,000 predecessors a day holds two days, whose delays it fits short and whose
+    # G it gets wrong (most under 0.65 and left out); a hash sample of the window reads the rate
+    rate, days, per_day = 0.5, 30.0, 2_000
+    before, step = young_step(rate, days, per_day, seed=4)
+    now = int(days * DAY)
+    events = sorted([(int(t), 0, i) for i, t in enumerate(before)]
+                    + [(int(t), 1, i) for i, t in enumerate(step) if 0 <= t <= now]
+                    + [(int(t) + WINDOW, 2, i) for i, t in enumerate(before) if step[i] < 0 and t + WINDOW <= now])
+    newest, sampled, every = StepCounts(4_000), StepCounts(4_000, horizon_ms=WINDOW), StepCounts(100_000)
+    for t, kind, i in events:  # the predecessor, its step (the funnel's final), or its final without it
+        for c in (newest, sampled, every):
+            c.observe([f"i{i}"], np.array([1]), np.array([kind == 1]), np.array([t]), np.array([kind > 0]))
+    args = (WINDOW, 0.95, 0.25, 0.1, 30.0, 0.65)
+    assert newest.ratio(*args)[0] < 0.6 * rate
+    r, a, s = sampled.ratio(*args)
+    assert r == pytest.approx(rate, rel=0.1)
+    assert r == pytest.approx(every.ratio(*args)[0], rel=0.05)  # what a ring holding every predecessor reads
+    assert sampled.size <= 4_000 and sampled.bits >= 3  # 28,000 predecessors in the window, 1 in 8 or fewer kept
+    kept = np.array([int(str(k)[1:]) for k in sampled.slot])
+    assert (now - before[kept]).max() > WINDOW  # ... reaching back past the window
+    # a checkpoint keeps the sample: the restored count reads the same and keeps sampling alike
+    again = StepCounts(4_000, horizon_ms=WINDOW)
+    again.load_state_dict(sampled.state_dict())
+    assert again.bits == sampled.bits and again.ratio(*args) == pytest.approx((r, a, s))
+    assert [again.sampled(f"i{i}") for i in range(200)] == [sampled.sampled(f"i{i}") for i in range(200)]
+
+
 @pytest.mark.parametrize("days", [4.0, 6.0, 9.0])
 def test_a_young_streams_step_rate_is_counted_on_its_own_clock(days: float) -> None:
     # the rule: of predecessors of age a_i, a step of rate R has R x sum G(a_i) positives by now;
