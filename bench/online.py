@@ -38,6 +38,7 @@ from aitm.layers import DENSE_INITS
 from aitm.model import AITM
 from bench.churn import joined_samples
 from bench.report import write_with_markdown
+from simulators.delivery import PROFILES as DELIVERY_PROFILES
 from simulators.faults import SimulatedStream, TruthRow
 from simulators.funnel import DAY_MS, EPOCH_MS, TASKS, FunnelSimulator, SimConfig
 from stream.learn.learner import OnlineLearner
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated (by name only: {', '.join(VARIANT_MODELS)})")
     p.add_argument("--sim-seed", type=int, default=0)
     p.add_argument("--drift", type=float, default=0.03, help="radians/day of concept drift")
+    p.add_argument("--delivery", choices=DELIVERY_PROFILES, default="realtime",
+                   help="how the simulator delivers the later steps (batch-feeds: each bank's daily files)")
     p.add_argument("--carry", type=_carry, default=(0.0, 0.0, 0.0),
                    help="three weights: step t's conditional logit carries weight x step t-1's (simulators.funnel "
                         "SimConfig.carry; '0.5,-0.8,0.5' is docs/models.md's adverse world)")
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         SimConfig(seed=args.sim_seed, impressions_per_day=args.impressions_per_day, drift=args.drift,
                   carry=args.carry)
     )
-    stream = SimulatedStream(sim, args.days)
+    stream = SimulatedStream(sim, args.days, delivery=args.delivery)
     samples = joined_samples(stream, settings)
     batches = [
         as_batch(samples[i : i + settings.trainer_batch_size])
@@ -242,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             r["auc_final"] = final_aucs(r.pop("preds"), truth)
             runs.setdefault(name, []).append(r)
             print(f"{name} seed {seed}: {r['auc_final']} ({r['wall_s']} s)", flush=True)
-    world = f"seed {args.sim_seed}" + (f", carry {list(args.carry)}" if any(args.carry) else "")
+    world = (f"seed {args.sim_seed}" + (f", carry {list(args.carry)}" if any(args.carry) else "")
+             + (f", {args.delivery}" if args.delivery != "realtime" else ""))
     report: dict[str, Any] = {
         "source": f"funnel simulator ({world}), {args.days} days x {args.impressions_per_day} "
         f"impressions, {settings.trainer_mode}, lr {settings.trainer_lr} ({settings.trainer_lr_scale})",
@@ -255,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "sim_seed": args.sim_seed,
         "drift": args.drift,
         "carry": list(args.carry),
+        "delivery": args.delivery,
         "dense_init": settings.trainer_dense_init,
         "samples": len(samples),
         "judged_impressions": len(truth),

@@ -85,6 +85,13 @@ def test_a_tiny_online_run_writes_auc_final_per_model_and_the_seeds(
     other = json.loads(glorot.read_text())
     assert other["dense_init"] == "glorot"
     assert other["auc_final_runs"]["AITM"][0] != report["auc_final_runs"]["AITM"][0]
+    # --delivery and --carry draw another stream (daily files; the adverse world): other figures
+    for flag, value in (("--delivery", "batch-feeds"), ("--carry", "0.5,-0.8,0.5")):
+        path = tmp_path / f"{flag[2:]}.json"
+        assert main([*argv, "--seeds", "1", "--models", "AITM", flag, value, "--json", str(path)]) == 0
+        world = json.loads(path.read_text())
+        assert world[flag[2:]] == (value if flag == "--delivery" else [0.5, -0.8, 0.5])
+        assert world["auc_final_runs"]["AITM"][0] != report["auc_final_runs"]["AITM"][0]
 
 
 def test_unknown_models_are_a_usage_error(tmp_path: Path) -> None:
