@@ -15,12 +15,18 @@ made at each impression's first sample against its final label (the simulator's 
 the impressions after ``--skip-days``; ``auc_final_std`` and ``auc_final_runs`` beside it;
 ``auc_frozen`` and ``auc_live_paired`` {model: {task: auc}}: a copy of the model frozen after
 ``TRAINER_FREEZE_AFTER_DAYS`` against the live model on the same finals (the trainer's own
-comparison: what incremental training buys).
+comparison: what incremental training buys). ``auc_served`` {model: {task: auc}} (and its std and
+runs): the same impressions judged on what a scorer would have served them - the version published
+last before their first sample (every ``--version-every`` batches, the trainer's ``served_model()``:
+the weight average with its re-centred output biases and the served step rates, snapshotted with
+the embedding table's vocabulary of that moment), for the networks the product can serve (AITM and
+its variants; ``null`` for the rest).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 from collections.abc import Sequence
@@ -101,19 +107,36 @@ def learner_for(name: str, settings: Settings, fields: tuple[str, ...], seed: in
     )
 
 
-def run_model(name: str, seed: int, batches: list[SampleBatch], settings: Settings) -> dict[str, Any]:
-    """Test-then-train over ``batches``; the prediction at each impression's first sample."""
+def run_model(name: str, seed: int, batches: list[SampleBatch], settings: Settings,
+              version_every: int = 4) -> dict[str, Any]:
+    """Test-then-train over ``batches``; the prediction at each impression's first sample, and
+    (a servable network) the served version's at the same moment (module doc)."""
     learner = learner_for(name, settings, tuple(batches[0].features), seed)
+    servable = hasattr(learner.model, "head_b")  # the served path re-centres AITM's output biases
     preds: dict[str, np.ndarray] = {}
+    served: dict[str, np.ndarray] = {}
+    version: tuple[torch.nn.Module, Any] | None = None  # (served model, its vocabulary), as published
     t0 = time.monotonic()
-    for b in batches:
+    for k, b in enumerate(batches):
+        if version is not None:
+            first = np.flatnonzero(b.kind == FIRST)
+            if first.size:
+                model, encoder = version
+                ids = encoder.encode_columns(b.features, len(b))[first]  # unseen then: out of vocabulary
+                with torch.inference_mode():
+                    p = torch.sigmoid(model(torch.as_tensor(ids))).float().numpy()
+                for j, i in enumerate(first.tolist()):
+                    served[b.impression_ids[i]] = p[j]
         res = learner.step(b)
         done = learner.last_batch
         for i in np.flatnonzero(done.kind == FIRST).tolist():
             preds[done.impression_ids[i]] = res.scored_probs[i]
+        if servable and (k + 1) % version_every == 0:
+            version = (copy.deepcopy(learner.served_model()).eval(), copy.deepcopy(learner.encoder))
     frozen, paired = learner.frozen_metric_values(), learner.paired_metric_values()
     return {
         "preds": preds,
+        "served": served if servable else None,
         "wall_s": round(time.monotonic() - t0, 1),
         "frozen": [round(v["auc"], 4) for v in frozen["lifetime"]] if frozen else None,
         "paired": [round(v["auc"], 4) for v in paired["lifetime"]] if paired else None,
@@ -143,12 +166,19 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "auc_final_runs": {},
         "auc_frozen": {},
         "auc_live_paired": {},
+        "auc_served": {},
+        "auc_served_std": {},
+        "auc_served_runs": {},
     }
     for name, rs in runs.items():
-        a = np.array([r["auc_final"] for r in rs], np.float64)  # (S, T)
-        out["auc_final"][name] = _by_task(a.mean(0))
-        out["auc_final_std"][name] = _by_task(a.std(0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1]))
-        out["auc_final_runs"][name] = [_by_task(row) for row in a]
+        for key in ("auc_final", "auc_served"):
+            if any(r.get(key) is None for r in rs):
+                out[key][name] = out[key + "_std"][name] = out[key + "_runs"][name] = None
+                continue
+            a = np.array([r[key] for r in rs], np.float64)  # (S, T)
+            out[key][name] = _by_task(a.mean(0))
+            out[key + "_std"][name] = _by_task(a.std(0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1]))
+            out[key + "_runs"][name] = [_by_task(row) for row in a]
         if all(r["frozen"] for r in rs):
             out["auc_frozen"][name] = _by_task(np.mean([r["frozen"] for r in rs], 0))
             out["auc_live_paired"][name] = _by_task(np.mean([r["paired"] for r in rs], 0))
@@ -170,6 +200,11 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"# Online: {report['source']}", ""]
     lines += _model_table({name: [f"{m[t]:.4f} ± {sd[name][t]:.4f}" for t in TASKS]
                            for name, m in report["auc_final"].items()})
+    served, ssd = report.get("auc_served") or {}, report.get("auc_served_std") or {}
+    if any(v is not None for v in served.values()):
+        lines += ["", "Served: the same impressions scored by the version published before their first sample:", ""]
+        lines += _model_table({name: [f"{m[t]:.4f} ± {ssd[name][t]:.4f}" for t in TASKS]
+                               for name, m in served.items() if m is not None})
     if report["auc_frozen"]:
         live = report["auc_live_paired"]
         lines += ["", "Live vs frozen on the same finals (lifetime AUC after the freeze):", ""]
@@ -197,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated (by name only: {', '.join(VARIANT_MODELS)})")
     p.add_argument("--sim-seed", type=int, default=0)
     p.add_argument("--drift", type=float, default=0.03, help="radians/day of concept drift")
+    p.add_argument("--version-every", type=int, default=4,
+                   help="batches between two served versions (auc_served; the product: every 3 s)")
     p.add_argument("--delivery", choices=DELIVERY_PROFILES, default="realtime",
                    help="how the simulator delivers the later steps (batch-feeds: each bank's daily files)")
     p.add_argument("--carry", type=_carry, default=(0.0, 0.0, 0.0),
@@ -214,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(models) - set(MODELS)
     if unknown:
         p.error(f"unknown models {sorted(unknown)}; choose from {MODELS}")
+    if args.version_every < 1:
+        p.error("--version-every must be at least 1")
     if not 0 <= args.skip_days < args.days:
         p.error("--skip-days must be at least 0 and below --days")
     settings = Settings()
@@ -241,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {}
     for name in models:
         for seed in range(args.seeds):
-            r = run_model(name, seed, batches, settings)
+            r = run_model(name, seed, batches, settings, args.version_every)
             r["auc_final"] = final_aucs(r.pop("preds"), truth)
+            served = r.pop("served")
+            r["auc_served"] = final_aucs(served, truth) if served is not None else None
             runs.setdefault(name, []).append(r)
             print(f"{name} seed {seed}: {r['auc_final']} ({r['wall_s']} s)", flush=True)
     world = (f"seed {args.sim_seed}" + (f", carry {list(args.carry)}" if any(args.carry) else "")
@@ -271,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
             "trainer_lr_volume_power": settings.trainer_lr_volume_power,
             "trainer_batch_size": settings.trainer_batch_size,
             "trainer_freeze_after_days": settings.trainer_freeze_after_days,
+            "trainer_ema_half_life_rows": settings.trainer_ema_half_life_rows,
         },
+        "version_every": args.version_every,
         "wall_s": {name: [r["wall_s"] for r in rs] for name, rs in runs.items()},
         "seconds": round(time.monotonic() - t0, 1),
         "load_avg_1m": [round(load0[0], 2), round(os.getloadavg()[0], 2)],

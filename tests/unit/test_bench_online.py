@@ -85,6 +85,10 @@ def test_a_tiny_online_run_writes_auc_final_per_model_and_the_seeds(
     other = json.loads(glorot.read_text())
     assert other["dense_init"] == "glorot"
     assert other["auc_final_runs"]["AITM"][0] != report["auc_final_runs"]["AITM"][0]
+    # what was served: for AITM its published versions (the weight average), none for the MLP
+    assert report["auc_served"]["MLP"] is None
+    assert report["auc_served"]["AITM"]["click"] != report["auc_final"]["AITM"]["click"]
+    assert report["auc_served"]["AITM"]["click"] > 0.55
     # --delivery and --carry draw another stream (daily files; the adverse world): other figures
     for flag, value in (("--delivery", "batch-feeds"), ("--carry", "0.5,-0.8,0.5")):
         path = tmp_path / f"{flag[2:]}.json"
@@ -92,6 +96,22 @@ def test_a_tiny_online_run_writes_auc_final_per_model_and_the_seeds(
         world = json.loads(path.read_text())
         assert world[flag[2:]] == (value if flag == "--delivery" else [0.5, -0.8, 0.5])
         assert world["auc_final_runs"]["AITM"][0] != report["auc_final_runs"]["AITM"][0]
+
+
+def test_without_the_average_a_version_every_batch_serves_what_the_live_model_predicted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no weight average: a version is the trained model itself; published after every batch, it is
+    # the very model that scores the next batch, so the served figures are the live ones - but for
+    # the values a batch admits to the table, which the version reads as out of vocabulary
+    monkeypatch.setenv("TRAINER_EMA_HALF_LIFE_ROWS", "0")
+    out = tmp_path / "live.json"
+    argv = ["--json", str(out), "--days", "3", "--impressions-per-day", "500", "--skip-days", "1",
+            "--seeds", "1", "--models", "AITM", "--version-every", "1"]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    for t in TASKS:
+        assert report["auc_served"]["AITM"][t] == pytest.approx(report["auc_final"]["AITM"][t], abs=0.005)
 
 
 def test_unknown_models_are_a_usage_error(tmp_path: Path) -> None:
