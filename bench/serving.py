@@ -17,7 +17,8 @@ topic and ``POST /score`` - and compared with the simulator's true probabilities
 - ``auc_vs_truth`` {task}: median over versions past day 2 of the AUC of served predictions
   against labels drawn from the true probabilities (``oracle_auc``: the truth's own AUC);
 - ``scores_topic``: the rows actually published on ``scores`` by the scorer process, checked for
-  the funnel order.
+  the funnel order; ``served_auc`` {task}: what users received - each impression's published score
+  (by the version the scorer held then) against its final label, impressions past ``--skip-days``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from aitm.evaluate import auc
 from bench.report import write_json
 from bench.supervisor import Supervisor, read_procfile, wait_http
 from bench.topic_reader import read_topic
-from simulators.faults import Record, SimulatedStream
+from simulators.faults import SimulatedStream, TruthRow
 from simulators.funnel import DAY_MS, EPOCH_MS, FunnelSimulator, SimConfig
 from simulators.kafka_sink import produce
 from stream.contract.events import TASKS
@@ -258,7 +259,7 @@ def run_profile(profile: str, args: argparse.Namespace, work: Path) -> dict[str,
     settings = Settings(kafka_bootstrap_servers=broker.bootstrap, data_dir=work / "data", model_store_keep=1_000_000,
                         model_store_keep_checkpoints=1_000_000)
     # the days' events, then every late one (the tail), as the simulator's delivery profile delivers them
-    records: Iterable[Record] = SimulatedStream(sim, args.days, delivery=profile.replace("_", "-"),
+    records = SimulatedStream(sim, args.days, delivery=profile.replace("_", "-"),
                                                 partitions=settings.event_partitions)
     ensure_topics(settings.kafka_python_config(), settings.topic_specs())
     env = {
@@ -306,7 +307,7 @@ def run_profile(profile: str, args: argparse.Namespace, work: Path) -> dict[str,
             time.sleep(3)  # the scorer swaps the last version in
             codes = sup.stop_all(order=["scorer", "joiner"])
             report["exit_codes"] = codes
-        report["scores_topic"] = _check_scores(settings)
+        report["scores_topic"] = _check_scores(settings, records.truth, EPOCH_MS + round(args.skip_days * DAY_MS))
         times = _stream_times(settings, work / "samples.ndjson" if args.keep else None)
         announced = sorted((parse_version(r.value) for r in read_topic(settings, settings.topic_model_versions)),
                            key=lambda v: v.version)
@@ -364,11 +365,26 @@ def report_of(scores: list[VersionScore], fresh: FreshSets, args: argparse.Names
     return report
 
 
-def _check_scores(settings: Settings) -> dict[str, Any]:
-    """Rows the scorer process published on ``scores``: how many, and how many break the funnel order."""
+def _check_scores(settings: Settings, truth: Sequence[TruthRow] = (), since_ms: int = 0) -> dict[str, Any]:
+    """Rows the scorer process published on ``scores``: how many, how many break the funnel order,
+    and ``served_auc`` {task}: what users received - each impression's published score (the version
+    the scorer held when the impression came) against its final label (the simulator's answer key),
+    over the impressions of ``truth`` since ``since_ms`` with a final (the last score of a repeat)."""
     recs = read_topic(settings, settings.topic_scores)
-    probs = np.array([[json.loads(r.value)["probabilities"][t] for t in TASKS] for r in recs]).reshape(-1, N_TASKS)
-    return {"rows": len(recs), "non_monotone_share": round(non_monotone_share(probs), 6)}
+    values = [json.loads(r.value) for r in recs]
+    probs = np.array([[v["probabilities"][t] for t in TASKS] for v in values]).reshape(-1, N_TASKS)
+    out: dict[str, Any] = {"rows": len(recs), "non_monotone_share": round(non_monotone_share(probs), 6)}
+    if truth:
+        scored = {v["impression_id"]: i for i, v in enumerate(values)}
+        rows = [(scored[r.impression_id], r.final_labels) for r in truth
+                if r.final_labels is not None and not r.tail and r.event_time_ms >= since_ms
+                and r.impression_id in scored]
+        y = np.array([f for _, f in rows], np.float64).reshape(-1, N_TASKS)
+        p = probs[[i for i, _ in rows]].reshape(-1, N_TASKS)
+        out["served_auc"] = {task: round(auc(y[:, t], p[:, t]), 4) if y[:, t].min(initial=0) < y[:, t].max(initial=0)
+                             else None for t, task in enumerate(TASKS)}
+        out["served_auc_impressions"] = len(rows)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import doctest
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,7 +14,9 @@ import stream.learn.learner
 import stream.learn.stabilisers
 import stream.ops.jsonsafe
 from bench.serving import VersionScore, figures
+from simulators.faults import TruthRow
 from simulators.funnel import DAY_MS, EPOCH_MS
+from stream.ops.settings import Settings
 
 
 def version(v: int, day: float | None, mean: list[float], cal: list[float], non_monotone: float = 0.0) -> VersionScore:
@@ -59,3 +63,28 @@ def test_a_run_without_keep_leaves_no_working_directory_behind(tmp_path: Path, m
         bench.serving.main(["--replay", str(tmp_path / "no-such-run"), "--profiles", "realtime",
                       "--json", str(tmp_path / "out.json")])
     assert not work.exists()
+
+
+def test_served_auc_judges_each_impressions_published_score_against_its_final_label(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def score(iid: str, p: float) -> SimpleNamespace:
+        probs = {"click": p, "application": p / 2, "approval": 1 - p, "activation": 0.001}
+        return SimpleNamespace(value=json.dumps({"impression_id": iid, "probabilities": probs}))
+
+    def row(iid: str, at: int, final: tuple[int, ...] | None, tail: bool = False) -> TruthRow:
+        return TruthRow(iid, "b", at, (0.1,) * 4, (0,) * 4, False, (), tail, final)
+
+    # scored: a (twice: the last counts), b, c, d; e never scored; f before the warm-up; g in the tail
+    recs = [score("a", 0.1), score("b", 0.2), score("a", 0.9), score("c", 0.3), score("d", 0.8),
+            score("f", 0.0), score("g", 0.0)]
+    truth = [row("a", 10, (1, 1, 0, 0)), row("b", 10, (0, 0, 1, 0)), row("c", 10, (0, 0, 1, 0)),
+             row("d", 10, (1, 0, 0, 0)), row("e", 10, (1, 1, 1, 1)), row("f", 1, (1, 1, 1, 0)),
+             row("g", 10, (1, 1, 1, 0), tail=True), row("h", 10, None)]
+    monkeypatch.setattr(bench.serving, "read_topic", lambda settings, topic: recs)
+    out = bench.serving._check_scores(Settings(), truth, since_ms=5)
+    assert out["rows"] == 7 and out["served_auc_impressions"] == 4  # a, b, c, d
+    assert out["served_auc"]["click"] == 1.0  # a 0.9 and d 0.8 clicked, b and c not
+    assert out["served_auc"]["application"] == 1.0
+    assert out["served_auc"]["approval"] == 1.0  # 1 - p: b and c highest
+    assert out["served_auc"]["activation"] is None  # no positive among them: no AUC
