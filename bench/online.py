@@ -4,11 +4,13 @@ The simulator's records for ``--days`` days go once through the joiner's ``Funne
 (``bench.paced_join``: no broker, so every model sees the very same samples in the very same
 order), then through one ``OnlineLearner`` per model and training seed - the trainer's core with
 its settings from the environment (``TRAINER_MODE`` fnw by default, ``TRAINER_LR``, batch size,
-stabilisers, ``TRAINER_DENSE_INIT`` unless ``--dense-init`` says otherwise), test-then-train. Only the network differs: AITM (the paper's joint heads),
-AITM-cond (AITM with step-conditional heads, docs/models.md), ESMM, MMoE, PLE and the single-task
-MLP (``aitm.baselines``), each with its output biases started at the funnel's prior rates as the
-product's AITM (``TRAINER_PRIOR_RATES``; ESMM's and AITM-cond's heads are conditionals, so theirs
-start at the conditional rates).
+stabilisers, ``TRAINER_DENSE_INIT`` unless ``--dense-init`` says otherwise), test-then-train. Only the network differs: AITM (the
+product's AITM: the head and transfer of ``TRAINER_AITM_HEAD`` / ``TRAINER_AITM_TRANSFER``, by
+default the conditional head with the gated transfer - what the product serves), AITM-joint (the
+paper's: joint heads, AIT transfer), AITM-cond (the paper's transfer under step-conditional heads,
+docs/models.md), ESMM, MMoE, PLE and the single-task MLP (``aitm.baselines``), each with its
+output biases started at the funnel's prior rates as the product's AITM (``TRAINER_PRIOR_RATES``;
+conditional heads - ESMM's, AITM-cond's - start at the conditional rates).
 
 Figures: ``auc_final`` {model: {task: auc}}, the mean over ``seeds`` of the AUC of the prediction
 made at each impression's first sample against its final label (the simulator's answer key), over
@@ -41,20 +43,24 @@ from aitm.baselines import ESMM, VARIANT_MODELS, TaskHeads, build_model
 from aitm.embedding_table import DynamicTable
 from aitm.evaluate import auc
 from aitm.layers import DENSE_INITS
-from aitm.model import AITM
+from aitm.model import AITM, AITMConfig
 from bench.churn import joined_samples
 from bench.report import write_with_markdown
 from simulators.delivery import PROFILES as DELIVERY_PROFILES
 from simulators.faults import SimulatedStream, TruthRow
 from simulators.funnel import DAY_MS, EPOCH_MS, TASKS, FunnelSimulator, SimConfig
-from stream.learn.learner import OnlineLearner
+from stream.learn.learner import OnlineLearner, model_options
 from stream.learn.sample_batch import FIRST, N_TASKS, SampleBatch, as_batch
 from stream.learn.stabilisers import init_output_bias, stabilisers_from
 from stream.ops.command import command_parser
 from stream.ops.settings import Settings
 
-# AITM-cond: step-conditional heads; AITM-gated, AITM-cond-gated: the transfer a gated residual from 0
-MODELS = ("AITM", "AITM-cond", "AITM-gated", "AITM-cond-gated", "ESMM", "MMoE", "PLE", "MLP")
+# AITM: the product's (its settings' head and transfer); AITM-joint: the paper's; AITM-cond:
+# step-conditional heads; AITM-gated, AITM-cond-gated: the transfer a gated residual from 0
+MODELS = ("AITM", "AITM-joint", "AITM-cond", "AITM-gated", "AITM-cond-gated", "ESMM", "MMoE", "PLE", "MLP")
+# run only when named (--models): the default list stays six long (AITM-cond, the paper's transfer
+# under conditional heads, is the step between AITM-joint and the product's AITM)
+BY_NAME_ONLY = ("AITM-cond", *VARIANT_MODELS)
 
 
 def init_prior_bias(model: nn.Module, rates: Sequence[float]) -> None:
@@ -80,6 +86,15 @@ def init_prior_bias(model: nn.Module, rates: Sequence[float]) -> None:
         heads[0].b.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=heads[0].b.dtype).view(-1, 1, 1))
 
 
+def network_for(name: str, settings: Settings, vocab_sizes: Sequence[int]) -> nn.Module:
+    """The network ``name``: "AITM" is the product's (``TRAINER_AITM_HEAD``, ``TRAINER_AITM_TRANSFER``),
+    "AITM-joint" the paper's, the others ``build_model``'s."""
+    if name == "AITM":
+        return AITM(AITMConfig(vocab_sizes=tuple(vocab_sizes), n_tasks=N_TASKS, **model_options(settings)))
+    return build_model("AITM" if name == "AITM-joint" else name, vocab_sizes, N_TASKS,
+                       dense_init=settings.trainer_dense_init)
+
+
 def learner_for(name: str, settings: Settings, fields: tuple[str, ...], seed: int) -> OnlineLearner:
     """The trainer's learner (its settings, a fresh embedding table) around the network ``name``."""
     s = settings
@@ -87,7 +102,7 @@ def learner_for(name: str, settings: Settings, fields: tuple[str, ...], seed: in
         fields, s.trainer_embedding_rows, s.trainer_feature_min_count, s.trainer_embedding_ttl_ms
     )
     torch.manual_seed(seed)
-    model = build_model(name, table.vocab_sizes, N_TASKS, dense_init=s.trainer_dense_init)
+    model = network_for(name, s, table.vocab_sizes)
     if s.trainer_prior_rates:
         init_prior_bias(model, s.trainer_prior_rates)
     freeze_ms = int(s.trainer_freeze_after_days * DAY_MS) if s.trainer_freeze_after_days else None
@@ -228,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impressions-per-day", type=int, default=4000)
     p.add_argument("--skip-days", type=float, default=2.0, help="impressions before this day are not judged")
     p.add_argument("--seeds", type=int, default=5, help="training seeds per model")
-    p.add_argument("--models", default=",".join(m for m in MODELS if m not in VARIANT_MODELS),
-                   help=f"comma-separated (by name only: {', '.join(VARIANT_MODELS)})")
+    p.add_argument("--models", default=",".join(m for m in MODELS if m not in BY_NAME_ONLY),
+                   help=f"comma-separated (by name only: {', '.join(BY_NAME_ONLY)})")
     p.add_argument("--sim-seed", type=int, default=0)
     p.add_argument("--drift", type=float, default=0.03, help="radians/day of concept drift")
     p.add_argument("--version-every", type=int, default=4,

@@ -30,7 +30,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "ablation": ("bench.ablation", "our AITM vs a reference one from the original code, knob by knob"),
     "train": ("bench.train", "training samples/s and batch-1 scoring latency"),
     "feed": ("bench.feed", "the trainer feed's samples/s and bytes per sample, JSON vs msgpack"),
-    "online": ("bench.online", "AITM, AITM-cond, ESMM, MMoE, PLE and the MLP through the same online learner"),
+    "online": ("bench.online", "AITM (the product's), AITM-joint (the paper's), ESMM, MMoE, PLE and the MLP through the same online learner"),
     "stream": ("bench.stream", "the streaming learner end to end"),
     "chaos": ("bench.chaos", "kill -9 chaos run: nothing lost"),
     "rebalance": ("bench.rebalance", "two joiners, one leaving and joining again: nothing lost"),

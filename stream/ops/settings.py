@@ -187,13 +187,13 @@ class Settings(BaseSettings):
     # end-to-end probability by its own sigmoid - or "conditional" - each head a step conditional,
     # p_t = p_(t-1) * sigmoid(c_t) as ESMM's, the funnel order held by construction (docs/models.md,
     # "The output parametrisation"). A checkpoint keeps the head it was trained with
-    trainer_aitm_head: Literal["joint", "conditional"] = "joint"
+    trainer_aitm_head: Literal["joint", "conditional"] = "conditional"
     # how AITM's task t takes in what task t-1 transfers (aitm/model.py AITMTransfer): "ait", the
     # paper's - z_t = AIT(q_t, p_(t-1)) - or "gated" - z_t = q_t + g_t * AIT(q_t, p_(t-1)), the
     # per-unit gate g_t at 0, so the model starts as per-task towers (with the conditional head
     # exactly ESMM) and opens the transfer as far as the loss asks (docs/models.md, "The transfer
     # as a gated residual"). A checkpoint keeps the transfer it was trained with
-    trainer_aitm_transfer: Literal["ait", "gated"] = "ait"
+    trainer_aitm_transfer: Literal["ait", "gated"] = "gated"
     # one forward pass per batch, with dropout off, both scores it (test) and carries the gradient
     # (train): a third less torch work. Online, each sample is seen once; dropout made no AUC
     # difference beyond seed noise (replay, docs/streaming.md). false: a scoring pass in eval

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from aitm.baselines import build_model
 from aitm.model import AITM
-from bench.online import MODELS, init_prior_bias, learner_for, main
+from bench.online import MODELS, init_prior_bias, learner_for, main, network_for
 from stream.ops.settings import Settings
 
 TASKS = ["click", "application", "approval", "activation"]
@@ -20,7 +19,7 @@ RATES = (0.2, 0.02, 0.01, 0.005)
 
 @pytest.mark.parametrize("name", MODELS)
 def test_every_model_starts_at_the_prior_rates(name: str) -> None:
-    model = build_model(name, (5, 7, 3), 4).eval()
+    model = network_for(name, Settings(trainer_dense_init="glorot"), (5, 7, 3)).eval()
     init_prior_bias(model, RATES)
     # with near-zero embeddings the towers' outputs are small: the start sits near the rates
     with torch.no_grad():
@@ -37,11 +36,28 @@ def test_the_learner_trains_the_named_network() -> None:
     assert isinstance(learner_for("AITM", Settings(), ("a", "b"), seed=0).model, AITM)
 
 
-def test_aitm_cond_is_aitm_with_conditional_heads_and_aitm_the_papers() -> None:
+def test_aitm_cond_is_aitm_with_conditional_heads_and_aitm_joint_the_papers() -> None:
     cond = learner_for("AITM-cond", Settings(), ("a", "b"), seed=0).model
-    joint = learner_for("AITM", Settings(), ("a", "b"), seed=0).model
-    assert isinstance(cond, AITM) and cond.config.head == "conditional"
-    assert isinstance(joint, AITM) and joint.config.head == "joint"
+    joint = learner_for("AITM-joint", Settings(), ("a", "b"), seed=0).model
+    assert isinstance(cond, AITM) and (cond.config.head, cond.config.transfer) == ("conditional", "ait")
+    assert isinstance(joint, AITM) and (joint.config.head, joint.config.transfer) == ("joint", "ait")
+
+
+def test_the_row_aitm_is_the_products_configured_aitm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRAINER_AITM_HEAD", raising=False)
+    monkeypatch.delenv("TRAINER_AITM_TRANSFER", raising=False)
+    product = learner_for("AITM", Settings(), ("a", "b"), seed=0).model
+    assert isinstance(product, AITM)
+    assert (product.config.head, product.config.transfer) == ("conditional", "gated")  # the defaults
+    monkeypatch.setenv("TRAINER_AITM_HEAD", "joint")
+    monkeypatch.setenv("TRAINER_AITM_TRANSFER", "ait")
+    papers = learner_for("AITM", Settings(), ("a", "b"), seed=0).model
+    assert (papers.config.head, papers.config.transfer) == ("joint", "ait")
+    # it starts at the prior rates whichever head: end-to-end for the joint, conditionals else
+    rates = np.asarray(Settings().trainer_prior_rates)
+    cond = rates / np.concatenate(([1.0], rates[:-1]))
+    np.testing.assert_allclose(product.head_b.detach().numpy(), np.log(cond / (1 - cond)), rtol=1e-5)
+    np.testing.assert_allclose(papers.head_b.detach().numpy(), np.log(rates / (1 - rates)), rtol=1e-5)
 
 
 def test_the_networks_start_with_the_products_dense_init_unless_told() -> None:

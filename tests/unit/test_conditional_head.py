@@ -140,7 +140,9 @@ def test_a_checkpoint_of_the_joint_head_still_loads_as_joint(tmp_path: Path) -> 
     assert config_from_dict(load_checkpoint(tmp_path / "cond.pt")["config"]) == cond
 
 
-def test_an_unknown_head_is_refused_and_the_product_keeps_the_papers() -> None:
+def test_an_unknown_head_is_refused_and_the_product_serves_the_conditional(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="unknown AITM head"):
         AITMConfig(vocab_sizes=VOCAB, head="product")  # type: ignore[arg-type]
-    assert Settings().trainer_aitm_head == "joint"
+    monkeypatch.delenv("TRAINER_AITM_HEAD", raising=False)
+    assert Settings().trainer_aitm_head == "conditional"  # the product's (issue 17)
+    assert AITMConfig(vocab_sizes=VOCAB).head == "joint"  # the model's own default: the paper's, old checkpoints

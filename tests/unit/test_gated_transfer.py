@@ -103,4 +103,16 @@ def test_the_benches_run_the_gated_variants_only_when_named() -> None:
     assert "AITM-cond-gated" in MODELS  # accepted by name
     for default in (build_parser().parse_args([]).models, _parse([]).models):
         names = default.split(",")
-        assert "AITM-cond" in names and "AITM-gated" not in names and "AITM-cond-gated" not in names
+        assert "AITM" in names and "AITM-gated" not in names and "AITM-cond-gated" not in names
+    # bench online: "AITM" is the product's, "AITM-joint" the paper's; AITM-cond by name only
+    online = build_parser().parse_args([]).models.split(",")
+    assert online == ["AITM", "AITM-joint", "ESMM", "MMoE", "PLE", "MLP"]
+    assert "AITM-cond" in _parse([]).models.split(",")  # bench models: unchanged
+
+
+def test_the_product_serves_the_gated_transfer_and_the_model_keeps_the_papers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stream.ops.settings import Settings
+
+    monkeypatch.delenv("TRAINER_AITM_TRANSFER", raising=False)
+    assert Settings().trainer_aitm_transfer == "gated"  # the product's default (issue 17)
+    assert AITMConfig(vocab_sizes=VOCAB).transfer == "ait"  # the model's: the paper's, old checkpoints'

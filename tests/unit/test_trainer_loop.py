@@ -223,6 +223,40 @@ def test_a_warm_start_begins_from_the_given_checkpoint(tmp_path: Path) -> None:
                                rtol=1e-6)
 
 
+@pytest.mark.parametrize("written_before_the_fields", [True, False])
+def test_a_checkpoint_of_the_old_default_resumes_as_it_was_trained_under_the_new_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written_before_the_fields: bool
+) -> None:
+    # the product's default became the conditional head with the gated transfer (issue 17); a
+    # checkpoint of the paper's AITM (joint, ait) - with or without the fields - keeps its network
+    monkeypatch.delenv("TRAINER_AITM_HEAD", raising=False)
+    monkeypatch.delenv("TRAINER_AITM_TRANSFER", raising=False)
+    assert (Settings().trainer_aitm_head, Settings().trainer_aitm_transfer) == ("conditional", "gated")
+    from aitm.checkpoint import save_checkpoint
+
+    torch.manual_seed(5)
+    enc = FeatureEncoder(("f",), capacity=16, min_count=1)
+    enc.encode_dicts([{"f": "0"}, {"f": "1"}], update=True)
+    cfg = AITMConfig(vocab_sizes=enc.vocab_sizes)
+    model = AITM(cfg)
+    ckpt = make_checkpoint(model, cfg, enc.state_dict(), 0)
+    if written_before_the_fields:
+        del ckpt["config"]["head"], ckpt["config"]["transfer"]
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, ckpt)
+    t, _, _ = make(tmp_path / "run", [], trainer_warm_start=path)
+    t.restore()
+    assert t.learner is not None
+    restored = t.learner.model
+    assert (restored.config.head, restored.config.transfer, restored.transfer_gate) == ("joint", "ait", None)
+    ids = np.array([[1], [2]])
+    np.testing.assert_allclose(t.learner.predict(ids), torch.sigmoid(model.eval()(torch.as_tensor(ids))).detach().numpy(),
+                               rtol=1e-6)
+    # and a cold start under the same settings is the new default
+    cold = t._new_learner(("f",)).model
+    assert (cold.config.head, cold.config.transfer) == ("conditional", "gated")
+
+
 def test_published_versions_reach_a_scorer_as_a_full_snapshot_then_deltas(tmp_path: Path) -> None:
     """The trainer writes each version's serving artifact beside its checkpoint; a scorer's
     follower applies the deltas in place and serves what the checkpoint serves."""
