@@ -260,7 +260,7 @@ def run_profile(profile: str, args: argparse.Namespace, work: Path) -> dict[str,
                         model_store_keep_checkpoints=1_000_000)
     # the days' events, then every late one (the tail), as the simulator's delivery profile delivers them
     records = SimulatedStream(sim, args.days, delivery=profile.replace("_", "-"),
-                                                partitions=settings.event_partitions)
+                              partitions=settings.event_partitions)
     ensure_topics(settings.kafka_python_config(), settings.topic_specs())
     env = {
         **os.environ,
