@@ -381,8 +381,8 @@ def _check_scores(settings: Settings, truth: Sequence[TruthRow] = (), since_ms: 
                 and r.impression_id in scored]
         y = np.array([f for _, f in rows], np.float64).reshape(-1, N_TASKS)
         p = probs[[i for i, _ in rows]].reshape(-1, N_TASKS)
-        out["served_auc"] = {task: round(auc(y[:, t], p[:, t]), 4) if y[:, t].min(initial=0) < y[:, t].max(initial=0)
-                             else None for t, task in enumerate(TASKS)}
+        aucs = [auc(y[:, t], p[:, t]) for t in range(N_TASKS)]  # nan with one class (or none)
+        out["served_auc"] = {task: None if np.isnan(a) else round(a, 4) for task, a in zip(TASKS, aucs, strict=True)}
         out["served_auc_impressions"] = len(rows)
     return out
 

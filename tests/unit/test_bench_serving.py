@@ -88,3 +88,5 @@ def test_served_auc_judges_each_impressions_published_score_against_its_final_la
     assert out["served_auc"]["application"] == 1.0
     assert out["served_auc"]["approval"] == 1.0  # 1 - p: b and c highest
     assert out["served_auc"]["activation"] is None  # no positive among them: no AUC
+    clicked = bench.serving._check_scores(Settings(), [truth[0], truth[3]], since_ms=5)  # a and d: all clicked
+    assert clicked["served_auc"]["click"] is None and clicked["served_auc"]["approval"] is None
