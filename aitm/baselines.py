@@ -167,9 +167,12 @@ class PLE(nn.Module):
 
 # "AITM-cond": AITM with step-conditional heads (AITMConfig.head = "conditional"; docs/models.md)
 # "AITM-gated", "AITM-cond-gated": the transfer as a gated residual from 0 (AITMConfig.transfer)
-NEURAL_MODELS = ("MLP", "ESMM", "OMoE", "MMoE", "PLE", "AITM", "AITM-cond", "AITM-gated", "AITM-cond-gated")
+# "AITM-experts": AITM-cond-gated whose towers' first layers are 2 x T shared experts under a
+# gate per task, as MMoE's (AITMConfig.experts)
+NEURAL_MODELS = ("MLP", "ESMM", "OMoE", "MMoE", "PLE", "AITM", "AITM-cond", "AITM-gated", "AITM-cond-gated",
+                 "AITM-experts")
 # variants the benches run only when named (--models): not in their default lists, which stay as long
-VARIANT_MODELS = ("AITM-gated", "AITM-cond-gated")
+VARIANT_MODELS = ("AITM-gated", "AITM-cond-gated", "AITM-experts")
 
 
 def build_model(name: str, vocab_sizes: Sequence[int], n_tasks: int, dense_init: DenseInit = "glorot") -> nn.Module:
@@ -189,6 +192,8 @@ def build_model(name: str, vocab_sizes: Sequence[int], n_tasks: int, dense_init:
         "AITM-gated": lambda: AITM(AITMConfig(vocab_sizes=vocab, n_tasks=n_tasks, dense_init=di, transfer="gated")),
         "AITM-cond-gated": lambda: AITM(AITMConfig(vocab_sizes=vocab, n_tasks=n_tasks, dense_init=di,
                                                    head="conditional", transfer="gated")),
+        "AITM-experts": lambda: AITM(AITMConfig(vocab_sizes=vocab, n_tasks=n_tasks, dense_init=di,
+                                                head="conditional", transfer="gated", experts=2 * n_tasks)),
     }
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose from {NEURAL_MODELS}")

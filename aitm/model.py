@@ -33,6 +33,10 @@ AITM_HEADS: tuple[AITMHead, ...] = ("joint", "conditional")
 # transfer enters only as far as the loss asks for it
 AITMTransfer = Literal["ait", "gated"]
 AITM_TRANSFERS: tuple[AITMTransfer, ...] = ("ait", "gated")
+# the towers' input (docs/models.md, "Shared experts under the towers"): 0 - the paper's - every
+# tower reads the shared embeddings; E > 0 - the towers' first layers become E shared experts
+# (MMoE's), each task's tower reading its own softmax-gated mixture of them, so the dense steps'
+# layers are there for the sparse ones to use, beside the transfer between the towers' tops
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,10 @@ class AITMConfig:
     # "ait" (the paper's: z_t = AIT(q_t, p_(t-1))) or "gated" (z_t = q_t + g_t * AIT(q_t, p_(t-1)),
     # g_t starting at 0): AITM_TRANSFERS. Checkpoints written before this field load as "ait"
     transfer: AITMTransfer = "ait"
+    # 0 (the paper's shared embeddings under the towers) or E shared experts of the towers' first
+    # layers (tower_dims[:-1]) mixed per task by MMoE's gates, the towers keeping their last layer.
+    # Checkpoints written before this field load with 0, the shape they were trained with
+    experts: int = 0
 
     def __post_init__(self) -> None:
         check_dense_init(self.dense_init)
@@ -64,6 +72,8 @@ class AITMConfig:
             raise ValueError(f"unknown AITM head {self.head!r}; choose from {AITM_HEADS}")
         if self.transfer not in AITM_TRANSFERS:
             raise ValueError(f"unknown AITM transfer {self.transfer!r}; choose from {AITM_TRANSFERS}")
+        if self.experts < 0 or (self.experts and len(self.tower_dims) < 2):
+            raise ValueError(f"experts must be 0, or > 0 with at least two tower layers; got {self.experts}")
         if self.n_tasks < 1:
             raise ValueError(f"n_tasks must be >= 1, got {self.n_tasks}")
         if self.transfer_dim != self.tower_dims[-1]:
@@ -110,7 +120,15 @@ class AITM(nn.Module):
         t, k = config.n_tasks, config.tower_dims[-1]
         self.embedding = FusedEmbedding(config.vocab_sizes, config.emb_dim)
         init = config.dense_init
-        self.towers = FusedTowers(self.embedding.out_dim, t, config.tower_dims, config.dropouts, init)
+        d = self.embedding.out_dim
+        if config.experts:  # MMoE's experts (the towers' first layers) and a gate per task
+            self.experts: FusedTowers | None = FusedTowers(
+                d, config.experts, config.tower_dims[:-1], config.dropouts[:-1], init)
+            self.expert_gates: nn.Linear | None = nn.Linear(d, t * config.experts)
+            self.towers = FusedTowers(config.tower_dims[-2], t, config.tower_dims[-1:], config.dropouts[-1:], init)
+        else:
+            self.experts = self.expert_gates = None
+            self.towers = FusedTowers(d, t, config.tower_dims, config.dropouts, init)
         self.transfers = nn.ModuleList(
             nn.Sequential(dense(k, config.transfer_dim, init), nn.ReLU(), FastDropout(config.dropouts[-1]))
             for _ in range(t - 1)
@@ -142,7 +160,7 @@ class AITM(nn.Module):
     def head_logits_with_weights(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The heads' own logits (B, T) and the AIT weight on p_{t-1} for t = 2..T, (B, T-1)."""
         v = self.embedding(ids)  # (B, F*d)
-        q = self.towers(v)  # (T, B, k)
+        q = self.towers(self.tower_inputs(v))  # (T, B, k)
         zs = [q[0]]  # z_1 = q_1
         weights = []
         for i, (transfer, ait) in enumerate(zip(self.transfers, self.aits, strict=True)):
@@ -157,6 +175,16 @@ class AITM(nn.Module):
         no_weights = logits.new_zeros(logits.shape[0], 0)  # (B, 0) when T = 1
         w_prev = torch.stack(weights, dim=1) if weights else no_weights  # (B, T-1)
         return logits, w_prev
+
+    def tower_inputs(self, v: torch.Tensor) -> torch.Tensor:
+        """The embeddings (B, F*d) as the towers read them: shared (B, F*d), or with experts each
+        task's gated mixture of the experts' outputs (T, B, h)."""
+        if self.experts is None or self.expert_gates is None:
+            return v
+        out = self.experts(v)  # (E, B, h)
+        gates = self.expert_gates(v).view(v.shape[0], self.config.n_tasks, -1)  # (B, T, E)
+        gates = torch.softmax(gates, dim=-1).transpose(0, 1)  # (T, B, E)
+        return torch.einsum("tbe,ebh->tbh", gates, out)  # (T, B, h)
 
     def regularized_parameters(self) -> list[torch.Tensor]:
         """Parameters under L2 in the original code: the embeddings and the attention maps."""

@@ -147,7 +147,7 @@ def ait_weights_and_shares(model: AITM, ids: torch.Tensor) -> tuple[torch.Tensor
     says little when the two values differ in size)."""
     model.eval()
     v = model.embedding(ids)  # (B, F*d)
-    q = model.towers(v)  # (T, B, k)
+    q = model.towers(model.tower_inputs(v))  # (T, B, k)
     z, weights, shares = q[0], [], []
     for i, (transfer, ait) in enumerate(zip(model.transfers, model.aits, strict=True)):
         assert isinstance(ait, AIT)
@@ -157,6 +157,8 @@ def ait_weights_and_shares(model: AITM, ids: torch.Tensor) -> tuple[torch.Tensor
         weights.append(w[:, 1])
         shares.append(size[:, 1] / size.sum(1).clamp_min(1e-12))
         z = part.sum(1)  # (B, k)
+        if model.transfer_gate is not None:  # the gated transfer: the tower plus the gated AIT output
+            z = q[i + 1] + model.transfer_gate[i] * z
     empty = v.new_zeros(v.shape[0], 0)
     return (torch.stack(weights, 1), torch.stack(shares, 1)) if weights else (empty, empty)
 

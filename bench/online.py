@@ -57,7 +57,8 @@ from stream.ops.settings import Settings
 
 # AITM: the product's (its settings' head and transfer); AITM-joint: the paper's; AITM-cond:
 # step-conditional heads; AITM-gated, AITM-cond-gated: the transfer a gated residual from 0
-MODELS = ("AITM", "AITM-joint", "AITM-cond", "AITM-gated", "AITM-cond-gated", "ESMM", "MMoE", "PLE", "MLP")
+MODELS = ("AITM", "AITM-joint", "AITM-cond", "AITM-gated", "AITM-cond-gated", "AITM-experts", "ESMM", "MMoE", "PLE",
+          "MLP")
 # run only when named (--models): the default list stays six long (AITM-cond, the paper's transfer
 # under conditional heads, is the step between AITM-joint and the product's AITM)
 BY_NAME_ONLY = ("AITM-cond", *VARIANT_MODELS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -104,7 +105,8 @@ def test_a_task_without_positives_is_na_not_nan() -> None:
     assert "n/a" in md and "nan" not in md.lower()
 
 
-def test_ait_weights_by_stage_match_the_model_and_shares_are_fractions() -> None:
+@pytest.mark.parametrize("shape", [{}, {"transfer": "gated"}, {"transfer": "gated", "experts": 4}])
+def test_ait_weights_by_stage_match_the_model_and_shares_are_fractions(shape: dict[str, Any]) -> None:
     import torch
 
     from aitm.model import AITM, AITMConfig
@@ -112,7 +114,10 @@ def test_ait_weights_by_stage_match_the_model_and_shares_are_fractions() -> None
     from bench.models import ait_weight_by_stage, ait_weights_and_shares
 
     torch.manual_seed(0)
-    model = AITM(AITMConfig(vocab_sizes=(7, 5), n_tasks=3)).eval()
+    model = AITM(AITMConfig(vocab_sizes=(7, 5), n_tasks=3, **shape)).eval()
+    if model.transfer_gate is not None:  # an open gate: task 3's transfer reads task 2's z = q + g * AIT
+        with torch.no_grad():
+            model.transfer_gate.fill_(0.7)
     ids = torch.stack([torch.randint(0, 7, (500,)), torch.randint(0, 5, (500,))], 1)
     w, share = ait_weights_and_shares(model, ids)
     np.testing.assert_allclose(w.numpy(), model.forward_with_weights(ids)[1].detach().numpy(), rtol=1e-6)
