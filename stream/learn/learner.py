@@ -61,14 +61,16 @@ class ModelOptions(TypedDict):
     dense_init: DenseInit
     head: AITMHead
     transfer: AITMTransfer
+    experts: int
 
 
 def model_options(s: Settings) -> ModelOptions:
     """The network's shape from the settings (``TRAINER_DENSE_INIT``, ``TRAINER_AITM_HEAD``,
-    ``TRAINER_AITM_TRANSFER``): the trainer and every bench that stands in for it take it from
-    here, ``OnlineLearner(..., **model_options(s))``, so a new option reaches them all."""
+    ``TRAINER_AITM_TRANSFER``, ``TRAINER_AITM_EXPERTS``): the trainer and every bench that stands in
+    for it take it from here, ``OnlineLearner(..., **model_options(s))``, so a new option reaches
+    them all."""
     return ModelOptions(dense_init=s.trainer_dense_init, head=s.trainer_aitm_head,
-                        transfer=s.trainer_aitm_transfer)
+                        transfer=s.trainer_aitm_transfer, experts=s.trainer_aitm_experts)
 
 
 @dataclass
@@ -109,6 +111,7 @@ class OnlineLearner:
         dense_init: DenseInit = "torch",
         head: AITMHead = "joint",
         transfer: AITMTransfer = "ait",
+        experts: int = 0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown delayed-feedback mode {mode!r}; one of {MODES}")
@@ -120,7 +123,7 @@ class OnlineLearner:
         st = self.stabilisers = stabilisers or Stabilisers()
         if model is None:
             model = AITM(AITMConfig(vocab_sizes=encoder.vocab_sizes, n_tasks=N_TASKS, dense_init=dense_init, head=head,
-                                    transfer=transfer))
+                                    transfer=transfer, experts=experts))
             if st.prior_rates is not None:
                 init_output_bias(model, st.prior_rates)
         self.model = model.to(self.device)

@@ -194,6 +194,12 @@ class Settings(BaseSettings):
     # exactly ESMM) and opens the transfer as far as the loss asks (docs/models.md, "The transfer
     # as a gated residual"). A checkpoint keeps the transfer it was trained with
     trainer_aitm_transfer: Literal["ait", "gated"] = "gated"
+    # shared experts under AITM's towers (aitm/model.py AITMConfig.experts): 0, the paper's - every
+    # tower reads the embeddings - or E > 0 - the towers' first layers become E experts (MMoE's),
+    # each task reading its own gated mixture (docs/models.md, "Shared experts under AITM's
+    # towers": first offline in the adverse world, behind the default online at 4,000 a day). A
+    # checkpoint keeps the shape it was trained with
+    trainer_aitm_experts: int = Field(default=0, ge=0)
     # one forward pass per batch, with dropout off, both scores it (test) and carries the gradient
     # (train): a third less torch work. Online, each sample is seen once; dropout made no AUC
     # difference beyond seed noise (replay, docs/streaming.md). false: a scoring pass in eval

@@ -23,7 +23,7 @@ from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
 from stream.contract.samples import Sample
 from stream.learn.feed import Chunk, Invalid
-from stream.learn.learner import OnlineLearner, model_options
+from stream.learn.learner import ModelOptions, OnlineLearner, model_options
 from stream.learn.sample_batch import SampleBatch
 from stream.learn.trainer import Trainer
 from stream.ops.settings import Settings
@@ -323,15 +323,34 @@ def test_the_aitm_transfer_setting_reaches_the_cold_started_model(
     assert (model.transfer_gate is not None) == (transfer == "gated")
 
 
+@pytest.mark.parametrize("experts", ["0", "8"])
+def test_the_aitm_experts_setting_reaches_the_cold_started_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, experts: str
+) -> None:
+    model = cold_started(tmp_path, monkeypatch, "TRAINER_AITM_EXPERTS", experts)[1].model
+    assert model.config.experts == int(experts)
+    assert (model.experts is not None) == (experts != "0")
+    assert Settings().trainer_aitm_experts == int(experts)
+
+
+def test_a_negative_expert_count_is_a_settings_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("TRAINER_AITM_EXPERTS", "-1")
+    with pytest.raises(ValidationError, match="trainer_aitm_experts"):
+        Settings()
+
+
 def test_model_options_carry_every_shape_setting_to_a_bench_learner(monkeypatch: pytest.MonkeyPatch) -> None:
     # the benches that stand in for the trainer build their learner with model_options(settings):
     # each shape setting, away from its default, reaches the network they build
-    for name, value in (("TRAINER_DENSE_INIT", "glorot"), ("TRAINER_AITM_HEAD", "conditional"),
-                        ("TRAINER_AITM_TRANSFER", "gated")):
+    for name, value in (("TRAINER_DENSE_INIT", "glorot"), ("TRAINER_AITM_HEAD", "joint"),
+                        ("TRAINER_AITM_TRANSFER", "ait"), ("TRAINER_AITM_EXPERTS", "4")):
         monkeypatch.setenv(name, value)
     learner = OnlineLearner(DynamicTable(("f", "g"), 1000), **model_options(Settings()))
     config = learner.model.config
-    assert (config.dense_init, config.head, config.transfer) == ("glorot", "conditional", "gated")
+    assert (config.dense_init, config.head, config.transfer, config.experts) == ("glorot", "joint", "ait", 4)
+    assert set(model_options(Settings())) == set(ModelOptions.__annotations__)  # every option, by name
 
 
 def test_the_product_keeps_the_previous_dense_init_by_default() -> None:
