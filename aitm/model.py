@@ -182,7 +182,7 @@ class AITM(nn.Module):
         if self.experts is None or self.expert_gates is None:
             return v
         out = self.experts(v)  # (E, B, h)
-        gates = self.expert_gates(v).view(v.shape[0], self.config.n_tasks, -1)  # (B, T, E)
+        gates = self.expert_gates(v).view(v.shape[0], self.config.n_tasks, self.config.experts)  # (B, T, E)
         gates = torch.softmax(gates, dim=-1).transpose(0, 1)  # (T, B, E)
         return torch.einsum("tbe,ebh->tbh", gates, out)  # (T, B, h)
 

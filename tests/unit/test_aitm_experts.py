@@ -38,6 +38,12 @@ def test_shapes_and_the_towers_on_top_of_the_experts() -> None:
     assert torch.all(logits.diff(dim=1) <= 1e-6)  # the conditional head: the funnel's order held
 
 
+def test_an_empty_batch_scores_to_an_empty_result() -> None:
+    model = _model().eval()  # the online learner can step on a batch with no rows to score
+    logits, w_prev = model.forward_with_weights(_ids(0))
+    assert logits.shape == (0, 4) and w_prev.shape == (0, 3)
+
+
 def test_without_experts_the_model_is_the_papers_shape() -> None:
     model = _model(experts=0)
     assert model.experts is None and model.expert_gates is None
