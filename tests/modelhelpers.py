@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from aitm.checkpoint import make_checkpoint
+from aitm.checkpoint import config_from_dict, load_checkpoint, make_checkpoint, save_checkpoint
 from aitm.embedding_table import DynamicTable
 from aitm.features import FeatureEncoder
 from aitm.model import AITM, AITMConfig
@@ -45,3 +46,18 @@ def trained_checkpoint(
     fresh[0] = {**fresh[0], "city": "a city never seen", "creative_id": "new"}  # out of vocabulary
     fresh[1] = {k: v for k, v in fresh[1].items() if k != "hour"}  # a field missing
     return checkpoint, fresh
+
+
+def assert_checkpoint_keeps(model: AITM, tmp_path: Path, ids: torch.Tensor, field: str) -> AITMConfig:
+    """Save ``model`` and load it back: the config and the scores of ``ids`` must be the same.
+    Returns the config a checkpoint written before ``field`` existed loads as (the field dropped)."""
+    cfg = model.config
+    save_checkpoint(tmp_path / "m.pt", make_checkpoint(model, cfg, {}, step=1))
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert config_from_dict(loaded["config"]) == cfg
+    restored = AITM(cfg).eval()
+    restored.load_state_dict(loaded["model_state"])
+    torch.testing.assert_close(restored(ids), model.eval()(ids))
+    old = dict(loaded["config"])
+    del old[field]
+    return config_from_dict(old)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from aitm.baselines import build_model
-from aitm.checkpoint import config_from_dict, load_checkpoint, make_checkpoint, save_checkpoint
 from aitm.model import AITM, AITMConfig
+from tests.modelhelpers import assert_checkpoint_keeps
 
 VOCAB = (7, 3, 11, 5)
 
@@ -86,15 +86,8 @@ def test_build_model_names_it_and_checkpoints_keep_it(tmp_path: Path) -> None:
     assert isinstance(model, AITM)
     cfg = model.config
     assert (cfg.head, cfg.transfer, cfg.experts) == ("conditional", "gated", 8)
-    save_checkpoint(tmp_path / "e.pt", make_checkpoint(model, cfg, {}, step=1))
-    loaded = load_checkpoint(tmp_path / "e.pt")
-    assert config_from_dict(loaded["config"]) == cfg
-    restored = AITM(cfg).eval()
-    restored.load_state_dict(loaded["model_state"])
-    torch.testing.assert_close(restored(_ids(8)), model.eval()(_ids(8)))
-    old = dict(loaded["config"])
-    del old["experts"]  # a checkpoint written before the field: the towers on the embeddings
-    assert config_from_dict(old).experts == 0
+    # a checkpoint written before the field: the towers on the embeddings
+    assert assert_checkpoint_keeps(model, tmp_path, _ids(8), "experts").experts == 0
 
 
 def test_a_bad_expert_count_is_refused() -> None:
