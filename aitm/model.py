@@ -33,10 +33,6 @@ AITM_HEADS: tuple[AITMHead, ...] = ("joint", "conditional")
 # transfer enters only as far as the loss asks for it
 AITMTransfer = Literal["ait", "gated"]
 AITM_TRANSFERS: tuple[AITMTransfer, ...] = ("ait", "gated")
-# the towers' input (docs/models.md, "Shared experts under the towers"): 0 - the paper's - every
-# tower reads the shared embeddings; E > 0 - the towers' first layers become E shared experts
-# (MMoE's), each task's tower reading its own softmax-gated mixture of them, so the dense steps'
-# layers are there for the sparse ones to use, beside the transfer between the towers' tops
 
 
 @dataclass(frozen=True)
@@ -62,8 +58,9 @@ class AITMConfig:
     # g_t starting at 0): AITM_TRANSFERS. Checkpoints written before this field load as "ait"
     transfer: AITMTransfer = "ait"
     # 0 (the paper's shared embeddings under the towers) or E shared experts of the towers' first
-    # layers (tower_dims[:-1]) mixed per task by MMoE's gates, the towers keeping their last layer.
-    # Checkpoints written before this field load with 0, the shape they were trained with
+    # layers (tower_dims[:-1]) mixed per task by MMoE's gates, the towers keeping their last layer
+    # (docs/models.md, "Shared experts under AITM's towers"). Checkpoints written before this field
+    # load with 0, the shape they were trained with
     experts: int = 0
 
     def __post_init__(self) -> None:
