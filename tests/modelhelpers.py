@@ -17,7 +17,7 @@ from simulators.funnel import FunnelSimulator, SimConfig
 
 
 def trained_checkpoint(
-    kind: str, torch_seed: int, sim_seed: int, impressions_per_day: int, epochs: int
+    kind: str, torch_seed: int, sim_seed: int, impressions_per_day: int, epochs: int, **shape: Any
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """A checkpoint of AITM trained ``epochs`` times over one simulated day (``kind`` "dynamic": the
     streaming trainer's dynamic table; else the offline encoder in threshold mode), in batches of
@@ -35,7 +35,7 @@ def trained_checkpoint(
         enc = FeatureEncoder(sim.field_names, capacity=512, min_count=5)
         ids = torch.from_numpy(enc.encode_dicts(rows, update=True))  # (N, F)
     labels = torch.as_tensor(train.labels, dtype=torch.float32)  # (N, T)
-    cfg = AITMConfig(vocab_sizes=enc.vocab_sizes)
+    cfg = AITMConfig(vocab_sizes=enc.vocab_sizes, **shape)  # shape: AITMConfig's options (the paper's by default)
     model = AITM(cfg)
     opt = make_optimizer(model, lr=3e-3)
     for _ in range(epochs):

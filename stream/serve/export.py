@@ -24,12 +24,12 @@ import torch
 
 from aitm.embedding_table import DynamicTable
 from stream.contract.events import TASKS
+from stream.serve.onnx_export import to_onnx
 from stream.serve.scoring import ScoringModel, ServedModel
 
 FORMATS: Final = ("onnx", "torchscript")
 MODEL_FILE: Final = {"onnx": "model.onnx", "torchscript": "model.pt"}
 MANIFEST_SCHEMA: Final = 1
-ONNX_OPSET: Final = 17
 
 
 def sha256_of(path: Path) -> str:
@@ -63,11 +63,7 @@ def export(m: ScoringModel, fmt: str, out: Path) -> dict[str, Any]:
         if fmt == "torchscript":
             torch.jit.save(torch.jit.trace(served, _example_ids(m)), str(model_path))
         else:
-            torch.onnx.export(
-                served, (_example_ids(m),), str(model_path), input_names=["ids"],
-                output_names=["probabilities"], dynamic_axes={"ids": {0: "N"}, "probabilities": {0: "N"}},
-                opset_version=ONNX_OPSET, dynamo=False,
-            )
+            to_onnx(served, len(m.encoder.fields), model_path)
     vocab_path = out / "vocabulary.json"
     vocab_path.write_text(json.dumps(vocabulary(m), separators=(",", ":"), sort_keys=True))
     manifest = {

@@ -24,7 +24,6 @@ import contextlib
 import io
 import logging
 import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -34,6 +33,7 @@ import torch
 
 from aitm.embedding_table import DynamicTable
 from aitm.features import OOV, FeatureEncoder
+from stream.serve.onnx_export import to_onnx
 from stream.serve.scoring import ScoringModel, ServedModel
 
 ENGINES: Final = ("onnx", "torch")
@@ -103,14 +103,8 @@ class OnnxModel:
             # a replica's versions share their weights and the scorer applies a delta in place under
             # the version's lock (stream.serve.replica): export and check one version's weights
             with m.lock if m.lock is not None else contextlib.nullcontext():
-                with _EXPORTING, warnings.catch_warnings(), torch.no_grad():
-                    warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated
-                    torch.onnx.export(
-                        served, (torch.zeros((2, n_fields), dtype=torch.int64),), buf,  # type: ignore[arg-type]
-                        input_names=["ids"],
-                        output_names=["probabilities"], dynamic_axes={"ids": {0: "N"}, "probabilities": {0: "N"}},
-                        opset_version=17, dynamo=False,
-                    )
+                with _EXPORTING:
+                    to_onnx(served, n_fields, buf)
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = 1  # batch-1 latency: one thread (as SCORER_THREADS)
                 opts.inter_op_num_threads = 1

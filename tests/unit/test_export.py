@@ -81,6 +81,27 @@ def test_an_exported_version_scores_as_the_scorer_does(store: tuple[Path, list[d
         assert np.abs(one - want[:1]).max() <= 1e-5
 
 
+def test_the_products_aitm_exports_to_onnx(tmp_path: Path) -> None:
+    # the trainer's shape settings as they are by default (the conditional head's end-to-end
+    # logits use expm1, which the ONNX exporter has no symbolic for at this opset)
+    import onnxruntime as ort
+
+    from stream.learn.learner import model_options
+    from stream.ops.settings import Settings
+
+    opts = model_options(Settings())
+    checkpoint, fresh = trained_checkpoint("dynamic", 0, 3, 6_000, epochs=1, head=opts["head"],
+                                           transfer=opts["transfer"], experts=opts["experts"])
+    ModelStore(tmp_path / "models").publish(5, checkpoint)
+    out = tmp_path / "export"
+    assert export.main(["--version", "5", "--format", "onnx", "--out", str(out), "--store", str(tmp_path / "models")]) == 0
+    served = load_version(ModelStore(tmp_path / "models"), 5)
+    assert served.model.config.head == opts["head"]
+    ids = served.encoder.encode_dicts(fresh)
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, served.predict(fresh), rtol=0, atol=1e-5)
+
+
 def test_exporting_a_missing_or_corrupted_version_says_so(store: tuple[Path, list[dict[str, str]]], tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     root, _ = store

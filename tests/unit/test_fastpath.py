@@ -62,6 +62,24 @@ def test_onnxruntime_serves_what_the_torch_model_serves(version: tuple[ScoringMo
         np.testing.assert_allclose(fast.predict(rows[i:i + 1]), want[i:i + 1], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("experts", [0, 8])
+def test_the_products_aitm_is_served_through_onnxruntime(experts: int) -> None:
+    # the trainer's shape settings as they are by default (the conditional head, whose log-space
+    # end-to-end logits use expm1, and the gated transfer), with and without shared experts
+    from stream.learn.learner import model_options
+    from stream.ops.settings import Settings
+
+    opts = model_options(Settings())
+    shape = {"head": opts["head"], "transfer": opts["transfer"], "experts": experts}
+    checkpoint, rows = trained_checkpoint("dynamic", 0, 3, 6_000, epochs=1, **shape)
+    m = ScoringModel.from_checkpoint(4, checkpoint, 1)
+    assert (m.model.config.head, m.model.config.experts) == (opts["head"], experts)
+    fast = OnnxModel.build(m)
+    assert fast is not None and fast.max_diff <= 1e-5
+    np.testing.assert_allclose(fast.predict(rows), m.predict(rows), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fast.predict(rows[:1]), m.predict(rows[:1]), rtol=0, atol=1e-5)
+
+
 def _wait_fast(acc: Accelerator, m: ScoringModel) -> OnnxModel | None:
     acc.fast_for(m)
     assert acc.ready.wait(60)
