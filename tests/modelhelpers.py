@@ -48,6 +48,15 @@ def trained_checkpoint(
     return checkpoint, fresh
 
 
+def product_shape(**overrides: Any) -> dict[str, Any]:
+    """AITMConfig's shape options as the trainer builds its network from the settings (the
+    environment's, else the defaults: ``stream.learn.learner.model_options``), with ``overrides``."""
+    from stream.learn.learner import model_options
+    from stream.ops.settings import Settings
+
+    return {**model_options(Settings()), **overrides}
+
+
 def assert_checkpoint_keeps(model: AITM, tmp_path: Path, ids: torch.Tensor, field: str) -> AITMConfig:
     """Save ``model`` and load it back: the config and the scores of ``ids`` must be the same.
     Returns the config a checkpoint written before ``field`` existed loads as (the field dropped)."""

@@ -15,7 +15,7 @@ import torch
 from stream.ops.model_store import ModelStore
 from stream.serve import export
 from stream.serve.versions import load_version
-from tests.modelhelpers import trained_checkpoint
+from tests.modelhelpers import product_shape, trained_checkpoint
 
 
 @pytest.fixture(scope="module", params=["dynamic", "threshold"])
@@ -86,17 +86,13 @@ def test_the_products_aitm_exports_to_onnx(tmp_path: Path) -> None:
     # logits use expm1, which the ONNX exporter has no symbolic for at this opset)
     import onnxruntime as ort
 
-    from stream.learn.learner import model_options
-    from stream.ops.settings import Settings
-
-    opts = model_options(Settings())
-    checkpoint, fresh = trained_checkpoint("dynamic", 0, 3, 6_000, epochs=1, head=opts["head"],
-                                           transfer=opts["transfer"], experts=opts["experts"])
+    shape = product_shape()
+    checkpoint, fresh = trained_checkpoint("dynamic", 0, 3, 6_000, epochs=1, **shape)
     ModelStore(tmp_path / "models").publish(5, checkpoint)
     out = tmp_path / "export"
     assert export.main(["--version", "5", "--format", "onnx", "--out", str(out), "--store", str(tmp_path / "models")]) == 0
     served = load_version(ModelStore(tmp_path / "models"), 5)
-    assert served.model.config.head == opts["head"]
+    assert served.model.config.head == shape["head"]
     ids = served.encoder.encode_dicts(fresh)
     got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
     np.testing.assert_allclose(got, served.predict(fresh), rtol=0, atol=1e-5)

@@ -16,7 +16,7 @@ from aitm.features import FeatureEncoder
 from stream.serve import fastpath
 from stream.serve.fastpath import Accelerator, OnnxModel, RowEncoder
 from stream.serve.scoring import ScoringModel
-from tests.modelhelpers import trained_checkpoint
+from tests.modelhelpers import product_shape, trained_checkpoint
 
 
 def _version(kind: str, version: int, seed: int = 0) -> tuple[ScoringModel, list[dict[str, str]]]:
@@ -66,14 +66,10 @@ def test_onnxruntime_serves_what_the_torch_model_serves(version: tuple[ScoringMo
 def test_the_products_aitm_is_served_through_onnxruntime(experts: int) -> None:
     # the trainer's shape settings as they are by default (the conditional head, whose log-space
     # end-to-end logits use expm1, and the gated transfer), with and without shared experts
-    from stream.learn.learner import model_options
-    from stream.ops.settings import Settings
-
-    opts = model_options(Settings())
-    shape = {"head": opts["head"], "transfer": opts["transfer"], "experts": experts}
+    shape = product_shape(experts=experts)
     checkpoint, rows = trained_checkpoint("dynamic", 0, 3, 6_000, epochs=1, **shape)
     m = ScoringModel.from_checkpoint(4, checkpoint, 1)
-    assert (m.model.config.head, m.model.config.experts) == (opts["head"], experts)
+    assert (m.model.config.head, m.model.config.experts) == (shape["head"], experts)
     fast = OnnxModel.build(m)
     assert fast is not None and fast.max_diff <= 1e-5
     np.testing.assert_allclose(fast.predict(rows), m.predict(rows), rtol=0, atol=1e-5)
