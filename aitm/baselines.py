@@ -169,10 +169,12 @@ class PLE(nn.Module):
 # "AITM-gated", "AITM-cond-gated": the transfer as a gated residual from 0 (AITMConfig.transfer)
 # "AITM-experts": AITM-cond-gated whose towers' first layers are 2 x T shared experts under a
 # gate per task, as MMoE's (AITMConfig.experts)
+# "AITM-detach": AITM-cond-gated whose transfer carries no gradient back into the earlier task's
+# tower (AITMConfig.transfer_detach)
 NEURAL_MODELS = ("MLP", "ESMM", "OMoE", "MMoE", "PLE", "AITM", "AITM-cond", "AITM-gated", "AITM-cond-gated",
-                 "AITM-experts")
+                 "AITM-experts", "AITM-detach")
 # variants the benches run only when named (--models): not in their default lists, which stay as long
-VARIANT_MODELS = ("AITM-gated", "AITM-cond-gated", "AITM-experts")
+VARIANT_MODELS = ("AITM-gated", "AITM-cond-gated", "AITM-experts", "AITM-detach")
 
 
 def build_model(name: str, vocab_sizes: Sequence[int], n_tasks: int, dense_init: DenseInit = "glorot") -> nn.Module:
@@ -194,6 +196,8 @@ def build_model(name: str, vocab_sizes: Sequence[int], n_tasks: int, dense_init:
                                                    head="conditional", transfer="gated")),
         "AITM-experts": lambda: AITM(AITMConfig(vocab_sizes=vocab, n_tasks=n_tasks, dense_init=di,
                                                 head="conditional", transfer="gated", experts=2 * n_tasks)),
+        "AITM-detach": lambda: AITM(AITMConfig(vocab_sizes=vocab, n_tasks=n_tasks, dense_init=di,
+                                               head="conditional", transfer="gated", transfer_detach=True)),
     }
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose from {NEURAL_MODELS}")

@@ -62,6 +62,12 @@ class AITMConfig:
     # (docs/models.md, "Shared experts under AITM's towers"). Checkpoints written before this field
     # load with 0, the shape they were trained with
     experts: int = 0
+    # False (the paper's) or True: the information task t takes from task t-1 carries no gradient
+    # back into task t-1's tower (z_(t-1) detached before the transfer layer), so a later task
+    # learns to read the earlier one's representation, not to reshape it (docs/models.md, "The
+    # transfer without a backward path"). The forward pass is the same either way. Checkpoints
+    # written before this field load with False, the shape they were trained with
+    transfer_detach: bool = False
 
     def __post_init__(self) -> None:
         check_dense_init(self.dense_init)
@@ -161,7 +167,8 @@ class AITM(nn.Module):
         zs = [q[0]]  # z_1 = q_1
         weights = []
         for i, (transfer, ait) in enumerate(zip(self.transfers, self.aits, strict=True)):
-            p_prev = transfer(zs[-1])  # (B, k)
+            prev = zs[-1].detach() if self.config.transfer_detach else zs[-1]  # (B, k): z_(t-1)
+            p_prev = transfer(prev)  # (B, k)
             z, w = ait(q[i + 1], p_prev)  # (B, k), (B, 2)
             if self.transfer_gate is not None:
                 z = q[i + 1] + self.transfer_gate[i] * z  # (B, k): the tower plus the gated transfer

@@ -62,15 +62,17 @@ class ModelOptions(TypedDict):
     head: AITMHead
     transfer: AITMTransfer
     experts: int
+    transfer_detach: bool
 
 
 def model_options(s: Settings) -> ModelOptions:
     """The network's shape from the settings (``TRAINER_DENSE_INIT``, ``TRAINER_AITM_HEAD``,
-    ``TRAINER_AITM_TRANSFER``, ``TRAINER_AITM_EXPERTS``): the trainer and every bench that stands in
-    for it take it from here, ``OnlineLearner(..., **model_options(s))``, so a new option reaches
-    them all."""
+    ``TRAINER_AITM_TRANSFER``, ``TRAINER_AITM_EXPERTS``, ``TRAINER_AITM_TRANSFER_DETACH``): the trainer
+    and every bench that stands in for it take it from here, ``OnlineLearner(..., **model_options(s))``,
+    so a new option reaches them all."""
     return ModelOptions(dense_init=s.trainer_dense_init, head=s.trainer_aitm_head,
-                        transfer=s.trainer_aitm_transfer, experts=s.trainer_aitm_experts)
+                        transfer=s.trainer_aitm_transfer, experts=s.trainer_aitm_experts,
+                        transfer_detach=s.trainer_aitm_transfer_detach)
 
 
 @dataclass
@@ -112,6 +114,7 @@ class OnlineLearner:
         head: AITMHead = "joint",
         transfer: AITMTransfer = "ait",
         experts: int = 0,
+        transfer_detach: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown delayed-feedback mode {mode!r}; one of {MODES}")
@@ -123,7 +126,7 @@ class OnlineLearner:
         st = self.stabilisers = stabilisers or Stabilisers()
         if model is None:
             model = AITM(AITMConfig(vocab_sizes=encoder.vocab_sizes, n_tasks=N_TASKS, dense_init=dense_init, head=head,
-                                    transfer=transfer, experts=experts))
+                                    transfer=transfer, experts=experts, transfer_detach=transfer_detach))
             if st.prior_rates is not None:
                 init_output_bias(model, st.prior_rates)
         self.model = model.to(self.device)

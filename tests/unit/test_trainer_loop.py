@@ -333,6 +333,15 @@ def test_the_aitm_experts_setting_reaches_the_cold_started_model(
     assert Settings().trainer_aitm_experts == int(experts)
 
 
+@pytest.mark.parametrize("detach", ["false", "true"])
+def test_the_transfer_detach_setting_reaches_the_cold_started_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, detach: str
+) -> None:
+    model = cold_started(tmp_path, monkeypatch, "TRAINER_AITM_TRANSFER_DETACH", detach)[1].model
+    assert model.config.transfer_detach is (detach == "true")
+    assert Settings().trainer_aitm_transfer_detach is (detach == "true")
+
+
 def test_a_negative_expert_count_is_a_settings_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from pydantic import ValidationError
 
@@ -344,12 +353,15 @@ def test_a_negative_expert_count_is_a_settings_error(monkeypatch: pytest.MonkeyP
 def test_model_options_carry_every_shape_setting_to_a_bench_learner(monkeypatch: pytest.MonkeyPatch) -> None:
     # the benches that stand in for the trainer build their learner with model_options(settings):
     # each shape setting, away from its default, reaches the network they build
+    detach_default = Settings.model_fields["trainer_aitm_transfer_detach"].default
     for name, value in (("TRAINER_DENSE_INIT", "glorot"), ("TRAINER_AITM_HEAD", "joint"),
-                        ("TRAINER_AITM_TRANSFER", "ait"), ("TRAINER_AITM_EXPERTS", "4")):
+                        ("TRAINER_AITM_TRANSFER", "ait"), ("TRAINER_AITM_EXPERTS", "4"),
+                        ("TRAINER_AITM_TRANSFER_DETACH", "false" if detach_default else "true")):
         monkeypatch.setenv(name, value)
     learner = OnlineLearner(DynamicTable(("f", "g"), 1000), **model_options(Settings()))
     config = learner.model.config
     assert (config.dense_init, config.head, config.transfer, config.experts) == ("glorot", "joint", "ait", 4)
+    assert config.transfer_detach is not detach_default
     assert set(model_options(Settings())) == set(ModelOptions.__annotations__)  # every option, by name
 
 
