@@ -48,6 +48,12 @@ def trained_checkpoint(
     return checkpoint, fresh
 
 
+def random_ids(vocab: tuple[int, ...], b: int, seed: int = 0) -> torch.Tensor:
+    """(b, F) int64 local feature ids, column f uniform in [0, vocab[f]), from a generator seeded
+    with ``seed`` (the same rows for the same arguments)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(0, v, (b,), generator=g) for v in vocab], dim=1)
+
 def product_shape(**overrides: Any) -> dict[str, Any]:
     """AITMConfig's shape options as the trainer builds its network from the settings (the
     environment's, else the defaults: ``stream.learn.learner.model_options``), with ``overrides``."""

@@ -18,13 +18,13 @@ from aitm.baselines import (
 )
 from aitm.evaluate import auc
 from aitm.layers import FusedTowers
+from tests.modelhelpers import random_ids
 
 VOCAB = (7, 3, 11, 5)
 
 
 def _ids(b: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.stack([torch.randint(0, v, (b,), generator=g) for v in VOCAB], dim=1)
+    return random_ids(VOCAB, b)
 
 
 @pytest.mark.parametrize("name", NEURAL_MODELS)

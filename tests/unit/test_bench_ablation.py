@@ -13,13 +13,13 @@ from torch import nn
 from aitm.model import AITM
 from bench.ablation import build_variant, main, make_variant_optimizer, parse_variant
 from bench.reference import ReferenceAITM, ReferenceConfig
+from tests.modelhelpers import random_ids
 
 VOCAB = (7, 30, 5)
 
 
 def _ids(b: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.stack([torch.randint(0, v, (b,), generator=g) for v in VOCAB], dim=1)
+    return random_ids(VOCAB, b)
 
 
 def test_reference_maps_ids_to_logits_and_weights() -> None:

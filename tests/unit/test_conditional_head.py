@@ -16,13 +16,13 @@ from aitm.model import AITM, AITMConfig
 from stream.learn.stabilisers import init_output_bias
 from stream.learn.weight_average import output_bias_shift
 from stream.ops.settings import Settings
+from tests.modelhelpers import random_ids
 
 VOCAB = (7, 3, 11, 5)
 
 
 def _ids(b: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randint(0, v, (b,), generator=g) for v in VOCAB], dim=1)  # (B, F)
+    return random_ids(VOCAB, b, seed)  # (B, F)
 
 
 def _scrambled(seed: int, scale: float, head: str = "conditional") -> AITM:

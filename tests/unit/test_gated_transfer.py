@@ -10,14 +10,13 @@ import torch
 
 from aitm.baselines import ESMM, build_model
 from aitm.model import AITM, AITMConfig
-from tests.modelhelpers import assert_checkpoint_keeps
+from tests.modelhelpers import assert_checkpoint_keeps, random_ids
 
 VOCAB = (7, 3, 11, 5)
 
 
 def _ids(b: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randint(0, v, (b,), generator=g) for v in VOCAB], dim=1)  # (B, F)
+    return random_ids(VOCAB, b, seed)  # (B, F)
 
 
 def _gated(seed: int = 0, head: str = "conditional") -> AITM:

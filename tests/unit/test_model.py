@@ -10,13 +10,13 @@ from torch import nn
 
 from aitm.layers import FastDropout, FusedEmbedding, FusedTowers, dense
 from aitm.model import AIT, AITM, AITMConfig
+from tests.modelhelpers import random_ids
 
 VOCAB = (7, 3, 11, 5)
 
 
 def _ids(b: int, vocab: tuple[int, ...] = VOCAB, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randint(0, v, (b,), generator=g) for v in vocab], dim=1)
+    return random_ids(vocab, b, seed)
 
 
 @pytest.mark.parametrize("n_tasks", [1, 2, 4])
