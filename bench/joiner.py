@@ -1,7 +1,10 @@
 """``aitm-stream bench joiner --json FILE``: joiner events/s against an aiokafka consume-only loop
 (``ratio_to_consume``: the broker's and client's own limit), a do-nothing faust agent and a plain
 aiokafka + rocksdict loop, all on the embedded broker with the same records, plus the joiner
-process's CPU time per event (``cpu_us_per_event``).
+process's CPU time per event (``cpu_us_per_event``), and against the I/O floor of any joiner - an
+aiokafka loop that consumes the events and writes two records per event with no join
+(``consume_produce_events_per_s``, ``ratio_to_consume_produce``, ``consume_produce_cpu_us_per_event``;
+docs/joiner.md, round 12).
 
 The faust runs are separate processes (``aitm-stream joiner`` itself, and a no-op faust app in
 this module); their rate is read from their Prometheus event counters, from the first record
@@ -26,7 +29,7 @@ from typing import Any
 from bench.report import write_json
 from stream.kafka.broker import EmbeddedBroker, ensure_topics, free_port
 from stream.ops.command import command_parser
-from stream.ops.settings import Settings, load_settings
+from stream.ops.settings import Settings, TopicSpec, load_settings
 
 
 def _scrape(port: int, name: str) -> float:
@@ -178,6 +181,77 @@ async def _consume_only(settings: Settings, total: int) -> tuple[float, int]:
         await consumer.stop()
 
 
+FLOOR_STATE = bytes(389)  # a funnel state's size in the changelog (docs/joiner.md, round 10)
+
+
+def floor_topics(settings: Settings) -> list[TopicSpec]:
+    """The topics the I/O floor writes: samples-like (as many partitions as ``samples``) and
+    changelog-like (as many as the event topics, a state on its event's partition)."""
+    return [
+        TopicSpec(name=f"{settings.topic_samples}-bench-floor", partitions=settings.samples_partitions),
+        TopicSpec(name=f"{settings.topic_samples}-bench-floor-states", partitions=settings.event_partitions),
+    ]
+
+
+async def consume_produce(settings: Settings, total: int) -> tuple[float, float]:
+    """The I/O floor of any joiner: an aiokafka loop that consumes the event topics and writes two
+    records per event - the event's own bytes to a samples-like topic (a sample is about as
+    large) and a state-sized record to a changelog-like one, on the event's partition - with no
+    join at all, gathered and produced as record batches (``BatchSender``) once per sweep interval,
+    one flush's acks awaited at a time, as the joiner does. The joiner writes ~1.8 records per
+    event (0.93 samples and dead letters, under one state each), so this floor is a little below
+    a free join core's. (Events/s, this process's CPU microseconds per event), from the first
+    records in hand to the last, as ``_consume_only``."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from stream.kafka.partitioner import key_partition
+    from stream.kafka.sender import BatchSender
+
+    cfg = settings.aiokafka_config()
+    consumer = AIOKafkaConsumer(
+        *settings.event_topics().values(), group_id=f"{settings.topic_samples}-bench-floor", auto_offset_reset="earliest",
+        enable_auto_commit=True, session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=1500, **cfg,
+    )
+    producer = AIOKafkaProducer(linger_ms=5, max_batch_size=settings.joiner_producer_max_batch_bytes, **cfg)  # the joiner's
+    samples, states = (spec.name for spec in floor_topics(settings))
+    await consumer.start()
+    await producer.start()
+    sample_partitions = list(range(settings.samples_partitions))
+    sender = BatchSender(producer, lambda _t, k: key_partition(k, sample_partitions))
+    interval = settings.joiner_sweep_interval_ms / 1000
+    inflight: asyncio.Future[Any] | None = None
+
+    async def acks(batches: list[Any]) -> None:
+        for sent in await sender.submit(batches):
+            await sent.last_offset()
+
+    n, n0, t0, cpu0, last = 0, 0, 0.0, 0.0, time.monotonic()
+    try:
+        while n < total:
+            batch = await consumer.getmany(timeout_ms=500)
+            for msgs in batch.values():
+                n += len(msgs)
+                for m in msgs:
+                    sender.add(samples, m.key, m.value)
+                    sender.add(states, m.key, FLOOR_STATE, m.partition)
+            if batch and not t0:
+                # as the consume-only loop: counted from the records in hand
+                t0, n0, cpu0 = time.monotonic(), n, time.process_time()
+            if time.monotonic() - last >= interval and (inflight is None or inflight.done()):
+                if inflight is not None:
+                    inflight.result()
+                inflight, last = asyncio.ensure_future(acks(sender.take())), time.monotonic()
+        if inflight is not None:
+            await inflight
+        await acks(sender.take())
+        events = max(n - n0, 1)
+        return events / (time.monotonic() - t0), (time.process_time() - cpu0) * 1e6 / events
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
 async def _plain_join(settings: Settings, total: int, datadir: Path) -> float:
     """aiokafka consume -> FunnelJoin on rocksdict -> aiokafka produce; events/s."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -251,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         figures = _run(args, work)
     finally:  # the stores and logs of three joiners: not kept (they filled the disk once)
         shutil.rmtree(work, ignore_errors=True)
-    joiner, noop, plain, consume, consume_first, joiner_cpu, noop_cpu, joiner_polls, joiner_end_window, total = figures
+    (joiner, noop, plain, consume, consume_first, joiner_cpu, noop_cpu, joiner_polls, joiner_end_window, total,
+     floor, floor_cpu) = figures  # fmt: skip
     result = {
         "joiner_events_per_s": round(joiner, 1),
         "faust_noop_events_per_s": round(noop, 1),
@@ -261,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         "consume_events_per_s": round(consume, 1),
         "ratio_to_consume": _ratio(joiner, consume),
         "cpu_us_per_event": round(joiner_cpu, 1),
+        "consume_produce_events_per_s": round(floor, 1),
+        "ratio_to_consume_produce": _ratio(joiner, floor),
+        "consume_produce_cpu_us_per_event": round(floor_cpu, 1),
         "faust_noop_cpu_us_per_event": round(noop_cpu, 1),
         "events": total,
         "cpu_count": os.cpu_count(),
@@ -273,9 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, work: Path) -> tuple[float, float, float, float, int, float, float, int, float, int]:
-    """The bench's runs in ``work``: the joiner's, the no-op agent's, the plain join's and the
-    consume-only loop's figures."""
+def _run(
+    args: argparse.Namespace, work: Path
+) -> tuple[float, float, float, float, int, float, float, int, float, int, float, float]:
+    """The bench's runs in ``work``: the joiner's, the no-op agent's, the plain join's, the
+    consume-only loop's and the consume-and-produce floor's figures."""
     from simulators.faults import FaultConfig, SimulatedStream
     from simulators.funnel import FunnelSimulator, SimConfig
     from simulators.kafka_sink import produce
@@ -306,7 +386,12 @@ def _run(args: argparse.Namespace, work: Path) -> tuple[float, float, float, flo
         print(f"faust joiner: {joiner:,.0f} events/s, {joiner_cpu:.1f} us CPU per event", flush=True)
         plain = asyncio.run(_plain_join(settings, total, work / "plain"))
         print(f"plain aiokafka + rocksdict join: {plain:,.0f} events/s", flush=True)
-    return joiner, noop, plain, consume, consume_first, joiner_cpu, noop_cpu, joiner_polls, joiner_end_window, total
+        ensure_topics(settings.kafka_python_config(), floor_topics(settings))
+        floor, floor_cpu = asyncio.run(consume_produce(settings, total))
+        print(f"aiokafka consume + produce, no join (the I/O floor): {floor:,.0f} events/s, {floor_cpu:.1f} us CPU "
+              "per event", flush=True)  # fmt: skip
+    return (joiner, noop, plain, consume, consume_first, joiner_cpu, noop_cpu, joiner_polls, joiner_end_window, total,
+            floor, floor_cpu)  # fmt: skip
 
 
 def _ratio(a: float, b: float) -> float | None:
