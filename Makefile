@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests use (a real Kafka client for interop, the real Prometheus, a browser).
 APT_PACKAGES := kcat prometheus chromium
 
-.PHONY: demo test install lock dashboards system-deps lint unit bench-joiner bench-models bench-train bench-feed bench-stream bench-chaos bench-serve schemas mutation clean
+.PHONY: demo test install lock dashboards system-deps lint unit bench-joiner bench-models bench-train bench-feed bench-stream bench-chaos bench-serve schemas mutation search-join clean
 
 # Reproducible installs: every package pinned by constraints.txt (`make lock` rewrites it from a
 # fresh install). torch is pinned here instead: 2.13.0 is the local CPU wheel.
@@ -83,6 +83,11 @@ schemas: install
 # CPU heavy: about half an hour on 2 cores); writes reports/mutation.json
 mutation: install
 	$(PY) -m tests.mutation --json reports/mutation.json
+
+# a longer random search of the join's label-conservation checks than `make test` runs (a
+# measurement, not a test; --minutes per search); writes reports/join_search.json, exits 1 on a failure
+search-join: install
+	$(PY) -m tests.join_search --minutes 5 --json reports/join_search.json
 
 clean:
 	rm -rf $(VENV) .data reports mutants .pytest_cache .mypy_cache .ruff_cache
