@@ -77,20 +77,27 @@ def search_property(deadline: float, rng: random.Random) -> dict[str, Any]:
     return {"cases": cases, "failures": failures}
 
 
-def search_batch_vs_record(deadline: float, rng: random.Random) -> dict[str, Any]:
-    """``on_batch`` decides as ``on_record`` on random streams, fetch sizes and deliveries."""
-    from tests.unit.test_join_batch import test_on_batch_decides_as_on_record
-
+def _cases(deadline: float, draw: Callable[[], dict[str, Any]], check: Callable[..., None]) -> dict[str, Any]:
+    """``check(**case)`` on drawn cases until the deadline; the failing ones with their errors."""
     cases, failures = 0, list[dict[str, Any]]()
     while time.monotonic() < deadline:
-        case: dict[str, Any] = {"seed": rng.randint(5, 10**6), "chunk": rng.choice([1, 2, 7, 37, 64, 128, 500, 2000]),
-                "delivery": rng.choice(["realtime", "batch-feeds", "lagging"])}  # fmt: skip
+        case = draw()
         try:
-            test_on_batch_decides_as_on_record(**case)
+            check(**case)
         except Exception:
             failures.append({"case": case, "error": _error()})
         cases += 1
     return {"cases": cases, "failures": failures}
+
+
+def search_batch_vs_record(deadline: float, rng: random.Random) -> dict[str, Any]:
+    """``on_batch`` decides as ``on_record`` on random streams, fetch sizes and deliveries."""
+    from tests.unit.test_join_batch import test_on_batch_decides_as_on_record
+
+    return _cases(deadline, lambda: {
+        "seed": rng.randint(5, 10**6), "chunk": rng.choice([1, 2, 7, 37, 64, 128, 500, 2000]),
+        "delivery": rng.choice(["realtime", "batch-feeds", "lagging"]),
+    }, test_on_batch_decides_as_on_record)  # fmt: skip
 
 
 def answer_key_case(
@@ -129,17 +136,11 @@ def answer_key_case(
 def search_answer_key(deadline: float, rng: random.Random) -> dict[str, Any]:
     from simulators.delivery import PROFILES
 
-    cases, failures = 0, list[dict[str, Any]]()
-    while time.monotonic() < deadline:
-        case: dict[str, Any] = {"seed": rng.randint(10, 10**6), "fetch_seed": rng.randint(0, 10**6),
-                "delivery": rng.choice(list(PROFILES)), "per_day": rng.choice((300, 1000)),
-                "policy": rng.choice(("early", "matured")), "restart_at": round(rng.random(), 3)}  # fmt: skip
-        try:
-            answer_key_case(**case)
-        except Exception:
-            failures.append({"case": case, "error": _error()})
-        cases += 1
-    return {"cases": cases, "failures": failures}
+    return _cases(deadline, lambda: {
+        "seed": rng.randint(10, 10**6), "fetch_seed": rng.randint(0, 10**6),
+        "delivery": rng.choice(list(PROFILES)), "per_day": rng.choice((300, 1000)),
+        "policy": rng.choice(("early", "matured")), "restart_at": round(rng.random(), 3),
+    }, answer_key_case)  # fmt: skip
 
 
 SEARCHES: dict[str, Callable[[float, random.Random], dict[str, Any]]] = {
