@@ -10,8 +10,8 @@ event time its source writes into it:
   one file a day (the previous calendar day's, at 02:00 + 2 min x bank), each file in event-time
   order. An activation reaches Kafka up to 26 h 10 min after it happened.
 - ``lagging``: the applications topic runs 3 hours behind; one partition of the impressions
-  topic stalls for 3 hours every day (10:00-13:00; a different partition each day) and then
-  delivers its backlog; and each bank's clock is off (applications, approvals and activations
+  topic stalls for 3 hours every day (10:00-13:00; a different partition each day: nothing of it
+  is delivered meanwhile, a fault's copies neither) and then delivers its backlog; and each bank's clock is off (applications, approvals and activations
   are stamped by the bank: -7 min to +4 min), so some applications are stamped before the
   click that led to them.
 
@@ -67,14 +67,20 @@ class DeliveryProfile:
             period, after = batch
             end = (t_ms // period + 1) * period  # the file covers the period the event is in
             return end + after + bank * self.bank_offset_ms.get(step, 0) + _spread(t_ms, period)
-        at = t_ms + self.lag_ms.get(step, 0) + jitter_ms
+        return self.hold(step, partition, partitions, t_ms + self.lag_ms.get(step, 0) + jitter_ms)
+
+    def hold(self, step: int, partition: int, partitions: int, at: int) -> int:
+        """A record of ``step`` meant for delivery at ``at``, as a stalled partition lets it through:
+        inside its stall, at the stall's end (the backlog, in order, within ~1 s). Every record of
+        the partition - a fault's duplicate or held-up copy too: a stalled partition delivers
+        nothing. A time already let through is kept."""
         if self.stall is not None and step == self.stall[0]:
             _, start, length = self.stall
             day = at // DAY_MS
             begin = day * DAY_MS + start
             stalled = day % partitions  # a different partition each day
             if partition == stalled and begin <= at < begin + length:
-                return begin + length + (at - begin) // 10_000  # its backlog, in order, within ~1 s
+                return begin + length + (at - begin) // 10_000
         return at
 
     def max_delay_ms(self, step: int) -> int:

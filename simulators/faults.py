@@ -262,6 +262,9 @@ class SimulatedStream:
                 applied = self._apply_fault(kind, rng, values, raws, deliver, [int(x) for x in times[:n_events]])
                 if applied is None:
                     kind = None  # no event of this impression allows that fault
+                elif stall:  # a copy or a held-up record of a stalled partition waits for the stall's end too
+                    deliver = [prof.hold(s, part, parts, at) for s, at in enumerate(deliver)]
+                    applied.extra[:] = [(s, raw, prof.hold(s, part, parts, at)) for s, raw, at in applied.extra]
             delivered = [
                 Delivered(
                     s, stamped[s], deliver[s],
@@ -370,8 +373,13 @@ class SimulatedStream:
             assert raw is not None
             extra.append((s, raw, deliver[s] + int(rng.integers(1_000, 600_000))))
         elif kind == "out_of_order":
-            # the predecessor is held up and arrives after this event (never before it happened)
-            deliver[s - 1] = deliver[s] + int(rng.integers(1_000, 30_000))
+            # the predecessor is held up and arrives after this event (never before it happened) -
+            # but within its topic's allowed lateness (half of it: clocks are skewed): after a
+            # lagging topic's event (applications 3 h behind) it would be late, another fault
+            held = deliver[s] + int(rng.integers(1_000, 30_000))
+            if held - true_ms[s - 1] > self.rules.lateness_ms[s - 1] // 2:
+                return None
+            deliver[s - 1] = held
         elif kind == "malformed":
             raws[s], parse_reason = _malform(values[s], rng)
         elif kind == "illegal":
