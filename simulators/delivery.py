@@ -11,9 +11,9 @@ event time its source writes into it:
   order. An activation reaches Kafka up to 26 h 10 min after it happened.
 - ``lagging``: the applications topic runs 3 hours behind; one partition of the impressions
   topic stalls for 3 hours every day (10:00-13:00; a different partition each day: nothing of it
-  is delivered meanwhile, a fault's copies neither) and then delivers its backlog; and each bank's clock is off (applications, approvals and activations
-  are stamped by the bank: -7 min to +4 min), so some applications are stamped before the
-  click that led to them.
+  is delivered meanwhile, a fault's copies neither) and then delivers its backlog; and each
+  bank's clock is off (applications, approvals and activations are stamped by the bank: -7 min
+  to +4 min), so some applications are stamped before the click that led to them.
 
 ``max_delay_ms`` is the most a profile delays a step's events beyond half a second: what
 ``JOINER_ALLOWED_LATENESS_MS_<STEP>`` must cover (see README, "Label conservation").
