@@ -153,17 +153,22 @@ def noop_main(argv: list[str]) -> int:
     return 0
 
 
+def _event_consumer(settings: Settings, group_id: str) -> Any:
+    """An aiokafka consumer of the five event topics from their start, as every loop here reads them."""
+    from aiokafka import AIOKafkaConsumer
+
+    return AIOKafkaConsumer(
+        *settings.event_topics().values(), group_id=group_id, auto_offset_reset="earliest",
+        enable_auto_commit=True, session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=1500, **settings.aiokafka_config(),
+    )
+
+
 async def _consume_only(settings: Settings, total: int) -> tuple[float, int]:
     """An aiokafka consume-only loop over the event topics (the broker's and the client's share of
     the cost, nothing else): (events/s after its first fetched batch to its ``total``-th record,
     the size of that first batch)."""
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(
-        *settings.event_topics().values(), group_id="aitm-bench-consume", auto_offset_reset="earliest",
-        enable_auto_commit=True, session_timeout_ms=settings.kafka_session_timeout_ms,
-        heartbeat_interval_ms=1500, **settings.aiokafka_config(),
-    )
+    consumer = _event_consumer(settings, "aitm-bench-consume")
     await consumer.start()
     n, t0, nbytes, n0 = 0, 0.0, 0, 0
     try:
@@ -202,17 +207,13 @@ async def consume_produce(settings: Settings, total: int) -> tuple[float, float]
     event (0.93 samples and dead letters, under one state each), so this floor is a little below
     a free join core's. (Events/s, this process's CPU microseconds per event), from the first
     records in hand to the last, as ``_consume_only``."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka import AIOKafkaProducer
 
     from stream.kafka.partitioner import key_partition
     from stream.kafka.sender import BatchSender
 
     cfg = settings.aiokafka_config()
-    consumer = AIOKafkaConsumer(
-        *settings.event_topics().values(), group_id=f"{settings.topic_samples}-bench-floor", auto_offset_reset="earliest",
-        enable_auto_commit=True, session_timeout_ms=settings.kafka_session_timeout_ms,
-        heartbeat_interval_ms=1500, **cfg,
-    )
+    consumer = _event_consumer(settings, f"{settings.topic_samples}-bench-floor")
     producer = AIOKafkaProducer(linger_ms=5, max_batch_size=settings.joiner_producer_max_batch_bytes, **cfg)  # the joiner's
     samples, states = (spec.name for spec in floor_topics(settings))
     await consumer.start()
@@ -254,7 +255,7 @@ async def consume_produce(settings: Settings, total: int) -> tuple[float, float]
 
 async def _plain_join(settings: Settings, total: int, datadir: Path) -> float:
     """aiokafka consume -> FunnelJoin on rocksdict -> aiokafka produce; events/s."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka import AIOKafkaProducer, TopicPartition
 
     from stream.join.app import funnel_config, join_topics
     from stream.join.driver import FunnelJoin, Output
@@ -262,11 +263,7 @@ async def _plain_join(settings: Settings, total: int, datadir: Path) -> float:
     from stream.ops.clock import SystemClock
 
     cfg = settings.aiokafka_config()
-    consumer = AIOKafkaConsumer(
-        *settings.event_topics().values(), group_id="aitm-bench-plain", auto_offset_reset="earliest",
-        enable_auto_commit=True, session_timeout_ms=settings.kafka_session_timeout_ms,
-        heartbeat_interval_ms=1500, **cfg,
-    )
+    consumer = _event_consumer(settings, "aitm-bench-plain")
     producer = AIOKafkaProducer(linger_ms=5, **cfg)
     await consumer.start()
     await producer.start()

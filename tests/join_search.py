@@ -107,25 +107,14 @@ def answer_key_case(
     same RocksDB once ``restart_at`` of it is read), checked against the simulator's answer key:
     every final exactly once with its labels, every expected dead letter and no other."""
     from simulators.funnel import EPOCH_MS
-    from stream.contract.events import STEP_INDEX
     from stream.join.funnel import FunnelConfig
-    from tests.joinhelpers import JoinDriver, check_against_truth, small_stream
+    from tests.joinhelpers import JoinDriver, check_against_truth, feed_in_fetches, small_stream
 
     stream = small_stream(seed=seed, per_day=per_day, delivery=delivery)
-    records = list(stream)
-    fetch = random.Random(fetch_seed)
     with tempfile.TemporaryDirectory() as tmp:
         d = JoinDriver(FunnelConfig(policy=policy), db_dir=Path(tmp), start_ms=EPOCH_MS, partitions=4)
         try:
-            i, restarted = 0, False
-            while i < len(records):
-                n = fetch.choice((1, 7, 50, 400))
-                d.feed_batch([(STEP_INDEX[r.step], r.key, r.value, r.deliver_ms) for r in records[i : i + n]])
-                i += n
-                if not restarted and i >= len(records) * restart_at:
-                    d.restart()
-                    restarted = True
-            d.idle(120_000)
+            feed_in_fetches(d, stream, fetch_seed, restart_at)
         finally:
             for store in d.stores.values():
                 store.close()  # type: ignore[attr-defined]

@@ -203,6 +203,28 @@ class JoinDriver:
         return by
 
 
+def feed_in_fetches(d: JoinDriver, stream: SimulatedStream, fetch_seed: int, restart_at: float) -> None:
+    """The stream's records as a consumer fetches them - batches of 1, 7, 50 or 400 through
+    ``on_batch``, drawn with ``fetch_seed`` - with a restart over the same stores once
+    ``restart_at`` of them are read; then every topic goes idle (the stream has ended)."""
+    import random
+
+    from stream.contract.events import STEP_INDEX
+
+    records = list(stream)
+    fetch = random.Random(fetch_seed)
+    restart_after = int(len(records) * restart_at)
+    i, restarted = 0, False
+    while i < len(records):
+        n = fetch.choice((1, 7, 50, 400))
+        d.feed_batch([(STEP_INDEX[r.step], r.key, r.value, r.deliver_ms) for r in records[i : i + n]])
+        i += n
+        if not restarted and i >= restart_after:
+            d.restart()
+            restarted = True
+    d.idle(120_000)
+
+
 def event_bytes(step: int, iid: str, t_ms: int, bank: str = "bank_1") -> bytes:
     from stream.contract.events import Event, encode_event
 

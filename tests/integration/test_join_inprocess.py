@@ -14,7 +14,7 @@ from simulators.funnel import EPOCH_MS
 from stream.contract.events import STEP_INDEX
 from stream.join.funnel import FunnelConfig
 from stream.ops.metrics import JoinerMetrics
-from tests.joinhelpers import JoinDriver, check_against_truth, small_stream
+from tests.joinhelpers import JoinDriver, check_against_truth, feed_in_fetches, small_stream
 
 
 @pytest.mark.parametrize("delivery", PROFILES)
@@ -49,22 +49,9 @@ def test_the_batch_path_meets_the_answer_key(delivery: str, tmp_path: Path) -> N
     """The same stream fetched in batches (``on_batch``, 1-400 records each, a restart over the same
     RocksDB halfway): every final exactly once with the answer key's labels, every expected dead
     letter and no other."""
-    import random
-
     stream = small_stream(seed=5, per_day=1000, delivery=delivery)
     d = JoinDriver(FunnelConfig(), db_dir=tmp_path, start_ms=EPOCH_MS, partitions=4)
-    records = list(stream)
-    rng = random.Random(11)
-    i = 0
-    restarted = False
-    while i < len(records):
-        n = rng.choice((1, 7, 50, 400))
-        d.feed_batch([(STEP_INDEX[r.step], r.key, r.value, r.deliver_ms) for r in records[i : i + n]])
-        i += n
-        if not restarted and i >= len(records) // 2:
-            d.restart()
-            restarted = True
-    d.idle(120_000)
+    feed_in_fetches(d, stream, fetch_seed=11, restart_at=0.5)
     check_against_truth(stream, d.got)
     assert d.got.repeated_finals() == 0
 
