@@ -43,7 +43,7 @@ from bench.report import write_json
 from bench.supervisor import Supervisor, read_procfile, wait_http
 from bench.topic_reader import TopicTail
 from simulators.delivery import PROFILES
-from simulators.faults import FaultConfig, Record, SimulatedStream
+from simulators.faults import FaultConfig, Record, SimulatedStream, missing_dead_letters
 from simulators.funnel import FunnelSimulator, SimConfig
 from simulators.kafka_sink import Background, produce
 from stream.kafka.broker import ensure_topics, free_port
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         while time.monotonic() < deadline:
             done_finals = sum(1 for i in expected["labelled"] if i in ledger.finals)
             done_scores = sum(1 for i in expected["scorable"] if i in ledger.scored)
-            done_dead = expected["dead_required"] <= ledger.dead_keys()
+            done_dead = not missing_dead_letters(expected["dead_required"], ledger.dead_keys())
             if done_finals == len(expected["labelled"]) and done_scores == len(expected["scorable"]) and done_dead:
                 break
             if tail.idle_for() > 60:
@@ -244,7 +244,7 @@ def summarise(
     unscored = [i for i in expected["scorable"] if i not in ledger.scored]
     reasons = Counter(d["reason"] for d in ledger.dead)
     seen = ledger.dead_keys()
-    missing_dead = sorted(expected["dead_required"] - seen)
+    missing_dead = missing_dead_letters(expected["dead_required"], seen)
     unexplained_dead = sorted(seen - expected["dead"])
     resumes = len(re.findall(r"resumed from model version", trainer_log))
     cold = len(re.findall(r"cold start", trainer_log))
@@ -259,7 +259,7 @@ def summarise(
         "trainer_resumed_from_checkpoint": resumes,
         "trainer_cold_starts": cold,
         "dead_letters": dict(reasons),
-        "dead_letters_expected": dict(Counter(r for _, _, r in expected["dead"])),
+        "dead_letters_expected": dict(Counter(d.reason for d in stream.dead_letters)),
         "dead_letters_missing": len(missing_dead),
         "dead_letters_missing_by_reason": dict(Counter(r for _, _, r in missing_dead)),
         "dead_letters_unexplained": len(unexplained_dead),

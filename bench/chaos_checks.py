@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from simulators.faults import Record, SimulatedStream
+from simulators.faults import Record, SimulatedStream, expected_dead_letters
 from stream.contract.events import STEPS
 from stream.contract.samples import parse_sample
 from stream.ops.settings import Settings
@@ -68,8 +68,8 @@ def expectations(stream: SimulatedStream) -> dict[str, Any]:
         f.impression_id for f in stream.faults if f.kind == "illegal" and f.step == "click"
     }
     scorable = {t.impression_id for t in stream.truth} - malformed_impressions - dropped_impressions
-    dead = {(d.impression_id, d.step, d.reason) for d in stream.dead_letters}
-    dead_required = {(d.impression_id, d.step, d.reason) for d in stream.dead_letters if d.required}
+    dead = expected_dead_letters(stream.dead_letters)
+    dead_required = [d for d in stream.dead_letters if d.required]
     return {"labelled": labelled, "scorable": scorable, "dead": dead, "dead_required": dead_required}
 
 

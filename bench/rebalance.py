@@ -34,7 +34,7 @@ from bench.chaos_checks import Ledger, expectations
 from bench.report import write_json
 from bench.supervisor import Supervisor, read_procfile, wait_http
 from bench.topic_reader import TopicTail
-from simulators.faults import FaultConfig, SimulatedStream
+from simulators.faults import FaultConfig, SimulatedStream, missing_dead_letters
 from simulators.funnel import FunnelSimulator, SimConfig
 from simulators.kafka_sink import Background, produce
 from stream.kafka.broker import free_port
@@ -136,6 +136,7 @@ def summarise(
     wrong = [i for i, y in labelled.items() if i in ledger.finals and ledger.finals[i] != {tuple(y)}]
     conflicting = [i for i, ys in ledger.finals.items() if len(ys) > 1]
     seen = ledger.dead_keys()
+    missing_dead = missing_dead_letters(expected["dead_required"], seen)
     dead_of: dict[str, list[tuple[str, str]]] = {}
     for d in ledger.dead:
         dead_of.setdefault(d.get("key") or "", []).append((d["source_topic"], d["reason"]))
@@ -166,7 +167,7 @@ def summarise(
         "labels_not_due": len(lost) - len(lost_due),
         "labels_wrong": len(wrong),
         "duplicate_finals": len(conflicting),
-        "dead_letters_missing": len(expected["dead_required"] - seen),
+        "dead_letters_missing": len(missing_dead),
         "dead_letters_unexplained": len(seen - expected["dead"]),
         "final_records": ledger.final_records,
         "final_records_replayed": ledger.final_records - len(ledger.finals),
@@ -190,7 +191,7 @@ def summarise(
                  "final_labels": list(truth[m[0]].final_labels or ()) if m[0] in truth else None,
                  "faults": [(f.kind, f.step) for f in stream.faults if f.impression_id == m[0]],
                  "finals": sorted(map(list, ledger.finals.get(m[0], ()))), "dead_letters": dead_of.get(m[0], [])}
-                for m in sorted(expected["dead_required"] - seen)[:10]
+                for m in missing_dead[:10]
             ],
         },
     }

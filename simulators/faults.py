@@ -25,7 +25,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,6 +119,25 @@ class DeadLetterRow:
     cause: str  # the impression's fault kind, or "rules" (a window edge, clock skew, ...)
     event_time_ms: int
     required: bool
+    # other reasons the rules allow it: read after its funnel's retention, it may meet the state
+    # kept or purged (simulators/rules.py, rule 4); ``required`` asks for one of them
+    alt_reasons: tuple[str, ...] = ()
+
+
+DeadKey = tuple[str, str, str]  # (impression id, step, reason) of a dead letter
+
+
+def expected_dead_letters(rows: Iterable[DeadLetterRow]) -> set[DeadKey]:
+    """Every dead letter the answer key allows, under each reason it may have."""
+    return {(d.impression_id, d.step, reason) for d in rows for reason in (d.reason, *d.alt_reasons)}
+
+
+def missing_dead_letters(rows: Iterable[DeadLetterRow], seen: set[DeadKey]) -> list[DeadKey]:
+    """The required dead letters not seen under any of their reasons, sorted."""
+    return sorted({
+        (d.impression_id, d.step, d.reason) for d in rows
+        if d.required and not any((d.impression_id, d.step, r) in seen for r in (d.reason, *d.alt_reasons))
+    })  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,9 +337,13 @@ class SimulatedStream:
 
     def _expect(self, iid: str, out: Outcome, delivered: list[Delivered], kind: str | None) -> None:
         """The impression's expected dead letters, from the rules' outcome."""
-        rules = self.rules
         seen: set[tuple[int, str]] = set()
-        for rec, reason, at in zip(delivered, out.fates, out.resolved_at, strict=True):
+        alt_reasons: tuple[str, ...]
+        for rec, kept, at, purged in zip(delivered, out.fates, out.resolved_at, out.purged_fates, strict=True):
+            reason, alt_reasons = kept, ()
+            if purged is not None:  # read after the retention: the state kept, or purged (rule 4)
+                reasons = [x for x in (kept, *purged) if x is not None]
+                reason, alt_reasons = reasons[0], tuple(dict.fromkeys(r for r in reasons[1:] if r != reasons[0]))
             if reason is None or (rec.step, reason) in seen:
                 continue
             seen.add((rec.step, reason))
@@ -328,12 +351,20 @@ class SimulatedStream:
                 required = True  # decided when it (and its predecessors) arrive
             elif out.final_at_ms is not None and out.lane is not None:
                 required = self.final_due_ms(out.final_at_ms, out.lane) + REQUIRED_EXTRA_MS <= self.clock_end_ms
-            else:  # no impression: dead-lettered once the impressions' topic is past its grace
-                wait = rules.grace_ms + rec.step * rules.skew_ms + rules.lateness_ms[0]
-                required = rec.time_ms + wait + self.delivery.max_delay_ms(0) + END_MARGIN_MS <= self.clock_end_ms
+            else:
+                required = self._unknown_decided(rec)
+            if purged is not None:  # a kept state's duplicate has no dead letter; a purged one waits
+                required = kept is not None and required and self._unknown_decided(rec)
             self.dead_letters.append(
-                DeadLetterRow(iid, STEPS[rec.step], reason, kind or "rules", rec.time_ms, required)
+                DeadLetterRow(iid, STEPS[rec.step], reason, kind or "rules", rec.time_ms, required, alt_reasons)
             )
+
+    def _unknown_decided(self, rec: Delivered) -> bool:
+        """Is an event of an unknown impression (none came, or its state was purged) surely
+        dead-lettered by the end? Once the impressions' topic is past its grace."""
+        rules = self.rules
+        wait = rules.grace_ms + rec.step * rules.skew_ms + rules.lateness_ms[0]
+        return rec.time_ms + wait + self.delivery.max_delay_ms(0) + END_MARGIN_MS <= self.clock_end_ms
 
     @staticmethod
     def _pick_fault(u: float, rates: np.ndarray, n_events: int) -> str | None:

@@ -18,6 +18,15 @@ whether it was delivered after its funnel's final could go out):
    the allowed lateness) while it would have counted, or if it happened after the final time;
    ``illegal_sequence`` otherwise (its predecessor never counted, it was stamped more than
    ``skew`` before it, or the impression never came).
+4. A funnel's state is kept for the retention after its final time, then purged: a record read
+   later than that meets an unknown impression - ``illegal_sequence`` (held until the
+   impressions' topic is past its grace), or ``late`` if it happened more than the retention
+   before the impressions' topic; a copy of the impression, ``late``. Whether a record read
+   after ``final time + retention`` finds the state still kept depends on how far the final's
+   topic has got (the purge waits for it), so such a record may get its kept funnel's fate or
+   an unknown impression's: ``Outcome.purged_fates`` lists the latter. (A funnel whose final
+   came early - no click in time - is purged early: an after-window activation 40 days after
+   its approval comes long after.)
 """
 
 from __future__ import annotations
@@ -65,6 +74,9 @@ class Outcome:
     fates: tuple[str | None, ...]  # per record: its dead-letter reason, or None (counts/duplicate)
     resolved_at: tuple[int | None, ...]  # per record: delivery time after which its fate is sure,
     # or None when it waits for the final (or, without an impression, for the impressions' topic)
+    # per record: None when it is surely read while its funnel's state is kept; else the reasons it
+    # gets if the state was purged before it was read (rule 4), besides its fate in ``fates``
+    purged_fates: tuple[tuple[str, ...] | None, ...] = ()
 
 
 def outcome(records: Sequence[Delivered], rules: JoinRules | None = None) -> Outcome:
@@ -80,7 +92,7 @@ def outcome(records: Sequence[Delivered], rules: JoinRules | None = None) -> Out
         for rec in records:
             fates.append(rec.parse_reason or (None if rec.step == 0 else ILLEGAL_SEQUENCE))
             resolved.append(rec.deliver_ms if rec.parse_reason else None)
-        return Outcome(None, None, None, tuple(fates), tuple(resolved))
+        return Outcome(None, None, None, tuple(fates), tuple(resolved), (None,) * len(records))
     times = [first[0].time_ms]
     for k in range(1, 5):
         e = first.get(k)
@@ -111,7 +123,20 @@ def outcome(records: Sequence[Delivered], rules: JoinRules | None = None) -> Out
         else:
             fates.append(ILLEGAL_SEQUENCE)
             resolved.append(max(rec.deliver_ms, chain_delivered) if rec.step == r + 1 else None)
-    return Outcome(labels, final_at, lane, tuple(fates), tuple(resolved))
+    purged = tuple(_purged_fates(rec, final_at, r_) for rec in records)
+    return Outcome(labels, final_at, lane, tuple(fates), tuple(resolved), purged)
+
+
+def _purged_fates(rec: Delivered, final_at: int, rules: JoinRules) -> tuple[str, ...] | None:
+    """Rule 4: the reasons a record gets if its funnel's state is purged before it is read; None
+    when it is read before the state can be purged (the purge needs the final's topic past
+    ``final_at + retention``, which no record read before that moment can have put it)."""
+    if rec.parse_reason is not None or rec.deliver_ms < final_at + rules.retention_ms:
+        return None
+    if rec.step == 0:
+        return (LATE,)  # a copy of the impression, older than the retention
+    old = rec.time_ms + rules.retention_ms <= rec.deliver_ms  # the impressions' topic may be past it
+    return (ILLEGAL_SEQUENCE, LATE) if old else (ILLEGAL_SEQUENCE,)
 
 
 def _in_window(pred_ms: int, t_ms: int, step: int, rules: JoinRules) -> bool:

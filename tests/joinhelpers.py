@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from simulators.faults import FaultConfig, SimulatedStream
+from simulators.faults import FaultConfig, SimulatedStream, expected_dead_letters, missing_dead_letters
 from simulators.funnel import FunnelSimulator, SimConfig
 from stream.contract.samples import Sample, parse_sample
 
@@ -74,10 +74,8 @@ def check_against_truth(stream: SimulatedStream, got: Collected, topics: tuple[s
     assert not invented, f"{len(invented)} finals for impressions that never came, e.g. {invented[:5]}"
     step_of = dict(zip(topics, STEP_NAMES, strict=True))
     seen = {(d["key"], step_of[d["source_topic"]], d["reason"]) for d in got.dead}
-    expected = {(d.impression_id, d.step, d.reason) for d in stream.dead_letters}
-    required = {(d.impression_id, d.step, d.reason) for d in stream.dead_letters if d.required}
-    absent = sorted(required - seen)
-    unexplained = sorted(seen - expected)
+    absent = missing_dead_letters(stream.dead_letters, seen)
+    unexplained = sorted(seen - expected_dead_letters(stream.dead_letters))
     assert not absent, f"{len(absent)} expected dead letters missing, e.g. {absent[:5]}"
     assert not unexplained, f"{len(unexplained)} dead letters the answer key does not expect, e.g. {unexplained[:5]}"
 

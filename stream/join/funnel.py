@@ -61,7 +61,9 @@ class FunnelConfig:
     # early policy: the first sample goes out this long after the impression (event time)
     observe_ms: int = 30 * 60_000
     # a final funnel is kept (not re-emitted) this long so replays/after-window events are "late";
-    # 27 days covers activations up to 41 days after approval
+    # 27 days after a final that waited for the activation window covers activations up to 41 days
+    # after their approval; a funnel final early (no click in time) is purged 27 days after its
+    # first hour, and an event read after the purge is an unknown impression's
     retention_ms: int = 27 * 86_400_000
     policy: Policy = "early"
     # a step stamped up to this long before its predecessor still counts (clocks of sources differ)

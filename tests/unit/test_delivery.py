@@ -191,6 +191,43 @@ def test_rules_late_delivery_and_duplicates() -> None:
     assert broken.labels is None and broken.fates == ("malformed_json", ILLEGAL_SEQUENCE)
 
 
+def test_rules_a_record_read_after_its_funnels_retention_may_meet_an_unknown_impression() -> None:
+    # no click: the final (0000) is due at T0 + 1 h, and the state is kept for the retention after it
+    rules = JoinRules()
+    kept_until = T0 + HOUR_MS + rules.retention_ms
+    imp, appl = Delivered(0, T0, T0), Delivered(2, T0 + 3 * HOUR_MS, T0 + 3 * HOUR_MS)
+    # an activation 40 days on (after its window): late while the funnel is kept; read after the
+    # retention it may find no funnel - an unknown impression's event, illegal_sequence
+    act = Delivered(4, T0 + 40 * DAY_MS, T0 + 40 * DAY_MS + HOUR_MS)
+    out = _o(imp, appl, act)
+    assert out.labels == (0, 0, 0, 0) and out.fates == (None, LATE, LATE)
+    assert out.purged_fates == (None, None, (ILLEGAL_SEQUENCE,))
+    # read before the retention ends: the funnel is surely there, one fate only
+    assert _o(imp, Delivered(4, T0 + 20 * DAY_MS, kept_until - 1)).purged_fates == (None, None)
+    # a copy of the impression read after it: a duplicate while kept, late (older than the retention) if not
+    copy = _o(imp, Delivered(0, T0, kept_until))
+    assert copy.fates == (None, None) and copy.purged_fates == (None, (LATE,))
+    # a record read a retention after its own time: late as an unknown impression's too
+    old = _o(imp, Delivered(2, T0 + 3 * HOUR_MS, T0 + 3 * HOUR_MS + rules.retention_ms))
+    assert old.fates == (None, LATE) and old.purged_fates == (None, (ILLEGAL_SEQUENCE, LATE))
+
+
+def test_the_answer_key_takes_either_fate_of_a_record_read_after_its_funnels_retention() -> None:
+    from simulators.faults import DeadLetterRow, expected_dead_letters, missing_dead_letters
+
+    either = DeadLetterRow("i1", "activation", LATE, "rules", T0, True, (ILLEGAL_SEQUENCE,))
+    plain = DeadLetterRow("i2", "click", LATE, "late", T0, True)
+    optional = DeadLetterRow("i3", "click", ILLEGAL_SEQUENCE, "rules", T0, False)
+    rows = [either, plain, optional]
+    assert expected_dead_letters(rows) == {
+        ("i1", "activation", LATE), ("i1", "activation", ILLEGAL_SEQUENCE), ("i2", "click", LATE),
+        ("i3", "click", ILLEGAL_SEQUENCE),
+    }
+    assert missing_dead_letters(rows, set()) == [("i1", "activation", LATE), ("i2", "click", LATE)]
+    seen = {("i1", "activation", ILLEGAL_SEQUENCE), ("i2", "click", ILLEGAL_SEQUENCE)}
+    assert missing_dead_letters(rows, seen) == [("i2", "click", LATE)]  # i2 has one reason only
+
+
 def test_cli_writes_the_answer_key(tmp_path: Path) -> None:
     from simulators.cli import main
 

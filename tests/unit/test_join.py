@@ -223,6 +223,18 @@ def test_an_event_of_a_lane_already_swept_past_its_final_is_late_and_the_funnel_
     r.join.sweep_due(0, force=True)
     r.join.sweep(0, [])
     assert r.store(0).get(b"i1") is None
+    # an after-window activation read now finds no funnel: an unknown impression's event, held for
+    # its impression and dead-lettered once the impressions' topic is past its grace - not lost
+    act = later + 3 * HOUR
+    assert not dead(r.feed(4, "i1", act))
+    commit(r)
+    passed = act + CFG.grace_ms + 4 * CFG.skew_ms + 30 * MIN + 1  # plus the impressions' lateness
+    impressions(r, [passed, passed + 1])
+    r.join.sweep_due(0, force=True)
+    out = []
+    r.join.sweep(0, out)
+    assert [(d["reason"], d["source_topic"]) for d in dead(out) if d["key"] == "i1"] == [("illegal_sequence", "act")]
+    assert r.store(0).get(b"i1") is None
 
 
 def test_sweep_due_waits_for_the_interval_unless_forced() -> None:
