@@ -11,6 +11,7 @@ random moments (seeded), so a rare race has many chances to show. Figures (JSON)
 reached), ``labels_wrong``, ``duplicate_finals``, ``dead_letters_missing`` /
 ``dead_letters_unexplained``, the ``cycles`` run (seconds after the stream began, and how), and
 ``examples`` of lost labels (impression, partition, whether a first sample came, its dead letters).
+``--delivery`` picks how the partners deliver (real time, daily/hourly files, a lagging topic).
 Exit code 1 when a check is not 0.
 """
 
@@ -34,6 +35,7 @@ from bench.chaos_checks import Ledger, expectations
 from bench.report import write_json
 from bench.supervisor import Supervisor, read_procfile, wait_http
 from bench.topic_reader import TopicTail
+from simulators.delivery import PROFILES
 from simulators.faults import FaultConfig, SimulatedStream, missing_dead_letters
 from simulators.funnel import FunnelSimulator, SimConfig
 from simulators.kafka_sink import Background, produce
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail-days", type=int, default=16, help="low-rate days after the main day, so its funnels mature")
     p.add_argument("--stream-seconds", type=float, default=60.0, help="wall time of the main day and its tail")
     p.add_argument("--fault-rate", type=float, default=0.005)
+    p.add_argument("--delivery", default="realtime", choices=PROFILES, help="how the partners deliver (simulator)")
     p.add_argument("--every", type=float, nargs=2, default=(4.0, 9.0), metavar=("MIN_S", "MAX_S"),
                    help="seconds between two moves of the second joiner (uniform)")  # fmt: skip
     p.add_argument("--kill-share", type=float, default=1 / 3, help="share of leaves that are kill -9 (else SIGTERM)")
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(kafka_bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
     sim = FunnelSimulator(SimConfig(seed=args.seed, impressions_per_day=args.impressions_per_day))
     stream = SimulatedStream(sim, 1, FaultConfig.uniform(args.fault_rate), tail_days=args.tail_days,
-                             tail_impressions_per_day=100)  # fmt: skip
+                             tail_impressions_per_day=100, delivery=args.delivery,
+                             partitions=settings.event_partitions)  # fmt: skip
     procfile = read_procfile()
     joiner = [*procfile["joiner"], "--loglevel", "info"]
     second = {"DATA_DIR": str((args.data_dir / "joiner-b").resolve()), "METRICS_PORT_JOINER": str(free_port())}
@@ -121,11 +125,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         expected = expectations(stream)  # the answer key is complete once every record was made
         labelled: dict[str, tuple[int, ...]] = expected["labelled"]
         deadline = time.monotonic() + args.drain_timeout
-        while time.monotonic() < deadline and not all(i in ledger.finals for i in labelled):
+        while time.monotonic() < deadline and not (
+            all(i in ledger.finals for i in labelled)
+            and not missing_dead_letters(expected["dead_required"], ledger.dead_keys())
+        ):
             time.sleep(2)
         time.sleep(3)
         tail.stop()
-    return summarise(stream, ledger, expected, cycles, time.monotonic() - t_start)
+    result = summarise(stream, ledger, expected, cycles, time.monotonic() - t_start)
+    result["seed"], result["delivery"] = args.seed, args.delivery
+    return result
 
 
 def summarise(
