@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -160,18 +160,28 @@ class AITM(nn.Module):
         """The heads' own logits (B, T): end-to-end (joint) or the step conditionals c_t."""
         return self.head_logits_with_weights(ids)[0]
 
+    def transfer_step(
+        self, i: int, q_t: torch.Tensor, z_prev: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Transition ``i`` (task t-1 -> t, t = i + 2): z_t (B, k) from the tower's q_t (B, k) and
+        z_(t-1) (B, k), with the AIT weights (B, 2) on (q_t, p_(t-1)) and the values h1(u) (B, 2, k)
+        they weigh (``bench models`` reads both: how much of z_t each input makes up)."""
+        prev = z_prev.detach() if self.config.transfer_detach else z_prev
+        p_prev = self.transfers[i](prev)  # (B, k)
+        w, value = cast(AIT, self.aits[i]).weights_and_values(q_t, p_prev)  # (B, 2), (B, 2, k)
+        z = (w.unsqueeze(-1) * value).sum(1)  # (B, k): AIT's output
+        if self.transfer_gate is not None:
+            z = q_t + self.transfer_gate[i] * z  # (B, k): the tower plus the gated transfer
+        return z, w, value
+
     def head_logits_with_weights(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The heads' own logits (B, T) and the AIT weight on p_{t-1} for t = 2..T, (B, T-1)."""
         v = self.embedding(ids)  # (B, F*d)
         q = self.towers(self.tower_inputs(v))  # (T, B, k)
         zs = [q[0]]  # z_1 = q_1
         weights = []
-        for i, (transfer, ait) in enumerate(zip(self.transfers, self.aits, strict=True)):
-            prev = zs[-1].detach() if self.config.transfer_detach else zs[-1]  # (B, k): z_(t-1)
-            p_prev = transfer(prev)  # (B, k)
-            z, w = ait(q[i + 1], p_prev)  # (B, k), (B, 2)
-            if self.transfer_gate is not None:
-                z = q[i + 1] + self.transfer_gate[i] * z  # (B, k): the tower plus the gated transfer
+        for i in range(len(self.aits)):
+            z, w, _ = self.transfer_step(i, q[i + 1], zs[-1])  # (B, k), (B, 2)
             zs.append(z)
             weights.append(w[:, 1])  # (B,)
         z_all = torch.stack(zs, dim=1)  # (B, T, k)

@@ -20,7 +20,7 @@ import torch
 
 from aitm.baselines import NEURAL_MODELS, VARIANT_MODELS, LightGBMBaseline, build_model
 from aitm.features import FeatureEncoder
-from aitm.model import AIT, AITM
+from aitm.model import AITM
 from aitm.train import Split, TrainConfig, fit, predict_proba, task_aucs
 from bench.models_report import (
     FUNNEL_STEPS,
@@ -149,16 +149,11 @@ def ait_weights_and_shares(model: AITM, ids: torch.Tensor) -> tuple[torch.Tensor
     v = model.embedding(ids)  # (B, F*d)
     q = model.towers(model.tower_inputs(v))  # (T, B, k)
     z, weights, shares = q[0], [], []
-    for i, (transfer, ait) in enumerate(zip(model.transfers, model.aits, strict=True)):
-        assert isinstance(ait, AIT)
-        w, value = ait.weights_and_values(q[i + 1], transfer(z))  # (B, 2), (B, 2, k)
-        part = w.unsqueeze(-1) * value  # (B, 2, k)
-        size = part.norm(dim=-1)  # (B, 2)
+    for i in range(len(model.aits)):
+        z, w, value = model.transfer_step(i, q[i + 1], z)  # (B, k), (B, 2), (B, 2, k)
+        size = (w.unsqueeze(-1) * value).norm(dim=-1)  # (B, 2)
         weights.append(w[:, 1])
         shares.append(size[:, 1] / size.sum(1).clamp_min(1e-12))
-        z = part.sum(1)  # (B, k)
-        if model.transfer_gate is not None:  # the gated transfer: the tower plus the gated AIT output
-            z = q[i + 1] + model.transfer_gate[i] * z
     empty = v.new_zeros(v.shape[0], 0)
     return (torch.stack(weights, 1), torch.stack(shares, 1)) if weights else (empty, empty)
 

@@ -130,7 +130,7 @@ def outcome(records: Sequence[Delivered], rules: JoinRules | None = None) -> Out
 def _purged_fates(rec: Delivered, final_at: int, rules: JoinRules) -> tuple[str, ...] | None:
     """Rule 4: the reasons a record gets if its funnel's state is purged before it is read; None
     when it is read before the state can be purged (the purge needs the final's topic past
-    ``final_at + retention``, which no record read before that moment can have put it)."""
+    ``final_at + retention``, and no record read before that moment can have moved it there)."""
     if rec.parse_reason is not None or rec.deliver_ms < final_at + rules.retention_ms:
         return None
     if rec.step == 0:
