@@ -123,20 +123,25 @@ class DeadLetterRow:
     # kept or purged (simulators/rules.py, rule 4); ``required`` asks for one of them
     alt_reasons: tuple[str, ...] = ()
 
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        """Every reason the rules allow it."""
+        return (self.reason, *self.alt_reasons)
+
 
 DeadKey = tuple[str, str, str]  # (impression id, step, reason) of a dead letter
 
 
 def expected_dead_letters(rows: Iterable[DeadLetterRow]) -> set[DeadKey]:
     """Every dead letter the answer key allows, under each reason it may have."""
-    return {(d.impression_id, d.step, reason) for d in rows for reason in (d.reason, *d.alt_reasons)}
+    return {(d.impression_id, d.step, reason) for d in rows for reason in d.reasons}
 
 
 def missing_dead_letters(rows: Iterable[DeadLetterRow], seen: set[DeadKey]) -> list[DeadKey]:
     """The required dead letters not seen under any of their reasons, sorted."""
     return sorted({
         (d.impression_id, d.step, d.reason) for d in rows
-        if d.required and not any((d.impression_id, d.step, r) in seen for r in (d.reason, *d.alt_reasons))
+        if d.required and not any((d.impression_id, d.step, r) in seen for r in d.reasons)
     })  # fmt: skip
 
 
