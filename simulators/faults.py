@@ -347,8 +347,8 @@ class SimulatedStream:
         for rec, kept, at, purged in zip(delivered, out.fates, out.resolved_at, out.purged_fates, strict=True):
             reason, alt_reasons = kept, ()
             if purged is not None:  # read after the retention: the state kept, or purged (rule 4)
-                reasons = [x for x in (kept, *purged) if x is not None]
-                reason, alt_reasons = reasons[0], tuple(dict.fromkeys(r for r in reasons[1:] if r != reasons[0]))
+                reasons = tuple(dict.fromkeys(x for x in (kept, *purged) if x is not None))
+                reason, alt_reasons = reasons[0], reasons[1:]
             if reason is None or (rec.step, reason) in seen:
                 continue
             seen.add((rec.step, reason))
