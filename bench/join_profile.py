@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stream.contract.samples import ENCODINGS, SampleEncoding
 from stream.join.driver import BatchRecord, FunnelJoin, JoinTopics, Output
 from stream.join.faust_store import FaustTableStore
 from stream.join.funnel import FunnelConfig, next_dues
@@ -71,7 +72,8 @@ def fetches(per_day: int, days: int, seed: int, fetch: int, partitions: int = 4)
     return out
 
 
-def run(batches: list[list[BatchRecord]], mode: str, flush_every: int, root: Path) -> tuple[int, int]:
+def run(batches: list[list[BatchRecord]], mode: str, flush_every: int, root: Path, fast_core: bool = True,
+        encoding: SampleEncoding = "json") -> tuple[int, int]:
     """Feed every fetch; returns (events, outputs)."""
     cfg = FunnelConfig()
     clock = FakeClock(1_767_225_600_000)
@@ -80,8 +82,8 @@ def run(batches: list[list[BatchRecord]], mode: str, flush_every: int, root: Pat
     def due_of(value: bytes, swept: Any) -> Any:
         return next_dues(decode_state(value), swept, cfg)
 
-    join = FunnelJoin(cfg, JoinTopics(TOPICS, "samples", "dead-letters"),
-                      lambda p: FaustTableStore(table, p, due_of), clock, max_future_ms=0)
+    join = FunnelJoin(cfg, JoinTopics(TOPICS, "samples", "dead-letters", encoding),
+                      lambda p: FaustTableStore(table, p, due_of), clock, max_future_ms=0, fast_core=fast_core)
     n = outputs = since = 0
     for batch in batches:
         out: list[Output] = []
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fetch", type=int, default=500, help="records per fetch (one partition)")
     parser.add_argument("--flush-every", type=int, default=2500, help="records between two flushes")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
+    parser.add_argument("--python-core", action="store_true", help="the Python core alone (no compiled path)")
+    parser.add_argument("--encoding", choices=ENCODINGS, default="msgpack", help="the samples' encoding")
     args = parser.parse_args(argv)
     batches = fetches(args.per_day, args.days, args.seed, args.fetch)
     with tempfile.TemporaryDirectory(prefix="aitm-join-profile-") as tmp:
@@ -126,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.process_time()
         if prof:
             prof.enable()
-        n, outputs = run(batches, args.mode, args.flush_every, Path(tmp))
+        n, outputs = run(batches, args.mode, args.flush_every, Path(tmp), not args.python_core, args.encoding)
         if prof:
             prof.disable()
         cpu = time.process_time() - t0
-    print(f"{args.mode}: {n} events, {outputs} outputs, {cpu * 1e6 / n:.1f} us CPU per event"
+    core = "python core" if args.python_core else "fast core"
+    print(f"{args.mode}, {core}, {args.encoding}: {n} events, {outputs} outputs, {cpu * 1e6 / n:.1f} us CPU per event"
           f"{' (under cProfile)' if prof else ''}")
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)

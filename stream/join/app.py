@@ -154,6 +154,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
         sweep_interval_s=settings.joiner_sweep_interval_ms / 1000.0,
         idle_timeout_s=settings.joiner_idle_timeout_ms / 1000.0,
         max_future_ms=settings.joiner_max_future_ms,
+        fast_core=settings.joiner_fast_core,
     )
     source = app.topic(
         *topics.events, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from stream.contract.events import STEPS, Event, InvalidEvent, dead_letter, parse_event, parse_events
 from stream.contract.samples import KINDS, SAMPLE_WRITERS, SampleEncoding
+from stream.join import fast
 from stream.join.funnel import (
     LANES,
     NO_SWEPT,
@@ -113,7 +114,10 @@ class FunnelJoin:
         sweep_interval_s: float = 0.25,
         idle_timeout_s: float = 30.0,
         max_future_ms: int = 3_600_000,
+        fast_core: bool = True,
     ) -> None:
+        """``fast_core``: run the compiled common path where it applies (``stream.join.fast``; the
+        results are the same, only cheaper); off, or not built, the Python core does it all."""
         if len(lateness_ms) != LANES:
             raise ValueError("lateness_ms: one allowed lateness per event topic (impressions .. activations)")
         self.cfg = cfg
@@ -135,6 +139,8 @@ class FunnelJoin:
         self._delays_ms: list[int] = []  # the final samples' label delays since then
         self._dead_by_reason: dict[str, Any] = {}
         self._sample_bytes = SAMPLE_WRITERS[topics.samples_encoding]
+        self._fast_cfg = fast.fast_cfg(cfg)
+        self.fast_core = fast_core and fast.AVAILABLE and self._fast_cfg is not None
 
     def part(self, partition: int) -> _Partition:
         p = self.parts.get(partition)
@@ -226,21 +232,55 @@ class FunnelJoin:
             return
         step_of = self.step_of
         steps = [step_of[r[0]] for r in records]
-        events = parse_events([r[3] for r in records], [STEPS[s] for s in steps])
+        values = [r[3] for r in records]
+        # the compiled path vouches for the usual impression record: (impression id, time, fresh
+        # state) without an Event; the rest are decoded here (``pre`` None: all of them)
+        pre = fast._fastjoin.parse_impressions(values, steps) if self.fast_core else None
+        events: list[Event | InvalidEvent | None]
+        if pre is None:
+            events = list(parse_events(values, [STEPS[s] for s in steps]))
+        else:
+            events = [None] * len(records)
+            rest = [i for i, x in enumerate(pre) if x is None]
+            if rest:
+                for i, decoded in zip(rest, parse_events([values[i] for i in rest], [STEPS[steps[i]] for i in rest]),
+                                      strict=True):  # fmt: skip
+                    events[i] = decoded
         now_ms = self.clock.now_ms()
         now = self.clock.monotonic()
         horizon = now_ms + self.max_future_ms if self.max_future_ms else None
         counts = [0] * LANES
-        # (partition, impression key) -> [(step, event, raw, swept)], in fetch order
-        groups: dict[int, dict[bytes, list[tuple[int, Event, bytes, Swept]]]] = {}
+        # (partition, impression key) -> [(step, event, raw, swept, vouched)], in fetch order;
+        # ``vouched``: the compiled path's (impression id, time, fresh state), its event None
+        groups: dict[int, dict[bytes, list[tuple[int, Event | None, bytes, Swept, Any]]]] = {}
         parts: dict[int, _Partition] = {}
-        for rec, step, event in zip(records, steps, events, strict=True):
+        for i, (rec, step, event) in enumerate(zip(records, steps, events, strict=True)):
             topic, partition, key, value, offset, behind = rec
             counts[step] += 1
             p = parts.get(partition)
             if p is None:
                 p = parts[partition] = self.part(partition)
             raw = value or b""
+            if event is None:  # an impression the compiled path read (step 0: its own lane only)
+                vouched = pre[i] if pre is not None else None
+                assert vouched is not None  # an event is None only where the compiled path read it
+                ikey, t = vouched[0], vouched[1]
+                if horizon is not None and t > horizon:
+                    ahead_s = (t - now_ms) // 1000
+                    detail = (f"event time is {ahead_s} s ahead of this joiner's clock (JOINER_MAX_FUTURE_MS="
+                              f"{self.max_future_ms}); fix the source's clock, or set 0 for simulated time")  # fmt: skip
+                    self._dead(out, raw, topic, FUTURE, detail, partition, offset, key)
+                    continue
+                p.wm.observe(0, t, behind, now)
+                by_key = groups.get(partition)
+                if by_key is None:
+                    by_key = groups[partition] = {}
+                group = by_key.get(ikey)
+                if group is None:
+                    by_key[ikey] = [(0, None, raw, p.swept, vouched)]
+                else:
+                    group.append((0, None, raw, p.swept, vouched))
+                continue
             if type(event) is not Event:
                 assert isinstance(event, InvalidEvent)
                 self._dead(out, raw if value is not None else None, topic, event.reason, event.message, partition,
@@ -268,29 +308,38 @@ class FunnelJoin:
             ikey = event.impression_id.encode()
             group = by_key.get(ikey)
             if group is None:
-                by_key[ikey] = [(step, event, raw, swept)]
+                by_key[ikey] = [(step, event, raw, swept, None)]
             else:
-                group.append((step, event, raw, swept))
+                group.append((step, event, raw, swept, None))
         if self._events_by_type is not None:
             for step, n in enumerate(counts):
                 if n:
                     self._events_by_type[step].inc(n)
         dups = [0] * LANES
         cfg = self.cfg
+        fcfg = self._fast_cfg
         for partition, by_key in groups.items():
             p = parts[partition]
             store = p.store
             keys = list(by_key)
             for ikey, old in zip(keys, store.get_many(keys), strict=True):
+                group = by_key[ikey]
+                if old is None and len(group) == 1 and (vouched := group[0][4]) is not None and fcfg is not None:
+                    # a fresh impression alone in the batch: its state, if writing it is all there is to do
+                    dues = fast._fastjoin.impression_dues(vouched[1], group[0][3], p.swept, fcfg)
+                    if dues is not None:
+                        store.put(ikey, vouched[2], dues)
+                        continue
                 state = decode_state(old) if old is not None else None
                 changed = False
-                for step, event, raw, swept in by_key[ikey]:
-                    res = advance(state, event, raw, swept, cfg)
+                for step, ev, raw, swept, _ in group:
+                    parsed = ev if ev is not None else parse_event(raw, STEPS[0])  # vouched: it decodes
+                    res = advance(state, parsed, raw, swept, cfg)
                     if res.duplicate:
                         dups[step] += 1
                     if res.changed:
                         changed = True
-                    self._emit(res, ikey, event.impression_id, out, partition, state)
+                    self._emit(res, ikey, parsed.impression_id, out, partition, state)
                     state = res.state
                 if changed:
                     if state is None:
@@ -417,10 +466,30 @@ class FunnelJoin:
                 keys[ikey] = None
         n = 0
         due = list(keys)
-        for ikey, old in zip(due, p.store.get_many(due), strict=True):  # one multi-get
+        olds = p.store.get_many(due)  # one multi-get
+        done = (
+            fast._fastjoin.sweep_states(due, olds, prev, wm, self._fast_cfg, self.topics.samples_encoding == "msgpack",
+                                        self.cfg.policy)
+            if self.fast_core and due and self._fast_cfg is not None
+            else None
+        )  # fmt: skip
+        for i, (ikey, old) in enumerate(zip(due, olds, strict=True)):
             if old is None:
                 continue
             n += 1
+            if done is not None and (r := done[i]) is not None:  # the compiled common path decided
+                purge, dues, samples = r
+                if purge:
+                    p.store.delete(ikey)
+                else:
+                    p.store.reschedule(ikey, dues)
+                for kind, elapsed_ms, value in samples:
+                    out.append(Output(self.topics.samples, ikey, value))
+                    if self.metrics is not None:
+                        self._kind_counts[KINDS[kind]] += 1
+                        if kind == 2:
+                            self._delays_ms.append(elapsed_ms)
+                continue
             state = decode_state(old)
             res = sweep(state, prev, wm, self.cfg)
             self._apply(p, ikey, ikey.decode(), res, True, out, partition, swept=wm, prior=state)

@@ -11,7 +11,7 @@ from faust.types import TP
 
 from stream.join.driver import SWEPT_KEY, unpack_swept
 from stream.join.funnel import Dues, Swept
-from stream.join.store import DueIndex
+from stream.join.store import new_due_index
 
 META_PREFIX = b"\x00"  # table keys of metadata; impression ids are printable
 # a tombstone that ends each flush's changelog records of a partition in a batch of its own
@@ -44,7 +44,7 @@ class FaustTableStore:
         self._table = table
         self.partition = partition
         self._db = table.data._db_for_partition(partition)
-        self._index = DueIndex()
+        self._index = new_due_index()
         # the keys of the states held: ``len`` counts them (the due index holds a key only while
         # it has a due time: not between ``pop_due`` and the sweep's ``reschedule``)
         self._keys: set[bytes] = set()

@@ -46,8 +46,26 @@ class LabelStore(Protocol):
         """Number of states held (the open and retained funnels)."""
 
 
+class DueIndexLike(Protocol):
+    """What a store asks of its in-memory due index (``DueIndex`` or its C twin)."""
+
+    def set(self, key: bytes, dues: Dues | None) -> None: ...
+
+    def pop_due(self, lane: int, until_ms: int) -> list[bytes]: ...
+
+    def __len__(self) -> int: ...
+
+
+def new_due_index() -> DueIndexLike:
+    """The C ``DueIndex`` (``stream.join.fast``) when built, else this module's."""
+    from stream.join import fast
+
+    return fast._fastjoin.DueIndex() if fast.AVAILABLE else DueIndex()
+
+
 class DueIndex:
-    """An in-memory due-time index: a heap per lane with lazy deletion plus each key's dues."""
+    """An in-memory due-time index: a heap per lane with lazy deletion plus each key's dues.
+    ``stream/join/_fastjoin.c`` has its twin in C (same results; ``new_due_index`` picks it)."""
 
     def __init__(self) -> None:
         self._heaps: list[list[tuple[int, bytes]]] = [[] for _ in range(LANES)]
@@ -97,7 +115,7 @@ class InMemoryStore:
     def __init__(self) -> None:
         self._data: dict[bytes, bytes] = {}
         self._meta: dict[bytes, bytes] = {}
-        self._index = DueIndex()
+        self._index = new_due_index()
 
     def get(self, key: bytes) -> bytes | None:
         return self._data.get(key)

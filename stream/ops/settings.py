@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     # default, 16 KB, costs ~1.5-2 us more CPU per record (docs/joiner.md, round 8: 64 KB
     # measured best, 256 KB no better). Keep it under the broker's message.max.bytes.
     joiner_producer_max_batch_bytes: int = Field(default=65_536, ge=1024, le=1_000_000)
+    # the join core's compiled common path (stream/join/fast.py) where it applies; off: the
+    # Python core does it all (same results, for A/B measurements)
+    joiner_fast_core: bool = True
 
     # --- trainer (stream/learn/trainer.py): test-then-train on samples; docs/streaming.md
     # delayed feedback: "fnw" (fake-negative weighting, trains at the first sample) or

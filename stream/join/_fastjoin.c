@@ -1,0 +1,956 @@
+/* The join core's compiled fast path (docs/joiner.md, "Round 14").
+ *
+ * Two things, both exact twins of the Python they stand in for:
+ *
+ * - DueIndex: stream.join.store.DueIndex (a heap per lane with lazy deletion, plus each key's
+ *   dues), same methods and results - pop_due hands back keys in (due, key) order.
+ * - sweep_states: the time-driven work of stream.join.funnel.sweep for the usual state (version-4
+ *   bytes, impression seen, nothing held), with its samples' bytes (sample_bytes / sample_binary)
+ *   and its next dues (next_dues). For any other state - a stub, held events, another codec
+ *   version, an id or bank that JSON would escape, features with an escape - it *declines* (None
+ *   for that key) and the caller runs the Python core, so the semantics live in one place and
+ *   this file only repeats its common path; tests/unit/test_fastjoin.py compares the two on
+ *   random states.
+ *
+ * No Python object is built per state beyond the results handed back.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 5
+#define NONE_T (-1)                /* funnel.NONE: step not reached */
+#define NO_DUE INT64_MIN          /* a lane with no due time (None in Python) */
+#define MAX_TIME (INT64_C(1) << 53) /* events.MAX_EVENT_TIME_MS; windows and lanes are bounded too */
+
+/* ------------------------------------------------------------------------------------------ */
+/* DueIndex                                                                                     */
+
+typedef struct {
+    int64_t due;
+    PyObject *key; /* bytes, owned */
+} Entry;
+
+typedef struct {
+    Entry *a;
+    Py_ssize_t n, cap;
+} Heap;
+
+typedef struct {
+    PyObject_HEAD
+    Heap heaps[LANES];
+    PyObject *dues; /* dict: key -> bytearray of LANES int64 (NO_DUE: none) */
+} DueIndexObject;
+
+static int entry_lt(const Entry *x, const Entry *y) {
+    if (x->due != y->due) return x->due < y->due;
+    Py_ssize_t nx = PyBytes_GET_SIZE(x->key), ny = PyBytes_GET_SIZE(y->key);
+    int c = memcmp(PyBytes_AS_STRING(x->key), PyBytes_AS_STRING(y->key), nx < ny ? nx : ny);
+    if (c) return c < 0;
+    return nx < ny;
+}
+
+static void sift_down(Heap *h, Py_ssize_t i) {
+    Entry e = h->a[i];
+    for (;;) {
+        Py_ssize_t l = 2 * i + 1, m = i;
+        const Entry *best = &e;
+        if (l < h->n && entry_lt(&h->a[l], best)) { m = l; best = &h->a[l]; }
+        if (l + 1 < h->n && entry_lt(&h->a[l + 1], best)) { m = l + 1; }
+        if (m == i) break;
+        h->a[i] = h->a[m];
+        i = m;
+    }
+    h->a[i] = e;
+}
+
+static void sift_up(Heap *h, Py_ssize_t i) {
+    Entry e = h->a[i];
+    while (i > 0) {
+        Py_ssize_t p = (i - 1) / 2;
+        if (!entry_lt(&e, &h->a[p])) break;
+        h->a[i] = h->a[p];
+        i = p;
+    }
+    h->a[i] = e;
+}
+
+static int heap_push(Heap *h, int64_t due, PyObject *key) {
+    if (h->n == h->cap) {
+        Py_ssize_t cap = h->cap ? h->cap * 2 : 64;
+        Entry *a = PyMem_Realloc(h->a, (size_t)cap * sizeof(Entry));
+        if (!a) { PyErr_NoMemory(); return -1; }
+        h->a = a;
+        h->cap = cap;
+    }
+    Py_INCREF(key);
+    h->a[h->n].due = due;
+    h->a[h->n].key = key;
+    sift_up(h, h->n++);
+    return 0;
+}
+
+static void heap_clear(Heap *h) {
+    for (Py_ssize_t i = 0; i < h->n; i++) Py_DECREF(h->a[i].key);
+    h->n = 0;
+}
+
+static int64_t *dues_of(PyObject *ba) { return (int64_t *)PyByteArray_AS_STRING(ba); }
+
+static int dues_empty(const int64_t *d) {
+    for (int i = 0; i < LANES; i++)
+        if (d[i] != NO_DUE) return 0;
+    return 1;
+}
+
+/* dues (a 5-tuple of int | None, or None) into d; -1 with an exception set if malformed */
+static int read_dues(PyObject *obj, int64_t *d) {
+    if (obj == Py_None) {
+        for (int i = 0; i < LANES; i++) d[i] = NO_DUE;
+        return 0;
+    }
+    if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != LANES) {
+        PyErr_SetString(PyExc_TypeError, "dues: a tuple of 5 (int or None), or None");
+        return -1;
+    }
+    for (int i = 0; i < LANES; i++) {
+        PyObject *v = PyTuple_GET_ITEM(obj, i);
+        if (v == Py_None) { d[i] = NO_DUE; continue; }
+        long long x = PyLong_AsLongLong(v);
+        if (x == -1 && PyErr_Occurred()) return -1;
+        if (x == (long long)NO_DUE) {
+            PyErr_SetString(PyExc_OverflowError, "dues: a due time out of range");
+            return -1;
+        }
+        d[i] = x;
+    }
+    return 0;
+}
+
+static PyObject *dues_tuple(const int64_t *d) {
+    PyObject *t = PyTuple_New(LANES);
+    if (!t) return NULL;
+    for (int i = 0; i < LANES; i++) {
+        PyObject *v;
+        if (d[i] == NO_DUE) { v = Py_None; Py_INCREF(v); }
+        else if (!(v = PyLong_FromLongLong(d[i]))) { Py_DECREF(t); return NULL; }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+static void compact(DueIndexObject *self, int lane) {
+    Heap *h = &self->heaps[lane];
+    heap_clear(h);
+    PyObject *key, *val;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(self->dues, &pos, &key, &val)) {
+        int64_t due = dues_of(val)[lane];
+        if (due == NO_DUE) continue;
+        /* room is there: the heap held more entries than the dict has keys */
+        Py_INCREF(key);
+        h->a[h->n].due = due;
+        h->a[h->n].key = key;
+        h->n++;
+    }
+    for (Py_ssize_t i = h->n / 2 - 1; i >= 0; i--) sift_down(h, i);
+}
+
+static int index_set(DueIndexObject *self, PyObject *key, const int64_t *d) {
+    if (!PyBytes_CheckExact(key)) {
+        PyErr_SetString(PyExc_TypeError, "DueIndex keys are bytes");
+        return -1;
+    }
+    PyObject *old = PyDict_GetItemWithError(self->dues, key); /* borrowed */
+    if (!old && PyErr_Occurred()) return -1;
+    if (dues_empty(d)) {
+        if (old && PyDict_DelItem(self->dues, key) < 0) return -1;
+        return 0;
+    }
+    int64_t prev[LANES];
+    if (old) {
+        memcpy(prev, dues_of(old), sizeof prev);
+        if (!memcmp(prev, d, sizeof prev)) return 0;
+        memcpy(dues_of(old), d, sizeof prev);
+    } else {
+        for (int i = 0; i < LANES; i++) prev[i] = NO_DUE;
+        PyObject *ba = PyByteArray_FromStringAndSize((const char *)d, sizeof prev);
+        if (!ba) return -1;
+        int rc = PyDict_SetItem(self->dues, key, ba);
+        Py_DECREF(ba);
+        if (rc < 0) return -1;
+    }
+    for (int lane = 0; lane < LANES; lane++) {
+        if (d[lane] == NO_DUE || prev[lane] == d[lane]) continue;
+        Heap *h = &self->heaps[lane];
+        if (heap_push(h, d[lane], key) < 0) return -1;
+        if (h->n > 4 * PyDict_GET_SIZE(self->dues) + 1024) compact(self, lane);
+    }
+    return 0;
+}
+
+static PyObject *DueIndex_set(DueIndexObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set(key, dues)");
+        return NULL;
+    }
+    int64_t d[LANES];
+    if (read_dues(args[1], d) < 0 || index_set(self, args[0], d) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *DueIndex_pop_due(DueIndexObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "pop_due(lane, until_ms)");
+        return NULL;
+    }
+    long lane = PyLong_AsLong(args[0]);
+    if (lane == -1 && PyErr_Occurred()) return NULL;
+    if (lane < 0 || lane >= LANES) {
+        PyErr_SetString(PyExc_IndexError, "lane out of range");
+        return NULL;
+    }
+    long long until = PyLong_AsLongLong(args[1]);
+    if (until == -1 && PyErr_Occurred()) return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    Heap *h = &self->heaps[lane];
+    while (h->n && h->a[0].due <= until) {
+        Entry e = h->a[0];
+        h->a[0] = h->a[--h->n];
+        if (h->n) sift_down(h, 0);
+        PyObject *cur = PyDict_GetItemWithError(self->dues, e.key);
+        int err = 0;
+        if (cur) {
+            int64_t *d = dues_of(cur);
+            if (d[lane] == e.due) {
+                d[lane] = NO_DUE;
+                if (dues_empty(d)) err = PyDict_DelItem(self->dues, e.key) < 0;
+                if (!err) err = PyList_Append(out, e.key) < 0;
+            }
+        } else if (PyErr_Occurred()) {
+            err = 1;
+        }
+        Py_DECREF(e.key);
+        if (err) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+static Py_ssize_t DueIndex_len(DueIndexObject *self) { return PyDict_GET_SIZE(self->dues); }
+
+static PyObject *DueIndex_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    if (PyTuple_GET_SIZE(args) || (kwds && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "DueIndex() takes no arguments");
+        return NULL;
+    }
+    DueIndexObject *self = (DueIndexObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    self->dues = PyDict_New();
+    if (!self->dues) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void DueIndex_dealloc(DueIndexObject *self) {
+    for (int i = 0; i < LANES; i++) {
+        heap_clear(&self->heaps[i]);
+        PyMem_Free(self->heaps[i].a);
+    }
+    Py_XDECREF(self->dues);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef DueIndex_methods[] = {
+    {"set", (PyCFunction)(void (*)(void))DueIndex_set, METH_FASTCALL,
+     "set(key, dues): (re)schedule key on every lane (None or all-None dues: unschedule)"},
+    {"pop_due", (PyCFunction)(void (*)(void))DueIndex_pop_due, METH_FASTCALL,
+     "pop_due(lane, until_ms): keys due on lane by until_ms, in (due, key) order, removed from that lane"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods DueIndex_as_sequence = {.sq_length = (lenfunc)DueIndex_len};
+
+static PyTypeObject DueIndexType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "stream.join._fastjoin.DueIndex",
+    .tp_doc = "An in-memory due-time index: a heap per lane with lazy deletion plus each key's dues "
+              "(stream.join.store.DueIndex in C).",
+    .tp_basicsize = sizeof(DueIndexObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = DueIndex_new,
+    .tp_dealloc = (destructor)DueIndex_dealloc,
+    .tp_methods = DueIndex_methods,
+    .tp_as_sequence = &DueIndex_as_sequence,
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* the funnel's common path                                                                    */
+
+typedef struct {
+    int64_t w[4];
+    int64_t grace, observe, retention, skew;
+    int early;
+} Cfg;
+
+typedef struct {
+    int64_t imp, t[4];
+    const char *bank;
+    Py_ssize_t bank_len;
+    const char *feats;
+    Py_ssize_t feats_len;
+} State;
+
+static int read_i64s(PyObject *tup, int64_t *out, Py_ssize_t n, const char *what) {
+    if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) != n) {
+        PyErr_Format(PyExc_TypeError, "%s: a tuple of %zd ints", what, n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long x = PyLong_AsLongLong(PyTuple_GET_ITEM(tup, i));
+        if (x == -1 && PyErr_Occurred()) return -1;
+        out[i] = x;
+    }
+    return 0;
+}
+
+/* cfg: (w0, w1, w2, w3, grace, observe, retention, skew, early) */
+static int read_cfg(PyObject *tup, Cfg *c) {
+    int64_t v[9];
+    if (read_i64s(tup, v, 9, "cfg") < 0) return -1;
+    for (int i = 0; i < 8; i++)
+        if (v[i] < 0 || v[i] > MAX_TIME) {
+            PyErr_SetString(PyExc_ValueError, "cfg: windows and periods in [0, 2**53] ms");
+            return -1;
+        }
+    memcpy(c->w, v, sizeof c->w);
+    c->grace = v[4];
+    c->observe = v[5];
+    c->retention = v[6];
+    c->skew = v[7];
+    c->early = v[8] != 0;
+    return 0;
+}
+
+static uint64_t be64(const unsigned char *p) {
+    uint64_t x = 0;
+    for (int i = 0; i < 8; i++) x = x << 8 | p[i];
+    return x;
+}
+
+/* printable ASCII with nothing JSON escapes: quoted as is by encode_basestring_ascii */
+static int plain_text(const char *s, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c < 0x20 || c > 0x7e || c == '"' || c == '\\') return 0;
+    }
+    return 1;
+}
+
+#define HEAD_SIZE 48
+
+/* a version-4 state with the impression seen, nothing held, features present, a plain bank id;
+   0 to decline (the Python core decides, and words any error) */
+static int read_state(const char *data, Py_ssize_t n, State *s) {
+    const unsigned char *p = (const unsigned char *)data;
+    if (n < HEAD_SIZE || p[0] != 4) return 0;
+    s->imp = (int64_t)be64(p + 1);
+    for (int k = 0; k < 4; k++) s->t[k] = (int64_t)be64(p + 9 + 8 * k);
+    unsigned n_held = p[41];
+    Py_ssize_t n_bank = (Py_ssize_t)p[42] << 8 | p[43];
+    uint32_t n_feats = (uint32_t)p[44] << 24 | (uint32_t)p[45] << 16 | (uint32_t)p[46] << 8 | p[47];
+    if (n_held || s->imp == NONE_T || n_feats == 0xFFFFFFFFu || n_feats == 0) return 0;
+    /* event times as the event contract bounds them (no sum below can overflow) */
+    if (s->imp < 0 || s->imp >= MAX_TIME) return 0;
+    for (int k = 0; k < 4; k++)
+        if (s->t[k] != NONE_T && (s->t[k] < 0 || s->t[k] >= MAX_TIME)) return 0;
+    if (HEAD_SIZE + n_bank + (Py_ssize_t)n_feats != n) return 0;
+    s->bank = data + HEAD_SIZE;
+    s->bank_len = n_bank;
+    s->feats = s->bank + n_bank;
+    s->feats_len = (Py_ssize_t)n_feats;
+    if (!plain_text(s->bank, n_bank)) return 0;
+    /* steps count only in order: a time after a missing one is not a state the core writes */
+    int gap = 0;
+    for (int k = 0; k < 4; k++) {
+        if (s->t[k] == NONE_T) gap = 1;
+        else if (gap) return 0;
+    }
+    return 1;
+}
+
+static int reached(const State *s) {
+    for (int k = 0; k < 4; k++)
+        if (s->t[k] == NONE_T) return k;
+    return 4;
+}
+
+static int64_t step_time(const State *s, int step) { return step == 0 ? s->imp : s->t[step - 1]; }
+
+/* funnel._lane_and_final */
+static void lane_and_final(const State *s, const Cfg *c, int *lane, int64_t *fa) {
+    int r = reached(s);
+    if (r == 4) { *lane = 0; *fa = s->t[3]; return; }
+    *lane = r + 1;
+    *fa = step_time(s, r) + c->w[r];
+}
+
+/* funnel.mature */
+static void mature(const State *s, const int64_t *swept, const Cfg *c, int *out) {
+    int settled = 0;
+    for (int k = 0; k < 4; k++) {
+        if (s->t[k] != NONE_T || settled) { out[k] = 1; continue; }
+        int64_t pred = step_time(s, k);
+        settled = pred != NONE_T && pred + c->w[k] <= swept[k + 1];
+        out[k] = settled;
+    }
+}
+
+/* funnel.next_dues of a non-stub state with nothing held */
+static void next_dues(const State *s, const int64_t *swept, const Cfg *c, int64_t *d) {
+    int lane;
+    int64_t fa;
+    lane_and_final(s, c, &lane, &fa);
+    for (int i = 0; i < LANES; i++) d[i] = NO_DUE;
+    if (lane == 0) { d[0] = fa + c->retention; return; }
+    if (swept[lane] >= fa) { d[lane] = fa + c->retention; return; }
+    d[lane] = fa;
+    if (c->early) {
+        int64_t fd = s->imp + c->observe;
+        if (swept[0] < fd && fd < fa) d[0] = fd;
+    }
+}
+
+/* --- sample bytes ------------------------------------------------------------------------- */
+
+typedef struct {
+    char *p;
+    Py_ssize_t n, cap;
+} Buf;
+
+static int buf_room(Buf *b, Py_ssize_t more) {
+    if (b->n + more <= b->cap) return 0;
+    Py_ssize_t cap = b->cap ? b->cap : 512;
+    while (cap < b->n + more) cap *= 2;
+    char *p = PyMem_Realloc(b->p, (size_t)cap);
+    if (!p) { PyErr_NoMemory(); return -1; }
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int buf_put(Buf *b, const void *s, Py_ssize_t n) {
+    if (buf_room(b, n) < 0) return -1;
+    memcpy(b->p + b->n, s, (size_t)n);
+    b->n += n;
+    return 0;
+}
+
+static int buf_str(Buf *b, const char *s) { return buf_put(b, s, (Py_ssize_t)strlen(s)); }
+
+static int buf_int(Buf *b, int64_t v) {
+    char tmp[24];
+    int n = snprintf(tmp, sizeof tmp, "%lld", (long long)v);
+    return buf_put(b, tmp, n);
+}
+
+static int buf_byte(Buf *b, unsigned char c) { return buf_put(b, &c, 1); }
+
+static int buf_be(Buf *b, uint64_t v, int n) {
+    unsigned char tmp[8];
+    for (int i = 0; i < n; i++) tmp[i] = (unsigned char)(v >> (8 * (n - 1 - i)));
+    return buf_put(b, tmp, n);
+}
+
+/* MessagePack integers as msgspec writes them: the smallest form */
+static int mp_int(Buf *b, int64_t v) {
+    if (v >= 0) {
+        if (v < 128) return buf_byte(b, (unsigned char)v) != 0;
+        if (v <= 0xff) return buf_byte(b, 0xcc) || buf_be(b, (uint64_t)v, 1);
+        if (v <= 0xffff) return buf_byte(b, 0xcd) || buf_be(b, (uint64_t)v, 2);
+        if (v <= 0xffffffffLL) return buf_byte(b, 0xce) || buf_be(b, (uint64_t)v, 4);
+        return buf_byte(b, 0xcf) || buf_be(b, (uint64_t)v, 8);
+    }
+    if (v >= -32) return buf_byte(b, (unsigned char)(v & 0xff)) != 0;
+    if (v >= -128) return buf_byte(b, 0xd0) || buf_be(b, (uint64_t)v, 1);
+    if (v >= -32768) return buf_byte(b, 0xd1) || buf_be(b, (uint64_t)v, 2);
+    if (v >= -2147483648LL) return buf_byte(b, 0xd2) || buf_be(b, (uint64_t)v, 4);
+    return buf_byte(b, 0xd3) || buf_be(b, (uint64_t)v, 8);
+}
+
+static int mp_str(Buf *b, const char *s, Py_ssize_t n) {
+    int rc;
+    if (n < 32) rc = buf_byte(b, (unsigned char)(0xa0 | n));
+    else if (n <= 0xff) rc = buf_byte(b, 0xd9) || buf_be(b, (uint64_t)n, 1);
+    else if (n <= 0xffff) rc = buf_byte(b, 0xda) || buf_be(b, (uint64_t)n, 2);
+    else rc = buf_byte(b, 0xdb) || buf_be(b, (uint64_t)n, 4);
+    return rc || buf_put(b, s, n);
+}
+
+static int mp_array(Buf *b, Py_ssize_t n) {
+    if (n < 16) return buf_byte(b, (unsigned char)(0x90 | n)) != 0;
+    if (n <= 0xffff) return buf_byte(b, 0xdc) || buf_be(b, (uint64_t)n, 2);
+    return buf_byte(b, 0xdd) || buf_be(b, (uint64_t)n, 4);
+}
+
+/* The names and values of compact, escape-free feature JSON ({"k":"v",...}) as two MessagePack
+   arrays of strings; 0 when the text is anything else (the Python writer decides), -1 on error. */
+static int mp_features(Buf *names, Buf *values, const char *s, Py_ssize_t n) {
+    Py_ssize_t count = 0, i = 1;
+    if (n < 2 || s[0] != '{' || s[n - 1] != '}') return 0;
+    /* first pass: count and check the shape */
+    if (n == 2) return mp_array(names, 0) || mp_array(values, 0) ? -1 : 1;
+    for (;;) {
+        for (int part = 0; part < 2; part++) {
+            if (i >= n || s[i] != '"') return 0;
+            Py_ssize_t j = i + 1;
+            while (j < n && s[j] != '"') {
+                unsigned char c = (unsigned char)s[j];
+                if (c == '\\' || c < 0x20 || c > 0x7e) return 0;
+                j++;
+            }
+            if (j >= n) return 0;
+            i = j + 1;
+            if (part == 0) {
+                if (i >= n || s[i] != ':') return 0;
+                i++;
+            }
+        }
+        count++;
+        if (i >= n) return 0;
+        if (s[i] == '}') {
+            if (i != n - 1) return 0;
+            break;
+        }
+        if (s[i] != ',') return 0;
+        i++;
+    }
+    if (mp_array(names, count) || mp_array(values, count)) return -1;
+    i = 1;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        for (int part = 0; part < 2; part++) {
+            Py_ssize_t j = i + 1;
+            while (s[j] != '"') j++;
+            if (mp_str(part ? values : names, s + i + 1, j - i - 1)) return -1;
+            i = j + 2; /* past the closing quote and the ':' or ',' */
+        }
+    }
+    return 1;
+}
+
+static const char *const KIND_NAMES[3] = {"first", "correction", "final"};
+
+typedef struct {
+    int encoding; /* 0 json, 1 msgpack */
+    const char *policy;
+    Py_ssize_t policy_len;
+    Buf names, values; /* the current state's features as MessagePack arrays */
+    int features_ready;
+} Writer;
+
+/* sample_bytes / sample_binary; 0 declined, -1 error, else 1 with the bytes in *out */
+static int write_sample(Writer *w, Buf *b, const char *iid, Py_ssize_t iid_len, const State *s, int kind,
+                        int seq, const int *labels, const int *ripe, int64_t elapsed, int64_t wm, PyObject **out) {
+    b->n = 0;
+    int rc = 0;
+    if (w->encoding == 0) {
+        rc |= buf_str(b, "{\"schema_version\":1,\"impression_id\":\"");
+        rc |= buf_put(b, iid, iid_len);
+        rc |= buf_str(b, "\",\"bank_id\":\"");
+        rc |= buf_put(b, s->bank, s->bank_len);
+        rc |= buf_str(b, "\",\"event_time_ms\":");
+        rc |= buf_int(b, s->imp);
+        rc |= buf_str(b, ",\"features\":");
+        rc |= buf_put(b, s->feats, s->feats_len);
+        rc |= buf_str(b, ",\"labels\":[");
+        for (int k = 0; k < 4; k++) rc |= buf_str(b, k ? (labels[k] ? ",1" : ",0") : (labels[k] ? "1" : "0"));
+        rc |= buf_str(b, "],\"mature\":[");
+        for (int k = 0; k < 4; k++) rc |= buf_str(b, k ? (ripe[k] ? ",true" : ",false") : (ripe[k] ? "true" : "false"));
+        rc |= buf_str(b, "],\"kind\":\"");
+        rc |= buf_str(b, KIND_NAMES[kind]);
+        rc |= buf_str(b, "\",\"elapsed_ms\":");
+        rc |= buf_int(b, elapsed);
+        rc |= buf_str(b, ",\"seq\":");
+        rc |= buf_int(b, seq);
+        rc |= buf_str(b, ",\"watermark_ms\":");
+        rc |= buf_int(b, wm);
+        rc |= buf_str(b, ",\"policy\":\"");
+        rc |= buf_put(b, w->policy, w->policy_len);
+        rc |= buf_str(b, "\"}");
+    } else {
+        if (!w->features_ready) {
+            w->names.n = w->values.n = 0;
+            int f = mp_features(&w->names, &w->values, s->feats, s->feats_len);
+            if (f <= 0) return f;
+            w->features_ready = 1;
+        }
+        int flags = 0;
+        for (int k = 0; k < 4; k++) flags |= (labels[k] ? 1 : 0) << k | (ripe[k] ? 1 : 0) << (k + 4);
+        rc |= buf_byte(b, 0x9c);
+        rc |= mp_int(b, 2);
+        rc |= mp_str(b, iid, iid_len);
+        rc |= mp_str(b, s->bank, s->bank_len);
+        rc |= mp_int(b, s->imp);
+        rc |= buf_put(b, w->names.p, w->names.n);
+        rc |= buf_put(b, w->values.p, w->values.n);
+        rc |= mp_int(b, flags);
+        rc |= mp_int(b, kind);
+        rc |= mp_int(b, elapsed);
+        rc |= mp_int(b, seq);
+        rc |= mp_int(b, wm);
+        rc |= mp_str(b, w->policy, w->policy_len);
+    }
+    if (rc) return -1;
+    *out = PyBytes_FromStringAndSize(b->p, b->n);
+    return *out ? 1 : -1;
+}
+
+/* one sample as (kind, elapsed_ms, value) appended to samples */
+static int add_sample(Writer *w, Buf *b, PyObject *samples, const char *iid, Py_ssize_t iid_len, const State *s,
+                      int kind, int seq, int64_t at_ms, int64_t wm, const int64_t *swept, const Cfg *c) {
+    int labels[4], ripe[4];
+    for (int k = 0; k < 4; k++) labels[k] = s->t[k] != NONE_T;
+    if (kind == 2) for (int k = 0; k < 4; k++) ripe[k] = 1;
+    else mature(s, swept, c, ripe);
+    int64_t elapsed = at_ms - s->imp;
+    if (elapsed < 0) elapsed = 0;
+    PyObject *value = NULL;
+    int rc = write_sample(w, b, iid, iid_len, s, kind, seq, labels, ripe, elapsed, wm, &value);
+    if (rc <= 0) return rc;
+    PyObject *item = Py_BuildValue("(iLN)", kind, (long long)elapsed, value);
+    if (!item) return -1;
+    rc = PyList_Append(samples, item);
+    Py_DECREF(item);
+    return rc < 0 ? -1 : 1;
+}
+
+/* funnel.sweep of one usual state, then what FunnelJoin.sweep does with its result: None to
+   decline, else (purge, dues, samples) */
+static PyObject *sweep_one(Writer *w, Buf *b, PyObject *key, PyObject *old, const int64_t *prev,
+                           const int64_t *now, const Cfg *c) {
+    State s;
+    if (!PyBytes_CheckExact(key) || !PyBytes_CheckExact(old)) Py_RETURN_NONE;
+    const char *iid = PyBytes_AS_STRING(key);
+    Py_ssize_t iid_len = PyBytes_GET_SIZE(key);
+    if (!iid_len || !plain_text(iid, iid_len) || !read_state(PyBytes_AS_STRING(old), PyBytes_GET_SIZE(old), &s))
+        Py_RETURN_NONE;
+    w->features_ready = 0;
+    int lane;
+    int64_t fa;
+    lane_and_final(&s, c, &lane, &fa);
+    int final_now = lane == 0 || now[lane] >= fa;
+    PyObject *samples = PyList_New(0);
+    if (!samples) return NULL;
+    int rc = 1;
+    int64_t fd = s.imp + c->observe;
+    if (!final_now && c->early && prev[0] < fd && fd <= now[0] && fd < fa)
+        rc = add_sample(w, b, samples, iid, iid_len, &s, 0, 0, now[0], now[0], now, c);
+    if (rc > 0 && final_now && lane && prev[lane] < fa)
+        rc = add_sample(w, b, samples, iid, iid_len, &s, 2, 5, fa, now[lane], now, c);
+    if (rc <= 0) {
+        Py_DECREF(samples);
+        if (rc < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    if (final_now && now[lane] >= fa + c->retention) return Py_BuildValue("(OON)", Py_True, Py_None, samples);
+    int64_t d[LANES];
+    next_dues(&s, now, c, d);
+    PyObject *dues = dues_tuple(d);
+    if (!dues) {
+        Py_DECREF(samples);
+        return NULL;
+    }
+    return Py_BuildValue("(ONN)", Py_False, dues, samples);
+}
+
+static PyObject *sweep_states(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "sweep_states(keys, olds, prev, now, cfg, encoding, policy)");
+        return NULL;
+    }
+    PyObject *keys = args[0], *olds = args[1];
+    if (!PyList_Check(keys) || !PyList_Check(olds) || PyList_GET_SIZE(keys) != PyList_GET_SIZE(olds)) {
+        PyErr_SetString(PyExc_TypeError, "keys and olds: two lists of one length");
+        return NULL;
+    }
+    int64_t prev[LANES], now[LANES];
+    Cfg c;
+    if (read_i64s(args[2], prev, LANES, "prev") < 0 || read_i64s(args[3], now, LANES, "now") < 0 ||
+        read_cfg(args[4], &c) < 0)
+        return NULL;
+    for (int i = 0; i < LANES; i++)
+        if (prev[i] < -(INT64_C(1) << 62) || now[i] < -(INT64_C(1) << 62) || prev[i] > MAX_TIME * 4 ||
+            now[i] > MAX_TIME * 4) {
+            PyErr_SetString(PyExc_ValueError, "prev and now: watermarks in [-2**62, 2**55]");
+            return NULL;
+        }
+    Writer w = {0};
+    w.encoding = PyObject_IsTrue(args[5]);
+    if (w.encoding < 0) return NULL;
+    if (!PyUnicode_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "policy: a str");
+        return NULL;
+    }
+    w.policy = PyUnicode_AsUTF8AndSize(args[6], &w.policy_len);
+    if (!w.policy) return NULL;
+    if (!plain_text(w.policy, w.policy_len)) {
+        PyErr_SetString(PyExc_ValueError, "policy: plain ASCII");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    PyObject *out = PyList_New(n);
+    Buf b = {0};
+    if (!out) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *old = PyList_GET_ITEM(olds, i);
+        PyObject *r;
+        if (old == Py_None) {
+            r = Py_None;
+            Py_INCREF(r);
+        } else {
+            r = sweep_one(&w, &b, PyList_GET_ITEM(keys, i), old, prev, now, &c);
+        }
+        if (!r) {
+            Py_DECREF(out);
+            out = NULL;
+            break;
+        }
+        PyList_SET_ITEM(out, i, r);
+    }
+    PyMem_Free(b.p);
+    PyMem_Free(w.names.p);
+    PyMem_Free(w.values.p);
+    return out;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* impressions: the record's bytes straight to a fresh funnel's state                           */
+
+#define MAX_RECORD_BYTES (64 * 1024) /* events.MAX_RECORD_BYTES */
+#define MAX_ID_LEN 128               /* events.MAX_ID_LEN */
+#define MAX_FEATURES 256             /* events.MAX_FEATURES */
+#define MAX_FEATURE_LEN 256          /* events.MAX_FEATURE_LEN */
+
+typedef struct {
+    const char *p;
+    Py_ssize_t n;
+} Slice;
+
+/* a JSON string of printable ASCII (no escape: the caller ruled out backslashes) at s[*i] */
+static int scan_str(const char *s, Py_ssize_t n, Py_ssize_t *i, Slice *out) {
+    if (*i >= n || s[*i] != '"') return 0;
+    Py_ssize_t j = *i + 1;
+    while (j < n && s[j] != '"') {
+        unsigned char c = (unsigned char)s[j];
+        if (c < 0x20 || c > 0x7e) return 0;
+        j++;
+    }
+    if (j >= n) return 0;
+    out->p = s + *i + 1;
+    out->n = j - *i - 1;
+    *i = j + 1;
+    return 1;
+}
+
+static int slice_is(const Slice *x, const char *lit) {
+    size_t n = strlen(lit);
+    return (size_t)x->n == n && !memcmp(x->p, lit, n);
+}
+
+/* An impression record as the event contract takes it and as stream.contract.events.fast_event
+   vouches for it - compact JSON (no whitespace, no escape), printable ASCII, exactly the
+   contract's fields once each, features a flat map of strings within their bounds - gives 1 and
+   its impression id, event time, bank id and the features' JSON text (which is then
+   funnel.features_json's bytes: msgspec writes a map of such strings exactly so). 0: anything
+   else, which the Python decode reads (and words any error). */
+static int parse_impression(const char *s, Py_ssize_t n, Slice *iid, int64_t *t, Slice *bank, Slice *feats) {
+    if (n < 2 || n > MAX_RECORD_BYTES || memchr(s, '\\', (size_t)n) || s[0] != '{') return 0;
+    Py_ssize_t i = 1;
+    unsigned seen = 0;
+    Slice key, v;
+    for (;;) {
+        if (!scan_str(s, n, &i, &key) || i >= n || s[i++] != ':') return 0;
+        unsigned bit;
+        if (slice_is(&key, "schema_version")) {
+            bit = 1;
+            if (i >= n || s[i] != '1') return 0;
+            i++;
+        } else if (slice_is(&key, "event_type")) {
+            bit = 2;
+            if (!scan_str(s, n, &i, &v) || !slice_is(&v, "impression")) return 0;
+        } else if (slice_is(&key, "event_id") || slice_is(&key, "impression_id") || slice_is(&key, "bank_id")) {
+            bit = key.p[0] == 'e' ? 4 : key.p[0] == 'i' ? 8 : 16;
+            if (!scan_str(s, n, &i, &v) || v.n < 1 || v.n > MAX_ID_LEN) return 0;
+            if (bit == 8) *iid = v;
+            if (bit == 16) *bank = v;
+        } else if (slice_is(&key, "event_time_ms")) {
+            bit = 32;
+            Py_ssize_t j = i;
+            int64_t x = 0;
+            while (j < n && s[j] >= '0' && s[j] <= '9' && j - i < 17) x = x * 10 + (s[j++] - '0');
+            if (j == i || (s[i] == '0' && j - i > 1) || j - i > 16 || x >= MAX_TIME) return 0;
+            *t = x;
+            i = j;
+        } else if (slice_is(&key, "features")) {
+            bit = 64;
+            Py_ssize_t start = i, count = 0;
+            if (i >= n || s[i++] != '{') return 0;
+            if (i < n && s[i] == '}') {
+                i++;
+            } else {
+                for (;;) {
+                    Slice fk, fv;
+                    if (!scan_str(s, n, &i, &fk) || fk.n < 1 || fk.n > MAX_FEATURE_LEN) return 0;
+                    if (i >= n || s[i++] != ':') return 0;
+                    if (!scan_str(s, n, &i, &fv) || fv.n > MAX_FEATURE_LEN) return 0;
+                    if (++count > MAX_FEATURES) return 0;
+                    if (i >= n) return 0;
+                    if (s[i] == '}') { i++; break; }
+                    if (s[i++] != ',') return 0;
+                }
+            }
+            feats->p = s + start;
+            feats->n = i - start;
+            /* a repeated feature name: msgspec would keep the last, the strict decode refuses it */
+            if (count > 1) {
+                Slice names[MAX_FEATURES];
+                Py_ssize_t k = 0, j = start + 1;
+                while (k < count) {
+                    scan_str(s, n, &j, &names[k]);
+                    Slice skip;
+                    j++;
+                    scan_str(s, n, &j, &skip);
+                    j++;
+                    for (Py_ssize_t m = 0; m < k; m++)
+                        if (names[m].n == names[k].n && !memcmp(names[m].p, names[k].p, (size_t)names[k].n)) return 0;
+                    k++;
+                }
+            }
+        } else {
+            return 0;
+        }
+        if (seen & bit) return 0;
+        seen |= bit;
+        if (i >= n) return 0;
+        if (s[i] == '}') { i++; break; }
+        if (s[i++] != ',') return 0;
+    }
+    return i == n && seen == 127;
+}
+
+static PyObject *impression_state(const Slice *bank, int64_t t, const Slice *feats) {
+    Py_ssize_t n = HEAD_SIZE + bank->n + feats->n;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (!out) return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    p[0] = 4;
+    for (int i = 0; i < 8; i++) p[1 + i] = (unsigned char)((uint64_t)t >> (56 - 8 * i));
+    memset(p + 9, 0xff, 32); /* four times not reached: -1 */
+    p[41] = 0;
+    p[42] = (unsigned char)(bank->n >> 8);
+    p[43] = (unsigned char)bank->n;
+    for (int i = 0; i < 4; i++) p[44 + i] = (unsigned char)((uint64_t)feats->n >> (24 - 8 * i));
+    memcpy(p + HEAD_SIZE, bank->p, (size_t)bank->n);
+    memcpy(p + HEAD_SIZE + bank->n, feats->p, (size_t)feats->n);
+    return out;
+}
+
+static PyObject *parse_impressions(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyList_Check(args[0]) || !PyList_Check(args[1]) ||
+        PyList_GET_SIZE(args[0]) != PyList_GET_SIZE(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "parse_impressions(values, steps): two lists of one length");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(args[0]);
+    PyObject *out = PyList_New(n);
+    if (!out) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *raw = PyList_GET_ITEM(args[0], i), *r = NULL;
+        Slice iid, bank, feats;
+        int64_t t = 0;
+        PyObject *step = PyList_GET_ITEM(args[1], i);
+        if (PyLong_CheckExact(step) && PyLong_AsLong(step) == 0 && PyBytes_CheckExact(raw) &&
+            parse_impression(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), &iid, &t, &bank, &feats)) {
+            PyObject *state = impression_state(&bank, t, &feats);
+            r = state ? Py_BuildValue("(y#LN)", iid.p, iid.n, (long long)t, state) : NULL;
+            if (!r) {
+                Py_DECREF(out);
+                return NULL;
+            }
+        } else {
+            r = Py_None;
+            Py_INCREF(r);
+        }
+        PyList_SET_ITEM(out, i, r);
+    }
+    return out;
+}
+
+/* advance() of a fresh impression (no state) that needs nothing but its state written: not older
+   than the retention, not final, its first sample not due yet; then next_dues against the
+   partition's swept lanes. None: anything else (the Python core decides). */
+static PyObject *impression_dues(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "impression_dues(t, swept, partition_swept, cfg)");
+        return NULL;
+    }
+    long long tt = PyLong_AsLongLong(args[0]);
+    if (tt == -1 && PyErr_Occurred()) return NULL;
+    int64_t swept[LANES], pswept[LANES];
+    Cfg c;
+    if (read_i64s(args[1], swept, LANES, "swept") < 0 || read_i64s(args[2], pswept, LANES, "partition_swept") < 0 ||
+        read_cfg(args[3], &c) < 0)
+        return NULL;
+    int64_t t = tt;
+    if (t < 0 || t >= MAX_TIME) Py_RETURN_NONE;
+    for (int i = 0; i < LANES; i++)
+        if (swept[i] < -(INT64_C(1) << 62) || pswept[i] < -(INT64_C(1) << 62) || swept[i] > MAX_TIME * 4 ||
+            pswept[i] > MAX_TIME * 4)
+            Py_RETURN_NONE;
+    int64_t fa = t + c.w[0];
+    if (t + c.retention <= swept[0] || swept[1] >= fa) Py_RETURN_NONE; /* retention-late / final at once */
+    if (c.early) {
+        int64_t fd = t + c.observe;
+        if (fd < fa && fd <= swept[0]) Py_RETURN_NONE; /* its first sample is due at once */
+    }
+    State s = {.imp = t, .t = {NONE_T, NONE_T, NONE_T, NONE_T}};
+    int64_t d[LANES];
+    next_dues(&s, pswept, &c, d);
+    return dues_tuple(d);
+}
+
+static PyMethodDef module_methods[] = {
+    {"sweep_states", (PyCFunction)(void (*)(void))sweep_states, METH_FASTCALL,
+     "sweep_states(keys, olds, prev, now, cfg, msgpack, policy): per key None (declined: run the Python "
+     "core; also for a missing state) or (purge, dues, [(kind, elapsed_ms, sample bytes)])"},
+    {"parse_impressions", (PyCFunction)(void (*)(void))parse_impressions, METH_FASTCALL,
+     "parse_impressions(values, steps): per record None (not vouched for: decode it in Python) or, for an "
+     "impression in the contract's compact form, (impression id, event time, the fresh funnel's state bytes)"},
+    {"impression_dues", (PyCFunction)(void (*)(void))impression_dues, METH_FASTCALL,
+     "impression_dues(t, swept, partition_swept, cfg): the dues of a fresh impression's state, or None when "
+     "advance() has more to do than write it"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "_fastjoin", "The join core's compiled common path (docs/joiner.md).", -1,
+    module_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastjoin(void) {
+    if (PyType_Ready(&DueIndexType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    Py_INCREF(&DueIndexType);
+    if (PyModule_AddObject(m, "DueIndex", (PyObject *)&DueIndexType) < 0) {
+        Py_DECREF(&DueIndexType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

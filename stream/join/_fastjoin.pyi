@@ -1,0 +1,24 @@
+# Types of the compiled module (stream/join/_fastjoin.c).
+from stream.join.funnel import Dues, Swept
+
+class DueIndex:
+    def set(self, key: bytes, dues: Dues | None) -> None: ...
+    def pop_due(self, lane: int, until_ms: int) -> list[bytes]: ...
+    def __len__(self) -> int: ...
+
+SweptState = tuple[bool, Dues | None, list[tuple[int, int, bytes]]]
+
+def sweep_states(
+    keys: list[bytes],
+    olds: list[bytes | None],
+    prev: Swept,
+    now: Swept,
+    cfg: tuple[int, int, int, int, int, int, int, int, int],
+    msgpack: bool,
+    policy: str,
+) -> list[SweptState | None]: ...
+
+def parse_impressions(values: list[bytes | None], steps: list[int]) -> list[tuple[bytes, int, bytes] | None]: ...
+def impression_dues(
+    t: int, swept: Swept, partition_swept: Swept, cfg: tuple[int, int, int, int, int, int, int, int, int]
+) -> Dues | None: ...

@@ -1,0 +1,41 @@
+"""The join core's compiled common path (``stream/join/_fastjoin.c``), when it was built.
+
+``pip install`` compiles it (``setup.py``; optional: without a C compiler the install goes on and
+the joiner runs the pure Python core alone). What it holds, each the twin of Python kept beside it
+(docs/joiner.md, "Round 14"):
+
+- ``DueIndex``: ``stream.join.store.DueIndex`` in C (``new_due_index`` picks it);
+- ``sweep_states``: ``funnel.sweep`` of the usual state (impression seen, nothing held) with its
+  samples' bytes and next dues; it declines every other state (``None``), which the Python core
+  then decides - the rules live in ``stream.join.funnel``, this is a faster copy of its common
+  path, compared with it on random states by ``tests/unit/test_fastjoin.py``.
+
+``JOINER_FAST_CORE=0`` turns it off (A/B benches; the Python core's results are the same).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from stream.join.funnel import FunnelConfig
+
+try:
+    from stream.join import _fastjoin
+except ImportError:  # pragma: no cover - built by every install here; the joiner still runs without it
+    _fastjoin = None  # type: ignore[assignment]
+
+AVAILABLE: Final = _fastjoin is not None
+FastCfg = tuple[int, int, int, int, int, int, int, int, int]
+
+
+_MAX_MS: Final = 2**53
+
+
+def fast_cfg(cfg: FunnelConfig) -> FastCfg | None:
+    """``cfg`` as ``sweep_states`` reads it: four windows, grace, observe, retention, skew, early;
+    None for periods past 2**53 ms (285,000 years), which the Python core alone takes."""
+    w = cfg.windows_ms
+    if max(*w, cfg.grace_ms, cfg.observe_ms, cfg.retention_ms, cfg.skew_ms) > _MAX_MS:
+        return None
+    return (w[0], w[1], w[2], w[3], cfg.grace_ms, cfg.observe_ms, cfg.retention_ms, cfg.skew_ms,
+            int(cfg.policy == "early"))  # fmt: skip

@@ -1,0 +1,385 @@
+"""The join core's compiled common path (stream/join/_fastjoin.c) against the Python it copies.
+
+Each compiled piece must give the Python core's results exactly - the same sample bytes, dues,
+purges and due order - or decline (None) so that the Python core decides. These tests fail, not
+skip, when the module was not built: every install here compiles it (setup.py).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from stream.contract.samples import KINDS, SAMPLE_WRITERS, SampleEncoding, decode_record
+from stream.join import fast
+from stream.join.funnel import (
+    NO_WATERMARK,
+    NONE,
+    FunnelConfig,
+    FunnelState,
+    Held,
+    features_json,
+    next_dues,
+    sweep,
+)
+from stream.join.state_codec import decode_state, encode_state, encode_state_marshal
+from stream.join.store import DueIndex, InMemoryStore, new_due_index
+
+
+def test_the_module_is_built() -> None:
+    assert fast.AVAILABLE, "stream/join/_fastjoin.c was not compiled: run `make install` (needs gcc)"
+
+
+def _twin() -> fast._fastjoin.DueIndex:
+    assert fast.AVAILABLE
+    return fast._fastjoin.DueIndex()
+
+
+# --- DueIndex -----------------------------------------------------------------------------------
+
+_KEYS = [b"", b"a", b"ab", b"b", b"i-1", b"i-10", b"i-2", b"\xff", b"a\x00"]
+_DUES = st.one_of(
+    st.none(),
+    st.tuples(*[st.one_of(st.none(), st.integers(-5, 30)) for _ in range(5)]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.sampled_from(_KEYS), _DUES, st.integers(0, 4), st.integers(-6, 32)),
+                    max_size=80))
+def test_the_c_due_index_pops_what_the_python_one_pops(ops: list) -> None:
+    py, c = DueIndex(), _twin()
+    for is_set, key, dues, lane, until in ops:
+        if is_set:
+            py.set(key, dues)
+            c.set(key, dues)
+        else:
+            assert c.pop_due(lane, until) == py.pop_due(lane, until)
+        assert len(c) == len(py)
+    for lane in range(5):
+        assert c.pop_due(lane, 2**62) == py.pop_due(lane, 2**62)
+
+
+def test_the_c_due_index_stays_equal_through_compaction() -> None:
+    """Many reschedules of few keys: the heaps are rebuilt (more than 4 entries a key + 1024)."""
+    rng = random.Random(5)
+    py, c = DueIndex(), _twin()
+    keys = [f"k{i}".encode() for i in range(50)]
+    for step in range(20_000):
+        key = rng.choice(keys)
+        dues = tuple(rng.choice([None, rng.randrange(0, 10_000)]) for _ in range(5))
+        py.set(key, dues)  # type: ignore[arg-type]
+        c.set(key, dues)  # type: ignore[arg-type]
+        if step % 997 == 0:
+            lane, until = rng.randrange(5), rng.randrange(0, 10_000)
+            assert c.pop_due(lane, until) == py.pop_due(lane, until)
+    assert len(c) == len(py)
+    assert [c.pop_due(k, 10**6) for k in range(5)] == [py.pop_due(k, 10**6) for k in range(5)]
+
+
+def test_the_c_due_index_refuses_what_it_cannot_hold() -> None:
+    c = _twin()
+    with pytest.raises(TypeError, match="keys are bytes"):
+        c.set("text", (1, None, None, None, None))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="tuple of 5"):
+        c.set(b"k", (1, 2))  # type: ignore[arg-type]
+    with pytest.raises(IndexError):
+        c.pop_due(5, 0)
+    c.set(b"k", None)
+    assert len(c) == 0
+
+
+def test_stores_use_the_c_due_index() -> None:
+    assert type(new_due_index()) is fast._fastjoin.DueIndex
+    s = InMemoryStore()
+    s.put(b"i-1", b"state", (10, None, 20, None, None))
+    assert (s.pop_due(0, 9), s.pop_due(0, 10), s.pop_due(2, 30)) == ([], [b"i-1"], [b"i-1"])
+
+
+# --- sweep_states -------------------------------------------------------------------------------
+
+CFGS = [
+    FunnelConfig(),
+    FunnelConfig(policy="matured"),
+    FunnelConfig(windows_ms=(7, 11, 5, 13), grace_ms=2, observe_ms=3, retention_ms=40, skew_ms=1),
+    FunnelConfig(windows_ms=(7, 11, 5, 13), grace_ms=0, observe_ms=0, retention_ms=0, skew_ms=0, policy="matured"),
+    FunnelConfig(windows_ms=(4, 9, 3, 6), grace_ms=1, observe_ms=6, retention_ms=20, skew_ms=2),  # observe > click window
+]
+_SMALL = st.integers(-3, 120)
+# MessagePack's integer forms change at these: each side of every boundary
+_EDGES = st.sampled_from([b + d for b in (0, 128, 256, 65_536, 2**32, 2**53 - 1, -32, -128, -32_768, -(2**31))
+                          for d in (-1, 0, 1)])
+_TIME = st.one_of(_SMALL, _EDGES, st.integers(-(2**53), 2**53))
+_PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+# short strings, and each side of MessagePack's string-form boundaries (fixstr 31, str8 255)
+_PLAIN = st.one_of(st.text(_PRINTABLE, min_size=1, max_size=40),
+                   st.sampled_from([31, 32, 255, 256]).flatmap(lambda n: st.text(_PRINTABLE, min_size=n, max_size=n)))
+_ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
+_FEATURES = st.one_of(
+    st.dictionaries(_PLAIN, st.one_of(_PLAIN, st.just("")), max_size=20),
+    st.dictionaries(st.one_of(_PLAIN, _ANY_TEXT), st.one_of(_PLAIN, _ANY_TEXT, st.just("")), max_size=20),
+)
+
+
+@st.composite
+def _states(draw: st.DrawFn) -> FunnelState:
+    """Mostly the usual state (impression seen, steps in order, nothing held); some the compiled
+    path must decline (a stub, held events, odd banks)."""
+    imp = draw(_TIME.filter(lambda t: 0 <= t < 2**53 - 200) if draw(st.integers(0, 9)) else _TIME)
+    n = draw(st.integers(0, 4))
+    times = [NONE] * 4
+    t = imp
+    for k in range(n):
+        t = max(0, t + draw(st.integers(-2, 40)))  # (a step stamped before its predecessor: the skew)
+        times[k] = t
+    held: tuple[Held, ...] = ()
+    if draw(st.integers(0, 9)) == 0:
+        held = (Held(draw(st.integers(n + 2, 5)) if n < 3 else 4, draw(_SMALL), "e", b"{}", NO_WATERMARK),)
+    bank = draw(_ANY_TEXT if draw(st.integers(0, 9)) == 0 else _PLAIN)
+    if draw(st.integers(0, 19)) == 0:
+        return FunnelState(bank, NONE, None, (NONE,) * 4, held or (Held(1, 5, "e", b"{}", NO_WATERMARK),))
+    return FunnelState(bank, imp, features_json(draw(_FEATURES)), (times[0], times[1], times[2], times[3]), held)
+
+
+
+
+def _python_sweep(ikey: bytes, state: FunnelState, prev: tuple, now: tuple, cfg: FunnelConfig,
+                  encoding: SampleEncoding) -> tuple:
+    """What ``FunnelJoin.sweep`` does with a usual state, by the Python core."""
+    res = sweep(state, prev, now, cfg)
+    assert not res.rejects
+    purge = res.changed and res.state is None
+    assert res.changed == purge and (purge or res.state == state)
+    write = SAMPLE_WRITERS[encoding]
+    samples = [
+        (KINDS.index(s.kind), s.elapsed_ms,
+         write(ikey.decode(), state.bank_id, state.imp_ms, state.features_json or b"{}", s.labels, s.mature,
+               s.kind, s.elapsed_ms, s.seq, s.watermark_ms, cfg.policy))
+        for s in res.samples
+    ]  # fmt: skip
+    return (purge, None if purge else next_dues(state, now, cfg), samples)
+
+
+def _usual(state: FunnelState) -> bool:
+    """Impression seen, nothing held, event times in the event contract's range."""
+    in_range = all(0 <= t < 2**53 for t in (state.imp_ms, *state.times) if t != NONE)
+    return state.imp_ms != NONE and not state.held and in_range
+
+
+def _lanes_near(data: st.DataObject, state: FunnelState, cfg: FunnelConfig) -> tuple[tuple, tuple]:
+    """Lanes (prev, now) around the funnel's own times, where its first, final and purge fall."""
+    base = state.imp_ms if state.imp_ms != NONE else 0
+    span = max(cfg.windows_ms) + cfg.retention_ms + 2 * cfg.observe_ms + 10
+    if span > 1000:  # the paper's windows: offsets at their scale
+        offsets = st.sampled_from([0, cfg.observe_ms, cfg.windows_ms[0], cfg.windows_ms[1], cfg.retention_ms,
+                                   cfg.windows_ms[0] + cfg.retention_ms, 40 * 86_400_000]).flatmap(
+            lambda o: st.integers(o - 2, o + 2))  # fmt: skip
+    else:
+        offsets = st.integers(-5, span)
+    def lane() -> int:
+        return NO_WATERMARK if data.draw(st.integers(0, 7)) == 0 else base + data.draw(offsets)
+
+    prev = tuple(lane() for _ in range(5))
+    now = tuple(lane() for _ in range(5))
+    return prev, tuple(max(a, b) for a, b in zip(prev, now, strict=True))  # lanes never go back
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    state=_states(), data=st.data(), cfg=st.sampled_from(CFGS), encoding=st.sampled_from(["json", "msgpack"]),
+    ikey=st.integers(0, 9).flatmap(lambda i: _ANY_TEXT.map(lambda s: s.encode("utf-8", "surrogatepass")) if i == 0
+                                   else _PLAIN.map(str.encode)),
+)
+def test_sweep_states_is_the_python_sweep_or_declines(state: FunnelState, data: st.DataObject, cfg: FunnelConfig,
+                                                      encoding: SampleEncoding, ikey: bytes) -> None:
+    prev, now = _lanes_near(data, state, cfg)
+    got = fast._fastjoin.sweep_states([ikey], [encode_state(state)], prev, now, fast.fast_cfg(cfg),
+                                      encoding == "msgpack", cfg.policy)[0]
+    if not _usual(state):
+        assert got is None, "a stub, held events or times out of range are the Python core's"
+        event("not the usual state")
+        return
+    if got is None:  # declined: only for text JSON would escape or features it cannot pack
+        event("declined")
+        plain = ikey.decode("utf-8", "replace") + state.bank_id
+        assert not (plain.isascii() and plain.isprintable() and '"' not in plain and "\\" not in plain) or (
+            encoding == "msgpack" and b"\\" in (state.features_json or b"")
+        )
+        return
+    assert got == _python_sweep(ikey, state, prev, now, cfg, encoding)
+    event(f"decided: purge {got[0]}, sample kinds {sorted(k for k, _, _ in got[2])}")
+    for _, _, value in got[2]:
+        decode_record(value)  # and readers take it
+
+
+def test_sweep_states_takes_the_usual_states_of_a_real_stream() -> None:
+    """The simulator's impressions at their first and final sweeps: decided in C, as Python would."""
+    cfg = FunnelConfig()
+    states = [FunnelState(f"bank_{i % 7}", 1_767_225_600_000 + i * 1000, features_json({"f": str(i), "g": "x y"}),
+                          (1_767_225_600_000 + i * 1000 + 5,) + (NONE,) * 3 if i % 5 == 0 else (NONE,) * 4)
+              for i in range(200)]  # fmt: skip
+    keys = [f"imp-{i}".encode() for i in range(200)]
+    t0 = 1_767_225_600_000
+    for prev, now in [((NO_WATERMARK,) * 5, (t0 + 31 * 60_000,) * 5), ((t0,) * 5, (t0 + 4 * 86_400_000,) * 5),
+                      ((t0,) * 5, (t0 + 40 * 86_400_000,) * 5)]:  # fmt: skip
+        for encoding in ("json", "msgpack"):
+            got = fast._fastjoin.sweep_states(keys, [encode_state(s) for s in states], prev, now, fast.fast_cfg(cfg),
+                                              encoding == "msgpack", cfg.policy)  # fmt: skip
+            assert None not in got
+            assert got == [_python_sweep(k, s, prev, now, cfg, encoding)  # type: ignore[arg-type]
+                           for k, s in zip(keys, states, strict=True)]  # fmt: skip
+
+
+def test_sweep_states_declines_other_codec_versions_and_corrupt_bytes() -> None:
+    s = FunnelState("b", 5, b'{"a":"b"}')
+    data = encode_state(s)
+    olds = [encode_state_marshal(s), data[:-1], data + b"x", bytes([5]) + data[1:], None]
+    got = fast._fastjoin.sweep_states([b"k"] * 5, olds, (0,) * 5, (10**9,) * 5, fast.fast_cfg(FunnelConfig()),
+                                      True, "early")  # fmt: skip
+    assert got == [None] * 5
+    assert decode_state(olds[0]) == s  # the Python core reads the old version
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 255, 256, 65_535, 65_536])
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_sweep_states_at_the_encodings_edges(n: int, encoding: SampleEncoding) -> None:
+    """Texts and integers each side of MessagePack's form changes; lanes exactly at a final time."""
+    cfg = FunnelConfig()
+    w = cfg.windows_ms[0]
+    for imp in (0, 127, 128, 255, 256, 65_535, 65_536, 2**32 - 1 - w, 2**32 - w, 2**32 - 1, 2**32, 2**53 - 2 * w):
+        state = FunnelState("b" * min(n, 65_535), imp, features_json({"f" * min(n, 256): "v" * min(n, 256), "g": ""}))
+        key = b"k" * n
+        for prev, now in [((imp + w - 1,) * 5, (imp + w,) * 5), ((imp + w,) * 5, (imp + w + 1,) * 5),
+                          ((imp,) * 5, (imp + cfg.observe_ms,) * 5), ((imp + cfg.observe_ms,) * 5, (imp + w - 1,) * 5)]:
+            got = fast._fastjoin.sweep_states([key], [encode_state(state)], prev, now, fast.fast_cfg(cfg),
+                                              encoding == "msgpack", cfg.policy)  # fmt: skip
+            assert got == [_python_sweep(key, state, prev, now, cfg, encoding)]
+
+
+# --- parse_impressions and impression_dues ------------------------------------------------------
+
+_FIELDS = ("schema_version", "event_type", "event_id", "impression_id", "event_time_ms", "bank_id", "features")
+
+
+_JSON_SAFE = st.characters(min_codepoint=0x20, max_codepoint=0x7E, blacklist_characters='"\\')  # no escape needed
+_ID = st.text(_JSON_SAFE, min_size=1, max_size=128)
+_BAD: dict[str, list[str]] = {  # each field's ways of breaking the contract (or its compact form)
+    "schema_version": ["2", "1.0", "true", '"1"', " 1", "01"],
+    "event_type": ['"click"', '"Impression"', "null", '"impression "'],
+    "event_id": ['""', '"' + "x" * 129 + '"', '"\x7f"', "5", '"a\\"b"'],
+    "impression_id": ['""', '"' + "i" * 129 + '"', '"\\u0041"', '"\\u00e9"', "null"],
+    "event_time_ms": ["-0", "-1", "01", "1.0", "1e3", str(2**53), str(10**17), '"5"', "null", "1 "],
+    "bank_id": ['""', "[]", '"b\tc"'],
+    "features": ["null", '{"a":"b","a":"c"}', '{"a":1}', '{"":"x"}', '{"a":"' + "v" * 257 + '"}', '{"a":{"b":"c"}}',
+                 '{"a":"b",}', '{"a" :"b"}', '{"a":"\\u0062"}', "[]", '{"a":"b" }', '{"a":"\x01"}'],
+}
+
+
+@st.composite
+def _impression_records(draw: st.DrawFn) -> bytes:
+    """Impression records: mostly the contract's compact form (fields in any order), and every
+    way of leaving it - other types, bounds, repeats, unknown or missing fields, whitespace,
+    escapes, numbers spelt otherwise, trailing bytes, a byte changed anywhere."""
+    fields = {
+        "schema_version": "1",
+        "event_type": '"impression"',
+        "event_id": '"%s"' % draw(_ID),
+        "impression_id": '"%s"' % draw(st.one_of(_ID, st.sampled_from(["i" * 128, "x"]))),
+        "event_time_ms": str(draw(st.one_of(st.integers(0, 2**53 - 1), st.sampled_from([0, 2**53 - 1])))),
+        "bank_id": '"%s"' % draw(_ID),
+        "features": "{" + ",".join(f'"{k}":"{v}"' for k, v in draw(st.dictionaries(
+            st.text(_JSON_SAFE, min_size=1, max_size=256), st.text(_JSON_SAFE, max_size=256), max_size=12)).items()) + "}",
+    }  # fmt: skip
+    edit = draw(st.integers(0, 9))
+    if edit == 1:
+        name = draw(st.sampled_from(sorted(_BAD)))
+        fields[name] = draw(st.sampled_from(_BAD[name]))
+    order = draw(st.permutations(_FIELDS))
+    pairs = [f'"{k}":{fields[k]}' for k in order]
+    if edit == 2:
+        pairs.pop(draw(st.integers(0, len(pairs) - 1)))
+    elif edit == 3:
+        pairs.append(pairs[draw(st.integers(0, len(pairs) - 1))])
+    elif edit == 4:
+        pairs.insert(draw(st.integers(0, len(pairs))), '"extra":"x"')
+    text = "{" + ",".join(pairs) + "}"
+    if edit == 5:
+        text = text.replace(draw(st.sampled_from([",", ":", "{"])), draw(st.sampled_from([", ", " :", "{\n"])), 1)
+    elif edit == 6:
+        text += draw(st.sampled_from([" ", "x", "{}", "\n", "}"]))
+    raw = text.encode()
+    if edit == 7:
+        at = draw(st.integers(0, len(raw) - 1))
+        raw = raw[:at] + bytes([draw(st.integers(0, 255))]) + raw[at + 1 :]
+    elif edit == 8:
+        raw = raw[: draw(st.integers(0, len(raw) - 1))]
+    return raw
+
+
+@settings(max_examples=1500, deadline=None)
+@given(raw=_impression_records())
+def test_parse_impressions_vouches_only_for_what_the_decoder_takes_and_agrees_with_it(raw: bytes) -> None:
+    from stream.contract.events import Event, InvalidEvent, parse_event, parse_events
+
+    got = fast._fastjoin.parse_impressions([raw, raw], [0, 1])
+    assert got[1] is None, "only the impressions topic's records"
+    expected = parse_events([raw], ["impression"])[0]
+    if got[0] is None:
+        event("declined" if isinstance(expected, Event) else "declined (invalid)")
+        return
+    assert isinstance(expected, Event), f"vouched for a record the decoder refuses: {expected}"
+    assert isinstance(parse_event(raw, "impression"), Event) and not isinstance(expected, InvalidEvent)
+    event("vouched")
+    ikey, t, state = got[0]
+    assert (ikey, t) == (expected.impression_id.encode(), expected.event_time_ms)
+    assert state == encode_state(FunnelState(expected.bank_id, t, features_json(expected.features)))
+
+
+_GOOD = {"schema_version": "1", "event_type": '"impression"', "event_id": '"e-1"', "impression_id": '"i-1"',
+         "event_time_ms": "1767225600000", "bank_id": '"bank_1"', "features": '{"a":"b","c":""}'}
+
+
+@pytest.mark.parametrize(("name", "bad"), [(k, v) for k, vs in _BAD.items() for v in vs])
+def test_parse_impressions_declines_each_way_out_of_the_compact_contract(name: str, bad: str) -> None:
+    good = "{" + ",".join(f'"{k}":{v}' for k, v in _GOOD.items()) + "}"
+    assert fast._fastjoin.parse_impressions([good.encode()], [0])[0] is not None
+    raw = ("{" + ",".join(f'"{k}":{bad if k == name else v}' for k, v in _GOOD.items()) + "}").encode()
+    assert fast._fastjoin.parse_impressions([raw], [0]) == [None]
+
+
+def test_parse_impressions_takes_the_simulators_records() -> None:
+    from simulators.faults import FaultConfig, SimulatedStream
+    from simulators.funnel import FunnelSimulator, SimConfig
+
+    recs = [r.value for r in SimulatedStream(FunnelSimulator(SimConfig(seed=3, impressions_per_day=300)), days=1,
+                                             faults=FaultConfig()) if r.step == "impression"]  # fmt: skip
+    got = fast._fastjoin.parse_impressions(recs, [0] * len(recs))
+    assert len(recs) > 200 and None not in got
+
+
+@settings(max_examples=800, deadline=None)
+@given(t=_TIME, data=st.data(), cfg=st.sampled_from(CFGS))
+def test_impression_dues_is_advance_of_a_fresh_impression_or_declines(t: int, data: st.DataObject,
+                                                                       cfg: FunnelConfig) -> None:
+    from stream.contract.events import Event
+    from stream.join.funnel import advance
+
+    state = FunnelState("b", max(t, 0), b"{}")
+    swept, pswept = _lanes_near(data, state, cfg)
+    ev = Event(0, "e", "i", t, "b", {})
+    fc = fast.fast_cfg(cfg)
+    got = fast._fastjoin.impression_dues(t, swept, pswept, fc)
+    if not 0 <= t < 2**53:
+        assert got is None
+        return
+    res = advance(None, ev, b"{}", swept, cfg)
+    usual = res.changed and res.state is not None and not res.samples and not res.rejects
+    event(f"usual {usual}")
+    if usual:
+        assert res.state is not None
+        assert got == next_dues(res.state, pswept, cfg)
+    else:
+        assert got is None
