@@ -668,6 +668,35 @@ static PyObject *sweep_one(Writer *w, Buf *b, PyObject *key, PyObject *old, cons
     return Py_BuildValue("(ONN)", Py_False, dues, samples);
 }
 
+/* lanes as the watermarks make them: NO_WATERMARK (-2**62) up to event times; else the Python core */
+static int lanes_in_range(const int64_t *l) {
+    for (int i = 0; i < LANES; i++)
+        if (l[i] < -(INT64_C(1) << 62) || l[i] > MAX_TIME * 4) return 0;
+    return 1;
+}
+
+/* the samples' encoding (msgpack: true) and the policy named in them */
+static int read_writer(PyObject *msgpack, PyObject *policy, Writer *w) {
+    w->encoding = PyObject_IsTrue(msgpack);
+    if (w->encoding < 0) return -1;
+    if (!PyUnicode_Check(policy)) {
+        PyErr_SetString(PyExc_TypeError, "policy: a str");
+        return -1;
+    }
+    w->policy = PyUnicode_AsUTF8AndSize(policy, &w->policy_len);
+    if (!w->policy) return -1;
+    if (!plain_text(w->policy, w->policy_len)) {
+        PyErr_SetString(PyExc_ValueError, "policy: plain ASCII");
+        return -1;
+    }
+    return 0;
+}
+
+static void writer_free(Writer *w) {
+    PyMem_Free(w->names.p);
+    PyMem_Free(w->values.p);
+}
+
 static PyObject *sweep_states(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 7) {
         PyErr_SetString(PyExc_TypeError, "sweep_states(keys, olds, prev, now, cfg, encoding, policy)");
@@ -683,25 +712,9 @@ static PyObject *sweep_states(PyObject *Py_UNUSED(module), PyObject *const *args
     if (read_i64s(args[2], prev, LANES, "prev") < 0 || read_i64s(args[3], now, LANES, "now") < 0 ||
         read_cfg(args[4], &c) < 0)
         return NULL;
-    for (int i = 0; i < LANES; i++)
-        if (prev[i] < -(INT64_C(1) << 62) || now[i] < -(INT64_C(1) << 62) || prev[i] > MAX_TIME * 4 ||
-            now[i] > MAX_TIME * 4) {
-            PyErr_SetString(PyExc_ValueError, "prev and now: watermarks in [-2**62, 2**55]");
-            return NULL;
-        }
     Writer w = {0};
-    w.encoding = PyObject_IsTrue(args[5]);
-    if (w.encoding < 0) return NULL;
-    if (!PyUnicode_Check(args[6])) {
-        PyErr_SetString(PyExc_TypeError, "policy: a str");
-        return NULL;
-    }
-    w.policy = PyUnicode_AsUTF8AndSize(args[6], &w.policy_len);
-    if (!w.policy) return NULL;
-    if (!plain_text(w.policy, w.policy_len)) {
-        PyErr_SetString(PyExc_ValueError, "policy: plain ASCII");
-        return NULL;
-    }
+    if (read_writer(args[5], args[6], &w) < 0) return NULL;
+    int in_range = lanes_in_range(prev) && lanes_in_range(now);
     Py_ssize_t n = PyList_GET_SIZE(keys);
     PyObject *out = PyList_New(n);
     Buf b = {0};
@@ -709,7 +722,7 @@ static PyObject *sweep_states(PyObject *Py_UNUSED(module), PyObject *const *args
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *old = PyList_GET_ITEM(olds, i);
         PyObject *r;
-        if (old == Py_None) {
+        if (old == Py_None || !in_range) {
             r = Py_None;
             Py_INCREF(r);
         } else {
@@ -723,8 +736,7 @@ static PyObject *sweep_states(PyObject *Py_UNUSED(module), PyObject *const *args
         PyList_SET_ITEM(out, i, r);
     }
     PyMem_Free(b.p);
-    PyMem_Free(w.names.p);
-    PyMem_Free(w.values.p);
+    writer_free(&w);
     return out;
 }
 
@@ -891,37 +903,58 @@ static PyObject *parse_impressions(PyObject *Py_UNUSED(module), PyObject *const 
     return out;
 }
 
-/* advance() of a fresh impression (no state) that needs nothing but its state written: not older
-   than the retention, not final, its first sample not due yet; then next_dues against the
-   partition's swept lanes. None: anything else (the Python core decides). */
-static PyObject *impression_dues(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "impression_dues(t, swept, partition_swept, cfg)");
+/* advance() of a fresh impression (no state yet): its state as parse_impressions made it, the
+   samples due at once (the first, if the impressions' lane is past its observe time; the final,
+   if the clicks' lane is past its click window: a backlog read with the clicks ahead), and its
+   next dues against the partition's swept lanes. None: an impression older than the retention
+   (a dead letter: the Python core words it) or any state this path declines. */
+static PyObject *fresh_impression(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "fresh_impression(ikey, state, swept, partition_swept, cfg, msgpack, policy)");
         return NULL;
     }
-    long long tt = PyLong_AsLongLong(args[0]);
-    if (tt == -1 && PyErr_Occurred()) return NULL;
+    PyObject *key = args[0], *data = args[1];
     int64_t swept[LANES], pswept[LANES];
     Cfg c;
-    if (read_i64s(args[1], swept, LANES, "swept") < 0 || read_i64s(args[2], pswept, LANES, "partition_swept") < 0 ||
-        read_cfg(args[3], &c) < 0)
+    Writer w = {0};
+    if (read_i64s(args[2], swept, LANES, "swept") < 0 || read_i64s(args[3], pswept, LANES, "partition_swept") < 0 ||
+        read_cfg(args[4], &c) < 0 || read_writer(args[5], args[6], &w) < 0)
         return NULL;
-    int64_t t = tt;
-    if (t < 0 || t >= MAX_TIME) Py_RETURN_NONE;
-    for (int i = 0; i < LANES; i++)
-        if (swept[i] < -(INT64_C(1) << 62) || pswept[i] < -(INT64_C(1) << 62) || swept[i] > MAX_TIME * 4 ||
-            pswept[i] > MAX_TIME * 4)
-            Py_RETURN_NONE;
-    int64_t fa = t + c.w[0];
-    if (t + c.retention <= swept[0] || swept[1] >= fa) Py_RETURN_NONE; /* retention-late / final at once */
-    if (c.early) {
-        int64_t fd = t + c.observe;
-        if (fd < fa && fd <= swept[0]) Py_RETURN_NONE; /* its first sample is due at once */
+    State s;
+    if (!PyBytes_CheckExact(key) || !PyBytes_CheckExact(data) || !lanes_in_range(swept) || !lanes_in_range(pswept))
+        Py_RETURN_NONE;
+    const char *iid = PyBytes_AS_STRING(key);
+    Py_ssize_t iid_len = PyBytes_GET_SIZE(key);
+    if (!iid_len || !plain_text(iid, iid_len) || !read_state(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &s) ||
+        reached(&s) != 0)
+        Py_RETURN_NONE;
+    if (s.imp + c.retention <= swept[0]) Py_RETURN_NONE; /* older than the retention: a dead letter */
+    int64_t fa = s.imp + c.w[0];
+    int final = swept[1] >= fa;
+    PyObject *samples = PyList_New(0);
+    if (!samples) return NULL;
+    Buf b = {0};
+    int rc = 1;
+    int64_t fd = s.imp + c.observe;
+    if (!final && c.early && fd < fa && fd <= swept[0]) /* _settle: the first, due at once */
+        rc = add_sample(&w, &b, samples, iid, iid_len, &s, 0, 0, swept[0], swept[0], swept, &c);
+    if (rc > 0 && final) /* _settle: the final, at once */
+        rc = add_sample(&w, &b, samples, iid, iid_len, &s, 2, 5, fa, swept[1], swept, &c);
+    PyMem_Free(b.p);
+    writer_free(&w);
+    if (rc <= 0) {
+        Py_DECREF(samples);
+        if (rc < 0) return NULL;
+        Py_RETURN_NONE;
     }
-    State s = {.imp = t, .t = {NONE_T, NONE_T, NONE_T, NONE_T}};
     int64_t d[LANES];
     next_dues(&s, pswept, &c, d);
-    return dues_tuple(d);
+    PyObject *dues = dues_tuple(d);
+    if (!dues) {
+        Py_DECREF(samples);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", dues, samples);
 }
 
 static PyMethodDef module_methods[] = {
@@ -931,9 +964,9 @@ static PyMethodDef module_methods[] = {
     {"parse_impressions", (PyCFunction)(void (*)(void))parse_impressions, METH_FASTCALL,
      "parse_impressions(values, steps): per record None (not vouched for: decode it in Python) or, for an "
      "impression in the contract's compact form, (impression id, event time, the fresh funnel's state bytes)"},
-    {"impression_dues", (PyCFunction)(void (*)(void))impression_dues, METH_FASTCALL,
-     "impression_dues(t, swept, partition_swept, cfg): the dues of a fresh impression's state, or None when "
-     "advance() has more to do than write it"},
+    {"fresh_impression", (PyCFunction)(void (*)(void))fresh_impression, METH_FASTCALL,
+     "fresh_impression(ikey, state, swept, partition_swept, cfg, msgpack, policy): advance() of an impression "
+     "with no state yet - (dues, [(kind, elapsed_ms, sample bytes)]) - or None (the Python core decides)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,6 +19,12 @@ def sweep_states(
 ) -> list[SweptState | None]: ...
 
 def parse_impressions(values: list[bytes | None], steps: list[int]) -> list[tuple[bytes, int, bytes] | None]: ...
-def impression_dues(
-    t: int, swept: Swept, partition_swept: Swept, cfg: tuple[int, int, int, int, int, int, int, int, int]
-) -> Dues | None: ...
+def fresh_impression(
+    ikey: bytes,
+    state: bytes,
+    swept: Swept,
+    partition_swept: Swept,
+    cfg: tuple[int, int, int, int, int, int, int, int, int],
+    msgpack: bool,
+    policy: str,
+) -> tuple[Dues, list[tuple[int, int, bytes]]] | None: ...

@@ -18,7 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from stream.contract.events import STEPS, Event, InvalidEvent, dead_letter, parse_event, parse_events
+from stream.contract.events import (
+    STEPS,
+    Event,
+    InvalidEvent,
+    dead_letter,
+    fast_event,
+    parse_event,
+    parse_events,
+)
 from stream.contract.samples import KINDS, SAMPLE_WRITERS, SampleEncoding
 from stream.join import fast
 from stream.join.funnel import (
@@ -318,6 +326,7 @@ class FunnelJoin:
         dups = [0] * LANES
         cfg = self.cfg
         fcfg = self._fast_cfg
+        msgpack = self.topics.samples_encoding == "msgpack"
         for partition, by_key in groups.items():
             p = parts[partition]
             store = p.store
@@ -325,15 +334,19 @@ class FunnelJoin:
             for ikey, old in zip(keys, store.get_many(keys), strict=True):
                 group = by_key[ikey]
                 if old is None and len(group) == 1 and (vouched := group[0][4]) is not None and fcfg is not None:
-                    # a fresh impression alone in the batch: its state, if writing it is all there is to do
-                    dues = fast._fastjoin.impression_dues(vouched[1], group[0][3], p.swept, fcfg)
-                    if dues is not None:
-                        store.put(ikey, vouched[2], dues)
+                    # a fresh impression alone in the batch: its state, and any sample due at once
+                    done = fast._fastjoin.fresh_impression(ikey, vouched[2], group[0][3], p.swept, fcfg, msgpack,
+                                                           cfg.policy)  # fmt: skip
+                    if done is not None:
+                        store.put(ikey, vouched[2], done[0])
+                        if done[1]:
+                            self._fast_samples(ikey, done[1], out)
                         continue
                 state = decode_state(old) if old is not None else None
                 changed = False
                 for step, ev, raw, swept, _ in group:
-                    parsed = ev if ev is not None else parse_event(raw, STEPS[0])  # vouched: it decodes
+                    # vouched for: msgspec's decode takes it (the strict one stays for anything else)
+                    parsed = ev or fast_event(raw, STEPS[0]) or parse_event(raw, STEPS[0])
                     res = advance(state, parsed, raw, swept, cfg)
                     if res.duplicate:
                         dups[step] += 1
@@ -403,6 +416,16 @@ class FunnelJoin:
                 self._kind_counts[s.kind] += 1
                 if s.kind == "final":
                     self._delays_ms.append(s.elapsed_ms)
+
+    def _fast_samples(self, ikey: bytes, samples: list[tuple[int, int, bytes]], out: list[Output]) -> None:
+        """The compiled path's samples, ``(kind index, elapsed ms, bytes)`` each: out, and counted."""
+        topic = self.topics.samples
+        for kind, elapsed_ms, value in samples:
+            out.append(Output(topic, ikey, value))
+            if self.metrics is not None:
+                self._kind_counts[KINDS[kind]] += 1
+                if kind == 2:
+                    self._delays_ms.append(elapsed_ms)
 
     def _publish_metrics(self) -> None:
         """The samples' counters and label delays, counted in plain Python as they were emitted,
@@ -483,12 +506,8 @@ class FunnelJoin:
                     p.store.delete(ikey)
                 else:
                     p.store.reschedule(ikey, dues)
-                for kind, elapsed_ms, value in samples:
-                    out.append(Output(self.topics.samples, ikey, value))
-                    if self.metrics is not None:
-                        self._kind_counts[KINDS[kind]] += 1
-                        if kind == 2:
-                            self._delays_ms.append(elapsed_ms)
+                if samples:
+                    self._fast_samples(ikey, samples, out)
                 continue
             state = decode_state(old)
             res = sweep(state, prev, wm, self.cfg)
