@@ -4,7 +4,9 @@ aiokafka + rocksdict loop, all on the embedded broker with the same records, plu
 process's CPU time per event (``cpu_us_per_event``), and against the I/O floor of any joiner - an
 aiokafka loop that consumes the events and writes two records per event with no join
 (``consume_produce_events_per_s``, ``ratio_to_consume_produce``, ``consume_produce_cpu_us_per_event``;
-docs/joiner.md, round 12).
+docs/joiner.md, round 12). The joiner runs twice, in a random order: as shipped, and with its
+compiled common path off (``python_core_events_per_s``, ``python_core_cpu_us_per_event``,
+``cpu_ratio_to_python_core``: docs/joiner.md, round 14).
 
 The faust runs are separate processes (``aitm-stream joiner`` itself, and a no-op faust app in
 this module); their rate is read from their Prometheus event counters, from the first record
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # the stores and logs of three joiners: not kept (they filled the disk once)
         shutil.rmtree(work, ignore_errors=True)
     (joiner, noop, plain, consume, consume_first, joiner_cpu, noop_cpu, joiner_polls, joiner_end_window, total,
-     floor, floor_cpu) = figures  # fmt: skip
+     floor, floor_cpu, py_joiner, py_cpu, python_first) = figures  # fmt: skip
     result = {
         "joiner_events_per_s": round(joiner, 1),
         "faust_noop_events_per_s": round(noop, 1),
@@ -337,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_to_consume_produce": _ratio(joiner, floor),
         "consume_produce_cpu_us_per_event": round(floor_cpu, 1),
         "faust_noop_cpu_us_per_event": round(noop_cpu, 1),
+        # the same joiner with its compiled common path off (JOINER_FAST_CORE=false), same run
+        "python_core_events_per_s": round(py_joiner, 1),
+        "python_core_cpu_us_per_event": round(py_cpu, 1),
+        "cpu_ratio_to_python_core": _ratio(joiner_cpu, py_cpu),
+        "python_core_ran_first": python_first,
         "events": total,
         "cpu_count": os.cpu_count(),
         "load_1min_at_start": load_at_start,
@@ -350,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(
     args: argparse.Namespace, work: Path
-) -> tuple[float, float, float, float, int, float, float, int, float, int, float, float]:
+) -> tuple[float, float, float, float, int, float, float, int, float, int, float, float, float, float, bool]:
     """The bench's runs in ``work``: the joiner's, the no-op agent's, the plain join's, the
     consume-only loop's and the consume-and-produce floor's figures."""
     from simulators.faults import FaultConfig, SimulatedStream
@@ -374,13 +382,23 @@ def _run(
             _env(settings), port, "aitm_bench_noop_events_total", total, args.timeout,
         )
         print(f"faust no-op agent: {noop:,.0f} events/s", flush=True)
-        port = free_port()
-        joiner, joiner_cpu, joiner_polls, joiner_end_window = _measure_process(
-            [sys.executable, "-m", "stream.cli", "joiner"],
-            _env(settings, METRICS_PORT_JOINER=str(port), DATA_DIR=str(work / "joiner"), JOINER_APP_ID="aitm-bench-joiner"),
-            port, "aitm_joiner_events_total", total, args.timeout,
-        )
-        print(f"faust joiner: {joiner:,.0f} events/s, {joiner_cpu:.1f} us CPU per event", flush=True)
+        # the joiner as shipped (its compiled common path on) and with the Python core alone, in a
+        # random order: each its own group, store and changelog over the same records
+        runs: dict[str, tuple[float, float, int, float]] = {}
+        cores = ["fast", "python"]
+        random.shuffle(cores)
+        for core in cores:
+            port = free_port()
+            runs[core] = _measure_process(
+                [sys.executable, "-m", "stream.cli", "joiner"],
+                _env(settings, METRICS_PORT_JOINER=str(port), DATA_DIR=str(work / f"joiner-{core}"),
+                     JOINER_APP_ID=f"aitm-bench-joiner-{core}", JOINER_FAST_CORE=str(core == "fast").lower()),
+                port, "aitm_joiner_events_total", total, args.timeout,
+            )  # fmt: skip
+            print(f"faust joiner ({core} core): {runs[core][0]:,.0f} events/s, {runs[core][1]:.1f} us CPU per event",
+                  flush=True)  # fmt: skip
+        joiner, joiner_cpu, joiner_polls, joiner_end_window = runs["fast"]
+        py_joiner, py_cpu = runs["python"][:2]
         plain = asyncio.run(_plain_join(settings, total, work / "plain"))
         print(f"plain aiokafka + rocksdict join: {plain:,.0f} events/s", flush=True)
         ensure_topics(settings.kafka_python_config(), floor_topics(settings))
@@ -388,7 +406,7 @@ def _run(
         print(f"aiokafka consume + produce, no join (the I/O floor): {floor:,.0f} events/s, {floor_cpu:.1f} us CPU "
               "per event", flush=True)  # fmt: skip
     return (joiner, noop, plain, consume, consume_first, joiner_cpu, noop_cpu, joiner_polls, joiner_end_window, total,
-            floor, floor_cpu)  # fmt: skip
+            floor, floor_cpu, py_joiner, py_cpu, cores[0] == "python")  # fmt: skip
 
 
 def _ratio(a: float, b: float) -> float | None:

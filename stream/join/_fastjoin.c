@@ -957,6 +957,40 @@ static PyObject *fresh_impression(PyObject *Py_UNUSED(module), PyObject *const *
     return Py_BuildValue("(NN)", dues, samples);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Kafka's murmur2 (Java's Utils.murmur2): stream.kafka.partitioner.murmur2 in C                  */
+
+static PyObject *murmur2(PyObject *Py_UNUSED(module), PyObject *arg) {
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "murmur2(data: bytes)");
+        return NULL;
+    }
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(arg);
+    Py_ssize_t n = PyBytes_GET_SIZE(arg);
+    const uint32_t m = 0x5bd1e995u;
+    uint32_t h = 0x9747b28cu ^ (uint32_t)n;
+    Py_ssize_t n4 = n >> 2;
+    for (Py_ssize_t i = 0; i < n4; i++) {
+        const unsigned char *q = d + 4 * i;
+        uint32_t k = (uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 | (uint32_t)q[3] << 24;
+        k *= m;
+        k ^= k >> 24;
+        k *= m;
+        h *= m;
+        h ^= k;
+    }
+    const unsigned char *tail = d + (n & ~(Py_ssize_t)3);
+    switch (n & 3) {
+    case 3: h ^= (uint32_t)tail[2] << 16; /* fall through */
+    case 2: h ^= (uint32_t)tail[1] << 8;  /* fall through */
+    case 1: h ^= tail[0]; h *= m;
+    }
+    h ^= h >> 13;
+    h *= m;
+    h ^= h >> 15;
+    return PyLong_FromUnsignedLong(h);
+}
+
 static PyMethodDef module_methods[] = {
     {"sweep_states", (PyCFunction)(void (*)(void))sweep_states, METH_FASTCALL,
      "sweep_states(keys, olds, prev, now, cfg, msgpack, policy): per key None (declined: run the Python "
@@ -967,6 +1001,7 @@ static PyMethodDef module_methods[] = {
     {"fresh_impression", (PyCFunction)(void (*)(void))fresh_impression, METH_FASTCALL,
      "fresh_impression(ikey, state, swept, partition_swept, cfg, msgpack, policy): advance() of an impression "
      "with no state yet - (dues, [(kind, elapsed_ms, sample bytes)]) - or None (the Python core decides)"},
+    {"murmur2", (PyCFunction)murmur2, METH_O, "murmur2(data): Kafka's murmur2 of data (unsigned 32-bit)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -52,9 +52,20 @@ def murmur2(data: bytes) -> int:
     return h
 
 
+def _compiled_murmur2() -> Callable[[bytes], int]:
+    """``murmur2`` in C when the joiner's compiled module is built (0.05 us against 2.8 for a
+    30-byte key here; ``tests/unit/test_partitioner.py`` checks both against aiokafka's)."""
+    from stream.join import fast
+
+    return fast._fastjoin.murmur2 if fast.AVAILABLE else murmur2
+
+
+_murmur2 = _compiled_murmur2()
+
+
 def key_partition(key: bytes, partitions: list[int]) -> int:
     """The partition of ``key`` among ``partitions`` (all of the topic's, as the producer lists them)."""
-    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+    return partitions[(_murmur2(key) & 0x7FFFFFFF) % len(partitions)]
 
 
 def producer_partition_of(producer: Any, fallback: Callable[[str, bytes], int]) -> Callable[[str, bytes], int]:

@@ -9,13 +9,20 @@ from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stream.join import fast
+from stream.kafka import partitioner
 from stream.kafka.partitioner import key_partition, murmur2, producer_partition_of
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.binary(max_size=80))
 def test_murmur2_is_kafkas(key: bytes) -> None:
     assert murmur2(key) == aiokafka_murmur2(key)
+    assert fast._fastjoin.murmur2(key) == aiokafka_murmur2(key)  # the compiled one key_partition uses
+
+
+def test_key_partition_uses_the_compiled_murmur2() -> None:
+    assert fast.AVAILABLE and partitioner._murmur2 is fast._fastjoin.murmur2
 
 
 @settings(max_examples=200, deadline=None)
