@@ -774,13 +774,17 @@ static int slice_is(const Slice *x, const char *lit) {
     return (size_t)x->n == n && !memcmp(x->p, lit, n);
 }
 
-/* An impression record as the event contract takes it and as stream.contract.events.fast_event
-   vouches for it - compact JSON (no whitespace, no escape), printable ASCII, exactly the
-   contract's fields once each, features a flat map of strings within their bounds - gives 1 and
-   its impression id, event time, bank id and the features' JSON text (which is then
+/* An event record of topic `step` as the event contract takes it and as
+   stream.contract.events.fast_event vouches for it - compact JSON (no whitespace, no escape),
+   printable ASCII, exactly the contract's fields once each (an impression's features a flat map
+   of strings within their bounds; a step without features) - gives 1 and its impression id,
+   event time, event id, bank id and the features' JSON text (which is then
    funnel.features_json's bytes: msgspec writes a map of such strings exactly so). 0: anything
    else, which the Python decode reads (and words any error). */
-static int parse_impression(const char *s, Py_ssize_t n, Slice *iid, int64_t *t, Slice *bank, Slice *feats) {
+static const char *const STEP_NAMES[5] = {"impression", "click", "application", "approval", "activation"};
+
+static int parse_event(const char *s, Py_ssize_t n, int step, Slice *iid, int64_t *t, Slice *eid, Slice *bank,
+                       Slice *feats) {
     if (n < 2 || n > MAX_RECORD_BYTES || memchr(s, '\\', (size_t)n) || s[0] != '{') return 0;
     Py_ssize_t i = 1;
     unsigned seen = 0;
@@ -794,10 +798,11 @@ static int parse_impression(const char *s, Py_ssize_t n, Slice *iid, int64_t *t,
             i++;
         } else if (slice_is(&key, "event_type")) {
             bit = 2;
-            if (!scan_str(s, n, &i, &v) || !slice_is(&v, "impression")) return 0;
+            if (!scan_str(s, n, &i, &v) || !slice_is(&v, STEP_NAMES[step])) return 0;
         } else if (slice_is(&key, "event_id") || slice_is(&key, "impression_id") || slice_is(&key, "bank_id")) {
             bit = key.p[0] == 'e' ? 4 : key.p[0] == 'i' ? 8 : 16;
             if (!scan_str(s, n, &i, &v) || v.n < 1 || v.n > MAX_ID_LEN) return 0;
+            if (bit == 4) *eid = v;
             if (bit == 8) *iid = v;
             if (bit == 16) *bank = v;
         } else if (slice_is(&key, "event_time_ms")) {
@@ -808,7 +813,7 @@ static int parse_impression(const char *s, Py_ssize_t n, Slice *iid, int64_t *t,
             if (j == i || (s[i] == '0' && j - i > 1) || j - i > 16 || x >= MAX_TIME) return 0;
             *t = x;
             i = j;
-        } else if (slice_is(&key, "features")) {
+        } else if (slice_is(&key, "features") && step == 0) { /* (a step's features: the Python decode's) */
             bit = 64;
             Py_ssize_t start = i, count = 0;
             if (i >= n || s[i++] != '{') return 0;
@@ -852,7 +857,7 @@ static int parse_impression(const char *s, Py_ssize_t n, Slice *iid, int64_t *t,
         if (s[i] == '}') { i++; break; }
         if (s[i++] != ',') return 0;
     }
-    return i == n && seen == 127;
+    return i == n && seen == (step ? 63u : 127u);
 }
 
 static PyObject *impression_state(const Slice *bank, int64_t t, const Slice *feats) {
@@ -872,10 +877,10 @@ static PyObject *impression_state(const Slice *bank, int64_t t, const Slice *fea
     return out;
 }
 
-static PyObject *parse_impressions(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *parse_records(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2 || !PyList_Check(args[0]) || !PyList_Check(args[1]) ||
         PyList_GET_SIZE(args[0]) != PyList_GET_SIZE(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "parse_impressions(values, steps): two lists of one length");
+        PyErr_SetString(PyExc_TypeError, "parse_records(values, steps): two lists of one length");
         return NULL;
     }
     Py_ssize_t n = PyList_GET_SIZE(args[0]);
@@ -883,20 +888,24 @@ static PyObject *parse_impressions(PyObject *Py_UNUSED(module), PyObject *const 
     if (!out) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *raw = PyList_GET_ITEM(args[0], i), *r = NULL;
-        Slice iid, bank, feats;
+        Slice iid, eid, bank, feats;
         int64_t t = 0;
-        PyObject *step = PyList_GET_ITEM(args[1], i);
-        if (PyLong_CheckExact(step) && PyLong_AsLong(step) == 0 && PyBytes_CheckExact(raw) &&
-            parse_impression(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), &iid, &t, &bank, &feats)) {
-            PyObject *state = impression_state(&bank, t, &feats);
+        PyObject *stepobj = PyList_GET_ITEM(args[1], i);
+        long step = PyLong_CheckExact(stepobj) ? PyLong_AsLong(stepobj) : -1;
+        if (step >= 0 && step < LANES && PyBytes_CheckExact(raw) &&
+            parse_event(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), (int)step, &iid, &t, &eid, &bank, &feats)) {
+            PyObject *state = step ? Py_NewRef(Py_None) : impression_state(&bank, t, &feats);
             r = state ? Py_BuildValue("(y#LN)", iid.p, iid.n, (long long)t, state) : NULL;
             if (!r) {
                 Py_DECREF(out);
                 return NULL;
             }
         } else {
-            r = Py_None;
-            Py_INCREF(r);
+            if (PyErr_Occurred()) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            r = Py_NewRef(Py_None);
         }
         PyList_SET_ITEM(out, i, r);
     }
@@ -957,6 +966,121 @@ static PyObject *fresh_impression(PyObject *Py_UNUSED(module), PyObject *const *
     return Py_BuildValue("(NN)", dues, samples);
 }
 
+/* advance() of one event of a step (click .. activation), alone in its batch, read by
+   parse_event: on no state, it is held for its impression (a stub); on the usual state (the
+   impression seen, nothing held), it is a duplicate or the next step in order, counted, with its
+   correction and final samples as the Python core makes them. None for everything else - it
+   would be rejected, held behind a missing step, the funnel is final or not the usual state -
+   which the Python core decides. Else (changed, state bytes, dues, [(kind, elapsed_ms, sample)],
+   duplicate). */
+static PyObject *advance_step(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError,
+                        "advance_step(ikey, old, raw, step, swept, partition_swept, cfg, msgpack, policy)");
+        return NULL;
+    }
+    PyObject *key = args[0], *old = args[1], *raw = args[2];
+    long step = PyLong_AsLong(args[3]);
+    if (step == -1 && PyErr_Occurred()) return NULL;
+    int64_t swept[LANES], pswept[LANES];
+    Cfg c;
+    Writer w = {0};
+    if (read_i64s(args[4], swept, LANES, "swept") < 0 || read_i64s(args[5], pswept, LANES, "partition_swept") < 0 ||
+        read_cfg(args[6], &c) < 0 || read_writer(args[7], args[8], &w) < 0)
+        return NULL;
+    if (step < 1 || step > 4 || !PyBytes_CheckExact(key) || !PyBytes_CheckExact(raw) || !lanes_in_range(swept) ||
+        !lanes_in_range(pswept))
+        Py_RETURN_NONE;
+    Slice iid, eid, bank, feats;
+    int64_t t;
+    const char *ikey = PyBytes_AS_STRING(key);
+    Py_ssize_t ikey_len = PyBytes_GET_SIZE(key);
+    if (!parse_event(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), (int)step, &iid, &t, &eid, &bank, &feats) ||
+        iid.n != ikey_len || memcmp(iid.p, ikey, (size_t)ikey_len) || !plain_text(ikey, ikey_len))
+        Py_RETURN_NONE;
+    if (old == Py_None) { /* held for its impression: a stub */
+        int64_t due = t + c.grace + step * c.skew;
+        if (swept[0] >= due) Py_RETURN_NONE; /* its impression's grace is over: a dead letter */
+        Py_ssize_t n_raw = PyBytes_GET_SIZE(raw);
+        if (bank.n > 0xffff || n_raw > 0xffffffffLL) Py_RETURN_NONE;
+        Py_ssize_t n = HEAD_SIZE + bank.n + 23 + eid.n + n_raw;
+        PyObject *state = PyBytes_FromStringAndSize(NULL, n);
+        if (!state) return NULL;
+        unsigned char *q = (unsigned char *)PyBytes_AS_STRING(state);
+        q[0] = 4;
+        memset(q + 1, 0xff, 40); /* impression and four steps: -1 */
+        q[41] = 1;
+        q[42] = (unsigned char)(bank.n >> 8);
+        q[43] = (unsigned char)bank.n;
+        memset(q + 44, 0xff, 4); /* no features */
+        memcpy(q + HEAD_SIZE, bank.p, (size_t)bank.n);
+        unsigned char *h = q + HEAD_SIZE + bank.n;
+        h[0] = (unsigned char)step;
+        for (int i = 0; i < 8; i++) h[1 + i] = (unsigned char)((uint64_t)t >> (56 - 8 * i));
+        for (int i = 0; i < 8; i++) h[9 + i] = (unsigned char)((uint64_t)swept[step] >> (56 - 8 * i));
+        h[17] = (unsigned char)(eid.n >> 8);
+        h[18] = (unsigned char)eid.n;
+        for (int i = 0; i < 4; i++) h[19 + i] = (unsigned char)((uint64_t)n_raw >> (24 - 8 * i));
+        memcpy(h + 23, eid.p, (size_t)eid.n);
+        memcpy(h + 23 + eid.n, PyBytes_AS_STRING(raw), (size_t)n_raw);
+        int64_t d[LANES] = {due, NO_DUE, NO_DUE, NO_DUE, NO_DUE};
+        PyObject *dues = dues_tuple(d);
+        if (!dues) {
+            Py_DECREF(state);
+            return NULL;
+        }
+        return Py_BuildValue("(ONN[]O)", Py_True, state, dues, Py_False);
+    }
+    State s;
+    if (!PyBytes_CheckExact(old) || !read_state(PyBytes_AS_STRING(old), PyBytes_GET_SIZE(old), &s))
+        Py_RETURN_NONE;
+    if (s.t[step - 1] != NONE_T) return Py_BuildValue("(OOO[]O)", Py_False, Py_None, Py_None, Py_True); /* a duplicate */
+    int lane;
+    int64_t fa;
+    lane_and_final(&s, &c, &lane, &fa);
+    if (lane == 0 || swept[lane] >= fa) Py_RETURN_NONE; /* final already: a dead letter */
+    int r = reached(&s);
+    if (step != r + 1) Py_RETURN_NONE; /* held behind a missing step */
+    int64_t pred = step_time(&s, r);
+    if (t < pred - c.skew || t > fa || swept[step] >= fa) Py_RETURN_NONE; /* it does not count: a dead letter */
+    int64_t fd = s.imp + c.observe;
+    int first_out = c.early && fd < fa && fd <= swept[0]; /* first_due(old) <= swept[0] */
+    s.t[step - 1] = t;
+    PyObject *samples = PyList_New(0);
+    if (!samples) return NULL;
+    Buf b = {0};
+    int rc = 1;
+    if (first_out) rc = add_sample(&w, &b, samples, ikey, ikey_len, &s, 1, (int)step, t, swept[0], swept, &c);
+    int lane2;
+    int64_t fa2;
+    lane_and_final(&s, &c, &lane2, &fa2);
+    if (rc > 0 && (lane2 == 0 || swept[lane2] >= fa2)) /* _settle: final now */
+        rc = add_sample(&w, &b, samples, ikey, ikey_len, &s, 2, 5, fa2, swept[lane2], swept, &c);
+    PyMem_Free(b.p);
+    writer_free(&w);
+    if (rc <= 0) {
+        Py_DECREF(samples);
+        if (rc < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *state = PyBytes_FromStringAndSize(PyBytes_AS_STRING(old), PyBytes_GET_SIZE(old));
+    if (!state) {
+        Py_DECREF(samples);
+        return NULL;
+    }
+    unsigned char *q = (unsigned char *)PyBytes_AS_STRING(state) + 9 + 8 * (step - 1);
+    for (int i = 0; i < 8; i++) q[i] = (unsigned char)((uint64_t)t >> (56 - 8 * i));
+    int64_t d[LANES];
+    next_dues(&s, pswept, &c, d);
+    PyObject *dues = dues_tuple(d);
+    if (!dues) {
+        Py_DECREF(samples);
+        Py_DECREF(state);
+        return NULL;
+    }
+    return Py_BuildValue("(ONNNO)", Py_True, state, dues, samples, Py_False);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Kafka's murmur2 (Java's Utils.murmur2): stream.kafka.partitioner.murmur2 in C                  */
 
@@ -995,12 +1119,15 @@ static PyMethodDef module_methods[] = {
     {"sweep_states", (PyCFunction)(void (*)(void))sweep_states, METH_FASTCALL,
      "sweep_states(keys, olds, prev, now, cfg, msgpack, policy): per key None (declined: run the Python "
      "core; also for a missing state) or (purge, dues, [(kind, elapsed_ms, sample bytes)])"},
-    {"parse_impressions", (PyCFunction)(void (*)(void))parse_impressions, METH_FASTCALL,
-     "parse_impressions(values, steps): per record None (not vouched for: decode it in Python) or, for an "
-     "impression in the contract's compact form, (impression id, event time, the fresh funnel's state bytes)"},
+    {"parse_records", (PyCFunction)(void (*)(void))parse_records, METH_FASTCALL,
+     "parse_records(values, steps): per record None (not vouched for: decode it in Python) or, for an event in "
+     "the contract's compact form, (impression id, event time, an impression's fresh funnel state or None)"},
     {"fresh_impression", (PyCFunction)(void (*)(void))fresh_impression, METH_FASTCALL,
      "fresh_impression(ikey, state, swept, partition_swept, cfg, msgpack, policy): advance() of an impression "
      "with no state yet - (dues, [(kind, elapsed_ms, sample bytes)]) - or None (the Python core decides)"},
+    {"advance_step", (PyCFunction)(void (*)(void))advance_step, METH_FASTCALL,
+     "advance_step(ikey, old, raw, step, swept, partition_swept, cfg, msgpack, policy): advance() of a step's "
+     "event alone in its batch - (changed, state, dues, samples, duplicate) - or None (the Python core decides)"},
     {"murmur2", (PyCFunction)murmur2, METH_O, "murmur2(data): Kafka's murmur2 of data (unsigned 32-bit)"},
     {NULL, NULL, 0, NULL},
 };

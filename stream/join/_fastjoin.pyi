@@ -18,7 +18,18 @@ def sweep_states(
     policy: str,
 ) -> list[SweptState | None]: ...
 
-def parse_impressions(values: list[bytes | None], steps: list[int]) -> list[tuple[bytes, int, bytes] | None]: ...
+def parse_records(values: list[bytes | None], steps: list[int]) -> list[tuple[bytes, int, bytes | None] | None]: ...
+def advance_step(
+    ikey: bytes,
+    old: bytes | None,
+    raw: bytes,
+    step: int,
+    swept: Swept,
+    partition_swept: Swept,
+    cfg: tuple[int, int, int, int, int, int, int, int, int],
+    msgpack: bool,
+    policy: str,
+) -> tuple[bool, bytes | None, Dues | None, list[tuple[int, int, bytes]], bool] | None: ...
 def fresh_impression(
     ikey: bytes,
     state: bytes,

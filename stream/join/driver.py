@@ -241,9 +241,9 @@ class FunnelJoin:
         step_of = self.step_of
         steps = [step_of[r[0]] for r in records]
         values = [r[3] for r in records]
-        # the compiled path vouches for the usual impression record: (impression id, time, fresh
+        # the compiled path vouches for the usual record: (impression id, time, an impression's fresh
         # state) without an Event; the rest are decoded here (``pre`` None: all of them)
-        pre = fast._fastjoin.parse_impressions(values, steps) if self.fast_core else None
+        pre = fast._fastjoin.parse_records(values, steps) if self.fast_core else None
         events: list[Event | InvalidEvent | None]
         if pre is None:
             events = list(parse_events(values, [STEPS[s] for s in steps]))
@@ -259,7 +259,7 @@ class FunnelJoin:
         horizon = now_ms + self.max_future_ms if self.max_future_ms else None
         counts = [0] * LANES
         # (partition, impression key) -> [(step, event, raw, swept, vouched)], in fetch order;
-        # ``vouched``: the compiled path's (impression id, time, fresh state), its event None
+        # ``vouched``: the compiled path's (impression id, time, fresh state or None), event None
         groups: dict[int, dict[bytes, list[tuple[int, Event | None, bytes, Swept, Any]]]] = {}
         parts: dict[int, _Partition] = {}
         for i, (rec, step, event) in enumerate(zip(records, steps, events, strict=True)):
@@ -269,32 +269,18 @@ class FunnelJoin:
             if p is None:
                 p = parts[partition] = self.part(partition)
             raw = value or b""
-            if event is None:  # an impression the compiled path read (step 0: its own lane only)
+            if event is None:  # read by the compiled path: (impression id, time, an impression's state)
                 vouched = pre[i] if pre is not None else None
                 assert vouched is not None  # an event is None only where the compiled path read it
                 ikey, t = vouched[0], vouched[1]
-                if horizon is not None and t > horizon:
-                    ahead_s = (t - now_ms) // 1000
-                    detail = (f"event time is {ahead_s} s ahead of this joiner's clock (JOINER_MAX_FUTURE_MS="
-                              f"{self.max_future_ms}); fix the source's clock, or set 0 for simulated time")  # fmt: skip
-                    self._dead(out, raw, topic, FUTURE, detail, partition, offset, key)
-                    continue
-                p.wm.observe(0, t, behind, now)
-                by_key = groups.get(partition)
-                if by_key is None:
-                    by_key = groups[partition] = {}
-                group = by_key.get(ikey)
-                if group is None:
-                    by_key[ikey] = [(0, None, raw, p.swept, vouched)]
-                else:
-                    group.append((0, None, raw, p.swept, vouched))
-                continue
-            if type(event) is not Event:
+            elif type(event) is not Event:
                 assert isinstance(event, InvalidEvent)
                 self._dead(out, raw if value is not None else None, topic, event.reason, event.message, partition,
                            offset, key)  # fmt: skip
                 continue
-            t = event.event_time_ms
+            else:
+                vouched = None
+                ikey, t = event.impression_id.encode(), event.event_time_ms
             if horizon is not None and t > horizon:
                 ahead_s = (t - now_ms) // 1000
                 detail = (f"event time is {ahead_s} s ahead of this joiner's clock (JOINER_MAX_FUTURE_MS="
@@ -313,12 +299,11 @@ class FunnelJoin:
             by_key = groups.get(partition)
             if by_key is None:
                 by_key = groups[partition] = {}
-            ikey = event.impression_id.encode()
             group = by_key.get(ikey)
             if group is None:
-                by_key[ikey] = [(step, event, raw, swept, None)]
+                by_key[ikey] = [(step, event, raw, swept, vouched)]
             else:
-                group.append((step, event, raw, swept, None))
+                group.append((step, event, raw, swept, vouched))
         if self._events_by_type is not None:
             for step, n in enumerate(counts):
                 if n:
@@ -333,20 +318,35 @@ class FunnelJoin:
             keys = list(by_key)
             for ikey, old in zip(keys, store.get_many(keys), strict=True):
                 group = by_key[ikey]
-                if old is None and len(group) == 1 and (vouched := group[0][4]) is not None and fcfg is not None:
-                    # a fresh impression alone in the batch: its state, and any sample due at once
-                    done = fast._fastjoin.fresh_impression(ikey, vouched[2], group[0][3], p.swept, fcfg, msgpack,
+                if len(group) == 1 and (vouched := group[0][4]) is not None and fcfg is not None:
+                    # one event alone in the batch, read by the compiled path: its common cases there
+                    step, _, raw, swept, _ = group[0]
+                    if step == 0:
+                        fresh = None if old is not None else fast._fastjoin.fresh_impression(
+                            ikey, vouched[2], swept, p.swept, fcfg, msgpack, cfg.policy)  # fmt: skip
+                        if fresh is not None:
+                            store.put(ikey, vouched[2], fresh[0])
+                            if fresh[1]:
+                                self._fast_samples(ikey, fresh[1], out)
+                            continue
+                    else:
+                        done = fast._fastjoin.advance_step(ikey, old, raw, step, swept, p.swept, fcfg, msgpack,
                                                            cfg.policy)  # fmt: skip
-                    if done is not None:
-                        store.put(ikey, vouched[2], done[0])
-                        if done[1]:
-                            self._fast_samples(ikey, done[1], out)
-                        continue
+                        if done is not None:
+                            changed, new, dues, samples, duplicate = done
+                            if changed:
+                                assert new is not None and dues is not None
+                                store.put(ikey, new, dues)
+                            if samples:
+                                self._fast_samples(ikey, samples, out)
+                            if duplicate:
+                                dups[step] += 1
+                            continue
                 state = decode_state(old) if old is not None else None
                 changed = False
                 for step, ev, raw, swept, _ in group:
                     # vouched for: msgspec's decode takes it (the strict one stays for anything else)
-                    parsed = ev or fast_event(raw, STEPS[0]) or parse_event(raw, STEPS[0])
+                    parsed = ev or fast_event(raw, STEPS[step]) or parse_event(raw, STEPS[step])
                     res = advance(state, parsed, raw, swept, cfg)
                     if res.duplicate:
                         dups[step] += 1

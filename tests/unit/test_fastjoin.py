@@ -259,7 +259,7 @@ def test_sweep_states_at_the_encodings_edges(n: int, encoding: SampleEncoding) -
             assert got == [_python_sweep(key, state, prev, now, cfg, encoding)]
 
 
-# --- parse_impressions and impression_dues ------------------------------------------------------
+# --- parse_records and impression_dues ------------------------------------------------------
 
 _FIELDS = ("schema_version", "event_type", "event_id", "impression_id", "event_time_ms", "bank_id", "features")
 
@@ -321,10 +321,10 @@ def _impression_records(draw: st.DrawFn) -> bytes:
 
 @settings(max_examples=1500, deadline=None)
 @given(raw=_impression_records())
-def test_parse_impressions_vouches_only_for_what_the_decoder_takes_and_agrees_with_it(raw: bytes) -> None:
+def test_parse_records_vouches_only_for_what_the_decoder_takes_and_agrees_with_it(raw: bytes) -> None:
     from stream.contract.events import Event, InvalidEvent, parse_event, parse_events
 
-    got = fast._fastjoin.parse_impressions([raw, raw], [0, 1])
+    got = fast._fastjoin.parse_records([raw, raw], [0, 1])
     assert got[1] is None, "only the impressions topic's records"
     expected = parse_events([raw], ["impression"])[0]
     if got[0] is None:
@@ -343,20 +343,20 @@ _GOOD = {"schema_version": "1", "event_type": '"impression"', "event_id": '"e-1"
 
 
 @pytest.mark.parametrize(("name", "bad"), [(k, v) for k, vs in _BAD.items() for v in vs])
-def test_parse_impressions_declines_each_way_out_of_the_compact_contract(name: str, bad: str) -> None:
+def test_parse_records_declines_each_way_out_of_the_compact_contract(name: str, bad: str) -> None:
     good = "{" + ",".join(f'"{k}":{v}' for k, v in _GOOD.items()) + "}"
-    assert fast._fastjoin.parse_impressions([good.encode()], [0])[0] is not None
+    assert fast._fastjoin.parse_records([good.encode()], [0])[0] is not None
     raw = ("{" + ",".join(f'"{k}":{bad if k == name else v}' for k, v in _GOOD.items()) + "}").encode()
-    assert fast._fastjoin.parse_impressions([raw], [0]) == [None]
+    assert fast._fastjoin.parse_records([raw], [0]) == [None]
 
 
-def test_parse_impressions_takes_the_simulators_records() -> None:
+def test_parse_records_takes_the_simulators_records() -> None:
     from simulators.faults import FaultConfig, SimulatedStream
     from simulators.funnel import FunnelSimulator, SimConfig
 
     recs = [r.value for r in SimulatedStream(FunnelSimulator(SimConfig(seed=3, impressions_per_day=300)), days=1,
                                              faults=FaultConfig()) if r.step == "impression"]  # fmt: skip
-    got = fast._fastjoin.parse_impressions(recs, [0] * len(recs))
+    got = fast._fastjoin.parse_records(recs, [0] * len(recs))
     assert len(recs) > 200 and None not in got
 
 
@@ -393,3 +393,113 @@ def test_fresh_impression_is_advance_of_an_impression_with_no_state_or_declines(
                       s.watermark_ms, cfg.policy)) for s in res.samples]  # fmt: skip
     event(f"samples {[k for k, _, _ in samples]}")
     assert got == (next_dues(state, pswept, cfg), samples)
+
+
+@settings(max_examples=800, deadline=None)
+@given(step=st.integers(1, 4), eid=_ID, iid=_ID, bank=_ID, t=st.one_of(st.integers(0, 2**53 - 1), _EDGES),
+       extra=st.sampled_from(["", ',"features":null', ',"features":{}', ',"x":1', ' ']))
+def test_parse_records_reads_a_steps_record_as_the_decoder_does(step: int, eid: str, iid: str, bank: str, t: int,
+                                                                 extra: str) -> None:
+    from stream.contract.events import STEPS, Event, parse_events
+
+    raw = (f'{{"schema_version":1,"event_type":"{STEPS[step]}","event_id":"{eid}","impression_id":"{iid}",'
+           f'"event_time_ms":{t},"bank_id":"{bank}"{extra}}}').encode()  # fmt: skip
+    got = fast._fastjoin.parse_records([raw] * 5, [0, 1, 2, 3, 4])
+    assert [g is None for i, g in enumerate(got) if i != step] == [True] * 4, "only its own topic's"
+    expected = parse_events([raw], [STEPS[step]])[0]
+    if got[step] is None:
+        event("declined")
+        return
+    event("vouched")
+    assert isinstance(expected, Event) and extra == ""
+    assert got[step] == (iid.encode(), t, None) == (expected.impression_id.encode(), expected.event_time_ms, None)
+
+
+def _step_raw(step: int, t: int, iid: str = "imp-1", bank: str = "b") -> bytes:
+    from stream.contract.events import Event, encode_event
+
+    return encode_event(Event(step, f"e-{step}", iid, t, bank))
+
+
+@st.composite
+def _step_cases(draw: st.DrawFn) -> tuple:
+    """An event of a step on no state, a stub, or a usual state at any point of its funnel."""
+    state = draw(st.one_of(st.none(), _states()))
+    base = state.imp_ms if state is not None and state.imp_ms != NONE else draw(st.integers(0, 2**40))
+    step = draw(st.integers(1, 4))
+    if state is not None and state.imp_ms != NONE and NONE in state.times and draw(st.integers(0, 9)) < 7:
+        step = state.times.index(NONE) + 1  # mostly the next step in order
+    if state is not None and state.imp_ms != NONE and 0 <= base < 2**53:
+        pred = max([base, *[x for x in state.times if x != NONE]])
+        t = max(0, pred + draw(st.integers(-8, 50)))
+    else:
+        t = max(0, base + draw(st.integers(-8, 50)))
+    return state, step, min(t, 2**53 - 1)
+
+
+@settings(max_examples=2500, deadline=None)
+@given(case=_step_cases(), data=st.data(), cfg=st.sampled_from(CFGS), encoding=st.sampled_from(["json", "msgpack"]))
+def test_advance_step_is_advance_or_declines(case: tuple, data: st.DataObject, cfg: FunnelConfig,
+                                             encoding: SampleEncoding) -> None:
+    state, step, t = case
+    probe = state if state is not None and state.imp_ms != NONE else FunnelState("b", t, b"{}")
+    swept, pswept = _lanes_near(data, probe, cfg)
+    _check_advance_step(state, step, t, swept, pswept, cfg, encoding)
+
+
+def _note(text: str) -> None:
+    """hypothesis's ``event`` inside a hypothesis test; nothing in a plain one."""
+    from hypothesis.control import currently_in_test_context
+
+    if currently_in_test_context():
+        event(text)
+
+
+def test_advance_step_at_the_edges_of_the_first_sample() -> None:
+    """A click after the first sample went out (a correction), and after an observe time that comes
+    only once the click window closed (no first sample, so no correction)."""
+    for cfg in (FunnelConfig(), CFGS[4]):
+        state = FunnelState("b", 1000, b'{"a":"b"}')
+        fd, fa = 1000 + cfg.observe_ms, 1000 + cfg.windows_ms[0]
+        for lane0 in (fd - 1, fd, fd + 1, fa + 5):
+            for encoding in ("json", "msgpack"):
+                swept = (lane0, fa - 1, 0, 0, 0)
+                _check_advance_step(state, 1, fa - 2, swept, swept, cfg, encoding)  # type: ignore[arg-type]
+
+
+def _check_advance_step(state: FunnelState | None, step: int, t: int, swept: tuple, pswept: tuple, cfg: FunnelConfig,
+                        encoding: SampleEncoding) -> None:
+    from stream.contract.events import parse_event
+    from stream.join.funnel import advance
+
+    raw = _step_raw(step, t)
+    old = encode_state(state) if state is not None else None
+    got = fast._fastjoin.advance_step(b"imp-1", old, raw, step, swept, pswept, fast.fast_cfg(cfg), encoding == "msgpack",
+                                      cfg.policy)  # fmt: skip
+    if state is not None and not _usual(state):
+        assert got is None
+        _note("declined: not the usual state")
+        return
+    res = advance(state, parse_event(raw, None), raw, swept, cfg)
+    if got is None:
+        _note("declined")
+        # only what would be rejected, held behind a missing step, or written in a form it leaves to Python
+        held = state is not None and res.state is not None and bool(res.state.held)
+        bank = state.bank_id if state is not None else "b"
+        plain = bank.isprintable() and bank.isascii() and '"' not in bank and "\\" not in bank
+        features_escaped = state is not None and b"\\" in (state.features_json or b"")
+        assert res.rejects or held or not plain or (encoding == "msgpack" and features_escaped), res
+        return
+    changed, new, dues, samples, duplicate = got
+    assert not res.rejects
+    assert (changed, duplicate) == (res.changed, res.duplicate)
+    if changed:
+        assert res.state is not None
+        assert new == encode_state(res.state) and dues == next_dues(res.state, pswept, cfg)
+    st_ = res.state if res.state is not None else state
+    write = SAMPLE_WRITERS[encoding]
+    assert samples == [
+        (KINDS.index(x.kind), x.elapsed_ms,
+         write("imp-1", st_.bank_id, st_.imp_ms, st_.features_json or b"{}", x.labels, x.mature, x.kind, x.elapsed_ms,
+               x.seq, x.watermark_ms, cfg.policy)) for x in res.samples]  # fmt: skip
+    _note(f"decided: changed {changed} dup {duplicate} samples {[k for k, _, _ in samples]}")
