@@ -912,7 +912,26 @@ static PyObject *parse_records(PyObject *Py_UNUSED(module), PyObject *const *arg
     return out;
 }
 
-/* advance() of a fresh impression (no state yet): its state as parse_impressions made it, the
+/* After a function's samples: its buffers freed; 1 to go on, 0 (samples dropped) when one
+   was declined (rc 0) or failed (rc -1, an exception set). */
+static int samples_done(int rc, Buf *b, Writer *w, PyObject *samples) {
+    PyMem_Free(b->p);
+    writer_free(w);
+    if (rc > 0) return 1;
+    Py_DECREF(samples);
+    return 0;
+}
+
+/* The arguments advance's twins share, from a[0]: swept, partition_swept, cfg, msgpack, policy.
+   -1 with an exception set; 0 for lanes out of range (decline); 1 read. */
+static int read_advance_args(PyObject *const *a, int64_t *swept, int64_t *pswept, Cfg *c, Writer *w) {
+    if (read_i64s(a[0], swept, LANES, "swept") < 0 || read_i64s(a[1], pswept, LANES, "partition_swept") < 0 ||
+        read_cfg(a[2], c) < 0 || read_writer(a[3], a[4], w) < 0)
+        return -1;
+    return lanes_in_range(swept) && lanes_in_range(pswept);
+}
+
+/* advance() of a fresh impression (no state yet): its state as parse_records made it, the
    samples due at once (the first, if the impressions' lane is past its observe time; the final,
    if the clicks' lane is past its click window: a backlog read with the clicks ahead), and its
    next dues against the partition's swept lanes. None: an impression older than the retention
@@ -926,12 +945,10 @@ static PyObject *fresh_impression(PyObject *Py_UNUSED(module), PyObject *const *
     int64_t swept[LANES], pswept[LANES];
     Cfg c;
     Writer w = {0};
-    if (read_i64s(args[2], swept, LANES, "swept") < 0 || read_i64s(args[3], pswept, LANES, "partition_swept") < 0 ||
-        read_cfg(args[4], &c) < 0 || read_writer(args[5], args[6], &w) < 0)
-        return NULL;
+    int ok = read_advance_args(args + 2, swept, pswept, &c, &w);
+    if (ok < 0) return NULL;
     State s;
-    if (!PyBytes_CheckExact(key) || !PyBytes_CheckExact(data) || !lanes_in_range(swept) || !lanes_in_range(pswept))
-        Py_RETURN_NONE;
+    if (!ok || !PyBytes_CheckExact(key) || !PyBytes_CheckExact(data)) Py_RETURN_NONE;
     const char *iid = PyBytes_AS_STRING(key);
     Py_ssize_t iid_len = PyBytes_GET_SIZE(key);
     if (!iid_len || !plain_text(iid, iid_len) || !read_state(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &s) ||
@@ -949,13 +966,7 @@ static PyObject *fresh_impression(PyObject *Py_UNUSED(module), PyObject *const *
         rc = add_sample(&w, &b, samples, iid, iid_len, &s, 0, 0, swept[0], swept[0], swept, &c);
     if (rc > 0 && final) /* _settle: the final, at once */
         rc = add_sample(&w, &b, samples, iid, iid_len, &s, 2, 5, fa, swept[1], swept, &c);
-    PyMem_Free(b.p);
-    writer_free(&w);
-    if (rc <= 0) {
-        Py_DECREF(samples);
-        if (rc < 0) return NULL;
-        Py_RETURN_NONE;
-    }
+    if (!samples_done(rc, &b, &w, samples)) return rc < 0 ? NULL : Py_NewRef(Py_None);
     int64_t d[LANES];
     next_dues(&s, pswept, &c, d);
     PyObject *dues = dues_tuple(d);
@@ -985,12 +996,9 @@ static PyObject *advance_step(PyObject *Py_UNUSED(module), PyObject *const *args
     int64_t swept[LANES], pswept[LANES];
     Cfg c;
     Writer w = {0};
-    if (read_i64s(args[4], swept, LANES, "swept") < 0 || read_i64s(args[5], pswept, LANES, "partition_swept") < 0 ||
-        read_cfg(args[6], &c) < 0 || read_writer(args[7], args[8], &w) < 0)
-        return NULL;
-    if (step < 1 || step > 4 || !PyBytes_CheckExact(key) || !PyBytes_CheckExact(raw) || !lanes_in_range(swept) ||
-        !lanes_in_range(pswept))
-        Py_RETURN_NONE;
+    int ok = read_advance_args(args + 4, swept, pswept, &c, &w);
+    if (ok < 0) return NULL;
+    if (!ok || step < 1 || step > 4 || !PyBytes_CheckExact(key) || !PyBytes_CheckExact(raw)) Py_RETURN_NONE;
     Slice iid, eid, bank, feats;
     int64_t t;
     const char *ikey = PyBytes_AS_STRING(key);
@@ -1056,13 +1064,7 @@ static PyObject *advance_step(PyObject *Py_UNUSED(module), PyObject *const *args
     lane_and_final(&s, &c, &lane2, &fa2);
     if (rc > 0 && (lane2 == 0 || swept[lane2] >= fa2)) /* _settle: final now */
         rc = add_sample(&w, &b, samples, ikey, ikey_len, &s, 2, 5, fa2, swept[lane2], swept, &c);
-    PyMem_Free(b.p);
-    writer_free(&w);
-    if (rc <= 0) {
-        Py_DECREF(samples);
-        if (rc < 0) return NULL;
-        Py_RETURN_NONE;
-    }
+    if (!samples_done(rc, &b, &w, samples)) return rc < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *state = PyBytes_FromStringAndSize(PyBytes_AS_STRING(old), PyBytes_GET_SIZE(old));
     if (!state) {
         Py_DECREF(samples);

@@ -130,6 +130,8 @@ def test_dockerfile_runs_as_a_user_with_a_healthcheck() -> None:
     assert users and users[-1] not in ("root", "0")
     assert re.search(r"^HEALTHCHECK .*CMD \[\"aitm-stream\", \"health\"\]", text, re.M)
     assert "constraints.txt" in text  # the same pins as `make install`
+    # the joiner's compiled path is built into the wheel: setup.py in the build context, a compiler there
+    assert re.search(r"^COPY .*\bsetup\.py\b", text, re.M) and re.search(r"apt-get install .*\bgcc\b", text)
 
 
 def test_dockerignore_keeps_state_and_venv_out_of_the_build_context() -> None:
