@@ -4,11 +4,17 @@
 the joiner runs the pure Python core alone). What it holds, each the twin of Python kept beside it
 (docs/joiner.md, "Round 14"):
 
-- ``DueIndex``: ``stream.join.store.DueIndex`` in C (``new_due_index`` picks it);
-- ``sweep_states``: ``funnel.sweep`` of the usual state (impression seen, nothing held) with its
-  samples' bytes and next dues; it declines every other state (``None``), which the Python core
-  then decides - the rules live in ``stream.join.funnel``, this is a faster copy of its common
-  path, compared with it on random states by ``tests/unit/test_fastjoin.py``.
+- ``parse_records``: a record in the event contract's compact form, read from its bytes (an
+  impression's fresh state written as it is read);
+- ``fresh_impression`` / ``advance_step``: ``funnel.advance`` of an impression with no state, and
+  of a step's event on no state or the usual state (impression seen, nothing held);
+- ``sweep_states``: ``funnel.sweep`` of the usual state, with its samples' bytes and next dues;
+- ``DueIndex``: ``stream.join.store.DueIndex`` in C (``new_due_index`` picks it); ``murmur2``:
+  the producer's partition of a key (``stream.kafka.partitioner``).
+
+Each declines (``None``) whatever is not its common path, which the Python core then decides: the
+rules live in ``stream.join.funnel``, this is a faster copy of their usual cases, compared with it
+on random states and records by ``tests/unit/test_fastjoin.py``.
 
 ``JOINER_FAST_CORE=0`` turns it off (A/B benches; the Python core's results are the same).
 """
