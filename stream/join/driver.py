@@ -149,6 +149,7 @@ class FunnelJoin:
         self._sample_bytes = SAMPLE_WRITERS[topics.samples_encoding]
         self._fast_cfg = fast.fast_cfg(cfg)
         self.fast_core = fast_core and fast.AVAILABLE and self._fast_cfg is not None
+        self._msgpack = topics.samples_encoding == "msgpack"  # the compiled path's sample writer
 
     def part(self, partition: int) -> _Partition:
         p = self.parts.get(partition)
@@ -311,7 +312,7 @@ class FunnelJoin:
         dups = [0] * LANES
         cfg = self.cfg
         fcfg = self._fast_cfg
-        msgpack = self.topics.samples_encoding == "msgpack"
+        msgpack = self._msgpack
         for partition, by_key in groups.items():
             p = parts[partition]
             store = p.store
@@ -491,8 +492,7 @@ class FunnelJoin:
         due = list(keys)
         olds = p.store.get_many(due)  # one multi-get
         done = (
-            fast._fastjoin.sweep_states(due, olds, prev, wm, self._fast_cfg, self.topics.samples_encoding == "msgpack",
-                                        self.cfg.policy)
+            fast._fastjoin.sweep_states(due, olds, prev, wm, self._fast_cfg, self._msgpack, self.cfg.policy)
             if self.fast_core and due and self._fast_cfg is not None
             else None
         )  # fmt: skip
