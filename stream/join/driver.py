@@ -147,9 +147,14 @@ class FunnelJoin:
         self._delays_ms: list[int] = []  # the final samples' label delays since then
         self._dead_by_reason: dict[str, Any] = {}
         self._sample_bytes = SAMPLE_WRITERS[topics.samples_encoding]
-        self._fast_cfg = fast.fast_cfg(cfg)
-        self.fast_core = fast_core and fast.AVAILABLE and self._fast_cfg is not None
+        # the compiled path's view of ``cfg``; None: the Python core does it all
+        self._fast_cfg = fast.fast_cfg(cfg) if fast_core and fast.AVAILABLE else None
         self._msgpack = topics.samples_encoding == "msgpack"  # the compiled path's sample writer
+
+    @property
+    def fast_core(self) -> bool:
+        """Whether the compiled common path runs (asked for, built, and the windows in its range)."""
+        return self._fast_cfg is not None
 
     def part(self, partition: int) -> _Partition:
         p = self.parts.get(partition)
@@ -244,7 +249,7 @@ class FunnelJoin:
         values = [r[3] for r in records]
         # the compiled path vouches for the usual record: (impression id, time, an impression's fresh
         # state) without an Event; the rest are decoded here (``pre`` None: all of them)
-        pre = fast._fastjoin.parse_records(values, steps) if self.fast_core else None
+        pre = fast._fastjoin.parse_records(values, steps) if self._fast_cfg is not None else None
         events: list[Event | InvalidEvent | None]
         if pre is None:
             events = list(parse_events(values, [STEPS[s] for s in steps]))
@@ -493,7 +498,7 @@ class FunnelJoin:
         olds = p.store.get_many(due)  # one multi-get
         done = (
             fast._fastjoin.sweep_states(due, olds, prev, wm, self._fast_cfg, self._msgpack, self.cfg.policy)
-            if self.fast_core and due and self._fast_cfg is not None
+            if due and self._fast_cfg is not None
             else None
         )  # fmt: skip
         for i, (ikey, old) in enumerate(zip(due, olds, strict=True)):
