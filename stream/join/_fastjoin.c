@@ -384,6 +384,77 @@ static int read_state(const char *data, Py_ssize_t n, State *s) {
     return 1;
 }
 
+typedef struct {
+    const char *p;
+    Py_ssize_t n;
+} Slice;
+
+#define HELD_HEAD 23 /* a held event's head: step, time, lane, id length, raw length */
+
+typedef struct {
+    int step;
+    int64_t t, lane;
+} HeldEv;
+
+static int ascii_text(const char *s, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] > 0x7f) return 0;
+    return 1;
+}
+
+static void put_be(unsigned char *q, uint64_t v, int n) {
+    for (int i = 0; i < n; i++) q[i] = (unsigned char)(v >> (8 * (n - 1 - i)));
+}
+
+/* a version-4 stub as the Python core writes it (impression not seen, no features, one to four
+   held events of distinct steps with times in the event contract's range, ASCII text: so the
+   Python codec's decode and encode give these bytes back); 0 to decline */
+static int read_stub(const char *data, Py_ssize_t n, HeldEv *held, int *n_held) {
+    const unsigned char *p = (const unsigned char *)data;
+    if (n < HEAD_SIZE || p[0] != 4) return 0;
+    for (int k = 0; k < 5; k++)
+        if ((int64_t)be64(p + 1 + 8 * k) != NONE_T) return 0;
+    int nh = p[41];
+    Py_ssize_t n_bank = (Py_ssize_t)p[42] << 8 | p[43];
+    uint32_t n_feats = (uint32_t)p[44] << 24 | (uint32_t)p[45] << 16 | (uint32_t)p[46] << 8 | p[47];
+    if (nh < 1 || nh > 4 || n_feats != 0xFFFFFFFFu || n_bank > n - HEAD_SIZE || !ascii_text(data + HEAD_SIZE, n_bank))
+        return 0;
+    Py_ssize_t pos = HEAD_SIZE + n_bank;
+    unsigned steps = 0;
+    for (int i = 0; i < nh; i++) {
+        if (HELD_HEAD > n - pos) return 0;
+        const unsigned char *h = p + pos;
+        int step = h[0];
+        int64_t t = (int64_t)be64(h + 1);
+        Py_ssize_t n_id = (Py_ssize_t)h[17] << 8 | h[18];
+        Py_ssize_t n_raw = (Py_ssize_t)((uint32_t)h[19] << 24 | (uint32_t)h[20] << 16 | (uint32_t)h[21] << 8 | h[22]);
+        if (step < 1 || step > 4 || steps & (1u << step) || t < 0 || t >= MAX_TIME) return 0;
+        pos += HELD_HEAD;
+        if (n_id > n - pos || !ascii_text(data + pos, n_id)) return 0;
+        pos += n_id;
+        if (n_raw > n - pos) return 0;
+        pos += n_raw;
+        steps |= 1u << step;
+        held[i].step = step;
+        held[i].t = t;
+        held[i].lane = (int64_t)be64(h + 9);
+    }
+    *n_held = nh;
+    return pos == n;
+}
+
+/* a held event's 23-byte head, its id and raw record at q (state_codec's layout) */
+static void put_held(unsigned char *q, int step, int64_t t, int64_t lane, const Slice *eid, PyObject *raw) {
+    Py_ssize_t n_raw = PyBytes_GET_SIZE(raw);
+    q[0] = (unsigned char)step;
+    put_be(q + 1, (uint64_t)t, 8);
+    put_be(q + 9, (uint64_t)lane, 8);
+    put_be(q + 17, (uint64_t)eid->n, 2);
+    put_be(q + 19, (uint64_t)n_raw, 4);
+    memcpy(q + HELD_HEAD, eid->p, (size_t)eid->n);
+    memcpy(q + HELD_HEAD + eid->n, PyBytes_AS_STRING(raw), (size_t)n_raw);
+}
+
 static int reached(const State *s) {
     for (int k = 0; k < 4; k++)
         if (s->t[k] == NONE_T) return k;
@@ -748,11 +819,6 @@ static PyObject *sweep_states(PyObject *Py_UNUSED(module), PyObject *const *args
 #define MAX_FEATURES 256             /* events.MAX_FEATURES */
 #define MAX_FEATURE_LEN 256          /* events.MAX_FEATURE_LEN */
 
-typedef struct {
-    const char *p;
-    Py_ssize_t n;
-} Slice;
-
 /* a JSON string of printable ASCII (no escape: the caller ruled out backslashes) at s[*i] */
 static int scan_str(const char *s, Py_ssize_t n, Py_ssize_t *i, Slice *out) {
     if (*i >= n || s[*i] != '"') return 0;
@@ -931,21 +997,25 @@ static int read_advance_args(PyObject *const *a, int64_t *swept, int64_t *pswept
     return lanes_in_range(swept) && lanes_in_range(pswept);
 }
 
-/* advance() of a fresh impression (no state yet): its state as parse_records made it, the
-   samples due at once (the first, if the impressions' lane is past its observe time; the final,
-   if the clicks' lane is past its click window: a backlog read with the clicks ahead), and its
-   next dues against the partition's swept lanes. None: an impression older than the retention
-   (a dead letter: the Python core words it) or any state this path declines. */
-static PyObject *fresh_impression(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "fresh_impression(ikey, state, swept, partition_swept, cfg, msgpack, policy)");
+/* advance() of an impression on no state (a fresh funnel) or on a stub (its events read ahead of
+   it: a backlog read with the clicks' topic ahead, the usual way a click joins its impression
+   then): its state - as parse_records made it, with the held events that count in order applied -
+   its next dues against the partition's swept lanes, and the samples due at once (the first, if
+   the impressions' lane is past its observe time; the final, if the lane of its first missing
+   step is past that step's window). None: an impression older than the retention (a dead
+   letter: the Python core words it), a held event that does not count or waits behind a missing
+   step, or any state this path declines. Else (state, dues, samples). */
+static PyObject *advance_impression(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError,
+                        "advance_impression(ikey, state, old, swept, partition_swept, cfg, msgpack, policy)");
         return NULL;
     }
-    PyObject *key = args[0], *data = args[1];
+    PyObject *key = args[0], *data = args[1], *old = args[2];
     int64_t swept[LANES], pswept[LANES];
     Cfg c;
     Writer w = {0};
-    int ok = read_advance_args(args + 2, swept, pswept, &c, &w);
+    int ok = read_advance_args(args + 3, swept, pswept, &c, &w);
     if (ok < 0) return NULL;
     State s;
     if (!ok || !PyBytes_CheckExact(key) || !PyBytes_CheckExact(data)) Py_RETURN_NONE;
@@ -955,8 +1025,28 @@ static PyObject *fresh_impression(PyObject *Py_UNUSED(module), PyObject *const *
         reached(&s) != 0)
         Py_RETURN_NONE;
     if (s.imp + c.retention <= swept[0]) Py_RETURN_NONE; /* older than the retention: a dead letter */
-    int64_t fa = s.imp + c.w[0];
-    int final = swept[1] >= fa;
+    int applied = 0;
+    if (old != Py_None) { /* funnel._apply_in_order over the stub's held events */
+        HeldEv held[4];
+        int nh = 0;
+        if (!PyBytes_CheckExact(old) || !read_stub(PyBytes_AS_STRING(old), PyBytes_GET_SIZE(old), held, &nh))
+            Py_RETURN_NONE;
+        for (int r = 0; r < 4; r++) {
+            int j = -1;
+            for (int i = 0; i < nh; i++)
+                if (held[i].step == r + 1) j = i;
+            if (j < 0) break;
+            int64_t pred = step_time(&s, r), fa = pred + c.w[r];
+            if (held[j].t < pred - c.skew || held[j].t > fa || held[j].lane >= fa) Py_RETURN_NONE; /* rejected */
+            s.t[r] = held[j].t;
+            applied++;
+        }
+        if (applied != nh) Py_RETURN_NONE; /* one waits behind a missing step (or gives up on it) */
+    }
+    int lane;
+    int64_t fa;
+    lane_and_final(&s, &c, &lane, &fa);
+    int final = lane == 0 || swept[lane] >= fa;
     PyObject *samples = PyList_New(0);
     if (!samples) return NULL;
     Buf b = {0};
@@ -965,16 +1055,28 @@ static PyObject *fresh_impression(PyObject *Py_UNUSED(module), PyObject *const *
     if (!final && c.early && fd < fa && fd <= swept[0]) /* _settle: the first, due at once */
         rc = add_sample(&w, &b, samples, iid, iid_len, &s, 0, 0, swept[0], swept[0], swept, &c);
     if (rc > 0 && final) /* _settle: the final, at once */
-        rc = add_sample(&w, &b, samples, iid, iid_len, &s, 2, 5, fa, swept[1], swept, &c);
+        rc = add_sample(&w, &b, samples, iid, iid_len, &s, 2, 5, fa, swept[lane], swept, &c);
     if (!samples_done(rc, &b, &w, samples)) return rc < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *state;
+    if (applied) { /* the impression's state with the times of its steps */
+        state = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data));
+        if (!state) {
+            Py_DECREF(samples);
+            return NULL;
+        }
+        for (int k = 0; k < applied; k++) put_be((unsigned char *)PyBytes_AS_STRING(state) + 9 + 8 * k, (uint64_t)s.t[k], 8);
+    } else {
+        state = Py_NewRef(data);
+    }
     int64_t d[LANES];
     next_dues(&s, pswept, &c, d);
     PyObject *dues = dues_tuple(d);
     if (!dues) {
         Py_DECREF(samples);
+        Py_DECREF(state);
         return NULL;
     }
-    return Py_BuildValue("(NN)", dues, samples);
+    return Py_BuildValue("(NNN)", state, dues, samples);
 }
 
 /* advance() of one event of a step (click .. activation), alone in its batch, read by
@@ -1006,32 +1108,42 @@ static PyObject *advance_step(PyObject *Py_UNUSED(module), PyObject *const *args
     if (!parse_event(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), (int)step, &iid, &t, &eid, &bank, &feats) ||
         iid.n != ikey_len || memcmp(iid.p, ikey, (size_t)ikey_len) || !plain_text(ikey, ikey_len))
         Py_RETURN_NONE;
-    if (old == Py_None) { /* held for its impression: a stub */
+    HeldEv held[4];
+    int nh = 0;
+    if (old != Py_None && PyBytes_CheckExact(old) && read_stub(PyBytes_AS_STRING(old), PyBytes_GET_SIZE(old), held, &nh)) {
+        for (int i = 0; i < nh; i++) /* its step is held already: a duplicate */
+            if (held[i].step == step) return Py_BuildValue("(OOO[]O)", Py_False, Py_None, Py_None, Py_True);
+    } else if (old != Py_None) {
+        goto usual;
+    }
+    { /* held for its impression: a new stub, or one more event on the stub */
         int64_t due = t + c.grace + step * c.skew;
         if (swept[0] >= due) Py_RETURN_NONE; /* its impression's grace is over: a dead letter */
         Py_ssize_t n_raw = PyBytes_GET_SIZE(raw);
         if (bank.n > 0xffff || n_raw > 0xffffffffLL) Py_RETURN_NONE;
-        Py_ssize_t n = HEAD_SIZE + bank.n + 23 + eid.n + n_raw;
+        Py_ssize_t n_old = old == Py_None ? 0 : PyBytes_GET_SIZE(old);
+        Py_ssize_t n = (n_old ? n_old : HEAD_SIZE + bank.n) + HELD_HEAD + eid.n + n_raw;
         PyObject *state = PyBytes_FromStringAndSize(NULL, n);
         if (!state) return NULL;
         unsigned char *q = (unsigned char *)PyBytes_AS_STRING(state);
-        q[0] = 4;
-        memset(q + 1, 0xff, 40); /* impression and four steps: -1 */
-        q[41] = 1;
-        q[42] = (unsigned char)(bank.n >> 8);
-        q[43] = (unsigned char)bank.n;
-        memset(q + 44, 0xff, 4); /* no features */
-        memcpy(q + HEAD_SIZE, bank.p, (size_t)bank.n);
-        unsigned char *h = q + HEAD_SIZE + bank.n;
-        h[0] = (unsigned char)step;
-        for (int i = 0; i < 8; i++) h[1 + i] = (unsigned char)((uint64_t)t >> (56 - 8 * i));
-        for (int i = 0; i < 8; i++) h[9 + i] = (unsigned char)((uint64_t)swept[step] >> (56 - 8 * i));
-        h[17] = (unsigned char)(eid.n >> 8);
-        h[18] = (unsigned char)eid.n;
-        for (int i = 0; i < 4; i++) h[19 + i] = (unsigned char)((uint64_t)n_raw >> (24 - 8 * i));
-        memcpy(h + 23, eid.p, (size_t)eid.n);
-        memcpy(h + 23 + eid.n, PyBytes_AS_STRING(raw), (size_t)n_raw);
-        int64_t d[LANES] = {due, NO_DUE, NO_DUE, NO_DUE, NO_DUE};
+        if (n_old) { /* the stub's bytes as they are (the same layout), one more held event */
+            memcpy(q, PyBytes_AS_STRING(old), (size_t)n_old);
+            q[41] = (unsigned char)(nh + 1);
+            for (int i = 0; i < nh; i++) {
+                int64_t d = held[i].t + c.grace + held[i].step * c.skew;
+                if (d < due) due = d;
+            }
+        } else {
+            q[0] = 4;
+            memset(q + 1, 0xff, 40); /* impression and four steps: -1 */
+            q[41] = 1;
+            put_be(q + 42, (uint64_t)bank.n, 2);
+            memset(q + 44, 0xff, 4); /* no features */
+            memcpy(q + HEAD_SIZE, bank.p, (size_t)bank.n);
+            n_old = HEAD_SIZE + bank.n;
+        }
+        put_held(q + n_old, (int)step, t, swept[step], &eid, raw);
+        int64_t d[LANES] = {due, NO_DUE, NO_DUE, NO_DUE, NO_DUE}; /* next_dues of a stub */
         PyObject *dues = dues_tuple(d);
         if (!dues) {
             Py_DECREF(state);
@@ -1039,6 +1151,7 @@ static PyObject *advance_step(PyObject *Py_UNUSED(module), PyObject *const *args
         }
         return Py_BuildValue("(ONN[]O)", Py_True, state, dues, Py_False);
     }
+usual:;
     State s;
     if (!PyBytes_CheckExact(old) || !read_state(PyBytes_AS_STRING(old), PyBytes_GET_SIZE(old), &s))
         Py_RETURN_NONE;
@@ -1124,9 +1237,10 @@ static PyMethodDef module_methods[] = {
     {"parse_records", (PyCFunction)(void (*)(void))parse_records, METH_FASTCALL,
      "parse_records(values, steps): per record None (not vouched for: decode it in Python) or, for an event in "
      "the contract's compact form, (impression id, event time, an impression's fresh funnel state or None)"},
-    {"fresh_impression", (PyCFunction)(void (*)(void))fresh_impression, METH_FASTCALL,
-     "fresh_impression(ikey, state, swept, partition_swept, cfg, msgpack, policy): advance() of an impression "
-     "with no state yet - (dues, [(kind, elapsed_ms, sample bytes)]) - or None (the Python core decides)"},
+    {"advance_impression", (PyCFunction)(void (*)(void))advance_impression, METH_FASTCALL,
+     "advance_impression(ikey, state, old, swept, partition_swept, cfg, msgpack, policy): advance() of an "
+     "impression on no state or a stub - (state, dues, [(kind, elapsed_ms, sample bytes)]) - or None (the Python "
+     "core decides)"},
     {"advance_step", (PyCFunction)(void (*)(void))advance_step, METH_FASTCALL,
      "advance_step(ikey, old, raw, step, swept, partition_swept, cfg, msgpack, policy): advance() of a step's "
      "event alone in its batch - (changed, state, dues, samples, duplicate) - or None (the Python core decides)"},

@@ -30,13 +30,14 @@ def advance_step(
     msgpack: bool,
     policy: str,
 ) -> tuple[bool, bytes | None, Dues | None, list[tuple[int, int, bytes]], bool] | None: ...
-def fresh_impression(
+def advance_impression(
     ikey: bytes,
     state: bytes,
+    old: bytes | None,
     swept: Swept,
     partition_swept: Swept,
     cfg: tuple[int, int, int, int, int, int, int, int, int],
     msgpack: bool,
     policy: str,
-) -> tuple[Dues, list[tuple[int, int, bytes]]] | None: ...
+) -> tuple[bytes, Dues, list[tuple[int, int, bytes]]] | None: ...
 def murmur2(data: bytes) -> int: ...

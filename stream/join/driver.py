@@ -327,13 +327,13 @@ class FunnelJoin:
                 if len(group) == 1 and (vouched := group[0][4]) is not None and fcfg is not None:
                     # one event alone in the batch, read by the compiled path: its common cases there
                     step, _, raw, swept, _ = group[0]
-                    if step == 0:
-                        fresh = None if old is not None else fast._fastjoin.fresh_impression(
-                            ikey, vouched[2], swept, p.swept, fcfg, msgpack, cfg.policy)  # fmt: skip
-                        if fresh is not None:
-                            store.put(ikey, vouched[2], fresh[0])
-                            if fresh[1]:
-                                self._fast_samples(ikey, fresh[1], out)
+                    if step == 0:  # on no state, or on the stub of its events read ahead of it
+                        joined = fast._fastjoin.advance_impression(ikey, vouched[2], old, swept, p.swept, fcfg,
+                                                                   msgpack, cfg.policy)  # fmt: skip
+                        if joined is not None:
+                            store.put(ikey, joined[0], joined[1])
+                            if joined[2]:
+                                self._fast_samples(ikey, joined[2], out)
                             continue
                     else:
                         done = fast._fastjoin.advance_step(ikey, old, raw, step, swept, p.swept, fcfg, msgpack,

@@ -6,8 +6,9 @@ the joiner runs the pure Python core alone). What it holds, each the twin of Pyt
 
 - ``parse_records``: a record in the event contract's compact form, read from its bytes (an
   impression's fresh state written as it is read);
-- ``fresh_impression`` / ``advance_step``: ``funnel.advance`` of an impression with no state, and
-  of a step's event on no state or the usual state (impression seen, nothing held);
+- ``advance_impression`` / ``advance_step``: ``funnel.advance`` of an impression on no state or on
+  the stub of its events read ahead of it, and of a step's event on no state, a stub or the usual
+  state (impression seen, nothing held);
 - ``sweep_states``: ``funnel.sweep`` of the usual state, with its samples' bytes and next dues;
 - ``DueIndex``: ``stream.join.store.DueIndex`` in C (``new_due_index`` picks it); ``murmur2``:
   the producer's partition of a key (``stream.kafka.partitioner``).
