@@ -163,7 +163,8 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
                       member_lost=lambda: member_lost(app.consumer))  # fmt: skip
     flusher_box.append(flusher)
     transport: Any = app.transport
-    transport.Consumer = bulk_consumer(transport.Consumer, topics.events, flusher.handle_batch, flusher.flush)
+    transport.Consumer = bulk_consumer(transport.Consumer, topics.events, flusher.handle_batch, flusher.flush,
+                                       fetch_max_wait_ms=settings.joiner_fetch_max_wait_ms)  # fmt: skip
 
     @app.agent(source)
     async def funnel_join(stream: Any) -> None:

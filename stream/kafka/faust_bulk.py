@@ -82,9 +82,13 @@ class BulkMessage:
         return f"<BulkMessage {self.topic}[{self.partition}]@{self.offset}>"
 
 
-def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flush) -> type:
+def bulk_consumer(
+    base: Any, topics: Collection[str], handle: Handle, flush: Flush, fetch_max_wait_ms: int | None = None
+) -> type:
     """A subclass of faust's consumer class ``base`` whose fetch loop hands the records of
-    ``topics`` to ``handle`` (see the module doc). Install it before the app's consumer is made:
+    ``topics`` to ``handle`` (see the module doc), and whose aiokafka consumer waits at most
+    ``fetch_max_wait_ms`` at the broker per fetch (None: faust's 1500; see ``_new_consumer_thread``).
+    Install it before the app's consumer is made:
     ``app.transport.Consumer = bulk_consumer(app.transport.Consumer, ...)``."""
     if faust.__version__ != FAUST_VERSION:
         raise TypeError(
@@ -92,11 +96,36 @@ def bulk_consumer(base: Any, topics: Collection[str], handle: Handle, flush: Flu
             f"{faust.__version__} is installed: re-check stream/kafka/faust_bulk.py against it (and its test)"
         )
     bulk = frozenset(topics)
-    for name in ("_wait_next_records", "_to_message", "_add_gap", "highwater", "perform_seek", "ack"):
+    needed = ("_wait_next_records", "_to_message", "_add_gap", "highwater", "perform_seek", "ack")
+    for name in needed + (("_new_consumer_thread",) if fetch_max_wait_ms is not None else ()):
         if not hasattr(base, name):  # pragma: no cover - a faust upgrade changed its internals
             raise TypeError(f"{base.__qualname__} has no {name}: faust-streaming changed; see stream/kafka/faust_bulk.py")
 
     class BulkConsumer(base):  # faust's consumer class, given at run time
+        def _new_consumer_thread(self) -> Any:
+            """faust's consumer thread, whose aiokafka consumer waits ``fetch_max_wait_ms`` at most
+            for a fetch's records. faust hard-codes 1500 ms (``_create_worker_consumer``); aiokafka
+            keeps one fetch in flight per broker and, while a partition's fetched records wait to
+            be read (over 0.1 s, its ``prefetch_backoff``), fetches only the other partitions: when
+            those are caught up the fetch long-polls, and the backlog's next records wait for it
+            (0.5-0.8 s stalls on the joiner's bench; docs/joiner.md, round 15). A shorter wait
+            costs an empty fetch per interval when idle."""
+            thread = super()._new_consumer_thread()
+            if fetch_max_wait_ms is None:
+                return thread
+            create = thread._create_worker_consumer
+
+            def create_worker_consumer(transport: Any) -> Any:
+                client = create(transport)
+                if not isinstance(getattr(client, "_fetch_max_wait_ms", None), int):  # pragma: no cover
+                    raise TypeError(f"{type(client).__qualname__} has no _fetch_max_wait_ms: aiokafka changed; "
+                                    "see stream/kafka/faust_bulk.py")  # fmt: skip
+                client._fetch_max_wait_ms = fetch_max_wait_ms  # read by its start(), for its Fetcher
+                return client
+
+            thread._create_worker_consumer = create_worker_consumer
+            return thread
+
         def ack_many(self, messages: Iterable[Any]) -> int:
             """``Consumer.ack`` for each of ``messages`` in turn (a copy of faust's bookkeeping:
             the message marked acked, its offset recorded for the commit unless committed or acked

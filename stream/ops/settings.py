@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     # the join core's compiled common path (stream/join/fast.py) where it applies; off: the
     # Python core does it all (same results, for A/B measurements)
     joiner_fast_core: bool = True
+    # the longest a fetch of the joiner's consumer waits at the broker for records (aiokafka's
+    # fetch_max_wait_ms; faust hard-codes 1500). aiokafka keeps one fetch in flight per broker and
+    # fetches the partitions whose records are read, so a long poll on caught-up partitions
+    # stalls the reading of a backlog on the others (docs/joiner.md, round 15)
+    joiner_fetch_max_wait_ms: int = Field(default=100, ge=1, le=30_000)
 
     # --- trainer (stream/learn/trainer.py): test-then-train on samples; docs/streaming.md
     # delayed feedback: "fnw" (fake-negative weighting, trains at the first sample) or
