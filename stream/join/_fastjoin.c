@@ -1,16 +1,24 @@
-/* The join core's compiled fast path (docs/joiner.md, "Round 14").
+/* The join core's compiled fast path (docs/joiner.md, "Round 14" and "Round 15").
  *
- * Two things, both exact twins of the Python they stand in for:
+ * Exact twins of the Python they stand in for, each of which either gives what the Python core
+ * gives for its input or *declines* (None) so that the caller runs the Python core - the rules
+ * live in stream/join/funnel.py and this file only repeats its common path;
+ * tests/unit/test_fastjoin.py compares each with the Python on random inputs:
  *
  * - DueIndex: stream.join.store.DueIndex (a heap per lane with lazy deletion, plus each key's
  *   dues), same methods and results - pop_due hands back keys in (due, key) order.
  * - sweep_states: the time-driven work of stream.join.funnel.sweep for the usual state (version-4
  *   bytes, impression seen, nothing held), with its samples' bytes (sample_bytes / sample_binary)
- *   and its next dues (next_dues). For any other state - a stub, held events, another codec
- *   version, an id or bank that JSON would escape, features with an escape - it *declines* (None
- *   for that key) and the caller runs the Python core, so the semantics live in one place and
- *   this file only repeats its common path; tests/unit/test_fastjoin.py compares the two on
- *   random states.
+ *   and its next dues (next_dues). Declines a stub, held events, another codec version, an id or
+ *   bank that JSON would escape, features with an escape.
+ * - parse_records: records in the contract's compact form read straight from their bytes
+ *   (declines anything else, which the strict decoders read with their reasons).
+ * - advance_impression: an impression on no state, or on the stub of its events read ahead of it
+ *   (held clicks and later steps applied in order): its state, dues and samples. Declines any
+ *   rejection, an event left held, one past the retention.
+ * - advance_step: a step's event on no state or a stub (held), or on the usual state (a duplicate,
+ *   or the next step in order with its samples). Declines the rest.
+ * - murmur2: Kafka's partitioner hash.
  *
  * No Python object is built per state beyond the results handed back.
  */

@@ -426,8 +426,9 @@ class FunnelJoin:
     def _fast_samples(self, ikey: bytes, samples: list[tuple[int, int, bytes]], out: list[Output]) -> None:
         """The compiled path's samples, ``(kind index, elapsed ms, bytes)`` each: out, and counted."""
         topic = self.topics.samples
+        new = tuple.__new__  # Output(...) without its Python-level __new__ (a third of the cost)
         for kind, elapsed_ms, value in samples:
-            out.append(Output(topic, ikey, value))
+            out.append(new(Output, (topic, ikey, value)))
             if self.metrics is not None:
                 self._kind_counts[KINDS[kind]] += 1
                 if kind == 2:

@@ -36,8 +36,9 @@ class FaustTableStore:
     reads that changelog exactly as if it had written it. The source records behind those
     writes, and their outputs, are acknowledged in the same step (see ``build_app``): after a
     kill -9 the local RocksDB holds no write whose outputs may be lost, so the replayed records
-    redo them. Reads look in ``outbox``, then ``sending``, then RocksDB. The due index (a heap
-    per lane) is in memory, rebuilt on creation.
+    redo them. Reads look in ``outbox``, then in ``sending`` (the drains not yet settled, the newest
+    first: two flushes may be in flight), then RocksDB. The due index (a heap per lane) is in
+    memory, rebuilt on creation.
     """
 
     def __init__(self, table: Any, partition: int, due_of: Callable[[bytes, Swept], Dues]) -> None:
@@ -51,7 +52,8 @@ class FaustTableStore:
         # changelog records not yet sent: the latest value per key (None: delete). A compacted
         # changelog only needs the last write of a key, so writes between two sends coalesce.
         self.outbox: dict[bytes, bytes | None] = {}
-        self.sending: dict[bytes, bytes | None] = {}  # drained, not yet acknowledged and settled
+        # drained, not yet acknowledged and settled: one dict per drain, oldest first
+        self.sending: list[dict[bytes, bytes | None]] = []
         swept = unpack_swept(self.get_meta(SWEPT_KEY))
         for key, value in self._db.items():
             if key.startswith(META_PREFIX) or key.startswith(b"__faust"):
@@ -73,8 +75,8 @@ class FaustTableStore:
         v = self.outbox.get(key, _MISSING)
         if v is not _MISSING:
             return v
-        if self.sending:
-            v = self.sending.get(key, _MISSING)
+        for sent in reversed(self.sending):
+            v = sent.get(key, _MISSING)
             if v is not _MISSING:
                 return v
         v = self._db.get(key)
@@ -86,12 +88,13 @@ class FaustTableStore:
         out: list[bytes | None] = [v if v is None or type(v) is bytes else bytes(v) for v in self._db.get(keys)]
         outbox, sending = self.outbox, self.sending
         if outbox or sending:
+            newest_first = [outbox, *reversed(sending)]
             for i, key in enumerate(keys):
-                v = outbox.get(key, _MISSING)
-                if v is _MISSING and sending:
-                    v = sending.get(key, _MISSING)
-                if v is not _MISSING:
-                    out[i] = v
+                for written in newest_first:
+                    v = written.get(key, _MISSING)
+                    if v is not _MISSING:
+                        out[i] = v
+                        break
         return out
 
     def put(self, key: bytes, value: bytes, dues: Dues | None) -> None:
@@ -109,12 +112,12 @@ class FaustTableStore:
         self._index.set(key, None)
 
     def drain(self) -> dict[bytes, bytes | None]:
-        """The writes since the last drain, to be sent; ``settle()`` them once acknowledged.
-        One drain is outstanding at a time."""
+        """The writes since the last drain, to be sent; ``settle()`` them once acknowledged, in the
+        order they were drained."""
         out = self.outbox
         if out:
             self.outbox = {}
-            self.sending = out
+            self.sending.append(out)
         return out
 
     def settle(self, written: dict[bytes, bytes | None]) -> None:
@@ -131,8 +134,10 @@ class FaustTableStore:
             else:
                 batch.put(key, value)
         self._db.write(batch)
-        if self.sending is written:
-            self.sending = {}
+        for i, sent in enumerate(self.sending):
+            if sent is written:
+                del self.sending[i]
+                break
 
     def pop_due(self, lane: int, until_ms: int) -> list[bytes]:
         return self._index.pop_due(lane, until_ms)

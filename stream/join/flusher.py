@@ -8,8 +8,16 @@ the table's changelog, and submits it all - the outputs first, the changelog rec
 outputs are acknowledged; ``complete`` waits for the acks, then writes the
 states into the local RocksDB, records the acked changelog offsets for faust's recovery, stores
 the swept watermarks and acknowledges the source records (faust commits their offsets only
-then). One flush is in flight at a time, so the batches of a partition stay in order. A kill -9
-therefore costs nothing that was acknowledged; see docs/joiner.md.
+then). A kill -9 therefore costs nothing that was acknowledged; see docs/joiner.md.
+
+Two flushes may be in flight (``MAX_INFLIGHT``), so that the fetch loop goes on joining while the
+broker acknowledges the previous flush (it waited for it before, a third of the time of a backlog
+read: docs/joiner.md, round 15). Their order is kept where it matters: a flush's outputs are
+submitted after the previous flush's outputs (the producer keeps a partition's batches in order,
+so a funnel's samples stay in order), its changelog records after its own outputs are
+acknowledged and after the previous flush completed, and it settles its states, persists offsets
+and swept lanes and acknowledges its records only after the previous flush did - and not at all
+if the previous flush failed.
 
 A partition's changelog and outputs are written only while the joiner owns it: the member that
 takes a partition over recovers it from the changelog up to its end, and a member that takes it
@@ -39,6 +47,7 @@ from stream.kafka.sender import BatchSender
 from stream.ops.clock import Clock
 
 MAX_PENDING = 20_000  # source records between two flushes, at most
+MAX_INFLIGHT = 2  # flushes submitted and not yet completed, at most
 CLOSE_WAIT_S = 30.0  # at a stop, how long the flush in flight may take to be acknowledged
 
 log = logging.getLogger(__name__)
@@ -62,7 +71,10 @@ class Flusher:
         self.sender: BatchSender | None = None  # made once the producer has started
         self.unacked: list[Any] = []  # source records joined since the last flush
         self.next_offset: dict[Any, int] = {}  # per event topic partition: the offset after the last handled
-        self.inflight: list[asyncio.Future[None]] = []  # the flush waiting for its acks (one at most)
+        # the flushes waiting for their acks, oldest first (MAX_INFLIGHT at most), and the newest
+        # one's "outputs submitted" signal, which the next flush's outputs wait for
+        self.inflight: list[asyncio.Future[None]] = []
+        self.outputs_queued: asyncio.Future[None] | None = None
         self.last_flush = 0.0  # monotonic time of the last flush
         self.waited: set[Any] = set()  # partitions seen active before their recovery (logged once)
 
@@ -130,7 +142,7 @@ class Flusher:
 
     async def wait_inflight(self, timeout_s: float | None = None) -> None:
         while self.inflight:
-            fut = self.inflight.pop()
+            fut = self.inflight.pop(0)
             try:
                 await asyncio.wait_for(asyncio.shield(fut), timeout_s)
             except TimeoutError:  # a broker that does not answer: stop anyway, nothing acknowledged
@@ -147,8 +159,8 @@ class Flusher:
     async def flush(self, final: bool = False) -> None:
         """Sweep every partition whose watermark moved, drain every store's writes into the
         changelog, take everything queued, and submit it; the acks are awaited by a task, while
-        the agent goes on. One flush is in flight at a time (a new one waits for the previous),
-        so batches of a partition stay in order.
+        the agent goes on. At most ``MAX_INFLIGHT`` flushes are in flight (a new one waits for
+        the oldest), completed in order (see the module doc).
 
         Up to the snapshot this is synchronous, so no record is processed halfway through it.
         Records after it are judged against the new sweep at once (``take_sweep``), exactly as
@@ -157,10 +169,13 @@ class Flusher:
         acknowledgement of the source records (their offsets are committed only then)."""
         sender = self.get_sender()
         join = self.join
-        while self.inflight and not self.inflight[0].done():
-            await asyncio.wait(self.inflight)
-        if self.inflight:
-            self.inflight.pop().result()  # a failed flush stops the agent
+        inflight = self.inflight
+        while inflight and (len(inflight) >= MAX_INFLIGHT or inflight[0].done()):
+            oldest = inflight[0]
+            if not oldest.done():
+                await asyncio.wait([oldest])
+                continue  # look again: the fetch loop and the sweep timer both flush
+            inflight.pop(0).result()  # a failed flush stops the agent
         if not self.may_write(final):
             self.last_flush = self.clock.monotonic()
             return
@@ -190,7 +205,11 @@ class Flusher:
         self.unacked.clear()
         self.last_flush = self.clock.monotonic()
         if batches or messages or swept:
-            self.inflight.append(asyncio.ensure_future(self.complete(sender, batches, written, swept, messages)))
+            before = self.inflight[-1] if self.inflight else None
+            queued_before, queued = self.outputs_queued, asyncio.get_running_loop().create_future()
+            self.outputs_queued = queued
+            self.inflight.append(asyncio.ensure_future(
+                self.complete(sender, batches, written, swept, messages, before, queued_before, queued)))
 
     async def complete(
         self,
@@ -199,12 +218,35 @@ class Flusher:
         written: list[tuple[FaustTableStore, dict[bytes, bytes | None]]],
         swept: list[tuple[int, Swept]],
         messages: list[Any],
+        before: asyncio.Future[None] | None = None,
+        queued_before: asyncio.Future[None] | None = None,
+        queued: asyncio.Future[None] | None = None,
     ) -> None:
         """Submit a flush's batches and wait for their acks; then write the states into the local
         RocksDB, record the acked changelog offsets as the partitions' persisted offsets (for
         faust's recovery), store the swept watermarks (locally at once, so a restart after a
         kill -9 re-emits at most the last flush's finals; their changelog record goes out with
-        the next flush) and acknowledge the source records."""
+        the next flush) and acknowledge the source records.
+
+        ``before``: the previous flush, still in flight; ``queued_before`` resolves once its
+        outputs are submitted; ``queued`` is resolved here once this flush's outputs are."""
+        try:
+            await self._complete(sender, batches, written, swept, messages, before, queued_before, queued)
+        finally:
+            if queued is not None and not queued.done():
+                queued.set_result(None)  # a failed flush holds no later one's outputs back
+
+    async def _complete(
+        self,
+        sender: BatchSender,
+        batches: list[Any],
+        written: list[tuple[FaustTableStore, dict[bytes, bytes | None]]],
+        swept: list[tuple[int, Swept]],
+        messages: list[Any],
+        before: asyncio.Future[None] | None,
+        queued_before: asyncio.Future[None] | None,
+        queued: asyncio.Future[None] | None,
+    ) -> None:
         # the outputs (samples, dead letters) first, acknowledged, and only then the changelog
         # records of the states that caused them: a kill -9 in between leaves the states as they
         # were, and the next owner redoes those outputs. The other way round, a state change that
@@ -213,9 +255,17 @@ class Flusher:
         changelog = self.changelog
         outputs = [b for b in batches if b[0] != changelog]
         states = [b for b in batches if b[0] == changelog]
-        if outputs:
-            for sent in await sender.submit(outputs):
-                await sent.last_offset()
+        if queued_before is not None:
+            await queued_before  # the previous flush's outputs go first, partition by partition
+        submitted = await sender.submit(outputs) if outputs else []
+        if queued is not None:
+            queued.set_result(None)
+        for sent in submitted:
+            await sent.last_offset()
+        if before is not None:
+            # its states are settled and its changelog records acknowledged before this flush's
+            # go out (a partition's changelog in order); if it failed, this one fails too
+            await asyncio.shield(before)
         acked: dict[int, int] = {}
         if states:
             for sent in await sender.submit(states):

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 PartitionOf = Callable[[str, bytes], int]
-PARTITION_CACHE_MAX = 100_000  # keys per topic whose partition is remembered
 
 
 class BatchSender:
@@ -30,22 +29,12 @@ class BatchSender:
         self._partition_of = partition_of
         self._open: dict[tuple[str, int], Any] = {}
         self._full: list[tuple[str, int, Any]] = []
-        # partition of each keyed record's key, per topic: aiokafka's partitioner is a pure-Python
-        # murmur2 (~5 us); a funnel's samples and dead letters share one key. Cleared when large.
-        self._partitions: dict[str, dict[bytes, int]] = {}
         self.pending = 0  # records added since the last flush
 
     def add(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
         """Queue one record (``value=None`` is a tombstone); ``partition`` defaults to the key's."""
-        if partition is None:
-            cache = self._partitions.get(topic)
-            if cache is None:
-                cache = self._partitions[topic] = {}
-            partition = cache.get(key)
-            if partition is None:
-                if len(cache) >= PARTITION_CACHE_MAX:
-                    cache.clear()
-                partition = cache[key] = self._partition_of(topic, key)
+        if partition is None:  # no cache of keys: a topic's partitions may change
+            partition = self._partition_of(topic, key)
         tp = (topic, partition)
         builder = self._open.get(tp)
         if builder is None:

@@ -200,10 +200,35 @@ def test_faust_store_reads_unsent_then_unsettled_then_settled_writes(tmp_path: P
     s.put(b"a", b"3", on(0, 5))  # type: ignore[arg-type]
     assert s.get(b"a") == b"3"  # the newest write wins over the one being sent
     s.settle(sent)
-    assert db[b"a"] == b"2" and db.get(b"b") is None and s.sending == {}
+    assert db[b"a"] == b"2" and db.get(b"b") is None and s.sending == []
     assert s.get(b"a") == b"3"
     s.settle(s.drain())
     assert db[b"a"] == b"3"
+    db.close()
+
+
+def test_faust_store_reads_the_newest_of_two_drains_in_flight(tmp_path: Path) -> None:
+    """Two flushes may be in flight: a read finds the newest write - unsent, then the later drain,
+    then the earlier one, then RocksDB - and each drain settles in turn."""
+    db = open_rdict(tmp_path / "faust")
+    s = FaustTableStore(FakeTable(db), 0, due_in_value)  # type: ignore[arg-type]
+    s.put(b"a", b"1", on(0, 5))  # type: ignore[arg-type]
+    s.put(b"b", b"1", on(0, 5))  # type: ignore[arg-type]
+    s.put(b"c", b"1", on(0, 5))  # type: ignore[arg-type]
+    first = s.drain()
+    s.put(b"a", b"2", on(0, 5))  # type: ignore[arg-type]
+    s.delete(b"b")
+    second = s.drain()
+    s.put(b"a", b"3", on(0, 5))  # type: ignore[arg-type]
+    assert s.sending == [first, second]
+    assert s.get_many([b"a", b"b", b"c", b"d"]) == [b"3", None, b"1", None]
+    assert [s.get(k) for k in (b"a", b"b", b"c", b"d")] == [b"3", None, b"1", None]
+    s.settle(first)
+    assert s.sending == [second] and db[b"b"] == b"1"
+    assert s.get_many([b"a", b"b", b"c"]) == [b"3", None, b"1"]  # the second drain's delete still wins
+    s.settle(second)
+    assert s.sending == [] and db.get(b"b") is None and db[b"a"] == b"2"
+    assert s.get_many([b"a", b"b", b"c"]) == [b"3", None, b"1"]
     db.close()
 
 

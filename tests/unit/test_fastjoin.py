@@ -273,7 +273,7 @@ def test_sweep_states_at_the_encodings_edges(n: int, encoding: SampleEncoding) -
             assert got == [_python_sweep(key, state, prev, now, cfg, encoding)]
 
 
-# --- parse_records, fresh_impression and advance_step --------------------------------------------
+# --- parse_records, advance_impression and advance_step --------------------------------------------
 
 _FIELDS = ("schema_version", "event_type", "event_id", "impression_id", "event_time_ms", "bank_id", "features")
 
@@ -399,9 +399,14 @@ def _stubs(draw: st.DrawFn, base: int) -> FunnelState:
 
 
 def _odd_stub(stub: FunnelState | None) -> bool:
-    """A stub whose text is not ASCII or whose held times are out of the event contract's range:
-    the compiled path leaves it to the Python core."""
-    return stub is not None and not (stub.bank_id.isascii() and all(
+    """A stub the joiner never writes - features, none or more than four held events, two of one step - or
+    whose text is not ASCII or whose held times are out of the event contract's range: the
+    compiled path leaves it to the Python core."""
+    if stub is None:
+        return False
+    steps = [h.step for h in stub.held]
+    return stub.features_json is not None or not (
+        1 <= len(steps) <= 4 and len(set(steps)) == len(steps) and stub.bank_id.isascii() and all(
         h.event_id.isascii() and 0 <= h.event_time_ms < 2**53 for h in stub.held))  # fmt: skip
 
 

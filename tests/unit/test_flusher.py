@@ -506,3 +506,170 @@ def test_a_kill_during_a_flush_never_loses_the_dead_letter_of_a_state_it_changed
 
     asyncio.run(every_kill_point())
 
+
+
+class GatedSent(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+    gate: asyncio.Event
+    refused: bool
+
+    async def last_offset(self) -> int:
+        await self.gate.wait()
+        if self.refused:
+            raise RuntimeError("the broker refused the batch")
+        return self.offset
+
+
+class GatedSender(FakeSender):
+    """``submit`` queues at once, as the producer does; each submit's records are acknowledged
+    when its own gate is set (in order of call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: list[asyncio.Event] = []
+        self.fail_at: int | None = None  # the submit that the broker refuses
+        self.slow_queue: asyncio.Event | None = None  # the first submit queues once it is set
+
+    async def submit(self, batch: list[Any]) -> list[Sent]:  # type: ignore[override]
+        if self.slow_queue is not None:  # aiokafka's send_batch may wait (metadata, a full accumulator)
+            slow, self.slow_queue = self.slow_queue, None
+            await slow.wait()
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        self.submitted.append(batch)
+        refused = len(self.gates) - 1 == self.fail_at
+        sent: list[Any] = []
+        for topic, partition, _, _ in batch:
+            p = partition or 0
+            self.offsets[(topic, p)] = self.offsets.get((topic, p), -1) + 1
+            sent.append(GatedSent(topic, p, self.offsets[(topic, p)], gate, refused))
+        return sent
+
+    def topics_of(self, n: int) -> set[str]:
+        return {r[0] for r in self.submitted[n]}
+
+
+async def _ack_all(rig: Rig, sender: GatedSender) -> None:
+    """The broker answers every request, those still to come included, until no flush is in flight."""
+    while not all(f.done() for f in rig.flusher.inflight):
+        for gate in sender.gates:
+            gate.set()
+        await _settle()
+    await rig.flusher.wait_inflight()
+
+
+def _bad(rig: Rig) -> Message:
+    """A malformed record: its dead letter is a flush's output."""
+    msg = Message("imp", 0, rig.offset, b"x", b"{not json")
+    rig.offset += 1
+    rig.flusher.handle(msg, False)
+    return msg
+
+
+def test_a_second_flush_goes_out_while_the_first_awaits_its_acks_and_completes_after_it(tmp_path: Path) -> None:
+    """Two flushes in flight: the second's outputs are submitted after the first's, its changelog
+    records only once the first has completed; records are acknowledged and states settled flush by
+    flush; a third flush waits for the first to complete."""
+
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        sender = GatedSender()
+        rig.flusher.sender = sender  # type: ignore[assignment]
+        db = rig.table.data._db_for_partition(0)
+        a, bad_a = rig.impression("i1"), _bad(rig)
+        await rig.flusher.flush()  # flush 1: its outputs (a dead letter) submitted, not acknowledged
+        await _settle()
+        assert len(sender.submitted) == 1 and sender.topics_of(0) == {"dead"}
+        b, bad_b = rig.impression("i2"), _bad(rig)
+        await asyncio.wait_for(rig.flusher.flush(), 1)  # flush 2 does not wait for flush 1's acks
+        await _settle()
+        assert len(sender.submitted) == 2 and sender.topics_of(1) == {"dead"}
+        third = asyncio.ensure_future(rig.flusher.flush())  # two in flight: it waits
+        sender.gates[1].set()  # flush 2's outputs acknowledged: its changelog waits for flush 1
+        await _settle()
+        assert len(sender.submitted) == 2 and not third.done()
+        assert rig.consumer.acked == [] and db.get(b"i1") is None and db.get(b"i2") is None
+        sender.gates[0].set()  # flush 1's outputs acknowledged: its changelog goes out
+        await _settle()
+        assert len(sender.submitted) == 3 and sender.topics_of(2) == {CHANGELOG}
+        sender.gates[2].set()  # flush 1 completes; then flush 2's changelog goes out
+        await _settle()
+        assert rig.consumer.acked == [a, bad_a] and db.get(b"i1") is not None and db.get(b"i2") is None
+        assert third.done()
+        assert len(sender.submitted) == 4 and sender.topics_of(3) == {CHANGELOG}
+        sender.gates[3].set()
+        await rig.flusher.wait_inflight()
+        assert rig.consumer.acked == [a, bad_a, b, bad_b] and db.get(b"i2") is not None
+
+    asyncio.run(run())
+
+
+def test_a_flush_after_a_failed_one_settles_and_acknowledges_nothing(tmp_path: Path) -> None:
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        sender = GatedSender()
+        sender.fail_at = 0  # flush 1's outputs are refused
+        rig.flusher.sender = sender  # type: ignore[assignment]
+        rig.impression("i1"), _bad(rig)
+        await rig.flusher.flush()
+        rig.impression("i2"), _bad(rig)
+        await rig.flusher.flush()
+        await _ack_all(rig, sender)  # logs both failures
+        assert rig.consumer.acked == []  # read again by the partitions' next owner
+        db = rig.table.data._db_for_partition(0)
+        assert db.get(b"i1") is None and db.get(b"i2") is None
+        assert all(CHANGELOG not in sender.topics_of(n) for n in range(len(sender.submitted)))
+
+    asyncio.run(run())
+
+
+def test_a_flushs_outputs_are_queued_after_the_previous_flushs_even_when_the_producer_is_slow(tmp_path: Path) -> None:
+    """A partition's samples stay in order across flushes: the second flush's outputs wait until the
+    first flush's are queued in the producer."""
+
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        sender = GatedSender()
+        slow = sender.slow_queue = asyncio.Event()
+        rig.flusher.sender = sender  # type: ignore[assignment]
+        rig.impression("i1")
+        first = _bad(rig)
+        await rig.flusher.flush()
+        rig.impression("i2")
+        second = _bad(rig)
+        await rig.flusher.flush()
+        await _settle()
+        assert sender.submitted == []  # the first flush's outputs are still being queued
+        slow.set()
+        await _settle()
+        offsets = [[json.loads(r[3])["offset"] for r in batch] for batch in sender.submitted]
+        assert offsets == [[first.offset], [second.offset]]
+        await _ack_all(rig, sender)
+
+    asyncio.run(run())
+
+
+def test_two_callers_waiting_for_a_flush_slot_each_get_one(tmp_path: Path) -> None:
+    """The fetch loop and the sweep timer both flush: while two flushes are in flight, both wait,
+    and once the oldest completes neither takes a flush that is still in flight for done."""
+
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        sender = GatedSender()
+        rig.flusher.sender = sender  # type: ignore[assignment]
+        rig.impression("i1"), _bad(rig)
+        await rig.flusher.flush()
+        rig.impression("i2"), _bad(rig)
+        await rig.flusher.flush()
+        rig.impression("i3"), _bad(rig)
+        waiting = [asyncio.ensure_future(rig.flusher.flush()) for _ in range(2)]
+        await _settle()
+        assert not any(w.done() for w in waiting)
+        await _ack_all(rig, sender)
+        await asyncio.gather(*waiting)  # neither raised
+        await _ack_all(rig, sender)
+        assert len(rig.consumer.acked) == 6
+
+    asyncio.run(run())

@@ -33,11 +33,25 @@ def test_key_partition_is_the_default_partitioners(key: bytes, n: int) -> None:
 
 
 class _Metadata:
+    """What ``producer_partition_of`` reads of aiokafka's ``ClusterMetadata``."""
+
     def __init__(self, topics: dict[str, set[int]]) -> None:
         self.topics = topics
+        self.listeners: list[Any] = []
+        self.lookups = 0
 
     def partitions_for_topic(self, topic: str) -> set[int] | None:
+        self.lookups += 1
         return self.topics.get(topic)
+
+    def add_listener(self, listener: Any) -> None:
+        self.listeners.append(listener)
+
+    def update(self, topics: dict[str, set[int]]) -> None:
+        """As ``ClusterMetadata.update_metadata``: new partitions, then each listener called."""
+        self.topics = topics
+        for listener in self.listeners:
+            listener(self)
 
 
 class _Producer:
@@ -62,3 +76,24 @@ def test_the_producers_partition_or_its_own_answer() -> None:
 def test_another_partitioner_is_left_to_the_producer() -> None:
     producer = _Producer(lambda key, parts, available: parts[0], {"samples": {0, 1}})
     assert producer_partition_of(producer, _fallback) is _fallback
+
+
+def test_a_topics_partitions_are_listed_once_per_metadata_update() -> None:
+    producer = _Producer(DefaultPartitioner(), {"samples": {0, 1}})
+    partition_of = producer_partition_of(producer, _fallback)
+    keys = [f"imp-{i}".encode() for i in range(50)]
+    assert [partition_of("samples", k) for k in keys] == [DefaultPartitioner()(k, [0, 1], [0, 1]) for k in keys]
+    assert producer._metadata.lookups == 1
+    producer._metadata.update({"samples": {0, 1, 2, 3, 4}})  # the topic grew
+    assert [partition_of("samples", k) for k in keys] == [DefaultPartitioner()(k, [0, 1, 2, 3, 4], [0]) for k in keys]
+    assert producer._metadata.lookups == 2
+
+
+def test_aiokafkas_metadata_calls_its_listeners_on_each_update() -> None:
+    """What the listing above relies on, in aiokafka itself."""
+    import inspect
+
+    from aiokafka.cluster import ClusterMetadata
+
+    assert hasattr(ClusterMetadata, "add_listener")
+    assert "listener(self)" in inspect.getsource(ClusterMetadata.update_metadata)

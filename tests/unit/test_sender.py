@@ -10,7 +10,7 @@ from typing import Any
 
 from aiokafka.producer.message_accumulator import BatchBuilder
 
-from stream.kafka.sender import PARTITION_CACHE_MAX, BatchSender, Sent
+from stream.kafka.sender import BatchSender, Sent
 
 
 class Producer:
@@ -55,9 +55,9 @@ def test_records_are_sent_per_partition_in_order_and_the_sender_starts_afresh() 
     s.add("a", b"k2", b"v3")  # partition 2
     s.add("b", b"k1", None)  # a tombstone, another topic
     s.add("a", b"k1", b"v4", partition=0)  # an explicit partition
-    s.add("a", b"k1", b"v5")  # the cached partition of k1 in topic a
+    s.add("a", b"k1", b"v5")  # k1's partition in topic a again
     assert s.pending == 6
-    assert calls == [("a", b"k1"), ("a", b"k"), ("a", b"k2"), ("b", b"k1")]  # one look-up per key and topic
+    assert calls == [("a", b"k1"), ("a", b"k"), ("a", b"k2"), ("b", b"k1"), ("a", b"k1")]  # each keyed record
 
     async def go() -> list[Sent]:
         return await s.flush()
@@ -108,19 +108,18 @@ def test_a_record_larger_than_the_batch_size_goes_whole_in_a_batch_of_its_own() 
     assert [[v for _, v in recs] for _, _, recs in p.sent] == [[b"x" * 10], [b"y" * 5000], [b"z" * 10]]
 
 
-def test_the_partition_cache_is_bounded() -> None:
-    n = 0
+def test_each_keyed_record_goes_where_partition_of_says_now() -> None:
+    """No cache of keys: when a topic's partitions change, the next record of a key follows the
+    partitioner (``producer_partition_of`` lists a topic's partitions afresh on each metadata update)."""
+    count = [2]
 
     def partition_of(topic: str, key: bytes) -> int:
-        nonlocal n
-        n += 1
-        return 0
+        return len(key) % count[0]
 
-    s = BatchSender(Producer(batch_size=10_000_000), partition_of)
-    for i in range(PARTITION_CACHE_MAX):
-        s.add("t", str(i).encode(), None)
-    s.add("t", b"0", None)
-    assert n == PARTITION_CACHE_MAX  # cached
-    s.add("t", b"new", None)  # the cache is full: cleared, then this key remembered
-    s.add("t", b"0", None)  # looked up again
-    assert n == PARTITION_CACHE_MAX + 2
+    p = Producer(batch_size=10_000_000)
+    s = BatchSender(p, partition_of)
+    s.add("t", b"abc", b"1")  # 3 % 2 = 1
+    count[0] = 4  # the topic grew
+    s.add("t", b"abc", b"2")  # 3 % 4 = 3
+    asyncio.run(s.flush())
+    assert sorted((part, [v for _, v in recs]) for _, part, recs in p.sent) == [(1, [b"1"]), (3, [b"2"])]
