@@ -157,13 +157,16 @@ def noop_main(argv: list[str]) -> int:
 
 
 def _event_consumer(settings: Settings, group_id: str) -> Any:
-    """An aiokafka consumer of the five event topics from their start, as every loop here reads them."""
+    """An aiokafka consumer of the five event topics from their start, as every loop here reads them,
+    with the joiner's fetch wait (``JOINER_FETCH_MAX_WAIT_MS``: the same client setting as the
+    measured joiner, so neither side of a ratio gains from it)."""
     from aiokafka import AIOKafkaConsumer
 
     return AIOKafkaConsumer(
         *settings.event_topics().values(), group_id=group_id, auto_offset_reset="earliest",
         enable_auto_commit=True, session_timeout_ms=settings.kafka_session_timeout_ms,
-        heartbeat_interval_ms=1500, **settings.aiokafka_config(),
+        heartbeat_interval_ms=1500, fetch_max_wait_ms=settings.joiner_fetch_max_wait_ms,
+        **settings.aiokafka_config(),
     )
 
 
@@ -206,12 +209,13 @@ async def consume_produce(settings: Settings, total: int) -> tuple[float, float]
     records per event - the event's own bytes to a samples-like topic (a sample is about as
     large) and a state-sized record to a changelog-like one, on the event's partition - with no
     join at all, gathered and produced as record batches (``BatchSender``) once per sweep interval,
-    one flush's acks awaited at a time, as the joiner does. The joiner writes ~1.8 records per
+    up to two flushes' acks awaited at a time (``MAX_INFLIGHT``), as the joiner does. The joiner writes ~1.8 records per
     event (0.93 samples and dead letters, under one state each), so this floor is a little below
     a free join core's. (Events/s, this process's CPU microseconds per event), from the first
     records in hand to the last, as ``_consume_only``."""
     from aiokafka import AIOKafkaProducer
 
+    from stream.join.flusher import MAX_INFLIGHT
     from stream.kafka.partitioner import key_partition
     from stream.kafka.sender import BatchSender
 
@@ -224,7 +228,7 @@ async def consume_produce(settings: Settings, total: int) -> tuple[float, float]
     sample_partitions = list(range(settings.samples_partitions))
     sender = BatchSender(producer, lambda _t, k: key_partition(k, sample_partitions))
     interval = settings.joiner_sweep_interval_ms / 1000
-    inflight: asyncio.Future[Any] | None = None
+    inflight: list[asyncio.Future[Any]] = []
 
     async def acks(batches: list[Any]) -> None:
         for sent in await sender.submit(batches):
@@ -242,12 +246,13 @@ async def consume_produce(settings: Settings, total: int) -> tuple[float, float]
             if batch and not t0:
                 # as the consume-only loop: counted from the records in hand
                 t0, n0, cpu0 = time.monotonic(), n, time.process_time()
-            if time.monotonic() - last >= interval and (inflight is None or inflight.done()):
-                if inflight is not None:
-                    inflight.result()
-                inflight, last = asyncio.ensure_future(acks(sender.take())), time.monotonic()
-        if inflight is not None:
-            await inflight
+            while inflight and inflight[0].done():
+                inflight.pop(0).result()
+            if time.monotonic() - last >= interval and len(inflight) < MAX_INFLIGHT:
+                inflight.append(asyncio.ensure_future(acks(sender.take())))
+                last = time.monotonic()
+        for fut in inflight:
+            await fut
         await acks(sender.take())
         events = max(n - n0, 1)
         return events / (time.monotonic() - t0), (time.process_time() - cpu0) * 1e6 / events

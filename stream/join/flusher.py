@@ -141,10 +141,14 @@ class Flusher:
             await self.wait_inflight(timeout_s)
 
     async def wait_inflight(self, timeout_s: float | None = None) -> None:
+        """Wait for every flush in flight, oldest first; ``timeout_s`` bounds the whole wait."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         while self.inflight:
             fut = self.inflight.pop(0)
+            left = None if deadline is None else max(0.0, deadline - loop.time())
             try:
-                await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+                await asyncio.wait_for(asyncio.shield(fut), left)
             except TimeoutError:  # a broker that does not answer: stop anyway, nothing acknowledged
                 log.warning("a flush got no answer from the broker within %.0f s", timeout_s)
             except Exception:  # its records were not acknowledged: their next owner reads them again

@@ -673,3 +673,24 @@ def test_two_callers_waiting_for_a_flush_slot_each_get_one(tmp_path: Path) -> No
         assert len(rig.consumer.acked) == 6
 
     asyncio.run(run())
+
+
+def test_the_wait_for_flushes_in_flight_is_bounded_as_a_whole(tmp_path: Path) -> None:
+    """A stop waits ``CLOSE_WAIT_S`` for a silent broker in all, not that long per flush in flight."""
+
+    async def run() -> float:
+        rig = Rig(tmp_path)
+        sender = GatedSender()  # no gate is ever set: the broker never answers
+        rig.flusher.sender = sender  # type: ignore[assignment]
+        rig.impression("i1"), _bad(rig)
+        await rig.flusher.flush()
+        rig.impression("i2"), _bad(rig)
+        await rig.flusher.flush()
+        assert len(rig.flusher.inflight) == 2
+        start = asyncio.get_running_loop().time()
+        await rig.flusher.wait_inflight(1.0)
+        waited = asyncio.get_running_loop().time() - start
+        assert rig.flusher.inflight == [] and rig.consumer.acked == []
+        return waited
+
+    assert asyncio.run(run()) < 1.9  # one second for both (two seconds if per flush)
