@@ -53,6 +53,12 @@ CLOSE_WAIT_S = 30.0  # at a stop, how long the flush in flight may take to be ac
 log = logging.getLogger(__name__)
 
 
+def _resolve(signal: asyncio.Future[None]) -> None:
+    """Resolve ``signal`` unless it is already."""
+    if not signal.done():
+        signal.set_result(None)
+
+
 class Flusher:
     """The protocol's state for one faust app: its sender, the records not yet acknowledged, the
     offsets handled per event topic partition and the flush in flight."""
@@ -212,8 +218,10 @@ class Flusher:
             before = self.inflight[-1] if self.inflight else None
             queued_before, queued = self.outputs_queued, asyncio.get_running_loop().create_future()
             self.outputs_queued = queued
-            self.inflight.append(asyncio.ensure_future(
-                self.complete(sender, batches, written, swept, messages, before, queued_before, queued)))
+            task = asyncio.ensure_future(
+                self.complete(sender, batches, written, swept, messages, before, queued_before, queued))
+            task.add_done_callback(lambda _: _resolve(queued))
+            self.inflight.append(task)
 
     async def complete(
         self,
@@ -233,24 +241,8 @@ class Flusher:
         the next flush) and acknowledge the source records.
 
         ``before``: the previous flush, still in flight; ``queued_before`` resolves once its
-        outputs are submitted; ``queued`` is resolved here once this flush's outputs are."""
-        try:
-            await self._complete(sender, batches, written, swept, messages, before, queued_before, queued)
-        finally:
-            if queued is not None and not queued.done():
-                queued.set_result(None)  # a failed flush holds no later one's outputs back
-
-    async def _complete(
-        self,
-        sender: BatchSender,
-        batches: list[Any],
-        written: list[tuple[FaustTableStore, dict[bytes, bytes | None]]],
-        swept: list[tuple[int, Swept]],
-        messages: list[Any],
-        before: asyncio.Future[None] | None,
-        queued_before: asyncio.Future[None] | None,
-        queued: asyncio.Future[None] | None,
-    ) -> None:
+        outputs are submitted; ``queued`` is resolved here once this flush's outputs are (and by
+        ``flush`` if this one fails first, so that it holds no later flush's outputs back)."""
         # the outputs (samples, dead letters) first, acknowledged, and only then the changelog
         # records of the states that caused them: a kill -9 in between leaves the states as they
         # were, and the next owner redoes those outputs. The other way round, a state change that

@@ -531,11 +531,15 @@ class GatedSender(FakeSender):
         self.gates: list[asyncio.Event] = []
         self.fail_at: int | None = None  # the submit that the broker refuses
         self.slow_queue: asyncio.Event | None = None  # the first submit queues once it is set
+        self.refuse_queue = False  # the next submit raises at once (the producer refuses the batches)
 
     async def submit(self, batch: list[Any]) -> list[Sent]:  # type: ignore[override]
         if self.slow_queue is not None:  # aiokafka's send_batch may wait (metadata, a full accumulator)
             slow, self.slow_queue = self.slow_queue, None
             await slow.wait()
+        if self.refuse_queue:
+            self.refuse_queue = False
+            raise RuntimeError("the producer refused the batches")
         gate = asyncio.Event()
         self.gates.append(gate)
         self.submitted.append(batch)
@@ -694,3 +698,26 @@ def test_the_wait_for_flushes_in_flight_is_bounded_as_a_whole(tmp_path: Path) ->
         return waited
 
     assert asyncio.run(run()) < 1.9  # one second for both (two seconds if per flush)
+
+
+def test_a_flush_whose_outputs_could_not_be_queued_holds_no_later_flush(tmp_path: Path) -> None:
+    """The first flush fails before its outputs are queued: the second does not wait for them
+    forever - it fails too (nothing settled or acknowledged), and the wait for both ends."""
+
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        sender = GatedSender()
+        sender.refuse_queue = True
+        rig.flusher.sender = sender  # type: ignore[assignment]
+        rig.impression("i1"), _bad(rig)
+        await rig.flusher.flush()
+        rig.impression("i2"), _bad(rig)
+        await rig.flusher.flush()
+        await _settle()
+        for gate in sender.gates:
+            gate.set()
+        await asyncio.wait_for(rig.flusher.wait_inflight(), 5)
+        assert rig.consumer.acked == []
+        assert rig.table.data._db_for_partition(0).get(b"i2") is None
+
+    asyncio.run(run())
