@@ -4,8 +4,7 @@ aiokafka + rocksdict loop, all on the embedded broker with the same records, plu
 process's CPU time per event (``cpu_us_per_event``), and against the I/O floor of any joiner - an
 aiokafka loop that consumes the events and writes two records per event with no join
 (``consume_produce_events_per_s``, ``ratio_to_consume_produce``, ``consume_produce_cpu_us_per_event``;
-docs/joiner.md, round 12). ``consume_events_per_s`` is the median of three consume-only passes
-(``consume_passes_events_per_s``; round 15). The joiner runs twice, in a random order: as shipped, and with its
+docs/joiner.md, round 12). The joiner runs twice, in a random order: as shipped, and with its
 compiled common path off (``python_core_events_per_s``, ``python_core_cpu_us_per_event``,
 ``cpu_ratio_to_python_core``: docs/joiner.md, round 14).
 
@@ -28,7 +27,6 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 from bench.report import write_json
@@ -171,11 +169,11 @@ def _event_consumer(settings: Settings, group_id: str) -> Any:
     )
 
 
-async def _consume_only(settings: Settings, total: int, group: str = "aitm-bench-consume") -> tuple[float, int]:
+async def _consume_only(settings: Settings, total: int) -> tuple[float, int]:
     """An aiokafka consume-only loop over the event topics (the broker's and the client's share of
     the cost, nothing else): (events/s after its first fetched batch to its ``total``-th record,
     the size of that first batch)."""
-    consumer = _event_consumer(settings, group)
+    consumer = _event_consumer(settings, "aitm-bench-consume")
     await consumer.start()
     n, t0, nbytes, n0 = 0, 0.0, 0, 0
     try:
@@ -193,7 +191,6 @@ async def _consume_only(settings: Settings, total: int, group: str = "aitm-bench
         await consumer.stop()
 
 
-CONSUME_PASSES = 3  # consume-only passes over the records; their median is the figure
 FLOOR_STATE = bytes(389)  # a funnel state's size in the changelog (docs/joiner.md, round 10)
 
 
@@ -340,9 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "plain_join_events_per_s": round(plain, 1),
         "ratio_to_noop": _ratio(joiner, noop),
         "ratio_to_plain": _ratio(joiner, plain),
-        "consume_events_per_s": round(median(consume), 1),
-        "ratio_to_consume": _ratio(joiner, median(consume)),
-        "consume_passes_events_per_s": [round(c, 1) for c in consume],
+        "consume_events_per_s": round(consume, 1),
+        "ratio_to_consume": _ratio(joiner, consume),
         "cpu_us_per_event": round(joiner_cpu, 1),
         "consume_produce_events_per_s": round(floor, 1),
         "ratio_to_consume_produce": _ratio(joiner, floor),
@@ -366,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(
     args: argparse.Namespace, work: Path
-) -> tuple[float, float, float, list[float], int, float, float, int, float, int, float, float, float, float, bool]:
+) -> tuple[float, float, float, float, int, float, float, int, float, int, float, float, float, float, bool]:
     """The bench's runs in ``work``: the joiner's, the no-op agent's, the plain join's, the
     consume-only loop's and the consume-and-produce floor's figures."""
     from simulators.faults import FaultConfig, SimulatedStream
@@ -382,13 +378,8 @@ def _run(
         total = len(records)
         print(f"produced {total} records to {broker.bootstrap}", flush=True)
 
-        # a pass times ~35k records in a few tenths of a second, and one pass swung 107-198k events/s
-        # between runs (issue 16, round 15): the median of CONSUME_PASSES, each its own group
-        passes = [asyncio.run(_consume_only(settings, total, f"aitm-bench-consume-{i}")) for i in range(CONSUME_PASSES)]
-        consume = [rate for rate, _ in passes]
-        consume_first = passes[0][1]
-        print(f"aiokafka consume-only loop: {', '.join(f'{c:,.0f}' for c in consume)} events/s "
-              f"(first batch {consume_first}, not timed)", flush=True)  # fmt: skip
+        consume, consume_first = asyncio.run(_consume_only(settings, total))
+        print(f"aiokafka consume-only loop: {consume:,.0f} events/s (first batch {consume_first}, not timed)", flush=True)
         port = free_port()
         noop, noop_cpu, _, _ = _measure_process(
             [sys.executable, "-m", "stream.cli", "bench", "joiner", "--noop-worker", str(port), str(work / "noop")],
