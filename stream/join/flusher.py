@@ -81,6 +81,9 @@ class Flusher:
         # one's "outputs submitted" signal, which the next flush's outputs wait for
         self.inflight: list[asyncio.Future[None]] = []
         self.outputs_queued: asyncio.Future[None] | None = None
+        # the newest flush, which the next completes after: kept here, not read off ``inflight``,
+        # which ``wait_inflight`` empties while a flush it took may still be in flight
+        self.last_flight: asyncio.Future[None] | None = None
         self.last_flush = 0.0  # monotonic time of the last flush
         self.waited: set[Any] = set()  # partitions seen active before their recovery (logged once)
 
@@ -215,13 +218,15 @@ class Flusher:
         self.unacked.clear()
         self.last_flush = self.clock.monotonic()
         if batches or messages or swept:
-            before = self.inflight[-1] if self.inflight else None
+            last = self.last_flight
+            before = last if last is not None and not last.done() else None
             queued_before, queued = self.outputs_queued, asyncio.get_running_loop().create_future()
             self.outputs_queued = queued
             task = asyncio.ensure_future(
                 self.complete(sender, batches, written, swept, messages, before, queued_before, queued))
             task.add_done_callback(lambda _: _resolve(queued))
             self.inflight.append(task)
+            self.last_flight = task
 
     async def complete(
         self,

@@ -721,3 +721,34 @@ def test_a_flush_whose_outputs_could_not_be_queued_holds_no_later_flush(tmp_path
         assert rig.table.data._db_for_partition(0).get(b"i2") is None
 
     asyncio.run(run())
+
+
+def test_a_flush_during_a_wait_for_the_one_in_flight_still_completes_after_it(tmp_path: Path) -> None:
+    """A revocation waits for the flush in flight (``wait_inflight`` takes it off the list) while the
+    sweep timer flushes: the new flush's changelog still waits for the first flush to complete."""
+
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        sender = GatedSender()
+        rig.flusher.sender = sender  # type: ignore[assignment]
+        rig.impression("i1"), _bad(rig)
+        await rig.flusher.flush()
+        await _settle()
+        waiting = asyncio.ensure_future(rig.flusher.wait_inflight())
+        await _settle()
+        assert rig.flusher.inflight == []  # taken by the wait, still in flight
+        rig.impression("i2"), _bad(rig)
+        await rig.flusher.flush()
+        await _settle()
+        assert len(sender.submitted) == 2
+        sender.gates[1].set()  # the second flush's outputs acknowledged; the first's are not
+        await _settle()
+        assert len(sender.submitted) == 2  # its changelog waits for the first flush
+        await _ack_all(rig, sender)
+        while not waiting.done():
+            for gate in sender.gates:
+                gate.set()
+            await _settle()
+        assert [sender.topics_of(n) for n in range(len(sender.submitted))][2:] == [{CHANGELOG}, {CHANGELOG}]
+
+    asyncio.run(run())
