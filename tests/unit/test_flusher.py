@@ -555,6 +555,14 @@ class GatedSender(FakeSender):
         return {r[0] for r in self.submitted[n]}
 
 
+def _gated(tmp_path: Path) -> tuple[Rig, GatedSender]:
+    """A rig whose broker answers each request when the test says so (``GatedSender``)."""
+    rig = Rig(tmp_path)
+    sender = GatedSender()
+    rig.flusher.sender = sender  # type: ignore[assignment]
+    return rig, sender
+
+
 async def _ack_all(rig: Rig, sender: GatedSender) -> None:
     """The broker answers every request, those still to come included, until no flush is in flight."""
     while not all(f.done() for f in rig.flusher.inflight):
@@ -578,9 +586,7 @@ def test_a_second_flush_goes_out_while_the_first_awaits_its_acks_and_completes_a
     flush; a third flush waits for the first to complete."""
 
     async def run() -> None:
-        rig = Rig(tmp_path)
-        sender = GatedSender()
-        rig.flusher.sender = sender  # type: ignore[assignment]
+        rig, sender = _gated(tmp_path)
         db = rig.table.data._db_for_partition(0)
         a, bad_a = rig.impression("i1"), _bad(rig)
         await rig.flusher.flush()  # flush 1: its outputs (a dead letter) submitted, not acknowledged
@@ -612,10 +618,8 @@ def test_a_second_flush_goes_out_while_the_first_awaits_its_acks_and_completes_a
 
 def test_a_flush_after_a_failed_one_settles_and_acknowledges_nothing(tmp_path: Path) -> None:
     async def run() -> None:
-        rig = Rig(tmp_path)
-        sender = GatedSender()
+        rig, sender = _gated(tmp_path)
         sender.fail_at = 0  # flush 1's outputs are refused
-        rig.flusher.sender = sender  # type: ignore[assignment]
         rig.impression("i1"), _bad(rig)
         await rig.flusher.flush()
         rig.impression("i2"), _bad(rig)
@@ -634,10 +638,8 @@ def test_a_flushs_outputs_are_queued_after_the_previous_flushs_even_when_the_pro
     first flush's are queued in the producer."""
 
     async def run() -> None:
-        rig = Rig(tmp_path)
-        sender = GatedSender()
+        rig, sender = _gated(tmp_path)
         slow = sender.slow_queue = asyncio.Event()
-        rig.flusher.sender = sender  # type: ignore[assignment]
         rig.impression("i1")
         first = _bad(rig)
         await rig.flusher.flush()
@@ -660,9 +662,7 @@ def test_two_callers_waiting_for_a_flush_slot_each_get_one(tmp_path: Path) -> No
     and once the oldest completes neither takes a flush that is still in flight for done."""
 
     async def run() -> None:
-        rig = Rig(tmp_path)
-        sender = GatedSender()
-        rig.flusher.sender = sender  # type: ignore[assignment]
+        rig, sender = _gated(tmp_path)
         rig.impression("i1"), _bad(rig)
         await rig.flusher.flush()
         rig.impression("i2"), _bad(rig)
@@ -683,9 +683,7 @@ def test_the_wait_for_flushes_in_flight_is_bounded_as_a_whole(tmp_path: Path) ->
     """A stop waits ``CLOSE_WAIT_S`` for a silent broker in all, not that long per flush in flight."""
 
     async def run() -> float:
-        rig = Rig(tmp_path)
-        sender = GatedSender()  # no gate is ever set: the broker never answers
-        rig.flusher.sender = sender  # type: ignore[assignment]
+        rig, _ = _gated(tmp_path)  # no gate is ever set: the broker never answers
         rig.impression("i1"), _bad(rig)
         await rig.flusher.flush()
         rig.impression("i2"), _bad(rig)
@@ -705,10 +703,8 @@ def test_a_flush_whose_outputs_could_not_be_queued_holds_no_later_flush(tmp_path
     forever - it fails too (nothing settled or acknowledged), and the wait for both ends."""
 
     async def run() -> None:
-        rig = Rig(tmp_path)
-        sender = GatedSender()
+        rig, sender = _gated(tmp_path)
         sender.refuse_queue = True
-        rig.flusher.sender = sender  # type: ignore[assignment]
         rig.impression("i1"), _bad(rig)
         await rig.flusher.flush()
         rig.impression("i2"), _bad(rig)
@@ -728,9 +724,7 @@ def test_a_flush_during_a_wait_for_the_one_in_flight_still_completes_after_it(tm
     sweep timer flushes: the new flush's changelog still waits for the first flush to complete."""
 
     async def run() -> None:
-        rig = Rig(tmp_path)
-        sender = GatedSender()
-        rig.flusher.sender = sender  # type: ignore[assignment]
+        rig, sender = _gated(tmp_path)
         rig.impression("i1"), _bad(rig)
         await rig.flusher.flush()
         await _settle()
