@@ -81,12 +81,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the supervisor stops every child it started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    result = run(args)
+    kept = args.json.parent / "chaos-logs" / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-seed{args.seed}-{args.delivery}"
+    try:
+        result = run(args)
+    finally:  # each run's logs kept beside its figures (the next run starts with an empty data dir)
+        keep_logs(args.data_dir / "logs", kept)
+    result["logs_kept_in"] = str(kept)
     write_json(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
     checks = ("labels_lost", "labels_wrong", "duplicate_finals", "dead_letters_missing",
               "dead_letters_unexplained", "repeated_finals_without_a_kill", "impressions_unscored")  # fmt: skip
     return 0 if all(result[k] == 0 for k in checks) else 1
+
+
+def keep_logs(logs: Path, kept: Path) -> None:
+    """Copy a run's logs to ``kept`` (a failing run can be read after the next has started)."""
+    if logs.is_dir():
+        shutil.copytree(logs, kept, dirs_exist_ok=True)
+        print(f"logs of this run kept in {kept}", flush=True)
 
 
 # the log line each victim writes once it is at work again after a start: a kill before it (a

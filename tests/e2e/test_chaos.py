@@ -36,6 +36,8 @@ def test_chaos_loses_and_invents_nothing(tmp_path: Path) -> None:
         "examples"
     ]
     assert result["finals_without_impression"] == 0
+    # the run's logs are kept beside its figures (the next run's start empties the data dir)
+    assert (Path(result["logs_kept_in"]) / "joiner.log").stat().st_size > 0
     assert result["impressions_unscored"] == 0
     # every restart after the first checkpoint resumed from one
     assert result["trainer_resumed_from_checkpoint"] + result["trainer_cold_starts"] == 3
