@@ -34,6 +34,7 @@ from stream.kafka import offsets
 from stream.kafka.faust_bulk import bulk_consumer, member_lost
 from stream.ops.clock import Clock, SystemClock
 from stream.ops.command import add_loglevel, command_parser
+from stream.ops.heap import freeze_long_lived
 from stream.ops.metrics import JoinerMetrics, process_registry
 from stream.ops.settings import Settings, load_settings
 
@@ -223,6 +224,20 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
     return app, join
 
 
+def joiner_worker(base: type, freeze: bool) -> type:
+    """faust's ``Worker`` class (``base``) that, once started (tables recovered, before the join
+    gets its first records), freezes the objects made so far out of the garbage collector's full
+    passes when ``freeze`` (``JOINER_GC_FREEZE``; ``stream.ops.heap``)."""
+
+    class JoinerWorker(base):
+        async def on_startup_finished(self) -> None:
+            await super().on_startup_finished()
+            if freeze:
+                log.info("started: %d objects frozen out of the garbage collector's passes", freeze_long_lived())
+
+    return JoinerWorker
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the joiner worker until SIGTERM/SIGINT."""
     parser = command_parser("joiner")
@@ -240,6 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     start_http_server(settings.metrics_port_joiner, addr=settings.metrics_host, registry=registry)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     app, _ = build_app(settings, registry)
-    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
+    worker = joiner_worker(faust.Worker, settings.joiner_gc_freeze)(app, loglevel=args.loglevel, quiet=True)
     worker.execute_from_commandline()
     return 0

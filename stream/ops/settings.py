@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     # fetches the partitions whose records are read, so a long poll on caught-up partitions
     # stalls the reading of a backlog on the others (docs/joiner.md, round 15)
     joiner_fetch_max_wait_ms: int = Field(default=100, ge=1, le=30_000)
+    # once started, move the objects made so far out of the garbage collector's full passes
+    # (gc.freeze; stream/ops/heap.py): each pass traversed ~100k startup objects, 70-125 ms
+    joiner_gc_freeze: bool = True
 
     # --- trainer (stream/learn/trainer.py): test-then-train on samples; docs/streaming.md
     # delayed feedback: "fnw" (fake-negative weighting, trains at the first sample) or
