@@ -34,7 +34,7 @@ from stream.kafka import offsets
 from stream.kafka.faust_bulk import bulk_consumer, member_lost
 from stream.ops.clock import Clock, SystemClock
 from stream.ops.command import add_loglevel, command_parser
-from stream.ops.heap import freeze_long_lived
+from stream.ops.heap import collect_young_less_often, freeze_long_lived
 from stream.ops.metrics import JoinerMetrics, process_registry
 from stream.ops.settings import Settings, load_settings
 
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     import faust
 
     settings = load_settings()
+    collect_young_less_often(settings.joiner_gc_young_threshold)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s joiner %(levelname)s %(message)s")
     from stream.kafka.broker import ensure_topics
 

@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     # once started, move the objects made so far out of the garbage collector's full passes
     # (gc.freeze; stream/ops/heap.py): each pass traversed ~100k startup objects, 70-125 ms
     joiner_gc_freeze: bool = True
+    # allocations between two collections of the garbage collector's youngest generation
+    # (CPython: 700, a pass every few records; 0 keeps it); stream/ops/heap.py
+    joiner_gc_young_threshold: int = Field(default=20_000, ge=0, le=10_000_000)
 
     # --- trainer (stream/learn/trainer.py): test-then-train on samples; docs/streaming.md
     # delayed feedback: "fnw" (fake-negative weighting, trains at the first sample) or

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from stream.join.app import joiner_worker
-from stream.ops.heap import freeze_long_lived
+from stream.ops.heap import collect_young_less_often, freeze_long_lived
 
 
 class Node:
@@ -23,9 +23,11 @@ class Node:
 
 @pytest.fixture(autouse=True)
 def unfrozen() -> Iterator[None]:
+    thresholds = gc.get_threshold()
     gc.unfreeze()
     yield
     gc.unfreeze()  # the rest of the test session collects as usual
+    gc.set_threshold(*thresholds)
 
 
 def test_objects_made_before_are_frozen_and_garbage_is_collected_first() -> None:
@@ -63,3 +65,15 @@ def test_the_joiner_worker_freezes_once_started_when_asked(freeze: bool) -> None
     assert worker.started  # faust's own startup signal still runs
     assert (gc.get_freeze_count() > 0) is freeze
     assert (id(before) in {id(o) for o in gc.get_objects()}) is not freeze
+
+
+def test_the_youngest_generation_is_collected_less_often_and_0_keeps_the_default() -> None:
+    gc.set_threshold(700, 10, 10)
+    collect_young_less_often(0)
+    assert gc.get_threshold() == (700, 10, 10)
+    collect_young_less_often(20_000)
+    assert gc.get_threshold() == (20_000, 10, 10)
+    gc.collect()
+    before = gc.get_count()[0]
+    made = [Node() for _ in range(5_000)]  # more than CPython's 700: no pass of the young ones yet
+    assert gc.get_count()[0] >= before + len(made)
