@@ -214,6 +214,8 @@ class FunnelJoin:
                 lanes[step] = own
                 swept = (lanes[0], lanes[1], lanes[2], lanes[3], lanes[4])
         p.wm.observe(step, event.event_time_ms, behind, now)
+        if not step:
+            p.wm.note_clock(now)
         store = p.store
         ikey = event.impression_id.encode()
         old = store.get(ikey)
@@ -310,6 +312,8 @@ class FunnelJoin:
                 by_key[ikey] = [(step, event, raw, swept, vouched)]
             else:
                 group.append((step, event, raw, swept, vouched))
+        for p in parts.values():  # the impressions' frontier as this batch left it (what idle topics follow later)
+            p.wm.note_clock(now)
         if self._events_by_type is not None:
             for step, n in enumerate(counts):
                 if n:

@@ -5,7 +5,8 @@ clicks topic, an approved application for the activations topic), the way a two-
 Flink waits for each input's watermark. Each lane's watermark is::
 
     lane k = max(previous, frontier(k) - allowed_lateness[k])             while topic k is active
-    lane k = max(previous, max(frontier(k), frontier(0)) - allowed_lateness[k])   while it is idle
+    lane k = max(previous, max(frontier(k), frontier(0) one idle timeout ago) - allowed_lateness[k])
+                                                                                   while it is idle
 
 - A topic's *frontier* is the second-newest event time among its last five records on this
   partition: no single record moves it, however far in the future it is stamped (it needs two
@@ -19,11 +20,21 @@ Flink waits for each input's watermark. Each lane's watermark is::
 - A topic is *idle* when it is read to its end (no backlog: last offset read + 1 = its high
   watermark) and has delivered nothing for ``idle_timeout_s`` of **wall time** (the injected
   clock's monotonic seconds, as Flink's ``withIdleness``). An idle topic cannot stall its lane: it
-  follows the impressions topic (the partition's clock, the densest topic) less its own allowed
-  lateness - a source that is silent because nothing happened is then judged by the impressions.
-  A topic with a backlog is never idle (a consumer behind, e.g. under CPU load or after a
-  restart, holds its lane until it has read the records); a topic whose position is unknown
-  (never read, never reported) is not idle either.
+  follows the impressions topic (the partition's clock, the densest topic) **as it was one idle
+  timeout ago**, less its own allowed lateness - a source that is silent because nothing
+  happened is then judged by the impressions. A topic with a backlog is never idle (a consumer
+  behind, e.g. under CPU load or after a restart, holds its lane until it has read the records);
+  a topic whose position is unknown (never read, never reported) is not idle either.
+- Why one idle timeout ago: when every topic falls silent at once (a source's outage, a joiner
+  that stalled), every topic goes idle; the source then catches up in a burst, and a producer's
+  batch of three hours of impressions can land milliseconds before the batch of the clicks of
+  those hours. Following the impressions' frontier of that moment judged those clicks three hours
+  late (``bench chaos --seed 41 --delivery batch-feeds --cpu-hog``: 25 wrong labels, round 16).
+  Records delivered within the idle timeout (wall time) of the impressions that moved the
+  frontier are never judged against them; the price is that an idle topic's lane follows the
+  impressions one idle timeout later. The frontier's history is noted at most once per 64th of
+  the idle timeout (``note_clock``; the join notes it once per batch), each value at or before
+  the moment it stands for, so the lane is never ahead of the rule.
 - The impressions lane (0) is never idle-advanced: it is the clock. It drives first samples and
   gives up on events whose impression never came.
 
@@ -41,6 +52,7 @@ leaving and joining again, scripted in ``bench/rebalance.py``).
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
 from collections.abc import Sequence
 
 from stream.join.funnel import LANES, NO_WATERMARK, Swept
@@ -81,7 +93,9 @@ class PartitionWatermark:
     """The five lane watermarks of one partition. Feed it every record (``observe``) and what is
     known about each topic's position (``report``); ``advance`` recomputes the lanes."""
 
-    __slots__ = ("_behind", "_born", "_idle_s", "_last", "_lateness", "_recent", "_value")
+    __slots__ = (
+        "_behind", "_born", "_dirty", "_hc", "_ht", "_idle_s", "_last", "_lateness", "_quantum", "_recent", "_value",
+    )  # fmt: skip
 
     def __init__(
         self, lateness_ms: Sequence[int], idle_timeout_s: float, floor: Sequence[int], now_s: float,
@@ -99,6 +113,12 @@ class PartitionWatermark:
         self._last: list[float | None] = [None] * LANES  # wall time of the topic's last record
         self._born = now_s
         self._value = list(floor)
+        # the impressions' frontier as it was (wall time, value), oldest first: what idle topics follow
+        self._ht: list[float] = []
+        self._hc: list[int] = []
+        self._quantum = idle_timeout_s / 64
+        self._dirty = True  # the frontier may have moved since it was last noted
+        self.note_clock(now_s)  # a new owner's stored frontier: known from its start
 
     def observe(self, step: int, event_time_ms: int, behind: bool, now_s: float) -> None:
         """One record of topic ``step``; ``behind``: more records follow it in the partition."""
@@ -108,6 +128,46 @@ class PartitionWatermark:
             del recent[0]
         self._behind[step] = behind
         self._last[step] = now_s
+        if step == 0:
+            self._dirty = True
+            ht = self._ht
+            if not ht or now_s >= ht[-1] + self._quantum:
+                self.note_clock(now_s)
+
+    def note_clock(self, now_s: float) -> None:
+        """Note the impressions' frontier as it is at ``now_s`` if it may have moved: one value per
+        instant (the last noted: a batch's records share one instant, and the frontier as the
+        batch left it is noted), and a new one at most once per 64th of the idle timeout - a value
+        not noted yet is noted by a later call (each sweep makes one), so none stands for a moment
+        before it was reached."""
+        if not self._dirty:
+            return
+        ht = self._ht
+        same = bool(ht) and now_s == ht[-1]
+        if ht and not same and now_s < ht[-1] + self._quantum:
+            return  # too soon after the last one: a later call notes it
+        clock = self.frontier(0)
+        if clock is None:
+            return
+        self._dirty = False
+        if same:
+            self._hc[-1] = clock
+            return
+        ht.append(now_s)
+        self._hc.append(clock)
+        cut = now_s - self._idle_s  # keep one value at or before the oldest moment looked up
+        while len(ht) > 1 and ht[1] <= cut:
+            del ht[0], self._hc[0]
+
+    def history(self) -> list[tuple[float, int]]:
+        """The impressions' frontier as noted: (wall time, value), oldest first."""
+        return list(zip(self._ht, self._hc, strict=True))
+
+    def _clock_ago(self, now_s: float) -> int | None:
+        """The impressions' frontier as it was one idle timeout before ``now_s`` (None if unknown)."""
+        ht = self._ht
+        i = bisect_right(ht, now_s - self._idle_s)
+        return self._hc[i - 1] if i else None
 
     def report(self, step: int, behind: bool) -> None:
         """What the consumer knows of topic ``step``'s position: has it records left to read?"""
@@ -141,7 +201,9 @@ class PartitionWatermark:
                 newest = min(max(recent), clock)
                 f = newest if f is None or newest > f else f
             if self.idle(k, now_s):
-                f = clock if f is None or clock > f else f
+                ago = self._clock_ago(now_s)  # not the frontier of this moment: see the module doc
+                if ago is not None and (f is None or ago > f):
+                    f = ago
         if f is not None and f - self._lateness[k] > self._value[k]:
             self._value[k] = f - self._lateness[k]
 
@@ -152,6 +214,7 @@ class PartitionWatermark:
 
     def advance(self, now_s: float) -> Swept:
         """Recompute the lanes (monotone) and return them."""
+        self.note_clock(now_s)
         clock = self.frontier(0)
         for k in range(LANES):
             self._raise(k, clock, now_s)

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from stream.contract.events import Event, encode_event
 from stream.join.driver import SWEPT_KEY, FunnelJoin, JoinTopics, Output, pack_swept, unpack_swept
-from stream.join.funnel import NO_SWEPT, FunnelConfig, decode_state
+from stream.join.funnel import NO_SWEPT, FunnelConfig, decode_state, reached
 from stream.join.store import InMemoryStore
 from stream.ops.clock import FakeClock
 from stream.ops.metrics import JoinerMetrics
@@ -538,3 +538,31 @@ def test_the_lanes_recent_event_times_are_stored_with_the_swept_lanes_only() -> 
     r.join = r.new_join()
     assert r.join.part(0).wm.frontier(0) == T0  # the second newest of T0, T0 + 1 h
     assert r.join.part(0).swept == taken
+
+
+def test_clicks_landing_just_after_a_burst_of_impressions_count() -> None:
+    """``bench chaos --seed 41 --delivery batch-feeds --cpu-hog`` (round 16): every topic silent for
+    longer than the idle timeout (the source stalled, or the joiner did), so every topic is idle;
+    then the source catches up and a batch of three hours of impressions lands 10 ms before the
+    batch of those hours' clicks. An idle topic follows the impressions as they were one idle
+    timeout ago, so those clicks count: no final without them, no dead letter."""
+    r = Rig(idle_timeout_s=2.0, lateness_ms=(30 * MIN, 30 * MIN, 6 * HOUR, 6 * HOUR, 48 * HOUR))
+    impressions(r, [T0, T0 + MIN, T0 + 2 * MIN])
+    r.feed(1, f"x1-{T0 + MIN}", T0 + 2 * MIN)  # the clicks, read to their end
+    for step in (2, 3, 4):
+        r.join.caught_up(0, step)
+    r.clock.advance(4_500)  # the outage: nothing delivered, sweeps go on
+    assert _sweep(r) == []
+    burst = [("imp", 0, f"b{k}".encode(), rec(0, f"b{k}", T0 + 3 * MIN + k * 10 * MIN), 100 + k, k < 18)
+             for k in range(19)]  # fmt: skip
+    out: list[Output] = []
+    r.join.on_batch(burst, out)
+    r.clock.advance(10)
+    r.join.on_batch([("clk", 0, b"b0", rec(1, "b0", T0 + 8 * MIN), 50, False)], out)
+    assert dead(out) == []  # in time: delivered 10 ms after the impressions that moved the frontier
+    r.clock.advance(3_000)  # the clicks silent again, for longer than the idle timeout
+    finals = {s["impression_id"]: s["labels"] for s in _sweep(r) if s["kind"] == "final"}
+    assert "b0" not in finals  # clicked: its final waits for the applications
+    state = r.store(0).get(b"b0")
+    assert state is not None and reached(decode_state(state)) == 1
+    assert finals["b1"] == [0, 0, 0, 0]  # the clicks lane has passed b1's click window since: its final, no click

@@ -19,8 +19,10 @@ def wm(idle_s: float = 30.0, floor: tuple[int, ...] = NO) -> PartitionWatermark:
 
 
 def feed(w: PartitionWatermark, step: int, times: list[int], now: float = 0.0, behind: bool = False) -> None:
+    """Records delivered at ``now``, then the impressions' frontier noted, as the join does per batch."""
     for t in times:
         w.observe(step, t, behind, now)
+    w.note_clock(now)
 
 
 def test_frontier_is_the_second_newest_of_the_last_five() -> None:
@@ -142,3 +144,51 @@ def test_a_frontier_within_the_lateness_above_the_lane_never_lowers_it() -> None
     feed(w, 0, [T0 + 10 * MIN, T0 + 11 * MIN])  # frontier 10 min: 10 min - 30 min lateness < T0
     assert w.advance(0.0) == floor
     assert w.lane(0, 0.0) == T0
+
+
+def test_an_idle_topic_follows_the_impressions_as_they_were_one_idle_timeout_ago() -> None:
+    """A burst of impressions - a source catching up after an outage, a joiner that stalled - moves
+    the impressions' frontier hours on in a moment, and the records of a silent topic delivered
+    with it land a few milliseconds behind (another producer batch): they must not be judged
+    against it. An idle topic follows the frontier as it was one idle timeout ago (wall time)."""
+    w = wm(idle_s=2.0)
+    feed(w, 0, [T0, T0 + MIN, T0 + 2 * MIN], now=0.0)
+    feed(w, 1, [T0 + MIN], now=0.0, behind=False)  # the clicks, read to their end
+    assert w.advance(5.0)[1] == T0 + MIN - 30 * MIN  # silent 5 s: idle, at the impressions' frontier
+    # the outage ends: three hours of impressions at once, 5 s after the last record
+    feed(w, 0, [T0 + k * 10 * MIN for k in range(1, 19)], now=5.0)
+    assert w.frontier(0) == T0 + 170 * MIN
+    assert w.lane(1, 5.01) == T0 + MIN - 30 * MIN  # not the frontier of 10 ms ago
+    assert w.advance(6.9)[1] == T0 + MIN - 30 * MIN
+    assert w.advance(7.0)[1] == T0 + 140 * MIN  # one idle timeout after it: follows it
+    # a click delivered within the idle timeout of the burst is judged against its own topic
+    fresh = wm(idle_s=2.0)
+    feed(fresh, 0, [T0, T0 + MIN, T0 + 2 * MIN], now=0.0)
+    feed(fresh, 1, [T0 + MIN], now=0.0, behind=False)
+    fresh.advance(5.0)
+    feed(fresh, 0, [T0 + k * 10 * MIN for k in range(1, 19)], now=5.0)
+    assert fresh.lane(1, 5.01) <= T0 + 10 * MIN - 30 * MIN  # a click at 10 min, 10 ms after the burst: in time
+    feed(fresh, 1, [T0 + 10 * MIN], now=5.01)
+    assert fresh.advance(6.5)[1] == T0 + 10 * MIN - 30 * MIN  # it spoke: not idle, its own newest record
+
+
+def test_the_impressions_history_an_idle_topic_follows_stays_short() -> None:
+    """One value of the impressions' frontier kept per 64th of the idle timeout: a partition read
+    for hours keeps about 64, however many impressions it reads."""
+    w = wm(idle_s=2.0)
+    for i in range(20_000):
+        w.observe(0, T0 + i * 1_000, False, i * 0.01)  # 200 s of impressions, 100 a second
+    assert len(w.history()) <= 66
+    feed(w, 1, [T0], now=200.0, behind=False)
+    lane = w.advance(202.0)[1]  # the frontier as it was noted 2 s before (at 199.97-200 s)
+    assert T0 + 19_990 * 1_000 - 30 * MIN <= lane <= T0 + 19_998 * 1_000 - 30 * MIN
+
+
+def test_a_restarted_partition_follows_its_stored_frontier_once_the_idle_timeout_passed() -> None:
+    """A new owner starts from the stored recent event times: a quiet tail's silent topics still
+    follow the impressions' frontier (as it was stored) one idle timeout after the start."""
+    recent = [[T0, T0 + HOUR, T0 + 2 * HOUR], [], [], [], []]
+    w = PartitionWatermark(LATE, 30.0, NO, now_s=100.0, recent=recent)
+    w.report(1, behind=False)
+    assert w.advance(129.0)[1] == NO_WATERMARK
+    assert w.advance(130.0)[1] == T0 + HOUR - 30 * MIN
