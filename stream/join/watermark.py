@@ -129,10 +129,7 @@ class PartitionWatermark:
         self._behind[step] = behind
         self._last[step] = now_s
         if step == 0:
-            self._dirty = True
-            ht = self._ht
-            if not ht or now_s >= ht[-1] + self._quantum:
-                self.note_clock(now_s)
+            self._dirty = True  # noted by the caller's ``note_clock`` (the join: once per batch)
 
     def note_clock(self, now_s: float) -> None:
         """Note the impressions' frontier as it is at ``now_s`` if it may have moved: one value per

@@ -2,8 +2,8 @@
 
 A joiner holds ~100k objects once started (modules, faust's and aiokafka's services, the
 metrics) and allocates a tuple or two per record. CPython's full collections traverse every
-tracked object, so each one took 70-125 ms of a bench run's ~1.5 s of joining (3 per run, none
-of them freeing anything; measured with ``gc.callbacks``, docs/joiner.md round 16). Moving the
+tracked object, so each one took 70-125 ms of a bench run's ~1.5 s of joining (one or two while
+joining, freeing almost nothing; measured with ``gc.callbacks``, docs/joiner.md round 16). Moving the
 startup objects to the permanent generation (``gc.freeze``) leaves those passes the young
 objects alone. Collected first, so no garbage is frozen; the objects made afterwards are
 collected as usual.

@@ -176,8 +176,9 @@ def test_the_impressions_history_an_idle_topic_follows_stays_short() -> None:
     """One value of the impressions' frontier kept per 64th of the idle timeout: a partition read
     for hours keeps about 64, however many impressions it reads."""
     w = wm(idle_s=2.0)
-    for i in range(20_000):
-        w.observe(0, T0 + i * 1_000, False, i * 0.01)  # 200 s of impressions, 100 a second
+    for i in range(20_000):  # 200 s of impressions, 100 a second, each noted as the join does
+        w.observe(0, T0 + i * 1_000, False, i * 0.01)
+        w.note_clock(i * 0.01)
     assert len(w.history()) <= 66
     feed(w, 1, [T0], now=200.0, behind=False)
     lane = w.advance(202.0)[1]  # the frontier as it was noted 2 s before (at 199.97-200 s)
