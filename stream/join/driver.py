@@ -5,8 +5,9 @@
 ``LabelStore`` (at most one state write per event) and returns what to send. ``sweep`` pops each
 lane's expiry index up to that lane's watermark (first / final samples, held events that gave
 up, purges); ``take_sweep`` makes the records that follow judged against it, and the caller
-sends the outputs, waits for them, then calls ``persist_swept`` - so the swept watermarks are
-stored only after their samples are out (one commit protocol, for the joiner, tests and benches). ``caught_up`` tells it what
+sends the outputs, waits for them, then calls ``persist_swept`` - so the swept watermarks (and the
+lanes' recent times as that sweep was taken) are stored only after their samples are out (one
+commit protocol, for the joiner, tests and benches). ``caught_up`` tells it what
 the consumer knows of a topic's position (read to its end or not), which decides when a silent
 topic is idle. The faust joiner, the plain-loop bench and the tests all drive this one class.
 """
@@ -96,7 +97,7 @@ class JoinTopics:
 
 
 class _Partition:
-    __slots__ = ("last_sweep_s", "pending_swept", "store", "swept", "taken_recent", "wm")
+    __slots__ = ("last_sweep_s", "pending_swept", "store", "swept", "taken", "wm")
 
     def __init__(self, store: LabelStore, lateness_ms: Sequence[int], idle_timeout_s: float, now_s: float) -> None:
         self.store = store
@@ -105,7 +106,10 @@ class _Partition:
         self.wm = PartitionWatermark(lateness_ms, idle_timeout_s, self.swept, now_s, recent)
         self.last_sweep_s = float("-inf")
         self.pending_swept: Swept | None = None
-        self.taken_recent: bytes | None = None  # the lanes' recent times when the sweep was taken
+        # each sweep taken and not yet stored, with the lanes' recent times as it was taken: up to
+        # two flushes are in flight, and each stores its own (never the newer one's, whose states
+        # are not settled yet)
+        self.taken: list[tuple[Swept, bytes]] = []
 
 
 class FunnelJoin:
@@ -536,17 +540,22 @@ class FunnelJoin:
         if wm is None or wm == p.swept:
             return None
         p.swept = wm
-        p.taken_recent = pack_recent(p.wm.recent())
+        p.taken.append((wm, pack_recent(p.wm.recent())))
         return wm
 
     def persist_swept(self, partition: int, swept: Swept) -> None:
-        """Store swept watermarks returned by ``take_sweep`` (their samples are out)."""
+        """Store swept watermarks returned by ``take_sweep`` (their samples are out), with the
+        lanes' recent times as they were when that sweep was taken - not as a newer sweep took
+        them, whose flush may still be in flight (its states unsettled): a restart from these
+        lanes would judge the records read again against watermarks ahead of the stored states."""
         p = self.parts.get(partition)
         if p is not None:  # not revoked meanwhile
             p.store.put_meta(SWEPT_KEY, pack_swept(swept))
-            if p.taken_recent is not None:
-                p.store.put_meta(RECENT_KEY, p.taken_recent)
-                p.taken_recent = None
+            for n, (taken, recent) in enumerate(p.taken):
+                if taken == swept:
+                    p.store.put_meta(RECENT_KEY, recent)
+                    del p.taken[: n + 1]  # flushes complete in order: older ones are done
+                    break
 
     def watermark_lag_ms(self) -> int:
         lags = [lag for p in self.parts.values() if (lag := p.wm.lag_ms()) is not None]
