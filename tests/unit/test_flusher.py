@@ -26,10 +26,11 @@ from prometheus_client import CollectorRegistry
 from rocksdict import Options, Rdict
 
 from stream.contract.events import Event, encode_event
-from stream.join.driver import RECENT_KEY, SWEPT_KEY, FunnelJoin, JoinTopics
+from stream.join.driver import RECENT_KEY, SWEPT_KEY, FunnelJoin, JoinTopics, unpack_recent
 from stream.join.faust_store import META_PREFIX, FaustTableStore
 from stream.join.flusher import Flusher
-from stream.join.funnel import FunnelConfig, Swept
+from stream.join.funnel import FunnelConfig, Swept, next_dues
+from stream.join.state_codec import decode_state
 from stream.ops.clock import FakeClock
 from stream.ops.metrics import JoinerMetrics
 
@@ -159,9 +160,6 @@ class Rig:
         cfg = FunnelConfig()
 
         def due_of(value: bytes, swept: Swept) -> Any:
-            from stream.join.funnel import next_dues
-            from stream.join.state_codec import decode_state
-
             return next_dues(decode_state(value), swept, cfg)
 
         self.join = FunnelJoin(
@@ -759,8 +757,6 @@ def test_a_kill_between_two_flushes_in_flight_restarts_from_the_lanes_of_the_one
     be judged against it - ``bench chaos --seed 41 --delivery batch-feeds --cpu-hog``: clicks read
     again before their impressions, dead-lettered "no impression for this click within the grace
     period", their funnels' finals then without them (17 and 218 wrong labels in two runs)."""
-    from stream.join.driver import unpack_recent
-
     hour = 3_600_000
 
     async def run() -> None:
@@ -801,8 +797,6 @@ def test_a_kill_between_two_flushes_in_flight_restarts_from_the_lanes_of_the_one
         assert [o for o in out if o.topic == "dead"] == []
         state = rig.join.part(0).store.get(b"z")
         assert state is not None
-        from stream.join.state_codec import decode_state
-
         assert decode_state(state).times[0] == T0 + 2 * hour + 60_000  # the click counts
 
     asyncio.run(run())
