@@ -332,32 +332,45 @@ class FunnelJoin:
             keys = list(by_key)
             for ikey, old in zip(keys, store.get_many(keys), strict=True):
                 group = by_key[ikey]
-                if len(group) == 1 and (vouched := group[0][4]) is not None and fcfg is not None:
-                    # one event alone in the batch, read by the compiled path: its common cases there
-                    step, _, raw, swept, _ = group[0]
-                    if step == 0:  # on no state, or on the stub of its events read ahead of it
-                        joined = fast._fastjoin.advance_impression(ikey, vouched[2], old, swept, p.swept, fcfg,
-                                                                   msgpack, cfg.policy)  # fmt: skip
-                        if joined is not None:
-                            store.put(ikey, joined[0], joined[1])
-                            if joined[2]:
-                                self._fast_samples(ikey, joined[2], out)
-                            continue
-                    else:
-                        done = fast._fastjoin.advance_step(ikey, old, raw, step, swept, p.swept, fcfg, msgpack,
-                                                           cfg.policy)  # fmt: skip
-                        if done is not None:
-                            changed, new, dues, samples, duplicate = done
-                            if changed:
-                                assert new is not None and dues is not None
-                                store.put(ikey, new, dues)
-                            if samples:
-                                self._fast_samples(ikey, samples, out)
-                            if duplicate:
-                                dups[step] += 1
-                            continue
-                state = decode_state(old) if old is not None else None
+                state_bytes = old
                 changed = False
+                if fcfg is not None:
+                    # the compiled path takes the group's events in order while they are its common
+                    # cases (each call is ``advance`` of one event on the bytes the last one left);
+                    # the Python core takes the rest of the group from the first it declines
+                    done_n = 0
+                    dues = None
+                    for step, _, raw, swept, vouched in group:
+                        if vouched is None:
+                            break
+                        if step == 0:  # on no state, or on the stub of its events read ahead of it
+                            joined = fast._fastjoin.advance_impression(ikey, vouched[2], state_bytes, swept, p.swept,
+                                                                       fcfg, msgpack, cfg.policy)  # fmt: skip
+                            if joined is None:
+                                break
+                            state_bytes, dues, samples = joined
+                            changed = True
+                        else:
+                            stepped = fast._fastjoin.advance_step(ikey, state_bytes, raw, step, swept, p.swept, fcfg,
+                                                                  msgpack, cfg.policy)  # fmt: skip
+                            if stepped is None:
+                                break
+                            if stepped[0]:
+                                state_bytes, dues, changed = stepped[1], stepped[2], True
+                            samples = stepped[3]
+                            if stepped[4]:
+                                dups[step] += 1
+                        if samples:
+                            self._fast_samples(ikey, samples, out)
+                        done_n += 1
+                    if done_n == len(group):
+                        if changed:
+                            assert state_bytes is not None and dues is not None
+                            store.put(ikey, state_bytes, dues)
+                        continue
+                    if done_n:
+                        group = group[done_n:]
+                state = decode_state(state_bytes) if state_bytes is not None else None
                 for step, ev, raw, swept, _ in group:
                     # vouched for: msgspec's decode takes it (the strict one stays for anything else)
                     parsed = ev or fast_event(raw, STEPS[step]) or parse_event(raw, STEPS[step])

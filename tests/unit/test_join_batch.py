@@ -217,6 +217,67 @@ def test_an_impression_and_its_click_in_one_batch_are_one_state_read_and_one_wri
     assert not out
 
 
+def test_a_funnels_usual_events_in_one_batch_all_go_through_the_compiled_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An impression with its click and application in one fetch, a click read before its
+    impression, a duplicate: the compiled path takes each group's events in turn (the Python
+    ``advance`` never runs) and decides as the Python core does - the same samples, dead letters
+    and states. A record the compiled path declines (a click after its window) hands the rest of
+    its group to the Python core, which still decides the same."""
+    from stream.join import driver, fast
+
+    if not fast.AVAILABLE:
+        pytest.fail("the compiled join core is not built (pip install -e . builds it)")
+    hour = 3_600_000
+    usual: list[BatchRecord] = [
+        ("impressions", 0, b"a", event_bytes(0, "a", T0), 0, True),
+        ("clicks", 0, b"b", event_bytes(1, "b", T0 + 2000), 0, True),  # ahead of its impression
+        ("clicks", 0, b"a", event_bytes(1, "a", T0 + 1000), 1, True),
+        ("impressions", 0, b"b", event_bytes(0, "b", T0 + 500), 1, True),
+        ("applications", 0, b"a", event_bytes(2, "a", T0 + hour), 0, True),
+        ("clicks", 0, b"a", event_bytes(1, "a", T0 + 1000), 2, True),  # a duplicate
+    ]  # fmt: skip
+    declined: list[BatchRecord] = [
+        ("impressions", 0, b"c", event_bytes(0, "c", T0 + 1000), 2, True),
+        ("clicks", 0, b"c", event_bytes(1, "c", T0 + 3 * hour), 3, True),  # after its 1 h window: late
+        ("applications", 0, b"c", event_bytes(2, "c", T0 + 4 * hour), 1, False),  # held: no click counts
+    ]  # fmt: skip
+    calls: list[int] = []
+    real_advance = driver.advance
+
+    def counted(*args: object) -> object:
+        calls.append(1)
+        return real_advance(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(driver, "advance", counted)
+    results = []
+    for fast_core in (True, False):
+        run = Run()
+        run.registry = CollectorRegistry()
+        run.join = FunnelJoin(FunnelConfig(), JoinTopics(TOPICS_5, "samples", "dead-letters"),
+                              lambda p, run=run: run.stores.setdefault(p, InMemoryStore()), run.clock,
+                              JoinerMetrics(run.registry), lateness_ms=(0,) * 5, max_future_ms=0,
+                              fast_core=fast_core)  # fmt: skip
+        calls.clear()
+        out: list[Output] = []
+        run.join.on_batch(usual, out)
+        if fast_core:
+            assert calls == []  # every event of every group: the compiled path
+        else:
+            assert len(calls) == len(usual)
+        run.join.on_batch(declined, out)
+        if fast_core:
+            assert len(calls) == 2  # the late click and the application after it: the Python core
+        run.collect(out)
+        results.append((dict(run.by_key), {p: s._data for p, s in run.stores.items()},
+                        run.metric("aitm_joiner_duplicate_events_total")))  # fmt: skip
+    assert results[0] == results[1]
+    by_key, states, dups = results[0]
+    assert sorted(states[0]) == [b"a", b"b", b"c"]
+    assert sum(dups.values()) == 1
+    dead = [json.loads(v) for t, v in by_key[b"c"] if t == "dead-letters"]
+    assert [(d["reason"], d["source_topic"]) for d in dead] == [("late", "clicks")]  # its application: held
+
+
 def test_a_record_is_judged_by_its_own_topic_as_the_records_before_it_in_the_batch_left_it() -> None:
     """A click read after a later click of its topic moved the click lane past its funnel's final
     arrived too late (``late``), in a batch exactly as one record at a time."""
