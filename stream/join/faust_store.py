@@ -7,7 +7,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from faust.stores.rocksdb import Store as FaustRocksStore
 from faust.types import TP
+from rocksdict import WriteBatch, WriteOptions
 
 from stream.join.driver import SWEPT_KEY, unpack_swept
 from stream.join.funnel import Dues, Swept
@@ -20,6 +22,11 @@ META_PREFIX = b"\x00"  # table keys of metadata; impression ids are printable
 # were acknowledged, so their funnels were lost on a rebalance (the two-joiner test)
 SEAL_KEY = META_PREFIX + b"seal"
 _MISSING: Any = object()
+# faust's key of a partition's persisted changelog offset in its RocksDB (what its recovery reads)
+OFFSET_KEY: bytes = FaustRocksStore.offset_key
+# the store's writes skip RocksDB's write-ahead log (see ``FaustTableStore``)
+NO_WAL = WriteOptions()
+NO_WAL.disable_wal = True  # type: ignore[method-assign, assignment]  # a property (rocksdict's stub says a method)
 log = logging.getLogger(__name__)
 
 
@@ -31,9 +38,20 @@ class FaustTableStore:
     join near 1.8k events/s. So a write - value None for a delete - goes into ``outbox``; at
     each flush ``drain()`` hands the outbox over (it stays readable as ``sending``), the agent
     sends it to the table's changelog topic and partition with the raw producer, and once it is
-    acknowledged ``settle()`` writes it into the partition's rocksdict in one ``WriteBatch`` and
-    the acked changelog offset is recorded as the store's persisted offset. Faust's recovery
-    reads that changelog exactly as if it had written it. The source records behind those
+    acknowledged ``settle()`` writes it into the partition's rocksdict in one ``WriteBatch``, with
+    the acked changelog offset as the partition's persisted offset (faust's key). Faust's recovery
+    reads that changelog exactly as if it had written it.
+
+    These writes skip RocksDB's write-ahead log (``NO_WAL``; the log was ~80% of a write's cost,
+    docs/joiner.md, round 18), as Kafka Streams does for its stores: the changelog is the log. A
+    kill -9 then loses the writes since RocksDB last flushed its memtable - states, persisted
+    offset and metadata together, so the local RocksDB is always one earlier consistent point,
+    and faust's recovery replays the changelog from that point's offset. What must never happen
+    is a write *with* the log landing after writes without it and no memtable flush between
+    (RocksDB would recover the later write and not the earlier ones: an offset covering states
+    that are gone); faust writes a partition's RocksDB with the log only when it recovers it after
+    an assignment, so ``persist()`` flushes the memtable before a partition is given up (and
+    when the joiner stops). The source records behind those
     writes, and their outputs, are acknowledged in the same step (see ``build_app``): after a
     kill -9 the local RocksDB holds no write whose outputs may be lost, so the replayed records
     redo them. Reads look in ``outbox``, then in ``sending`` (the drains not yet settled, the newest
@@ -84,17 +102,26 @@ class FaustTableStore:
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
         """States of ``keys``: the unsent and unacknowledged writes first, the rest from RocksDB in
-        one multi-get."""
-        out: list[bytes | None] = [v if v is None or type(v) is bytes else bytes(v) for v in self._db.get(keys)]
-        outbox, sending = self.outbox, self.sending
-        if outbox or sending:
-            newest_first = [outbox, *reversed(sending)]
-            for i, key in enumerate(keys):
-                for written in newest_first:
-                    v = written.get(key, _MISSING)
-                    if v is not _MISSING:
-                        out[i] = v
-                        break
+        one multi-get - of the keys held only (``_keys``: every state in RocksDB, read at open, and
+        every put since): a key not held has no state, or its delete is pending, and RocksDB is not
+        asked (most of a batch's keys are new impressions: a multi-get of them cost ~0.9 us each)."""
+        held = self._keys
+        out: list[bytes | None] = [None] * len(keys)
+        newest_first = [self.outbox, *reversed(self.sending)]
+        ask: list[int] = []
+        for i, key in enumerate(keys):
+            if key not in held:
+                continue
+            for written in newest_first:
+                v = written.get(key, _MISSING)
+                if v is not _MISSING:
+                    out[i] = v
+                    break
+            else:
+                ask.append(i)
+        if ask:
+            for i, v in zip(ask, self._db.get([keys[i] for i in ask]), strict=True):
+                out[i] = v if v is None or type(v) is bytes else bytes(v)
         return out
 
     def put(self, key: bytes, value: bytes, dues: Dues | None) -> None:
@@ -120,20 +147,22 @@ class FaustTableStore:
             self.sending.append(out)
         return out
 
-    def settle(self, written: dict[bytes, bytes | None]) -> None:
-        """Write drained writes into the local RocksDB, in one batch (a ``WriteBatch`` costs
-        ~3 us per record against ~5.5 us for single puts)."""
-        if not written:
+    def settle(self, written: dict[bytes, bytes | None], offset: int | None = None) -> None:
+        """Write drained writes into the local RocksDB, in one batch without the write-ahead log
+        (a ``WriteBatch`` costs ~3 us per record against ~5.5 us for single puts), with
+        ``offset``, the acked changelog offset that covers them, as the persisted offset faust's
+        recovery starts after: both land, or neither."""
+        if not written and offset is None:
             return
-        from rocksdict import WriteBatch
-
         batch = WriteBatch(raw_mode=True)
         for key, value in written.items():
             if value is None:
                 batch.delete(key)
             else:
                 batch.put(key, value)
-        self._db.write(batch)
+        if offset is not None:
+            batch.put(OFFSET_KEY, str(offset).encode())  # as faust's ``set_persisted_offset`` writes it
+        self._db.write(batch, NO_WAL)
         for i, sent in enumerate(self.sending):
             if sent is written:
                 del self.sending[i]
@@ -147,11 +176,18 @@ class FaustTableStore:
 
     def put_meta(self, name: bytes, value: bytes) -> None:
         """Into the outbox (its changelog record goes out with the next flush) and straight into
-        the local RocksDB too: metadata is written once its outputs are acknowledged (the swept
-        watermarks, ``FunnelJoin.persist_swept``), so a kill -9 restarts from it rather than from
-        the one of the flush before (fewer finals emitted twice)."""
+        the local RocksDB too (without the write-ahead log, as every write here): metadata is
+        written once its outputs are acknowledged (the swept watermarks,
+        ``FunnelJoin.persist_swept``), so a restart from this RocksDB starts from it rather than
+        from the one of the flush before (fewer finals emitted twice)."""
         self.outbox[META_PREFIX + name] = value  # not a state: neither counted nor indexed
-        self._db[META_PREFIX + name] = value
+        self._db.put(META_PREFIX + name, value, NO_WAL)
+
+    def persist(self) -> None:
+        """Flush RocksDB's memtable to disk: every write so far survives a kill -9 from now on.
+        Before a partition is given up (faust then writes it with the write-ahead log when it
+        recovers it again) and when the joiner stops (so that its restart starts from here)."""
+        self._db.flush(True)
 
     def __len__(self) -> int:
         """States held (open and retained funnels), whether due or not."""

@@ -6,9 +6,10 @@ fetch loop) and queues their outputs; ``flush`` - once per ``JOINER_SWEEP_INTERV
 or a timer - sweeps every partition whose watermarks moved, drains every store's writes into
 the table's changelog, and submits it all - the outputs first, the changelog records once the
 outputs are acknowledged; ``complete`` waits for the acks, then writes the
-states into the local RocksDB, records the acked changelog offsets for faust's recovery, stores
-the swept watermarks and acknowledges the source records (faust commits their offsets only
-then). A kill -9 therefore costs nothing that was acknowledged; see docs/joiner.md.
+states into the local RocksDB with the acked changelog offsets for faust's recovery (one batch per
+partition, without RocksDB's write-ahead log: ``FaustTableStore``), stores the swept watermarks
+and acknowledges the source records (faust commits their offsets only then). A kill -9 therefore
+costs nothing that was acknowledged; see docs/joiner.md.
 
 Two flushes may be in flight (``MAX_INFLIGHT``), so that the fetch loop goes on joining while the
 broker acknowledges the previous flush (it waited for it before, a third of the time of a backlog
@@ -35,8 +36,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
-
-from faust.types import TP
 
 from stream.join.driver import FunnelJoin, Output
 from stream.join.faust_store import SEAL_KEY, FaustTableStore
@@ -137,6 +136,10 @@ class Flusher:
         await self.final_flushes(CLOSE_WAIT_S)
         self.closed = True
         await self.wait_inflight(CLOSE_WAIT_S)
+        for part in list(self.join.parts.values()):  # what was settled survives the stop (no write-ahead log)
+            store = part.store
+            assert isinstance(store, FaustTableStore)
+            store.persist()
 
     async def final_flushes(self, timeout_s: float | None = None) -> None:
         """The last flushes of an ownership (a revocation, a stop): everything pending, then the
@@ -280,11 +283,16 @@ class Flusher:
             # them unacknowledged has their next owner read the source records again.
             log.warning("a flush completed after this joiner lost its group membership: not settled")
             return
+        # each partition's states with the acked changelog offset that covers them, in one batch
+        # (faust's recovery starts after that offset: both land in RocksDB, or neither)
         for store, drained in written:
-            store.settle(drained)
-        backend: Any = self.table.data
-        for p, offset in acked.items():
-            backend.set_persisted_offset(TP(self.changelog, p), offset)
+            store.settle(drained, acked.pop(store.partition, None))
+        for p, offset in acked.items():  # changelog records with no states of this flush (none today)
+            part = self.join.parts.get(p)
+            if part is not None:
+                held = part.store
+                assert isinstance(held, FaustTableStore)
+                held.settle({}, offset)
         for p, wm in swept:
             self.join.persist_swept(p, wm)  # unless revoked meanwhile
         if messages:
@@ -353,4 +361,11 @@ class Flusher:
         for tp in tps:
             self.waited.discard(tp)
             self.next_offset.pop(tp, None)
+            part = self.join.parts.get(tp.partition)
+            if part is not None:
+                # its writes skipped the write-ahead log: on disk before faust may write it with the
+                # log (its recovery, if it comes back), else a kill -9 could keep those and not ours
+                store = part.store
+                assert isinstance(store, FaustTableStore)
+                store.persist()
             self.join.forget(tp.partition)

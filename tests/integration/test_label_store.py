@@ -106,6 +106,44 @@ def test_faust_store_get_many_reads_unsent_then_unsettled_then_settled_writes(tm
     db.close()
 
 
+class CountingDb:
+    """A rocksdict that records the keys each multi-get asks for."""
+
+    def __init__(self, db: Rdict) -> None:
+        self.db = db
+        self.asked: list[list[bytes]] = []
+
+    def get(self, key: object) -> object:
+        if isinstance(key, list):
+            self.asked.append(list(key))
+        return self.db.get(key)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self.db[key] = value
+
+
+def test_faust_store_get_many_asks_rocksdb_only_for_the_states_it_holds(tmp_path: Path) -> None:
+    db = open_rdict(tmp_path / "faust")
+    s = FaustTableStore(FakeTable(db), 0, due_in_value)  # type: ignore[arg-type]
+    s.put(b"old", b"o", None)
+    s.put(b"gone", b"g", None)
+    s.settle(s.drain())
+    counting = CountingDb(db)
+    s = FaustTableStore(FakeTable(counting), 0, due_in_value)  # type: ignore[arg-type]  # a restart: held, from RocksDB
+    s.delete(b"gone")
+    s.put(b"fresh", b"f", None)
+    keys = [b"new-1", b"old", b"gone", b"fresh", b"new-2"]
+    assert s.get_many(keys) == [None, b"o", None, b"f", None]
+    assert counting.asked == [[b"old"]]  # new impressions' keys and pending writes: not asked
+    s.settle(s.drain())
+    assert s.get_many(keys) == [None, b"o", None, b"f", None]
+    assert counting.asked[1:] == [[b"old", b"fresh"]]
+    db.close()
+
+
 def test_pop_due_in_due_order_and_only_once(store: LabelStore) -> None:
     store.put(b"late", b"x", on(1, 30))  # type: ignore[arg-type]
     store.put(b"early", b"x", on(1, -5))  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,7 +28,7 @@ from rocksdict import Options, Rdict
 
 from stream.contract.events import Event, encode_event
 from stream.join.driver import RECENT_KEY, SWEPT_KEY, FunnelJoin, JoinTopics, unpack_recent
-from stream.join.faust_store import META_PREFIX, FaustTableStore
+from stream.join.faust_store import META_PREFIX, OFFSET_KEY, FaustTableStore
 from stream.join.flusher import Flusher
 from stream.join.funnel import FunnelConfig, Swept, next_dues
 from stream.join.state_codec import decode_state
@@ -124,15 +125,15 @@ class FakeBackend:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.dbs: dict[int, Rdict] = {}
-        self.persisted: dict[int, int] = {}
 
     def _db_for_partition(self, p: int) -> Rdict:
         if p not in self.dbs:
             self.dbs[p] = Rdict(str(self.path / f"p{p}"), Options(raw_mode=True))
         return self.dbs[p]
 
-    def set_persisted_offset(self, tp: Any, offset: int) -> None:
-        self.persisted[tp.partition] = offset
+    def persisted_offset(self, tp: Any) -> int | None:  # faust's: the offset its recovery starts after
+        raw = self._db_for_partition(tp.partition).get(OFFSET_KEY)
+        return None if raw is None else int(raw)
 
 
 class FakeChangelog:
@@ -204,7 +205,71 @@ def test_a_flush_sends_the_states_then_acknowledges_their_source_records(tmp_pat
         assert rig.sender.records_to(CHANGELOG) >= 1  # the state (and the partition's seal)
         assert rig.consumer.acked == [msg]
         assert rig.table.data._db_for_partition(0).get(b"i1") is not None  # settled locally
-        assert rig.table.data.persisted[0] >= 0
+        assert rig.table.data.persisted_offset(TP(CHANGELOG, 0)) == rig.sender.records_to(CHANGELOG) - 1
+
+    asyncio.run(run())
+
+
+def crash_copy(rig: Rig, name: str) -> dict[bytes, bytes | None]:
+    """What a kill -9 would leave of partition 0's RocksDB now: its files as they are (the page
+    cache included, which outlives the process), opened as a copy; the states ``i1``/``i2``, the
+    swept lanes and the persisted offset found there."""
+    src = rig.table.data.path / "p0"
+    dst = rig.table.data.path.parent / f"crash-{name}"
+    shutil.copytree(src, dst)
+    db = Rdict(str(dst), Options(raw_mode=True))
+    try:
+        return {k: db.get(k) for k in (b"i1", b"i2", META_PREFIX + SWEPT_KEY, OFFSET_KEY)}
+    finally:
+        db.close()
+
+
+def test_a_kill_leaves_the_states_and_the_offset_that_covers_them_in_rocksdb_together(tmp_path: Path) -> None:
+    """The local RocksDB is written without its write-ahead log (faust_store.py): after a kill -9
+    it holds the writes up to its last memtable flush - the states, the persisted changelog
+    offset that covers them (where faust's recovery resumes) and the swept lanes as one earlier
+    point, never an offset without its states. Once the joiner stops, everything settled is on
+    disk."""
+
+    async def run() -> None:
+        rig = Rig(tmp_path / "run")
+        rig.impression("i1")
+        await rig.flusher.flush()
+        await rig.flusher.wait_inflight()
+        rig.clock.advance(1_000)
+        rig.impression("i2")
+        await rig.flusher.flush()
+        await rig.flusher.wait_inflight()
+        db = rig.table.data._db_for_partition(0)
+        assert db.get(b"i1") is not None and db.get(b"i2") is not None  # settled: read by this joiner
+        written = rig.table.data.persisted_offset(TP(CHANGELOG, 0))
+        assert written is not None and written == rig.sender.records_to(CHANGELOG) - 1
+        killed = crash_copy(rig, "running")
+        present = {k for k, v in killed.items() if v is not None}
+        assert present in (set(), set(killed)), f"a kill would keep {sorted(present)} without the rest"
+        await rig.flusher.close()
+        stopped = crash_copy(rig, "stopped")
+        assert stopped[b"i1"] == db.get(b"i1") and stopped[b"i2"] == db.get(b"i2")
+        assert stopped[OFFSET_KEY] == str(rig.sender.records_to(CHANGELOG) - 1).encode()  # its last flushes' too
+
+    asyncio.run(run())
+
+
+def test_a_revocation_puts_the_states_on_disk_before_faust_may_write_the_partition_with_its_log(
+    tmp_path: Path,
+) -> None:
+    """If the partition comes back, faust's recovery writes its RocksDB with the write-ahead log;
+    a kill -9 after that would keep those writes and drop ours still in the memtable - an offset
+    covering states that are gone. So a revocation flushes the memtable before the partition goes."""
+
+    async def run() -> None:
+        rig = Rig(tmp_path / "run")
+        rig.impression("i1")
+        await rig.flusher.revoked({TP(t, 0) for t in TOPICS.events})
+        db = rig.table.data._db_for_partition(0)
+        db.put(OFFSET_KEY, b"1000")  # faust recovers the partition after its next assignment (with the log)
+        killed = crash_copy(rig, "after-recovery")
+        assert killed[b"i1"] is not None and killed[b"i1"] == db.get(b"i1")
 
     asyncio.run(run())
 
@@ -304,7 +369,7 @@ def test_a_flush_completing_after_an_eviction_is_neither_settled_nor_acknowledge
         await rig.flusher.wait_inflight()
         assert rig.sender.records_to(CHANGELOG) >= 1
         assert rig.consumer.acked == []
-        assert rig.table.data.persisted == {}
+        assert rig.table.data.persisted_offset(TP(CHANGELOG, 0)) is None
         assert rig.table.data._db_for_partition(0).get(b"i1") is None
 
     asyncio.run(run())
