@@ -213,8 +213,7 @@ class Flusher:
             drained = store.drain()
             if drained:
                 written.append((store, drained))
-                for key, value in drained.items():
-                    sender.add(self.changelog, key, value, p)
+                sender.add_to(self.changelog, p, drained.items())
                 sender.seal(self.changelog, p, SEAL_KEY)  # the partition's true end for recovery
         batches = sender.take()
         messages = self.unacked[:]

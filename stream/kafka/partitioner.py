@@ -86,6 +86,7 @@ def producer_partition_of(producer: Any, fallback: Callable[[str, bytes], int]) 
         listed.clear()
 
     metadata.add_listener(forget)  # ClusterMetadata calls it after each update
+    murmur = _murmur2
 
     def partition_of(topic: str, key: bytes) -> int:
         partitions = listed.get(topic)
@@ -94,6 +95,6 @@ def producer_partition_of(producer: Any, fallback: Callable[[str, bytes], int]) 
             if not found:
                 return fallback(topic, key)
             partitions = listed[topic] = list(found)  # the producer's own order (``_partition``)
-        return key_partition(key, partitions)
+        return partitions[(murmur(key) & 0x7FFFFFFF) % len(partitions)]  # key_partition, inline (per record)
 
     return partition_of

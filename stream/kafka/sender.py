@@ -10,7 +10,7 @@ them once per sweep. Records of one partition keep their order.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 PartitionOf = Callable[[str, bytes], int]
@@ -45,6 +45,24 @@ class BatchSender:
             if builder.append(key=key, value=value, timestamp=None) is None:
                 raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a batch for {topic}")
         self.pending += 1
+
+    def add_to(self, topic: str, partition: int, records: Iterable[tuple[bytes, bytes | None]]) -> None:
+        """``add`` of each ``(key, value)`` to one ``partition`` of ``topic``, in order (a flush's
+        changelog records of a partition: one lookup of its batch, not one per record)."""
+        tp = (topic, partition)
+        builder = self._open.get(tp)
+        if builder is None:
+            builder = self._open[tp] = self._producer.create_batch()
+        n = 0
+        for key, value in records:
+            if builder.append(key=key, value=value, timestamp=None) is None:  # full: start another
+                self._full.append((topic, partition, builder))
+                builder = self._open[tp] = self._producer.create_batch()
+                if builder.append(key=key, value=value, timestamp=None) is None:
+                    self.pending += n
+                    raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a batch for {topic}")
+            n += 1
+        self.pending += n
 
     def seal(self, topic: str, partition: int, key: bytes, value: bytes | None = None) -> None:
         """End the partition's records with ``key``/``value`` alone in a record batch of its own,

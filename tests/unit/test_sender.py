@@ -123,3 +123,20 @@ def test_each_keyed_record_goes_where_partition_of_says_now() -> None:
     s.add("t", b"abc", b"2")  # 3 % 4 = 3
     asyncio.run(s.flush())
     assert sorted((part, [v for _, v in recs]) for _, part, recs in p.sent) == [(1, [b"1"]), (3, [b"2"])]
+
+
+def test_add_to_is_add_of_each_record_to_one_partition_in_order_and_rolls_over() -> None:
+    records = [(b"k%d" % i, b"v" * 60 + b"%d" % i) for i in range(12)] + [(b"gone", None)]
+    one, many = Producer(batch_size=300), Producer(batch_size=300)
+    a, b = BatchSender(one, by_key_length), BatchSender(many, by_key_length)
+    a.add("other", b"x", b"y")
+    b.add("other", b"x", b"y")
+    for key, value in records:
+        a.add("log", key, value, partition=3)
+    b.add_to("log", 3, iter(records))
+    assert b.pending == a.pending == len(records) + 1
+    asyncio.run(a.flush())
+    asyncio.run(b.flush())
+    assert many.sent == one.sent
+    assert len([s for s in many.sent if s[0] == "log"]) > 1  # the records filled more than one batch
+    assert [r for t, part, recs in many.sent if t == "log" for r in recs] == records
