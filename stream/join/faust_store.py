@@ -9,7 +9,7 @@ from typing import Any
 
 from faust.stores.rocksdb import Store as FaustRocksStore
 from faust.types import TP
-from rocksdict import WriteBatch, WriteOptions
+from rocksdict import WriteBatch
 
 from stream.join.driver import SWEPT_KEY, unpack_swept
 from stream.join.funnel import Dues, Swept
@@ -24,9 +24,6 @@ SEAL_KEY = META_PREFIX + b"seal"
 _MISSING: Any = object()
 # faust's key of a partition's persisted changelog offset in its RocksDB (what its recovery reads)
 OFFSET_KEY: bytes = FaustRocksStore.offset_key
-# the store's writes skip RocksDB's write-ahead log (see ``FaustTableStore``)
-NO_WAL = WriteOptions()
-NO_WAL.disable_wal = True  # type: ignore[method-assign, assignment]  # a property (rocksdict's stub says a method)
 log = logging.getLogger(__name__)
 
 
@@ -42,16 +39,9 @@ class FaustTableStore:
     the acked changelog offset as the partition's persisted offset (faust's key). Faust's recovery
     reads that changelog exactly as if it had written it.
 
-    These writes skip RocksDB's write-ahead log (``NO_WAL``; the log was ~80% of a write's cost,
-    docs/joiner.md, round 18), as Kafka Streams does for its stores: the changelog is the log. A
-    kill -9 then loses the writes since RocksDB last flushed its memtable - states, persisted
-    offset and metadata together, so the local RocksDB is always one earlier consistent point,
-    and faust's recovery replays the changelog from that point's offset. What must never happen
-    is a write *with* the log landing after writes without it and no memtable flush between
-    (RocksDB would recover the later write and not the earlier ones: an offset covering states
-    that are gone); faust writes a partition's RocksDB with the log only when it recovers it after
-    an assignment, so ``persist()`` flushes the memtable before a partition is given up (and
-    when the joiner stops). The source records behind those
+    The writes keep RocksDB's write-ahead log. Without it (as Kafka Streams writes its stores;
+    the log was ~80% of a write's cost) the two-joiner rebalance bench with every leave a kill -9
+    lost labels in two runs of two (docs/joiner.md, round 18): not kept. The source records behind those
     writes, and their outputs, are acknowledged in the same step (see ``build_app``): after a
     kill -9 the local RocksDB holds no write whose outputs may be lost, so the replayed records
     redo them. Reads look in ``outbox``, then in ``sending`` (the drains not yet settled, the newest
@@ -148,8 +138,8 @@ class FaustTableStore:
         return out
 
     def settle(self, written: dict[bytes, bytes | None], offset: int | None = None) -> None:
-        """Write drained writes into the local RocksDB, in one batch without the write-ahead log
-        (a ``WriteBatch`` costs ~3 us per record against ~5.5 us for single puts), with
+        """Write drained writes into the local RocksDB, in one batch (a ``WriteBatch`` costs ~3 us
+        per record against ~5.5 us for single puts), with
         ``offset``, the acked changelog offset that covers them, as the persisted offset faust's
         recovery starts after: both land, or neither."""
         if not written and offset is None:
@@ -162,7 +152,7 @@ class FaustTableStore:
                 batch.put(key, value)
         if offset is not None:
             batch.put(OFFSET_KEY, str(offset).encode())  # as faust's ``set_persisted_offset`` writes it
-        self._db.write(batch, NO_WAL)
+        self._db.write(batch)
         for i, sent in enumerate(self.sending):
             if sent is written:
                 del self.sending[i]
@@ -176,18 +166,11 @@ class FaustTableStore:
 
     def put_meta(self, name: bytes, value: bytes) -> None:
         """Into the outbox (its changelog record goes out with the next flush) and straight into
-        the local RocksDB too (without the write-ahead log, as every write here): metadata is
-        written once its outputs are acknowledged (the swept watermarks,
-        ``FunnelJoin.persist_swept``), so a restart from this RocksDB starts from it rather than
-        from the one of the flush before (fewer finals emitted twice)."""
+        the local RocksDB too: metadata is written once its outputs are acknowledged (the swept
+        watermarks, ``FunnelJoin.persist_swept``), so a kill -9 restarts from it rather than from
+        the one of the flush before (fewer finals emitted twice)."""
         self.outbox[META_PREFIX + name] = value  # not a state: neither counted nor indexed
-        self._db.put(META_PREFIX + name, value, NO_WAL)
-
-    def persist(self) -> None:
-        """Flush RocksDB's memtable to disk: every write so far survives a kill -9 from now on.
-        Before a partition is given up (faust then writes it with the write-ahead log when it
-        recovers it again) and when the joiner stops (so that its restart starts from here)."""
-        self._db.flush(True)
+        self._db[META_PREFIX + name] = value
 
     def __len__(self) -> int:
         """States held (open and retained funnels), whether due or not."""

@@ -7,7 +7,7 @@ or a timer - sweeps every partition whose watermarks moved, drains every store's
 the table's changelog, and submits it all - the outputs first, the changelog records once the
 outputs are acknowledged; ``complete`` waits for the acks, then writes the
 states into the local RocksDB with the acked changelog offsets for faust's recovery (one batch per
-partition, without RocksDB's write-ahead log: ``FaustTableStore``), stores the swept watermarks
+partition: ``FaustTableStore.settle``), stores the swept watermarks
 and acknowledges the source records (faust commits their offsets only then). A kill -9 therefore
 costs nothing that was acknowledged; see docs/joiner.md.
 
@@ -136,10 +136,6 @@ class Flusher:
         await self.final_flushes(CLOSE_WAIT_S)
         self.closed = True
         await self.wait_inflight(CLOSE_WAIT_S)
-        for part in list(self.join.parts.values()):  # what was settled survives the stop (no write-ahead log)
-            store = part.store
-            assert isinstance(store, FaustTableStore)
-            store.persist()
 
     async def final_flushes(self, timeout_s: float | None = None) -> None:
         """The last flushes of an ownership (a revocation, a stop): everything pending, then the
@@ -360,11 +356,4 @@ class Flusher:
         for tp in tps:
             self.waited.discard(tp)
             self.next_offset.pop(tp, None)
-            part = self.join.parts.get(tp.partition)
-            if part is not None:
-                # its writes skipped the write-ahead log: on disk before faust may write it with the
-                # log (its recovery, if it comes back), else a kill -9 could keep those and not ours
-                store = part.store
-                assert isinstance(store, FaustTableStore)
-                store.persist()
             self.join.forget(tp.partition)

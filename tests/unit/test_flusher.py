@@ -229,11 +229,10 @@ def crash_copy(rig: Rig, name: str) -> dict[bytes, bytes | None]:
 
 
 def test_a_kill_leaves_the_states_and_the_offset_that_covers_them_in_rocksdb_together(tmp_path: Path) -> None:
-    """The local RocksDB is written without its write-ahead log (faust_store.py): after a kill -9
-    it holds the writes up to its last memtable flush - the states, the persisted changelog
-    offset that covers them (where faust's recovery resumes) and the swept lanes as one earlier
-    point, never an offset without its states. Once the joiner stops, everything settled is on
-    disk."""
+    """After a kill -9 the local RocksDB holds the states, the persisted changelog offset that
+    covers them (where faust's recovery resumes) and the swept lanes as one point - never an
+    offset without its states (the offset is written in the states' own batch); once the joiner
+    stops, everything settled is there."""
 
     async def run() -> None:
         rig = Rig(tmp_path / "run")
@@ -262,9 +261,9 @@ def test_a_kill_leaves_the_states_and_the_offset_that_covers_them_in_rocksdb_tog
 def test_a_revocation_puts_the_states_on_disk_before_faust_may_write_the_partition_with_its_log(
     tmp_path: Path,
 ) -> None:
-    """If the partition comes back, faust's recovery writes its RocksDB with the write-ahead log;
-    a kill -9 after that would keep those writes and drop ours still in the memtable - an offset
-    covering states that are gone. So a revocation flushes the memtable before the partition goes."""
+    """If the partition comes back, faust's recovery writes its RocksDB with the write-ahead log; a
+    kill -9 after that must still find the states this joiner settled before it gave the partition
+    up (a store written without the log would lose them: an offset covering states that are gone)."""
 
     async def run() -> None:
         rig = Rig(tmp_path / "run")
