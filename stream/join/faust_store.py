@@ -37,16 +37,16 @@ class FaustTableStore:
     sends it to the table's changelog topic and partition with the raw producer, and once it is
     acknowledged ``settle()`` writes it into the partition's rocksdict in one ``WriteBatch``, with
     the acked changelog offset as the partition's persisted offset (faust's key). Faust's recovery
-    reads that changelog exactly as if it had written it.
-
-    The writes keep RocksDB's write-ahead log. Without it (as Kafka Streams writes its stores;
-    the log was ~80% of a write's cost) the two-joiner rebalance bench with every leave a kill -9
-    lost labels in two runs of two (docs/joiner.md, round 18): not kept. The source records behind those
+    reads that changelog exactly as if it had written it. The source records behind those
     writes, and their outputs, are acknowledged in the same step (see ``build_app``): after a
     kill -9 the local RocksDB holds no write whose outputs may be lost, so the replayed records
     redo them. Reads look in ``outbox``, then in ``sending`` (the drains not yet settled, the newest
     first: two flushes may be in flight), then RocksDB. The due index (a heap per lane) is in
     memory, rebuilt on creation.
+
+    The writes keep RocksDB's write-ahead log. Without it (as Kafka Streams writes its stores;
+    the log was ~80% of a write's cost) the two-joiner rebalance bench with every leave a kill -9
+    lost labels in two runs of two (docs/joiner.md, round 18): not kept.
     """
 
     def __init__(self, table: Any, partition: int, due_of: Callable[[bytes, Swept], Dues]) -> None:
@@ -139,9 +139,9 @@ class FaustTableStore:
 
     def settle(self, written: dict[bytes, bytes | None], offset: int | None = None) -> None:
         """Write drained writes into the local RocksDB, in one batch (a ``WriteBatch`` costs ~3 us
-        per record against ~5.5 us for single puts), with
-        ``offset``, the acked changelog offset that covers them, as the persisted offset faust's
-        recovery starts after: both land, or neither."""
+        per record against ~5.5 us for single puts), with ``offset``, the acked changelog offset
+        that covers them, as the persisted offset faust's recovery starts after: both land, or
+        neither."""
         if not written and offset is None:
             return
         batch = WriteBatch(raw_mode=True)
