@@ -105,9 +105,7 @@ class Flusher:
         sender = self.get_sender()
         out: list[Output] = []
         self.join.on_batch([(m.topic, m.partition, m.key, m.value, m.offset, behind) for m, behind in batch], out)
-        add = sender.add
-        for o in out:
-            add(o.topic, o.key, o.value)
+        sender.add_all(out)
         unacked = self.unacked
         next_offset = self.next_offset
         for m, _ in batch:
@@ -197,8 +195,7 @@ class Flusher:
             if join.sweep_due(p, force=True):
                 out: list[Output] = []
                 join.sweep(p, out)
-                for o in out:
-                    sender.add(o.topic, o.key, o.value)
+                sender.add_all(out)
                 wm = join.take_sweep(p)
                 if wm is not None:
                     swept.append((p, wm))

@@ -66,6 +66,60 @@ def test_the_installed_faust_is_the_one_the_bulk_loop_copies() -> None:
     assert not changed, f"faust's {changed} changed: re-check stream/kafka/faust_bulk.py against them"
 
 
+def test_fetch_order_is_faust_schedulers_round_robin_on_random_fetches() -> None:
+    """The bulk loop takes a fetch's records in ``fetch_order`` when faust's scheduler is its
+    default one; the order must be that scheduler's, record for record (topics round robin in the
+    order they first appear, each topic's partitions round robin, empty and exhausted ones skipped)."""
+    import random
+
+    rng = random.Random(7)
+    topics = ["impressions", "clicks", "applications", "approvals", "activations", "funnels-changelog"]
+    for _ in range(400):
+        records: dict[TP, list[Record]] = {}
+        for _ in range(rng.randint(1, 14)):
+            tp = TP(rng.choice(topics), rng.randint(0, 5))
+            if tp not in records:
+                records[tp] = [Record(rng.randint(0, 10**6)) for _ in range(rng.choice([0, 1, 2, 3, 7, 40, 300]))]
+        expected = list(DefaultSchedulingStrategy().iterate(records))
+        assert faust_bulk.fetch_order(records) == expected
+
+
+def test_a_fetch_of_many_partitions_is_handled_whole_in_the_schedulers_order() -> None:
+    """Five topics over three partitions, of uneven lengths, in batches of at most YIELD_EVERY:
+    every record handed over once, in faust's order, each with its ``behind`` flag."""
+    tps = [TP(t, p) for t in ("impressions", "clicks", "approvals") for p in range(3)]
+    sizes = {tp: n for tp, n in zip(tps, [130, 90, 150, 12, 0, 30, 1, 2, 3], strict=True)}
+    fetch = {tp: [Record(o) for o in range(5, 5 + n)] for tp, n in sizes.items()}
+    got: list[tuple[TP, int, bool]] = []
+    sizes_seen: list[int] = []
+
+    def handle(batch: list[tuple[Any, bool]]) -> bool:
+        sizes_seen.append(len(batch))
+        got.extend((m.tp, m.offset, behind) for m, behind in batch)
+        return False
+
+    class Many(FakeFaustConsumer):
+        async def _wait_next_records(self, timeout: float) -> tuple[dict[TP, list[Record]], set[TP]]:
+            if self.script:
+                self.script.pop(0)
+                return fetch, set(tps)
+            self._stopped.set()
+            return {}, set(tps)
+
+        def highwater(self, tp: TP) -> int:
+            return 5 + sizes[tp]  # read to its end by this fetch
+
+    cls = bulk_consumer(Many, ["impressions", "clicks", "approvals"], handle, _flush)
+    consumer = cls(FakeApp(), [], 0, 0)
+    consumer.script = [_nothing]
+    asyncio.run(consumer._drain_messages(consumer))
+    order = list(DefaultSchedulingStrategy().iterate(fetch))
+    assert [(tp, r.offset) for tp, r in order] == [(tp, o) for tp, o, _ in got]
+    assert all(behind == (o + 1 < 5 + sizes[tp]) for tp, o, behind in got)
+    assert max(sizes_seen) == faust_bulk.YIELD_EVERY and sum(sizes_seen) == sum(sizes.values())
+    assert {tp: consumer._read_offset[tp] for tp in tps if sizes[tp]} == {tp: 4 + n for tp, n in sizes.items() if n}
+
+
 def test_bulk_consumer_refuses_another_faust_version(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(faust_bulk.faust, "__version__", "0.16.0")
     with pytest.raises(TypeError, match=r"copies faust-streaming 0\.15\.3's consumer loop, and 0\.16\.0 is installed"):

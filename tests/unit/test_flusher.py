@@ -79,6 +79,10 @@ class FakeSender:
     def add(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
         self.pending.append((topic, partition, key, value))
 
+    def add_all(self, records: Any) -> None:
+        for topic, key, value in records:
+            self.add(topic, key, value)
+
     def add_to(self, topic: str, partition: int, records: Any) -> None:
         for key, value in records:
             self.add(topic, key, value, partition)
