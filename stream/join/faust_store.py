@@ -24,6 +24,10 @@ SEAL_KEY = META_PREFIX + b"seal"
 _MISSING: Any = object()
 # faust's key of a partition's persisted changelog offset in its RocksDB (what its recovery reads)
 OFFSET_KEY: bytes = FaustRocksStore.offset_key
+# the writes of a partition's last settled flushes, kept readable in memory: a backlog read races
+# through event time, and a sweep's states are mostly ones a flush or two before wrote (a
+# RocksDB multi-get cost ~1-10 us a key in ``bench.join_profile``; issue 16, round 19)
+SETTLED_KEPT = 2
 log = logging.getLogger(__name__)
 
 
@@ -62,6 +66,9 @@ class FaustTableStore:
         self.outbox: dict[bytes, bytes | None] = {}
         # drained, not yet acknowledged and settled: one dict per drain, oldest first
         self.sending: list[dict[bytes, bytes | None]] = []
+        # the last SETTLED_KEPT drains settled into RocksDB, oldest first: what RocksDB holds for
+        # their keys, unless a newer drain (kept, or still sending) wrote the key again
+        self.settled: list[dict[bytes, bytes | None]] = []
         swept = unpack_swept(self.get_meta(SWEPT_KEY))
         for key, value in self._db.items():
             if key.startswith(META_PREFIX) or key.startswith(b"__faust"):
@@ -83,21 +90,22 @@ class FaustTableStore:
         v = self.outbox.get(key, _MISSING)
         if v is not _MISSING:
             return v
-        for sent in reversed(self.sending):
-            v = sent.get(key, _MISSING)
+        for written in (*reversed(self.sending), *reversed(self.settled)):
+            v = written.get(key, _MISSING)
             if v is not _MISSING:
                 return v
         v = self._db.get(key)
         return v if v is None or type(v) is bytes else bytes(v)
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
-        """States of ``keys``: the unsent and unacknowledged writes first, the rest from RocksDB in
-        one multi-get - of the keys held only (``_keys``: every state in RocksDB, read at open, and
-        every put since): a key not held has no state, or its delete is pending, and RocksDB is not
-        asked (most of a batch's keys are new impressions: a multi-get of them cost ~0.9 us each)."""
+        """States of ``keys``: the unsent, unacknowledged and last settled writes first (newest
+        first), the rest from RocksDB in one multi-get - of the keys held only (``_keys``: every
+        state in RocksDB, read at open, and every put since): a key not held has no state, or its
+        delete is pending, and RocksDB is not asked (most of a batch's keys are new impressions: a
+        multi-get of them cost ~0.9 us each)."""
         held = self._keys
         out: list[bytes | None] = [None] * len(keys)
-        newest_first = [self.outbox, *reversed(self.sending)]
+        newest_first = [self.outbox, *reversed(self.sending), *reversed(self.settled)]
         ask: list[int] = []
         for i, key in enumerate(keys):
             if key not in held:
@@ -157,6 +165,12 @@ class FaustTableStore:
             if sent is written:
                 del self.sending[i]
                 break
+        if written:
+            # drains settle in the order they were drained, so the oldest kept goes first: a key is
+            # then found in its newest kept write, or in none (and RocksDB has its newest value)
+            self.settled.append(written)
+            if len(self.settled) > SETTLED_KEPT:
+                del self.settled[0]
 
     def pop_due(self, lane: int, until_ms: int) -> list[bytes]:
         return self._index.pop_due(lane, until_ms)

@@ -140,7 +140,40 @@ def test_faust_store_get_many_asks_rocksdb_only_for_the_states_it_holds(tmp_path
     assert counting.asked == [[b"old"]]  # new impressions' keys and pending writes: not asked
     s.settle(s.drain())
     assert s.get_many(keys) == [None, b"o", None, b"f", None]
-    assert counting.asked[1:] == [[b"old", b"fresh"]]
+    assert counting.asked[1:] == [[b"old"]]  # "fresh" was settled by the last flush: read from memory
+    db.close()
+
+
+def test_faust_store_reads_the_states_of_its_last_settled_flushes_as_rocksdb_holds_them(tmp_path: Path) -> None:
+    """A sweep reads the states whose dues came, many written a flush or two before (a backlog
+    read races through event time): those the last ``SETTLED_KEPT`` flushes settled are read from
+    what they wrote - the values RocksDB holds, deletes included - and only older ones from RocksDB."""
+    from stream.join.faust_store import SETTLED_KEPT
+
+    db = open_rdict(tmp_path / "faust")
+    counting = CountingDb(db)
+    s = FaustTableStore(FakeTable(counting), 0, due_in_value)  # type: ignore[arg-type]
+    flushes: list[list[tuple[bytes, bytes | None]]] = [
+        [(b"a", b"a1"), (b"b", b"b1"), (b"e", b"e1")],
+        [(b"a", b"a2")],
+        [(b"c", b"c1"), (b"b", None)],
+        [(b"d", b"d1"), (b"e", b"e2")],
+    ]
+    assert SETTLED_KEPT == 2  # the last two flushes below are kept, the first two are not
+    for writes in flushes:
+        for key, value in writes:
+            if value is None:
+                s.delete(key)
+            else:
+                s.put(key, value, None)
+        s.settle(s.drain())
+    keys = [b"a", b"b", b"c", b"d", b"e", b"x"]
+    want = [b"a2", None, b"c1", b"d1", b"e2", None]
+    assert [db.get(k) for k in keys] == want  # what RocksDB holds
+    assert s.get_many(keys) == want
+    assert [s.get(k) for k in keys] == want
+    asked = [k for call in counting.asked for k in call]
+    assert asked == [b"a"]  # written by a flush no longer kept: the one key the multi-get asks RocksDB for
     db.close()
 
 
