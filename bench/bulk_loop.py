@@ -1,0 +1,171 @@
+"""The joiner's fetch-loop and sender costs in process, no broker: ``python -m bench.bulk_loop [--json F]``.
+
+- ``bulk_loop_us_per_record``: ``stream.kafka.faust_bulk``'s fetch loop (over faust's real
+  consumer class and scheduler, with stand-ins for what it awaits) handing fetches shaped like the
+  joiner bench's - five topics over four partitions, 400 impressions to 2 activations per
+  partition and fetch - to a handler that keeps nothing;
+- ``sender_us_per_record``: ``BatchSender`` filling aiokafka's record batches with a batch's
+  outputs (``add_all``, keyed samples) and a flush's changelog records (``add_to``).
+
+Each is the best of five passes (CPU time). docs/joiner.md, round 19.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bench.report import write_json
+
+TOPICS = ("impressions", "clicks", "applications", "approvals", "activations")
+PER_FETCH = {"impressions": 400, "clicks": 40, "applications": 8, "approvals": 4, "activations": 2}
+PARTITIONS = 4
+
+
+def _fetches(n: int) -> list[dict[Any, list[Any]]]:
+    from aiokafka.structs import ConsumerRecord
+    from faust.types import TP
+
+    pos: dict[Any, int] = defaultdict(int)
+    out = []
+    for _ in range(n):
+        fetch = {}
+        for topic in TOPICS:
+            for p in range(PARTITIONS):
+                tp = TP(topic, p)
+                first = pos[tp]
+                fetch[tp] = [ConsumerRecord(topic, p, first + i, 0, 0, b"k%d" % i, b"v" * 200, None, 3, 200, ())
+                             for i in range(PER_FETCH[topic])]  # fmt: skip
+                pos[tp] = first + PER_FETCH[topic]
+        out.append(fetch)
+    return out
+
+
+def bulk_loop_us(fetches: int = 60, passes: int = 5) -> float:
+    """Best CPU microseconds per record of the bulk fetch loop over ``fetches`` fetches."""
+    from faust.transport.utils import DefaultSchedulingStrategy
+
+    from stream.kafka.faust_bulk import bulk_consumer
+
+    class App:
+        consumer_generation_id, rebalancing, monitor, should_stop = 1, False, None, False
+
+        class flow_control:  # faust's attribute names
+            @staticmethod
+            def is_active() -> bool:
+                return True
+
+        class topics:
+            @staticmethod
+            def acks_enabled_for(topic: str) -> bool:
+                return True
+
+    class Diag:
+        def set_flag(self, flag: str) -> None:
+            pass
+
+        def unset_flag(self, flag: str) -> None:
+            pass
+
+    class Consumer:
+        """What the bulk loop reads of faust's consumer; ``fetches`` are what its fetcher returns."""
+
+        consumer_stopped_errors = (RuntimeError,)
+
+        def __init__(self, batches: list[dict[Any, list[Any]]]) -> None:
+            self.app, self.diag, self.scheduler = App(), Diag(), DefaultSchedulingStrategy()  # type: ignore[abstract]
+            self._read_offset: dict[Any, int | None] = defaultdict(lambda: None)
+            self._stopped = asyncio.Event()
+            self.callback, self.flow_active, self.should_stop = None, True, False
+            self._buffered_partitions: set[Any] = set()
+            self._commit_every, self._n_acked = None, 0
+            self._left = iter(batches)
+
+        async def _wait_next_records(self, timeout: float) -> tuple[dict[Any, list[Any]], None]:
+            fetch = next(self._left, None)
+            if fetch is None:
+                self._stopped.set()
+                return {}, None
+            return fetch, None
+
+        def _to_message(self, tp: Any, record: Any) -> Any:
+            raise AssertionError("only the bulk topics are fetched here")
+
+        async def _add_gap(self, tp: Any, start: int, end: int) -> None:
+            raise AssertionError("no gaps here")
+
+        def highwater(self, tp: Any) -> int:
+            return 10**9
+
+        async def perform_seek(self) -> None:
+            pass
+
+        def ack(self, message: Any) -> bool:
+            return True
+
+    handled = [0]
+
+    def handle(batch: list[tuple[Any, bool]]) -> bool:
+        handled[0] += len(batch)
+        return False
+
+    async def flush() -> None:
+        return None
+
+    cls = bulk_consumer(Consumer, TOPICS, handle, flush)
+    best = float("inf")
+    for _ in range(passes):
+        consumer = cls(_fetches(fetches))
+        handled[0] = 0
+        t = time.process_time()
+        asyncio.run(consumer._drain_messages(consumer))
+        best = min(best, (time.process_time() - t) * 1e6 / handled[0])
+    return best
+
+
+def sender_us(records: int = 20_000, passes: int = 5) -> float:
+    """Best CPU microseconds per record of ``BatchSender`` over ``records`` samples (``add_all``, four
+    partitions by key) and as many changelog records (``add_to``, one partition)."""
+    from aiokafka.producer.message_accumulator import BatchBuilder
+
+    from stream.kafka.partitioner import key_partition
+    from stream.kafka.sender import BatchSender
+
+    class Producer:
+        def create_batch(self) -> BatchBuilder:
+            return BatchBuilder(1 << 20, 0)
+
+    partitions = list(range(4))
+    samples = [("samples", b"s7-d1-%06d" % i, b"x" * 300) for i in range(records)]
+    states = [(b"s7-d1-%06d" % i, b"y" * 389) for i in range(records)]
+    best = float("inf")
+    for _ in range(passes):
+        sender = BatchSender(Producer(), lambda _t, k: key_partition(k, partitions))
+        t = time.process_time()
+        sender.add_all(samples)
+        sender.add_to("changelog", 0, states)
+        sender.take()
+        best = min(best, (time.process_time() - t) * 1e6 / (2 * records))
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bulk_loop", description=__doc__)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+    report = {
+        "bulk_loop_us_per_record": round(bulk_loop_us(), 3),
+        "sender_us_per_record": round(sender_us(), 3),
+    }
+    print(report)
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
