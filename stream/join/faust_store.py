@@ -46,8 +46,8 @@ class FaustTableStore:
     kill -9 the local RocksDB holds no write whose outputs may be lost, so the replayed records
     redo them. Reads look in ``outbox``, then in ``sending`` (the drains not yet settled, the newest
     first: two flushes may be in flight), then in ``settled`` (the last ``SETTLED_KEPT`` drains
-    settled, the newest first: what RocksDB holds for their keys), then RocksDB. The due index (a heap per lane) is in
-    memory, rebuilt on creation.
+    settled, the newest first: what RocksDB holds for their keys), then RocksDB. The due index (a
+    heap per lane) is in memory, rebuilt on creation.
 
     The writes keep RocksDB's write-ahead log. Without it (as Kafka Streams writes its stores;
     the log was ~80% of a write's cost) the two-joiner rebalance bench with every leave a kill -9

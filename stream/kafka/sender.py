@@ -106,18 +106,21 @@ class BatchSender:
         opened = self._open
         ts = _now_ms()
         n = 0
-        for topic, key, value in records:
-            tp = (topic, partition_of(topic, key))
-            slot = opened.get(tp) or self._slot(tp)
-            append = slot.append
-            if append is not None and append(slot.count, ts, key, value, _NO_HEADERS) is not None:
-                slot.count += 1  # ``_Open.add``, inline (per record)
-            elif append is not None or not slot.add(key, value, ts):
-                if append is not None:
-                    slot.close()
-                self._roll(tp, slot, key, value, ts)
-            n += 1
-        self.pending += n
+        try:
+            for topic, key, value in records:
+                tp = (topic, partition_of(topic, key))
+                slot = opened.get(tp) or self._slot(tp)
+                append = slot.append  # ``_Open.add``, inline (per record)
+                if append is None:  # not aiokafka's builder
+                    if not slot.add(key, value, ts):
+                        self._roll(tp, slot, key, value, ts)
+                elif append(slot.count, ts, key, value, _NO_HEADERS) is None:  # full
+                    self._roll(tp, slot, key, value, ts)
+                else:
+                    slot.count += 1
+                n += 1
+        finally:
+            self.pending += n
 
     def add_to(self, topic: str, partition: int, records: Iterable[tuple[bytes, bytes | None]]) -> None:
         """``add`` of each ``(key, value)`` to one ``partition`` of ``topic``, in order (a flush's
