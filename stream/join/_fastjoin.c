@@ -968,12 +968,21 @@ static PyObject *parse_records(PyObject *Py_UNUSED(module), PyObject *const *arg
         long step = PyLong_CheckExact(stepobj) ? PyLong_AsLong(stepobj) : -1;
         if (step >= 0 && step < LANES && PyBytes_CheckExact(raw) &&
             parse_event(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), (int)step, &iid, &t, &eid, &bank, &feats)) {
+            /* (impression id, time, state), built directly (Py_BuildValue reads its format per call) */
             PyObject *state = step ? Py_NewRef(Py_None) : impression_state(&bank, t, &feats);
-            r = state ? Py_BuildValue("(y#LN)", iid.p, iid.n, (long long)t, state) : NULL;
+            PyObject *id = state ? PyBytes_FromStringAndSize(iid.p, iid.n) : NULL;
+            PyObject *when = id ? PyLong_FromLongLong((long long)t) : NULL;
+            r = when ? PyTuple_New(3) : NULL;
             if (!r) {
+                Py_XDECREF(state);
+                Py_XDECREF(id);
+                Py_XDECREF(when);
                 Py_DECREF(out);
                 return NULL;
             }
+            PyTuple_SET_ITEM(r, 0, id);
+            PyTuple_SET_ITEM(r, 1, when);
+            PyTuple_SET_ITEM(r, 2, state);
         } else {
             if (PyErr_Occurred()) {
                 Py_DECREF(out);
@@ -986,11 +995,9 @@ static PyObject *parse_records(PyObject *Py_UNUSED(module), PyObject *const *arg
     return out;
 }
 
-/* After a function's samples: its buffers freed; 1 to go on, 0 (samples dropped) when one
-   was declined (rc 0) or failed (rc -1, an exception set). */
-static int samples_done(int rc, Buf *b, Writer *w, PyObject *samples) {
-    PyMem_Free(b->p);
-    writer_free(w);
+/* After a function's samples: 1 to go on, 0 (samples dropped) when one was declined (rc 0) or
+   failed (rc -1, an exception set). The buffers are the caller's to free. */
+static int samples_kept(int rc, PyObject *samples) {
     if (rc > 0) return 1;
     Py_DECREF(samples);
     return 0;
@@ -1013,20 +1020,12 @@ static int read_advance_args(PyObject *const *a, int64_t *swept, int64_t *pswept
    step is past that step's window). None: an impression older than the retention (a dead
    letter: the Python core words it), a held event that does not count or waits behind a missing
    step, or any state this path declines. Else (state, dues, samples). */
-static PyObject *advance_impression(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError,
-                        "advance_impression(ikey, state, old, swept, partition_swept, cfg, msgpack, policy)");
-        return NULL;
-    }
-    PyObject *key = args[0], *data = args[1], *old = args[2];
-    int64_t swept[LANES], pswept[LANES];
-    Cfg c;
-    Writer w = {0};
-    int ok = read_advance_args(args + 3, swept, pswept, &c, &w);
-    if (ok < 0) return NULL;
+static PyObject *adv_imp(PyObject *key, PyObject *data, PyObject *old, const int64_t *swept,
+                         const int64_t *pswept, const Cfg *cp, Writer *w, Buf *bp) {
+    const Cfg c = *cp;
     State s;
-    if (!ok || !PyBytes_CheckExact(key) || !PyBytes_CheckExact(data)) Py_RETURN_NONE;
+    if (!PyBytes_CheckExact(key) || !PyBytes_CheckExact(data)) Py_RETURN_NONE;
+    w->features_ready = 0; /* the features of this state, when a sample is written */
     const char *iid = PyBytes_AS_STRING(key);
     Py_ssize_t iid_len = PyBytes_GET_SIZE(key);
     if (!iid_len || !plain_text(iid, iid_len) || !read_state(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &s) ||
@@ -1057,14 +1056,13 @@ static PyObject *advance_impression(PyObject *Py_UNUSED(module), PyObject *const
     int final = lane == 0 || swept[lane] >= fa;
     PyObject *samples = PyList_New(0);
     if (!samples) return NULL;
-    Buf b = {0};
     int rc = 1;
     int64_t fd = s.imp + c.observe;
     if (!final && c.early && fd < fa && fd <= swept[0]) /* _settle: the first, due at once */
-        rc = add_sample(&w, &b, samples, iid, iid_len, &s, 0, 0, swept[0], swept[0], swept, &c);
+        rc = add_sample(w, bp, samples, iid, iid_len, &s, 0, 0, swept[0], swept[0], swept, &c);
     if (rc > 0 && final) /* _settle: the final, at once */
-        rc = add_sample(&w, &b, samples, iid, iid_len, &s, 2, 5, fa, swept[lane], swept, &c);
-    if (!samples_done(rc, &b, &w, samples)) return rc < 0 ? NULL : Py_NewRef(Py_None);
+        rc = add_sample(w, bp, samples, iid, iid_len, &s, 2, 5, fa, swept[lane], swept, &c);
+    if (!samples_kept(rc, samples)) return rc < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *state;
     if (applied) { /* the impression's state with the times of its steps */
         state = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data));
@@ -1087,6 +1085,25 @@ static PyObject *advance_impression(PyObject *Py_UNUSED(module), PyObject *const
     return Py_BuildValue("(NNN)", state, dues, samples);
 }
 
+static PyObject *advance_impression(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError,
+                        "advance_impression(ikey, state, old, swept, partition_swept, cfg, msgpack, policy)");
+        return NULL;
+    }
+    int64_t swept[LANES], pswept[LANES];
+    Cfg c;
+    Writer w = {0};
+    int ok = read_advance_args(args + 3, swept, pswept, &c, &w);
+    if (ok < 0) return NULL;
+    if (!ok) Py_RETURN_NONE;
+    Buf b = {0};
+    PyObject *r = adv_imp(args[0], args[1], args[2], swept, pswept, &c, &w, &b);
+    PyMem_Free(b.p);
+    writer_free(&w);
+    return r;
+}
+
 /* advance() of one event of a step (click .. activation), alone in its batch, read by
    parse_event: on no state, it is held for its impression (a stub); on the usual state (the
    impression seen, nothing held), it is a duplicate or the next step in order, counted, with its
@@ -1094,21 +1111,11 @@ static PyObject *advance_impression(PyObject *Py_UNUSED(module), PyObject *const
    would be rejected, held behind a missing step, the funnel is final or not the usual state -
    which the Python core decides. Else (changed, state bytes, dues, [(kind, elapsed_ms, sample)],
    duplicate). */
-static PyObject *advance_step(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError,
-                        "advance_step(ikey, old, raw, step, swept, partition_swept, cfg, msgpack, policy)");
-        return NULL;
-    }
-    PyObject *key = args[0], *old = args[1], *raw = args[2];
-    long step = PyLong_AsLong(args[3]);
-    if (step == -1 && PyErr_Occurred()) return NULL;
-    int64_t swept[LANES], pswept[LANES];
-    Cfg c;
-    Writer w = {0};
-    int ok = read_advance_args(args + 4, swept, pswept, &c, &w);
-    if (ok < 0) return NULL;
-    if (!ok || step < 1 || step > 4 || !PyBytes_CheckExact(key) || !PyBytes_CheckExact(raw)) Py_RETURN_NONE;
+static PyObject *adv_step(PyObject *key, PyObject *old, PyObject *raw, long step, const int64_t *swept,
+                          const int64_t *pswept, const Cfg *cp, Writer *w, Buf *bp) {
+    const Cfg c = *cp;
+    if (step < 1 || step > 4 || !PyBytes_CheckExact(key) || !PyBytes_CheckExact(raw)) Py_RETURN_NONE;
+    w->features_ready = 0; /* the features of this state, when a sample is written */
     Slice iid, eid, bank, feats;
     int64_t t;
     const char *ikey = PyBytes_AS_STRING(key);
@@ -1177,15 +1184,14 @@ usual:;
     s.t[step - 1] = t;
     PyObject *samples = PyList_New(0);
     if (!samples) return NULL;
-    Buf b = {0};
     int rc = 1;
-    if (first_out) rc = add_sample(&w, &b, samples, ikey, ikey_len, &s, 1, (int)step, t, swept[0], swept, &c);
+    if (first_out) rc = add_sample(w, bp, samples, ikey, ikey_len, &s, 1, (int)step, t, swept[0], swept, &c);
     int lane2;
     int64_t fa2;
     lane_and_final(&s, &c, &lane2, &fa2);
     if (rc > 0 && (lane2 == 0 || swept[lane2] >= fa2)) /* _settle: final now */
-        rc = add_sample(&w, &b, samples, ikey, ikey_len, &s, 2, 5, fa2, swept[lane2], swept, &c);
-    if (!samples_done(rc, &b, &w, samples)) return rc < 0 ? NULL : Py_NewRef(Py_None);
+        rc = add_sample(w, bp, samples, ikey, ikey_len, &s, 2, 5, fa2, swept[lane2], swept, &c);
+    if (!samples_kept(rc, samples)) return rc < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *state = PyBytes_FromStringAndSize(PyBytes_AS_STRING(old), PyBytes_GET_SIZE(old));
     if (!state) {
         Py_DECREF(samples);
@@ -1202,6 +1208,254 @@ usual:;
         return NULL;
     }
     return Py_BuildValue("(ONNNO)", Py_True, state, dues, samples, Py_False);
+}
+
+static PyObject *advance_step(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError,
+                        "advance_step(ikey, old, raw, step, swept, partition_swept, cfg, msgpack, policy)");
+        return NULL;
+    }
+    long step = PyLong_AsLong(args[3]);
+    if (step == -1 && PyErr_Occurred()) return NULL;
+    int64_t swept[LANES], pswept[LANES];
+    Cfg c;
+    Writer w = {0};
+    int ok = read_advance_args(args + 4, swept, pswept, &c, &w);
+    if (ok < 0) return NULL;
+    if (!ok) Py_RETURN_NONE;
+    Buf b = {0};
+    PyObject *r = adv_step(args[0], args[1], args[2], step, swept, pswept, &c, &w, &b);
+    PyMem_Free(b.p);
+    writer_free(&w);
+    return r;
+}
+
+/* advance_groups(keys, olds, groups, partition_swept, cfg, msgpack, policy, output, topic, out,
+   delays): the compiled path of FunnelJoin.on_batch over one partition's groups - for each key
+   (its stored state in olds), advance_impression / advance_step over its group's events in order
+   while they are vouched for (a group item is (step, event, raw, swept, vouched): vouched None for
+   an event the compiled path did not read) and neither declines, each on the state the last left.
+   The samples go to out as output(topic, key, sample) in order; a final's elapsed ms to delays
+   (a list, or None). Returns (puts, rest, kinds, duplicates):
+   - puts: [(key, state, dues)] of the groups taken whole that changed their state;
+   - rest: [(index, done, state, changed)] of the groups it stopped in: the Python core takes
+     their events from index `done` on, from `state` (bytes or None), `changed` whether one before
+     changed it;
+   - kinds: the samples out per kind (first, correction, final); duplicates: per step.
+   The same calls and results as the Python loop around advance_impression / advance_step did. */
+static int out_sample(PyTypeObject *otype, PyObject *topic, PyObject *key, PyObject *sample, PyObject *out,
+                      PyObject *delays, long *kinds) {
+    if (!PyTuple_Check(sample) || PyTuple_GET_SIZE(sample) != 3) {
+        PyErr_SetString(PyExc_SystemError, "a sample: (kind, elapsed_ms, value)");
+        return -1;
+    }
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(sample, 0));
+    if (kind < 0 || kind > 2) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "a sample's kind: 0, 1 or 2");
+        return -1;
+    }
+    PyObject *o = otype->tp_alloc(otype, 3);
+    if (!o) return -1;
+    PyObject *value = PyTuple_GET_ITEM(sample, 2);
+    Py_INCREF(topic);
+    Py_INCREF(key);
+    Py_INCREF(value);
+    PyTuple_SET_ITEM(o, 0, topic);
+    PyTuple_SET_ITEM(o, 1, key);
+    PyTuple_SET_ITEM(o, 2, value);
+    int rc = PyList_Append(out, o);
+    Py_DECREF(o);
+    if (rc < 0) return -1;
+    kinds[kind]++;
+    if (kind == 2 && delays != Py_None && PyList_Append(delays, PyTuple_GET_ITEM(sample, 1)) < 0) return -1;
+    return 0;
+}
+
+static PyObject *advance_groups(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "advance_groups(keys, olds, groups, partition_swept, cfg, msgpack, policy, "
+                                         "output, topic, out, delays)");
+        return NULL;
+    }
+    PyObject *keys = args[0], *olds = args[1], *groups = args[2], *topic = args[8], *out = args[9],
+             *delays = args[10];
+    if (!PyList_Check(keys) || !PyList_Check(olds) || !PyList_Check(groups) ||
+        PyList_GET_SIZE(olds) != PyList_GET_SIZE(keys) || PyList_GET_SIZE(groups) != PyList_GET_SIZE(keys) ||
+        !PyType_Check(args[7]) || !PyType_IsSubtype((PyTypeObject *)args[7], &PyTuple_Type) || !PyList_Check(out) ||
+        (delays != Py_None && !PyList_Check(delays))) {
+        PyErr_SetString(PyExc_TypeError, "advance_groups: keys, olds and groups lists of one length, output a tuple "
+                                         "type, out a list, delays a list or None");
+        return NULL;
+    }
+    PyTypeObject *otype = (PyTypeObject *)args[7];
+    int64_t pswept[LANES], swept[LANES];
+    Cfg c;
+    Writer w = {0};
+    if (read_i64s(args[3], pswept, LANES, "partition_swept") < 0 || read_cfg(args[4], &c) < 0 ||
+        read_writer(args[5], args[6], &w) < 0)
+        return NULL;
+    int pswept_ok = lanes_in_range(pswept);
+    long kinds[3] = {0, 0, 0}, dups[LANES] = {0, 0, 0, 0, 0};
+    Buf b = {0};
+    PyObject *puts = PyList_New(0), *rest = PyList_New(0), *state = NULL, *dues = NULL, *r = NULL;
+    if (!puts || !rest) goto error;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i), *group = PyList_GET_ITEM(groups, i);
+        if (!PyList_Check(group)) {
+            PyErr_SetString(PyExc_TypeError, "advance_groups: each group a list");
+            goto error;
+        }
+        state = Py_NewRef(PyList_GET_ITEM(olds, i));
+        dues = Py_NewRef(Py_None);
+        int changed = 0;
+        Py_ssize_t done = 0, n = PyList_GET_SIZE(group);
+        for (; done < n; done++) {
+            PyObject *item = PyList_GET_ITEM(group, done);
+            if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 5) {
+                PyErr_SetString(PyExc_TypeError, "advance_groups: a group's item (step, event, raw, swept, vouched)");
+                goto error;
+            }
+            PyObject *vouched = PyTuple_GET_ITEM(item, 4);
+            if (vouched == Py_None) break;
+            long step = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
+            if (step == -1 && PyErr_Occurred()) goto error;
+            if (read_i64s(PyTuple_GET_ITEM(item, 3), swept, LANES, "swept") < 0) goto error;
+            if (!pswept_ok || !lanes_in_range(swept)) break;
+            PyObject *samples;
+            if (step == 0) { /* on no state, or on the stub of its events read ahead of it */
+                if (!PyTuple_Check(vouched) || PyTuple_GET_SIZE(vouched) != 3) {
+                    PyErr_SetString(PyExc_TypeError, "advance_groups: vouched (impression id, time, state)");
+                    goto error;
+                }
+                r = adv_imp(key, PyTuple_GET_ITEM(vouched, 2), state, swept, pswept, &c, &w, &b);
+                if (!r) goto error;
+                if (r == Py_None) break;
+                Py_SETREF(state, Py_NewRef(PyTuple_GET_ITEM(r, 0)));
+                Py_SETREF(dues, Py_NewRef(PyTuple_GET_ITEM(r, 1)));
+                changed = 1;
+                samples = PyTuple_GET_ITEM(r, 2);
+            } else {
+                r = adv_step(key, state, PyTuple_GET_ITEM(item, 2), step, swept, pswept, &c, &w, &b);
+                if (!r) goto error;
+                if (r == Py_None) break;
+                if (PyTuple_GET_ITEM(r, 0) == Py_True) {
+                    Py_SETREF(state, Py_NewRef(PyTuple_GET_ITEM(r, 1)));
+                    Py_SETREF(dues, Py_NewRef(PyTuple_GET_ITEM(r, 2)));
+                    changed = 1;
+                }
+                samples = PyTuple_GET_ITEM(r, 3);
+                if (PyTuple_GET_ITEM(r, 4) == Py_True) dups[step]++;
+            }
+            for (Py_ssize_t k = 0; k < PyList_GET_SIZE(samples); k++)
+                if (out_sample(otype, topic, key, PyList_GET_ITEM(samples, k), out, delays, kinds) < 0) goto error;
+            Py_CLEAR(r);
+        }
+        Py_CLEAR(r); /* a decline's None */
+        PyObject *row = NULL;
+        if (done < n)
+            row = Py_BuildValue("(nnOO)", i, done, state, changed ? Py_True : Py_False);
+        else if (changed)
+            row = PyTuple_Pack(3, key, state, dues);
+        if (done < n || changed) {
+            if (!row || PyList_Append(done < n ? rest : puts, row) < 0) {
+                Py_XDECREF(row);
+                goto error;
+            }
+            Py_DECREF(row);
+        }
+        Py_CLEAR(state);
+        Py_CLEAR(dues);
+    }
+    PyMem_Free(b.p);
+    writer_free(&w);
+    return Py_BuildValue("(NN(lll)(lllll))", puts, rest, kinds[0], kinds[1], kinds[2], dups[0], dups[1], dups[2],
+                         dups[3], dups[4]);
+error:
+    Py_XDECREF(r);
+    Py_XDECREF(state);
+    Py_XDECREF(dues);
+    Py_XDECREF(puts);
+    Py_XDECREF(rest);
+    PyMem_Free(b.p);
+    writer_free(&w);
+    return NULL;
+}
+
+/* sweep_out(keys, olds, prev, now, cfg, msgpack, policy, output, topic, out, delays):
+   sweep_states with FunnelJoin.sweep's handling of its results - the samples go to out as
+   output(topic, key, sample) in order, a final's elapsed ms to delays (a list, or None). Returns
+   (visited, purges, reschedules, declined, kinds): the states found (olds not None), the keys to
+   delete, [(key, dues)] to reschedule, the indexes of the states the Python core sweeps, and the
+   samples out per kind (first, correction, final). */
+static PyObject *sweep_out(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError,
+                        "sweep_out(keys, olds, prev, now, cfg, msgpack, policy, output, topic, out, delays)");
+        return NULL;
+    }
+    PyObject *keys = args[0], *olds = args[1], *topic = args[8], *out = args[9], *delays = args[10];
+    if (!PyList_Check(keys) || !PyList_Check(olds) || PyList_GET_SIZE(keys) != PyList_GET_SIZE(olds) ||
+        !PyType_Check(args[7]) || !PyType_IsSubtype((PyTypeObject *)args[7], &PyTuple_Type) || !PyList_Check(out) ||
+        (delays != Py_None && !PyList_Check(delays))) {
+        PyErr_SetString(PyExc_TypeError, "sweep_out: keys and olds lists of one length, output a tuple type, out a "
+                                         "list, delays a list or None");
+        return NULL;
+    }
+    PyTypeObject *otype = (PyTypeObject *)args[7];
+    int64_t prev[LANES], now[LANES];
+    Cfg c;
+    Writer w = {0};
+    if (read_i64s(args[2], prev, LANES, "prev") < 0 || read_i64s(args[3], now, LANES, "now") < 0 ||
+        read_cfg(args[4], &c) < 0 || read_writer(args[5], args[6], &w) < 0)
+        return NULL;
+    int in_range = lanes_in_range(prev) && lanes_in_range(now);
+    long kinds[3] = {0, 0, 0};
+    Py_ssize_t visited = 0;
+    Buf b = {0};
+    PyObject *purges = PyList_New(0), *rescheduled = PyList_New(0), *declined = PyList_New(0), *r = NULL;
+    if (!purges || !rescheduled || !declined) goto error;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i), *old = PyList_GET_ITEM(olds, i);
+        if (old == Py_None) continue; /* no state: nothing to sweep */
+        visited++;
+        r = in_range ? sweep_one(&w, &b, key, old, prev, now, &c) : Py_NewRef(Py_None);
+        if (!r) goto error;
+        if (r == Py_None) {
+            PyObject *index = PyLong_FromSsize_t(i);
+            if (!index || PyList_Append(declined, index) < 0) {
+                Py_XDECREF(index);
+                goto error;
+            }
+            Py_DECREF(index);
+        } else {
+            PyObject *samples = PyTuple_GET_ITEM(r, 2);
+            for (Py_ssize_t k = 0; k < PyList_GET_SIZE(samples); k++)
+                if (out_sample(otype, topic, key, PyList_GET_ITEM(samples, k), out, delays, kinds) < 0) goto error;
+            if (PyTuple_GET_ITEM(r, 0) == Py_True) {
+                if (PyList_Append(purges, key) < 0) goto error;
+            } else {
+                PyObject *row = PyTuple_Pack(2, key, PyTuple_GET_ITEM(r, 1));
+                if (!row || PyList_Append(rescheduled, row) < 0) {
+                    Py_XDECREF(row);
+                    goto error;
+                }
+                Py_DECREF(row);
+            }
+        }
+        Py_CLEAR(r);
+    }
+    PyMem_Free(b.p);
+    writer_free(&w);
+    return Py_BuildValue("(nNNN(lll))", visited, purges, rescheduled, declined, kinds[0], kinds[1], kinds[2]);
+error:
+    Py_XDECREF(r);
+    Py_XDECREF(purges);
+    Py_XDECREF(rescheduled);
+    Py_XDECREF(declined);
+    PyMem_Free(b.p);
+    writer_free(&w);
+    return NULL;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1252,6 +1506,13 @@ static PyMethodDef module_methods[] = {
     {"advance_step", (PyCFunction)(void (*)(void))advance_step, METH_FASTCALL,
      "advance_step(ikey, old, raw, step, swept, partition_swept, cfg, msgpack, policy): advance() of a step's "
      "event alone in its batch - (changed, state, dues, samples, duplicate) - or None (the Python core decides)"},
+    {"advance_groups", (PyCFunction)(void (*)(void))advance_groups, METH_FASTCALL,
+     "advance_groups(keys, olds, groups, partition_swept, cfg, msgpack, policy, output, topic, out, delays): "
+     "advance_impression / advance_step over each key's group of events in order while vouched for and taken - "
+     "(puts, rest, kinds, duplicates); samples appended to out"},
+    {"sweep_out", (PyCFunction)(void (*)(void))sweep_out, METH_FASTCALL,
+     "sweep_out(keys, olds, prev, now, cfg, msgpack, policy, output, topic, out, delays): sweep_states with its "
+     "samples appended to out - (visited, purges, reschedules, declined indexes, kinds)"},
     {"murmur2", (PyCFunction)murmur2, METH_O, "murmur2(data): Kafka's murmur2 of data (unsigned 32-bit)"},
     {NULL, NULL, 0, NULL},
 };

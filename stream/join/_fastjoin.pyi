@@ -1,4 +1,6 @@
 # Types of the compiled module (stream/join/_fastjoin.c).
+from typing import Any
+
 from stream.join.funnel import Dues, Swept
 
 class DueIndex:
@@ -41,3 +43,34 @@ def advance_impression(
     policy: str,
 ) -> tuple[bytes, Dues, list[tuple[int, int, bytes]]] | None: ...
 def murmur2(data: bytes) -> int: ...
+def advance_groups(
+    keys: list[bytes],
+    olds: list[bytes | None],
+    groups: list[list[tuple[int, Any, bytes, Swept, Any]]],
+    partition_swept: Swept,
+    cfg: tuple[int, int, int, int, int, int, int, int, int],
+    msgpack: bool,
+    policy: str,
+    output: type[tuple[Any, ...]],
+    topic: str,
+    out: list[Any],
+    delays: list[int] | None,
+) -> tuple[
+    list[tuple[bytes, bytes, Dues]],
+    list[tuple[int, int, bytes | None, bool]],
+    tuple[int, int, int],
+    tuple[int, int, int, int, int],
+]: ...
+def sweep_out(
+    keys: list[bytes],
+    olds: list[bytes | None],
+    prev: Swept,
+    now: Swept,
+    cfg: tuple[int, int, int, int, int, int, int, int, int],
+    msgpack: bool,
+    policy: str,
+    output: type[tuple[Any, ...]],
+    topic: str,
+    out: list[Any],
+    delays: list[int] | None,
+) -> tuple[int, list[bytes], list[tuple[bytes, Dues]], list[int], tuple[int, int, int]]: ...

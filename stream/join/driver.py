@@ -261,10 +261,10 @@ class FunnelJoin:
             events = list(parse_events(values, [STEPS[s] for s in steps]))
         else:
             events = [None] * len(records)
-            rest = [i for i, x in enumerate(pre) if x is None]
-            if rest:
-                for i, decoded in zip(rest, parse_events([values[i] for i in rest], [STEPS[steps[i]] for i in rest]),
-                                      strict=True):  # fmt: skip
+            undecided = [i for i, x in enumerate(pre) if x is None]
+            if undecided:
+                for i, decoded in zip(undecided, parse_events([values[i] for i in undecided],
+                                                              [STEPS[steps[i]] for i in undecided]), strict=True):  # fmt: skip
                     events[i] = decoded
         now_ms = self.clock.now_ms()
         now = self.clock.monotonic()
@@ -326,50 +326,36 @@ class FunnelJoin:
         cfg = self.cfg
         fcfg = self._fast_cfg
         msgpack = self._msgpack
+        delays = self._delays_ms if self.metrics is not None else None
         for partition, by_key in groups.items():
             p = parts[partition]
             store = p.store
             keys = list(by_key)
-            for ikey, old in zip(keys, store.get_many(keys), strict=True):
+            olds = store.get_many(keys)
+            # (index into keys, events taken, state bytes, changed) of the groups the Python core goes on with
+            rest: list[tuple[int, int, bytes | None, bool]]
+            if fcfg is not None:
+                # the compiled path takes each group's events in order while they are its common cases
+                # (each is ``advance`` of one event on the bytes the last one left); the Python core
+                # takes the rest of a group from the first it declines
+                puts, rest, kinds, fast_dups = fast._fastjoin.advance_groups(
+                    keys, olds, list(by_key.values()), p.swept, fcfg, msgpack, cfg.policy, Output, self.topics.samples,
+                    out, delays,
+                )  # fmt: skip
+                store.put_many(puts)
+                if self.metrics is not None:
+                    for kind, n in zip(KINDS, kinds, strict=True):
+                        self._kind_counts[kind] += n
+                for step, n in enumerate(fast_dups):
+                    dups[step] += n
+            else:
+                rest = [(i, 0, old, False) for i, old in enumerate(olds)]
+            for i, done_n, state_bytes, changed in rest:
+                ikey = keys[i]
+                old = olds[i]
                 group = by_key[ikey]
-                state_bytes = old
-                changed = False
-                if fcfg is not None:
-                    # the compiled path takes the group's events in order while they are its common
-                    # cases (each call is ``advance`` of one event on the bytes the last one left);
-                    # the Python core takes the rest of the group from the first it declines
-                    done_n = 0
-                    dues = None
-                    for step, _, raw, swept, vouched in group:
-                        if vouched is None:
-                            break
-                        if step == 0:  # on no state, or on the stub of its events read ahead of it
-                            joined = fast._fastjoin.advance_impression(ikey, vouched[2], state_bytes, swept, p.swept,
-                                                                       fcfg, msgpack, cfg.policy)  # fmt: skip
-                            if joined is None:
-                                break
-                            state_bytes, dues, samples = joined
-                            changed = True
-                        else:
-                            stepped = fast._fastjoin.advance_step(ikey, state_bytes, raw, step, swept, p.swept, fcfg,
-                                                                  msgpack, cfg.policy)  # fmt: skip
-                            if stepped is None:
-                                break
-                            if stepped[0]:
-                                state_bytes, dues, changed = stepped[1], stepped[2], True
-                            samples = stepped[3]
-                            if stepped[4]:
-                                dups[step] += 1
-                        if samples:
-                            self._fast_samples(ikey, samples, out)
-                        done_n += 1
-                    if done_n == len(group):
-                        if changed:
-                            assert state_bytes is not None and dues is not None
-                            store.put(ikey, state_bytes, dues)
-                        continue
-                    if done_n:
-                        group = group[done_n:]
+                if done_n:
+                    group = group[done_n:]
                 state = decode_state(state_bytes) if state_bytes is not None else None
                 for step, ev, raw, swept, _ in group:
                     # vouched for: msgspec's decode takes it (the strict one stays for anything else)
@@ -444,17 +430,6 @@ class FunnelJoin:
                 if s.kind == "final":
                     self._delays_ms.append(s.elapsed_ms)
 
-    def _fast_samples(self, ikey: bytes, samples: list[tuple[int, int, bytes]], out: list[Output]) -> None:
-        """The compiled path's samples, ``(kind index, elapsed ms, bytes)`` each: out, and counted."""
-        topic = self.topics.samples
-        new = tuple.__new__  # Output(...) without its Python-level __new__ (a third of the cost)
-        for kind, elapsed_ms, value in samples:
-            out.append(new(Output, (topic, ikey, value)))
-            if self.metrics is not None:
-                self._kind_counts[KINDS[kind]] += 1
-                if kind == 2:
-                    self._delays_ms.append(elapsed_ms)
-
     def _publish_metrics(self) -> None:
         """The samples' counters and label delays, counted in plain Python as they were emitted,
         applied to the metrics once per call of ``on_record``, ``on_batch`` and ``sweep`` (a
@@ -515,27 +490,27 @@ class FunnelJoin:
         for lane in range(LANES):
             for ikey in p.store.pop_due(lane, wm[lane]):
                 keys[ikey] = None
-        n = 0
         due = list(keys)
         olds = p.store.get_many(due)  # one multi-get
-        done = (
-            fast._fastjoin.sweep_states(due, olds, prev, wm, self._fast_cfg, self._msgpack, self.cfg.policy)
-            if due and self._fast_cfg is not None
-            else None
-        )  # fmt: skip
-        for i, (ikey, old) in enumerate(zip(due, olds, strict=True)):
-            if old is None:
-                continue
-            n += 1
-            if done is not None and (r := done[i]) is not None:  # the compiled common path decided
-                purge, dues, samples = r
-                if purge:
-                    p.store.delete(ikey)
-                else:
-                    p.store.reschedule(ikey, dues)
-                if samples:
-                    self._fast_samples(ikey, samples, out)
-                continue
+        declined: list[int]
+        if due and self._fast_cfg is not None:  # the compiled common path decides what it can
+            n, purges, rescheduled, declined, kinds = fast._fastjoin.sweep_out(
+                due, olds, prev, wm, self._fast_cfg, self._msgpack, self.cfg.policy, Output, self.topics.samples, out,
+                self._delays_ms if self.metrics is not None else None,
+            )  # fmt: skip
+            for ikey in purges:
+                p.store.delete(ikey)
+            for ikey, dues in rescheduled:
+                p.store.reschedule(ikey, dues)
+            if self.metrics is not None:
+                for kind, k in zip(KINDS, kinds, strict=True):
+                    self._kind_counts[kind] += k
+        else:
+            declined = [i for i, old in enumerate(olds) if old is not None]
+            n = len(declined)
+        for i in declined:
+            ikey, old = due[i], olds[i]
+            assert old is not None
             state = decode_state(old)
             res = sweep(state, prev, wm, self.cfg)
             self._apply(p, ikey, ikey.decode(), res, True, out, partition, swept=wm, prior=state)

@@ -4,7 +4,7 @@ go out as changelog records in the joiner's own batches (``stream.join.flusher``
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from faust.stores.rocksdb import Store as FaustRocksStore
@@ -127,6 +127,14 @@ class FaustTableStore:
         self.outbox[key] = value
         self._keys.add(key)
         self._index.set(key, dues)
+
+    def put_many(self, items: Iterable[tuple[bytes, bytes, Dues | None]]) -> None:
+        """``put`` of each in one loop (a call per state was ~0.1 us per event of the joiner)."""
+        outbox, add, schedule = self.outbox, self._keys.add, self._index.set
+        for key, value, dues in items:
+            outbox[key] = value
+            add(key)
+            schedule(key, dues)
 
     def reschedule(self, key: bytes, dues: Dues | None) -> None:
         if key in self._keys:  # a key not held is never due

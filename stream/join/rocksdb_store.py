@@ -18,6 +18,7 @@ real dues).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, cast
@@ -137,6 +138,10 @@ class RocksDBStore:
         wb.put(b"s" + key, value)
         self._schedule(wb, key, dues)
         self._db.write(wb)
+
+    def put_many(self, items: Iterable[tuple[bytes, bytes, Dues | None]]) -> None:
+        for key, value, dues in items:  # each its own write batch: a later one reads what it wrote
+            self.put(key, value, dues)
 
     def reschedule(self, key: bytes, dues: Dues | None) -> None:
         if self._db.get(b"s" + key) is None:

@@ -14,6 +14,7 @@ see. One store holds one partition.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 from typing import Protocol
 
 from stream.join.funnel import LANES, NO_DUES, Dues
@@ -29,6 +30,9 @@ class LabelStore(Protocol):
 
     def put(self, key: bytes, value: bytes, dues: Dues | None) -> None:
         """Write ``value`` and (re)schedule the key on every lane (None: not scheduled)."""
+
+    def put_many(self, items: Iterable[tuple[bytes, bytes, Dues | None]]) -> None:
+        """``put`` of each ``(key, value, dues)`` in order (the join's batch of state writes)."""
 
     def reschedule(self, key: bytes, dues: Dues | None) -> None:
         """Move the key in the index only (the value is unchanged)."""
@@ -127,6 +131,10 @@ class InMemoryStore:
     def put(self, key: bytes, value: bytes, dues: Dues | None) -> None:
         self._data[key] = value
         self._index.set(key, dues)
+
+    def put_many(self, items: Iterable[tuple[bytes, bytes, Dues | None]]) -> None:
+        for key, value, dues in items:
+            self.put(key, value, dues)
 
     def reschedule(self, key: bytes, dues: Dues | None) -> None:
         if key in self._data:

@@ -90,6 +90,18 @@ def test_get_many_is_get_of_each_key_in_order(store: LabelStore) -> None:
     assert store.get_many([]) == []
 
 
+def test_put_many_is_put_of_each_in_order(store: LabelStore) -> None:
+    """The join's compiled path hands a batch's state writes over at once: the same states, the
+    same schedule and count as one ``put`` each, in order (a key written twice keeps its last)."""
+    store.put(b"b", b"0", on(1, 5))  # type: ignore[arg-type]
+    store.put_many([(b"a", b"1", on(0, 10)), (b"b", b"2", on(0, 20)), (b"c", b"3", None),
+                    (b"a", b"4", on(2, 30))])  # type: ignore[list-item]  # fmt: skip
+    store.put_many([])
+    assert store.get_many([b"a", b"b", b"c"]) == [b"4", b"2", b"3"] and len(store) == 3
+    assert store.pop_due(1, 100) == []  # b's lane-1 due went with its new dues
+    assert store.pop_due(0, 100) == [b"b"] and store.pop_due(2, 100) == [b"a"]
+
+
 def test_faust_store_get_many_reads_unsent_then_unsettled_then_settled_writes(tmp_path: Path) -> None:
     db = open_rdict(tmp_path / "faust")
     s = FaustTableStore(FakeTable(db), 0, due_in_value)  # type: ignore[arg-type]

@@ -602,3 +602,165 @@ def _check_advance_step(state: FunnelState | None, step: int, t: int, swept: tup
          write("imp-1", st_.bank_id, st_.imp_ms, st_.features_json or b"{}", x.labels, x.mature, x.kind, x.elapsed_ms,
                x.seq, x.watermark_ms, cfg.policy)) for x in res.samples]  # fmt: skip
     _note(f"decided: changed {changed} dup {duplicate} samples {[k for k, _, _ in samples]}")
+
+
+# --- the batch entry points: the per-event calls over a partition's groups -----------------------
+
+
+class _Out(tuple):  # a tuple type as the join's Output (a NamedTuple) is
+    __slots__ = ()
+
+
+def _groups_by_calls(keys: list[bytes], olds: list, groups: list, pswept: tuple, cfg: FunnelConfig,
+                     msgpack: bool) -> tuple:
+    """What ``FunnelJoin.on_batch`` did with ``advance_impression`` / ``advance_step`` one call per
+    event before ``advance_groups``: the reference it must equal."""
+    fcfg = fast.fast_cfg(cfg)
+    out: list = []
+    delays: list = []
+    puts, rest, kinds, dups = [], [], [0, 0, 0], [0] * 5
+    for i, (ikey, old, group) in enumerate(zip(keys, olds, groups, strict=True)):
+        state, changed, dues, done = old, False, None, 0
+        for step, _, raw, swept, vouched in group:
+            if vouched is None:
+                break
+            if step == 0:
+                r = fast._fastjoin.advance_impression(ikey, vouched[2], state, swept, pswept, fcfg, msgpack,
+                                                      cfg.policy)  # fmt: skip
+                if r is None:
+                    break
+                state, dues, samples = r
+                changed = True
+            else:
+                r2 = fast._fastjoin.advance_step(ikey, state, raw, step, swept, pswept, fcfg, msgpack, cfg.policy)
+                if r2 is None:
+                    break
+                if r2[0]:
+                    state, dues, changed = r2[1], r2[2], True
+                samples = r2[3]
+                dups[step] += r2[4]
+            for kind, elapsed, value in samples:
+                out.append(_Out((b"samples", ikey, value)))
+                kinds[kind] += 1
+                if kind == 2:
+                    delays.append(elapsed)
+            done += 1
+        if done < len(group):
+            rest.append((i, done, state, changed))
+        elif changed:
+            puts.append((ikey, state, dues))
+    return (puts, rest, tuple(kinds), tuple(dups)), out, delays
+
+
+@st.composite
+def _partition_batches(draw: st.DrawFn) -> tuple:
+    """A partition's batch as on_batch groups it: a few impressions' events (their impression, its
+    steps, repeats) in any order, each with the lanes it was judged against; some not vouched for
+    (vouched None), some old states (a stub, a usual state, one to decline)."""
+    from stream.contract.events import Event, encode_event
+
+    base = draw(st.integers(0, 2**41))
+    keys, olds, groups = [], [], []
+    for n in range(draw(st.integers(1, 4))):
+        iid = f"imp-{n}-{draw(st.integers(0, 10**6))}"  # (text the compiled path declines: its own tests)
+        t0 = base + draw(st.integers(0, 50))
+        old = None
+        kind = draw(st.integers(0, 5))
+        if kind == 1:
+            old = encode_state(draw(_stubs(t0)))
+        elif kind == 2:
+            old = encode_state(FunnelState("b", t0, features_json({"f": "x"}), (t0 + 3, NONE, NONE, NONE)))
+        elif kind == 3:
+            old = encode_state(draw(_states()))
+        group = []
+        if draw(st.integers(0, 3)):  # mostly a funnel in order: its impression, then its steps (a repeat now and then)
+            steps = [0, *range(1, draw(st.integers(0, 4)) + 1)]
+            if draw(st.integers(0, 3)) == 0:
+                steps.insert(draw(st.integers(0, len(steps))), draw(st.sampled_from(steps)))
+        else:
+            steps = draw(st.lists(st.sampled_from([0, 1, 1, 2, 3, 4]), min_size=1, max_size=6))
+        for step in steps:
+            t = max(0, t0 + step * draw(st.integers(-2, 9)))
+            feats = {"f": draw(st.text("abxyz 0", max_size=4))} if step == 0 else None
+            raw = encode_event(Event(step, f"e-{step}-{draw(st.integers(0, 2))}", iid, t, "b", feats))
+            vouched = fast._fastjoin.parse_records([raw], [step])[0] if draw(st.integers(0, 19)) else None
+            lanes = tuple(NO_WATERMARK if draw(st.integers(0, 5)) == 0 else t0 + draw(st.integers(-5, 60))
+                          for _ in range(5))  # fmt: skip
+            group.append((step, None, raw, lanes, vouched))
+        keys.append(iid.encode())
+        olds.append(old)
+        groups.append(group)
+    pswept = tuple(NO_WATERMARK if draw(st.integers(0, 5)) == 0 else base + draw(st.integers(-5, 60))
+                   for _ in range(5))  # fmt: skip
+    return keys, olds, groups, pswept
+
+
+@settings(max_examples=600, deadline=None)
+@given(batch=_partition_batches(), cfg=st.sampled_from(CFGS), msgpack=st.booleans())
+def test_advance_groups_is_the_per_event_calls_over_each_group(batch: tuple, cfg: FunnelConfig,
+                                                               msgpack: bool) -> None:
+    """The same puts, groups left to the Python core (where and on which state), samples (in
+    order, as the output type), counts and final delays as one call per event."""
+    keys, olds, groups, pswept = batch
+    want, want_out, want_delays = _groups_by_calls(keys, olds, groups, pswept, cfg, msgpack)
+    out: list = [_Out((b"before", b"", b""))]
+    delays: list = [-1]
+    got = fast._fastjoin.advance_groups(keys, olds, groups, pswept, fast.fast_cfg(cfg), msgpack, cfg.policy, _Out,
+                                        b"samples", out, delays)  # fmt: skip
+    assert got == want
+    assert out[1:] == want_out and all(type(o) is _Out for o in out)
+    assert delays == [-1, *want_delays]
+    event("took all" if not got[1] else "left some to Python")
+    event("with samples" if want_out else "no samples")
+    # without delays (no metrics): the same, none counted
+    assert fast._fastjoin.advance_groups(keys, olds, groups, pswept, fast.fast_cfg(cfg), msgpack, cfg.policy, _Out,
+                                         b"samples", [], None) == want  # fmt: skip
+
+
+def test_advance_groups_refuses_what_is_not_a_batch() -> None:
+    cfg = FunnelConfig()
+    args = ([b"k"], [None], [[(0, None, b"{}", (0,) * 5, None)]], (0,) * 5, fast.fast_cfg(cfg), True, cfg.policy,
+            _Out, b"s", [], None)  # fmt: skip
+    assert fast._fastjoin.advance_groups(*args)[1] == [(0, 0, None, False)]  # not vouched for: all Python's
+    for i, bad in [(2, [[(0, None)]]), (2, [None]), (1, []), (7, dict), (9, ()), (10, ())]:
+        with pytest.raises(TypeError):
+            fast._fastjoin.advance_groups(*args[:i], bad, *args[i + 1:])
+
+
+@settings(max_examples=400, deadline=None)
+@given(states=st.lists(st.one_of(st.none(), _states()), min_size=1, max_size=6), data=st.data(),
+       cfg=st.sampled_from(CFGS), msgpack=st.booleans())  # fmt: skip
+def test_sweep_out_is_sweep_states_with_its_results_handled(states: list, data: st.DataObject, cfg: FunnelConfig,
+                                                             msgpack: bool) -> None:
+    """Purges, reschedules, the states left to the Python core and the samples (in key order) as
+    ``FunnelJoin.sweep`` made of ``sweep_states``'s results; missing states neither visited nor
+    declined."""
+    probe = next((s for s in states if s is not None), FunnelState("b", 0, b"{}"))
+    prev, now = _lanes_near(data, probe, cfg)
+    keys = [f"imp-{i}".encode() for i in range(len(states))]
+    olds = [None if s is None else encode_state(s) for s in states]
+    fcfg = fast.fast_cfg(cfg)
+    per_key = fast._fastjoin.sweep_states(keys, olds, prev, now, fcfg, msgpack, cfg.policy)
+    want_out, want_delays, purges, rescheduled, declined, kinds = [], [], [], [], [], [0, 0, 0]
+    for i, (key, old, r) in enumerate(zip(keys, olds, per_key, strict=True)):
+        if old is None:
+            continue
+        if r is None:
+            declined.append(i)
+            continue
+        purge, dues, samples = r
+        for kind, elapsed, value in samples:
+            want_out.append(_Out((b"samples", key, value)))
+            kinds[kind] += 1
+            if kind == 2:
+                want_delays.append(elapsed)
+        if purge:
+            purges.append(key)
+        else:
+            rescheduled.append((key, dues))
+    out: list = []
+    delays: list = []
+    got = fast._fastjoin.sweep_out(keys, olds, prev, now, fcfg, msgpack, cfg.policy, _Out, b"samples", out, delays)
+    visited = sum(old is not None for old in olds)
+    assert got == (visited, purges, rescheduled, declined, tuple(kinds))
+    assert out == want_out and all(type(o) is _Out for o in out) and delays == want_delays
