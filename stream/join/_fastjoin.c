@@ -827,20 +827,56 @@ static PyObject *sweep_states(PyObject *Py_UNUSED(module), PyObject *const *args
 #define MAX_FEATURES 256             /* events.MAX_FEATURES */
 #define MAX_FEATURE_LEN 256          /* events.MAX_FEATURE_LEN */
 
-/* a JSON string of printable ASCII (no escape: the caller ruled out backslashes) at s[*i] */
+/* a JSON string of printable ASCII (no escape: the caller ruled out backslashes) at s[*i]: its
+   closing quote found by memchr, its bytes checked eight at a time (issue 16: the byte-at-a-time
+   loop was a third of parse_records) */
 static int scan_str(const char *s, Py_ssize_t n, Py_ssize_t *i, Slice *out) {
     if (*i >= n || s[*i] != '"') return 0;
-    Py_ssize_t j = *i + 1;
-    while (j < n && s[j] != '"') {
-        unsigned char c = (unsigned char)s[j];
-        if (c < 0x20 || c > 0x7e) return 0;
-        j++;
+    const char *start = s + *i + 1;
+    const char *q = memchr(start, '"', (size_t)(n - *i - 1));
+    if (!q) return 0;
+    const unsigned char *u = (const unsigned char *)start;
+    Py_ssize_t len = q - start, k = 0;
+    uint64_t bad = 0;
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    for (; k + 8 <= len; k += 8) { /* eight bytes at a time: any below 0x20, any above 0x7e */
+        uint64_t w;
+        memcpy(&w, u + k, 8);
+        bad |= ((w - 0x20 * ones) & ~w & highs) | (((w + ones) | w) & highs);
     }
-    if (j >= n) return 0;
-    out->p = s + *i + 1;
-    out->n = j - *i - 1;
-    *i = j + 1;
+    for (; k < len; k++) bad |= (uint64_t)(u[k] < 0x20) | (uint64_t)(u[k] > 0x7e);
+    if (bad) return 0;
+    out->p = start;
+    out->n = len;
+    *i += len + 2;
     return 1;
+}
+
+/* whether a name repeats (an open-addressed table; the pairwise comparison it replaces was O(n^2):
+   190 memcmp for the simulator's twenty features) */
+static int any_repeated(const Slice *names, Py_ssize_t count) {
+    int16_t table[2 * MAX_FEATURES];
+    Py_ssize_t size = 16;
+    while (size < 2 * count) size *= 2;
+    memset(table, 0xff, (size_t)size * sizeof table[0]); /* -1: empty */
+    int bits = 4;
+    while (((Py_ssize_t)1 << bits) < size) bits++;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        /* a hash of the length and the first and last eight bytes (a collision costs a memcmp) */
+        uint64_t head = 0, tail = 0;
+        Py_ssize_t m = names[k].n < 8 ? names[k].n : 8;
+        memcpy(&head, names[k].p, (size_t)m);
+        memcpy(&tail, names[k].p + names[k].n - m, (size_t)m);
+        uint64_t h = (head ^ (tail * 0x9E3779B97F4A7C15ULL) ^ (uint64_t)names[k].n) * 0xC2B2AE3D27D4EB4FULL;
+        Py_ssize_t slot = (Py_ssize_t)(h >> (64 - bits));
+        while (table[slot] >= 0) {
+            const Slice *o = &names[table[slot]];
+            if (o->n == names[k].n && !memcmp(o->p, names[k].p, (size_t)o->n)) return 1;
+            slot = (slot + 1) & (size - 1);
+        }
+        table[slot] = (int16_t)k;
+    }
+    return 0;
 }
 
 static int slice_is(const Slice *x, const char *lit) {
@@ -890,6 +926,7 @@ static int parse_event(const char *s, Py_ssize_t n, int step, Slice *iid, int64_
         } else if (slice_is(&key, "features") && step == 0) { /* (a step's features: the Python decode's) */
             bit = 64;
             Py_ssize_t start = i, count = 0;
+            Slice names[MAX_FEATURES];
             if (i >= n || s[i++] != '{') return 0;
             if (i < n && s[i] == '}') {
                 i++;
@@ -899,7 +936,8 @@ static int parse_event(const char *s, Py_ssize_t n, int step, Slice *iid, int64_
                     if (!scan_str(s, n, &i, &fk) || fk.n < 1 || fk.n > MAX_FEATURE_LEN) return 0;
                     if (i >= n || s[i++] != ':') return 0;
                     if (!scan_str(s, n, &i, &fv) || fv.n > MAX_FEATURE_LEN) return 0;
-                    if (++count > MAX_FEATURES) return 0;
+                    if (count >= MAX_FEATURES) return 0;
+                    names[count++] = fk;
                     if (i >= n) return 0;
                     if (s[i] == '}') { i++; break; }
                     if (s[i++] != ',') return 0;
@@ -908,20 +946,7 @@ static int parse_event(const char *s, Py_ssize_t n, int step, Slice *iid, int64_
             feats->p = s + start;
             feats->n = i - start;
             /* a repeated feature name: msgspec would keep the last, the strict decode refuses it */
-            if (count > 1) {
-                Slice names[MAX_FEATURES];
-                Py_ssize_t k = 0, j = start + 1;
-                while (k < count) {
-                    scan_str(s, n, &j, &names[k]);
-                    Slice skip;
-                    j++;
-                    scan_str(s, n, &j, &skip);
-                    j++;
-                    for (Py_ssize_t m = 0; m < k; m++)
-                        if (names[m].n == names[k].n && !memcmp(names[m].p, names[k].p, (size_t)names[k].n)) return 0;
-                    k++;
-                }
-            }
+            if (count > 1 && any_repeated(names, count)) return 0;
         } else {
             return 0;
         }
@@ -1295,7 +1320,8 @@ static PyObject *advance_groups(PyObject *Py_UNUSED(module), PyObject *const *ar
     if (read_i64s(args[3], pswept, LANES, "partition_swept") < 0 || read_cfg(args[4], &c) < 0 ||
         read_writer(args[5], args[6], &w) < 0)
         return NULL;
-    int pswept_ok = lanes_in_range(pswept);
+    int pswept_ok = lanes_in_range(pswept), swept_ok = 0;
+    PyObject *last_swept = NULL;
     long kinds[3] = {0, 0, 0}, dups[LANES] = {0, 0, 0, 0, 0};
     Buf b = {0};
     PyObject *puts = PyList_New(0), *rest = PyList_New(0), *state = NULL, *dues = NULL, *r = NULL;
@@ -1320,8 +1346,13 @@ static PyObject *advance_groups(PyObject *Py_UNUSED(module), PyObject *const *ar
             if (vouched == Py_None) break;
             long step = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
             if (step == -1 && PyErr_Occurred()) goto error;
-            if (read_i64s(PyTuple_GET_ITEM(item, 3), swept, LANES, "swept") < 0) goto error;
-            if (!pswept_ok || !lanes_in_range(swept)) break;
+            PyObject *sw = PyTuple_GET_ITEM(item, 3);
+            if (sw != last_swept) { /* (a partition's impressions share one tuple: read once) */
+                if (read_i64s(sw, swept, LANES, "swept") < 0) goto error;
+                swept_ok = lanes_in_range(swept);
+                last_swept = sw; /* borrowed: the groups hold every item for the call */
+            }
+            if (!pswept_ok || !swept_ok) break;
             PyObject *samples;
             if (step == 0) { /* on no state, or on the stub of its events read ahead of it */
                 if (!PyTuple_Check(vouched) || PyTuple_GET_SIZE(vouched) != 3) {
@@ -1459,6 +1490,275 @@ error:
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* gather: the per-record half of FunnelJoin.on_batch                                            */
+
+typedef struct {
+    long partition;
+    PyObject *p;      /* the join's _Partition (owned) */
+    PyObject *wm;     /* its PartitionWatermark (owned) */
+    PyObject *swept;  /* its swept lanes, a 5-tuple (owned) */
+    int64_t swept_v[LANES];
+    PyObject *groups; /* impression key -> [item] (owned; also in the result) */
+    int64_t held[5];  /* the last impressions' times not yet observed (a ring of the newest five) */
+    Py_ssize_t n_held;
+    int held_behind;
+} GPart;
+
+static PyObject *S_observe, *S_observe_many, *S_lane, *S_swept, *S_wm, *S_impression_id, *S_event_time_ms,
+    *S_encode, *EMPTY_BYTES;
+
+/* the impressions read since the partition's watermark last saw a record, observed at once */
+static int observe_held(GPart *g, PyObject *now) {
+    if (!g->n_held) return 0;
+    Py_ssize_t k = g->n_held < 5 ? g->n_held : 5;
+    PyObject *times = PyList_New(k);
+    if (!times) return -1;
+    for (Py_ssize_t j = 0; j < k; j++) { /* oldest first */
+        PyObject *t = PyLong_FromLongLong(g->held[(g->n_held - k + j) % 5]);
+        if (!t) {
+            Py_DECREF(times);
+            return -1;
+        }
+        PyList_SET_ITEM(times, j, t);
+    }
+    PyObject *zero = PyLong_FromLong(0);
+    PyObject *r = zero ? PyObject_CallMethodObjArgs(g->wm, S_observe_many, zero, times, g->held_behind ? Py_True : Py_False,
+                                                    now, NULL)
+                       : NULL;
+    Py_XDECREF(zero);
+    Py_DECREF(times);
+    if (!r) return -1;
+    Py_DECREF(r);
+    g->n_held = 0;
+    return 0;
+}
+
+static void gparts_free(GPart *gp, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_XDECREF(gp[i].p);
+        Py_XDECREF(gp[i].wm);
+        Py_XDECREF(gp[i].swept);
+        Py_XDECREF(gp[i].groups);
+    }
+    PyMem_Free(gp);
+}
+
+/* gather(records, steps, pre, events, part, now, horizon, event_type): FunnelJoin.on_batch's pass
+   over the records in fetch order - each record's impression id and event time (pre's, or its
+   decoded Event's), the future check against horizon (None: none), each record's lanes (its own
+   topic's as the records before it left it: PartitionWatermark.lane, then observe; a partition's
+   impressions observed together before the next record of another topic of it, or at the end -
+   observe_many, the same as one at a time) and its group. Returns (groups, parts, counts, dead):
+   partition -> {impression key -> [(step, event, raw, swept, vouched)]} in fetch order, partition
+   -> its _Partition (part(partition)), the records per step, and [(index, event time or None)] of
+   the records to dead-letter in fetch order (None: not an event - events[index] says why; a time:
+   ahead of horizon). */
+static PyObject *gather(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "gather(records, steps, pre, events, part, now, horizon, event_type)");
+        return NULL;
+    }
+    PyObject *records = args[0], *steps = args[1], *pre = args[2], *events = args[3], *part = args[4],
+             *now = args[5], *horizon_obj = args[6], *event_type = args[7];
+    if (!PyList_Check(records) || !PyList_Check(steps) || !PyList_Check(events) ||
+        (pre != Py_None && !PyList_Check(pre)) || PyList_GET_SIZE(steps) != PyList_GET_SIZE(records) ||
+        PyList_GET_SIZE(events) != PyList_GET_SIZE(records) ||
+        (pre != Py_None && PyList_GET_SIZE(pre) != PyList_GET_SIZE(records)) || !PyCallable_Check(part)) {
+        PyErr_SetString(PyExc_TypeError, "gather: records, steps, events (and pre, or None) lists of one length, "
+                                         "part callable");
+        return NULL;
+    }
+    int has_horizon = horizon_obj != Py_None;
+    int64_t horizon = 0;
+    if (has_horizon) {
+        horizon = PyLong_AsLongLong(horizon_obj);
+        if (horizon == -1 && PyErr_Occurred()) return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(records), np = 0, cap = 8, last = -1;
+    long counts[LANES] = {0, 0, 0, 0, 0};
+    GPart *gp = PyMem_Calloc((size_t)cap, sizeof(GPart));
+    PyObject *groups = PyDict_New(), *parts = PyDict_New(), *dead = PyList_New(0);
+    if (!gp || !groups || !parts || !dead) goto error;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *rec = PyList_GET_ITEM(records, i);
+        if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) != 6) {
+            PyErr_SetString(PyExc_TypeError, "gather: a record (topic, partition, key, value, offset, behind)");
+            goto error;
+        }
+        long step = PyLong_AsLong(PyList_GET_ITEM(steps, i));
+        if (step == -1 && PyErr_Occurred()) goto error;
+        if (step < 0 || step >= LANES) {
+            PyErr_SetString(PyExc_ValueError, "gather: a step in 0..4");
+            goto error;
+        }
+        counts[step]++;
+        long partition = PyLong_AsLong(PyTuple_GET_ITEM(rec, 1));
+        if (partition == -1 && PyErr_Occurred()) goto error;
+        GPart *g = NULL;
+        if (last >= 0 && gp[last].partition == partition) {
+            g = &gp[last];
+        } else {
+            for (Py_ssize_t j = 0; j < np; j++)
+                if (gp[j].partition == partition) {
+                    g = &gp[j];
+                    last = j;
+                    break;
+                }
+        }
+        if (!g) { /* the batch's first record of this partition */
+            if (np == cap) {
+                GPart *bigger = PyMem_Realloc(gp, (size_t)(2 * cap) * sizeof(GPart));
+                if (!bigger) {
+                    PyErr_NoMemory();
+                    goto error;
+                }
+                memset(bigger + cap, 0, (size_t)cap * sizeof(GPart));
+                gp = bigger;
+                cap *= 2;
+            }
+            g = &gp[np];
+            g->partition = partition;
+            last = np++;
+            PyObject *key = PyTuple_GET_ITEM(rec, 1);
+            if (!(g->p = PyObject_CallOneArg(part, key)) || PyDict_SetItem(parts, key, g->p) < 0) goto error;
+            if (!(g->wm = PyObject_GetAttr(g->p, S_wm)) || !(g->swept = PyObject_GetAttr(g->p, S_swept))) goto error;
+            if (read_i64s(g->swept, g->swept_v, LANES, "swept") < 0) goto error;
+            if (!(g->groups = PyDict_New()) || PyDict_SetItem(groups, key, g->groups) < 0) goto error;
+        }
+        PyObject *vouched = pre == Py_None ? Py_None : PyList_GET_ITEM(pre, i);
+        PyObject *event = Py_None, *ikey = NULL;
+        int64_t t;
+        if (vouched != Py_None) { /* read by parse_records: (impression id, time, an impression's state) */
+            if (!PyTuple_Check(vouched) || PyTuple_GET_SIZE(vouched) != 3) {
+                PyErr_SetString(PyExc_TypeError, "gather: pre's (impression id, time, state)");
+                goto error;
+            }
+            ikey = Py_NewRef(PyTuple_GET_ITEM(vouched, 0));
+            t = PyLong_AsLongLong(PyTuple_GET_ITEM(vouched, 1));
+            if (t == -1 && PyErr_Occurred()) {
+                Py_DECREF(ikey);
+                goto error;
+            }
+        } else {
+            event = PyList_GET_ITEM(events, i);
+            if ((PyObject *)Py_TYPE(event) != event_type) { /* not an event: its dead letter */
+                PyObject *row = Py_BuildValue("(nO)", i, Py_None);
+                if (!row || PyList_Append(dead, row) < 0) {
+                    Py_XDECREF(row);
+                    goto error;
+                }
+                Py_DECREF(row);
+                continue;
+            }
+            PyObject *iid = PyObject_GetAttr(event, S_impression_id);
+            ikey = iid ? PyObject_CallMethodNoArgs(iid, S_encode) : NULL;
+            Py_XDECREF(iid);
+            if (!ikey) goto error;
+            PyObject *tobj = PyObject_GetAttr(event, S_event_time_ms);
+            t = tobj ? PyLong_AsLongLong(tobj) : -1;
+            Py_XDECREF(tobj);
+            if (t == -1 && PyErr_Occurred()) {
+                Py_DECREF(ikey);
+                goto error;
+            }
+        }
+        if (has_horizon && t > horizon) { /* ahead of this joiner's clock: a dead letter */
+            Py_DECREF(ikey);
+            PyObject *row = Py_BuildValue("(nL)", i, (long long)t);
+            if (!row || PyList_Append(dead, row) < 0) {
+                Py_XDECREF(row);
+                goto error;
+            }
+            Py_DECREF(row);
+            continue;
+        }
+        PyObject *behind = PyTuple_GET_ITEM(rec, 5);
+        PyObject *swept = Py_NewRef(g->swept);
+        if (step == 0) {
+            g->held[g->n_held % 5] = t;
+            g->n_held++;
+            int b = PyObject_IsTrue(behind);
+            if (b < 0) {
+                Py_DECREF(ikey);
+                Py_DECREF(swept);
+                goto error;
+            }
+            g->held_behind = b;
+        } else {
+            PyObject *sobj = PyList_GET_ITEM(steps, i), *own = NULL, *tt = NULL, *r = NULL;
+            int ok = observe_held(g, now) == 0 && (own = PyObject_CallMethodObjArgs(g->wm, S_lane, sobj, now, NULL));
+            long long ownv = ok ? PyLong_AsLongLong(own) : -1;
+            if (ok && ownv == -1 && PyErr_Occurred()) ok = 0;
+            if (ok && ownv > g->swept_v[step]) { /* its own topic's lane has moved past the swept one */
+                PyObject *lanes = PyTuple_New(LANES);
+                if (!lanes) ok = 0;
+                for (int k = 0; ok && k < LANES; k++)
+                    PyTuple_SET_ITEM(lanes, k, Py_NewRef(k == step ? own : PyTuple_GET_ITEM(g->swept, k)));
+                if (ok) Py_SETREF(swept, lanes);
+            }
+            if (ok) ok = (tt = PyLong_FromLongLong(t)) != NULL;
+            if (ok) ok = (r = PyObject_CallMethodObjArgs(g->wm, S_observe, sobj, tt, behind, now, NULL)) != NULL;
+            Py_XDECREF(own);
+            Py_XDECREF(tt);
+            Py_XDECREF(r);
+            if (!ok) {
+                Py_DECREF(ikey);
+                Py_DECREF(swept);
+                goto error;
+            }
+        }
+        PyObject *value = PyTuple_GET_ITEM(rec, 3);
+        int truthy = value == Py_None ? 0 : PyBytes_CheckExact(value) ? PyBytes_GET_SIZE(value) > 0 : PyObject_IsTrue(value);
+        if (truthy < 0) {
+            Py_DECREF(ikey);
+            Py_DECREF(swept);
+            goto error;
+        }
+        PyObject *raw = truthy ? value : EMPTY_BYTES; /* value or b"" */
+        PyObject *item = PyTuple_New(5);
+        if (!item) {
+            Py_DECREF(ikey);
+            Py_DECREF(swept);
+            goto error;
+        }
+        PyTuple_SET_ITEM(item, 0, Py_NewRef(PyList_GET_ITEM(steps, i)));
+        PyTuple_SET_ITEM(item, 1, Py_NewRef(event));
+        PyTuple_SET_ITEM(item, 2, Py_NewRef(raw));
+        PyTuple_SET_ITEM(item, 3, swept);
+        PyTuple_SET_ITEM(item, 4, Py_NewRef(vouched));
+        PyObject *group = PyDict_GetItemWithError(g->groups, ikey); /* borrowed */
+        int rc;
+        if (group) {
+            rc = PyList_Append(group, item);
+        } else if (PyErr_Occurred()) {
+            rc = -1;
+        } else {
+            group = PyList_New(1);
+            if (group) {
+                PyList_SET_ITEM(group, 0, Py_NewRef(item));
+                rc = PyDict_SetItem(g->groups, ikey, group);
+                Py_DECREF(group);
+            } else {
+                rc = -1;
+            }
+        }
+        Py_DECREF(item);
+        Py_DECREF(ikey);
+        if (rc < 0) goto error;
+    }
+    for (Py_ssize_t j = 0; j < np; j++) /* the impressions read last: observed before the batch's note */
+        if (observe_held(&gp[j], now) < 0) goto error;
+    gparts_free(gp, np);
+    return Py_BuildValue("(NN(lllll)N)", groups, parts, counts[0], counts[1], counts[2], counts[3], counts[4], dead);
+error:
+    if (gp) gparts_free(gp, np);
+    Py_XDECREF(groups);
+    Py_XDECREF(parts);
+    Py_XDECREF(dead);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* Kafka's murmur2 (Java's Utils.murmur2): stream.kafka.partitioner.murmur2 in C                  */
 
 static PyObject *murmur2(PyObject *Py_UNUSED(module), PyObject *arg) {
@@ -1513,6 +1813,9 @@ static PyMethodDef module_methods[] = {
     {"sweep_out", (PyCFunction)(void (*)(void))sweep_out, METH_FASTCALL,
      "sweep_out(keys, olds, prev, now, cfg, msgpack, policy, output, topic, out, delays): sweep_states with its "
      "samples appended to out - (visited, purges, reschedules, declined indexes, kinds)"},
+    {"gather", (PyCFunction)(void (*)(void))gather, METH_FASTCALL,
+     "gather(records, steps, pre, events, part, now, horizon, event_type): FunnelJoin.on_batch's pass over the "
+     "records in fetch order - (groups, parts, counts, dead)"},
     {"murmur2", (PyCFunction)murmur2, METH_O, "murmur2(data): Kafka's murmur2 of data (unsigned 32-bit)"},
     {NULL, NULL, 0, NULL},
 };
@@ -1524,6 +1827,14 @@ static struct PyModuleDef moduledef = {
 
 PyMODINIT_FUNC PyInit__fastjoin(void) {
     if (PyType_Ready(&DueIndexType) < 0) return NULL;
+    if (!(S_observe = PyUnicode_InternFromString("observe")) ||
+        !(S_observe_many = PyUnicode_InternFromString("observe_many")) ||
+        !(S_lane = PyUnicode_InternFromString("lane")) || !(S_swept = PyUnicode_InternFromString("swept")) ||
+        !(S_wm = PyUnicode_InternFromString("wm")) ||
+        !(S_impression_id = PyUnicode_InternFromString("impression_id")) ||
+        !(S_event_time_ms = PyUnicode_InternFromString("event_time_ms")) ||
+        !(S_encode = PyUnicode_InternFromString("encode")) || !(EMPTY_BYTES = PyBytes_FromStringAndSize(NULL, 0)))
+        return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     Py_INCREF(&DueIndexType);

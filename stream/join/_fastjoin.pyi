@@ -1,4 +1,5 @@
 # Types of the compiled module (stream/join/_fastjoin.c).
+from collections.abc import Callable
 from typing import Any
 
 from stream.join.funnel import Dues, Swept
@@ -74,3 +75,13 @@ def sweep_out(
     out: list[Any],
     delays: list[int] | None,
 ) -> tuple[int, list[bytes], list[tuple[bytes, Dues]], list[int], tuple[int, int, int]]: ...
+def gather(
+    records: list[tuple[str, int, bytes | None, bytes | None, int | None, bool]],
+    steps: list[int],
+    pre: list[tuple[bytes, int, bytes | None] | None],
+    events: list[Any],
+    part: Callable[[int], Any],
+    now: float,
+    horizon: int | None,
+    event_type: type,
+) -> tuple[dict[int, dict[bytes, list[Any]]], dict[int, Any], tuple[int, int, int, int, int], list[tuple[int, int | None]]]: ...

@@ -201,11 +201,9 @@ class FunnelJoin:
         except InvalidEvent as exc:
             self._dead(out, raw if value is not None else None, topic, exc.reason, exc.message, partition, offset, key)
             return
-        if self.max_future_ms and event.event_time_ms > self.clock.now_ms() + self.max_future_ms:
-            ahead_s = (event.event_time_ms - self.clock.now_ms()) // 1000
-            detail = (f"event time is {ahead_s} s ahead of this joiner's clock (JOINER_MAX_FUTURE_MS="
-                      f"{self.max_future_ms}); fix the source's clock, or set 0 for simulated time")  # fmt: skip
-            self._dead(out, raw, topic, FUTURE, detail, partition, offset, key)
+        now_ms = self.clock.now_ms()
+        if self.max_future_ms and event.event_time_ms > now_ms + self.max_future_ms:
+            self._future(out, raw, topic, event.event_time_ms, now_ms, partition, offset, key)
             return
         # judged against the lanes swept so far, and its own topic's lane as its records before
         # it put it (an event behind it by more than the allowed lateness arrives too late)
@@ -269,53 +267,25 @@ class FunnelJoin:
         now_ms = self.clock.now_ms()
         now = self.clock.monotonic()
         horizon = now_ms + self.max_future_ms if self.max_future_ms else None
-        counts = [0] * LANES
         # (partition, impression key) -> [(step, event, raw, swept, vouched)], in fetch order;
         # ``vouched``: the compiled path's (impression id, time, fresh state or None), event None
-        groups: dict[int, dict[bytes, list[tuple[int, Event | None, bytes, Swept, Any]]]] = {}
-        parts: dict[int, _Partition] = {}
-        for i, (rec, step, event) in enumerate(zip(records, steps, events, strict=True)):
-            topic, partition, key, value, offset, behind = rec
-            counts[step] += 1
-            p = parts.get(partition)
-            if p is None:
-                p = parts[partition] = self.part(partition)
-            raw = value or b""
-            if event is None:  # read by the compiled path: (impression id, time, an impression's state)
-                vouched = pre[i] if pre is not None else None
-                assert vouched is not None  # an event is None only where the compiled path read it
-                ikey, t = vouched[0], vouched[1]
-            elif type(event) is not Event:
-                assert isinstance(event, InvalidEvent)
-                self._dead(out, raw if value is not None else None, topic, event.reason, event.message, partition,
-                           offset, key)  # fmt: skip
-                continue
-            else:
-                vouched = None
-                ikey, t = event.impression_id.encode(), event.event_time_ms
-            if horizon is not None and t > horizon:
-                ahead_s = (t - now_ms) // 1000
-                detail = (f"event time is {ahead_s} s ahead of this joiner's clock (JOINER_MAX_FUTURE_MS="
-                          f"{self.max_future_ms}); fix the source's clock, or set 0 for simulated time")  # fmt: skip
-                self._dead(out, raw, topic, FUTURE, detail, partition, offset, key)
-                continue
-            swept = p.swept
-            wm = p.wm
-            if step:
-                own = wm.lane(step, now)
-                if own > swept[step]:
-                    lanes = list(swept)
-                    lanes[step] = own
-                    swept = (lanes[0], lanes[1], lanes[2], lanes[3], lanes[4])
-            wm.observe(step, t, behind, now)
-            by_key = groups.get(partition)
-            if by_key is None:
-                by_key = groups[partition] = {}
-            group = by_key.get(ikey)
-            if group is None:
-                by_key[ikey] = [(step, event, raw, swept, vouched)]
-            else:
-                group.append((step, event, raw, swept, vouched))
+        groups: dict[int, dict[bytes, list[tuple[int, Event | None, bytes, Swept, Any]]]]
+        parts: dict[int, _Partition]
+        counts: Sequence[int]
+        if pre is not None:  # the compiled pass over the records (``_gather``'s loop, in C)
+            batch = records if type(records) is list else list(records)
+            groups, parts, counts, dead = fast._fastjoin.gather(batch, steps, pre, events, self.part, now, horizon,
+                                                                Event)  # fmt: skip
+            for i, t in dead:
+                topic, partition, key, value, offset, _ = batch[i]
+                event = events[i]
+                if t is None:
+                    assert isinstance(event, InvalidEvent)
+                    self._dead(out, value, topic, event.reason, event.message, partition, offset, key)
+                else:
+                    self._future(out, value or b"", topic, t, now_ms, partition, offset, key)
+        else:
+            groups, parts, counts = self._gather(records, steps, events, now, now_ms, horizon, out)
         for p in parts.values():  # the impressions' frontier as this batch left it (what idle topics follow later)
             p.wm.note_clock(now)
         if self._events_by_type is not None:
@@ -328,6 +298,8 @@ class FunnelJoin:
         msgpack = self._msgpack
         delays = self._delays_ms if self.metrics is not None else None
         for partition, by_key in groups.items():
+            if not by_key:  # (a partition whose records of this batch were all dead letters)
+                continue
             p = parts[partition]
             store = p.store
             keys = list(by_key)
@@ -378,6 +350,59 @@ class FunnelJoin:
                 if n:
                     self._dups_by_type[step].inc(n)
         self._publish_metrics()
+
+    def _gather(
+        self, records: Sequence[BatchRecord], steps: list[int], events: list[Event | InvalidEvent | None], now: float,
+        now_ms: int, horizon: int | None, out: list[Output],
+    ) -> tuple[dict[int, dict[bytes, list[tuple[int, Event | None, bytes, Swept, Any]]]], dict[int, _Partition],
+               list[int]]:  # fmt: skip
+        """``on_batch``'s pass over the records in fetch order, in Python (``_fastjoin.gather`` is
+        its compiled twin): each record's dead letter, or its lanes and its place in its group."""
+        counts = [0] * LANES
+        groups: dict[int, dict[bytes, list[tuple[int, Event | None, bytes, Swept, Any]]]] = {}
+        parts: dict[int, _Partition] = {}
+        for rec, step, event in zip(records, steps, events, strict=True):
+            topic, partition, key, value, offset, behind = rec
+            counts[step] += 1
+            p = parts.get(partition)
+            if p is None:
+                p = parts[partition] = self.part(partition)
+            raw = value or b""
+            assert event is not None  # decoded here: the compiled pass reads the rest
+            if type(event) is not Event:
+                assert isinstance(event, InvalidEvent)
+                self._dead(out, value, topic, event.reason, event.message, partition, offset, key)
+                continue
+            ikey, t = event.impression_id.encode(), event.event_time_ms
+            if horizon is not None and t > horizon:
+                self._future(out, raw, topic, t, now_ms, partition, offset, key)
+                continue
+            swept = p.swept
+            wm = p.wm
+            if step:
+                own = wm.lane(step, now)
+                if own > swept[step]:
+                    lanes = list(swept)
+                    lanes[step] = own
+                    swept = (lanes[0], lanes[1], lanes[2], lanes[3], lanes[4])
+            wm.observe(step, t, behind, now)
+            by_key = groups.get(partition)
+            if by_key is None:
+                by_key = groups[partition] = {}
+            group = by_key.get(ikey)
+            if group is None:
+                by_key[ikey] = [(step, event, raw, swept, None)]
+            else:
+                group.append((step, event, raw, swept, None))
+        return groups, parts, counts
+
+    def _future(self, out: list[Output], raw: bytes, topic: str, t: int, now_ms: int, partition: int,
+                offset: int | None, key: bytes | None) -> None:  # fmt: skip
+        """The dead letter of an event stamped beyond ``JOINER_MAX_FUTURE_MS`` ahead of the clock."""
+        ahead_s = (t - now_ms) // 1000
+        detail = (f"event time is {ahead_s} s ahead of this joiner's clock (JOINER_MAX_FUTURE_MS="
+                  f"{self.max_future_ms}); fix the source's clock, or set 0 for simulated time")  # fmt: skip
+        self._dead(out, raw, topic, FUTURE, detail, partition, offset, key)
 
     def _emit(self, res: Result, ikey: bytes, iid: str, out: list[Output], partition: int,
               prior: FunnelState | None) -> None:

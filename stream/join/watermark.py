@@ -131,6 +131,20 @@ class PartitionWatermark:
         if step == 0:
             self._dirty = True  # noted by the caller's ``note_clock`` (the join: once per batch)
 
+    def observe_many(self, step: int, times: Sequence[int], behind: bool, now_s: float) -> None:
+        """``observe`` of each of ``times`` in turn (records of topic ``step`` read at ``now_s``;
+        ``behind`` the last one's): the compiled join observes a partition's impressions of a batch
+        at once, before the next record of another topic of it reads a lane."""
+        if not times:
+            return
+        recent = self._recent[step]
+        recent.extend(times[-_RECENT:])
+        del recent[:-_RECENT]
+        self._behind[step] = behind
+        self._last[step] = now_s
+        if step == 0:
+            self._dirty = True
+
     def note_clock(self, now_s: float) -> None:
         """Note the impressions' frontier as it is at ``now_s`` if it may have moved: one value per
         instant (the last noted: a batch's records share one instant, and the frontier as the
@@ -187,22 +201,30 @@ class PartitionWatermark:
         so the verdict does not depend on when the last sweep happened; from the topic's own
         records it depends only on those before it in its partition (a backlog read fast is
         judged as live reading would)."""
-        self._raise(step, self.frontier(0), now_s)
+        imps = self._recent[0]
+        self._raise(step, sorted(imps)[-2] if len(imps) > 1 else None, now_s)  # (frontier(0), inline)
         return self._value[step]
 
     def _raise(self, k: int, clock: int | None, now_s: float) -> None:
-        f = self.frontier(k)
+        # frontier(k) and idle(k) written out: the join asks each step record's lane (issue 16)
+        recent = self._recent[k]
+        f = sorted(recent)[-2] if len(recent) > 1 else None
         if k and clock is not None:
-            recent = self._recent[k]
             if recent:  # a sparse topic's newest record counts too, up to the impressions' clock
-                newest = min(max(recent), clock)
-                f = newest if f is None or newest > f else f
-            if self.idle(k, now_s):
+                newest = max(recent)
+                if newest > clock:
+                    newest = clock
+                if f is None or newest > f:
+                    f = newest
+            last = self._last[k]
+            if self._behind[k] is False and now_s - (self._born if last is None else last) >= self._idle_s:  # idle
                 ago = self._clock_ago(now_s)  # not the frontier of this moment: see the module doc
                 if ago is not None and (f is None or ago > f):
                     f = ago
-        if f is not None and f - self._lateness[k] > self._value[k]:
-            self._value[k] = f - self._lateness[k]
+        if f is not None:
+            f -= self._lateness[k]
+            if f > self._value[k]:
+                self._value[k] = f
 
     def idle(self, step: int, now_s: float) -> bool:
         """Read to its end and silent for the idle timeout (wall time)."""

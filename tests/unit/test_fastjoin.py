@@ -364,6 +364,50 @@ def test_parse_records_declines_each_way_out_of_the_compact_contract(name: str, 
     assert fast._fastjoin.parse_records([raw], [0]) == [None]
 
 
+def test_parse_records_declines_a_byte_out_of_printable_ascii_anywhere_in_a_string() -> None:
+    """Strings are checked eight bytes at a time, then the tail: a control byte, DEL or a
+    non-ASCII byte at any position of an id, a feature name or value is declined (the strict
+    decoder then words it), and the strings around it are still read."""
+    def record(iid: bytes, name: bytes, value: bytes) -> bytes:
+        return (b'{"schema_version":1,"event_type":"impression","event_id":"e","impression_id":"' + iid +
+                b'","event_time_ms":1,"bank_id":"b","features":{"' + name + b'":"' + value + b'","z":"1"}}')  # fmt: skip
+
+    plain = b"abcdefghijklmnopqrstu"  # 21 bytes: two words of eight and a tail
+    assert fast._fastjoin.parse_records([record(plain, plain, plain)], [0])[0] is not None
+    for bad in (0x00, 0x1F, 0x7F, 0x80, 0xC3, 0xFF):
+        for at in range(len(plain)):
+            s = plain[:at] + bytes([bad]) + plain[at + 1:]
+            for rec in (record(s, plain, plain), record(plain, s, plain), record(plain, plain, s)):
+                assert fast._fastjoin.parse_records([rec], [0]) == [None], (bad, at)
+    for edge in (0x20, 0x7E, 0x21, 0x7D):  # the range's own edges are text
+        s = bytes([edge]) * 9
+        assert fast._fastjoin.parse_records([record(b"i", s, s)], [0])[0] is not None
+
+
+def test_parse_records_declines_a_repeated_feature_name_among_many() -> None:
+    """A repeated name anywhere among up to 256 features is declined (msgspec would keep the last;
+    the strict decoder refuses it); names alike but for one byte - in their first or last eight
+    bytes, or in the middle of long ones - are distinct."""
+    base = {f"user_feature_{i:03d}_x": str(i) for i in range(40)}
+
+    def record(names: list[str]) -> bytes:
+        feats = ",".join(f'"{n}":"v"' for n in names)
+        return ('{"schema_version":1,"event_type":"impression","event_id":"e","impression_id":"i",'
+                '"event_time_ms":1,"bank_id":"b","features":{' + feats + "}}").encode()  # fmt: skip
+
+    names = list(base)
+    assert fast._fastjoin.parse_records([record(names)], [0])[0] is not None
+    for i, j in [(0, 1), (0, 39), (17, 18), (38, 39), (5, 30)]:
+        repeated = [*names[:j], names[i], *names[j + 1:]]
+        assert fast._fastjoin.parse_records([record(repeated)], [0]) == [None], (i, j)
+    alike = ["a" * 20 + c + "b" * 20 for c in "xyz"] + ["k", "kk", "k" * 8, "k" * 9, "k" * 16, "k" * 17]
+    assert fast._fastjoin.parse_records([record(alike)], [0])[0] is not None
+    many = [f"f{i}" for i in range(256)]
+    assert fast._fastjoin.parse_records([record(many)], [0])[0] is not None
+    assert fast._fastjoin.parse_records([record([*many, "f999"])], [0]) == [None]  # past the contract's 256
+    assert fast._fastjoin.parse_records([record([*many[:255], "f3"])], [0]) == [None]
+
+
 def test_parse_records_takes_the_simulators_records() -> None:
     from simulators.faults import FaultConfig, SimulatedStream
     from simulators.funnel import FunnelSimulator, SimConfig

@@ -79,13 +79,13 @@ class Run:
     """One FunnelJoin on in-memory stores, fed fetch by fetch on a fake clock that follows the
     delivery time; after each fetch, a sweep of every partition and its commit (as a flush)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fast_core: bool = True) -> None:
         self.registry = CollectorRegistry()
         self.stores: dict[int, InMemoryStore] = {}
         self.clock = FakeClock(T0)
         self.join = FunnelJoin(FunnelConfig(), JoinTopics(TOPICS_5, "samples", "dead-letters"),
                                lambda p: self.stores.setdefault(p, InMemoryStore()), self.clock,
-                               JoinerMetrics(self.registry), max_future_ms=3_600_000)  # fmt: skip
+                               JoinerMetrics(self.registry), max_future_ms=3_600_000, fast_core=fast_core)  # fmt: skip
         self.by_key: dict[bytes, list[tuple[str, bytes]]] = defaultdict(list)
 
     def collect(self, out: list[Output]) -> None:
@@ -145,12 +145,15 @@ def outputs(run: Run) -> dict[tuple[str, bytes], list[bytes]]:
 
 # (2317, 64, "lagging"): a correction and a malformed record's dead letter of one key in one batch;
 # (5172, 2000, "batch-feeds"): label delays summed in another order (both found by a random search)
-@pytest.mark.parametrize(("seed", "chunk", "delivery"), [(1, 1, "realtime"), (2, 37, "realtime"),
-                                                         (3, 500, "batch-feeds"), (4, 64, "lagging"),
-                                                         (2317, 64, "lagging"), (5172, 2000, "batch-feeds")])
-def test_on_batch_decides_as_on_record(seed: int, chunk: int, delivery: str) -> None:
+@pytest.mark.parametrize(("seed", "chunk", "delivery", "fast_core"),
+                         [(1, 1, "realtime", True), (2, 37, "realtime", True), (3, 500, "batch-feeds", True),
+                          (4, 64, "lagging", True), (2317, 64, "lagging", True), (5172, 2000, "batch-feeds", True),
+                          (2, 37, "realtime", False), (4, 64, "lagging", False), (5172, 2000, "batch-feeds", False)])
+def test_on_batch_decides_as_on_record(seed: int, chunk: int, delivery: str, fast_core: bool) -> None:
+    """Both passes over a batch's records: the compiled one (``_fastjoin.gather``) and the Python
+    one it copies (``fast_core=False``, which the A/B benches run)."""
     fetches = _fetches(seed, chunk, delivery)
-    one, many = Run(), Run()
+    one, many = Run(), Run(fast_core)
     for n, (deliver_ms, batch) in enumerate(fetches):
         for run in (one, many):
             if deliver_ms > run.clock.now_ms():
@@ -187,6 +190,46 @@ def test_on_batch_decides_as_on_record(seed: int, chunk: int, delivery: str) -> 
     assert many.metric("aitm_joiner_label_delay_seconds_sum") == pytest.approx(
         one.metric("aitm_joiner_label_delay_seconds_sum"), rel=1e-12)
     assert one.metric("aitm_joiner_duplicate_events_total")  # duplicates did come
+
+
+@pytest.mark.parametrize("fast_core", [True, False])
+def test_a_batchs_dead_letters_are_on_records_in_fetch_order(fast_core: bool) -> None:
+    """Malformed records, a tombstone and events stamped beyond the future limit (one in the
+    compact form the compiled pass reads, one only the strict decoder reads) among good records
+    of two partitions: the dead letters of one record at a time - raw bytes, topic, key, offset,
+    reason - in fetch order, and the good records joined around them."""
+    loose = b'{"event_type": "click", "schema_version": 1, "event_id": "e", "impression_id": "f2", ' + (
+        b'"event_time_ms": %d, "bank_id": "b"}' % (T0 + 5 * 3_600_000))  # fmt: skip
+    batch: list[BatchRecord] = [
+        ("impressions", 0, b"a", event_bytes(0, "a", T0), 0, True),
+        ("clicks", 1, b"x", b"[1]", 0, True),  # not an object
+        ("impressions", 1, b"f1", event_bytes(0, "f1", T0 + 2 * 3_600_000), 0, True),  # 2 h ahead
+        ("clicks", 0, b"a", event_bytes(1, "a", T0 + 1000), 0, True),
+        ("clicks", 0, b"t", None, 1, True),  # a tombstone
+        ("clicks", 1, b"f2", loose, 1, False),  # 5 h ahead, spaced JSON
+        ("impressions", 1, b"b", event_bytes(0, "b", T0), 1, False),
+        ("clicks", 1, b"y", b'{"schema_version": 1', 2, False),  # cut short
+    ]
+    runs = []
+    for batched in (False, True):
+        run = Run(fast_core)
+        out: list[Output] = []
+        if batched:
+            run.join.on_batch(batch, out)
+        else:
+            for topic, p, key, value, offset, behind in batch:
+                run.join.on_record(topic, p, key, value, behind, out, offset)
+        dead = [json.loads(o.value) for o in out if o.topic == "dead-letters"]
+        runs.append(([(d["source_topic"], d["partition"], d["offset"], d["key"], d["reason"], d["raw"], d["detail"])
+                      for d in dead], {p: s._data for p, s in run.stores.items()},
+                     run.metric("aitm_joiner_dead_letters_total"), run.metric("aitm_joiner_events_total")))  # fmt: skip
+    assert runs[1] == runs[0]
+    dead_letters, states, _, _ = runs[1]
+    assert [(d[0], d[1], d[2], d[4]) for d in dead_letters] == [
+        ("clicks", 1, 0, "malformed_json"), ("impressions", 1, 0, "future"), ("clicks", 0, 1, "malformed_json"),
+        ("clicks", 1, 1, "future"), ("clicks", 1, 2, "malformed_json")]  # fmt: skip
+    assert dead_letters[3][5] == loose.decode() and "18000 s ahead" in dead_letters[3][6]
+    assert sorted(states[0]) == [b"a"] and sorted(states[1]) == [b"b"]
 
 
 def test_an_impression_and_its_click_in_one_batch_are_one_state_read_and_one_write() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from stream.join.funnel import NO_WATERMARK
@@ -193,3 +195,28 @@ def test_a_restarted_partition_follows_its_stored_frontier_once_the_idle_timeout
     w.report(1, behind=False)
     assert w.advance(129.0)[1] == NO_WATERMARK
     assert w.advance(130.0)[1] == T0 + HOUR - 30 * MIN
+
+
+def test_observe_many_is_observe_of_each_in_turn() -> None:
+    """The join observes a partition's impressions of a batch at once (before the next record of
+    another topic of it reads a lane, and at the batch's end): the same state as one at a time -
+    the last five times, the last record's position, the wall time, the frontier to note."""
+    rng = random.Random(7)
+    for _ in range(300):
+        one = PartitionWatermark((0, 5, 0, 0, 0), 10.0, (NO_WATERMARK,) * 5, 0.0)
+        many = PartitionWatermark((0, 5, 0, 0, 0), 10.0, (NO_WATERMARK,) * 5, 0.0)
+        now = 0.0
+        for _ in range(rng.randint(1, 6)):
+            now += rng.choice([0.0, 0.5, 20.0])
+            step = rng.choice([0, 0, 0, 1, 2])
+            times = [rng.randint(0, 1000) for _ in range(rng.randint(0, 8))]
+            behind = rng.random() < 0.5
+            for t in times:
+                one.observe(step, t, behind, now)
+            many.observe_many(step, times, behind, now)
+            if rng.random() < 0.5:
+                one.note_clock(now)
+                many.note_clock(now)
+            assert one.lane(1, now) == many.lane(1, now) and one.recent() == many.recent()
+            assert one.idle(step, now + 10) == many.idle(step, now + 10)
+            assert one.history() == many.history() and one.advance(now) == many.advance(now)
