@@ -18,6 +18,10 @@
  *   rejection, an event left held, one past the retention.
  * - advance_step: a step's event on no state or a stub (held), or on the usual state (a duplicate,
  *   or the next step in order with its samples). Declines the rest.
+ * - gather: FunnelJoin._gather (on_batch's pass over the records: ids, times, the future check,
+ *   the lanes asked of the Python watermark, the groups); advance_groups: advance_impression /
+ *   advance_step over a partition's groups, the samples appended as outputs; sweep_out:
+ *   sweep_states with FunnelJoin.sweep's handling of its results (docs/joiner.md, "Round 20").
  * - murmur2: Kafka's partitioner hash.
  *
  * No Python object is built per state beyond the results handed back.

@@ -10,6 +10,10 @@ the joiner runs the pure Python core alone). What it holds, each the twin of Pyt
   the stub of its events read ahead of it, and of a step's event on no state, a stub or the usual
   state (impression seen, nothing held);
 - ``sweep_states``: ``funnel.sweep`` of the usual state, with its samples' bytes and next dues;
+- ``gather``, ``advance_groups``, ``sweep_out``: ``FunnelJoin.on_batch``'s pass over a batch's
+  records (``FunnelJoin._gather``), its loop of the two above over a partition's groups, and
+  ``FunnelJoin.sweep``'s handling of ``sweep_states``' results - the samples appended as outputs
+  in C (docs/joiner.md, "Round 20");
 - ``DueIndex``: ``stream.join.store.DueIndex`` in C (``new_due_index`` picks it); ``murmur2``:
   the producer's partition of a key (``stream.kafka.partitioner``).
 
