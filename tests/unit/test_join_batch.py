@@ -107,6 +107,17 @@ class Run:
                 if s.name == name}  # fmt: skip
 
 
+def feed(run: Run, batch: list[BatchRecord], batched: bool) -> list[Output]:
+    """``batch`` through ``on_batch`` at once, or a record at a time through ``on_record``."""
+    out: list[Output] = []
+    if batched:
+        run.join.on_batch(batch, out)
+    else:
+        for topic, p, key, value, offset, behind in batch:
+            run.join.on_record(topic, p, key, value, behind, out, offset)
+    return out
+
+
 def _fetches(seed: int, chunk: int, delivery: str) -> list[tuple[int, list[BatchRecord]]]:
     """(deliver_ms, records) per fetch: consecutive records of one partition, up to ``chunk``."""
     from simulators.faults import kafka_partition
@@ -213,12 +224,7 @@ def test_a_batchs_dead_letters_are_on_records_in_fetch_order(fast_core: bool) ->
     runs = []
     for batched in (False, True):
         run = Run(fast_core)
-        out: list[Output] = []
-        if batched:
-            run.join.on_batch(batch, out)
-        else:
-            for topic, p, key, value, offset, behind in batch:
-                run.join.on_record(topic, p, key, value, behind, out, offset)
+        out = feed(run, batch, batched)
         dead = [json.loads(o.value) for o in out if o.topic == "dead-letters"]
         runs.append(([(d["source_topic"], d["partition"], d["offset"], d["key"], d["reason"], d["raw"], d["detail"])
                       for d in dead], {p: s._data for p, s in run.stores.items()},
@@ -338,13 +344,7 @@ def test_a_record_is_judged_by_its_own_topic_as_the_records_before_it_in_the_bat
         run.join = FunnelJoin(FunnelConfig(), JoinTopics(TOPICS_5, "samples", "dead-letters"),
                               lambda p, run=run: run.stores.setdefault(p, InMemoryStore()), run.clock,
                               lateness_ms=(0,) * 5, max_future_ms=0)  # fmt: skip
-        out: list[Output] = []
-        if batched:
-            run.join.on_batch(batch, out)
-        else:
-            for topic, p, key, value, offset, behind in batch:
-                run.join.on_record(topic, p, key, value, behind, out, offset)
-        run.collect(out)
+        run.collect(feed(run, batch, batched))
         results.append(dict(run.by_key))
     assert results[0] == results[1]
     dead = [json.loads(v) for t, v in results[1][b"a"] if t == "dead-letters"]
