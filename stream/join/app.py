@@ -1,8 +1,9 @@
 """``aitm-stream joiner``: the faust app that joins the five event topics into training samples.
 
 faust's consumer reads the co-partitioned event topics and hands them, a fetched batch at a
-time, straight to the join (``stream.kafka.faust_bulk``, past faust's per-event agent path; the agent only subscribes the
-topics). Per-impression funnel state lives in a faust Table (``store="rocksdb://"``,
+time, straight to the join (``stream.kafka.faust_bulk``, past faust's per-event agent path; the
+agent only subscribes the topics); aiokafka builds the fetched records a record batch at a time
+(``stream.kafka.lean_fetch``). Per-impression funnel state lives in a faust Table (``store="rocksdb://"``,
 rocksdict) whose changelog restores it after a restart. The records drive
 ``stream.join.driver.FunnelJoin``: one table write per event at most, state values in a
 versioned struct codec (``stream.join.state_codec``), samples and dead letters only when due. Outputs and changelog records are
@@ -30,7 +31,7 @@ from stream.join.faust_store import FaustTableStore
 from stream.join.flusher import Flusher
 from stream.join.funnel import Dues, FunnelConfig, Swept, next_dues
 from stream.join.state_codec import decode_state
-from stream.kafka import offsets
+from stream.kafka import lean_fetch, offsets
 from stream.kafka.faust_bulk import bulk_consumer, member_lost
 from stream.ops.clock import Clock, SystemClock
 from stream.ops.command import add_loglevel, command_parser
@@ -163,6 +164,7 @@ def build_app(settings: Settings, registry: CollectorRegistry, clock: Clock | No
     flusher = Flusher(app, table, join, clock, settings.joiner_sweep_interval_ms / 1000.0,
                       member_lost=lambda: member_lost(app.consumer))  # fmt: skip
     flusher_box.append(flusher)
+    lean_fetch.install()  # aiokafka's fetched records a record batch at a time (docs/joiner.md, round 21)
     transport: Any = app.transport
     transport.Consumer = bulk_consumer(transport.Consumer, topics.events, flusher.handle_batch, flusher.flush,
                                        fetch_max_wait_ms=settings.joiner_fetch_max_wait_ms)  # fmt: skip

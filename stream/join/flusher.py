@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from stream.join.driver import FunnelJoin, Output
+from stream.join.driver import BatchRecord, FunnelJoin, Output
 from stream.join.faust_store import SEAL_KEY, FaustTableStore
 from stream.join.funnel import Swept
 from stream.kafka import offsets
+from stream.kafka.faust_bulk import Span
 from stream.kafka.partitioner import producer_partition_of
 from stream.kafka.sender import BatchSender
 from stream.ops.clock import Clock
@@ -74,7 +75,11 @@ class Flusher:
         self.closed = False  # the app is stopping: nothing more goes out
         self.changelog: str = table.changelog_topic.get_topic_name()
         self.sender: BatchSender | None = None  # made once the producer has started
-        self.unacked: list[Any] = []  # source records joined since the last flush
+        # the source records joined since the last flush: how many, their spans of offsets (the
+        # bulk loop's), and the messages that came through faust's agent instead
+        self.pending = 0
+        self.unacked: list[Span] = []
+        self.unacked_messages: list[Any] = []
         self.next_offset: dict[Any, int] = {}  # per event topic partition: the offset after the last handled
         # the flushes waiting for their acks, oldest first (MAX_INFLIGHT at most), and the newest
         # one's "outputs submitted" signal, which the next flush's outputs wait for
@@ -95,24 +100,30 @@ class Flusher:
         return self.sender
 
     def handle(self, message: Any, behind: bool) -> bool:
-        """Join one source record (``handle_batch`` of one); True when a flush is due."""
-        return self.handle_batch([(message, behind)])
+        """Join one source record that came through faust's agent (a consumer without the bulk loop:
+        ``handle_batch`` of one); it is acknowledged with faust's ``Consumer.ack`` in ``complete``.
+        True when a flush is due."""
+        self.unacked_messages.append(message)
+        self.next_offset[message.tp] = message.offset + 1
+        record = (message.topic, message.partition, message.key, message.value, message.offset, behind)
+        return self.handle_batch([record], [])
 
-    def handle_batch(self, batch: list[tuple[Any, bool]]) -> bool:
-        """Join source records, ``(message, behind its high watermark)`` in fetch order, as one
-        batch (``FunnelJoin.on_batch``); True when a flush is due. They are acknowledged in
-        ``complete``."""
+    def handle_batch(self, batch: Sequence[BatchRecord], spans: list[Span]) -> bool:
+        """Join source records, ``(topic, partition, key, value, offset, behind its high watermark)``
+        in fetch order, as one batch (``FunnelJoin.on_batch``); ``spans`` - ``(tp, first offset,
+        last offset)`` - are acknowledged in ``complete`` (``BulkConsumer.ack_spans``). True when a
+        flush is due."""
         sender = self.get_sender()
         out: list[Output] = []
-        self.join.on_batch([(m.topic, m.partition, m.key, m.value, m.offset, behind) for m, behind in batch], out)
+        self.join.on_batch(batch, out)
         sender.add_all(out)
-        unacked = self.unacked
+        self.unacked += spans
         next_offset = self.next_offset
-        for m, _ in batch:
-            unacked.append(m)
-            next_offset[m.tp] = m.offset + 1
+        for tp, _, last in spans:
+            next_offset[tp] = last + 1
+        self.pending += len(batch)
         # once per interval, all partitions together: one flush, its acks awaited aside
-        return len(unacked) >= MAX_PENDING or self.clock.monotonic() - self.last_flush >= self.interval_s
+        return self.pending >= MAX_PENDING or self.clock.monotonic() - self.last_flush >= self.interval_s
 
     def may_write(self, final: bool = False) -> bool:
         """Whether this member may write its partitions' changelog and outputs: not once the app
@@ -209,16 +220,16 @@ class Flusher:
                 sender.add_to(self.changelog, p, drained.items())
                 sender.seal(self.changelog, p, SEAL_KEY)  # the partition's true end for recovery
         batches = sender.take()
-        messages = self.unacked[:]
-        self.unacked.clear()
+        spans, messages = self.unacked, self.unacked_messages
+        self.unacked, self.unacked_messages, self.pending = [], [], 0
         self.last_flush = self.clock.monotonic()
-        if batches or messages or swept:
+        if batches or spans or messages or swept:
             last = self.last_flight
             before = last if last is not None and not last.done() else None
             queued_before, queued = self.outputs_queued, asyncio.get_running_loop().create_future()
             self.outputs_queued = queued
             task = asyncio.ensure_future(
-                self.complete(sender, batches, written, swept, messages, before, queued_before, queued))
+                self.complete(sender, batches, written, swept, spans, messages, before, queued_before, queued))
             task.add_done_callback(lambda _: _resolve(queued))
             self.inflight.append(task)
             self.last_flight = task
@@ -229,6 +240,7 @@ class Flusher:
         batches: list[Any],
         written: list[tuple[FaustTableStore, dict[bytes, bytes | None]]],
         swept: list[tuple[int, Swept]],
+        spans: list[Span],
         messages: list[Any],
         before: asyncio.Future[None] | None = None,
         queued_before: asyncio.Future[None] | None = None,
@@ -238,7 +250,8 @@ class Flusher:
         RocksDB, record the acked changelog offsets as the partitions' persisted offsets (for
         faust's recovery), store the swept watermarks (locally at once, so a restart after a
         kill -9 re-emits at most the last flush's finals; their changelog record goes out with
-        the next flush) and acknowledge the source records.
+        the next flush) and acknowledge the source records (``spans`` of the bulk loop's, faust
+        ``messages`` of the agent's).
 
         ``before``: the previous flush, still in flight; ``queued_before`` resolves once its
         outputs are submitted; ``queued`` is resolved here once this flush's outputs are (and by
@@ -287,17 +300,15 @@ class Flusher:
                 held.settle({}, offset)
         for p, wm in swept:
             self.join.persist_swept(p, wm)  # unless revoked meanwhile
-        if messages:
+        if spans or messages:
+            # a revoked partition's records are not acknowledged: its new owner reads them again
             consumer = self.app.consumer
             assigned = consumer.assignment()
-            ack_many = getattr(consumer, "ack_many", None)  # the bulk loop's: faust's ack, once per flush
-            if ack_many is not None:
-                ack_many([m for m in messages if m.tp in assigned])  # a revoked one is read again by its new owner
-            else:
-                ack = consumer.ack
-                for message in messages:
-                    if message.tp in assigned:
-                        ack(message)
+            if spans:
+                consumer.ack_spans([span for span in spans if span[0] in assigned])  # the bulk loop's consumer
+            for message in messages:
+                if message.tp in assigned:
+                    consumer.ack(message)
 
     def report_positions(self) -> None:
         """Tell the join, per event topic partition it holds, whether the consumer has read it to
@@ -345,11 +356,12 @@ class Flusher:
         partition's new store had read it: those funnels lost their due entries and never got a
         final (seen in the two-joiner test)."""
         log.info("revoked %s: %d records joined since the last flush, %d flush(es) in flight%s",
-                 sorted((tp.topic, tp.partition) for tp in tps), len(self.unacked), len(self.inflight),
+                 sorted((tp.topic, tp.partition) for tp in tps), self.pending, len(self.inflight),
                  " (membership lost: not flushed)" if self.member_lost() else "")  # fmt: skip
         await self.final_flushes()  # nothing when evicted: then the next owner reads it all again
         await self.wait_inflight()
-        self.unacked = [m for m in self.unacked if m.tp not in tps]
+        self.unacked = [span for span in self.unacked if span[0] not in tps]
+        self.unacked_messages = [m for m in self.unacked_messages if m.tp not in tps]
         for tp in tps:
             self.waited.discard(tp)
             self.next_offset.pop(tp, None)

@@ -7,30 +7,44 @@ agent's ``Stream`` iterator takes it off the queue and calls the sensors. On the
 that is about 90 us per record, the whole of a do-nothing agent's cost and more than the join.
 
 ``bulk_consumer()`` subclasses faust's consumer with a fetch loop that hands the records of the
-chosen topics to ``handle([(message, behind), ...])`` a batch at a time, synchronously and in
-fetch order, and awaits ``flush()`` when it returns True. A batch is the records read between two
-awaits of the loop (at most ``YIELD_EVERY``): it is handed over before the loop awaits anything (a
-gap, a commit, another topic's record, flow control, a yield) and at the end of the fetch, so
-every flag the loop checks (flow, generation, rebalancing) reads as it did for the one-record loop.
+chosen topics to ``handle(batch, spans)`` a batch at a time, synchronously and in fetch order, and
+awaits ``flush()`` when it returns True. ``batch`` is the records as the join reads them,
+``(topic, partition, key, value, offset, behind its high watermark)``; ``spans`` says which offsets
+they are, ``(tp, first, last)`` per run of a partition's consecutive offsets, what the handler's
+owner acknowledges later. A batch is the records read between two awaits of the loop (at most
+``YIELD_EVERY``): it is handed over before the loop awaits anything (a gap, a commit, another
+topic's record, flow control, a yield) and at the end of the fetch, so every flag the loop checks
+(flow, generation, rebalancing) reads as it did for the one-record loop.
+
+A fetch that holds only records of the chosen topics, each partition's offsets consecutive and
+following those read (the usual fetch), is handed over without a Python step per record
+(``_whole_fetch``, ``bulk_chunk`` in ``stream/kafka/_records.c``): the checks the one-record loop
+makes per record are made per partition, or after each await - the only points where what they
+read can change but for the consumer thread's generation, which the one-record loop read per
+record and this loop reads per batch (a rebalance that begins meanwhile stops it at the next
+batch; the records after are read again after the rebalance's seek, as they were). Any other
+fetch takes the one-record loop.
+
 Everything else stays faust's:
 
 - the consumer group, rebalances, the pausing of partitions while tables recover, and flow
   control: a batch stops at a rebalance (consumer flow stopped, or a new generation) exactly
   where faust's own loop stops; records not handled are read again after the rebalance's seek;
 - read offsets and gap tracking (compacted or transactional topics), ``commit_every``;
-- acknowledgements and commits: the handler's owner acknowledges each handled record with
-  ``consumer.ack(message)`` - or a flush's records at once with ``ack_many``, the same bookkeeping
-  under one lock - once it is done with it, and faust commits up to the acked offsets;
+- acknowledgements and commits: the handler's owner acknowledges what it handled, once it is done
+  with it, with ``ack_spans`` - faust's ``Consumer.ack`` bookkeeping for every offset of the
+  spans, under its ack lock once - and faust commits up to the acked offsets;
 - records of other topics (table changelogs during recovery) take faust's usual path.
 
 What it gives up for those topics: the agent's stream never sees their records (the agent is
 only there so that faust subscribes the topics and tracks their acks), faust's sensors do not
 count them (``Monitor.stream_inbound_time`` is still kept per partition, for faust's
-slow-processing checks), the records are ``BulkMessage``s (what the join and ``ack`` read; not
-faust's twenty-attribute ``ConsumerMessage``), and the handler must not block. It relies on faust
-internals (``_wait_next_records``, ``_read_offset``, ``_add_gap``, ``ack``'s bookkeeping): faust-streaming is pinned, ``bulk_consumer``
-refuses any other version, and ``tests/unit/test_faust_bulk.py`` fails when faust's own loop (the
-one copied here) is not the one this was written against.
+slow-processing checks), no faust ``Message`` is made for them (faust's ``ConsumerMessage`` has
+twenty attributes, ~1 us a record, that nothing here reads), and the handler must not block. It
+relies on faust internals (``_wait_next_records``, ``_read_offset``, ``_add_gap``, ``ack``'s
+bookkeeping): faust-streaming is pinned, ``bulk_consumer`` refuses any other version, and
+``tests/unit/test_faust_bulk.py`` fails when faust's own loop (the one copied here) is not the one
+this was written against.
 
 Batches (issue 16): handing over a batch saves the join its per-record work (one decode call, one
 multi-get per partition, one write per impression). An earlier version of it failed the chaos
@@ -54,8 +68,17 @@ from faust.types import TP
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-# [(message, behind its high watermark)] in fetch order -> flush now?
-Handle = Callable[[list[tuple[Any, bool]]], bool]
+try:
+    from stream.kafka import _records
+except ImportError:  # pragma: no cover - built by every install here (setup.py); the Python twin otherwise
+    _records = None  # type: ignore[assignment]
+
+# a record as the join reads it: (topic, partition, key, value, offset, behind its high watermark)
+BatchRecord = tuple[str, int, bytes | None, bytes | None, int, bool]
+# a run of a topic partition's consecutive offsets handed over: (tp, first, last)
+Span = tuple[TP, int, int]
+# (records in fetch order, their spans) -> flush now?
+Handle = Callable[[list[BatchRecord], list[Span]], bool]
 Flush = Callable[[], Awaitable[None]]
 FAUST_VERSION = "0.15.3"  # the faust-streaming whose consumer loop this copies
 log = logging.getLogger(__name__)
@@ -91,26 +114,37 @@ def fetch_order(records: Mapping[TP, Sequence[Any]]) -> list[tuple[TP, Any]]:
     return _round_robin([_round_robin(parts) for parts in by_topic.values()])
 
 
-class BulkMessage:
-    """A fetched record of a bulk topic: what the join and faust's ``Consumer.ack`` read of a faust
-    ``Message`` (topic, partition, offset, key, value, tp; ``acked``, set by ``ack``; weakly
-    referable, as faust keeps unacked messages in a ``WeakSet``). faust's ``_to_message`` builds a
-    ``ConsumerMessage`` of twenty attributes per record (~1 us, issue 16 round 9) that nothing here
-    reads. ``tests/unit/test_faust_bulk.py`` acks these through faust's own ``Consumer.ack``."""
+def spans_of(tps: Sequence[TP], batch: Sequence[BatchRecord]) -> list[Span]:
+    """The spans of ``batch`` (``tps[i]`` is ``batch[i]``'s): per topic partition, each run of
+    consecutive offsets as ``(tp, first, last)``, in the order of their first records."""
+    runs: dict[TP, list[Any]] = {}
+    out: list[list[Any]] = []
+    for tp, record in zip(tps, batch, strict=True):
+        offset = record[4]
+        run = runs.get(tp)
+        if run is not None and run[2] == offset - 1:
+            run[2] = offset
+        else:
+            run = runs[tp] = [tp, offset, offset]
+            out.append(run)
+    return [(tp, first, last) for tp, first, last in out]
 
-    __slots__ = ("__weakref__", "acked", "key", "offset", "partition", "topic", "tp", "value")
 
-    def __init__(self, tp: TP, record: Any) -> None:
-        self.tp = tp
-        self.topic = tp.topic
-        self.partition = tp.partition
-        self.offset: int = record.offset
-        self.key: bytes | None = record.key
-        self.value: bytes | None = record.value
-        self.acked = False
+def bulk_chunk_py(
+    pairs: list[tuple[TP, Any]], start: int, end: int, highwaters: Mapping[TP, int | None]
+) -> tuple[list[BatchRecord], list[Span]]:
+    """``pairs[start:end]`` - ``(tp, record)`` in fetch order, each partition's records consecutive
+    offsets - as the join's records and their spans (``_records.bulk_chunk``, in Python)."""
+    chunk = pairs[start:end]
+    batch: list[BatchRecord] = []
+    for tp, r in chunk:
+        hw = highwaters[tp]
+        batch.append((tp.topic, tp.partition, r.key, r.value, r.offset, hw is not None and r.offset + 1 < hw))
+    return batch, spans_of([tp for tp, _ in chunk], batch)
 
-    def __repr__(self) -> str:
-        return f"<BulkMessage {self.topic}[{self.partition}]@{self.offset}>"
+
+bulk_chunk: Callable[[list[tuple[TP, Any]], int, int, Mapping[TP, int | None]], tuple[list[BatchRecord], list[Span]]]
+bulk_chunk = _records.bulk_chunk if _records is not None else bulk_chunk_py
 
 
 def bulk_consumer(
@@ -127,7 +161,7 @@ def bulk_consumer(
             f"{faust.__version__} is installed: re-check stream/kafka/faust_bulk.py against it (and its test)"
         )
     bulk = frozenset(topics)
-    needed = ("_wait_next_records", "_to_message", "_add_gap", "highwater", "perform_seek", "ack")
+    needed = ("_wait_next_records", "_to_message", "_add_gap", "highwater", "perform_seek", "ack", "commit")
     for name in needed + (("_new_consumer_thread",) if fetch_max_wait_ms is not None else ()):
         if not hasattr(base, name):  # pragma: no cover - a faust upgrade changed its internals
             raise TypeError(f"{base.__qualname__} has no {name}: faust-streaming changed; see stream/kafka/faust_bulk.py")
@@ -157,45 +191,117 @@ def bulk_consumer(
             thread._create_worker_consumer = create_worker_consumer
             return thread
 
-        def ack_many(self, messages: Iterable[Any]) -> int:
-            """``Consumer.ack`` for each of ``messages`` in turn (a copy of faust's bookkeeping:
-            the message marked acked, its offset recorded for the commit unless committed or acked
-            already), under faust's ack lock once and waking a waiter once, not per message.
-            Returns how many offsets were newly acked. ``tests/unit/test_faust_bulk.py`` checks it
-            leaves faust's state as ``ack`` one at a time does."""
+        def ack_spans(self, spans: Iterable[Span]) -> int:
+            """faust's ``Consumer.ack`` bookkeeping for every offset of ``spans`` (``(tp, first,
+            last)``, each a run of a partition's consecutive offsets handled): each offset recorded
+            for the commit unless below the committed one or acked already, under faust's ack lock
+            once and waking a waiter once, not per record. Returns how many offsets were newly
+            acked. ``tests/unit/test_faust_bulk.py`` checks it leaves faust's state as ``ack`` one
+            record at a time does."""
             consumer: Any = self
             enabled = consumer.app.topics.acks_enabled_for
             enabled_for: dict[str, bool] = {}
             committed_of, index_of, acked_of = consumer._committed_offset, consumer._acked_index, consumer._acked
-            unacked = consumer._unacked_messages
             n = 0
             with ack_lock:
                 touched = False
-                for message in messages:
-                    if message.acked:
-                        continue
-                    message.acked = True
-                    topic = message.topic
+                for tp, first, last in spans:
+                    topic = tp.topic
                     on = enabled_for.get(topic)
                     if on is None:
                         on = enabled_for[topic] = bool(enabled(topic))
                     if not on:
                         continue
                     touched = True
-                    tp, offset = message.tp, message.offset
                     committed = committed_of[tp]
-                    if committed is None or offset >= committed:
-                        index = index_of[tp]
-                        if offset not in index:
-                            if type(message) is not BulkMessage:  # never tracked (faust's agent path only)
-                                unacked.discard(message)
-                            index.add(offset)
-                            acked_of[tp].append(offset)
-                            n += 1
+                    lo = first if committed is None or first >= committed else committed
+                    if lo > last:
+                        continue
+                    new: Sequence[int] = range(lo, last + 1)
+                    index = index_of[tp]
+                    if not index.isdisjoint(new):
+                        new = [offset for offset in new if offset not in index]
+                    index.update(new)
+                    acked_of[tp].extend(new)
+                    n += len(new)
                 consumer._n_acked += n
                 if touched:
                     notify(consumer._waiting_for_ack)
             return n
+
+        def _whole_fetch(
+            self, records: Mapping[TP, Sequence[Any]], active: Collection[TP] | None
+        ) -> tuple[list[tuple[TP, Any]], dict[TP, int | None]] | None:
+            """A fetch the one-record loop would hand over whole: ``(tp, record)`` in its order and
+            each partition's high watermark (read here, once, as that loop reads it, its monitor
+            told), when it holds records of the bulk topics only, each partition's a run of
+            consecutive offsets that follows the ones read (no gap, none read already) - inactive
+            partitions skipped, as that loop does. None for any other fetch: that loop takes it."""
+            consumer: Any = self
+            read_offset = consumer._read_offset
+            acks_enabled_for = self.app.topics.acks_enabled_for
+            buffered = consumer._buffered_partitions
+            kept: dict[TP, Sequence[Any]] = {}
+            for tp, recs in records.items():
+                if tp.topic not in bulk:
+                    return None
+                if not recs or (active is not None and tp not in active and tp not in buffered):
+                    continue
+                first = recs[0].offset
+                if recs[-1].offset - first != len(recs) - 1:
+                    return None  # a compacted or transactional run: offsets skipped within it
+                r_offset = read_offset[tp]
+                if r_offset is not None and (first < r_offset or (r_offset and first - r_offset > 1 and
+                                                                  acks_enabled_for(tp.topic))):  # fmt: skip
+                    return None
+                kept[tp] = recs
+            monitor = self.app.monitor
+            highwaters: dict[TP, int | None] = {}
+            for tp in kept:
+                hw = highwaters[tp] = self.highwater(tp)
+                if monitor is not None:
+                    monitor.track_tp_end_offset(tp, hw)
+                    monitor.stream_inbound_time[tp] = monotonic()
+            return fetch_order(kept), highwaters
+
+        async def _hand_whole(
+            self, pairs: list[tuple[TP, Any]], highwaters: dict[TP, int | None], generation: int, since_yield: int
+        ) -> tuple[int, bool]:  # pragma: no cover - the loop's; tests/unit/test_faust_bulk.py drives it
+            """Hand ``_whole_fetch``'s records over in batches, as the one-record loop would: a batch
+            ends before each await and at ``YIELD_EVERY`` records since the last yield; after each
+            await the flags are read again - a rebalance begun stops it (the rest read again after
+            its seek), a commit due is made, flow control awaited. Returns (records since the last
+            yield, held back: a rebalance came while records were left)."""
+            consumer: Any = self
+            app = self.app
+            flow_control = app.flow_control
+            read_offset = consumer._read_offset
+            commit_every = self._commit_every
+            i, n = 0, len(pairs)
+            while i < n:
+                if not self.flow_active or app.consumer_generation_id != generation:
+                    break  # a rebalance began: its seek reads the rest again
+                if app.rebalancing:
+                    return since_yield, True  # see the one-record loop: read again once it is over
+                if commit_every is not None and consumer._n_acked >= commit_every:
+                    consumer._n_acked = 0
+                    await self.commit()
+                if not flow_control.is_active():
+                    await self.wait_first(flow_control.acquire(), self.suspend_flow.wait())
+                    if not self.flow_active or app.consumer_generation_id != generation:
+                        break
+                end = min(n, i + YIELD_EVERY - since_yield)
+                batch, spans = bulk_chunk(pairs, i, end, highwaters)
+                for tp, _, last in spans:
+                    read_offset[tp] = last
+                since_yield += end - i
+                i = end
+                if handle(batch, spans):
+                    await flush()
+                if since_yield >= YIELD_EVERY:
+                    since_yield = 0
+                    await asyncio.sleep(0)
+            return since_yield, False
 
         async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - needs a broker
             consumer: Any = self
@@ -228,18 +334,26 @@ def bulk_consumer(
                         self.diag.unset_flag(CONSUMER_FETCHING)
                         continue
                     generation = app.consumer_generation_id
+                    default_order = type(self.scheduler) is DefaultSchedulingStrategy
+                    whole = self._whole_fetch(records, active) if default_order and not app.rebalancing else None
+                    if whole is not None:  # the usual fetch: no Python step per record
+                        since_yield, held = await self._hand_whole(whole[0], whole[1], generation, since_yield)
+                        held_back = held_back or held
+                        self.diag.unset_flag(CONSUMER_FETCHING)
+                        continue
                     # per topic partition of the fetch, on its first record: (a bulk topic?, its
                     # high watermark as the fetch left it)
                     seen: dict[TP, tuple[bool, int | None]] = {}
-                    # records of ``topics`` read but not yet handed over: handed over as one batch
-                    # before every await (so no batch spans one, and every flag the loop checks is
-                    # as the one-record loop saw it), every YIELD_EVERY records and at the fetch's end
-                    pending: list[tuple[Any, bool]] = []
+                    # records of ``topics`` read but not yet handed over (and their partitions):
+                    # handed over as one batch before every await (so no batch spans one, and every
+                    # flag the loop checks is as the one-record loop saw it), every YIELD_EVERY
+                    # records and at the fetch's end
+                    pending: list[BatchRecord] = []
+                    pending_tps: list[TP] = []
                     # what only an await can change (the event loop's own flags: flow control, acks
                     # counted towards a commit), read again after each one; the flags the consumer's
                     # thread may set (its generation) and the partitions' are read per record, as faust does
                     stale, flowing, commit = True, True, False
-                    default_order = type(self.scheduler) is DefaultSchedulingStrategy
                     for tp, record in fetch_order(records) if default_order else self.scheduler.iterate(records):
                         if not self.flow_active or app.consumer_generation_id != generation:
                             break  # a rebalance began: its seek reads the rest again
@@ -262,8 +376,8 @@ def bulk_consumer(
                             # until the rebalance is over, then read again.
                             held_back = True
                             continue
-                        # a record of the bulk topics becomes a light ``BulkMessage`` once it is kept
-                        # (faust's own ``ConsumerMessage`` for the rest, which take faust's usual path)
+                        # faust's own ``ConsumerMessage`` for the records of other topics, which take
+                        # faust's usual path (none for the bulk topics' records)
                         message = None if bulk_record else to_message(tp, record)
                         offset = record.offset
                         r_offset = read_offset[tp]
@@ -275,8 +389,9 @@ def bulk_consumer(
                             commit = self._commit_every is not None and consumer._n_acked >= self._commit_every
                             stale = False
                         if pending and (gap or commit or not bulk_record or not flowing):
-                            batch, pending = pending, []  # an await follows: hand over what came before
-                            if handle(batch):
+                            # an await follows: hand over what came before
+                            batch, tps, pending, pending_tps = pending, pending_tps, [], []
+                            if handle(batch, spans_of(tps, batch)):
                                 await flush()
                                 stale = True
                             if not self.flow_active or app.consumer_generation_id != generation:
@@ -303,7 +418,9 @@ def bulk_consumer(
                                 if not self.flow_active or app.consumer_generation_id != generation:
                                     break
                             hw = info[1]
-                            pending.append((BulkMessage(tp, record), hw is not None and offset + 1 < hw))
+                            pending.append((tp.topic, tp.partition, record.key, record.value, offset,
+                                            hw is not None and offset + 1 < hw))  # fmt: skip
+                            pending_tps.append(tp)
                         else:
                             await self.wait_first(callback(message), self.suspend_flow.wait())
                             stale = True
@@ -312,12 +429,12 @@ def bulk_consumer(
                         if since_yield >= YIELD_EVERY:
                             since_yield = 0
                             if pending:
-                                batch, pending = pending, []
-                                if handle(batch):
+                                batch, tps, pending, pending_tps = pending, pending_tps, [], []
+                                if handle(batch, spans_of(tps, batch)):
                                     await flush()
                             await asyncio.sleep(0)
                             stale = True
-                    if pending and handle(pending):  # the fetch's last records
+                    if pending and handle(pending, spans_of(pending_tps, pending)):  # the fetch's last records
                         await flush()
                     self.diag.unset_flag(CONSUMER_FETCHING)
             except self.consumer_stopped_errors:

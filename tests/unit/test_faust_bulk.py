@@ -29,7 +29,7 @@ FAUST_INTERNALS = {
     "_to_message": "6a0ee0c2072f534ccadb9ff28a90f43b09484c5ec393ad0cac976c996e7704d3",
     "_add_gap": "4df2573ded7c1c2cde04dc6bde6d4480cb5875ef565256e56966b585ae39b1c1",
     "perform_seek": "0e8c130ff4b0afd82c0be9c5fd831316e10febc62c94032833911096e156d7c6",
-    "ack": "5fcf41cf45153475de3790dc56fec1b83335956dc8b3bf7ff6bbb2b57627f03f",  # BulkConsumer.ack_many copies it
+    "ack": "5fcf41cf45153475de3790dc56fec1b83335956dc8b3bf7ff6bbb2b57627f03f",  # BulkConsumer.ack_spans copies it
 }
 
 
@@ -38,11 +38,12 @@ async def _flush() -> None:
 
 
 def test_bulk_consumer_subclasses_faust_consumer_and_overrides_only_the_fetch_loop() -> None:
-    cls = bulk_consumer(Consumer, ["impressions"], lambda batch: False, _flush)
+    cls = bulk_consumer(Consumer, ["impressions"], lambda batch, spans: False, _flush)
     assert issubclass(cls, Consumer)
     overridden = {name for name, v in vars(cls).items() if callable(v) and not name.startswith("__")}
-    assert overridden == {"_drain_messages", "ack_many", "_new_consumer_thread"}
-    assert not hasattr(Consumer, "ack_many")  # an addition, not an override
+    added = {"ack_spans", "_whole_fetch", "_hand_whole"}
+    assert overridden == {"_drain_messages", "_new_consumer_thread"} | added
+    assert not any(hasattr(Consumer, name) for name in added)  # additions, not overrides
 
 
 def test_bulk_consumer_refuses_a_consumer_without_the_internals_it_uses() -> None:
@@ -50,7 +51,7 @@ def test_bulk_consumer_refuses_a_consumer_without_the_internals_it_uses() -> Non
         pass
 
     with pytest.raises(TypeError, match="faust-streaming changed"):
-        bulk_consumer(Other, ["impressions"], lambda batch: False, _flush)
+        bulk_consumer(Other, ["impressions"], lambda batch, spans: False, _flush)
 
 
 def test_the_installed_faust_is_the_one_the_bulk_loop_copies() -> None:
@@ -84,18 +85,22 @@ def test_fetch_order_is_faust_schedulers_round_robin_on_random_fetches() -> None
         assert faust_bulk.fetch_order(records) == expected
 
 
-def test_a_fetch_of_many_partitions_is_handled_whole_in_the_schedulers_order() -> None:
+@pytest.mark.parametrize("one_record", [False, True], ids=["whole-fetch", "one-record-loop"])
+def test_a_fetch_of_many_partitions_is_handled_whole_in_the_schedulers_order(one_record: bool) -> None:
     """Five topics over three partitions, of uneven lengths, in batches of at most YIELD_EVERY:
-    every record handed over once, in faust's order, each with its ``behind`` flag."""
+    every record handed over once, in faust's order, each with its ``behind`` flag and its span."""
     tps = [TP(t, p) for t in ("impressions", "clicks", "approvals") for p in range(3)]
     sizes = {tp: n for tp, n in zip(tps, [130, 90, 150, 12, 0, 30, 1, 2, 3], strict=True)}
     fetch = {tp: [Record(o) for o in range(5, 5 + n)] for tp, n in sizes.items()}
     got: list[tuple[TP, int, bool]] = []
     sizes_seen: list[int] = []
+    spans_seen: list[Any] = []
 
-    def handle(batch: list[tuple[Any, bool]]) -> bool:
+    def handle(batch: list[Any], spans: list[Any]) -> bool:
         sizes_seen.append(len(batch))
-        got.extend((m.tp, m.offset, behind) for m, behind in batch)
+        got.extend((TP(r[0], r[1]), r[4], r[5]) for r in batch)
+        spans_seen.append(spans)
+        assert spans == faust_bulk.spans_of([TP(r[0], r[1]) for r in batch], batch)
         return False
 
     class Many(FakeFaustConsumer):
@@ -109,7 +114,7 @@ def test_a_fetch_of_many_partitions_is_handled_whole_in_the_schedulers_order() -
         def highwater(self, tp: TP) -> int:
             return 5 + sizes[tp]  # read to its end by this fetch
 
-    cls = bulk_consumer(Many, ["impressions", "clicks", "approvals"], handle, _flush)
+    cls = _loop(Many, ["impressions", "clicks", "approvals"], handle, one_record)
     consumer = cls(FakeApp(), [], 0, 0)
     consumer.script = [_nothing]
     asyncio.run(consumer._drain_messages(consumer))
@@ -117,13 +122,14 @@ def test_a_fetch_of_many_partitions_is_handled_whole_in_the_schedulers_order() -
     assert [(tp, r.offset) for tp, r in order] == [(tp, o) for tp, o, _ in got]
     assert all(behind == (o + 1 < 5 + sizes[tp]) for tp, o, behind in got)
     assert max(sizes_seen) == faust_bulk.YIELD_EVERY and sum(sizes_seen) == sum(sizes.values())
+    assert all(len({tp for tp, _, _ in spans}) == len(spans) for spans in spans_seen)  # one run per partition
     assert {tp: consumer._read_offset[tp] for tp in tps if sizes[tp]} == {tp: 4 + n for tp, n in sizes.items() if n}
 
 
 def test_bulk_consumer_refuses_another_faust_version(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(faust_bulk.faust, "__version__", "0.16.0")
     with pytest.raises(TypeError, match=r"copies faust-streaming 0\.15\.3's consumer loop, and 0\.16\.0 is installed"):
-        bulk_consumer(Consumer, ["impressions"], lambda batch: False, _flush)
+        bulk_consumer(Consumer, ["impressions"], lambda batch, spans: False, _flush)
 
 
 class Record(NamedTuple):
@@ -222,19 +228,31 @@ class FakeFaustConsumer:
         self.position = self.committed
         self._read_offset[self.tp] = self.committed
 
+    async def commit(self) -> bool:
+        return True
+
+
+def _loop(base: type, topics: list[str], handle: Any, one_record: bool = False, flush: Any = _flush) -> Any:
+    """``bulk_consumer`` over ``base``; ``one_record``: every fetch taken by the one-record loop
+    (``_whole_fetch`` declines it), to check the two hand the same records over."""
+    cls = bulk_consumer(base, topics, handle, flush)
+    if one_record:
+        cls._whole_fetch = lambda self, records, active: None
+    return cls
+
 
 def run_bulk_loop(script: list[Any], committed: int = 10, end: int = 30, batches: list[list[int]] | None = None,
-                  ) -> tuple[list[int], FakeFaustConsumer]:  # fmt: skip
+                  one_record: bool = False) -> tuple[list[int], FakeFaustConsumer]:  # fmt: skip
     handled: list[int] = []
     app = FakeApp()
 
-    def handle(batch: list[tuple[Any, bool]]) -> bool:
-        handled.extend(message.offset for message, _ in batch)
+    def handle(batch: list[Any], spans: list[Any]) -> bool:
+        handled.extend(r[4] for r in batch)
         if batches is not None:
-            batches.append([message.offset for message, _ in batch])
+            batches.append([r[4] for r in batch])
         return False
 
-    cls = bulk_consumer(FakeFaustConsumer, ["impressions"], handle, _flush)
+    cls = _loop(FakeFaustConsumer, ["impressions"], handle, one_record)
     consumer = cls(app, handled, committed, end)
     consumer.script = list(script)
     asyncio.run(consumer._drain_messages(consumer))
@@ -257,28 +275,32 @@ def _nothing(c: FakeFaustConsumer) -> None:
     pass
 
 
-def test_records_fetched_during_a_rebalance_are_read_again_once_it_is_over() -> None:
+@pytest.mark.parametrize("one_record", [False, True], ids=["whole-fetch", "one-record-loop"])
+def test_records_fetched_during_a_rebalance_are_read_again_once_it_is_over(one_record: bool) -> None:
     """faust resumes a new assignment's partitions (and its flow) before the seek that ends its
     rebalance; a record handled in between may be one that seek rewinds past, so that the next
     batch looks like a gap faust counts as read: records never joined (bench rebalance seed 56
     logged 98 and 40 such impressions). They are held back and read again after the rebalance."""
     # the records fetched before faust's seek, then the batch prefetched after it, then more
     handled, consumer = run_bulk_loop(
-        [_rebalance_starts, _nothing, _faust_seeks_and_ends_it, _nothing, _nothing, _nothing, _nothing, _nothing]
+        [_rebalance_starts, _nothing, _faust_seeks_and_ends_it, _nothing, _nothing, _nothing, _nothing, _nothing],
+        one_record=one_record,
     )
     assert consumer.gaps == []  # nothing counted as read without being handled
     assert handled == list(range(10, 30))  # every record joined once, in order, from the committed offset
 
 
-def test_without_a_rebalance_every_record_is_handled_once_in_order() -> None:
-    handled, consumer = run_bulk_loop([_nothing] * 5)
+@pytest.mark.parametrize("one_record", [False, True], ids=["whole-fetch", "one-record-loop"])
+def test_without_a_rebalance_every_record_is_handled_once_in_order(one_record: bool) -> None:
+    handled, consumer = run_bulk_loop([_nothing] * 5, one_record=one_record)
     assert handled == list(range(10, 30)) and consumer.gaps == []
 
 
 
-def test_a_fetch_is_handed_over_as_one_batch() -> None:
+@pytest.mark.parametrize("one_record", [False, True], ids=["whole-fetch", "one-record-loop"])
+def test_a_fetch_is_handed_over_as_one_batch(one_record: bool) -> None:
     batches: list[list[int]] = []
-    handled, _ = run_bulk_loop([_nothing] * 4, batches=batches)
+    handled, _ = run_bulk_loop([_nothing] * 4, batches=batches, one_record=one_record)
     assert handled == list(range(10, 30))
     assert batches == [[10, 11, 12, 13, 14], [15, 16, 17, 18, 19], [20, 21, 22, 23, 24], [25, 26, 27, 28, 29]]
 
@@ -292,9 +314,10 @@ def test_the_records_before_an_await_are_handed_over_before_it() -> None:
     app = FakeApp()
     handled: list[int] = []
 
-    def handle(batch: list[tuple[Any, bool]]) -> bool:
-        handled.extend(m.offset for m, _ in batch)
-        batches.append([m.offset for m, _ in batch])
+    def handle(batch: list[Any], spans: list[Any]) -> bool:
+        handled.extend(r[4] for r in batch)
+        batches.append([r[4] for r in batch])
+        assert spans == faust_bulk.spans_of([TP(r[0], r[1]) for r in batch], batch)
         return False
 
     class Gappy(FakeFaustConsumer):
@@ -314,7 +337,7 @@ def test_the_records_before_an_await_are_handed_over_before_it() -> None:
     consumer.script = [_nothing]
     asyncio.run(consumer._drain_messages(consumer))
     assert consumer.gaps == [(13, 15)]
-    assert batches == [[10, 11, 12], [15, 16]]
+    assert batches == [[10, 11, 12], [15, 16]]  # (offsets skipped within a fetch: the one-record loop's)
     assert handled_at_gap == [3]
 
 
@@ -339,48 +362,154 @@ def _bare_consumer(cls: type) -> Any:
     return c
 
 
-def test_ack_many_leaves_faust_state_as_its_own_ack_one_at_a_time() -> None:
-    """``BulkConsumer.ack_many`` (one lock per flush) against faust's ``Consumer.ack`` per message, over
-    light ``BulkMessage``s and faust's own ``ConsumerMessage``s: offsets below the committed one, acked
-    twice, of a topic without acks, on several partitions."""
+
+def test_ack_spans_leaves_faust_state_as_its_own_ack_one_record_at_a_time() -> None:
+    """``BulkConsumer.ack_spans`` (a flush's runs of offsets, one lock) against faust's
+    ``Consumer.ack`` of each record in turn: offsets below the committed one, spans acked twice or
+    overlapping ones acked before, a topic without acks, several partitions."""
     from faust.types.tuples import ConsumerMessage
 
-    from stream.kafka.faust_bulk import BulkMessage
-
-    cls = bulk_consumer(Consumer, ["impressions"], lambda batch: False, _flush)
-
-    def messages() -> list[Any]:
-        out: list[Any] = []
-        for topic, partition, offset in [("impressions", 0, o) for o in range(3, 9)] + [
-            ("clicks", 1, 4), ("clicks", 1, 2), ("no-acks", 0, 1), ("impressions", 0, 5), ("clicks", 1, 7),
-        ]:  # fmt: skip
-            tp = TP(topic, partition)
-            if offset % 2:
-                out.append(BulkMessage(tp, Record(offset, b"k", b"v")))
-            else:
-                out.append(ConsumerMessage(topic, partition, offset, 0.0, 0, None, b"k", b"v", None, tp=tp))
-        return out
-
+    cls = bulk_consumer(Consumer, ["impressions"], lambda batch, spans: False, _flush)
+    imp, clk, off = TP("impressions", 0), TP("clicks", 1), TP("no-acks", 0)
+    spans = [(imp, 3, 8), (clk, 4, 4), (clk, 2, 2), (off, 1, 1), (imp, 5, 10), (clk, 7, 9), (imp, 0, 2)]
     ones, many = _bare_consumer(cls), _bare_consumer(cls)
     for c in (ones, many):
-        c._committed_offset[TP("impressions", 0)] = 4  # 3 is below it: marked acked, not recorded
-    first, second = messages(), messages()
-    for m in first:
-        Consumer.ack(ones, m)
-    assert many.ack_many(second) == ones._n_acked
-    assert [m.acked for m in second] == [m.acked for m in first] == [True] * len(first)
+        c._committed_offset[imp] = 4  # 3 is below it: not recorded
+    for tp, first, last in spans:
+        for offset in range(first, last + 1):
+            Consumer.ack(ones, ConsumerMessage(tp.topic, tp.partition, offset, 0.0, 0, None, b"k", b"v", None, tp=tp))
+    assert many.ack_spans(spans) == ones._n_acked == 12
     assert dict(many._acked) == dict(ones._acked) and dict(many._acked_index) == dict(ones._acked_index)
-    assert many._n_acked == ones._n_acked == 8
-    assert ones._acked[TP("impressions", 0)] == [4, 5, 6, 7, 8]
-    assert many.ack_many(second) == 0  # acked already: nothing changes
-    assert many._n_acked == 8
+    assert ones._acked[imp] == [4, 5, 6, 7, 8, 9, 10]
+    assert many.ack_spans(spans) == 0  # acked already: nothing changes
+    assert many._n_acked == 12
 
 
-def test_a_bulk_message_carries_what_the_join_and_faust_ack_read() -> None:
-    from stream.kafka.faust_bulk import BulkMessage
+def test_spans_of_a_batch_are_each_partitions_runs_of_consecutive_offsets() -> None:
+    a, b = TP("impressions", 0), TP("clicks", 0)
+    tps = [a, b, a, a, b, a, b]
+    batch = [(tp.topic, tp.partition, None, b"v", offset, False) for tp, offset in zip(tps, [4, 9, 5, 6, 10, 9, 12], strict=True)]
+    assert faust_bulk.spans_of(tps, batch) == [(a, 4, 6), (b, 9, 10), (a, 9, 9), (b, 12, 12)]
 
-    tp = TP("impressions", 2)
-    m = BulkMessage(tp, Record(41, b"i1", b"{}"))
-    assert (m.topic, m.partition, m.offset, m.key, m.value, m.tp, m.acked) == ("impressions", 2, 41, b"i1", b"{}", tp, False)
-    c = _bare_consumer(bulk_consumer(Consumer, ["impressions"], lambda batch: False, _flush))
-    assert Consumer.ack(c, m) and m.acked and c._acked[tp] == [41]
+
+def test_bulk_chunk_is_its_python_twin_on_random_fetches() -> None:
+    """The compiled ``bulk_chunk`` against ``bulk_chunk_py``: records as ``LeanRecord``s and as
+    other objects (read by name), high watermarks known or not, any slice of the pairs."""
+    import random
+
+    from stream.kafka import _records
+    from stream.kafka.lean_fetch import LeanRecord
+
+    rng = random.Random(11)
+    for _ in range(300):
+        records: dict[TP, list[Any]] = {}
+        highwaters: dict[TP, int | None] = {}
+        for _ in range(rng.randint(1, 8)):
+            tp = TP(rng.choice(["impressions", "clicks", "activations"]), rng.randint(0, 3))
+            first = rng.randint(0, 10**12)
+            n = rng.choice([1, 2, 5, 40])
+            lean = rng.random() < 0.7
+            records[tp] = [
+                LeanRecord(tp.topic, tp.partition, o, 0, 0, b"k%d" % o, b"v%d" % o, None, 2, 2, ()) if lean
+                else Record(o, rng.choice([None, b"key"]), rng.choice([None, b"", b"value"]))
+                for o in range(first, first + n)
+            ]  # fmt: skip
+            highwaters[tp] = rng.choice([None, first, first + n - 1, first + n, first + n + 5])
+        pairs = faust_bulk.fetch_order(records)
+        start = rng.randint(0, len(pairs))
+        end = rng.randint(start, len(pairs) + 3)
+        assert _records.bulk_chunk(pairs, start, end, highwaters) == faust_bulk.bulk_chunk_py(pairs, start, end, highwaters)
+
+
+class ScriptedFetches(FakeFaustConsumer):
+    """Fetches of several partitions of three topics from a seeded script: runs of consecutive
+    offsets, now and then one with offsets skipped (a gap) or starting past the read offset; the
+    handler acks what it is given, so commits fall due (``commit_every``), and some flushes begin a
+    rebalance (a new generation: the loop stops, and the next fetch reads from the read offsets)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.rng: Any = None
+        self.fetches_left = 0
+        self.next_pos: dict[TP, int] = {}
+        self.events: list[Any] = []
+        self._commit_every = 37
+
+    async def _wait_next_records(self, timeout: float) -> tuple[dict[TP, list[Any]], set[TP]]:
+        rng = self.rng
+        if self.fetches_left == 0:
+            self._stopped.set()
+            return {}, set()
+        self.fetches_left -= 1
+        fetch: dict[TP, list[Any]] = {}
+        for tp in rng.sample(sorted(self.next_pos), rng.randint(1, len(self.next_pos))):
+            read = self._read_offset[tp]
+            pos = self.next_pos[tp] if read is None else max(self.next_pos[tp], read + 1)
+            offsets = list(range(pos, pos + rng.choice([1, 3, 30, 120])))
+            if len(offsets) > 2 and rng.random() < 0.1:
+                del offsets[rng.randrange(1, len(offsets) - 1)]  # compacted away
+            if rng.random() < 0.05:
+                offsets = [o + 3 for o in offsets]  # a gap before the run
+            fetch[tp] = [Record(o, b"k", b"v") for o in offsets]
+            self.next_pos[tp] = offsets[-1] + 1
+        return fetch, set(self.next_pos)
+
+    def highwater(self, tp: TP) -> int:
+        return self.next_pos[tp] + 2
+
+    async def commit(self) -> bool:
+        self.events.append(("commit", self._n_acked))
+        return True
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_whole_fetch_path_hands_over_as_the_one_record_loop(seed: int) -> None:
+    """The same scripted fetches through the loop as it is and with every fetch taken by the
+    one-record loop: the same batches, spans, flushes, commits, gaps and read offsets."""
+    import random
+
+    def run(one_record: bool) -> tuple[list[Any], dict[TP, int | None], list[tuple[int, int]]]:
+        rng = random.Random(seed)
+        app = FakeApp()
+        app.rebalancing = False
+        holder: list[Any] = []
+        calls = 0
+
+        def handle(batch: list[Any], spans: list[Any]) -> bool:
+            nonlocal calls
+            calls += 1
+            c = holder[0]
+            c.events.append(("batch", list(batch), list(spans)))
+            c._n_acked += len(batch)
+            return calls % 3 == 0
+
+        async def flush() -> None:
+            c = holder[0]
+            c.events.append(("flush",))
+            if rng.random() < 0.1:
+                app.consumer_generation_id += 1  # a rebalance begins
+
+        cls = _loop(ScriptedFetches, ["impressions", "clicks", "approvals"], handle, one_record, flush)
+        whole_fetch = cls._whole_fetch
+
+        def counted(self: Any, records: Any, active: Any) -> Any:
+            got = whole_fetch(self, records, active)
+            taken[got is not None] += 1
+            return got
+
+        cls._whole_fetch = counted
+        consumer = cls(app, [], 0, 0)
+        holder.append(consumer)
+        consumer.rng = rng
+        consumer.fetches_left = 12
+        consumer.next_pos = {TP(t, p): rng.randint(0, 50) for t in ("impressions", "clicks", "approvals")
+                             for p in range(3)}  # fmt: skip
+        asyncio.run(consumer._drain_messages(consumer))
+        return consumer.events, dict(consumer._read_offset), consumer.gaps
+
+    taken = [0, 0]  # fetches: by the one-record loop, whole
+    whole = run(False)
+    assert taken[1] > 0
+    one = run(True)
+    assert whole == one
+    assert sum(len(e[1]) for e in whole[0] if e[0] == "batch") > 100

@@ -112,6 +112,7 @@ class FakeConsumer:
     def __init__(self, tps: set[TP]) -> None:
         self.tps = tps
         self.acked: list[Message] = []
+        self.fed: dict[tuple[TP, int], Message] = {}  # the records handed over, by partition and offset
         self._read_offset: dict[TP, int] = {}
         self.active: set[TP] = set(tps)
 
@@ -122,8 +123,12 @@ class FakeConsumer:
     def assignment(self) -> set[TP]:
         return set(self.tps)
 
-    def ack(self, message: Message) -> None:
+    def ack(self, message: Message) -> None:  # faust's, for a record of its agent's
         self.acked.append(message)
+
+    def ack_spans(self, spans: list[tuple[TP, int, int]]) -> None:  # the bulk loop's consumer's
+        for tp, first, last in spans:
+            self.acked.extend(self.fed[(tp, offset)] for offset in range(first, last + 1))
 
     def highwater(self, tp: TP) -> int:
         return 1_000
@@ -188,8 +193,14 @@ class Rig:
         value = encode_event(Event(0, f"{iid}/0", iid, t, "bank_1", {"f": "v"}))
         msg = Message("imp", 0, self.offset, iid.encode(), value)
         self.offset += 1
-        self.flusher.handle(msg, False)
+        self.feed(msg)
         return msg
+
+    def feed(self, msg: Message, behind: bool = False) -> None:
+        """Hand ``msg`` to the flusher as the bulk fetch loop does (a batch of one, its span)."""
+        self.consumer.fed[(msg.tp, msg.offset)] = msg
+        self.flusher.handle_batch([(msg.topic, msg.partition, msg.key, msg.value, msg.offset, behind)],
+                                  [(msg.tp, msg.offset, msg.offset)])  # fmt: skip
 
 
 def finals_of(rig: Rig, iid: str) -> list[list[int]]:
@@ -214,6 +225,32 @@ def test_a_flush_sends_the_states_then_acknowledges_their_source_records(tmp_pat
         assert rig.consumer.acked == [msg]
         assert rig.table.data._db_for_partition(0).get(b"i1") is not None  # settled locally
         assert rig.table.data.persisted_offset(TP(CHANGELOG, 0)) == rig.sender.records_to(CHANGELOG) - 1
+
+    asyncio.run(run())
+
+
+def test_a_batchs_spans_and_an_agents_record_are_acknowledged_once_flushed(tmp_path: Path) -> None:
+    """The bulk loop's batch (several records, their runs of offsets) is acknowledged as its spans
+    (``ack_spans``), a record that came through faust's agent (``handle``) with faust's ``ack``:
+    both only once the flush that covers them completes."""
+
+    async def run() -> None:
+        rig = Rig(tmp_path)
+        imp = TP("imp", 0)
+        msgs = [Message("imp", 0, o, f"b{o}".encode(), encode_event(Event(0, f"b{o}/0", f"b{o}", T0, "bank_1", {"f": "v"})))
+                for o in (3, 4, 5, 9)]  # fmt: skip
+        for m in msgs:
+            rig.consumer.fed[(m.tp, m.offset)] = m
+        rig.flusher.handle_batch([(m.topic, m.partition, m.key, m.value, m.offset, False) for m in msgs],
+                                 [(imp, 3, 5), (imp, 9, 9)])  # fmt: skip
+        agent = Message("imp", 0, 10, b"a10", encode_event(Event(0, "a10/0", "a10", T0, "bank_1", {"f": "v"})))
+        rig.flusher.handle(agent, False)
+        assert rig.flusher.next_offset[imp] == 11 and rig.flusher.pending == 5
+        assert rig.consumer.acked == []  # not before the flush's acks
+        await rig.flusher.flush()
+        await rig.flusher.wait_inflight()
+        assert rig.consumer.acked == [*msgs, agent]
+        assert rig.flusher.pending == 0 and rig.flusher.unacked == [] and rig.flusher.unacked_messages == []
 
     asyncio.run(run())
 
@@ -393,7 +430,7 @@ def test_a_partition_taken_over_is_swept_even_if_no_record_comes_after(tmp_path:
         for step, iid, t in ((0, "i1", T0), (1, "i1", T0 + 60_000), (0, "x1", T0 + 4 * day),
                              (0, "x2", T0 + 4 * day + 60_000)):  # fmt: skip
             value = encode_event(Event(step, f"{iid}/{step}", iid, t, "bank_1", {"f": "v"} if step == 0 else None))
-            rig.flusher.handle(Message(TOPICS.events[step], 0, rig.offset, iid.encode(), value), False)
+            rig.feed(Message(TOPICS.events[step], 0, rig.offset, iid.encode(), value))
             rig.offset += 1
         rig.consumer._read_offset = {TP(t, 0): 1_000 for t in TOPICS.events}  # read to their ends
         await rig.flusher.flush()
@@ -419,7 +456,7 @@ def test_the_next_owner_recovers_the_swept_lanes_of_the_last_flush(tmp_path: Pat
         rig = Rig(tmp_path)
         for n, t in enumerate((T0, T0 + 3_600_000, T0 + 7_200_000)):
             value = encode_event(Event(0, f"i{n}/0", f"i{n}", t, "bank_1", {"f": "v"}))
-            rig.flusher.handle(Message("imp", 0, rig.offset, f"i{n}".encode(), value), False)
+            rig.feed(Message("imp", 0, rig.offset, f"i{n}".encode(), value))
             rig.offset += 1
         await rig.flusher.revoked({TP(t, 0) for t in TOPICS.events})
         changelog: dict[bytes, bytes | None] = {}
@@ -532,7 +569,7 @@ def test_a_kill_during_a_flush_never_loses_the_dead_letter_of_a_state_it_changed
         producer = DyingProducer()
         rig.flusher.sender = BatchSender(producer, lambda topic, key: 0)
         click = encode_event(Event(1, "z1/1", "z1", T0, "bank_1", None))
-        rig.flusher.handle(Message("clk", 0, 0, b"z1", click), False)  # held: no impression yet
+        rig.feed(Message("clk", 0, 0, b"z1", click))  # held: no impression yet
         await rig.flusher.flush()
         await rig.flusher.wait_inflight()
         rig.offset = 998
@@ -646,7 +683,7 @@ def _bad(rig: Rig) -> Message:
     """A malformed record: its dead letter is a flush's output."""
     msg = Message("imp", 0, rig.offset, b"x", b"{not json")
     rig.offset += 1
-    rig.flusher.handle(msg, False)
+    rig.feed(msg)
     return msg
 
 
@@ -840,7 +877,7 @@ def test_a_kill_between_two_flushes_in_flight_restarts_from_the_lanes_of_the_one
         first = len(sender.gates)  # flush 1's requests so far
         rig.impression("z", T0 + 2 * hour)
         click = encode_event(Event(1, "z/1", "z", T0 + 2 * hour + 60_000, "bank_1", None))
-        rig.flusher.handle(Message("clk", 0, 0, b"z", click), False)
+        rig.feed(Message("clk", 0, 0, b"z", click))
         rig.impression("y1", T0 + 5 * hour)
         rig.impression("y2", T0 + 5 * hour + 60_000)
         rig.clock.advance(1_000)
