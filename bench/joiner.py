@@ -35,16 +35,19 @@ from stream.ops.command import command_parser
 from stream.ops.settings import Settings, TopicSpec, load_settings
 
 
-def _scrape(port: int, name: str) -> float:
-    """The value of metric ``name`` (its samples summed). Only that metric is asked for
-    (``?name[]=``, prometheus_client's filter): the whole joiner registry, polled every 50 ms,
-    cost the joiner ~8% of its CPU in its profile (issue 16), which the no-op's tiny registry
-    did not - a bench artifact, not the joiner's cost."""
+def _scrape(port: int, *names: str) -> list[float]:
+    """The values of metrics ``names`` (each its samples summed; 0 when absent or not answered). Only
+    those are asked for (``?name[]=``, prometheus_client's filter): the whole joiner registry,
+    polled every 50 ms, cost the joiner ~8% of its CPU in its profile (issue 16), which the
+    no-op's tiny registry did not - a bench artifact, not the joiner's cost."""
+    query = "&".join(f"name[]={name}" for name in names)
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics?name[]={name}", timeout=2).read().decode()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics?{query}", timeout=2).read().decode()
     except OSError:
-        return 0.0
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))
+        return [0.0] * len(names)
+    lines = text.splitlines()
+    return [sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith((name + "{", name + " ")))
+            for name in names]  # fmt: skip
 
 
 def _cpu_s(pid: int) -> float:
@@ -74,16 +77,24 @@ def next_poll_s(remaining: float, rate: float | None, fine_s: float = 0.05, coar
 
 
 def _measure_process(
-    cmd: list[str], env: dict[str, str], port: int, metric: str, total: int, timeout_s: float
-) -> tuple[float, float, int, float]:
-    """Start ``cmd``; (events/s, CPU microseconds per event, polls, end window) between its first and
-    its ``total``-th record, polled (``next_poll_s``: every 50 ms until the first record is counted
-    and near the end, sparsely in between); the end window is the time between the last two polls
-    (the last record came within it)."""
+    cmd: list[str], env: dict[str, str], port: int, metric: str, total: int, timeout_s: float, stamp: str | None = None
+) -> tuple[float, float, int, float, float]:
+    """Start ``cmd``; (events/s, CPU microseconds per event, polls, end window, events/s as polled)
+    between its first and its ``total``-th record, polled (``next_poll_s``: every 50 ms until the
+    first record is counted and near the end, sparsely in between); the end window is the time
+    between the last two polls (the last record came within it).
+
+    With ``stamp`` - a gauge the process sets to the time it last finished handling records, right
+    after counting them (the joiner's ``aitm_joiner_last_event_timestamp_seconds``) - the events/s
+    are timed by it: from the stamp read with the first count to the stamp read with the last, the
+    process's own times of those counts, as the consume-only loop times itself. Timed by the polls
+    instead (the last figure, kept for comparison), the end is late by up to a poll interval:
+    ~5% of the joiner's half-second window on the bench's default records (docs/joiner.md, round 21)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    names = (metric, stamp) if stamp else (metric,)
     try:
         deadline = time.monotonic() + timeout_s
-        first: tuple[float, float, float] | None = None
+        first: tuple[float, float, float, float] | None = None
         polls = 0
         rate: float | None = None
         last: tuple[float, float] | None = None
@@ -92,12 +103,13 @@ def _measure_process(
                 raise RuntimeError(f"{cmd} exited with {proc.returncode}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{cmd} did not consume {total} records within {timeout_s}s")
-            n = _scrape(port, metric)
+            values = _scrape(port, *names)
+            n, stamped = values[0], (values[1] if stamp else 0.0)
             now = time.monotonic()
             if first is not None:
                 polls += 1
             if first is None and n > 0:
-                first = (now, n, _cpu_s(proc.pid))
+                first = (now, n, _cpu_s(proc.pid), stamped)
             elif last is not None and now > last[0]:
                 rate = max(rate or 0.0, (n - last[1]) / (now - last[0]))  # the fastest seen
             if n >= total and first is not None:
@@ -105,7 +117,9 @@ def _measure_process(
                 # the last record came between the poll before and this one: how closely the end is timed
                 window = now - last[0] if last is not None else 0.0
                 cpu = (_cpu_s(proc.pid) - first[2]) * 1e6 / events
-                return events / max(now - first[0], 1e-9), cpu, polls, window
+                polled = events / max(now - first[0], 1e-9)
+                timed = events / (stamped - first[3]) if stamp and stamped > first[3] > 0 else polled
+                return timed, cpu, polls, window, polled
             last = (now, n)
             time.sleep(next_poll_s(total - n, rate))
     finally:
@@ -330,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # the stores and logs of three joiners: not kept (they filled the disk once)
         shutil.rmtree(work, ignore_errors=True)
     (joiner, noop, plain, consume, consume_first, joiner_cpu, noop_cpu, joiner_polls, joiner_end_window, total,
-     floor, floor_cpu, py_joiner, py_cpu, python_first) = figures  # fmt: skip
+     floor, floor_cpu, py_joiner, py_cpu, python_first, joiner_polled) = figures  # fmt: skip
     result = {
         "joiner_events_per_s": round(joiner, 1),
         "faust_noop_events_per_s": round(noop, 1),
@@ -354,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_1min_at_start": load_at_start,
         "joiner_metric_polls": joiner_polls,
         "joiner_end_window_s": round(joiner_end_window, 3),
+        # the joiner timed by the polls alone (its end late by up to a poll interval), for comparison
+        "joiner_polled_events_per_s": round(joiner_polled, 1),
         "consume_first_batch_events": consume_first,
     }
     print(write_json(args.json, result), end="")
@@ -362,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(
     args: argparse.Namespace, work: Path
-) -> tuple[float, float, float, float, int, float, float, int, float, int, float, float, float, float, bool]:
+) -> tuple[float, float, float, float, int, float, float, int, float, int, float, float, float, float, bool, float]:
     """The bench's runs in ``work``: the joiner's, the no-op agent's, the plain join's, the
     consume-only loop's and the consume-and-produce floor's figures."""
     from simulators.faults import FaultConfig, SimulatedStream
@@ -381,14 +397,14 @@ def _run(
         consume, consume_first = asyncio.run(_consume_only(settings, total))
         print(f"aiokafka consume-only loop: {consume:,.0f} events/s (first batch {consume_first}, not timed)", flush=True)
         port = free_port()
-        noop, noop_cpu, _, _ = _measure_process(
+        noop, noop_cpu, _, _, _ = _measure_process(
             [sys.executable, "-m", "stream.cli", "bench", "joiner", "--noop-worker", str(port), str(work / "noop")],
             _env(settings), port, "aitm_bench_noop_events_total", total, args.timeout,
         )
         print(f"faust no-op agent: {noop:,.0f} events/s", flush=True)
         # the joiner as shipped (its compiled common path on) and with the Python core alone, in a
         # random order: each its own group, store and changelog over the same records
-        runs: dict[str, tuple[float, float, int, float]] = {}
+        runs: dict[str, tuple[float, float, int, float, float]] = {}
         cores = ["fast", "python"]
         random.shuffle(cores)
         for core in cores:
@@ -397,11 +413,11 @@ def _run(
                 [sys.executable, "-m", "stream.cli", "joiner"],
                 _env(settings, METRICS_PORT_JOINER=str(port), DATA_DIR=str(work / f"joiner-{core}"),
                      JOINER_APP_ID=f"aitm-bench-joiner-{core}", JOINER_FAST_CORE=str(core == "fast").lower()),
-                port, "aitm_joiner_events_total", total, args.timeout,
+                port, "aitm_joiner_events_total", total, args.timeout, stamp="aitm_joiner_last_event_timestamp_seconds",
             )  # fmt: skip
             print(f"faust joiner ({core} core): {runs[core][0]:,.0f} events/s, {runs[core][1]:.1f} us CPU per event",
                   flush=True)  # fmt: skip
-        joiner, joiner_cpu, joiner_polls, joiner_end_window = runs["fast"]
+        joiner, joiner_cpu, joiner_polls, joiner_end_window, joiner_polled = runs["fast"]
         py_joiner, py_cpu = runs["python"][:2]
         plain = asyncio.run(_plain_join(settings, total, work / "plain"))
         print(f"plain aiokafka + rocksdict join: {plain:,.0f} events/s", flush=True)
@@ -410,7 +426,7 @@ def _run(
         print(f"aiokafka consume + produce, no join (the I/O floor): {floor:,.0f} events/s, {floor_cpu:.1f} us CPU "
               "per event", flush=True)  # fmt: skip
     return (joiner, noop, plain, consume, consume_first, joiner_cpu, noop_cpu, joiner_polls, joiner_end_window, total,
-            floor, floor_cpu, py_joiner, py_cpu, cores[0] == "python")  # fmt: skip
+            floor, floor_cpu, py_joiner, py_cpu, cores[0] == "python", joiner_polled)  # fmt: skip
 
 
 def _ratio(a: float, b: float) -> float | None:

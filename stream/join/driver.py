@@ -145,6 +145,7 @@ class FunnelJoin:
         self.parts: dict[int, _Partition] = {}
         # metric children bound once: ``labels(...)`` is a locked dict lookup per call
         self._events_by_type = [metrics.events.labels(type=s) for s in STEPS] if metrics else None
+        self._last_event = metrics.last_event if metrics else None
         self._dups_by_type = [metrics.duplicates.labels(type=s) for s in STEPS] if metrics else None
         self._samples_by_kind = {k: metrics.samples.labels(kind=k) for k in KINDS} if metrics else None
         self._kind_counts = dict.fromkeys(KINDS, 0)  # samples emitted since ``_publish_metrics``
@@ -194,6 +195,8 @@ class FunnelJoin:
         step = self.step_of[topic]
         if self._events_by_type is not None:
             self._events_by_type[step].inc()
+        if self._last_event is not None:
+            self._last_event.set(self.clock.now_ms() / 1000)
         p = self.part(partition)
         raw = value or b""
         try:
@@ -350,6 +353,8 @@ class FunnelJoin:
                 if n:
                     self._dups_by_type[step].inc(n)
         self._publish_metrics()
+        if self._last_event is not None:
+            self._last_event.set(self.clock.now_ms() / 1000)
 
     def _gather(
         self, records: Sequence[BatchRecord], steps: list[int], events: list[Event | InvalidEvent | None], now: float,

@@ -130,6 +130,11 @@ class JoinerMetrics:
             ["kind"],
             registry=registry,
         )
+        self.last_event = Gauge(
+            "aitm_joiner_last_event_timestamp_seconds",
+            "Unix time the joiner last finished joining event records (a stalled joiner falls behind time())",
+            registry=registry,
+        )
         self.open_funnels = Gauge(
             "aitm_joiner_open_funnels",
             "Funnel states held (open or retained after final)",

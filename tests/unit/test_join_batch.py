@@ -362,3 +362,17 @@ def test_features_json_is_the_json_modules_compact_form_byte_for_byte(feats: dic
 def test_features_json_of_the_characters_msgspec_writes_otherwise() -> None:
     for text in ("caf\u00e9", "a\x7fb", "\u2028", "\udc80", "\x00\x1f", "/\\\""):
         assert features_json({"k": text}) == json.dumps({"k": text}, separators=(",", ":")).encode(), text
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["on_batch", "on_record"])
+def test_the_last_event_gauge_is_the_time_the_join_last_took_records(batched: bool) -> None:
+    """``aitm_joiner_last_event_timestamp_seconds``: unset before any record, then the clock's time
+    when the join last took records (what a stall alert and the joiner bench read)."""
+    run = Run()
+    gauge = "aitm_joiner_last_event_timestamp_seconds"
+    assert run.metric(gauge) == {(): 0.0}
+    fetches = _fetches(seed=3, chunk=20, delivery="realtime")[:3]
+    for i, (_, batch) in enumerate(fetches):
+        run.clock.advance(1_500 + i)
+        feed(run, batch, batched)
+        assert run.metric(gauge) == {(): run.clock.now_ms() / 1000}
