@@ -407,7 +407,7 @@ def parse_events_strict(
             try:
                 append(event_from_json(obj, etype))
             except InvalidEvent as exc:
-                append(exc)
+                append(_detached(exc))
         pos = end
     return out
 
@@ -415,11 +415,22 @@ def parse_events_strict(
 _NOT_ONE: Final[Any] = object()  # "this record is not exactly one JSON value: parse it alone"
 
 
+def _detached(exc: InvalidEvent) -> InvalidEvent:
+    """``exc`` as a value: without its traceback and the exceptions it came from. A caught
+    exception's traceback holds the frames it went through, whose locals hold the batch and
+    (where it is stored) the exception itself: a reference cycle that kept a whole batch alive
+    until the cycle collector found it, and made its passes longer (docs/joiner.md, round 21). Its
+    reason and message are all a dead letter reads."""
+    exc.__traceback__ = None
+    exc.__cause__ = exc.__context__ = None
+    return exc
+
+
 def _parse_one(raw: bytes | None, expected_type: str | None) -> Event | InvalidEvent:
     try:
         return parse_event(raw if raw is not None else b"", expected_type)
     except InvalidEvent as exc:
-        return exc
+        return _detached(exc)
 
 
 def dead_letter(

@@ -18,6 +18,7 @@ from stream.contract.events import (
     dead_letter,
     encode_event,
     parse_event,
+    parse_events,
 )
 
 CLICK: dict[str, Any] = {
@@ -184,3 +185,24 @@ def test_extra_data_after_the_object_is_refused(tail: bytes) -> None:
     with pytest.raises(InvalidEvent) as err:
         parse_event(COMPACT_IMPRESSION + tail)
     assert err.value.reason == MALFORMED_JSON
+
+
+def test_a_batchs_invalid_events_leave_no_garbage_for_the_cycle_collector() -> None:
+    """The ``InvalidEvent``s ``parse_events`` hands back are detached from the exceptions' tracebacks
+    and chains: a traceback holds the frames that caught it, whose locals hold the batch and the
+    error itself - a reference cycle that kept each such batch (the joiner's whole ``on_batch``
+    frame) alive until a collection, and made those collections traverse it (issue 16, round 21)."""
+    import gc
+
+    good = b'{"schema_version":1,"event_type":"click","event_id":"e","impression_id":"i","event_time_ms":5,"bank_id":"b"}'
+    raws = [good, b'{"a":1,"a":2}', None, b"\xff\xfe", b"[1,", good.replace(b'"b"}', b'"b",') + b"}", b"1"]
+    gc.collect()
+    gc.disable()
+    try:
+        events = parse_events(raws, ["click"] * len(raws))
+        assert sum(isinstance(e, InvalidEvent) for e in events) == 6
+        assert all(e.__traceback__ is None and e.__context__ is None for e in events if isinstance(e, InvalidEvent))
+        del events
+        assert gc.collect() == 0  # nothing left that only the cycle collector could free
+    finally:
+        gc.enable()
