@@ -5,8 +5,9 @@
  * - lean_records: a record batch's records as LeanRecords (stream.kafka.lean_fetch: aiokafka's
  *   ConsumerRecord fields, in its order, as a tuple) - what aiokafka's PartitionRecords builds one
  *   dataclass and one generator step at a time.
- * - bulk_chunk: a span of a fetch's (tp, record) pairs as the join's (topic, partition, key, value,
- *   offset, behind) tuples and each topic partition's span of offsets (stream.kafka.faust_bulk).
+ * - fetch_batches: a fetch's records in faust's round-robin order (stream.kafka.faust_bulk.fetch_order)
+ *   as the join's (topic, partition, key, value, offset, behind) tuples, cut into batches, each
+ *   with its topic partitions' spans of offsets (stream.kafka.faust_bulk).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -119,112 +120,241 @@ static int record_fields(PyObject *rec, PyObject **offset, PyObject **key, PyObj
     return -1;
 }
 
-/* bulk_chunk(pairs, start, end, highwaters): pairs[start:end] - (tp, record) in fetch order, tp a
-   (topic, partition) tuple - as ([(topic, partition, key, value, offset, behind)], [(tp, first
-   offset, last offset)]): behind is offset + 1 < highwaters[tp] (False where it is None), and a
-   topic partition's span covers its records of the chunk (the caller hands over only partitions
-   whose records are consecutive offsets), in the order of its first record. */
-static PyObject *bulk_chunk(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4 || !PyList_Check(args[0]) || !PyDict_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "bulk_chunk(pairs: list, start, end, highwaters: dict)");
+/* a batch being built: the join's records and their spans (open: tp -> its span, a list) */
+typedef struct {
+    PyObject *batch, *spans, *open;
+} Chunk;
+
+static int chunk_init(Chunk *c) {
+    c->batch = PyList_New(0);
+    c->spans = PyList_New(0);
+    c->open = PyDict_New();
+    return c->batch && c->spans && c->open ? 0 : -1;
+}
+
+static void chunk_clear(Chunk *c) {
+    Py_CLEAR(c->batch);
+    Py_CLEAR(c->spans);
+    Py_CLEAR(c->open);
+}
+
+/* append rec of tp (a (topic, partition) tuple) to the chunk: its join record and its span */
+static int chunk_add(Chunk *c, PyObject *tp, PyObject *rec, PyObject *hws) {
+    if (!PyTuple_Check(tp) || PyTuple_GET_SIZE(tp) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a topic partition is a (topic, partition) tuple");
+        return -1;
+    }
+    PyObject *offset, *key, *value;
+    if (record_fields(rec, &offset, &key, &value) < 0) return -1;
+    long long off = PyLong_AsLongLong(offset);
+    int behind = 0;
+    PyObject *hw = (off == -1 && PyErr_Occurred()) ? NULL : PyDict_GetItemWithError(hws, tp);
+    if (hw && hw != Py_None) {
+        long long h = PyLong_AsLongLong(hw);
+        if (h == -1 && PyErr_Occurred()) hw = NULL;
+        behind = off + 1 < h;
+    }
+    if (!hw && PyErr_Occurred()) {
+        Py_DECREF(offset);
+        Py_DECREF(key);
+        Py_DECREF(value);
+        return -1;
+    }
+    PyObject *t = PyTuple_New(6);
+    if (!t) {
+        Py_DECREF(offset);
+        Py_DECREF(key);
+        Py_DECREF(value);
+        return -1;
+    }
+    PyObject *topic = PyTuple_GET_ITEM(tp, 0), *partition = PyTuple_GET_ITEM(tp, 1), *b = behind ? Py_True : Py_False;
+    Py_INCREF(topic);
+    Py_INCREF(partition);
+    Py_INCREF(b);
+    Py_INCREF(offset); /* one for the record, one kept for the span */
+    PyTuple_SET_ITEM(t, 0, topic);
+    PyTuple_SET_ITEM(t, 1, partition);
+    PyTuple_SET_ITEM(t, 2, key);
+    PyTuple_SET_ITEM(t, 3, value);
+    PyTuple_SET_ITEM(t, 4, offset);
+    PyTuple_SET_ITEM(t, 5, b);
+    int bad = PyList_Append(c->batch, t) < 0;
+    Py_DECREF(t);
+    if (bad) {
+        Py_DECREF(offset);
+        return -1;
+    }
+    PyObject *span = PyDict_GetItemWithError(c->open, tp); /* borrowed */
+    if (span) {
+        PyObject *old = PyList_GET_ITEM(span, 2);
+        PyList_SET_ITEM(span, 2, offset); /* takes the kept reference */
+        Py_DECREF(old);
+        return 0;
+    }
+    if (PyErr_Occurred() || !(span = PyList_New(3))) {
+        Py_DECREF(offset);
+        return -1;
+    }
+    Py_INCREF(tp);
+    Py_INCREF(offset);
+    PyList_SET_ITEM(span, 0, tp);
+    PyList_SET_ITEM(span, 1, offset);
+    PyList_SET_ITEM(span, 2, offset);
+    bad = PyDict_SetItem(c->open, tp, span) < 0 || PyList_Append(c->spans, span) < 0;
+    Py_DECREF(span);
+    return bad ? -1 : 0;
+}
+
+/* the chunk as (batch, spans), each span a tuple; the chunk is cleared */
+static PyObject *chunk_take(Chunk *c) {
+    PyObject *r = NULL;
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(c->spans); j++) {
+        PyObject *t = PyList_AsTuple(PyList_GET_ITEM(c->spans, j));
+        if (!t) goto done;
+        PyList_SetItem(c->spans, j, t);
+    }
+    r = PyTuple_Pack(2, c->batch, c->spans);
+done:
+    chunk_clear(c);
+    return r;
+}
+
+/* fetch_batches(records, highwaters, first, size): the records of a fetch - {tp: [record]}, tp a
+   (topic, partition) tuple - in the order of faust's DefaultSchedulingStrategy (round robin over
+   the topics in the order they first appear, each topic's turn taking its partitions round robin;
+   stream.kafka.faust_bulk.fetch_order), cut into batches of first records, then of size each:
+   [(records, spans)], records as the join reads them - (topic, partition, key, value, offset,
+   behind), behind being offset + 1 < highwaters[tp] (False where it is None) - and per topic
+   partition of the batch, in the order of its first record, (tp, first offset, last offset): the
+   caller hands over only partitions whose records are consecutive offsets. */
+typedef struct {
+    Py_ssize_t first, n; /* its partitions: parts[first:first + n] */
+    Py_ssize_t round, next; /* the inner round robin: the round, and the next partition in it */
+    Py_ssize_t rounds;      /* its longest partition's length */
+} Topic;
+
+typedef struct {
+    PyObject *tp, *recs; /* borrowed (the dict holds them) */
+    Py_ssize_t len;
+} Part;
+
+static PyObject *fetch_batches(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyDict_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "fetch_batches(records: dict, highwaters: dict, first, size)");
         return NULL;
     }
-    PyObject *pairs = args[0], *hws = args[3];
-    Py_ssize_t start = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
-    if ((start == -1 || end == -1) && PyErr_Occurred()) return NULL;
-    if (start < 0) start = 0;
-    if (end > PyList_GET_SIZE(pairs)) end = PyList_GET_SIZE(pairs);
-    if (end < start) end = start;
-    PyObject *batch = PyList_New(end - start);
-    PyObject *spans = PyList_New(0);
-    PyObject *open = PyDict_New(); /* tp -> its span (a list [tp, first, last]) */
-    if (!batch || !spans || !open) goto fail;
-    for (Py_ssize_t i = start; i < end; i++) {
-        PyObject *pair = PyList_GET_ITEM(pairs, i);
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyTuple_Check(PyTuple_GET_ITEM(pair, 0)) ||
-            PyTuple_GET_SIZE(PyTuple_GET_ITEM(pair, 0)) != 2) {
-            PyErr_SetString(PyExc_TypeError, "bulk_chunk: pairs of ((topic, partition), record)");
+    PyObject *records = args[0], *hws = args[1];
+    Py_ssize_t first = PyLong_AsSsize_t(args[2]), size = PyLong_AsSsize_t(args[3]);
+    if ((first == -1 || size == -1) && PyErr_Occurred()) return NULL;
+    if (size < 1 || first < 1) {
+        PyErr_SetString(PyExc_ValueError, "fetch_batches: batches of at least one record");
+        return NULL;
+    }
+    Py_ssize_t np = PyDict_GET_SIZE(records), nt = 0;
+    Part *parts = PyMem_Calloc(np ? np : 1, sizeof(Part));
+    Topic *topics = PyMem_Calloc(np ? np : 1, sizeof(Topic));
+    Py_ssize_t *order = PyMem_Calloc(np ? np : 1, sizeof(Py_ssize_t)); /* parts grouped by topic */
+    PyObject **names = PyMem_Calloc(np ? np : 1, sizeof(PyObject *));
+    PyObject *out = PyList_New(0);
+    Chunk c = {NULL, NULL, NULL};
+    if (!parts || !topics || !order || !names || !out) goto fail;
+    /* the topics in the order they first appear, each with its partitions in their order */
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *tp, *recs;
+    while (PyDict_Next(records, &pos, &tp, &recs)) {
+        if (!PyTuple_Check(tp) || PyTuple_GET_SIZE(tp) != 2 || !PyList_Check(recs)) {
+            PyErr_SetString(PyExc_TypeError, "fetch_batches: {(topic, partition): [record]}");
             goto fail;
         }
-        PyObject *tp = PyTuple_GET_ITEM(pair, 0), *offset, *key, *value;
-        if (record_fields(PyTuple_GET_ITEM(pair, 1), &offset, &key, &value) < 0) goto fail;
-        long long off = PyLong_AsLongLong(offset);
-        PyObject *hw = (off == -1 && PyErr_Occurred()) ? NULL : PyDict_GetItemWithError(hws, tp);
-        int behind = 0;
-        if (hw && hw != Py_None) {
-            long long h = PyLong_AsLongLong(hw);
-            if (h == -1 && PyErr_Occurred()) hw = NULL;
-            behind = off + 1 < h;
+        parts[i].tp = tp;
+        parts[i].recs = recs;
+        parts[i].len = PyList_GET_SIZE(recs);
+        PyObject *name = PyTuple_GET_ITEM(tp, 0);
+        Py_ssize_t t = 0;
+        for (; t < nt; t++) {
+            int eq = names[t] == name ? 1 : PyObject_RichCompareBool(names[t], name, Py_EQ);
+            if (eq < 0) goto fail;
+            if (eq) break;
         }
-        if (!hw && PyErr_Occurred()) {
-            Py_DECREF(offset);
-            Py_DECREF(key);
-            Py_DECREF(value);
-            goto fail;
+        if (t == nt) {
+            names[nt] = name;
+            topics[nt].n = 0;
+            nt++;
         }
-        PyObject *topic = PyTuple_GET_ITEM(tp, 0), *partition = PyTuple_GET_ITEM(tp, 1);
-        Py_INCREF(topic);
-        Py_INCREF(partition);
-        PyObject *b = behind ? Py_True : Py_False;
-        Py_INCREF(b);
-        Py_INCREF(offset);
-        PyObject *t = PyTuple_New(6);
-        if (!t) {
-            Py_DECREF(topic);
-            Py_DECREF(partition);
-            Py_DECREF(b);
-            Py_DECREF(offset);
-            Py_DECREF(offset);
-            Py_DECREF(key);
-            Py_DECREF(value);
-            goto fail;
-        }
-        PyTuple_SET_ITEM(t, 0, topic);
-        PyTuple_SET_ITEM(t, 1, partition);
-        PyTuple_SET_ITEM(t, 2, key);
-        PyTuple_SET_ITEM(t, 3, value);
-        PyTuple_SET_ITEM(t, 4, offset);
-        PyTuple_SET_ITEM(t, 5, b);
-        PyList_SET_ITEM(batch, i - start, t);
-        PyObject *span = PyDict_GetItemWithError(open, tp); /* borrowed */
-        if (span) {
-            PyObject *old = PyList_GET_ITEM(span, 2);
-            PyList_SET_ITEM(span, 2, offset); /* takes the extra reference */
-            Py_DECREF(old);
-        } else {
-            if (PyErr_Occurred()) {
-                Py_DECREF(offset);
-                goto fail;
+        topics[t].n++;
+        i++;
+    }
+    /* parts grouped by topic (stable): each topic's partitions in their order */
+    Py_ssize_t at = 0;
+    for (Py_ssize_t t = 0; t < nt; t++) {
+        topics[t].first = at;
+        Py_ssize_t k = 0;
+        for (Py_ssize_t j = 0; j < np && k < topics[t].n; j++) {
+            PyObject *name = PyTuple_GET_ITEM(parts[j].tp, 0);
+            int eq = names[t] == name ? 1 : PyObject_RichCompareBool(names[t], name, Py_EQ);
+            if (eq < 0) goto fail;
+            if (eq) {
+                order[at++] = j;
+                k++;
+                if (parts[j].len > topics[t].rounds) topics[t].rounds = parts[j].len;
             }
-            span = PyList_New(3);
-            if (!span) {
-                Py_DECREF(offset);
-                goto fail;
-            }
-            Py_INCREF(tp);
-            Py_INCREF(offset);
-            PyList_SET_ITEM(span, 0, tp);
-            PyList_SET_ITEM(span, 1, offset);
-            PyList_SET_ITEM(span, 2, offset);
-            int bad = PyDict_SetItem(open, tp, span) < 0 || PyList_Append(spans, span) < 0;
-            Py_DECREF(span);
-            if (bad) goto fail;
         }
     }
-    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(spans); j++) { /* each span as a tuple */
-        PyObject *t = PyList_AsTuple(PyList_GET_ITEM(spans, j));
-        if (!t) goto fail;
-        PyList_SetItem(spans, j, t);
+    /* the outer round robin: each live topic in turn gives its next record */
+    Py_ssize_t live = 0, in_chunk = 0, limit = first;
+    for (Py_ssize_t t = 0; t < nt; t++) live += topics[t].rounds > 0;
+    while (live) {
+        for (Py_ssize_t t = 0; t < nt; t++) {
+            Topic *top = &topics[t];
+            if (top->round >= top->rounds) continue;
+            /* its inner round robin: the next partition with a record in this round */
+            Part *part = NULL;
+            while (!part) {
+                if (top->next >= top->n) {
+                    top->next = 0;
+                    top->round++;
+                    if (top->round >= top->rounds) break;
+                }
+                Part *cand = &parts[order[top->first + top->next++]];
+                if (cand->len > top->round) part = cand;
+            }
+            if (!part) { /* this topic ran out */
+                live--;
+                continue;
+            }
+            if (!c.batch && chunk_init(&c) < 0) goto fail;
+            if (chunk_add(&c, part->tp, PyList_GET_ITEM(part->recs, top->round), hws) < 0) goto fail;
+            if (++in_chunk == limit) {
+                PyObject *done = chunk_take(&c);
+                if (!done) goto fail;
+                int bad = PyList_Append(out, done) < 0;
+                Py_DECREF(done);
+                if (bad) goto fail;
+                in_chunk = 0;
+                limit = size;
+            }
+        }
     }
-    Py_DECREF(open);
-    PyObject *r = PyTuple_Pack(2, batch, spans);
-    Py_DECREF(batch);
-    Py_DECREF(spans);
-    return r;
+    if (c.batch && in_chunk) {
+        PyObject *done = chunk_take(&c);
+        if (!done) goto fail;
+        int bad = PyList_Append(out, done) < 0;
+        Py_DECREF(done);
+        if (bad) goto fail;
+    }
+    chunk_clear(&c);
+    PyMem_Free(parts);
+    PyMem_Free(topics);
+    PyMem_Free(order);
+    PyMem_Free(names);
+    return out;
 fail:
-    Py_XDECREF(batch);
-    Py_XDECREF(spans);
-    Py_XDECREF(open);
+    chunk_clear(&c);
+    PyMem_Free(parts);
+    PyMem_Free(topics);
+    PyMem_Free(order);
+    PyMem_Free(names);
+    Py_XDECREF(out);
     return NULL;
 }
 
@@ -232,9 +362,9 @@ static PyMethodDef module_methods[] = {
     {"lean_records", (PyCFunction)(void (*)(void))lean_records, METH_FASTCALL,
      "lean_records(batch, topic, partition, min_offset, cls): the batch's records from min_offset on as cls "
      "(aiokafka's ConsumerRecord fields, in its order)"},
-    {"bulk_chunk", (PyCFunction)(void (*)(void))bulk_chunk, METH_FASTCALL,
-     "bulk_chunk(pairs, start, end, highwaters): pairs[start:end] as the join's records and per topic partition "
-     "(tp, first offset, last offset)"},
+    {"fetch_batches", (PyCFunction)(void (*)(void))fetch_batches, METH_FASTCALL,
+     "fetch_batches(records, highwaters, first, size): a fetch's records in faust's round-robin order, in batches "
+     "of first, then size records, each as bulk_chunk makes it"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,7 +18,7 @@ topic's record, flow control, a yield) and at the end of the fetch, so every fla
 
 A fetch that holds only records of the chosen topics, each partition's offsets consecutive and
 following those read (the usual fetch), is handed over without a Python step per record
-(``_whole_fetch``, ``bulk_chunk`` in ``stream/kafka/_records.c``): the checks the one-record loop
+(``_whole_fetch``, ``fetch_batches`` in ``stream/kafka/_records.c``): the checks the one-record loop
 makes per record are made per partition, or after each await - the only points where what they
 read can change but for the consumer thread's generation, which the one-record loop read per
 record and this loop reads per batch (a rebalance that begins meanwhile stops it at the next
@@ -57,7 +57,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from itertools import chain, repeat
+from itertools import chain, pairwise, repeat
 from time import monotonic
 from typing import Any
 
@@ -134,7 +134,7 @@ def bulk_chunk_py(
     pairs: list[tuple[TP, Any]], start: int, end: int, highwaters: Mapping[TP, int | None]
 ) -> tuple[list[BatchRecord], list[Span]]:
     """``pairs[start:end]`` - ``(tp, record)`` in fetch order, each partition's records consecutive
-    offsets - as the join's records and their spans (``_records.bulk_chunk``, in Python)."""
+    offsets - as the join's records and their spans (a batch of ``_records.fetch_batches``)."""
     chunk = pairs[start:end]
     batch: list[BatchRecord] = []
     for tp, r in chunk:
@@ -143,8 +143,20 @@ def bulk_chunk_py(
     return batch, spans_of([tp for tp, _ in chunk], batch)
 
 
-bulk_chunk: Callable[[list[tuple[TP, Any]], int, int, Mapping[TP, int | None]], tuple[list[BatchRecord], list[Span]]]
-bulk_chunk = _records.bulk_chunk if _records is not None else bulk_chunk_py
+
+def fetch_batches_py(
+    records: Mapping[TP, Sequence[Any]], highwaters: Mapping[TP, int | None], first: int, size: int
+) -> list[tuple[list[BatchRecord], list[Span]]]:
+    """A fetch's records in ``fetch_order``, cut into batches of ``first`` records, then ``size``
+    each, as ``bulk_chunk_py`` makes them (``_records.fetch_batches``, in Python)."""
+    pairs = fetch_order(records)
+    bounds = [0, *range(min(first, len(pairs)), len(pairs), size), len(pairs)]
+    return [bulk_chunk_py(pairs, a, b, highwaters) for a, b in pairwise(bounds) if b > a]
+
+
+FetchBatches = Callable[[Mapping[TP, Sequence[Any]], Mapping[TP, int | None], int, int],
+                        list[tuple[list[BatchRecord], list[Span]]]]  # fmt: skip
+fetch_batches: FetchBatches = _records.fetch_batches if _records is not None else fetch_batches_py
 
 
 def bulk_consumer(
@@ -231,12 +243,12 @@ def bulk_consumer(
 
         def _whole_fetch(
             self, records: Mapping[TP, Sequence[Any]], active: Collection[TP] | None
-        ) -> tuple[list[tuple[TP, Any]], dict[TP, int | None]] | None:
-            """A fetch the one-record loop would hand over whole: ``(tp, record)`` in its order and
-            each partition's high watermark (read here, once, as that loop reads it, its monitor
-            told), when it holds records of the bulk topics only, each partition's a run of
-            consecutive offsets that follows the ones read (no gap, none read already) - inactive
-            partitions skipped, as that loop does. None for any other fetch: that loop takes it."""
+        ) -> tuple[dict[TP, Sequence[Any]], dict[TP, int | None]] | None:
+            """A fetch the one-record loop would hand over whole: its records per partition (the
+            inactive ones skipped, as that loop does) and each partition's high watermark (read
+            here, once, as that loop reads it, its monitor told), when it holds records of the bulk
+            topics only, each partition's a run of consecutive offsets that follows the ones read
+            (no gap, none read already). None for any other fetch: that loop takes it."""
             consumer: Any = self
             read_offset = consumer._read_offset
             acks_enabled_for = self.app.topics.acks_enabled_for
@@ -262,23 +274,24 @@ def bulk_consumer(
                 if monitor is not None:
                     monitor.track_tp_end_offset(tp, hw)
                     monitor.stream_inbound_time[tp] = monotonic()
-            return fetch_order(kept), highwaters
+            return kept, highwaters
 
         async def _hand_whole(
-            self, pairs: list[tuple[TP, Any]], highwaters: dict[TP, int | None], generation: int, since_yield: int
+            self, records: dict[TP, Sequence[Any]], highwaters: dict[TP, int | None], generation: int,
+            since_yield: int,
         ) -> tuple[int, bool]:  # pragma: no cover - the loop's; tests/unit/test_faust_bulk.py drives it
-            """Hand ``_whole_fetch``'s records over in batches, as the one-record loop would: a batch
-            ends before each await and at ``YIELD_EVERY`` records since the last yield; after each
-            await the flags are read again - a rebalance begun stops it (the rest read again after
-            its seek), a commit due is made, flow control awaited. Returns (records since the last
-            yield, held back: a rebalance came while records were left)."""
+            """Hand ``_whole_fetch``'s records over in batches in ``fetch_order``, as the one-record
+            loop would: a batch ends at ``YIELD_EVERY`` records since the last yield (``fetch_batches``
+            cuts them) and before each await; after each await the flags are read again - a
+            rebalance begun stops it (the rest read again after its seek), a commit due is made,
+            flow control awaited. Returns (records since the last yield, held back: a rebalance
+            came while records were left)."""
             consumer: Any = self
             app = self.app
             flow_control = app.flow_control
             read_offset = consumer._read_offset
             commit_every = self._commit_every
-            i, n = 0, len(pairs)
-            while i < n:
+            for batch, spans in fetch_batches(records, highwaters, YIELD_EVERY - since_yield, YIELD_EVERY):
                 if not self.flow_active or app.consumer_generation_id != generation:
                     break  # a rebalance began: its seek reads the rest again
                 if app.rebalancing:
@@ -290,12 +303,9 @@ def bulk_consumer(
                     await self.wait_first(flow_control.acquire(), self.suspend_flow.wait())
                     if not self.flow_active or app.consumer_generation_id != generation:
                         break
-                end = min(n, i + YIELD_EVERY - since_yield)
-                batch, spans = bulk_chunk(pairs, i, end, highwaters)
                 for tp, _, last in spans:
                     read_offset[tp] = last
-                since_yield += end - i
-                i = end
+                since_yield += len(batch)
                 if handle(batch, spans):
                     await flush()
                 if since_yield >= YIELD_EVERY:

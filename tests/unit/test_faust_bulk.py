@@ -392,22 +392,24 @@ def test_spans_of_a_batch_are_each_partitions_runs_of_consecutive_offsets() -> N
     assert faust_bulk.spans_of(tps, batch) == [(a, 4, 6), (b, 9, 10), (a, 9, 9), (b, 12, 12)]
 
 
-def test_bulk_chunk_is_its_python_twin_on_random_fetches() -> None:
-    """The compiled ``bulk_chunk`` against ``bulk_chunk_py``: records as ``LeanRecord``s and as
-    other objects (read by name), high watermarks known or not, any slice of the pairs."""
+def test_fetch_batches_is_its_python_twin_on_random_fetches() -> None:
+    """The compiled ``fetch_batches`` against ``fetch_batches_py`` (``fetch_order``, whose order is
+    faust's scheduler's, cut into batches): records as ``LeanRecord``s and as other objects (read
+    by name), topics and partitions of uneven lengths and in any order, empty ones, high
+    watermarks known or not, any first batch and batch size."""
     import random
 
     from stream.kafka import _records
     from stream.kafka.lean_fetch import LeanRecord
 
     rng = random.Random(11)
-    for _ in range(300):
+    for _ in range(400):
         records: dict[TP, list[Any]] = {}
         highwaters: dict[TP, int | None] = {}
-        for _ in range(rng.randint(1, 8)):
-            tp = TP(rng.choice(["impressions", "clicks", "activations"]), rng.randint(0, 3))
+        for _ in range(rng.randint(1, 10)):
+            tp = TP(rng.choice(["impressions", "clicks", "activations", "approvals"]), rng.randint(0, 3))
             first = rng.randint(0, 10**12)
-            n = rng.choice([1, 2, 5, 40])
+            n = rng.choice([0, 1, 2, 5, 40, 130])
             lean = rng.random() < 0.7
             records[tp] = [
                 LeanRecord(tp.topic, tp.partition, o, 0, 0, b"k%d" % o, b"v%d" % o, None, 2, 2, ()) if lean
@@ -415,10 +417,12 @@ def test_bulk_chunk_is_its_python_twin_on_random_fetches() -> None:
                 for o in range(first, first + n)
             ]  # fmt: skip
             highwaters[tp] = rng.choice([None, first, first + n - 1, first + n, first + n + 5])
-        pairs = faust_bulk.fetch_order(records)
-        start = rng.randint(0, len(pairs))
-        end = rng.randint(start, len(pairs) + 3)
-        assert _records.bulk_chunk(pairs, start, end, highwaters) == faust_bulk.bulk_chunk_py(pairs, start, end, highwaters)
+        first_size, size = rng.randint(1, 120), rng.choice([1, 7, 100])
+        got = _records.fetch_batches(records, highwaters, first_size, size)
+        assert got == faust_bulk.fetch_batches_py(records, highwaters, first_size, size)
+        flat = [(TP(r[0], r[1]), r[4]) for batch, _ in got for r in batch]
+        assert flat == [(tp, r.offset) for tp, r in DefaultSchedulingStrategy().iterate(records)]
+        assert [len(b) for b, _ in got][:1] in ([], [min(first_size, len(flat))])
 
 
 class ScriptedFetches(FakeFaustConsumer):
