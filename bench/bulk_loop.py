@@ -9,8 +9,10 @@
 - ``unpack_us_per_record`` / ``aiokafka_unpack_us_per_record``: a fetched partition's records
   (100 record batches of 100 records like the bench's impressions, CRCs checked) read by
   ``stream.kafka.lean_fetch`` and by aiokafka's own ``PartitionRecords``;
-- ``sender_us_per_record``: ``BatchSender`` filling aiokafka's record batches with a batch's
-  outputs (``add_all``, keyed samples) and a flush's changelog records (``add_to``).
+- ``sender_us_per_record``: ``BatchSender`` filling record batches with a batch's outputs
+  (``add_all``, keyed samples) and a flush's changelog records (``add_to``), built as the producer
+  sends them: ``RecordBatchWriter``s (the joiner's), and ``aiokafka_builder_sender_us_per_record``
+  aiokafka's own builders.
 
 Each is the best of five passes (CPU time). docs/joiner.md, rounds 19 and 21.
 """
@@ -177,15 +179,23 @@ def unpack_us(batches: int = 100, passes: int = 5, lean: bool = True) -> float:
     return best
 
 
-def sender_us(records: int = 20_000, passes: int = 5) -> float:
+def sender_us(records: int = 20_000, passes: int = 5, writer: bool = True) -> float:
     """Best CPU microseconds per record of ``BatchSender`` over ``records`` samples (``add_all``, four
-    partitions by key) and as many changelog records (``add_to``, one partition)."""
+    partitions by key) and as many changelog records (``add_to``, one partition), each batch then
+    built as the producer builds it to send it (``_build``: its CRC); ``writer``: in
+    ``RecordBatchWriter``s (as the joiner's producer), else in aiokafka's own builders."""
+    from types import SimpleNamespace
+
     from aiokafka.producer.message_accumulator import BatchBuilder
 
     from stream.kafka.partitioner import key_partition
     from stream.kafka.sender import BatchSender
 
     class Producer:
+        def __init__(self) -> None:
+            if writer:  # what ``writer_of`` reads of an AIOKafkaProducer
+                self._message_accumulator = SimpleNamespace(_batch_size=1 << 20, _compression_type=0, _txn_manager=None)
+
         def create_batch(self) -> BatchBuilder:
             return BatchBuilder(1 << 20, 0)
 
@@ -198,7 +208,8 @@ def sender_us(records: int = 20_000, passes: int = 5) -> float:
         t = time.process_time()
         sender.add_all(samples)
         sender.add_to("changelog", 0, states)
-        sender.take()
+        for _, _, batch in sender.take():
+            batch._build()
         best = min(best, (time.process_time() - t) * 1e6 / (2 * records))
     return best
 
@@ -213,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "unpack_us_per_record": round(unpack_us(), 3),
         "aiokafka_unpack_us_per_record": round(unpack_us(lean=False), 3),
         "sender_us_per_record": round(sender_us(), 3),
+        "aiokafka_builder_sender_us_per_record": round(sender_us(writer=False), 3),
     }
     print(report)
     if args.json:

@@ -11,6 +11,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
+#include <string.h>
 
 #define LEAN_FIELDS 11 /* topic, partition, offset, timestamp, timestamp_type, key, value, checksum,
                           serialized_key_size, serialized_value_size, headers */
@@ -358,6 +360,335 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* RecordBatchWriter: aiokafka's DefaultRecordBatchBuilder (magic 2, no compression) for the
+   joiner's producer: the same bytes, its CRC computed by the crc32c package (hardware CRC32C where
+   the CPU has it; aiokafka's own is a software one) once per batch, and append_many for a run of
+   records of one partition. */
+
+#define HEADER_SIZE 61   /* baseOffset .. recordCount */
+#define ATTRIBUTES_AT 21 /* the CRC covers the batch from here */
+#define CRC_AT 17
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *ba; /* the batch's bytearray (handed over by build) */
+    char *buf;    /* its bytes */
+    Py_ssize_t len, cap, batch_size;
+    int64_t first_ts, max_ts, last_offset, producer_id;
+    int32_t num_records, base_sequence;
+    int16_t producer_epoch;
+    int has_first, transactional, built;
+} WriterObject;
+
+static PyObject *crc32c_func, *time_func; /* crc32c.crc32c, time.time */
+
+/* room for more bytes: the bytearray grown (doubling), len kept as what is written */
+static int w_reserve(WriterObject *w, Py_ssize_t more) {
+    if (w->len + more <= w->cap) return 0;
+    Py_ssize_t cap = w->cap ? w->cap : 4096;
+    while (cap < w->len + more) cap *= 2;
+    if (PyByteArray_Resize(w->ba, cap) < 0) return -1;
+    w->buf = PyByteArray_AS_STRING(w->ba);
+    w->cap = cap;
+    return 0;
+}
+
+static int varint_size(int64_t v) {
+    uint64_t z = ((uint64_t)v << 1) ^ (uint64_t)(v >> 63);
+    int n = 1;
+    while (z >= 0x80) {
+        z >>= 7;
+        n++;
+    }
+    return n;
+}
+
+static char *put_varint(char *p, int64_t v) {
+    uint64_t z = ((uint64_t)v << 1) ^ (uint64_t)(v >> 63);
+    while (z >= 0x80) {
+        *p++ = (char)((z & 0x7f) | 0x80);
+        z >>= 7;
+    }
+    *p++ = (char)z;
+    return p;
+}
+
+/* bytes-like views of key and value (None: absent) */
+static int view_of(PyObject *o, Py_buffer *v, const char *what) {
+    if (o == Py_None) {
+        v->obj = NULL;
+        v->buf = NULL;
+        v->len = -1;
+        return 0;
+    }
+    if (!PyBytes_Check(o) && !PyByteArray_Check(o) && !PyMemoryView_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "Not supported type for %s: %s", what, Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    return PyObject_GetBuffer(o, v, PyBUF_SIMPLE);
+}
+
+/* one record: 1 appended, 0 the batch is full (nothing written), -1 an error */
+static int w_append(WriterObject *w, int64_t offset, int64_t ts, PyObject *key, PyObject *value, PyObject *headers) {
+    if (w->built) {
+        PyErr_SetString(PyExc_RuntimeError, "the batch is built already");
+        return -1;
+    }
+    Py_buffer kv, vv;
+    if (view_of(key, &kv, "key") < 0) return -1;
+    if (view_of(value, &vv, "value") < 0) {
+        if (kv.obj) PyBuffer_Release(&kv);
+        return -1;
+    }
+    Py_ssize_t nh = 0;
+    PyObject *hs = NULL;
+    int r = -1;
+    if (headers != Py_None) {
+        hs = PySequence_Fast(headers, "headers are a sequence of (str, bytes or None)");
+        if (!hs) goto done;
+        nh = PySequence_Fast_GET_SIZE(hs);
+    }
+    int first = !w->has_first;
+    int64_t delta = first ? 0 : ts - w->first_ts;
+    Py_ssize_t body = 1 + varint_size(delta) + varint_size(offset) + varint_size(kv.len) + (kv.len > 0 ? kv.len : 0) +
+                      varint_size(vv.len) + (vv.len > 0 ? vv.len : 0) + varint_size(nh);
+    for (Py_ssize_t i = 0; i < nh; i++) {
+        PyObject *h = PySequence_Fast_GET_ITEM(hs, i);
+        if (!PyTuple_Check(h) || PyTuple_GET_SIZE(h) != 2 || !PyUnicode_Check(PyTuple_GET_ITEM(h, 0))) {
+            PyErr_SetString(PyExc_TypeError, "a header is a (str, bytes or None) tuple");
+            goto done;
+        }
+        Py_ssize_t kl;
+        if (!PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(h, 0), &kl)) goto done;
+        PyObject *hv = PyTuple_GET_ITEM(h, 1);
+        if (hv != Py_None && !PyBytes_Check(hv)) {
+            PyErr_SetString(PyExc_TypeError, "a header's value is bytes or None");
+            goto done;
+        }
+        Py_ssize_t vl = hv == Py_None ? -1 : PyBytes_GET_SIZE(hv);
+        body += varint_size(kl) + kl + varint_size(vl) + (vl > 0 ? vl : 0);
+    }
+    Py_ssize_t required = body + varint_size(body);
+    if (!first && required + w->len > w->batch_size) {
+        r = 0;
+        goto done;
+    }
+    if (w_reserve(w, required) < 0) goto done;
+    char *p = w->buf + w->len;
+    p = put_varint(p, body);
+    *p++ = 0; /* attributes */
+    p = put_varint(p, delta);
+    p = put_varint(p, offset);
+    p = put_varint(p, kv.len);
+    if (kv.len > 0) {
+        memcpy(p, kv.buf, kv.len);
+        p += kv.len;
+    }
+    p = put_varint(p, vv.len);
+    if (vv.len > 0) {
+        memcpy(p, vv.buf, vv.len);
+        p += vv.len;
+    }
+    p = put_varint(p, nh);
+    for (Py_ssize_t i = 0; i < nh; i++) {
+        PyObject *h = PySequence_Fast_GET_ITEM(hs, i);
+        Py_ssize_t kl;
+        const char *k = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(h, 0), &kl);
+        p = put_varint(p, kl);
+        memcpy(p, k, kl);
+        p += kl;
+        PyObject *hv = PyTuple_GET_ITEM(h, 1);
+        Py_ssize_t vl = hv == Py_None ? -1 : PyBytes_GET_SIZE(hv);
+        p = put_varint(p, vl);
+        if (vl > 0) {
+            memcpy(p, PyBytes_AS_STRING(hv), vl);
+            p += vl;
+        }
+    }
+    w->len = p - w->buf;
+    if (first) {
+        w->first_ts = w->max_ts = ts;
+        w->has_first = 1;
+    } else if (ts > w->max_ts) {
+        w->max_ts = ts;
+    }
+    w->num_records++;
+    w->last_offset = offset;
+    r = 1;
+done:
+    Py_XDECREF(hs);
+    if (kv.obj) PyBuffer_Release(&kv);
+    if (vv.obj) PyBuffer_Release(&vv);
+    return r;
+}
+
+static int as_i64(PyObject *o, int64_t *out, const char *what) {
+    if (!PyLong_CheckExact(o)) {
+        PyErr_Format(PyExc_TypeError, "%s: an int, not %s", what, Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    *out = v;
+    return 0;
+}
+
+/* append(offset, timestamp, key, value, headers): True, or None when the batch is full */
+static PyObject *Writer_append(WriterObject *w, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "append(offset, timestamp, key, value, headers)");
+        return NULL;
+    }
+    int64_t offset, ts;
+    if (as_i64(args[0], &offset, "offset") < 0) return NULL;
+    if (args[1] == Py_None) { /* now, as aiokafka stamps it */
+        PyObject *now = PyObject_CallNoArgs(time_func);
+        if (!now) return NULL;
+        double t = PyFloat_AsDouble(now);
+        Py_DECREF(now);
+        if (t == -1.0 && PyErr_Occurred()) return NULL;
+        ts = (int64_t)(t * 1000);
+    } else if (as_i64(args[1], &ts, "timestamp") < 0) {
+        return NULL;
+    }
+    int r = w_append(w, offset, ts, args[2], args[3], args[4]);
+    if (r < 0) return NULL;
+    if (!r) Py_RETURN_NONE;
+    Py_RETURN_TRUE;
+}
+
+/* append_many(first_offset, timestamp, records, start): records[start:] - (key, value) pairs, no
+   headers - at offsets first_offset, first_offset + 1, ... while they fit; how many went in */
+static PyObject *Writer_append_many(WriterObject *w, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "append_many(first_offset, timestamp, records: list, start)");
+        return NULL;
+    }
+    int64_t offset, ts;
+    if (as_i64(args[0], &offset, "offset") < 0 || as_i64(args[1], &ts, "timestamp") < 0) return NULL;
+    Py_ssize_t start = PyLong_AsSsize_t(args[3]);
+    if (start == -1 && PyErr_Occurred()) return NULL;
+    PyObject *records = args[2];
+    Py_ssize_t n = 0;
+    for (Py_ssize_t i = start < 0 ? 0 : start; i < PyList_GET_SIZE(records); i++, n++) {
+        PyObject *kv = PyList_GET_ITEM(records, i);
+        if (!PyTuple_Check(kv) || PyTuple_GET_SIZE(kv) != 2) {
+            PyErr_SetString(PyExc_TypeError, "append_many: (key, value) pairs");
+            return NULL;
+        }
+        int r = w_append(w, offset + n, ts, PyTuple_GET_ITEM(kv, 0), PyTuple_GET_ITEM(kv, 1), Py_None);
+        if (r < 0) return NULL;
+        if (!r) break;
+    }
+    return PyLong_FromSsize_t(n);
+}
+
+static void put_be(char *p, uint64_t v, int n) {
+    for (int i = n - 1; i >= 0; i--) {
+        p[i] = (char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+/* build(): the batch as a bytearray, its header and CRC written; once */
+static PyObject *Writer_build(WriterObject *w, PyObject *Py_UNUSED(ignored)) {
+    if (w->built) {
+        PyErr_SetString(PyExc_RuntimeError, "the batch is built already");
+        return NULL;
+    }
+    char *h = w->buf;
+    put_be(h, 0, 8);                                          /* baseOffset: the broker's */
+    put_be(h + 8, (uint64_t)(w->len - 12), 4);               /* batchLength: from here on */
+    put_be(h + 12, (uint64_t)(int64_t)-1, 4);                /* partitionLeaderEpoch: none */
+    h[16] = 2;                                                /* magic */
+    put_be(h + 21, w->transactional ? 0x10 : 0, 2);          /* attributes */
+    put_be(h + 23, (uint64_t)w->last_offset, 4);             /* lastOffsetDelta */
+    put_be(h + 27, (uint64_t)(w->has_first ? w->first_ts : 0), 8);
+    put_be(h + 35, (uint64_t)(w->has_first ? w->max_ts : 0), 8);
+    put_be(h + 43, (uint64_t)w->producer_id, 8);
+    put_be(h + 51, (uint64_t)(int64_t)w->producer_epoch, 2);
+    put_be(h + 53, (uint64_t)(int64_t)w->base_sequence, 4);
+    put_be(h + 57, (uint64_t)w->num_records, 4);
+    PyObject *view = PyMemoryView_FromMemory(h + ATTRIBUTES_AT, w->len - ATTRIBUTES_AT, PyBUF_READ);
+    if (!view) return NULL;
+    PyObject *crc = PyObject_CallOneArg(crc32c_func, view);
+    Py_DECREF(view);
+    if (!crc) return NULL;
+    unsigned long c = PyLong_AsUnsignedLong(crc);
+    Py_DECREF(crc);
+    if (c == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    put_be(h + CRC_AT, c, 4);
+    w->built = 1;
+    if (PyByteArray_Resize(w->ba, w->len) < 0) return NULL;
+    w->buf = NULL;
+    w->cap = 0;
+    PyObject *out = w->ba;
+    w->ba = NULL;
+    return out;
+}
+
+static PyObject *Writer_size(WriterObject *w, PyObject *Py_UNUSED(ignored)) { return PyLong_FromSsize_t(w->len); }
+
+static PyObject *Writer_set_producer_state(WriterObject *w, PyObject *args) {
+    long long pid;
+    int epoch, seq;
+    if (!PyArg_ParseTuple(args, "Lii", &pid, &epoch, &seq)) return NULL;
+    w->producer_id = pid;
+    w->producer_epoch = (int16_t)epoch;
+    w->base_sequence = seq;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Writer_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"batch_size", "is_transactional", NULL};
+    Py_ssize_t batch_size;
+    int transactional = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|p", kwlist, &batch_size, &transactional)) return NULL;
+    WriterObject *w = (WriterObject *)type->tp_alloc(type, 0);
+    if (!w) return NULL;
+    w->batch_size = batch_size;
+    w->transactional = transactional;
+    w->producer_id = -1;
+    w->producer_epoch = -1;
+    w->base_sequence = 0; /* aiokafka's BatchBuilder gives its builder base_sequence=0 */
+    if (!(w->ba = PyByteArray_FromStringAndSize(NULL, 0)) || w_reserve(w, HEADER_SIZE) < 0) {
+        Py_DECREF(w);
+        return NULL;
+    }
+    memset(w->buf, 0, HEADER_SIZE);
+    w->len = HEADER_SIZE;
+    return (PyObject *)w;
+}
+
+static void Writer_dealloc(WriterObject *w) {
+    Py_XDECREF(w->ba);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+static PyMethodDef Writer_methods[] = {
+    {"append", (PyCFunction)(void (*)(void))Writer_append, METH_FASTCALL,
+     "append(offset, timestamp, key, value, headers): True, or None when the batch is full"},
+    {"append_many", (PyCFunction)(void (*)(void))Writer_append_many, METH_FASTCALL,
+     "append_many(first_offset, timestamp, records, start): records[start:] while they fit; how many went in"},
+    {"build", (PyCFunction)Writer_build, METH_NOARGS, "build(): the record batch (bytearray), once"},
+    {"size", (PyCFunction)Writer_size, METH_NOARGS, "size(): bytes written so far"},
+    {"set_producer_state", (PyCFunction)Writer_set_producer_state, METH_VARARGS,
+     "set_producer_state(producer_id, producer_epoch, base_sequence)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject WriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "stream.kafka._records.RecordBatchWriter",
+    .tp_basicsize = sizeof(WriterObject),
+    .tp_dealloc = (destructor)Writer_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "RecordBatchWriter(batch_size, is_transactional=False): aiokafka's DefaultRecordBatchBuilder "
+              "(magic 2, no compression), its CRC by the crc32c package",
+    .tp_methods = Writer_methods,
+    .tp_new = Writer_new,
+};
+
 static PyMethodDef module_methods[] = {
     {"lean_records", (PyCFunction)(void (*)(void))lean_records, METH_FASTCALL,
      "lean_records(batch, topic, partition, min_offset, cls): the batch's records from min_offset on as cls "
@@ -381,5 +712,24 @@ PyMODINIT_FUNC PyInit__records(void) {
         !(S_checksum = PyUnicode_InternFromString("checksum")) ||
         !(S_headers = PyUnicode_InternFromString("headers")))
         return NULL;
-    return PyModule_Create(&moduledef);
+    if (PyType_Ready(&WriterType) < 0) return NULL;
+    PyObject *crc32c = PyImport_ImportModule("crc32c");
+    if (!crc32c) return NULL;
+    crc32c_func = PyObject_GetAttrString(crc32c, "crc32c");
+    Py_DECREF(crc32c);
+    if (!crc32c_func) return NULL;
+    PyObject *time_mod = PyImport_ImportModule("time");
+    if (!time_mod) return NULL;
+    time_func = PyObject_GetAttrString(time_mod, "time");
+    Py_DECREF(time_mod);
+    if (!time_func) return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    Py_INCREF(&WriterType);
+    if (PyModule_AddObject(m, "RecordBatchWriter", (PyObject *)&WriterType) < 0) {
+        Py_DECREF(&WriterType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

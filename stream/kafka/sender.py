@@ -16,23 +16,59 @@ from typing import Any, NamedTuple
 
 from aiokafka.producer.message_accumulator import BatchBuilder
 
+try:
+    from stream.kafka import _records
+except ImportError:  # pragma: no cover - built by every install here (setup.py); aiokafka's builder otherwise
+    _records = None  # type: ignore[assignment]
+
 PartitionOf = Callable[[str, bytes], int]
 _NO_HEADERS: list[Any] = []  # never changed
+
+
+def writer_of(producer: Any) -> Callable[[], Any] | None:
+    """A maker of ``RecordBatchWriter``s (``stream/kafka/_records.c``) for ``producer``'s record
+    batches, when they are the writer's kind: magic 2 (aiokafka's only), no compression, neither
+    idempotent nor transactional (the producer then stamps each batch with ``_set_producer_state``,
+    which asserts aiokafka's own builder). None otherwise, and for anything not aiokafka's
+    ``AIOKafkaProducer`` (its ``_message_accumulator``).
+
+    The writer is aiokafka's ``DefaultRecordBatchBuilder`` in C - the same bytes, checked by
+    ``tests/unit/test_sender.py`` - with its CRC32C computed by the ``crc32c`` package (in hardware
+    where the CPU has it: aiokafka's own is software, ~2 GB/s, which was most of building a batch)
+    and a run of one partition's records appended in one call (``append_many``): 0.04 against
+    0.49 us a record, built (``python -m bench.bulk_loop``; docs/joiner.md, round 21)."""
+    acc = getattr(producer, "_message_accumulator", None)
+    if _records is None or acc is None:
+        return None
+    if getattr(acc, "_compression_type", None) != 0 or getattr(acc, "_txn_manager", 0) is not None:
+        return None
+    size = getattr(acc, "_batch_size", None)
+    if not isinstance(size, int):
+        return None
+    writer = _records.RecordBatchWriter
+    return lambda: writer(size)
 
 
 class _Open:
     """A partition's open record batch. aiokafka's ``BatchBuilder.append`` is a keyword-only Python
     wrapper (serializers, a closed check, a count) around the compiled record builder's ``append``;
     called on that directly, with the flush's timestamp, a record costs 0.08 us against 0.22
-    (issue 16, round 19) - about two records per event. ``count`` is the wrapper's own count
-    (``record_count()``), written back when the batch is closed or taken. A builder that is not
-    aiokafka's (tests' stand-ins) goes through its own ``append``."""
+    (issue 16, round 19) - about two records per event. With ``writer`` (``writer_of``), that
+    compiled builder is a ``RecordBatchWriter``, whose ``append_many`` takes a run of records
+    (``many``). ``count`` is the wrapper's own count (``record_count()``), written back when the
+    batch is closed or taken. A builder that is not aiokafka's (tests' stand-ins) goes through its
+    own ``append``."""
 
-    __slots__ = ("append", "builder", "count")
+    __slots__ = ("append", "builder", "count", "many")
 
-    def __init__(self, builder: Any) -> None:
+    def __init__(self, builder: Any, writer: Callable[[], Any] | None = None) -> None:
         self.builder = builder
         inner = getattr(builder, "_builder", None) if type(builder) is BatchBuilder else None
+        self.many: Callable[[int, int, list[Any], int], int] | None = None
+        if inner is not None and writer is not None and builder._key_serializer is None \
+                and builder._value_serializer is None and builder._relative_offset == 0:  # fmt: skip
+            inner = builder._builder = writer()
+            self.many = inner.append_many
         self.append: Callable[..., Any] | None = inner.append if inner is not None else None
         self.count: int = builder._relative_offset if inner is not None else 0
 
@@ -52,7 +88,7 @@ class _Open:
         if self.append is not None:
             self.builder._relative_offset = self.count
             self.builder.close()
-            self.append = None  # closed: nothing more goes in through the compiled builder
+            self.append = self.many = None  # closed: nothing more goes in through the compiled builder
         return self.builder
 
 
@@ -72,12 +108,13 @@ class BatchSender:
     def __init__(self, producer: Any, partition_of: PartitionOf) -> None:
         self._producer = producer
         self._partition_of = partition_of
+        self._writer = writer_of(producer)
         self._open: dict[tuple[str, int], _Open] = {}
         self._full: list[tuple[str, int, Any]] = []
         self.pending = 0  # records added since the last flush
 
     def _slot(self, tp: tuple[str, int]) -> _Open:
-        slot = self._open[tp] = _Open(self._producer.create_batch())
+        slot = self._open[tp] = _Open(self._producer.create_batch(), self._writer)
         return slot
 
     def _roll(self, tp: tuple[str, int], full: _Open, key: bytes | None, value: bytes | None, ts: int) -> _Open:
@@ -129,8 +166,19 @@ class BatchSender:
         slot = self._open.get(tp) or self._slot(tp)
         ts = _now_ms()
         n = 0
+        items = records if type(records) is list else list(records)
         try:
-            for key, value in records:
+            while n < len(items):
+                many = slot.many
+                if many is not None:  # the writer: a run of records per call, a new batch when one is full
+                    taken = many(slot.count, ts, items, n)
+                    slot.count += taken
+                    n += taken
+                    if n < len(items):
+                        self._full.append((topic, partition, slot.close()))
+                        slot = self._slot(tp)  # (an empty batch takes at least one record)
+                    continue
+                key, value = items[n]
                 if not slot.add(key, value, ts):
                     slot = self._roll(tp, slot, key, value, ts)
                 n += 1
@@ -147,7 +195,7 @@ class BatchSender:
         slot = self._open.pop(tp, None)
         if slot is not None:
             self._full.append((topic, partition, slot.close()))
-        last = _Open(self._producer.create_batch())
+        last = _Open(self._producer.create_batch(), self._writer)
         if not last.add(key, value, _now_ms()):
             raise ValueError(f"a seal of {len(value or b'')} bytes does not fit in a batch for {topic}")
         self._full.append((topic, partition, last.close()))

@@ -8,16 +8,21 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from stream.kafka.sender import BatchSender, Sent
 
 
 class Producer:
-    """What BatchSender uses of AIOKafkaProducer; the 'broker' gives offsets per partition."""
+    """What BatchSender uses of AIOKafkaProducer; the 'broker' gives offsets per partition.
+    ``writer``: with the accumulator settings ``writer_of`` reads (no compression, no
+    transactions), so that the batches are ``RecordBatchWriter``s under aiokafka's wrapper."""
 
-    def __init__(self, batch_size: int = 16_384) -> None:
+    def __init__(self, batch_size: int = 16_384, writer: bool = False) -> None:
         self.batch_size = batch_size
+        if writer:
+            self._message_accumulator = SimpleNamespace(_batch_size=batch_size, _compression_type=0, _txn_manager=None)
         self.sent: list[tuple[str, int, list[tuple[bytes | None, bytes | None]]]] = []
         self.next_offset: dict[tuple[str, int], int] = {}
 
@@ -41,8 +46,12 @@ def by_key_length(topic: str, key: bytes) -> int:
     return len(key) % 3
 
 
-def test_records_are_sent_per_partition_in_order_and_the_sender_starts_afresh() -> None:
-    p = Producer()
+WRITER = pytest.mark.parametrize("writer", [False, True], ids=["aiokafka-builder", "record-batch-writer"])
+
+
+@WRITER
+def test_records_are_sent_per_partition_in_order_and_the_sender_starts_afresh(writer: bool) -> None:
+    p = Producer(writer=writer)
     calls: list[tuple[str, bytes]] = []
 
     def partition_of(topic: str, key: bytes) -> int:
@@ -75,8 +84,9 @@ def test_records_are_sent_per_partition_in_order_and_the_sender_starts_afresh() 
     assert asyncio.run(s.flush()) == []  # nothing queued any more
 
 
-def test_a_full_batch_rolls_over_in_order_and_last_offset_is_its_last_record() -> None:
-    p = Producer(batch_size=300)
+@WRITER
+def test_a_full_batch_rolls_over_in_order_and_last_offset_is_its_last_record(writer: bool) -> None:
+    p = Producer(batch_size=300, writer=writer)
     s = BatchSender(p, by_key_length)
     values = [f"value-{i:03d}".encode() * 4 for i in range(20)]  # ~40 bytes each: several batches
     for v in values:
@@ -98,8 +108,9 @@ def test_a_full_batch_rolls_over_in_order_and_last_offset_is_its_last_record() -
     assert lasts == ends and lasts[-1] == 100 + len(values) - 1
 
 
-def test_a_record_larger_than_the_batch_size_goes_whole_in_a_batch_of_its_own() -> None:
-    p = Producer(batch_size=100)
+@WRITER
+def test_a_record_larger_than_the_batch_size_goes_whole_in_a_batch_of_its_own(writer: bool) -> None:
+    p = Producer(batch_size=100, writer=writer)
     s = BatchSender(p, by_key_length)
     s.add("t", b"k", b"x" * 10, partition=0)
     s.add("t", b"k", b"y" * 5000, partition=0)  # an empty batch takes one record of any size
@@ -125,9 +136,11 @@ def test_each_keyed_record_goes_where_partition_of_says_now() -> None:
     assert sorted((part, [v for _, v in recs]) for _, part, recs in p.sent) == [(1, [b"1"]), (3, [b"2"])]
 
 
-def test_add_to_is_add_of_each_record_to_one_partition_in_order_and_rolls_over() -> None:
+@WRITER
+def test_add_to_is_add_of_each_record_to_one_partition_in_order_and_rolls_over(writer: bool) -> None:
+    """(With the writer, ``add_to`` appends runs of records with ``append_many``, ``add`` one at a time.)"""
     records = [(b"k%d" % i, b"v" * 60 + b"%d" % i) for i in range(12)] + [(b"gone", None)]
-    one, many = Producer(batch_size=300), Producer(batch_size=300)
+    one, many = Producer(batch_size=300, writer=writer), Producer(batch_size=300, writer=writer)
     a, b = BatchSender(one, by_key_length), BatchSender(many, by_key_length)
     a.add("other", b"x", b"y")
     b.add("other", b"x", b"y")
@@ -135,6 +148,7 @@ def test_add_to_is_add_of_each_record_to_one_partition_in_order_and_rolls_over()
         a.add("log", key, value, partition=3)
     b.add_to("log", 3, iter(records))
     assert b.pending == a.pending == len(records) + 1
+    assert all((slot.many is not None) == writer for slot in b._open.values())  # the writer, or aiokafka's
     asyncio.run(a.flush())
     asyncio.run(b.flush())
     assert many.sent == one.sent
@@ -178,3 +192,68 @@ def test_records_appended_to_aiokafkas_builder_directly_decode_as_through_its_wr
             (r.offset, r.key, r.value, r.headers) for r in want_recs
         ]
         assert all(before <= r.timestamp <= after for r in got_recs)
+
+
+def test_the_record_batch_writer_writes_aiokafkas_bytes_on_random_records() -> None:
+    """``RecordBatchWriter`` against aiokafka's ``DefaultRecordBatchBuilder`` (magic 2, no
+    compression): the same bytes - header, CRC, records - on random keys, values (None, empty,
+    long), headers and timestamps (before the first one too), the same sizes as they grow, and a
+    full batch refused at the same record."""
+    import random
+
+    from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
+
+    from stream.kafka._records import RecordBatchWriter
+
+    rng = random.Random(5)
+    full = 0
+    for _ in range(300):
+        size = rng.choice([200, 1_000, 1 << 16])
+        ref, got = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, 0, size), RecordBatchWriter(size)
+        for i in range(rng.randint(1, 60)):
+            ts = 1_767_225_600_000 + rng.randint(-5_000, 5_000)
+            key = rng.choice([None, b"", b"k" * rng.randint(1, 200)])
+            value = rng.choice([None, b"", b"v" * rng.randint(1, 3_000)])
+            headers = rng.choice([[], [("h", b"x")], [("\u00e9", None), ("b", b"")]])
+            taken = ref.append(i, timestamp=ts, key=key, value=value, headers=headers)
+            assert (taken is None) == (got.append(i, ts, key, value, headers) is None)
+            if taken is None:
+                full += 1
+                break
+            assert got.size() == ref.size()
+        built = bytes(got.build())
+        assert built == bytes(ref.build())
+        assert DefaultRecordBatch(built).validate_crc()
+    assert full > 50
+
+
+def test_the_writers_append_many_is_append_of_each_while_they_fit() -> None:
+    from stream.kafka._records import RecordBatchWriter
+
+    records = [(b"k%d" % i, b"v" * 40 if i % 3 else None) for i in range(30)]
+    one, many = RecordBatchWriter(700), RecordBatchWriter(700)
+    n = 0
+    while one.append(n, 1_767_225_600_000, *records[n], []) is not None:
+        n += 1
+    assert 0 < n < len(records)
+    assert many.append_many(0, 1_767_225_600_000, records, 0) == n
+    assert bytes(many.build()) == bytes(one.build())
+    rest = RecordBatchWriter(10_000)
+    assert rest.append_many(n, 1_767_225_600_000, records, n) == len(records) - n
+
+
+def test_writer_of_takes_aiokafkas_plain_producer_only() -> None:
+    """The writer is used for an ``AIOKafkaProducer`` without compression, idempotence or
+    transactions; not for the others (fails loudly if aiokafka renames what this reads)."""
+    from aiokafka import AIOKafkaProducer
+
+    from stream.kafka.sender import writer_of
+
+    async def producers() -> list[Any]:
+        return [AIOKafkaProducer(bootstrap_servers="127.0.0.1:1"), AIOKafkaProducer(bootstrap_servers="127.0.0.1:1",
+                compression_type="gzip"), AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", enable_idempotence=True)]  # fmt: skip
+
+    plain, gzip, idempotent = asyncio.run(producers())
+    make = writer_of(plain)
+    assert make is not None and make().size() == 61  # a record batch's header
+    assert writer_of(gzip) is None and writer_of(idempotent) is None and writer_of(Producer()) is None
