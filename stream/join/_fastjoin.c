@@ -23,6 +23,8 @@
  *   advance_step over a partition's groups, the samples appended as outputs; sweep_out:
  *   sweep_states with FunnelJoin.sweep's handling of its results (docs/joiner.md, "Round 20").
  * - murmur2: Kafka's partitioner hash.
+ * - store_put_many / store_lookup: FaustTableStore's loops over a batch's keys (its writes, and
+ *   its reads of what is still in memory).
  *
  * No Python object is built per state beyond the results handed back.
  */
@@ -1763,6 +1765,86 @@ error:
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* FaustTableStore's loops over a batch's keys (stream/join/faust_store.py, docs/joiner.md round 21)  */
+
+/* store_put_many(items, outbox, held, index): for each (key, value, dues) of items: outbox[key] =
+   value, held.add(key), index.set(key, dues) - index a DueIndex (this module's), or anything with
+   a set method. */
+static PyObject *store_put_many(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyList_Check(args[0]) || !PyDict_Check(args[1]) || !PySet_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "store_put_many(items: list, outbox: dict, held: set, index)");
+        return NULL;
+    }
+    PyObject *items = args[0], *outbox = args[1], *held = args[2], *index = args[3];
+    int native = Py_IS_TYPE(index, &DueIndexType);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *it = PyList_GET_ITEM(items, i);
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 3) {
+            PyErr_SetString(PyExc_TypeError, "store_put_many: (key, value, dues) items");
+            return NULL;
+        }
+        PyObject *key = PyTuple_GET_ITEM(it, 0), *value = PyTuple_GET_ITEM(it, 1), *dues = PyTuple_GET_ITEM(it, 2);
+        if (PyDict_SetItem(outbox, key, value) < 0 || PySet_Add(held, key) < 0) return NULL;
+        if (native) {
+            int64_t d[LANES];
+            if (read_dues(dues, d) < 0 || index_set((DueIndexObject *)index, key, d) < 0) return NULL;
+        } else {
+            PyObject *r = PyObject_CallMethod(index, "set", "OO", key, dues);
+            if (!r) return NULL;
+            Py_DECREF(r);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* store_lookup(keys, held, layers): the states of keys found in memory - None for a key not in
+   held (no state), else its value in the first of layers (dicts, newest first) that has it - and
+   the indexes of the held keys none has (to be read from RocksDB): (values, ask). */
+static PyObject *store_lookup(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_Check(args[0]) || !PyAnySet_Check(args[1]) || !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "store_lookup(keys: list, held: set, layers: list of dicts)");
+        return NULL;
+    }
+    PyObject *keys = args[0], *held = args[1], *layers = args[2];
+    Py_ssize_t n = PyList_GET_SIZE(keys), nl = PyList_GET_SIZE(layers);
+    for (Py_ssize_t j = 0; j < nl; j++)
+        if (!PyDict_Check(PyList_GET_ITEM(layers, j))) {
+            PyErr_SetString(PyExc_TypeError, "store_lookup: layers are dicts");
+            return NULL;
+        }
+    PyObject *values = PyList_New(n), *ask = PyList_New(0);
+    if (!values || !ask) goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i), *v = NULL;
+        int has = PySet_Contains(held, key);
+        if (has < 0) goto fail;
+        if (has) {
+            for (Py_ssize_t j = 0; j < nl && !v; j++) {
+                v = PyDict_GetItemWithError(PyList_GET_ITEM(layers, j), key);
+                if (!v && PyErr_Occurred()) goto fail;
+            }
+            if (!v) {
+                PyObject *at = PyLong_FromSsize_t(i);
+                int bad = !at || PyList_Append(ask, at) < 0;
+                Py_XDECREF(at);
+                if (bad) goto fail;
+            }
+        }
+        if (!v) v = Py_None;
+        Py_INCREF(v);
+        PyList_SET_ITEM(values, i, v);
+    }
+    PyObject *r = PyTuple_Pack(2, values, ask);
+    Py_DECREF(values);
+    Py_DECREF(ask);
+    return r;
+fail:
+    Py_XDECREF(values);
+    Py_XDECREF(ask);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* Kafka's murmur2 (Java's Utils.murmur2): stream.kafka.partitioner.murmur2 in C                  */
 
 static PyObject *murmur2(PyObject *Py_UNUSED(module), PyObject *arg) {
@@ -1821,6 +1903,10 @@ static PyMethodDef module_methods[] = {
      "gather(records, steps, pre, events, part, now, horizon, event_type): FunnelJoin.on_batch's pass over the "
      "records in fetch order - (groups, parts, counts, dead)"},
     {"murmur2", (PyCFunction)murmur2, METH_O, "murmur2(data): Kafka's murmur2 of data (unsigned 32-bit)"},
+    {"store_put_many", (PyCFunction)(void (*)(void))store_put_many, METH_FASTCALL,
+     "store_put_many(items, outbox, held, index): FaustTableStore.put_many's loop"},
+    {"store_lookup", (PyCFunction)(void (*)(void))store_lookup, METH_FASTCALL,
+     "store_lookup(keys, held, layers): FaustTableStore.get_many's in-memory part - (values, indexes to ask RocksDB)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,6 +11,7 @@ from faust.stores.rocksdb import Store as FaustRocksStore
 from faust.types import TP
 from rocksdict import WriteBatch
 
+from stream.join import fast
 from stream.join.driver import SWEPT_KEY, unpack_swept
 from stream.join.funnel import Dues, Swept
 from stream.join.store import new_due_index
@@ -22,6 +23,7 @@ META_PREFIX = b"\x00"  # table keys of metadata; impression ids are printable
 # were acknowledged, so their funnels were lost on a rebalance (the two-joiner test)
 SEAL_KEY = META_PREFIX + b"seal"
 _MISSING: Any = object()
+_fast = fast._fastjoin if fast.AVAILABLE else None  # store_lookup / store_put_many: get_many's and put_many's loops
 # faust's key of a partition's persisted changelog offset in its RocksDB (what its recovery reads)
 OFFSET_KEY: bytes = FaustRocksStore.offset_key
 # the writes of a partition's last settled flushes, kept readable in memory: a backlog read races
@@ -105,19 +107,23 @@ class FaustTableStore:
         delete is pending, and RocksDB is not asked (most of a batch's keys are new impressions: a
         multi-get of them cost ~0.9 us each)."""
         held = self._keys
-        out: list[bytes | None] = [None] * len(keys)
         newest_first = [self.outbox, *reversed(self.sending), *reversed(self.settled)]
-        ask: list[int] = []
-        for i, key in enumerate(keys):
-            if key not in held:
-                continue
-            for written in newest_first:
-                v = written.get(key, _MISSING)
-                if v is not _MISSING:
-                    out[i] = v
-                    break
-            else:
-                ask.append(i)
+        out: list[bytes | None]
+        ask: list[int]
+        if _fast is not None:  # the loop below, compiled (stream.join.fast)
+            out, ask = _fast.store_lookup(keys, held, newest_first)
+        else:
+            out, ask = [None] * len(keys), []
+            for i, key in enumerate(keys):
+                if key not in held:
+                    continue
+                for written in newest_first:
+                    v = written.get(key, _MISSING)
+                    if v is not _MISSING:
+                        out[i] = v
+                        break
+                else:
+                    ask.append(i)
         if ask:
             for i, v in zip(ask, self._db.get([keys[i] for i in ask]), strict=True):
                 out[i] = v if v is None or type(v) is bytes else bytes(v)
@@ -129,7 +135,11 @@ class FaustTableStore:
         self._index.set(key, dues)
 
     def put_many(self, items: Iterable[tuple[bytes, bytes, Dues | None]]) -> None:
-        """``put`` of each in one loop (a call per state was ~0.1 us per event of the joiner)."""
+        """``put`` of each in one loop (a call per state was ~0.1 us per event of the joiner), compiled
+        where it is built (``store_put_many``)."""
+        if _fast is not None and type(items) is list:
+            _fast.store_put_many(items, self.outbox, self._keys, self._index)
+            return
         outbox, add, schedule = self.outbox, self._keys.add, self._index.set
         for key, value, dues in items:
             outbox[key] = value

@@ -808,3 +808,40 @@ def test_sweep_out_is_sweep_states_with_its_results_handled(states: list, data: 
     visited = sum(old is not None for old in olds)
     assert got == (visited, purges, rescheduled, declined, tuple(kinds))
     assert out == want_out and all(type(o) is _Out for o in out) and delays == want_delays
+
+
+def test_store_lookup_and_put_many_are_faust_stores_python_loops() -> None:
+    """``store_lookup`` / ``store_put_many`` against ``FaustTableStore.get_many`` / ``put_many``'s
+    Python loops on random keys: a key not held has no state (even if a layer has it), a held key
+    takes its newest layer's value (a delete's None included), the rest are asked of RocksDB; the
+    writes land in the outbox, the held keys and the due index alike (both due indexes)."""
+    rng = random.Random(4)
+    c = fast._fastjoin
+    for _ in range(300):
+        universe = [b"i%d" % i for i in range(rng.randint(1, 40))]
+        held = {k for k in universe if rng.random() < 0.6}
+        layers = [{k: rng.choice([None, b"v%d" % rng.randint(0, 9)]) for k in universe if rng.random() < 0.3}
+                  for _ in range(rng.randint(0, 4))]  # fmt: skip
+        keys = [rng.choice(universe) for _ in range(rng.randint(0, 30))]
+        want: list[bytes | None] = [None] * len(keys)
+        ask: list[int] = []
+        for i, key in enumerate(keys):
+            if key in held:
+                found = [layer[key] for layer in layers if key in layer]
+                if found:
+                    want[i] = found[0]
+                else:
+                    ask.append(i)
+        assert c.store_lookup(keys, held, layers) == (want, ask)
+        items = [(k, b"s%d" % rng.randint(0, 9), rng.choice([None, (5, None, None, 7, None), (1, 2, 3, 4, 5)]))
+                 for k in (rng.choice(universe) for _ in range(rng.randint(0, 20)))]  # fmt: skip
+        for index_kind in (c.DueIndex, DueIndex):
+            outs, helds, indexes = [{}, {}], [set(held), set(held)], [index_kind(), index_kind()]
+            c.store_put_many(items, outs[0], helds[0], indexes[0])
+            for key, value, dues in items:  # FaustTableStore.put_many's loop
+                outs[1][key] = value
+                helds[1].add(key)
+                indexes[1].set(key, dues)
+            assert outs[0] == outs[1] and helds[0] == helds[1]
+            popped = [[index.pop_due(lane, 10) for lane in range(5)] for index in indexes]
+            assert popped[0] == popped[1] and len(indexes[0]) == len(indexes[1])
