@@ -35,7 +35,7 @@ from stream.kafka import lean_fetch, offsets
 from stream.kafka.faust_bulk import bulk_consumer, member_lost
 from stream.ops.clock import Clock, SystemClock
 from stream.ops.command import add_loglevel, command_parser
-from stream.ops.heap import collect_young_less_often, freeze_long_lived
+from stream.ops.heap import collect_young_less_often, freeze_long_lived, switch_gil_sooner
 from stream.ops.metrics import JoinerMetrics, process_registry
 from stream.ops.settings import Settings, load_settings
 
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = load_settings()
     collect_young_less_often(settings.joiner_gc_young_threshold)
+    switch_gil_sooner(settings.joiner_switch_interval_us)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s joiner %(levelname)s %(message)s")
     from stream.kafka.broker import ensure_topics
 

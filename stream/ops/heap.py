@@ -17,6 +17,7 @@ are freed by their reference counts between passes, and the passes over what sur
 from __future__ import annotations
 
 import gc
+import sys
 
 
 def freeze_long_lived() -> int:
@@ -33,3 +34,12 @@ def collect_young_less_often(young_threshold: int) -> None:
     if young_threshold > 0:
         _, older, oldest = gc.get_threshold()
         gc.set_threshold(young_threshold, older, oldest)
+
+
+def switch_gil_sooner(interval_us: int) -> None:
+    """CPython's switch interval (how long a busy thread keeps the GIL once another asks for it) set
+    to ``interval_us`` microseconds (0: keep CPython's 5 ms). The joiner's consumer thread takes
+    the GIL several times per fetch response (read the socket, parse, hand over) and waited up to
+    the interval each time while the join held it (docs/joiner.md, round 21)."""
+    if interval_us > 0:
+        sys.setswitchinterval(interval_us / 1e6)

@@ -144,6 +144,11 @@ class Settings(BaseSettings):
     # allocations between two collections of the garbage collector's youngest generation
     # (CPython: 700, a pass every few records; 0 keeps it); stream/ops/heap.py
     joiner_gc_young_threshold: int = Field(default=20_000, ge=0, le=10_000_000)
+    # how long the joiner's busy thread keeps the GIL when another waits for it (CPython's switch
+    # interval, 5 ms; 0 keeps it): faust's consumer thread needs it a few times per fetch response,
+    # and waited up to 5 ms each time while the join held it - a fifth of the bench's window spent
+    # waiting for fetches (docs/joiner.md, round 21)
+    joiner_switch_interval_us: int = Field(default=500, ge=0, le=1_000_000)
 
     # --- trainer (stream/learn/trainer.py): test-then-train on samples; docs/streaming.md
     # delayed feedback: "fnw" (fake-negative weighting, trains at the first sample) or

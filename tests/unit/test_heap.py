@@ -77,3 +77,18 @@ def test_the_youngest_generation_is_collected_less_often_and_0_keeps_the_default
     before = gc.get_count()[0]
     made = [Node() for _ in range(5_000)]  # more than CPython's 700: no pass of the young ones yet
     assert gc.get_count()[0] >= before + len(made)
+
+
+def test_the_joiner_hands_the_gil_over_sooner_or_keeps_cpythons_interval() -> None:
+    import sys
+
+    from stream.ops.heap import switch_gil_sooner
+
+    before = sys.getswitchinterval()
+    try:
+        switch_gil_sooner(0)
+        assert sys.getswitchinterval() == before  # 0 keeps it
+        switch_gil_sooner(500)
+        assert abs(sys.getswitchinterval() - 0.0005) < 1e-9
+    finally:
+        sys.setswitchinterval(before)
