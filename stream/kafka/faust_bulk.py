@@ -143,7 +143,6 @@ def bulk_chunk_py(
     return batch, spans_of([tp for tp, _ in chunk], batch)
 
 
-
 def fetch_batches_py(
     records: Mapping[TP, Sequence[Any]], highwaters: Mapping[TP, int | None], first: int, size: int
 ) -> list[tuple[list[BatchRecord], list[Span]]]:
