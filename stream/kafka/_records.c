@@ -694,8 +694,8 @@ static PyMethodDef module_methods[] = {
      "lean_records(batch, topic, partition, min_offset, cls): the batch's records from min_offset on as cls "
      "(aiokafka's ConsumerRecord fields, in its order)"},
     {"fetch_batches", (PyCFunction)(void (*)(void))fetch_batches, METH_FASTCALL,
-     "fetch_batches(records, highwaters, first, size): a fetch's records in faust's round-robin order, in batches "
-     "of first, then size records, each as bulk_chunk makes it"},
+     "fetch_batches(records, highwaters, first, size): a fetch's records in faust's round-robin order as the join's "
+     "records, in batches of first, then size records, each with its partitions' spans of offsets"},
     {NULL, NULL, 0, NULL},
 };
 

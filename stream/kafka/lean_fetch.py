@@ -56,14 +56,17 @@ class LeanRecord(NamedTuple):
 _new = tuple.__new__
 
 
+def _lean(topic: str, partition: int, r: Any, cls: type = LeanRecord) -> Any:
+    """aiokafka's batch record ``r`` as ``cls``, the fields aiokafka's ``_consumer_record`` gives it."""
+    k, v = r.key, r.value
+    return _new(cls, (topic, partition, r.offset, r.timestamp, r.timestamp_type, k, v, r.checksum,
+                      -1 if k is None else len(k), -1 if v is None else len(v), tuple(r.headers)))  # fmt: skip
+
+
 def lean_records_py(batch: Iterable[Any], topic: str, partition: int, min_offset: int, cls: type = LeanRecord) -> list[Any]:
     """The records of ``batch`` (aiokafka's record batch) from ``min_offset`` on, as ``cls``
     (``_records.lean_records``, in Python)."""
-    return [
-        _new(cls, (topic, partition, r.offset, r.timestamp, r.timestamp_type, k, v, r.checksum,
-                   -1 if k is None else len(k), -1 if v is None else len(v), tuple(r.headers)))
-        for r in batch if r.offset >= min_offset for k, v in ((r.key, r.value),)
-    ]  # fmt: skip
+    return [_lean(topic, partition, r, cls) for r in batch if r.offset >= min_offset]
 
 
 lean_records: Callable[[Iterable[Any], str, int, int, type], list[Any]] = (
@@ -84,10 +87,7 @@ class LeanPartitionRecords(_fetcher.PartitionRecords):
     def _consumer_record(self, tp: Any, record: Any) -> Any:  # aiokafka's generator path
         if self._key_deserializer or self._value_deserializer:
             return super()._consumer_record(tp, record)
-        k, v = record.key, record.value
-        return _new(LeanRecord, (tp.topic, tp.partition, record.offset, record.timestamp, record.timestamp_type, k,
-                                 v, record.checksum, -1 if k is None else len(k), -1 if v is None else len(v),
-                                 tuple(record.headers)))  # fmt: skip
+        return _lean(tp.topic, tp.partition, record)
 
     def take_all(self) -> list[Any]:
         """Every record left, as ``list(self)`` gives them and with the same ``next_fetch_offset``
