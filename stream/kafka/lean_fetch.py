@@ -95,8 +95,9 @@ class LeanPartitionRecords(_fetcher.PartitionRecords):
         no record came before it; otherwise the records before it are handed over and the position
         stays at its start, so the next fetch reads it again (aiokafka's generator would have
         dropped them with the error)."""
-        spent = getattr(self, "_records_iterator", None) is None  # aiokafka's generator, run to its end
-        if self._stepped or spent or self._key_deserializer or self._value_deserializer:
+        if getattr(self, "_records_iterator", None) is None:  # aiokafka's generator, run to its end
+            return []
+        if self._stepped or self._key_deserializer or self._value_deserializer:
             return list(self)
         self._records_iterator = None  # never started: nothing of it to finish
         tp = self._tp

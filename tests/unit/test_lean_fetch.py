@@ -215,3 +215,11 @@ def test_install_leaves_another_aiokafka_alone(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(aiofetcher.FetchResult, "getall", lean_fetch._stock_getall)
     assert not lean_fetch.install()
     assert aiofetcher.PartitionRecords is STOCK and aiofetcher.FetchResult.getall is lean_fetch._stock_getall
+
+
+def test_take_all_after_the_records_were_taken_one_at_a_time_gives_the_rest_then_nothing() -> None:
+    data = batch(30, [0, 1, 2, 3], seed=12) + batch(34, [0, 1], seed=13)
+    pr = LeanPartitionRecords(TP, MemoryRecords(data), [], 30, None, None, True, 0)
+    assert next(pr).offset == 30  # aiokafka's own path: a record at a time
+    assert [r.offset for r in pr.take_all()] == [31, 32, 33, 34, 35] and pr.next_fetch_offset == 36
+    assert pr.take_all() == [] and pr.take_all() == []  # spent
